@@ -1,0 +1,27 @@
+"""abc_jax: one hand-derived backpropagation, checked, benchmarked and trained at scale.
+
+The graph (one sample x (D,), A, B (H, D), C (O, H))::
+
+    y = A x,  u = sigmoid(y),  v = B x,  z = u + v,  w = C z,  L = ||w||^2
+"""
+
+from abc_jax.backward import abc_loss, batch_grad, manual_grad, manual_vjp, per_sample_grads
+from abc_jax.model import Params, Residuals, batch_loss, forward, init_params, loss, sigmoid
+from abc_jax.reference import fd_grad, oracle_grad
+
+__all__ = [
+    "Params",
+    "Residuals",
+    "abc_loss",
+    "batch_grad",
+    "batch_loss",
+    "fd_grad",
+    "forward",
+    "init_params",
+    "loss",
+    "manual_grad",
+    "manual_vjp",
+    "oracle_grad",
+    "per_sample_grads",
+    "sigmoid",
+]

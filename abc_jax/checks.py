@@ -1,0 +1,177 @@
+"""Input validation: static shape checks before tracing, value checks fused.
+
+Shape, rank and dtype checks only read ``.shape`` and ``.dtype``, so they run
+in Python before anything is traced and also work on tracers inside a
+caller's ``jax.jit``. The check for NaN/inf in the data is not a separate
+eager pass: the compiled computation returns an all-finite flag of its own
+outputs alongside them (a non-finite input always makes the loss
+non-finite), and only when that flag is false is the input scanned on the
+host to name the offending entry. Inside a caller's jit the data are
+tracers and the value check is skipped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_FIELDS = ("A", "B", "C")
+
+
+def is_traced(*trees: Any) -> bool:
+    """True if any leaf is a tracer (we are inside a caller's transformation)."""
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(trees))
+
+
+def _shape(a: Any, name: str) -> tuple[int, ...]:
+    if isinstance(a, (list, tuple)):
+        a = np.asarray(a)
+    if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+        raise TypeError(f"{name} must be an array, got {type(a).__name__}")
+    return tuple(a.shape)
+
+
+def check_params(params: Any, name: str = "params") -> tuple[int, int, int, np.dtype]:
+    """Validate ``Params(A, B, C)`` and return ``(D, H, O, dtype)``.
+
+    A and B must be (H, D), C must be (O, H), all of one floating dtype.
+    """
+    if not isinstance(params, tuple) or len(params) != 3:
+        raise TypeError(
+            f"{name} must be Params(A, B, C) (a 3-tuple of arrays), got {type(params).__name__}"
+        )
+    arrays = dict(zip(_FIELDS, params, strict=True))
+    shapes = {f: _shape(a, f"{name}.{f}") for f, a in arrays.items()}
+    for f, s in shapes.items():
+        if len(s) != 2:
+            raise ValueError(f"{name}.{f} must be a matrix (rank 2), got shape {s}")
+    (H, D), (HB, DB), (O, HC) = shapes["A"], shapes["B"], shapes["C"]
+    if (HB, DB) != (H, D):
+        raise ValueError(f"{name}.B must have the shape of A, (H, D) = {(H, D)}, got {(HB, DB)}")
+    if HC != H:
+        raise ValueError(
+            f"{name}.C must be (O, H) with H = {H} (rows of A), got shape {(O, HC)}: "
+            "the shapes of A, B, C do not chain"
+        )
+    if min(H, D, O) < 1:
+        raise ValueError(f"{name} dimensions must be >= 1, got D={D}, H={H}, O={O}")
+    dtypes = {f: np.dtype(np.asarray(a).dtype if isinstance(a, (list, tuple)) else a.dtype)
+              for f, a in arrays.items()}
+    for f, dt in dtypes.items():
+        if not jnp.issubdtype(dt, jnp.floating):
+            raise TypeError(f"{name}.{f} must have a floating dtype, got {dt}")
+    if len(set(dtypes.values())) != 1:
+        raise TypeError(f"{name}.A, .B, .C must share one dtype, got {dtypes}")
+    return D, H, O, dtypes["A"]
+
+
+def _as_data(x: Any, name: str, dtype: np.dtype) -> jax.Array:
+    _shape(x, name)
+    if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)):
+        raise TypeError(f"{name} must be a real numeric array, got dtype {x.dtype}")
+    # Cast to the parameters' dtype: float32 params give float32 results even
+    # when x is a float64 NumPy array and x64 is on.
+    return x.astype(dtype) if is_traced(x) else jnp.asarray(x, dtype=dtype)
+
+
+def check_sample(x: Any, D: int, dtype: np.dtype, name: str = "x") -> jax.Array:
+    """Validate one sample of shape (D,) and cast it to ``dtype``."""
+    if isinstance(x, (list, tuple)):
+        x = np.asarray(x)
+    s = _shape(x, name)
+    if len(s) != 1:
+        raise ValueError(f"{name} must be one sample of shape (D,) = ({D},), got shape {s}")
+    if s[0] != D:
+        raise ValueError(f"{name} must have D = {D} entries (columns of A), got shape {s}")
+    return _as_data(x, name, dtype)
+
+
+def check_batch(X: Any, D: int, dtype: np.dtype, name: str = "X") -> jax.Array:
+    """Validate a batch of shape (N, D), N >= 1, and cast it to ``dtype``."""
+    if isinstance(X, (list, tuple)):
+        X = np.asarray(X)
+    s = _shape(X, name)
+    if len(s) != 2:
+        raise ValueError(f"{name} must be a batch of shape (N, D) = (N, {D}), got shape {s}")
+    if s[0] == 0:
+        raise ValueError(f"{name} must hold at least one sample (N >= 1), got shape {s}")
+    if s[1] != D:
+        raise ValueError(f"{name} must have D = {D} columns (columns of A), got shape {s}")
+    return _as_data(X, name, dtype)
+
+
+def check_positive_int(value: Any, name: str, *, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def check_finite_float(value: Any, name: str, *, positive: bool = False) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {value!r}") from None
+    if not math.isfinite(v) or (positive and v <= 0):
+        want = "a finite number > 0" if positive else "a finite number"
+        raise ValueError(f"{name} must be {want}, got {value!r}")
+    return v
+
+
+def raise_if_nonfinite(data: Any, name: str) -> None:
+    """Host-side scan of ``data``; raises ValueError naming the first bad entry."""
+    arr = np.asarray(data)
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"{name} must be finite: it holds {int(bad.sum())} NaN/inf value(s), "
+            f"first {name}[{', '.join(map(str, idx))}] = {arr[idx]}"
+        )
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """Scalar bool: every leaf of ``tree`` is finite (computed on device)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
+
+
+def with_finite_flag(fn: Callable[..., Any], **jit_kwargs: Any) -> Callable[..., Any]:
+    """``jit`` of ``fn`` that also returns ``all_finite(output)``, in one computation."""
+
+    def flagged(*args: Any, **kwargs: Any) -> tuple[Any, jax.Array]:
+        out = fn(*args, **kwargs)
+        return out, all_finite(out)
+
+    return jax.jit(flagged, **jit_kwargs)
+
+
+def call_checked(
+    plain: Callable[..., Any],
+    flagged: Callable[..., Any],
+    args: tuple[Any, ...],
+    data: Any,
+    name: str,
+    **kwargs: Any,
+) -> Any:
+    """Run ``flagged`` (see ``with_finite_flag``) and raise if ``data`` was not finite.
+
+    Under a caller's transformation the values are unknown, so ``plain`` runs
+    without any value check. Otherwise the only extra cost is one scalar
+    read-back; the host scan of ``data`` happens only when the output is
+    non-finite, and a non-finite output from finite data (e.g. overflow from
+    huge parameters) is returned as is.
+    """
+    if is_traced(args):
+        return plain(*args, **kwargs)
+    out, ok = flagged(*args, **kwargs)
+    if not bool(ok):
+        raise_if_nonfinite(data, name)
+    return out

@@ -1,0 +1,143 @@
+"""The ABC graph: parameters, the forward pass and the loss.
+
+For one sample x (shape (D,)) and parameters A (H, D), B (H, D), C (O, H)::
+
+    y = A x          (H,)
+    u = sigmoid(y)   (H,)
+    v = B x          (H,)
+    z = u + v        (H,)
+    w = C z          (O,)
+    L = ||w||^2      scalar
+
+Functions here take ONE sample; batch them with ``jax.vmap(f, in_axes=(None, 0))``.
+The batch objective is the mean, ``batch_loss(params, X) = mean_i L(params, X[i])``.
+The homework minimised the sum over i; the minimiser is the same, and the mean
+keeps the learning rate independent of N.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from abc_jax import checks
+
+
+class Params(NamedTuple):
+    """The three parameter matrices (a pytree)."""
+
+    A: jax.Array  # (H, D)
+    B: jax.Array  # (H, D)
+    C: jax.Array  # (O, H)
+
+
+class Residuals(NamedTuple):
+    """What the backward pass needs from the forward pass of one sample."""
+
+    x: jax.Array  # (D,)  input
+    u: jax.Array  # (H,)  sigmoid(A x): sigmoid'(y) = u (1 - u), nothing recomputed
+    z: jax.Array  # (H,)  u + B x
+    w: jax.Array  # (O,)  C z
+
+
+def init_params(
+    key: jax.Array,
+    in_dim: int,
+    hidden_dim: int | None = None,
+    out_dim: int | None = None,
+    *,
+    dtype: Any = jnp.float32,
+) -> Params:
+    """Random parameters, entries ~ Normal(0, 1 / fan_in).
+
+    Args:
+      key: a ``jax.random`` key.
+      in_dim: D. ``hidden_dim`` (H) and ``out_dim`` (O) default to D, the
+        homework's K x K matrices.
+      dtype: a floating dtype (float64 needs ``jax_enable_x64``).
+
+    Returns:
+      ``Params(A (H, D), B (H, D), C (O, H))``.
+    """
+    D = checks.check_positive_int(in_dim, "in_dim")
+    H = checks.check_positive_int(D if hidden_dim is None else hidden_dim, "hidden_dim")
+    O = checks.check_positive_int(D if out_dim is None else out_dim, "out_dim")
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    ka, kb, kc = jax.random.split(key, 3)
+    return Params(
+        A=jax.random.normal(ka, (H, D), dtype) / jnp.sqrt(D).astype(dtype),
+        B=jax.random.normal(kb, (H, D), dtype) / jnp.sqrt(D).astype(dtype),
+        C=jax.random.normal(kc, (O, H), dtype) / jnp.sqrt(H).astype(dtype),
+    )
+
+
+def sigmoid(y: jax.Array) -> jax.Array:
+    """sigmoid(y) = 1 / (1 + exp(-y)), elementwise.
+
+    Finite for every finite y, and so is its derivative sigmoid(y)(1 - sigmoid(y)):
+    ``jax.nn.sigmoid`` is XLA's logistic, which never overflows. (The homework's
+    two-branch formula as a ``jnp.where`` would give NaN gradients from the
+    branch not taken.)
+    """
+    return jax.nn.sigmoid(y)
+
+
+def _forward(params: Params, x: jax.Array) -> tuple[jax.Array, Residuals]:
+    A, B, C = params
+    y = A @ x  # (H,)
+    u = sigmoid(y)  # (H,)
+    v = B @ x  # (H,)
+    z = u + v  # (H,)
+    w = C @ z  # (O,)
+    L = jnp.sum(w * w)  # scalar, ||w||^2
+    return L, Residuals(x, u, z, w)
+
+
+def _batch_loss(params: Params, X: jax.Array) -> jax.Array:
+    """mean_i L(params, X[i]); the differentiable reference (no validation)."""
+    return jnp.mean(jax.vmap(_forward, in_axes=(None, 0))(params, X)[0])
+
+
+def as_params(params: Any) -> tuple[Params, int, int, int, Any]:
+    """Validate and return ``(Params, D, H, O, dtype)``."""
+    D, H, O, dtype = checks.check_params(params)
+    return Params(*(jnp.asarray(p) for p in params)), D, H, O, dtype
+
+
+_forward_flagged = checks.with_finite_flag(_forward)
+_batch_loss_flagged = checks.with_finite_flag(_batch_loss)
+
+
+def forward(params: Params, x: jax.Array) -> tuple[jax.Array, Residuals]:
+    """Forward pass for one sample.
+
+    Args:
+      params: ``Params(A (H, D), B (H, D), C (O, H))``.
+      x: one sample, shape (D,).
+
+    Returns:
+      ``(L, residuals)``: the scalar loss ||C (sigmoid(A x) + B x)||^2 and the
+      ``Residuals(x, u, z, w)`` that ``manual_vjp`` consumes.
+    """
+    params, D, _, _, dtype = as_params(params)
+    x = checks.check_sample(x, D, dtype)
+    return checks.call_checked(_forward, _forward_flagged, (params, x), x, "x")
+
+
+def loss(params: Params, x: jax.Array) -> jax.Array:
+    """L = ||w||^2 for one sample x of shape (D,)."""
+    return forward(params, x)[0]
+
+
+def batch_loss(params: Params, X: jax.Array) -> jax.Array:
+    """(1/N) sum_i L(params, X[i]) for X of shape (N, D).
+
+    The homework minimised the sum; the mean has the same minimiser and keeps
+    the learning rate independent of N.
+    """
+    params, D, _, _, dtype = as_params(params)
+    X = checks.check_batch(X, D, dtype)
+    return checks.call_checked(_batch_loss, _batch_loss_flagged, (params, X), X, "X")

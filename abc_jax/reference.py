@@ -1,0 +1,71 @@
+"""The two independent gradients the manual one is checked against.
+
+``oracle_grad`` is ``jax.grad`` of the batch loss (reverse-mode autodiff: the
+reference). ``fd_grad`` is central finite differences, the naive method the
+homework compared against: 2P loss evaluations for P = 2HD + OH parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from abc_jax import checks
+from abc_jax.model import Params, _batch_loss, as_params
+
+_oracle = jax.grad(_batch_loss)
+_oracle_flagged = checks.with_finite_flag(_oracle)
+
+
+def oracle_grad(params: Params, X: jax.Array) -> Params:
+    """``jax.grad(batch_loss)(params, X)``, jitted: the reference gradient."""
+    params, D, _, _, dtype = as_params(params)
+    X = checks.check_batch(X, D, dtype)
+    return checks.call_checked(_oracle, _oracle_flagged, (params, X), X, "X")
+
+
+# Bound on floats touched per lax.map step: 2 * directions * N * (D + H + O).
+_FD_WORK = 1 << 24
+
+
+def _fd_grad(params: Params, X: jax.Array, eps: float, batch_size: int) -> Params:
+    flat, unravel = ravel_pytree(params)
+    P = flat.shape[0]
+
+    def partial_derivative(i: jax.Array) -> jax.Array:
+        e = jnp.zeros_like(flat).at[i].set(eps)
+        return (_batch_loss(unravel(flat + e), X) - _batch_loss(unravel(flat - e), X)) / (2 * eps)
+
+    return unravel(jax.lax.map(partial_derivative, jnp.arange(P), batch_size=batch_size))
+
+
+_fd_flagged = checks.with_finite_flag(_fd_grad, static_argnames=("eps", "batch_size"))
+
+
+def fd_grad(params: Params, X: jax.Array, eps: float | None = None) -> Params:
+    """Central finite differences of ``batch_loss``, one parameter at a time.
+
+    dL/dp_j ~ (L(p + eps e_j) - L(p - eps e_j)) / (2 eps) for each of the P
+    flattened parameters (``ravel_pytree``), vmapped over directions in
+    batches (``lax.map``) and jitted: 2P evaluations of the batch loss.
+
+    Args:
+      eps: step; default ``finfo(dtype).eps ** (1/3)``, which balances the
+        O(eps^2) truncation error against the O(machine eps / eps) rounding
+        error (about 6e-6 in float64, 5e-3 in float32).
+    """
+    params, D, H, O, dtype = as_params(params)
+    X = checks.check_batch(X, D, dtype)
+    if eps is None:
+        eps = float(np.finfo(dtype).eps) ** (1 / 3)
+    eps = checks.check_finite_float(eps, "eps", positive=True)
+    N = X.shape[0]
+    P = 2 * H * D + O * H
+    batch_size = max(1, min(P, _FD_WORK // (2 * N * (D + H + O))))
+    return checks.call_checked(
+        _fd_grad, _fd_flagged, (params, X), X, "X", eps=eps, batch_size=batch_size
+    )

@@ -7,21 +7,26 @@ The graph (one sample x (D,), A, B (H, D), C (O, H))::
 
 from abc_jax.backward import abc_loss, batch_grad, manual_grad, manual_vjp, per_sample_grads
 from abc_jax.model import Params, Residuals, batch_loss, forward, init_params, loss, sigmoid
-from abc_jax.reference import fd_grad, oracle_grad
+from abc_jax.parallel import ShardedBatch, data_mesh, shard_batch
+from abc_jax.reference import fd_grad, grad_errors, oracle_grad
 
 __all__ = [
     "Params",
     "Residuals",
+    "ShardedBatch",
     "abc_loss",
     "batch_grad",
     "batch_loss",
+    "data_mesh",
     "fd_grad",
     "forward",
+    "grad_errors",
     "init_params",
     "loss",
     "manual_grad",
     "manual_vjp",
     "oracle_grad",
     "per_sample_grads",
+    "shard_batch",
     "sigmoid",
 ]

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from abc_jax import checks
-from abc_jax.model import Params, Residuals, _forward, as_params, sigmoid
+from abc_jax.model import Params, Residuals, _forward, as_params, prepare_batch, sigmoid
 
 
 def _cotangents(
@@ -168,7 +168,7 @@ def _batch_grad(
     return _value_and_grad(params, X, chunk_size, n_valid)[1]
 
 
-_batch_grad_jit = jax.jit(_batch_grad, static_argnames=("chunk_size", "n_valid"))
+_prepare_batch = prepare_batch  # old internal name, kept for callers inside the package
 _value_and_grad_flagged = checks.with_finite_flag(
     _value_and_grad, static_argnames=("chunk_size", "n_valid")
 )
@@ -188,7 +188,7 @@ def batch_grad(params: Params, X: Any, *, chunk_size: int | None = None) -> Para
       ``Params(gA, gB, gC)`` with gA = (1/N) GY^T X, gB = (1/N) GZ^T X,
       gC = (1/N) GW^T Z: one contraction over N per parameter.
     """
-    params, X, n_valid, chunk_size = _prepare_batch(params, X, chunk_size)
+    params, X, n_valid, chunk_size = prepare_batch(params, X, chunk_size)
     kw = dict(chunk_size=chunk_size, n_valid=n_valid)
     if checks.is_traced(params, X):
         return _batch_grad(params, X, **kw)
@@ -196,19 +196,6 @@ def batch_grad(params: Params, X: Any, *, chunk_size: int | None = None) -> Para
     if not bool(ok):
         checks.raise_if_nonfinite(X, "X")
     return grads
-
-
-def _prepare_batch(
-    params: Any, X: Any, chunk_size: Any = None
-) -> tuple[Params, jax.Array, int | None, int | None]:
-    """Validate params, X (or a padded ``ShardedBatch``) and chunk_size."""
-    from abc_jax.parallel import unpack_batch  # parallel imports this module
-
-    params, D, _, _, dtype = as_params(params)
-    X, n_valid = unpack_batch(X)
-    X = checks.check_batch(X, D, dtype)
-    chunk_size = checks.check_positive_int(chunk_size, "chunk_size", allow_none=True)
-    return params, X, n_valid, chunk_size
 
 
 def _per_sample_grads(params: Params, X: jax.Array) -> Params:

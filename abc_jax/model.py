@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from abc_jax import checks
+from abc_jax.parallel import replicate_like, unpack_batch
 
 
 class Params(NamedTuple):
@@ -96,9 +97,16 @@ def _forward(params: Params, x: jax.Array) -> tuple[jax.Array, Residuals]:
     return L, Residuals(x, u, z, w)
 
 
-def _batch_loss(params: Params, X: jax.Array) -> jax.Array:
-    """mean_i L(params, X[i]); the differentiable reference (no validation)."""
-    return jnp.mean(jax.vmap(_forward, in_axes=(None, 0))(params, X)[0])
+def _batch_loss(params: Params, X: jax.Array, n_valid: int | None = None) -> jax.Array:
+    """mean_i L(params, X[i]) over the first n_valid rows (default all); no validation.
+
+    This is the plain differentiable definition that ``jax.grad`` differentiates
+    for the reference gradient.
+    """
+    losses = jax.vmap(_forward, in_axes=(None, 0))(params, X)[0]  # (N,)
+    if n_valid is None:
+        return jnp.mean(losses)
+    return jnp.sum(jnp.where(jnp.arange(X.shape[0]) < n_valid, losses, 0)) / n_valid
 
 
 def as_params(params: Any) -> tuple[Params, int, int, int, Any]:
@@ -107,8 +115,26 @@ def as_params(params: Any) -> tuple[Params, int, int, int, Any]:
     return Params(*(jnp.asarray(p) for p in params)), D, H, O, dtype
 
 
+def prepare_batch(
+    params: Any, X: Any, chunk_size: Any = None
+) -> tuple[Params, jax.Array, int | None, int | None]:
+    """Validate params, X (an array or a padded ``ShardedBatch``) and chunk_size.
+
+    Returns ``(params, X, n_valid, chunk_size)``: X cast to the params' dtype,
+    n_valid the true N of a padded batch (else None), params replicated over
+    X's devices when X is sharded.
+    """
+    params, D, _, _, dtype = as_params(params)
+    X, n_valid = unpack_batch(X)
+    X = checks.check_batch(X, D, dtype)
+    chunk_size = checks.check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    if not checks.is_traced(params, X):
+        params = replicate_like(params, X)
+    return params, X, n_valid, chunk_size
+
+
 _forward_flagged = checks.with_finite_flag(_forward)
-_batch_loss_flagged = checks.with_finite_flag(_batch_loss)
+_batch_loss_flagged = checks.with_finite_flag(_batch_loss, static_argnames=("n_valid",))
 
 
 def forward(params: Params, x: jax.Array) -> tuple[jax.Array, Residuals]:
@@ -132,12 +158,13 @@ def loss(params: Params, x: jax.Array) -> jax.Array:
     return forward(params, x)[0]
 
 
-def batch_loss(params: Params, X: jax.Array) -> jax.Array:
-    """(1/N) sum_i L(params, X[i]) for X of shape (N, D).
+def batch_loss(params: Params, X: Any) -> jax.Array:
+    """(1/N) sum_i L(params, X[i]) for X of shape (N, D) (or a ``shard_batch`` result).
 
     The homework minimised the sum; the mean has the same minimiser and keeps
     the learning rate independent of N.
     """
-    params, D, _, _, dtype = as_params(params)
-    X = checks.check_batch(X, D, dtype)
-    return checks.call_checked(_batch_loss, _batch_loss_flagged, (params, X), X, "X")
+    params, X, n_valid, _ = prepare_batch(params, X)
+    return checks.call_checked(
+        _batch_loss, _batch_loss_flagged, (params, X), X, "X", n_valid=n_valid
+    )

@@ -97,25 +97,28 @@ def _value_and_grad_sum(
 ) -> tuple[jax.Array, Params]:
     """(sum_i L_i, sum_i dL_i/dparams) over the rows of X (N, D) by the manual rule.
 
-    The forward pass stacks [A; B] so that y and v come from ONE (N, D) x (D, 2H)
-    matmul, and the backward pass takes gA and gB from ONE (2H, N) x (N, D)
-    matmul: 7 N K^2 multiply-adds in all, fewer passes over the activations.
-    ``valid`` (N,) bool, if given, drops rows (padding) from both sums.
+    Activations are kept feature-major, (H, N) with samples along the fast
+    axis, so every contraction over N is a plain row-major matmul: the forward
+    pass takes y and v from ONE (2H, D) x (D, N) product with the stacked
+    [A; B], and the backward pass takes gA and gB from ONE (2H, N) x (N, D)
+    product: 7 N K^2 multiply-adds in all. ``valid`` (N,) bool, if given,
+    drops rows (padding) from both sums.
     """
     A, B, C = params
     H = A.shape[0]
-    YV = X @ jnp.concatenate([A, B]).T  # (N, 2H)  [y_i; v_i] = [A; B] x_i
-    U = sigmoid(YV[:, :H])  # (N, H)
-    Z = U + YV[:, H:]  # (N, H)
-    W = Z @ C.T  # (N, O)
-    losses = jnp.sum(W * W, axis=1)  # (N,)
+    YV = jnp.concatenate([A, B]) @ X.T  # (2H, N)  [y_i; v_i] = [A; B] x_i
+    U = sigmoid(YV[:H])  # (H, N)
+    Z = U + YV[H:]  # (H, N)
+    W = C @ Z  # (O, N)
+    losses = jnp.sum(W * W, axis=0)  # (N,)
     g = jnp.ones_like(losses)
     if valid is not None:
         losses = jnp.where(valid, losses, 0)
         g = valid.astype(W.dtype)
-    GW, GZ, GY = jax.vmap(_cotangents, in_axes=(None, 0, 0, 0))(C, U, W, g)
-    gC = GW.T @ Z  # (O, H)  sum_i gw_i z_i^T
-    gAB = jnp.concatenate([GY, GZ], axis=1).T @ X  # (2H, D)  sum_i [gy_i; gz_i] x_i^T
+    cotangents = jax.vmap(_cotangents, in_axes=(None, 1, 1, 0), out_axes=1)
+    GW, GZ, GY = cotangents(C, U, W, g)  # (O, N), (H, N), (H, N): one column per sample
+    gC = GW @ Z.T  # (O, H)  sum_i gw_i z_i^T
+    gAB = jnp.concatenate([GY, GZ]) @ X  # (2H, D)  sum_i [gy_i; gz_i] x_i^T
     return jnp.sum(losses), Params(gAB[:H], gAB[H:], gC)
 
 

@@ -1,0 +1,487 @@
+"""How much faster is backprop? Time per gradient of the batch loss, six ways.
+
+For K = D = H = O over a range and a fixed batch of N samples, times one
+gradient of batch_loss by:
+
+  batch_grad       the hand-derived backward pass (one contraction over N per matrix)
+  jax.grad         reverse-mode autodiff (oracle_grad)
+  jax.jacfwd       forward-mode autodiff: one JVP per parameter
+  fd_grad          central finite differences: 2P batch-loss evaluations, vmapped, jitted
+  python_backprop  the homework's way: lists, loops and math.exp
+  python_fd        the homework's first assignment: finite differences on lists
+
+against the parameter count P = 2HD + OH = 3K^2. The JAX methods are each one
+jitted call (compile time reported apart from the warmed median); the Python
+ones stop once one call passes --budget seconds, or is predicted to. All in one
+process, one dtype, checked against batch_grad before being timed.
+
+    python experiments/bench_gradients.py --ks 2 4 8 16 32 64 --n 256
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+
+jax.config.update("jax_enable_x64", True)  # float64 runs and the Python (float64) baselines
+
+import _common  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import matplotlib.ticker  # noqa: E402
+import numpy as np  # noqa: E402
+
+import abc_jax  # noqa: E402
+from abc_jax import io  # noqa: E402
+
+NAME = "bench_gradients"
+
+# --------------------------------------------------------------------------------------
+# The homework's plain-Python implementation: nested lists, loops, math.exp.
+# --------------------------------------------------------------------------------------
+
+Matrix = list[list[float]]
+
+
+def py_sigmoid(t: float) -> float:
+    """The homework's two-branch sigmoid: exp of a non-positive number only, never overflows."""
+    if t >= 0:
+        return 1.0 / (1.0 + math.exp(-t))
+    e = math.exp(t)
+    return e / (1.0 + e)
+
+
+def _matvec(M: Matrix, x: Sequence[float]) -> list[float]:
+    return [sum(m * xi for m, xi in zip(row, x, strict=True)) for row in M]
+
+
+def py_forward(A: Matrix, B: Matrix, C: Matrix, x: Sequence[float]) -> tuple[float, tuple]:
+    """L(x) for one sample and the (u, z, w) the backward pass needs."""
+    y = _matvec(A, x)
+    u = [py_sigmoid(t) for t in y]
+    v = _matvec(B, x)
+    z = [ui + vi for ui, vi in zip(u, v, strict=True)]
+    w = _matvec(C, z)
+    return sum(wi * wi for wi in w), (u, z, w)
+
+
+def py_batch_loss(A: Matrix, B: Matrix, C: Matrix, X: Sequence[Sequence[float]]) -> float:
+    return sum(py_forward(A, B, C, x)[0] for x in X) / len(X)
+
+
+def py_loss_and_grad(
+    A: Matrix, B: Matrix, C: Matrix, X: Sequence[Sequence[float]]
+) -> tuple[float, tuple[Matrix, Matrix, Matrix]]:
+    """Mean loss over the rows of X and its gradient by hand-written backprop on lists.
+
+    Per sample: gw = 2 w, gC += gw z^T, gz = C^T gw, gB += gz x^T,
+    gy = gz * u (1 - u), gA += gy x^T; then divide by N.
+    """
+    H, D, O = len(A), len(A[0]), len(C)
+    gA = [[0.0] * D for _ in range(H)]
+    gB = [[0.0] * D for _ in range(H)]
+    gC = [[0.0] * H for _ in range(O)]
+    total = 0.0
+    for x in X:
+        L, (u, z, w) = py_forward(A, B, C, x)
+        total += L
+        gw = [2.0 * wi for wi in w]
+        gz = [sum(C[o][h] * gw[o] for o in range(O)) for h in range(H)]
+        gy = [gz[h] * u[h] * (1.0 - u[h]) for h in range(H)]
+        for o in range(O):
+            row = gC[o]
+            for h in range(H):
+                row[h] += gw[o] * z[h]
+        for h in range(H):
+            rowA, rowB = gA[h], gB[h]
+            for d in range(D):
+                rowA[d] += gy[h] * x[d]
+                rowB[d] += gz[h] * x[d]
+    n = len(X)
+    scale = [[[g / n for g in row] for row in M] for M in (gA, gB, gC)]
+    return total / n, (scale[0], scale[1], scale[2])
+
+
+def py_fd_grad(
+    A: Matrix, B: Matrix, C: Matrix, X: Sequence[Sequence[float]], eps: float = 6e-6
+) -> tuple[Matrix, Matrix, Matrix]:
+    """Central finite differences on lists: 2P evaluations of the mean loss."""
+    mats = [[list(row) for row in M] for M in (A, B, C)]
+    grads = []
+    for M in mats:
+        G = [[0.0] * len(M[0]) for _ in M]
+        for i, row in enumerate(M):
+            for j, orig in enumerate(row):
+                row[j] = orig + eps
+                lp = py_batch_loss(*mats, X)
+                row[j] = orig - eps
+                lm = py_batch_loss(*mats, X)
+                row[j] = orig
+                G[i][j] = (lp - lm) / (2 * eps)
+        grads.append(G)
+    return grads[0], grads[1], grads[2]
+
+
+def py_gradient_descent(
+    A: Matrix, B: Matrix, C: Matrix, X: Sequence[Sequence[float]], lr: float, epochs: int
+) -> list[float]:
+    """The homework's training loop on lists: the mean loss before each update."""
+    mats = [[list(row) for row in M] for M in (A, B, C)]
+    losses = []
+    for _ in range(epochs):
+        L, grads = py_loss_and_grad(*mats, X)
+        losses.append(L)
+        mats = [
+            [[p - lr * g for p, g in zip(pr, gr, strict=True)] for pr, gr in zip(M, G, strict=True)]
+            for M, G in zip(mats, grads, strict=True)
+        ]
+    return losses
+
+
+def to_lists(params: abc_jax.Params, X: Any) -> tuple[Matrix, Matrix, Matrix, list[list[float]]]:
+    """Params and X as nested Python float lists (float64)."""
+    A, B, C = (np.asarray(p, np.float64).tolist() for p in params)
+    return A, B, C, np.asarray(X, np.float64).tolist()
+
+
+# --------------------------------------------------------------------------------------
+# Methods, timing, fits.
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str
+    kind: str  # "jax" (compiled, async) or "python" (lists)
+    exponent: int  # time ~ P^exponent at fixed N: predicts the next K for the budget
+
+
+METHODS: dict[str, Method] = {
+    "batch_grad": Method("batch_grad (manual)", "jax", 1),
+    "jax_grad": Method("jax.grad (reverse)", "jax", 1),
+    "jacfwd": Method("jax.jacfwd (forward)", "jax", 2),
+    "fd_grad": Method("fd_grad (finite diff.)", "jax", 2),
+    "python_backprop": Method("Python backprop", "python", 1),
+    "python_fd": Method("Python finite diff.", "python", 2),
+}
+
+
+def make_method(name: str, params: abc_jax.Params, X: jax.Array) -> Callable[[], Any]:
+    """A zero-argument call that computes one gradient, as (A, B, C) arrays or lists.
+
+    JAX methods are one ``jax.jit`` of the public function each, so all pay the
+    same dispatch cost and validation runs once, at trace time.
+    """
+    if name == "batch_grad":
+        f = jax.jit(lambda p, X: abc_jax.batch_grad(p, X))
+    elif name == "jax_grad":
+        f = jax.jit(lambda p, X: abc_jax.oracle_grad(p, X))
+    elif name == "jacfwd":
+        f = jax.jit(jax.jacfwd(abc_jax.batch_loss))
+    elif name == "fd_grad":
+        f = jax.jit(lambda p, X: abc_jax.fd_grad(p, X))
+    elif name == "python_backprop":
+        A, B, C, Xl = to_lists(params, X)
+        return lambda: py_loss_and_grad(A, B, C, Xl)[1]
+    elif name == "python_fd":
+        A, B, C, Xl = to_lists(params, X)
+        return lambda: py_fd_grad(A, B, C, Xl)
+    else:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {name!r}")
+    return lambda: f(params, X)
+
+
+def time_call(
+    fn: Callable[[], Any], *, min_time: float = 0.2, min_repeats: int = 3, max_repeats: int = 1000,
+    slow_s: float = 0.25,
+) -> dict[str, Any]:
+    """Time ``fn()``: the first call (compile + run) apart, then the median of warm repeats.
+
+    Repeats run until they add up to ``min_time`` seconds and number at least
+    ``min_repeats`` (one if the first call took over ``slow_s``), at most
+    ``max_repeats``. Results are waited for with ``jax.block_until_ready``.
+    """
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    first = time.perf_counter() - t0
+    need = 1 if first > slow_s else min_repeats
+    times: list[float] = []
+    while len(times) < max_repeats and (len(times) < need or sum(times) < min_time):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return {"first_s": first, "median_s": statistics.median(times), "repeats": len(times),
+            "min_s": min(times), "output": out}
+
+
+def rel_error(grads: Any, reference: abc_jax.Params) -> float:
+    """max |grads - reference| / max |reference| over all three matrices."""
+    g = np.concatenate([np.asarray(a, np.float64).ravel() for a in grads])
+    r = np.concatenate([np.asarray(a, np.float64).ravel() for a in reference])
+    return float(np.max(np.abs(g - r)) / np.max(np.abs(r)))
+
+
+def param_count(K: int) -> int:
+    """P = 2HD + OH with D = H = O = K."""
+    return 3 * K * K
+
+
+def jacfwd_bytes(K: int, N: int, itemsize: int) -> int:
+    """Rough peak memory of jacfwd: P tangents of the (N, 2H + O) activations, twice."""
+    return 2 * param_count(K) * N * 3 * K * itemsize
+
+
+def run_bench(
+    ks: Sequence[int],
+    n: int,
+    methods: Sequence[str] = tuple(METHODS),
+    *,
+    dtype: Any = jnp.float32,
+    seed: int = 0,
+    budget_s: float = 2.0,
+    min_time: float = 0.2,
+    mem_limit: float = 1 << 30,
+    show_progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Time every method at every K; one row per (K, method), skipped ones included.
+
+    A method is skipped at K (``status`` says why) once one of its calls at a
+    smaller K took longer than ``budget_s``, when its time predicted from the
+    last K as ``t * (P_new / P_old) ** exponent`` exceeds ``budget_s``, or (jacfwd)
+    when its estimated memory exceeds ``mem_limit`` bytes.
+    """
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"method must be one of {sorted(METHODS)}, got {m!r}")
+    itemsize = jnp.dtype(dtype).itemsize
+    last: dict[str, tuple[int, float]] = {}  # method -> (P, median seconds)
+    stopped: dict[str, str] = {}
+    rows: list[dict[str, Any]] = []
+    jobs = [(K, m) for K in ks for m in methods]
+    bar = _common.progress(jobs, desc="bench", unit="call") if show_progress else jobs
+    ref = None
+    for K, m in bar:
+        P = param_count(K)
+        key = jax.random.fold_in(jax.random.key(seed), K)
+        kp, kx = jax.random.split(key)
+        params = abc_jax.init_params(kp, K, dtype=dtype)
+        X = jax.random.normal(kx, (n, K), dtype)
+        if m == methods[0] or ref is None or ref[0] != K:
+            ref = (K, jax.block_until_ready(abc_jax.batch_grad(params, X)))
+        row: dict[str, Any] = {"K": K, "P": P, "N": n, "method": m, "kind": METHODS[m].kind}
+        status = stopped.get(m)
+        if status is None and m in last:
+            P0, t0 = last[m]
+            predicted = t0 * (P / P0) ** METHODS[m].exponent
+            if predicted > budget_s:
+                status = f"skipped: predicted {predicted:.3g} s > budget {budget_s:g} s"
+        if status is None and m == "jacfwd" and jacfwd_bytes(K, n, itemsize) > mem_limit:
+            status = f"skipped: memory ~{jacfwd_bytes(K, n, itemsize) / 2**30:.2g} GiB"
+        if status is not None:
+            rows.append({**row, "status": status})
+            continue
+        if hasattr(bar, "set_postfix_str"):
+            bar.set_postfix_str(f"K={K} {m}")
+        t = time_call(make_method(m, params, X), min_time=min_time)
+        median = t["median_s"]
+        compile_s = max(t["first_s"] - median, 0.0) if METHODS[m].kind == "jax" else None
+        rows.append({
+            **row, "status": "ok", "median_s": median, "min_s": t["min_s"],
+            "first_call_s": t["first_s"], "compile_s": compile_s, "repeats": t["repeats"],
+            "rel_err_vs_batch_grad": rel_error(t["output"], ref[1]),
+        })
+        last[m] = (P, median)
+        if max(median, t["first_s"] - (compile_s or 0.0)) > budget_s:
+            stopped[m] = f"skipped: a call took {median:.3g} s > budget {budget_s:g} s"
+    for r in rows:
+        r.setdefault("median_s", None)
+    _add_ratios(rows)
+    return rows
+
+
+def _add_ratios(rows: list[dict[str, Any]]) -> None:
+    base = {r["K"]: r["median_s"] for r in rows if r["method"] == "batch_grad" and r["median_s"]}
+    for r in rows:
+        b = base.get(r["K"])
+        r["ratio_to_batch_grad"] = r["median_s"] / b if (b and r["median_s"]) else None
+
+
+def fit_slope(P: Sequence[float], t: Sequence[float]) -> tuple[float, float]:
+    """(slope, intercept) of the least-squares line log t = slope log P + intercept.
+
+    NaN if fewer than two distinct P.
+    """
+    P, t = np.asarray(P, np.float64), np.asarray(t, np.float64)
+    if P.size < 2 or np.unique(P).size < 2:
+        return float("nan"), float("nan")
+    slope, intercept = np.polyfit(np.log(P), np.log(t), 1)
+    return float(slope), float(intercept)
+
+
+def slopes(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Fitted log-log slope of time against P, per method, over its measured points."""
+    out = {}
+    for m in dict.fromkeys(r["method"] for r in rows):
+        pts = [(r["P"], r["median_s"]) for r in rows if r["method"] == m and r["median_s"]]
+        out[m] = fit_slope([p for p, _ in pts], [s for _, s in pts])[0] if pts else float("nan")
+    return out
+
+
+def ratio_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """Header and rows: K, P, batch_grad time, then each method's time / batch_grad's."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    by = {(r["K"], r["method"]): r for r in rows}
+    header = ["K", "P", "batch_grad"] + [f"{m} x" for m in methods if m != "batch_grad"]
+    table = []
+    for K in dict.fromkeys(r["K"] for r in rows):
+        base = by.get((K, "batch_grad"), {}).get("median_s")
+        line: list[Any] = [K, param_count(K), _fmt_time(base)]
+        for m in methods:
+            if m != "batch_grad":
+                ratio = by.get((K, m), {}).get("ratio_to_batch_grad")
+                line.append(None if ratio is None else float(ratio))
+        table.append(line)
+    return header, table
+
+
+def _fmt_time(s: float | None) -> str:
+    if s is None:
+        return "-"
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if s >= scale:
+            return f"{s / scale:.3g} {unit}"
+    return f"{s / 1e-9:.3g} ns"
+
+
+def plot(rows: Sequence[dict[str, Any]], path: Any, title: str = "") -> None:
+    """Log-log time per gradient against P (fitted slopes in the legend) and ratio to batch_grad."""
+    fig, (ax, ax2) = _common.figure(ncols=2)
+    fits = slopes(rows)
+    style = {m: dict(marker=mk, color=f"C{i}", ls="--" if METHODS[m].kind == "python" else "-")
+             for i, (m, mk) in enumerate(zip(METHODS, "os^vDX", strict=True))}
+    for m in dict.fromkeys(r["method"] for r in rows):
+        pts = [r for r in rows if r["method"] == m and r["median_s"]]
+        if not pts:
+            continue
+        P = [r["P"] for r in pts]
+        ax.plot(P, [r["median_s"] for r in pts], **style[m],
+                label=f"{METHODS[m].label}: slope {fits[m]:.2f}")
+        if m != "batch_grad":
+            ax2.plot(P, [r["ratio_to_batch_grad"] for r in pts], **style[m])
+    for a in (ax, ax2):
+        a.set_xscale("log")
+        a.set_yscale("log")
+        a.set_xlabel("parameter count P = 2HD + OH = 3K² (D = H = O = K)")
+        top = a.secondary_xaxis(
+            "top", functions=(lambda P: np.sqrt(np.maximum(P, 1e-12) / 3), lambda K: 3 * K**2)
+        )
+        top.set_xticks(sorted({r["K"] for r in rows}), minor=False)
+        top.set_xticks([], minor=True)
+        top.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        top.set_xlabel("K")
+    ax.set_ylabel("time per gradient [s] (warm median)")
+    ax.set_title("Time per gradient; legend: fitted log-log slope", fontsize=10)
+    ax2.axhline(1.0, color="C0", lw=1.0)
+    ax2.set_ylabel("time / time of batch_grad [ratio]")
+    ax2.set_title("Slowdown relative to the manual batch_grad (= 1)", fontsize=10)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    io.save_figure(path, fig, dpi=_common.DPI)
+
+
+CSV_FIELDS = ["K", "P", "N", "method", "kind", "status", "median_s", "min_s", "first_call_s",
+              "compile_s", "repeats", "ratio_to_batch_grad", "rel_err_vs_batch_grad"]
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The numbers a README quotes: per-method slopes, ratios at the smallest and largest K."""
+    fits = slopes(rows)
+    ks = sorted({r["K"] for r in rows})
+    ratios: dict[str, dict[str, float | None]] = {}
+    for r in rows:
+        if r["method"] != "batch_grad":
+            ratios.setdefault(r["method"], {})[str(r["K"])] = r["ratio_to_batch_grad"]
+    max_k = {}
+    for m in fits:
+        done = [r["K"] for r in rows if r["method"] == m and r["median_s"]]
+        max_k[m] = max(done) if done else None
+    errs = [r["rel_err_vs_batch_grad"] for r in rows if r.get("rel_err_vs_batch_grad") is not None]
+    return {
+        "slopes": fits,
+        "ratio_to_batch_grad": ratios,
+        "median_s": {m: {str(r["K"]): r["median_s"] for r in rows if r["method"] == m}
+                     for m in fits},
+        "compile_s": {m: {str(r["K"]): r.get("compile_s") for r in rows if r["method"] == m}
+                      for m in fits if METHODS[m].kind == "jax"},
+        "largest_k_measured": max_k,
+        "ks": ks,
+        "max_rel_err_vs_batch_grad": max(errs) if errs else None,
+        "rel_err_vs_batch_grad": {
+            m: max((r["rel_err_vs_batch_grad"] for r in rows
+                    if r["method"] == m and r.get("rel_err_vs_batch_grad") is not None),
+                   default=None)
+            for m in fits
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = _common.parser(NAME, __doc__)
+    ap.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64],
+                    help="K = D = H = O values (default 2 4 8 16 32 64)")
+    ap.add_argument("--n", type=int, default=256, help="batch size N (default 256)")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                    help="methods to time (default all)")
+    ap.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                    help="dtype of the JAX methods (default float32; Python is float64)")
+    ap.add_argument("--budget", type=float, default=2.0,
+                    help="stop a method once one call takes, or is predicted to take, "
+                         "longer than this many seconds (default 2)")
+    ap.add_argument("--min-time", type=float, default=0.2,
+                    help="timed repeats per point add up to at least this (default 0.2 s)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.ks, args.n, args.budget, args.min_time = [2, 4], 16, 0.5, 0.01
+    if args.n < 1 or min(args.ks) < 1:
+        ap.error("--n and --ks must be >= 1")
+    out = _common.out_dir(args.out)
+    dtype = jnp.dtype(args.dtype)
+    env = _common.environment(dtype)
+    print(f"{NAME}: N = {args.n}, dtype {env['dtype']}, {env['device']} "
+          f"({env['cpu_count']} CPUs), jax {env['jax_version']}")
+
+    rows = run_bench(args.ks, args.n, args.methods, dtype=dtype, seed=args.seed,
+                     budget_s=args.budget, min_time=args.min_time)
+    summary = summarize(rows)
+
+    header, table = ratio_table(rows)
+    print("\ntime of batch_grad, and every method's time as a multiple of it (warm median):")
+    _common.print_table(header, table, floatfmt=".3g")
+    print("\nfitted slope of log time vs log P: "
+          + ", ".join(f"{m} {s:.2f}" for m, s in summary["slopes"].items()))
+    skipped = [f"{r['method']} at K={r['K']} ({r['status'][9:]})" for r in rows
+               if r["status"] != "ok"]
+    if skipped:
+        print("skipped: " + "; ".join(skipped))
+    print("largest relative difference from batch_grad: " + ", ".join(
+        f"{m} {e:.1e}" for m, e in summary["rel_err_vs_batch_grad"].items() if e is not None))
+
+    io.write_json(out / "config.json", {**vars(args), "out": str(args.out)})
+    io.write_json(out / "metrics.json", {"environment": env, **summary})
+    io.write_csv(out / "timings.csv", CSV_FIELDS, ([r.get(f) for f in CSV_FIELDS] for r in rows))
+    io.write_csv(out / "ratios.csv", header, table)
+    plot(rows, out / "bench_gradients.png",
+         title=f"N = {args.n}, {env['dtype']}, {env['device_kind']} ({env['cpu_count']} CPUs)")
+    print(f"wrote {out}/config.json, metrics.json, timings.csv, ratios.csv, bench_gradients.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,564 @@
+"""Training: minimise batch_loss by gradient descent, epochs compiled into lax.scan.
+
+One epoch on the full batch (``batch_size=None``, the homework's way), with
+p_e the parameters before epoch e and s_e the optimizer state::
+
+    L_e, g_e       = batch_loss(p_e, X), d batch_loss / dp (p_e)
+    u_e, s_{e+1}   = optimizer.update(g_e, s_e, p_e)
+    p_{e+1}        = p_e + u_e
+
+The homework's rule p <- p - lr * g is the transformation ``gradient_descent(lr)``
+(u_e = -lr g_e) with the same ``(grads, state, params)`` signature as any
+``optax.GradientTransformation``, so both go through one step function.
+``losses[e] = L_e``, the loss at the parameters BEFORE update e.
+
+With ``batch_size = b`` an epoch is a pass over a fresh permutation of the N
+rows (key ``fold_in(key, e)``), cut into ceil(N / b) mini-batches: the last
+one holds the N mod b rows left over, so every sample is used exactly once per
+epoch. One update per mini-batch, each on that batch's mean loss, and
+``losses[e]`` is the sample-weighted mean of the epoch's batch losses,
+(1/N) sum_k n_k L(batch k), each at the parameters before that batch's update.
+
+Epochs run on the device: one compiled function runs a fixed number of epochs
+(``epochs_per_chunk``) in a ``lax.scan`` and skips, with a ``lax.cond``, the
+epochs past ``epochs``, so the last partial chunk reuses the same compiled
+code. Between chunks the host updates the progress bar, checks the losses
+for NaN/inf and writes the checkpoint.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+from tqdm import tqdm
+
+from abc_jax import checks
+from abc_jax.backward import _prepare_batch, _value_and_grad
+from abc_jax.checkpoint import load_checkpoint, save_checkpoint
+from abc_jax.model import Params, _batch_loss, _forward
+
+GRADS = ("manual", "oracle")
+EPOCHS_PER_CHUNK = 100
+
+
+class TrainResult(NamedTuple):
+    """What ``train`` returns."""
+
+    params: Params  # A (H, D), B (H, D), C (O, H); train_per_sample: leading N axis
+    losses: jax.Array  # (epochs,); train_per_sample: (N, epochs)
+
+
+class DivergenceError(RuntimeError):
+    """The loss became NaN or inf. ``.result`` is the ``TrainResult`` up to the last finite epoch.
+
+    Attributes:
+      result: params at the start of the last epoch whose loss was finite
+        (for full-batch training, ``result.losses[-1]`` is exactly their
+        loss), and the losses of the epochs before the first non-finite one.
+      epoch: the first epoch whose loss is not finite.
+      lr: the learning rate of the run.
+    """
+
+    def __init__(self, message: str, result: TrainResult, epoch: int, lr: float):
+        super().__init__(message)
+        self.result = result
+        self.epoch = epoch
+        self.lr = lr
+
+
+@functools.lru_cache(maxsize=128)
+def gradient_descent(lr: float) -> optax.GradientTransformation:
+    """The homework's rule p <- p - lr * g, as an Optax transformation.
+
+    ``update(grads, state, params) -> (-lr * grads, state)``; the state is
+    empty. Applied with ``optax.apply_updates`` it gives p - lr * g, the
+    same arithmetic as ``optax.sgd(lr)``. Cached per lr, so repeated calls
+    with the same lr share one compiled training loop.
+    """
+
+    def init(params: Any) -> optax.EmptyState:
+        del params
+        return optax.EmptyState()
+
+    def update(grads: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        del params
+        return jax.tree.map(lambda g: -lr * g, grads), state
+
+    return optax.GradientTransformation(init, update)
+
+
+# --- one epoch --------------------------------------------------------------
+
+
+def _masked_batch_loss(params: Params, X: jax.Array, n_valid: int) -> jax.Array:
+    """Mean loss over the first n_valid rows of X (the rest are padding)."""
+    losses = jax.vmap(_forward, in_axes=(None, 0))(params, X)[0]  # (N,)
+    return jnp.sum(jnp.where(jnp.arange(X.shape[0]) < n_valid, losses, 0)) / n_valid
+
+
+def _loss_and_grad_fn(grad: str, chunk_size: int | None, n_valid: int | None) -> Any:
+    """(params, X) -> (mean loss, Params grads) by the manual rule or by jax.grad.
+
+    ``chunk_size`` bounds the memory of the manual gradient; ``jax.grad``
+    runs on the whole batch and ignores it.
+    """
+    if grad == "manual":
+        return functools.partial(_value_and_grad, chunk_size=chunk_size, n_valid=n_valid)
+    if n_valid is None:
+        return jax.value_and_grad(_batch_loss)
+    return jax.value_and_grad(functools.partial(_masked_batch_loss, n_valid=n_valid))
+
+
+def _step(
+    optimizer: Any, params: Params, opt_state: Any, grads: Params, loss: jax.Array
+) -> tuple[Params, Any]:
+    """p, s <- p + u, s' with (u, s') = optimizer.update(g, s, p): the one update rule."""
+    if isinstance(optimizer, optax.GradientTransformationExtraArgs):
+        updates, opt_state = optimizer.update(grads, opt_state, params, value=loss)
+    else:
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+
+def _minibatch_epoch(
+    loss_and_grad: Any,
+    optimizer: Any,
+    batch_size: int,
+    n: int,
+    params: Params,
+    opt_state: Any,
+    X: jax.Array,
+    key: jax.Array,
+) -> tuple[jax.Array, Params, Any]:
+    """One pass over a permutation of the first n rows of X in batches of batch_size.
+
+    The n // batch_size full batches run in a ``lax.scan``; the n % batch_size
+    rows left over form one last, smaller batch (its own static shape).
+    Returns (sample-weighted mean batch loss, params, opt_state).
+    """
+    perm = jax.random.permutation(key, n)  # (n,)
+    n_full, rem = divmod(n, batch_size)
+
+    def one_batch(carry: Any, idx: jax.Array) -> tuple[Any, jax.Array]:
+        p, s = carry
+        loss, grads = loss_and_grad(p, jnp.take(X, idx, axis=0))  # X[idx]: (len(idx), D)
+        return _step(optimizer, p, s, grads, loss), loss
+
+    carry = (params, opt_state)
+    total = jnp.zeros((), X.dtype)
+    if n_full:
+        idx = perm[: n_full * batch_size].reshape(n_full, batch_size)
+        carry, batch_losses = lax.scan(one_batch, carry, idx)
+        total = jnp.sum(batch_losses) * batch_size
+    if rem:
+        carry, loss = one_batch(carry, perm[n_full * batch_size :])
+        total = total + loss * rem
+    return total / n, *carry
+
+
+# --- a chunk of epochs, compiled --------------------------------------------
+
+
+class _Carry(NamedTuple):
+    params: Params  # parameters before the next epoch
+    opt_state: Any
+    last_good: Params  # parameters at the start of the last epoch with a finite loss
+    bad: jax.Array  # () bool: an epoch's loss was not finite; later epochs are skipped
+
+
+def _chunk(
+    carry: _Carry,
+    X: jax.Array,
+    key: jax.Array | None,
+    start: jax.Array,
+    epochs: jax.Array,
+    *,
+    optimizer: Any,
+    grad: str,
+    length: int,
+    batch_size: int | None,
+    chunk_size: int | None,
+    n_valid: int | None,
+) -> tuple[_Carry, jax.Array]:
+    """Epochs start, ..., start + length - 1 (those < epochs) in one ``lax.scan``.
+
+    Returns the carry and the (length,) losses; entries for skipped epochs
+    (past ``epochs``, or after a non-finite loss) are NaN.
+    """
+    n = X.shape[0] if n_valid is None else n_valid
+    dtype = carry.params.A.dtype
+    if batch_size is None:
+        loss_and_grad = _loss_and_grad_fn(grad, chunk_size, n_valid)
+    else:  # mini-batches are gathered from the valid rows only
+        loss_and_grad = _loss_and_grad_fn(grad, chunk_size, None)
+
+    def run(c: _Carry, e: jax.Array) -> tuple[_Carry, jax.Array]:
+        if batch_size is None:
+            loss, grads = loss_and_grad(c.params, X)
+            params, opt_state = _step(optimizer, c.params, c.opt_state, grads, loss)
+        else:
+            loss, params, opt_state = _minibatch_epoch(
+                loss_and_grad, optimizer, batch_size, n, c.params, c.opt_state, X,
+                jax.random.fold_in(key, e),
+            )
+        ok = jnp.isfinite(loss)
+
+        def keep(new: Any, old: Any) -> Any:
+            return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+        new = _Carry(keep(params, c.params), keep(opt_state, c.opt_state),
+                     keep(c.params, c.last_good), ~ok)
+        return new, loss.astype(dtype)
+
+    def skip(c: _Carry, e: jax.Array) -> tuple[_Carry, jax.Array]:
+        del e
+        return c, jnp.full((), jnp.nan, dtype)
+
+    def epoch(c: _Carry, i: jax.Array) -> tuple[_Carry, jax.Array]:
+        e = start + i
+        return lax.cond((e < epochs) & ~c.bad, run, skip, c, e)
+
+    return lax.scan(epoch, carry, jnp.arange(length, dtype=start.dtype))
+
+
+_STATIC = ("optimizer", "grad", "length", "batch_size", "chunk_size", "n_valid")
+_run_chunk = jax.jit(_chunk, static_argnames=_STATIC)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _run_chunk_per_sample(
+    carry: _Carry, X: jax.Array, start: jax.Array, epochs: jax.Array, **static: Any
+) -> tuple[_Carry, jax.Array]:
+    """``_chunk`` vmapped over samples: carry leaves and X (N, 1, D) have a leading N axis."""
+    return jax.vmap(lambda c, x: _chunk(c, x, None, start, epochs, **static))(carry, X)
+
+
+# --- validation -------------------------------------------------------------
+
+
+def _check_epochs(epochs: Any) -> int:
+    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)):
+        raise TypeError(f"epochs must be an int, got {type(epochs).__name__}")
+    if epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs}")
+    return int(epochs)
+
+
+def _check_grad(grad: Any) -> str:
+    if grad not in GRADS:
+        raise ValueError(f"grad must be one of {GRADS}, got {grad!r}")
+    return grad
+
+
+def _check_optimizer(optimizer: Any) -> Any:
+    if not all(callable(getattr(optimizer, f, None)) for f in ("init", "update")):
+        raise TypeError(
+            "optimizer must be an optax.GradientTransformation (init and update), "
+            f"got {type(optimizer).__name__}"
+        )
+    try:
+        hash(optimizer)
+    except TypeError:
+        raise TypeError(
+            "optimizer must be hashable, like optax's NamedTuple transformations"
+        ) from None
+    return optimizer
+
+
+def _check_key(key: Any) -> jax.Array:
+    if not isinstance(key, jax.Array):
+        raise TypeError(f"key must be a jax.random key, got {type(key).__name__}")
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    if not (typed and key.shape == ()) and not (key.dtype == jnp.uint32 and key.shape == (2,)):
+        raise ValueError(
+            "key must be one jax.random.key(seed) (or a legacy PRNGKey of shape (2,)), "
+            f"got dtype {key.dtype} and shape {key.shape}"
+        )
+    return key
+
+
+_all_finite = jax.jit(checks.all_finite)
+
+
+def _check_finite_values(params: Params, X: jax.Array) -> None:
+    """One fused device check; only on failure the host scan that names the entry."""
+    if not bool(_all_finite((params, X))):
+        for name, p in zip("ABC", params, strict=True):
+            checks.raise_if_nonfinite(p, f"params.{name}")
+        checks.raise_if_nonfinite(X, "X")
+
+
+def _strong(tree: Any) -> Any:
+    """Leaves as committed, strongly typed arrays, as the compiled chunk returns them.
+
+    The first chunk then sees the same input types as every later one, so
+    it compiles once.
+    """
+    return jax.tree.map(lambda a: jnp.array(a, dtype=jnp.asarray(a).dtype), tree)
+
+
+def _select_rows(mask: jax.Array, a: Params, b: Params) -> Params:
+    """Row i of each leaf from ``a`` where mask[i] (N,), else from ``b``."""
+    return jax.tree.map(
+        lambda x, y: jnp.where(mask.reshape(mask.shape + (1,) * (x.ndim - 1)), x, y), a, b
+    )
+
+
+def _fingerprint(*arrays: Any) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.asarray(a)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _divergence_message(epoch: int, loss: float, lr: float, custom: bool) -> str:
+    carries = " (the optimizer carries its own learning rate)" if custom else ""
+    kept = (
+        f"the parameters and losses up to epoch {epoch - 1}, the last finite one"
+        if epoch > 0 else "the initial parameters: no epoch had a finite loss"
+    )
+    return (
+        f"training diverged: the loss is {loss} at epoch {epoch} with lr={lr:g}{carries}; "
+        f"try a smaller learning rate, e.g. lr={lr / 10:g}. The error's .result holds {kept}."
+    )
+
+
+# --- the public loops -------------------------------------------------------
+
+
+def train(
+    params: Params,
+    X: Any,
+    *,
+    lr: float,
+    epochs: int,
+    optimizer: Any = None,
+    grad: str = "manual",
+    batch_size: int | None = None,
+    key: jax.Array | None = None,
+    chunk_size: int | None = None,
+    progress: bool = True,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    epochs_per_chunk: int = EPOCHS_PER_CHUNK,
+) -> TrainResult:
+    """Minimise ``batch_loss(params, X)`` for ``epochs`` epochs.
+
+    Each epoch: L_e, g_e = batch_loss and its gradient at p_e, then
+    (u_e, s_{e+1}) = optimizer.update(g_e, s_e, p_e) and p_{e+1} = p_e + u_e.
+    The default optimizer is the homework's p <- p - lr * g, bit for bit the
+    same trajectory as ``optax.sgd(lr)``.
+
+    Args:
+      params: ``Params(A (H, D), B (H, D), C (O, H))``; their dtype is the
+        dtype of the result and of the losses (X is cast to it).
+      X: samples, shape (N, D), finite; may be sharded across devices. It is
+        validated once here, never per epoch.
+      lr: learning rate, finite and > 0. With ``optimizer`` given, the
+        optimizer carries its own learning rate; lr is still validated,
+        recorded in the checkpoint and named in a divergence message.
+      epochs: number of epochs, >= 0 (0 returns params unchanged, no losses).
+      optimizer: None for ``gradient_descent(lr)``, or any
+        ``optax.GradientTransformation`` (sgd, momentum, adam, chains,
+        schedules). ``GradientTransformationExtraArgs`` also receive
+        ``value=`` the loss.
+      grad: "manual" (the hand-derived batch gradient) or "oracle"
+        (``jax.value_and_grad`` of the batch loss; a padded sharded batch is
+        masked the same way).
+      batch_size: None trains on the full batch; an int b >= 1 on ceil(N / b)
+        mini-batches per epoch from a permutation drawn with
+        ``fold_in(key, epoch)``, the last batch holding the N mod b rows left.
+      key: ``jax.random.key``; required with ``batch_size``, ignored without.
+      chunk_size: rows per step of the manual gradient's accumulation, so
+        memory stays constant in N ("oracle" ignores it). A pure memory knob:
+        it may change across a resume (only rounding changes).
+      progress: show a tqdm bar with the loss, updated once per chunk.
+      checkpoint_dir: if given, ``checkpoint.npz`` there is written after
+        every chunk, and a call with a checkpoint continues from it (a
+        finished run returns at once). A checkpoint written for other data,
+        initial params, shapes, dtype, lr, grad, batch_size, key or optimizer
+        state structure is refused with ValueError. Optimizer
+        hyperparameters that are not in its state (e.g. adam's learning rate)
+        cannot be checked.
+      epochs_per_chunk: epochs per compiled ``lax.scan`` (>= 1): how often the
+        host shows progress, checks for divergence and checkpoints.
+
+    Returns:
+      ``TrainResult(params, losses)``: params after the last epoch and losses
+      of shape (epochs,), where losses[e] is the batch loss at the parameters
+      before update e (with mini-batches: the sample-weighted mean of epoch
+      e's batch losses, each before its own update).
+
+    Raises:
+      DivergenceError: a loss became NaN or inf; names the epoch and lr.
+      ValueError, TypeError: a bad argument, named, before any tracing; or a
+        checkpoint that does not match this call.
+    """
+    lr = checks.check_finite_float(lr, "lr", positive=True)
+    epochs = _check_epochs(epochs)
+    grad = _check_grad(grad)
+    batch_size = checks.check_positive_int(batch_size, "batch_size", allow_none=True)
+    epochs_per_chunk = checks.check_positive_int(epochs_per_chunk, "epochs_per_chunk")
+    if batch_size is not None and key is None:
+        raise ValueError("key is required with batch_size: mini-batches are shuffled from it")
+    key = _check_key(key) if batch_size is not None else None
+    custom = optimizer is not None
+    optimizer = _check_optimizer(optimizer) if custom else gradient_descent(lr)
+    if checks.is_traced(params, X, key):
+        raise TypeError("train runs its own compiled loop: call it outside jax.jit/vmap/grad")
+    params, X, n_valid, chunk_size = _prepare_batch(params, X, chunk_size)
+    _check_finite_values(params, X if n_valid is None else X[:n_valid])
+    dtype = params.A.dtype
+    params = _strong(params)
+    opt_state = _strong(optimizer.init(params))
+
+    start, losses = 0, []
+    if checkpoint_dir is not None:
+        n = X.shape[0] if n_valid is None else n_valid
+        settings = {
+            "N": n, "D": X.shape[1], "H": params.A.shape[0], "O": params.C.shape[0],
+            "dtype": str(dtype), "lr": lr, "grad": grad, "batch_size": batch_size,
+            "key": None if key is None else np.asarray(
+                jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+                else key).tolist(),
+            "optimizer": "optax" if custom else "gradient_descent",
+            "opt_state": str(jax.tree.structure(opt_state)),
+            "opt_state_leaves": [[list(a.shape), str(a.dtype)] for a in jax.tree.leaves(opt_state)],
+            "data_sha256": _fingerprint(X[:n]),
+            "init_sha256": _fingerprint(*params),
+        }
+        ckpt = load_checkpoint(
+            checkpoint_dir, params_like=params, opt_state_like=opt_state, settings=settings
+        )
+        if ckpt is not None:
+            if ckpt.epoch > epochs:
+                raise ValueError(
+                    f"epochs = {epochs} is fewer than the {ckpt.epoch} epochs the checkpoint in "
+                    "checkpoint_dir already ran; ask for at least that many or use another "
+                    "checkpoint_dir"
+                )
+            start, losses = ckpt.epoch, [ckpt.losses]
+            params, opt_state = ckpt.params, _strong(ckpt.opt_state)
+
+    carry = _Carry(params, opt_state, params, jnp.zeros((), bool))
+    static = dict(optimizer=optimizer, grad=grad, length=epochs_per_chunk,
+                  batch_size=batch_size, chunk_size=chunk_size, n_valid=n_valid)
+    total = jnp.asarray(epochs, jnp.int32)
+    with tqdm(total=epochs, initial=start, disable=not progress or start >= epochs, desc="train",
+              unit="epoch", leave=False) as bar:
+        while start < epochs:
+            carry, chunk_losses = _run_chunk(
+                carry, X, key, jnp.asarray(start, jnp.int32), total, **static
+            )
+            done = min(epochs_per_chunk, epochs - start)
+            L = np.asarray(chunk_losses)[:done]
+            bad = ~np.isfinite(L)
+            if bad.any():
+                j = int(np.argmax(bad))
+                kept = np.concatenate([*losses, L[:j]]).astype(dtype)
+                result = TrainResult(carry.last_good, jnp.asarray(kept))
+                raise DivergenceError(
+                    _divergence_message(start + j, float(L[j]), lr, custom),
+                    result, start + j, lr,
+                )
+            losses.append(L)
+            start += done
+            if checkpoint_dir is not None:
+                save_checkpoint(
+                    checkpoint_dir, params=carry.params, opt_state=carry.opt_state,
+                    epoch=start, losses=np.concatenate(losses), settings=settings,
+                )
+            bar.update(done)
+            bar.set_postfix(loss=f"{float(L[-1]):.6g}")
+    all_losses = np.concatenate(losses) if losses else np.zeros((0,), dtype)
+    return TrainResult(carry.params, jnp.asarray(all_losses.astype(dtype)))
+
+
+def train_per_sample(
+    params: Params,
+    X: Any,
+    *,
+    lr: float,
+    epochs: int,
+    progress: bool = True,
+    epochs_per_chunk: int = EPOCHS_PER_CHUNK,
+) -> TrainResult:
+    """The homework's first experiment: one copy of the params trained on each sample.
+
+    Copy i follows p <- p - lr * dL(p, X[i])/dp for ``epochs`` epochs, the
+    same as ``train(params, X[i:i+1], lr=lr, epochs=epochs)``; all N copies
+    train at once (``vmap`` of the compiled loop), not in a Python loop.
+    The homework then averaged the per-sample matrices::
+
+        jax.tree.map(lambda p: p.mean(0), result.params)
+
+    Args:
+      params: ``Params(A (H, D), B (H, D), C (O, H))``, the common start.
+      X: samples, shape (N, D), finite.
+      lr: finite learning rate > 0.
+      epochs: >= 0.
+      progress: tqdm bar, updated once per chunk of ``epochs_per_chunk``.
+
+    Returns:
+      ``TrainResult`` with params A (N, H, D), B (N, H, D), C (N, O, H) and
+      losses (N, epochs): losses[i, e] = L(p_i,e, X[i]), before update e.
+
+    Raises:
+      DivergenceError: some sample's loss became NaN or inf. Its message
+        names the first such epoch, the sample and lr; its ``.result`` has,
+        for each diverged copy, the params at the start of its last finite
+        epoch (the others run to the end of that chunk), and losses that are
+        NaN from each copy's divergence on.
+    """
+    lr = checks.check_finite_float(lr, "lr", positive=True)
+    epochs = _check_epochs(epochs)
+    epochs_per_chunk = checks.check_positive_int(epochs_per_chunk, "epochs_per_chunk")
+    if checks.is_traced(params, X):
+        raise TypeError("train_per_sample runs its own compiled loop: call it outside jax.jit")
+    params, X, n_valid, _ = _prepare_batch(params, X)
+    X = X if n_valid is None else X[:n_valid]
+    _check_finite_values(params, X)
+    N, dtype = X.shape[0], params.A.dtype
+    optimizer = gradient_descent(lr)
+    copies = jax.tree.map(lambda p: jnp.broadcast_to(p, (N, *p.shape)), _strong(params))
+    copies = _strong(copies)
+    carry = _Carry(copies, optimizer.init(params), copies, jnp.zeros((N,), bool))
+    static = dict(optimizer=optimizer, grad="manual", length=epochs_per_chunk,
+                  batch_size=None, chunk_size=None, n_valid=None)
+    total = jnp.asarray(epochs, jnp.int32)
+    losses: list[np.ndarray] = []
+    start = 0
+    with tqdm(total=epochs, disable=not progress, desc="train_per_sample", unit="epoch",
+              leave=False) as bar:
+        while start < epochs:
+            carry, chunk_losses = _run_chunk_per_sample(
+                carry, X[:, None, :], jnp.asarray(start, jnp.int32), total, **static
+            )
+            done = min(epochs_per_chunk, epochs - start)
+            losses.append(np.asarray(chunk_losses)[:, :done])
+            bad = ~np.isfinite(losses[-1])
+            if bad.any():
+                j = int(np.argmax(bad.any(axis=0)))  # first epoch of the chunk with a bad loss
+                i = int(np.argmax(bad[:, j]))  # first sample with a bad loss there
+                diverged = np.asarray(carry.bad)  # (N,)
+                result_params = _select_rows(carry.bad, carry.last_good, carry.params)
+                result = TrainResult(result_params, jnp.asarray(np.concatenate(losses, axis=1)))
+                raise DivergenceError(
+                    f"sample {i} (of {int(diverged.sum())} diverged): "
+                    + _divergence_message(start + j, float(losses[-1][i, j]), lr, False),
+                    result, start + j, lr,
+                )
+            start += done
+            bar.update(done)
+            bar.set_postfix(mean_loss=f"{float(losses[-1][:, -1].mean()):.6g}")
+    all_losses = np.concatenate(losses, axis=1) if losses else np.zeros((N, 0), dtype)
+    return TrainResult(carry.params, jnp.asarray(all_losses.astype(dtype)))

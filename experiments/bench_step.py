@@ -142,8 +142,11 @@ def bench_memory(N: int, K: int, chunk: int, seed: int) -> dict[str, Any]:
     out: dict[str, Any] = {"N": N, "K": K, "chunk_size": chunk, "X_bytes": N * K * 4}
     for name, kw in (("chunked", {"chunk_size": chunk}), ("unchunked", {})):
         jax.block_until_ready(abc_jax.batch_grad(params, X, **kw))  # compile, warm
-        out[f"{name}_peak_bytes"] = peak_above_resident(lambda kw=kw: abc_jax.batch_grad(params, X, **kw))
-        out[f"{name}_s"] = time_median(lambda kw=kw: abc_jax.batch_grad(params, X, **kw), 3, 0.0)
+        def call(kw: dict[str, Any] = kw) -> Any:
+            return abc_jax.batch_grad(params, X, **kw)
+
+        out[f"{name}_peak_bytes"] = peak_above_resident(call)
+        out[f"{name}_s"] = time_median(call, 3, 0.0)
     g1 = abc_jax.batch_grad(params, X, chunk_size=chunk)
     g2 = abc_jax.batch_grad(params, X)
     out["max_rel_diff"] = max(e["rel"] for e in abc_jax.grad_errors(g1, g2).values())
@@ -156,8 +159,30 @@ def _parse_sizes(text: str) -> list[tuple[int, int]]:
         sizes = [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",") if s]
         assert sizes and all(len(s) == 2 and min(s) > 0 for s in sizes)
     except (ValueError, AssertionError):
-        raise argparse.ArgumentTypeError(f"sizes must look like 64x4096,256x65536; got {text!r}")
+        msg = f"sizes must look like 64x4096,256x65536; got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
     return sizes  # type: ignore[return-value]
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The terminal table: times in ms and the ratios (batch_grad over the others)."""
+
+    def ms(r: dict[str, Any], k: str, scale: int = 1) -> str:
+        return f"{r[k] * scale * 1e3:9.2f}" if k in r else f"{'-':>9}"
+
+    lines = [
+        f"{'K':>5} {'N':>7} {'batch_grad':>10} {'jax.grad':>9} {'7 matmul':>9} {'torch':>9} "
+        f"{'GFLOP/s':>8} {'/jax.grad':>9} {'/7mm':>6} {'/torch':>7} {'naive/bg':>8}   (ms)"
+    ]
+    for r in rows:
+        lines.append(
+            f"{r['K']:5d} {r['N']:7d} {ms(r, 'batch_grad_s'):>10} {ms(r, 'jax_grad_s')} "
+            f"{ms(r, 'matmul_s', 7)} {ms(r, 'torch_eager_s')} {r['gflops']:8.1f} "
+            f"{r['ratio_jax_grad']:9.2f} {r['ratio_7_matmuls']:6.2f} "
+            f"{r.get('ratio_torch', float('nan')):7.2f} "
+            f"{r.get('naive_over_batch_grad', float('nan')):8.1f}"
+        )
+    return "\n".join(lines)
 
 
 def plot(rows: list[dict[str, Any]], path: str) -> None:
@@ -207,16 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {dev.platform} {dev.device_kind} x{jax.device_count()}, jax {jax.__version__}")
     rows = [bench_size(K, N, args.repeats, args.seed)
             for K, N in tqdm(args.sizes, desc="sizes", leave=False)]
-    hdr = (f"{'K':>5} {'N':>7} {'batch_grad':>11} {'jax.grad':>9} {'7 matmul':>9} "
-           f"{'torch':>9} {'GFLOP/s':>8} {'/jax.grad':>9} {'/7mm':>6} {'/torch':>7} {'naive/bg':>8}")
-    print(hdr)
-    for r in rows:
-        ms = lambda k: f"{r[k] * 1e3:8.2f}ms" if k in r else f"{'-':>10}"  # noqa: E731
-        print(f"{r['K']:5d} {r['N']:7d} {ms('batch_grad_s'):>11}{ms('jax_grad_s')}"
-              f"{7 * r['matmul_s'] * 1e3:8.2f}ms{ms('torch_eager_s')} {r['gflops']:8.1f} "
-              f"{r['ratio_jax_grad']:9.2f} {r['ratio_7_matmuls']:6.2f} "
-              f"{r.get('ratio_torch', float('nan')):7.2f} "
-              f"{r.get('naive_over_batch_grad', float('nan')):8.1f}")
+    print(format_table(rows))
     metrics: dict[str, Any] = {
         "device": f"{dev.platform} {dev.device_kind}",
         "device_count": jax.device_count(),
@@ -234,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{m['time_ratio']:.2f}; max rel diff {m['max_rel_diff']:.1e}")
     io.write_json(f"{args.out}/config.json", vars(args))
     io.write_json(f"{args.out}/metrics.json", metrics)
-    io.write_csv(f"{args.out}/bench_step.csv", list(rows[0]), ([r.get(k) for k in rows[0]] for r in rows))
+    columns = list(rows[0])
+    io.write_csv(f"{args.out}/bench_step.csv", columns, ([r.get(k) for k in columns] for r in rows))
     plot(rows, f"{args.out}/bench_step.png")
     print(f"wrote {args.out}/metrics.json, bench_step.csv, bench_step.png")
     return 0

@@ -43,7 +43,8 @@ from tqdm import tqdm
 from abc_jax import checks
 from abc_jax.backward import _prepare_batch, _value_and_grad
 from abc_jax.checkpoint import load_checkpoint, save_checkpoint
-from abc_jax.model import Params, _batch_loss, _forward
+from abc_jax.model import Params, _batch_loss
+from abc_jax.parallel import replicate_like
 
 GRADS = ("manual", "oracle")
 EPOCHS_PER_CHUNK = 100
@@ -98,12 +99,6 @@ def gradient_descent(lr: float) -> optax.GradientTransformation:
 # --- one epoch --------------------------------------------------------------
 
 
-def _masked_batch_loss(params: Params, X: jax.Array, n_valid: int) -> jax.Array:
-    """Mean loss over the first n_valid rows of X (the rest are padding)."""
-    losses = jax.vmap(_forward, in_axes=(None, 0))(params, X)[0]  # (N,)
-    return jnp.sum(jnp.where(jnp.arange(X.shape[0]) < n_valid, losses, 0)) / n_valid
-
-
 def _loss_and_grad_fn(grad: str, chunk_size: int | None, n_valid: int | None) -> Any:
     """(params, X) -> (mean loss, Params grads) by the manual rule or by jax.grad.
 
@@ -114,7 +109,7 @@ def _loss_and_grad_fn(grad: str, chunk_size: int | None, n_valid: int | None) ->
         return functools.partial(_value_and_grad, chunk_size=chunk_size, n_valid=n_valid)
     if n_valid is None:
         return jax.value_and_grad(_batch_loss)
-    return jax.value_and_grad(functools.partial(_masked_batch_loss, n_valid=n_valid))
+    return jax.value_and_grad(functools.partial(_batch_loss, n_valid=n_valid))
 
 
 def _step(
@@ -447,7 +442,8 @@ def train(
                     "checkpoint_dir"
                 )
             start, losses = ckpt.epoch, [ckpt.losses]
-            params, opt_state = ckpt.params, _strong(ckpt.opt_state)
+            params = replicate_like(ckpt.params, X)
+            opt_state = _strong(replicate_like(ckpt.opt_state, X))
 
     carry = _Carry(params, opt_state, params, jnp.zeros((), bool))
     static = dict(optimizer=optimizer, grad=grad, length=epochs_per_chunk,

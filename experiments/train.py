@@ -1,0 +1,173 @@
+"""Train the ABC model on your own samples (or synthetic ones) and save the results.
+
+    python experiments/train.py --data X.csv --epochs 2000 --lr 0.05 --optimizer adam
+    python experiments/train.py --n 4096 --in-dim 16 --hidden-dim 32 --out-dim 8
+
+Writes into --out (default results/train): config.json, metrics.json,
+losses.csv, loss.png and params.npz (arrays A, B, C); the checkpoint lives in
+--out/checkpoint/, so running the same command again resumes (and a finished
+run returns at once). A bad data file is reported in one line on stderr,
+exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from abc_jax import init_params, io
+from abc_jax.checkpoint import checkpoint_epoch
+from abc_jax.data import DataError, load_data
+from abc_jax.train import DivergenceError, train
+
+OPTIMIZERS = ("gd", "sgd", "momentum", "adam")
+
+
+def make_optimizer(name: str, lr: float) -> optax.GradientTransformation | None:
+    """None is train's hand-rolled p <- p - lr g; the others are Optax's."""
+    return {
+        "gd": lambda: None,
+        "sgd": lambda: optax.sgd(lr),
+        "momentum": lambda: optax.sgd(lr, momentum=0.9),
+        "adam": lambda: optax.adam(lr),
+    }[name]()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    data = p.add_argument_group("data: a file, or synthetic samples ~ Normal(0, 1)")
+    data.add_argument("--data", type=Path, help=".npy, .npz (array X or the first) or .csv (N, D)")
+    data.add_argument("--n", type=int, default=256, help="synthetic samples N")
+    data.add_argument("--in-dim", type=int, help="D (default: the data's columns, or 3)")
+    data.add_argument("--hidden-dim", type=int, help="H (default D)")
+    data.add_argument("--out-dim", type=int, help="O (default D)")
+    data.add_argument("--seed", type=int, default=0, help="seed for the data and the params")
+    t = p.add_argument_group("training")
+    t.add_argument("--epochs", type=int, default=1000)
+    t.add_argument("--lr", type=float, default=0.05)
+    t.add_argument("--optimizer", choices=OPTIMIZERS, default="gd",
+                   help="gd: the homework's p <- p - lr g (default)")
+    t.add_argument("--grad", choices=("manual", "oracle"), default="manual")
+    t.add_argument("--batch-size", type=int, help="mini-batch size (default: full batch)")
+    t.add_argument("--chunk-size", type=int, help="rows per gradient chunk (bounds memory)")
+    t.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--out", type=Path, default=Path("results/train"))
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    for name in ("n", "in_dim", "hidden_dim", "out_dim", "batch_size", "chunk_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.epochs < 0:
+        p.error(f"--epochs must be >= 0, got {args.epochs}")
+    if not (np.isfinite(args.lr) and args.lr > 0):
+        p.error(f"--lr must be a finite number > 0, got {args.lr}")
+    return args
+
+
+def load_samples(args: argparse.Namespace) -> np.ndarray:
+    """X (N, D) from --data, or synthetic from --n, --in-dim and --seed."""
+    if args.data is None:
+        D = args.in_dim or 3
+        return np.random.default_rng(args.seed).standard_normal((args.n, D))
+    X = load_data(args.data)
+    if args.in_dim is not None and args.in_dim != X.shape[1]:
+        raise DataError(f"{args.data}: --in-dim {args.in_dim} but the data have D = {X.shape[1]}")
+    return X
+
+
+def plot_losses(losses: np.ndarray, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(np.arange(len(losses)), losses)
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("batch loss (mean over samples)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    return fig
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+    dtype = jnp.float64 if args.dtype == "float64" else jnp.float32
+    try:
+        X = load_samples(args)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    N, D = X.shape
+    params = init_params(
+        jax.random.fold_in(jax.random.key(args.seed), 1), D, args.hidden_dim, args.out_dim,
+        dtype=dtype,
+    )
+    H, O = params.A.shape[0], params.C.shape[0]
+    optimizer = make_optimizer(args.optimizer, args.lr)
+    ckpt_dir = args.out / "checkpoint"
+    config = {
+        "data": str(args.data) if args.data else "synthetic",
+        "N": N, "D": D, "H": H, "O": O, "dtype": args.dtype, "seed": args.seed,
+        "epochs": args.epochs, "lr": args.lr, "optimizer": args.optimizer, "grad": args.grad,
+        "batch_size": args.batch_size, "chunk_size": args.chunk_size,
+    }
+    resumed_from = checkpoint_epoch(ckpt_dir)
+    start = time.perf_counter()
+    try:
+        result = train(
+            params, X, lr=args.lr, epochs=args.epochs, optimizer=optimizer, grad=args.grad,
+            batch_size=args.batch_size, key=jax.random.fold_in(jax.random.key(args.seed), 2),
+            chunk_size=args.chunk_size, progress=not args.no_progress, checkpoint_dir=ckpt_dir,
+        )
+        jax.block_until_ready(result)
+    except DivergenceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:  # e.g. a checkpoint from another run
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    seconds = time.perf_counter() - start
+    losses = np.asarray(result.losses)
+    ran = args.epochs - resumed_from
+    metrics = {
+        "final_loss": float(losses[-1]) if len(losses) else None,
+        "initial_loss": float(losses[0]) if len(losses) else None,
+        "epochs": args.epochs,
+        "epochs_this_run": ran,
+        "resumed_from_epoch": resumed_from,
+        "seconds": seconds,
+        "epochs_per_second": ran / seconds if ran else None,
+        "device": str(jax.devices()[0]),
+        "platform": jax.default_backend(),
+        "jax_version": jax.__version__,
+    }
+    io.write_json(args.out / "config.json", config)
+    io.write_json(args.out / "metrics.json", metrics)
+    io.write_csv(args.out / "losses.csv", ["epoch", "loss"], enumerate(losses.tolist()))
+    io.write_npz(args.out / "params.npz", **result.params._asdict())
+    title = f"{args.optimizer}, lr={args.lr:g}, N={N}, D={D}, H={H}, O={O}, {args.dtype}"
+    io.save_figure(args.out / "loss.png", plot_losses(losses, title), dpi=150)
+
+    print(f"{'epochs':>8} {'initial loss':>14} {'final loss':>14} {'epochs/s':>10}  device")
+    rate = f"{metrics['epochs_per_second']:10.1f}" if ran else f"{'-':>10}"
+    first = f"{losses[0]:14.6g}" if len(losses) else f"{'-':>14}"
+    last = f"{losses[-1]:14.6g}" if len(losses) else f"{'-':>14}"
+    print(f"{args.epochs:>8} {first} {last} {rate}  {metrics['device']}")
+    print(f"results in {args.out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

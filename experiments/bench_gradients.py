@@ -370,8 +370,8 @@ def plot(rows: Sequence[dict[str, Any]], path: Any, title: str = "") -> None:
         if not pts:
             continue
         P = [r["P"] for r in pts]
-        ax.plot(P, [r["median_s"] for r in pts], **style[m],
-                label=f"{METHODS[m].label}: slope {fits[m]:.2f}")
+        fit = f"slope {fits[m]:.2f}" if np.isfinite(fits[m]) else "one point, no slope"
+        ax.plot(P, [r["median_s"] for r in pts], **style[m], label=f"{METHODS[m].label}: {fit}")
         if m != "batch_grad":
             ax2.plot(P, [r["ratio_to_batch_grad"] for r in pts], **style[m])
     for a in (ax, ax2):

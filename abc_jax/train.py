@@ -74,6 +74,9 @@ class DivergenceError(RuntimeError):
         self.epoch = epoch
         self.lr = lr
 
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable despite the extra arguments
+        return type(self), (str(self), self.result, self.epoch, self.lr)
+
 
 @functools.lru_cache(maxsize=128)
 def gradient_descent(lr: float) -> optax.GradientTransformation:
@@ -445,6 +448,8 @@ def train(
             params = replicate_like(ckpt.params, X)
             opt_state = _strong(replicate_like(ckpt.opt_state, X))
 
+    # After a resume the epoch before the checkpoint is gone: should the very first
+    # epoch diverge, .result falls back to the checkpointed params.
     carry = _Carry(params, opt_state, params, jnp.zeros((), bool))
     static = dict(optimizer=optimizer, grad=grad, length=epochs_per_chunk,
                   batch_size=batch_size, chunk_size=chunk_size, n_valid=n_valid)

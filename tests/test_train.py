@@ -436,3 +436,39 @@ def test_a_run_killed_midway_resumes_to_the_same_params(tmp_path):
     resumed = worker.run(str(tmp_path))
     uninterrupted = worker.run(None)
     assert_results_equal(resumed, uninterrupted)
+
+
+SHARDED_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np, optax, tempfile
+jax.config.update("jax_enable_x64", True)
+from abc_jax.model import init_params
+from abc_jax.parallel import ShardedBatch, shard_batch
+from abc_jax.train import train
+assert jax.device_count() == 4
+params = init_params(jax.random.key(0), 4, 6, 3, dtype=jnp.float64)
+X = jax.random.normal(jax.random.key(1), (10, 4), jnp.float64)
+Xs = shard_batch(X)
+assert isinstance(Xs, ShardedBatch)  # 10 rows on 4 devices: padded, the padding masked
+for kw in [{}, {"grad": "oracle", "optimizer": optax.adam(0.02)},
+           {"batch_size": 4, "key": jax.random.key(2)}]:
+    one = train(params, X, lr=0.05, epochs=40, progress=False, epochs_per_chunk=15, **kw)
+    with tempfile.TemporaryDirectory() as d:  # resumed on the sharded batch
+        train(params, Xs, lr=0.05, epochs=20, progress=False, epochs_per_chunk=15,
+              checkpoint_dir=d, **kw)
+        many = train(params, Xs, lr=0.05, epochs=40, progress=False, epochs_per_chunk=15,
+                     checkpoint_dir=d, **kw)
+    np.testing.assert_allclose(many.losses, one.losses, rtol=1e-12)
+    for a, b in zip(many.params, one.params):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+print("sharded training matches")
+"""
+
+
+@pytest.mark.slow
+def test_training_on_a_padded_sharded_batch_matches_one_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "sharded training matches" in result.stdout

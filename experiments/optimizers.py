@@ -1,0 +1,349 @@
+"""Which optimizer reaches a target loss first? Hand-rolled GD, optax.sgd, momentum, adam.
+
+Trains the batch loss from one starting point with each optimizer over a few
+learning rates each:
+
+  gd        the hand-rolled rule p <- p - lr * g (train's optimizer=None)
+  sgd       optax.sgd(lr): the same rule through Optax; its curve must equal gd's
+  momentum  optax.sgd(lr, momentum=0.9)
+  adam      optax.adam(lr)
+
+and reports, per run, the first epoch whose loss is at or below the target
+(a fraction of the starting loss) and the wall time to get there (measured
+after compilation, in a run of exactly that many epochs). The best lr of each
+optimizer is the one that reaches the target in the fewest epochs (else the
+lowest final loss).
+
+    python experiments/optimizers.py --k 16 --n 1024 --epochs 500 --target 0.001
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import _common
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import abc_jax
+from abc_jax import io
+from abc_jax.train import DivergenceError, train
+
+NAME = "optimizers"
+LRS: dict[str, tuple[float, ...]] = {
+    "gd": (0.01, 0.03, 0.1, 0.3),
+    "sgd": (0.01, 0.03, 0.1, 0.3),
+    "momentum": (0.003, 0.01, 0.03, 0.1),
+    "adam": (0.003, 0.01, 0.03, 0.1),
+}
+COLORS = {"gd": "C0", "sgd": "k", "momentum": "C1", "adam": "C2"}
+LABELS = {"gd": "hand-rolled GD", "sgd": "optax.sgd", "momentum": "optax.sgd momentum 0.9",
+          "adam": "optax.adam"}
+
+
+def make_optimizer(name: str, lr: float) -> optax.GradientTransformation | None:
+    """None (train's hand-rolled rule) for "gd", else the Optax transformation."""
+    if name == "gd":
+        return None
+    if name == "sgd":
+        return optax.sgd(lr)
+    if name == "momentum":
+        return optax.sgd(lr, momentum=0.9)
+    if name == "adam":
+        return optax.adam(lr)
+    raise ValueError(f"optimizer must be one of {sorted(LRS)}, got {name!r}")
+
+
+def first_hit(losses: Sequence[float], target: float) -> int | None:
+    """The first epoch e with losses[e] <= target (losses[e] is before update e), else None."""
+    hit = np.flatnonzero(np.asarray(losses) <= target)
+    return int(hit[0]) if hit.size else None
+
+
+def _timed(fn: Any, repeats: int = 1) -> tuple[Any, float]:
+    """(result, median wall seconds over ``repeats`` calls), each waited for."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return out, float(np.median(times))
+
+
+def run_one(
+    name: str, lr: float, params: abc_jax.Params, X: jax.Array, epochs: int, target: float,
+    repeats: int = 5,
+) -> dict[str, Any]:
+    """One (optimizer, lr) run: losses, epochs and seconds to the target, divergence.
+
+    The first call compiles (the same optimizer object is reused, so later
+    calls hit the cache); then the median of ``repeats`` timed runs of all
+    epochs, and of ``repeats`` runs of exactly the epochs needed to reach the
+    target: the seconds to the target.
+    """
+    opt = make_optimizer(name, lr)
+
+    def fit(e: int) -> Any:
+        return train(params, X, lr=lr, epochs=e, optimizer=opt, progress=False)
+
+    rec: dict[str, Any] = {"optimizer": name, "lr": lr, "epochs": epochs}
+    try:
+        _, first = _timed(lambda: fit(epochs))
+        res, wall = _timed(lambda: fit(epochs), repeats)
+    except DivergenceError as err:
+        losses = np.asarray(err.result.losses, np.float64)
+        return {**rec, "diverged_at": err.epoch, "losses": losses, "final_loss": None,
+                "epochs_to_target": first_hit(losses, target), "seconds_to_target": None,
+                "wall_s": None, "compile_s": None, "params": None}
+    losses = np.asarray(res.losses, np.float64)
+    hit = first_hit(losses, target)
+    # losses[hit] is the loss after `hit` updates: a run of `hit` epochs ends at that point.
+    secs = _timed(lambda: fit(hit), repeats)[1] if hit is not None else None
+    return {
+        **rec, "diverged_at": None, "losses": losses,
+        "final_loss": float(abc_jax.batch_loss(res.params, X)),
+        "epochs_to_target": hit, "seconds_to_target": secs, "wall_s": wall,
+        "compile_s": max(first - wall, 0.0), "params": res.params,
+    }
+
+
+def run_sweep(
+    k: int = 8,
+    n: int = 512,
+    epochs: int = 500,
+    *,
+    target: float = 0.01,
+    lrs: dict[str, Sequence[float]] | None = None,
+    seed: int = 0,
+    dtype: Any = jnp.float32,
+    repeats: int = 5,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Every optimizer at every lr from one start; target = ``target`` * initial loss.
+
+    Returns ``runs`` (one dict per run), ``best`` (optimizer -> its best run),
+    ``initial_loss``, ``target_loss`` and ``gd_vs_sgd`` (max |loss difference|
+    and max |parameter difference| of gd and optax.sgd at each shared lr).
+    """
+    lrs = dict(LRS if lrs is None else lrs)
+    kp, kx = jax.random.split(jax.random.key(seed))
+    params = abc_jax.init_params(kp, k, dtype=dtype)
+    X = jax.random.normal(kx, (n, k), dtype)
+    L0 = float(abc_jax.batch_loss(params, X))
+    target_loss = target * L0
+    jobs = [(m, lr) for m, grid in lrs.items() for lr in grid]
+    bar = _common.progress(jobs, desc="sweep", unit="run") if show_progress else jobs
+    runs = [run_one(m, lr, params, X, epochs, target_loss, repeats) for m, lr in bar]
+    return {
+        "runs": runs, "best": best_runs(runs), "initial_loss": L0, "target_loss": target_loss,
+        "gd_vs_sgd": gd_vs_sgd(runs),
+    }
+
+
+def best_runs(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per optimizer: the run reaching the target in the fewest epochs, else the lowest final loss.
+
+    Diverged runs are never best unless every run of that optimizer diverged.
+    """
+    best: dict[str, dict[str, Any]] = {}
+    for m in dict.fromkeys(r["optimizer"] for r in runs):
+        mine = [r for r in runs if r["optimizer"] == m]
+        ok = [r for r in mine if r["diverged_at"] is None] or mine
+
+        def rank(r: dict[str, Any]) -> tuple[float, float]:
+            hit = r["epochs_to_target"]
+            final = r["final_loss"] if r["final_loss"] is not None else float("inf")
+            return (hit if hit is not None else float("inf"), final)
+
+        best[m] = min(ok, key=rank)
+    return best
+
+
+def gd_vs_sgd(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """At each lr run by both: max |loss_gd - loss_sgd| over epochs and max |param difference|."""
+    by = {(r["optimizer"], r["lr"]): r for r in runs}
+    out = {}
+    for (m, lr), r in by.items():
+        s = by.get(("sgd", lr))
+        if m != "gd" or s is None or len(r["losses"]) != len(s["losses"]):
+            continue
+        d_loss = float(np.max(np.abs(r["losses"] - s["losses"]))) if len(r["losses"]) else 0.0
+        d_par = None
+        if r["params"] is not None and s["params"] is not None:
+            d_par = max(float(jnp.max(jnp.abs(a - b)))
+                        for a, b in zip(r["params"], s["params"], strict=True))
+        out[f"{lr:g}"] = {"max_abs_loss_diff": d_loss, "max_abs_param_diff": d_par}
+    return out
+
+
+def winners(
+    best: dict[str, dict[str, Any]], runs: Sequence[dict[str, Any]] = ()
+) -> dict[str, Any]:
+    """Who reached the target first, in epochs (ties listed together) and in seconds, from
+    each optimizer's best run; and which run of all ended with the lowest loss."""
+    hits = {m: r for m, r in best.items() if r["epochs_to_target"] is not None}
+    out: dict[str, Any] = {"by_epochs": None, "by_seconds": None, "lowest_final_loss": None}
+    if hits:
+        fewest = min(r["epochs_to_target"] for r in hits.values())
+        tied = [m for m, r in hits.items() if r["epochs_to_target"] == fewest]
+        out["by_epochs"] = {"optimizers": tied, "lrs": [hits[m]["lr"] for m in tied],
+                            "epochs": fewest}
+        m = min(hits, key=lambda m: hits[m]["seconds_to_target"])
+        out["by_seconds"] = {"optimizer": m, "lr": hits[m]["lr"],
+                             "seconds": hits[m]["seconds_to_target"]}
+    finished = [r for r in (runs or best.values()) if r["final_loss"] is not None]
+    if finished:
+        r = min(finished, key=lambda r: r["final_loss"])
+        out["lowest_final_loss"] = {"optimizer": r["optimizer"], "lr": r["lr"],
+                                    "final_loss": r["final_loss"]}
+    return out
+
+
+def plot_curves(res: dict[str, Any], path: Any, title: str) -> None:
+    """Loss against epoch for the best lr of each optimizer, gd and sgd overlaid."""
+    fig, ax = _common.figure(width=6.5, height=4.3)
+    style = {"gd": dict(color=COLORS["gd"], lw=3.0, alpha=0.45),
+             "sgd": dict(color=COLORS["sgd"], lw=1.0, ls="--"),
+             "momentum": dict(color=COLORS["momentum"]), "adam": dict(color=COLORS["adam"])}
+    for m, r in res["best"].items():
+        L = r["losses"]
+        hit = r["epochs_to_target"]
+        note = f", target at epoch {hit}" if hit is not None else ", target not reached"
+        if r["diverged_at"] is not None:
+            note = f", diverged at epoch {r['diverged_at']}"
+        ax.plot(np.arange(len(L)), L, **style.get(m, {}),
+                label=f"{LABELS.get(m, m)} (lr {r['lr']:g}{note})")
+    ax.axhline(res["target_loss"], color="gray", ls=":", lw=1,
+               label=f"target = {res['target_loss']:.3g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch (full-batch updates)")
+    ax.set_ylabel("training loss [mean ||w||², log]")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    io.save_figure(path, fig, dpi=_common.DPI)
+
+
+def plot_sweep(res: dict[str, Any], path: Any, title: str) -> None:
+    """Final loss and epochs to the target against the learning rate, per optimizer."""
+    fig, (ax1, ax2) = _common.figure(ncols=2, width=5.0, height=4.0)
+    marker = {"gd": "o", "sgd": "x", "momentum": "s", "adam": "^"}
+    shown = False
+    for m in dict.fromkeys(r["optimizer"] for r in res["runs"]):
+        mine = [r for r in res["runs"] if r["optimizer"] == m]
+        ok = [r for r in mine if r["final_loss"] is not None]
+        kw = dict(marker=marker.get(m, "o"), label=LABELS.get(m, m), color=COLORS.get(m),
+                  ls="--" if m == "sgd" else "-", mfc="none" if m == "gd" else None, ms=7)
+        ax1.plot([r["lr"] for r in ok], [r["final_loss"] for r in ok], **kw)
+        hits = [r for r in ok if r["epochs_to_target"] is not None]
+        ax2.plot([r["lr"] for r in hits], [r["epochs_to_target"] for r in hits], **kw)
+        div = [r["lr"] for r in mine if r["diverged_at"] is not None]
+        if div:
+            ax1.plot(div, [res["initial_loss"]] * len(div), "X", color="red", ms=9,
+                     label="diverged (drawn at the initial loss)" if not shown else None)
+            shown = True
+    ax1.axhline(res["target_loss"], color="gray", ls=":", lw=1, label="target")
+    ax1.axhline(res["initial_loss"], color="gray", ls="--", lw=1, label="initial loss")
+    for ax in (ax1, ax2):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("learning rate (log)")
+        ax.legend(fontsize=7)
+    ax1.set_ylabel("final training loss [mean ||w||², log]")
+    ax1.set_title("Loss after all epochs", fontsize=10)
+    ax2.set_ylabel("epochs to reach the target [log]")
+    ax2.set_title("Epochs to the target (runs that reached it)", fontsize=10)
+    fig.suptitle(title, fontsize=10)
+    io.save_figure(path, fig, dpi=_common.DPI)
+
+
+RUN_FIELDS = ["optimizer", "lr", "epochs", "final_loss", "epochs_to_target",
+              "seconds_to_target", "wall_s", "compile_s", "diverged_at"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = _common.parser(NAME, __doc__)
+    ap.add_argument("--k", type=int, default=16, help="K = D = H = O (default 16)")
+    ap.add_argument("--n", type=int, default=1024, help="training samples N (default 1024)")
+    ap.add_argument("--epochs", type=int, default=500, help="epochs per run (default 500)")
+    ap.add_argument("--target", type=float, default=0.001,
+                    help="target loss as a fraction of the initial loss (default 0.001)")
+    ap.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                    help="dtype (default float32)")
+    args = ap.parse_args(list(argv) if argv is not None else None)
+    lrs = LRS
+    if args.quick:
+        args.k, args.n, args.epochs, args.target = 3, 16, 30, 0.5
+        lrs = {m: grid[1:3] for m, grid in LRS.items()}
+    if not 0 < args.target < 1:
+        ap.error("--target must be a fraction in (0, 1)")
+    if args.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+    dtype = jnp.dtype(args.dtype)
+    out = _common.out_dir(args.out)
+    env = _common.environment(dtype)
+    res = run_sweep(args.k, args.n, args.epochs, target=args.target, lrs=lrs, seed=args.seed,
+                    dtype=dtype, repeats=1 if args.quick else 5)
+    win = winners(res["best"], res["runs"])
+    desc = (f"K = {args.k}, N = {args.n}, {args.epochs} epochs, {env['dtype']}, "
+            f"target = {args.target:g} x initial loss = {res['target_loss']:.4g}")
+    print(f"{NAME}: {desc}; {env['device']} ({env['cpu_count']} CPUs)")
+    rows = [[LABELS[r["optimizer"]], r["lr"],
+             "diverged @" + str(r["diverged_at"]) if r["diverged_at"] is not None
+             else r["final_loss"], r["epochs_to_target"],
+             None if r["seconds_to_target"] is None else f"{r['seconds_to_target'] * 1e3:.1f}",
+             None if r["wall_s"] is None else f"{r['wall_s'] * 1e3:.1f}"]
+            for r in res["runs"]]
+    _common.print_table(["optimizer", "lr", "final loss", "epochs to target",
+                         "ms to target", "ms per run"], rows, floatfmt=".4g")
+    diffs = res["gd_vs_sgd"]
+    dl = max((d["max_abs_loss_diff"] for d in diffs.values()), default=float("nan"))
+    dp = max((d["max_abs_param_diff"] for d in diffs.values()
+              if d["max_abs_param_diff"] is not None), default=float("nan"))
+    print(f"\nhand-rolled GD vs optax.sgd at the same lr: max |loss difference| {dl:.3g}, "
+          f"max |parameter difference| {dp:.3g} over {len(diffs)} lrs")
+    print("best lr of each: " + ", ".join(
+        f"{m} {r['lr']:g} ({r['epochs_to_target']} epochs)" for m, r in res["best"].items()))
+    if win["by_epochs"]:
+        e, s = win["by_epochs"], win["by_seconds"]
+        who = " = ".join(f"{LABELS[m]} (lr {lr:g})" for m, lr in zip(e["optimizers"], e["lrs"],
+                                                                     strict=True))
+        print(f"first to the target in epochs: {who}, {e['epochs']} epochs")
+        print(f"first to the target in seconds: {LABELS[s['optimizer']]} (lr {s['lr']:g}), "
+              f"{s['seconds'] * 1e3:.2g} ms after compilation")
+    else:
+        print("no optimizer reached the target; raise --epochs or --target")
+    if win["lowest_final_loss"]:
+        f = win["lowest_final_loss"]
+        print(f"lowest loss after {args.epochs} epochs: {LABELS[f['optimizer']]} "
+              f"(lr {f['lr']:g}), {f['final_loss']:.3g}")
+
+    io.write_json(out / "config.json", {**vars(args), "out": str(args.out),
+                                        "lrs": {m: list(g) for m, g in lrs.items()}})
+    io.write_json(out / "metrics.json", {
+        "environment": env, "initial_loss": res["initial_loss"],
+        "target_loss": res["target_loss"], "winner": win,
+        "best": {m: {f: r[f] for f in RUN_FIELDS} for m, r in res["best"].items()},
+        "gd_vs_sgd": diffs, "gd_vs_sgd_max_abs_loss_diff": dl,
+        "runs": [{f: r[f] for f in RUN_FIELDS} for r in res["runs"]],
+    })
+    io.write_csv(out / "runs.csv", RUN_FIELDS, ([r[f] for f in RUN_FIELDS] for r in res["runs"]))
+    best = res["best"]
+    n_ep = max(len(r["losses"]) for r in best.values())
+    cols = [f"{m}_lr{r['lr']:g}" for m, r in best.items()]
+    io.write_csv(out / "best_curves.csv", ["epoch", *cols],
+                 ([e, *(float(r["losses"][e]) if e < len(r["losses"]) else None
+                        for r in best.values())] for e in range(n_ep)))
+    plot_curves(res, out / "optimizers.png", desc)
+    plot_sweep(res, out / "optimizers_sweep.png", desc)
+    print(f"wrote {out}/config.json, metrics.json, runs.csv, best_curves.csv, optimizers.png, "
+          "optimizers_sweep.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""The experiment scripts: each runs in its quick configuration and writes its files, and the
+logic they hold (plain-Python baselines, timing budget, slope fit, conclusions) is right."""
+
+import importlib
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import abc_jax
+from abc_jax.train import train
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+sys.path.insert(0, str(EXPERIMENTS))  # the scripts import _common and each other by name
+
+_common = importlib.import_module("_common")
+bench = importlib.import_module("bench_gradients")
+gen = importlib.import_module("generalization")
+opt = importlib.import_module("optimizers")
+repro = importlib.import_module("reproduce_seed")
+
+SCRIPTS = ["reproduce_seed", "bench_gradients", "generalization", "optimizers"]
+
+
+def _params(key, D=4, H=3, O=2, dtype=jnp.float64):
+    kp, kx = jax.random.split(key)
+    return abc_jax.init_params(kp, D, H, O, dtype=dtype), jax.random.normal(kx, (5, D), dtype)
+
+
+# -- the scripts end to end -------------------------------------------------------------
+
+
+def test_help_in_a_subprocess():
+    out = subprocess.run(
+        [sys.executable, str(EXPERIMENTS / "reproduce_seed.py"), "--help"],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout
+    for flag in ("--out", "--seed", "--quick"):
+        assert flag in out
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_help_lists_common_flags(name, capsys):
+    module = importlib.import_module(name)
+    with pytest.raises(SystemExit) as exc:
+        module.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert all(flag in out for flag in ("--out", "--seed", "--quick"))
+
+
+def _run_quick(name, tmp_path, capsys):
+    out = tmp_path / name
+    assert importlib.import_module(name).main(["--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "metrics.json"} <= files
+    assert any(f.endswith(".csv") for f in files) and any(f.endswith(".png") for f in files)
+    assert not any(f.endswith(".tmp") for f in files)
+    for f in out.iterdir():
+        assert f.stat().st_size > 0
+        if f.suffix == ".png":
+            assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config = json.loads((out / "config.json").read_text())
+    assert config["quick"] is True
+    return json.loads((out / "metrics.json").read_text()), printed
+
+
+def test_reproduce_seed_quick(tmp_path, capsys):
+    m, printed = _run_quick("reproduce_seed", tmp_path, capsys)
+    assert m["gradient_check"]["worst_rel"]["manual"] <= 1e-12
+    assert m["gradient_check"]["worst_rel"]["python"] <= 1e-12
+    assert m["gradient_check"]["worst_rel"]["finite_diff"] <= 1e-6
+    assert m["loss_listing"]["max_abs_diff_python"] <= 1e-12
+    assert m["loss_listing"]["final_loss"] < m["loss_listing"]["initial_loss"]
+    ratios = m["timing"]["ratio_to_batch_grad"]
+    assert {"jax_grad", "fd_grad", "python_backprop", "python_fd"} <= set(ratios)
+    assert set(m["generalization"]["heldout_loss"]) == {"average", "batch_gd", "adam"}
+    assert len(m["answers"]) == 3 and m["answers"][0].startswith("1. ")
+    assert "L = " in printed and "Answers:" in printed
+
+
+def test_bench_gradients_quick(tmp_path, capsys):
+    m, printed = _run_quick("bench_gradients", tmp_path, capsys)
+    assert set(m["slopes"]) == set(bench.METHODS)
+    assert all(math.isfinite(s) for s in m["slopes"].values())
+    for method in bench.METHODS:
+        if method != "batch_grad":
+            assert all(r > 0 for r in m["ratio_to_batch_grad"][method].values())
+    errs = m["rel_err_vs_batch_grad"]  # float32 quick run
+    assert max(errs[k] for k in ("jax_grad", "jacfwd", "python_backprop")) < 1e-4
+    assert errs["fd_grad"] < 1e-1
+    env = m["environment"]
+    assert env["dtype"] == "float32" and env["jax_version"] == jax.__version__ and env["device"]
+    assert m["compile_s"]["batch_grad"]["2"] >= 0
+    assert "batch_grad" in printed
+
+
+def test_generalization_quick(tmp_path, capsys):
+    m, printed = _run_quick("generalization", tmp_path, capsys)
+    for key in ("heldout_loss", "train_loss", "norm_C", "heldout_reduction"):
+        assert set(m[key]) == {"average", "batch_gd", "adam"}
+    assert m["initial_heldout_loss"] > 0 and isinstance(m["average_better_than_start"], bool)
+    assert m["one_epoch_gap"] < 1e-12  # mean of N single steps == one step on the mean loss
+    assert m["conclusion"] and all(line in printed for line in m["conclusion"])
+
+
+def test_optimizers_quick(tmp_path, capsys):
+    m, printed = _run_quick("optimizers", tmp_path, capsys)
+    assert m["gd_vs_sgd_max_abs_loss_diff"] <= 1e-12 * m["initial_loss"]
+    assert set(m["best"]) == {"gd", "sgd", "momentum", "adam"}
+    assert m["winner"]["by_epochs"]["epochs"] >= 1
+    assert m["winner"]["lowest_final_loss"]["final_loss"] < m["initial_loss"]
+    assert all(r["optimizer"] in opt.LRS for r in m["runs"])
+    assert "optax.sgd" in printed
+
+
+# -- the homework's plain-Python implementation ----------------------------------------
+
+
+def test_python_backprop_equals_batch_grad(key):
+    params, X = _params(key)  # D, H, O distinct: a transposed gradient would not fit
+    A, B, C, Xl = bench.to_lists(params, X)
+    L, grads = bench.py_loss_and_grad(A, B, C, Xl)
+    assert L == pytest.approx(float(abc_jax.batch_loss(params, X)), rel=1e-13)
+    errs = abc_jax.grad_errors(abc_jax.Params(*map(jnp.asarray, grads)),
+                               abc_jax.batch_grad(params, X))
+    assert max(e["rel"] for e in errs.values()) <= 1e-12
+
+
+def test_python_finite_differences_match_the_oracle(key):
+    params, X = _params(key)
+    grads = bench.py_fd_grad(*bench.to_lists(params, X))
+    errs = abc_jax.grad_errors(abc_jax.Params(*map(jnp.asarray, grads)),
+                               abc_jax.oracle_grad(params, X))
+    assert max(e["rel"] for e in errs.values()) <= 1e-7
+
+
+def test_python_sigmoid_is_stable():
+    for t in (-1e4, -30.0, -1.0, 0.0, 2.0, 1e4):
+        assert bench.py_sigmoid(t) == pytest.approx(float(jax.nn.sigmoid(t)), rel=1e-14, abs=0)
+
+
+def test_python_gradient_descent_matches_train(key):
+    params, X = _params(key)
+    res = train(params, X, lr=0.05, epochs=7, progress=False)
+    py = bench.py_gradient_descent(*bench.to_lists(params, X), lr=0.05, epochs=7)
+    np.testing.assert_allclose(py, np.asarray(res.losses), rtol=1e-12)
+
+
+# -- benchmark logic -----------------------------------------------------------------------
+
+
+def test_fit_slope_recovers_a_power_law():
+    P = np.array([12.0, 48.0, 192.0, 768.0])
+    slope, intercept = bench.fit_slope(P, 3.0 * P**1.5)
+    assert slope == pytest.approx(1.5) and intercept == pytest.approx(math.log(3.0))
+    assert math.isnan(bench.fit_slope([12.0], [1.0])[0])
+    assert math.isnan(bench.fit_slope([12.0, 12.0], [1.0, 2.0])[0])
+
+
+def test_slopes_and_ratio_table_from_rows():
+    rows = [
+        {"K": K, "P": bench.param_count(K), "N": 4, "method": m, "median_s": t}
+        for K in (2, 4) for m, t in (("batch_grad", 1e-4 * K), ("fd_grad", 1e-3 * K**4))
+    ]
+    bench._add_ratios(rows)
+    fits = bench.slopes(rows)
+    assert fits["batch_grad"] == pytest.approx(0.5) and fits["fd_grad"] == pytest.approx(2.0)
+    header, table = bench.ratio_table(rows)
+    assert header == ["K", "P", "batch_grad", "fd_grad x"]
+    assert table[0][3] == pytest.approx(10 * 2**3) and table[1][3] == pytest.approx(10 * 4**3)
+
+
+def test_run_bench_applies_the_time_budget():
+    rows = bench.run_bench([2, 3], 4, ["batch_grad", "python_fd"], budget_s=1e-9, min_time=0,
+                           show_progress=False)
+    by = {(r["K"], r["method"]): r for r in rows}
+    assert by[(2, "python_fd")]["status"] == "ok"
+    assert by[(3, "python_fd")]["status"].startswith("skipped")
+    assert by[(3, "python_fd")]["median_s"] is None
+    assert by[(2, "python_fd")]["rel_err_vs_batch_grad"] < 1e-5
+    assert by[(2, "batch_grad")]["ratio_to_batch_grad"] == 1.0
+    with pytest.raises(ValueError, match="method"):
+        bench.run_bench([2], 4, ["backprop"])
+
+
+def test_time_call_separates_the_first_call():
+    calls = []
+    t = bench.time_call(lambda: calls.append(1) or 3, min_time=0, min_repeats=4)
+    assert t["output"] == 3 and t["repeats"] == 4 and len(calls) == 5
+    assert t["min_s"] <= t["median_s"]
+
+
+# -- generalisation logic ----------------------------------------------------------------
+
+
+def test_checkpoints_and_average():
+    c = gen.checkpoints(1000, 10)
+    assert c[:2] == [0, 1] and c[-1] == 1000 and c == sorted(set(c))
+    assert gen.checkpoints(0) == [0]
+    stacked = abc_jax.Params(*(jnp.arange(2.0 * n).reshape(2, n) for n in (1, 2, 3)))
+    avg = gen.average_params(stacked)
+    np.testing.assert_array_equal(avg.C, [1.5, 2.5, 3.5])
+
+
+def _fake(avg, gd, single=5.0):
+    row = lambda m, L, c: {"method": m, "heldout_loss": L, "train_loss": L, "norm_C": c,  # noqa: E731
+                           "singular_values_C": [c, 0.0]}
+    return {
+        "initial": row("initial", 10.0, 2.0), "diverged": {}, "own_sample_loss": 1e-4,
+        "single_copy_heldout": single, "one_epoch_gap": 0.0,
+        "final": {"average": row("average", avg, 1.5), "batch_gd": row("batch_gd", gd, 0.1),
+                  "adam": row("adam", gd, 0.1)},
+    }
+
+
+def test_conclusion_follows_the_numbers():
+    worse = " ".join(gen.conclusion(_fake(avg=4.0, gd=0.01)))
+    assert "generalises worse" in worse and "400x" in worse and "lower than" in worse
+    assert "C shrinking towards the trivial minimiser" in worse  # (0.1/2)^2 vs 1e-3
+    better = " ".join(gen.conclusion(_fake(avg=0.001, gd=0.01)))
+    assert "does as well as batch GD or better" in better
+    above = " ".join(gen.conclusion(_fake(avg=20.0, gd=0.01)))
+    assert "higher than the starting point" in above and "increase" in above
+    m = gen.metrics(_fake(avg=20.0, gd=0.01))
+    assert m["average_better_than_start"] is False and m["average_over_batch_gd_heldout"] == 2000
+
+
+# -- optimizer logic ---------------------------------------------------------------------
+
+
+def test_first_hit_and_best_runs():
+    assert opt.first_hit([3.0, 2.0, 1.0, 0.5], 1.0) == 2
+    assert opt.first_hit([3.0, 2.0], 1.0) is None
+    runs = [
+        {"optimizer": "adam", "lr": 0.1, "epochs_to_target": None, "final_loss": None,
+         "diverged_at": 3, "seconds_to_target": None},
+        {"optimizer": "adam", "lr": 0.01, "epochs_to_target": 40, "final_loss": 0.2,
+         "diverged_at": None, "seconds_to_target": 0.02},
+        {"optimizer": "adam", "lr": 0.03, "epochs_to_target": 20, "final_loss": 0.3,
+         "diverged_at": None, "seconds_to_target": 0.01},
+        {"optimizer": "gd", "lr": 0.1, "epochs_to_target": None, "final_loss": 0.5,
+         "diverged_at": None, "seconds_to_target": None},
+    ]
+    best = opt.best_runs(runs)
+    assert best["adam"]["lr"] == 0.03 and best["gd"]["lr"] == 0.1
+    win = opt.winners(best, runs)
+    assert win["by_epochs"]["optimizers"] == ["adam"] and win["by_seconds"]["lr"] == 0.03
+    assert win["lowest_final_loss"]["lr"] == 0.01
+
+
+def test_make_optimizer():
+    assert opt.make_optimizer("gd", 0.1) is None
+    assert isinstance(opt.make_optimizer("adam", 0.1), optax.GradientTransformation)
+    with pytest.raises(ValueError, match="optimizer"):
+        opt.make_optimizer("rmsprop", 0.1)
+
+
+def test_format_table_aligns_columns():
+    text = _common.format_table(["a", "long name"], [[1, 0.5], ["xyz", None]], floatfmt=".2f")
+    lines = text.splitlines()
+    assert len({len(line) for line in lines}) == 1
+    assert lines[2].endswith("0.50") and lines[3].endswith("-")

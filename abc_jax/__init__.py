@@ -6,14 +6,19 @@ The graph (one sample x (D,), A, B (H, D), C (O, H))::
 """
 
 from abc_jax.backward import abc_loss, batch_grad, manual_grad, manual_vjp, per_sample_grads
+from abc_jax.data import DataError, load_data
 from abc_jax.model import Params, Residuals, batch_loss, forward, init_params, loss, sigmoid
 from abc_jax.parallel import ShardedBatch, data_mesh, shard_batch
 from abc_jax.reference import fd_grad, grad_errors, oracle_grad
+from abc_jax.train import DivergenceError, TrainResult, train, train_per_sample
 
 __all__ = [
+    "DataError",
+    "DivergenceError",
     "Params",
     "Residuals",
     "ShardedBatch",
+    "TrainResult",
     "abc_loss",
     "batch_grad",
     "batch_loss",
@@ -22,6 +27,7 @@ __all__ = [
     "forward",
     "grad_errors",
     "init_params",
+    "load_data",
     "loss",
     "manual_grad",
     "manual_vjp",
@@ -29,4 +35,6 @@ __all__ = [
     "per_sample_grads",
     "shard_batch",
     "sigmoid",
+    "train",
+    "train_per_sample",
 ]

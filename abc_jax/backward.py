@@ -171,7 +171,6 @@ def _batch_grad(
     return _value_and_grad(params, X, chunk_size, n_valid)[1]
 
 
-_prepare_batch = prepare_batch  # old internal name, kept for callers inside the package
 _value_and_grad_flagged = checks.with_finite_flag(
     _value_and_grad, static_argnames=("chunk_size", "n_valid")
 )

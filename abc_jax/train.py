@@ -41,9 +41,9 @@ from jax import lax
 from tqdm import tqdm
 
 from abc_jax import checks
-from abc_jax.backward import _prepare_batch, _value_and_grad
+from abc_jax.backward import _value_and_grad
 from abc_jax.checkpoint import load_checkpoint, save_checkpoint
-from abc_jax.model import Params, _batch_loss
+from abc_jax.model import Params, _batch_loss, prepare_batch
 from abc_jax.parallel import replicate_like
 
 GRADS = ("manual", "oracle")
@@ -413,7 +413,7 @@ def train(
     optimizer = _check_optimizer(optimizer) if custom else gradient_descent(lr)
     if checks.is_traced(params, X, key):
         raise TypeError("train runs its own compiled loop: call it outside jax.jit/vmap/grad")
-    params, X, n_valid, chunk_size = _prepare_batch(params, X, chunk_size)
+    params, X, n_valid, chunk_size = prepare_batch(params, X, chunk_size)
     _check_finite_values(params, X if n_valid is None else X[:n_valid])
     dtype = params.A.dtype
     params = _strong(params)
@@ -525,7 +525,7 @@ def train_per_sample(
     epochs_per_chunk = checks.check_positive_int(epochs_per_chunk, "epochs_per_chunk")
     if checks.is_traced(params, X):
         raise TypeError("train_per_sample runs its own compiled loop: call it outside jax.jit")
-    params, X, n_valid, _ = _prepare_batch(params, X)
+    params, X, n_valid, _ = prepare_batch(params, X)
     X = X if n_valid is None else X[:n_valid]
     _check_finite_values(params, X)
     N, dtype = X.shape[0], params.A.dtype

@@ -10,7 +10,7 @@ from abc_jax.data import DataError, load_data
 from abc_jax.model import Params, Residuals, batch_loss, forward, init_params, loss, sigmoid
 from abc_jax.parallel import ShardedBatch, data_mesh, shard_batch
 from abc_jax.reference import fd_grad, grad_errors, oracle_grad
-from abc_jax.train import DivergenceError, TrainResult, train, train_per_sample
+from abc_jax.training import DivergenceError, TrainResult, train, train_per_sample
 
 __all__ = [
     "DataError",

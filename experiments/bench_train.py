@@ -35,7 +35,7 @@ from bench_gradients import py_gradient_descent, time_call, to_lists  # enables 
 
 from abc_jax import init_params, io
 from abc_jax.backward import _value_and_grad
-from abc_jax.train import train
+from abc_jax.training import train
 
 NAME = "bench_train"
 

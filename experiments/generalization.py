@@ -32,7 +32,7 @@ import optax  # noqa: E402
 
 import abc_jax  # noqa: E402
 from abc_jax import io  # noqa: E402
-from abc_jax.train import DivergenceError, train, train_per_sample  # noqa: E402
+from abc_jax.training import DivergenceError, train, train_per_sample  # noqa: E402
 
 NAME = "generalization"
 METHODS = ("average", "batch_gd", "adam")

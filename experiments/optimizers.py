@@ -32,7 +32,7 @@ import optax
 
 import abc_jax
 from abc_jax import io
-from abc_jax.train import DivergenceError, train
+from abc_jax.training import DivergenceError, train
 
 NAME = "optimizers"
 LRS: dict[str, tuple[float, ...]] = {

@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 
 import abc_jax  # noqa: E402
 from abc_jax import io  # noqa: E402
-from abc_jax.train import train  # noqa: E402
+from abc_jax.training import train  # noqa: E402
 
 NAME = "reproduce_seed"
 
@@ -83,7 +83,7 @@ def loss_listing(
 def plot_listing(record: dict[str, Any], path: Any, lr: float) -> None:
     fig, ax = _common.figure(width=6.0, height=4.0)
     L = record["losses"]
-    ax.plot(np.arange(len(L)), L, "-", color="C0", label=f"abc_jax.train (lr = {lr:g})")
+    ax.plot(np.arange(len(L)), L, "-", color="C0", label=f"abc_jax.training (lr = {lr:g})")
     py = record["python_losses"]
     step = max(1, len(py) // 25)
     ax.plot(np.arange(0, len(py), step), py[::step], "o", ms=4, mfc="none", color="C1",

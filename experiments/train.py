@@ -25,7 +25,7 @@ import optax
 from abc_jax import init_params, io
 from abc_jax.checkpoint import checkpoint_epoch
 from abc_jax.data import DataError, load_data
-from abc_jax.train import DivergenceError, train
+from abc_jax.training import DivergenceError, train
 
 OPTIMIZERS = ("gd", "sgd", "momentum", "adam")
 

@@ -15,7 +15,7 @@ import optax
 import pytest
 
 import abc_jax
-from abc_jax.train import train
+from abc_jax.training import train
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 sys.path.insert(0, str(EXPERIMENTS))  # the scripts import _common and each other by name

@@ -18,10 +18,10 @@ import numpy as np
 import optax
 import pytest
 
-import abc_jax.train as train_mod
+import abc_jax.training as train_mod
 from abc_jax.checkpoint import checkpoint_epoch, checkpoint_path
 from abc_jax.model import Params, _batch_loss, init_params
-from abc_jax.train import DivergenceError, TrainResult, gradient_descent, train, train_per_sample
+from abc_jax.training import DivergenceError, TrainResult, gradient_descent, train, train_per_sample
 
 D, H, O, N = 4, 6, 3, 10  # all different: a transposed gradient cannot hide
 LR = 0.05
@@ -443,7 +443,7 @@ import jax, jax.numpy as jnp, numpy as np, optax, tempfile
 jax.config.update("jax_enable_x64", True)
 from abc_jax.model import init_params
 from abc_jax.parallel import ShardedBatch, shard_batch
-from abc_jax.train import train
+from abc_jax.training import train
 assert jax.device_count() == 4
 params = init_params(jax.random.key(0), 4, 6, 3, dtype=jnp.float64)
 X = jax.random.normal(jax.random.key(1), (10, 4), jnp.float64)

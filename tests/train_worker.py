@@ -17,7 +17,7 @@ import optax
 jax.config.update("jax_enable_x64", True)
 
 from abc_jax.model import init_params  # noqa: E402
-from abc_jax.train import TrainResult, train  # noqa: E402
+from abc_jax.training import TrainResult, train  # noqa: E402
 
 EPOCHS = 3000
 EPOCHS_PER_CHUNK = 10

@@ -1,0 +1,391 @@
+"""The public functions under JAX transformations, dtypes, Optax and grad-of-grad.
+
+jit equals no-jit, vmap equals a Python loop, a jitted step traces and
+compiles once per shape, float32 in gives float32 out with x64 on, an Optax
+step equals the same step written by hand, and second derivatives through the
+custom_vjp equal those of a plain-jnp loss.
+"""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import abc_jax
+from abc_jax import Params
+
+D, H, O = 5, 4, 3  # all different
+
+
+def ref_loss(params, x):
+    """||C (sigmoid(A x) + B x)||^2 for one sample, plain jnp, its own sigmoid."""
+    A, B, C = params
+    z = 0.5 * (1 + jnp.tanh(0.5 * (A @ x))) + B @ x
+    w = C @ z
+    return jnp.sum(w**2)
+
+
+def ref_batch_loss(params, X):
+    return jnp.mean(jax.vmap(ref_loss, in_axes=(None, 0))(params, X))
+
+
+def make_problem(seed, N, dtype=jnp.float64, shape=(D, H, O)):
+    """Params ~ N(0, 1 / fan_in) and X ~ N(0, 1), drawn with NumPy."""
+    d, h, o = shape
+    rng = np.random.default_rng(seed)
+
+    def normal(s, fan_in=1):
+        return jnp.asarray(rng.standard_normal(s) / np.sqrt(fan_in), dtype)
+
+    return Params(normal((h, d), d), normal((h, d), d), normal((o, h), h)), normal((N, d))
+
+
+def max_rel_err(got, ref):
+    """Largest over leaves of max |got - ref| / max |ref|."""
+    chex.assert_trees_all_equal_structs(got, ref)
+    chex.assert_trees_all_equal_shapes(got, ref)
+    errs = []
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        g, r = np.asarray(g, np.float64), np.asarray(r, np.float64)
+        scale = np.max(np.abs(r))
+        err = np.max(np.abs(g - r))
+        errs.append(err / scale if scale > 0 else err)
+    return max(errs)
+
+
+def batch_abc_loss(params, X):
+    return jnp.mean(jax.vmap(abc_jax.abc_loss, in_axes=(None, 0))(params, X))
+
+
+# ---------------------------------------------------------------- jit
+
+
+def _vjp_at_x(params, x):
+    return abc_jax.manual_vjp(params, abc_jax.forward(params, x)[1], 2.0)
+
+
+BATCH_FNS = {
+    "batch_loss": abc_jax.batch_loss,
+    "batch_grad": abc_jax.batch_grad,
+    "batch_grad_chunked": functools.partial(abc_jax.batch_grad, chunk_size=3),
+    "per_sample_grads": abc_jax.per_sample_grads,
+    "oracle_grad": abc_jax.oracle_grad,
+    "fd_grad": abc_jax.fd_grad,
+    "grad_batch_abc_loss": jax.grad(batch_abc_loss, argnums=(0, 1)),
+}
+SAMPLE_FNS = {
+    "forward": abc_jax.forward,
+    "loss": abc_jax.loss,
+    "manual_grad": abc_jax.manual_grad,
+    "manual_vjp": _vjp_at_x,
+    "abc_loss": abc_jax.abc_loss,
+    "grad_abc_loss": jax.grad(abc_jax.abc_loss, argnums=(0, 1)),
+}
+
+
+@pytest.mark.parametrize("name", list(BATCH_FNS))
+def test_jit_equals_eager_batch(name):
+    fn = BATCH_FNS[name]
+    params, X = make_problem(0, N=7)
+    eager = fn(params, X)
+    jitted = jax.jit(fn)(params, X)
+    chex.assert_tree_all_finite(eager)
+    assert max_rel_err(jitted, eager) <= 1e-14
+
+
+@pytest.mark.parametrize("name", list(SAMPLE_FNS))
+def test_jit_equals_eager_sample(name):
+    fn = SAMPLE_FNS[name]
+    params, X = make_problem(1, N=1)
+    eager = fn(params, X[0])
+    jitted = jax.jit(fn)(params, X[0])
+    chex.assert_tree_all_finite(eager)
+    assert max_rel_err(jitted, eager) <= 1e-14
+
+
+def test_jit_with_params_closed_over():
+    # Params as constants of the traced function, X traced: still the same answer.
+    params, X = make_problem(2, N=7)
+    jitted = jax.jit(lambda X: abc_jax.batch_grad(params, X, chunk_size=2))(X)
+    assert max_rel_err(jitted, abc_jax.batch_grad(params, X)) <= 1e-14
+
+
+# ---------------------------------------------------------------- vmap
+
+
+@pytest.mark.parametrize("name", ["forward", "loss", "manual_grad", "abc_loss", "grad_abc_loss"])
+def test_vmap_over_samples_equals_loop(name):
+    fn = SAMPLE_FNS[name]
+    params, X = make_problem(3, N=6)
+    batched = jax.vmap(fn, in_axes=(None, 0))(params, X)
+    looped = jax.tree.map(lambda *xs: jnp.stack(xs), *[fn(params, x) for x in X])
+    assert max_rel_err(batched, looped) <= 1e-14
+
+
+def test_vmap_over_params_equals_loop():
+    # Three parameter sets, one sample: the params themselves are batched tracers.
+    stacked = jax.tree.map(lambda *ps: jnp.stack(ps), *[make_problem(s, N=1)[0] for s in range(3)])
+    x = make_problem(9, N=1)[1][0]
+    for fn in (abc_jax.manual_grad, abc_jax.abc_loss, jax.grad(abc_jax.abc_loss)):
+        batched = jax.vmap(fn, in_axes=(0, None))(stacked, x)
+        looped = [fn(jax.tree.map(lambda a, i=i: a[i], stacked), x) for i in range(3)]
+        looped = jax.tree.map(lambda *xs: jnp.stack(xs), *looped)
+        assert max_rel_err(batched, looped) <= 1e-14
+
+
+def test_vmap_of_batch_grad_over_batches_equals_loop():
+    params, X = make_problem(4, N=12)
+    Xs = X.reshape(3, 4, D)
+    batched = jax.vmap(abc_jax.batch_grad, in_axes=(None, 0))(params, Xs)
+    looped = jax.tree.map(lambda *xs: jnp.stack(xs), *[abc_jax.batch_grad(params, b) for b in Xs])
+    assert max_rel_err(batched, looped) <= 1e-14
+
+
+# ---------------------------------------------------------------- tracing and compiling
+
+
+def test_jitted_step_traces_once():
+    chex.clear_trace_counter()
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(params, X):
+        g = abc_jax.batch_grad(params, X)
+        return jax.tree.map(lambda p, g: p - 0.1 * g, params, g)
+
+    params, X = make_problem(5, N=8)
+    params = step(params, X)
+    params = step(params, X + 1.0)  # new values, same shapes and dtypes
+    params = step(params, np.asarray(X))  # a NumPy array of the same shape
+    chex.assert_tree_all_finite(params)
+    # A new shape is a new trace, which the counter refuses: the guard works.
+    with pytest.raises(AssertionError, match="traced"):
+        step(params, X[:4])
+
+
+def test_jitted_abc_loss_step_traces_once():
+    chex.clear_trace_counter()
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(params, X):
+        return jax.value_and_grad(batch_abc_loss)(params, X)
+
+    params, X = make_problem(6, N=8)
+    for i in range(3):
+        loss, g = step(params, X * (i + 1))
+        params = jax.tree.map(lambda p, g: p - 0.01 * g, params, g)
+    chex.assert_tree_all_finite((loss, params))
+
+
+@pytest.mark.parametrize(
+    "fn,compiled",
+    [
+        (abc_jax.batch_grad, "abc_jax.backward._value_and_grad_flagged"),
+        (
+            functools.partial(abc_jax.batch_grad, chunk_size=3),
+            "abc_jax.backward._value_and_grad_flagged",
+        ),
+        (abc_jax.batch_loss, "abc_jax.model._batch_loss_flagged"),
+        (abc_jax.oracle_grad, "abc_jax.reference._oracle_flagged"),
+        (abc_jax.per_sample_grads, "abc_jax.backward._per_sample_grads_flagged"),
+    ],
+    ids=["batch_grad", "batch_grad_chunked", "batch_loss", "oracle_grad", "per_sample_grads"],
+)
+def test_eager_call_does_not_recompile(fn, compiled):
+    module, attr = compiled.rsplit(".", 1)
+    jitted = getattr(__import__(module, fromlist=[attr]), attr)
+    # A shape no other test uses, so the first call must compile.
+    params, X = make_problem(7, N=11, shape=(13, 2, 9))
+    before = jitted._cache_size()
+    fn(params, X)
+    after_first = jitted._cache_size()
+    assert after_first == before + 1
+    fn(params, X * 2.0)
+    fn(params, np.asarray(X))
+    assert jitted._cache_size() == after_first
+
+
+# ---------------------------------------------------------------- dtypes
+
+
+def _x_variants(X32):
+    X64_np = np.asarray(X32, np.float64)
+    return {
+        "float32": X32,
+        "float64 numpy": X64_np,
+        "float64 jax": jnp.asarray(X64_np),
+        "int": np.asarray(np.round(X64_np), np.int32),
+        "list": X64_np.tolist(),
+    }
+
+
+def _assert_dtype(tree, dtype):
+    for leaf in jax.tree.leaves(tree):
+        assert leaf.dtype == dtype, (leaf.dtype, dtype)
+
+
+KINDS = ["float32", "float64 numpy", "float64 jax", "int", "list"]
+
+
+@pytest.mark.parametrize(
+    "kind,jit",
+    [(k, False) for k in KINDS] + [(k, True) for k in ("float32", "float64 numpy", "int")],
+)
+def test_float32_params_give_float32_everywhere(kind, jit):
+    params, X32 = make_problem(8, N=4, dtype=jnp.float32)
+    X = _x_variants(X32)[kind]
+    x = X[0]
+    wrap = jax.jit if jit else (lambda f: f)
+    outs = {
+        "batch_loss": wrap(abc_jax.batch_loss)(params, X),
+        "batch_grad": wrap(abc_jax.batch_grad)(params, X),
+        "batch_grad_chunked": wrap(functools.partial(abc_jax.batch_grad, chunk_size=3))(params, X),
+        "per_sample_grads": wrap(abc_jax.per_sample_grads)(params, X),
+        "oracle_grad": wrap(abc_jax.oracle_grad)(params, X),
+        "fd_grad": wrap(abc_jax.fd_grad)(params, X),
+        "forward": wrap(abc_jax.forward)(params, x),
+        "loss": wrap(abc_jax.loss)(params, x),
+        "manual_grad": wrap(abc_jax.manual_grad)(params, x),
+        "abc_loss": wrap(abc_jax.abc_loss)(params, x),
+        "grad_abc_loss": wrap(jax.grad(abc_jax.abc_loss))(params, x),
+    }
+    for name, out in outs.items():
+        chex.assert_tree_all_finite(out)
+        for leaf in jax.tree.leaves(out):
+            assert leaf.dtype == jnp.float32, (name, leaf.dtype)
+
+
+def test_float32_manual_vjp_sigmoid_init_params():
+    params, X = make_problem(8, N=1, dtype=jnp.float32)
+    _, res = abc_jax.forward(params, np.asarray(X[0], np.float64))
+    _assert_dtype(res, jnp.float32)
+    for g in (1.0, np.float64(2.0), jnp.asarray(2.0, jnp.float64)):
+        _assert_dtype(abc_jax.manual_vjp(params, res, g), jnp.float32)
+    _assert_dtype(abc_jax.sigmoid(jnp.zeros(3, jnp.float32)), jnp.float32)
+    _assert_dtype(jax.grad(abc_jax.sigmoid)(jnp.float32(0.5)), jnp.float32)
+    _assert_dtype(abc_jax.init_params(jax.random.key(0), 3), jnp.float32)
+    _assert_dtype(abc_jax.init_params(jax.random.key(0), 3, dtype=jnp.float64), jnp.float64)
+    # The x cotangent of a float32 sample is float32 as well.
+    x32 = X[0]
+    _assert_dtype(jax.grad(abc_jax.abc_loss, argnums=1)(params, x32), jnp.float32)
+
+
+def test_float64_params_upcast_float32_data():
+    params, X = make_problem(8, N=4)
+    X32 = X.astype(jnp.float32)
+    _assert_dtype(abc_jax.batch_grad(params, X32), jnp.float64)
+    _assert_dtype(abc_jax.batch_loss(params, X32), jnp.float64)
+    _assert_dtype(abc_jax.manual_grad(params, X32[0]), jnp.float64)
+    _assert_dtype(abc_jax.abc_loss(params, X32[0]), jnp.float64)
+    # Computed in float64 on the float32 values, not in float32.
+    X_up = X32.astype(jnp.float64)
+    assert max_rel_err(abc_jax.batch_grad(params, X32), abc_jax.batch_grad(params, X_up)) == 0
+
+
+# ---------------------------------------------------------------- Optax
+
+
+def test_optax_sgd_step_equals_manual_step():
+    params, X = make_problem(10, N=9)
+    lr = 0.05
+    opt = optax.sgd(lr)
+    grads = jax.grad(batch_abc_loss)(params, X)
+    updates, _ = opt.update(grads, opt.init(params), params)
+    stepped = optax.apply_updates(params, updates)
+    ref_g = jax.grad(ref_batch_loss)(params, X)
+    manual = jax.tree.map(lambda p, g: p - lr * g, params, ref_g)
+    assert isinstance(stepped, Params)
+    assert max_rel_err(stepped, manual) <= 1e-13
+    # The step moved the parameters (not a no-op comparison).
+    assert max_rel_err(stepped, params) > 1e-3
+
+
+def test_optax_adam_first_step():
+    # Adam's first step is -lr * g / (|g| + eps) elementwise (bias-corrected moments).
+    params, X = make_problem(11, N=9)
+    lr, eps = 1e-2, 1e-8
+    opt = optax.adam(lr, eps=eps)
+    grads = jax.grad(batch_abc_loss)(params, X)
+    updates, _ = opt.update(grads, opt.init(params), params)
+    ref_g = jax.grad(ref_batch_loss)(params, X)
+    expected = jax.tree.map(lambda g: -lr * g / (jnp.abs(g) + eps), ref_g)
+    assert max_rel_err(updates, expected) <= 1e-10
+
+
+def test_optax_jitted_training_equals_manual_loop():
+    chex.clear_trace_counter()
+    params0, X = make_problem(12, N=16)
+    lr = 0.05
+    opt = optax.sgd(lr)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(params, state, X):
+        loss, g = jax.value_and_grad(batch_abc_loss)(params, X)
+        updates, state = opt.update(g, state, params)
+        return optax.apply_updates(params, updates), state, loss
+
+    params, state = params0, opt.init(params0)
+    ref = params0
+    losses = []
+    for _ in range(5):
+        params, state, loss = step(params, state, X)
+        losses.append(float(loss))
+        ref = jax.tree.map(lambda p, g: p - lr * g, ref, jax.grad(ref_batch_loss)(ref, X))
+    assert losses[-1] < losses[0]
+    assert max_rel_err(params, ref) <= 1e-12
+
+
+# ---------------------------------------------------------------- grad of grad
+
+
+def test_hessian_wrt_x():
+    params, X = make_problem(13, N=2)
+    hess = jax.jit(jax.hessian(abc_jax.abc_loss, argnums=1))
+    ref_hess = jax.jit(jax.hessian(ref_loss, argnums=1))
+    for x in X:
+        got, ref = hess(params, x), ref_hess(params, x)
+        assert got.shape == (D, D)
+        assert max_rel_err(got, ref) <= 1e-10
+
+
+def test_hessian_wrt_params():
+    params, X = make_problem(14, N=1)
+    got = jax.jit(jax.hessian(abc_jax.abc_loss))(params, X[0])
+    ref = jax.jit(jax.hessian(ref_loss))(params, X[0])
+    assert got.A.A.shape == (H, D, H, D)
+    assert got.C.A.shape == (O, H, H, D)
+    assert max_rel_err(got, ref) <= 1e-10
+
+
+def test_grad_of_gradient_norm():
+    # Reverse over reverse: d/d(params, x) of ||dL/dparams||^2.
+    params, X = make_problem(15, N=1)
+    x = X[0]
+
+    def grad_norm(loss_fn):
+        def f(params, x):
+            g = jax.grad(loss_fn)(params, x)
+            return sum(jnp.sum(leaf**2) for leaf in jax.tree.leaves(g))
+
+        return f
+
+    got = jax.grad(grad_norm(abc_jax.abc_loss), argnums=(0, 1))(params, x)
+    ref = jax.grad(grad_norm(ref_loss), argnums=(0, 1))(params, x)
+    assert max_rel_err(got, ref) <= 1e-10
+
+
+def test_hessian_vector_product_over_batch():
+    # Forward over reverse on the batch loss built from the custom_vjp.
+    params, X = make_problem(16, N=5)
+    v = jax.tree.map(jnp.ones_like, params)
+
+    def hvp(loss_fn):
+        return jax.jvp(jax.grad(loss_fn), (params, X), (v, jnp.zeros_like(X)))[1]
+
+    assert max_rel_err(hvp(batch_abc_loss), hvp(ref_batch_loss)) <= 1e-10

@@ -7,6 +7,7 @@ Scripts import it as ``import _common`` (their own folder is first on
 from __future__ import annotations
 
 import argparse
+import io as io_module
 import os
 import platform
 from collections.abc import Sequence
@@ -41,6 +42,10 @@ def parser(name: str, doc: str | None) -> argparse.ArgumentParser:
     ap.add_argument(
         "--quick", action="store_true", help="tiny configuration that runs in seconds (tests)"
     )
+    ap.add_argument(
+        "--docs", type=Path, default=None, metavar="DIR",
+        help="also write a small (256-colour) copy of the key figure into DIR, e.g. docs/",
+    )
     return ap
 
 
@@ -49,6 +54,24 @@ def out_dir(path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def docs_copy(png: str | os.PathLike[str], docs_dir: str | os.PathLike[str]) -> Path:
+    """Write a 256-colour copy of ``png`` under ``docs_dir`` (same name): a fraction of the size.
+
+    Plots use few colours, so the palette copy looks the same.
+    """
+    from PIL import Image
+
+    from abc_jax import io
+
+    with Image.open(png) as im:
+        small = im.convert("RGB").quantize(
+            colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE
+        )
+    buf = io_module.BytesIO()
+    small.save(buf, format="PNG", optimize=True)
+    return io.atomic_write_bytes(Path(docs_dir) / Path(png).name, buf.getvalue())
 
 
 def environment(dtype: Any = None) -> dict[str, Any]:

@@ -31,8 +31,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import abc_jax  # noqa: E402
-from abc_jax import io  # noqa: E402
-from abc_jax.training import DivergenceError, train, train_per_sample  # noqa: E402
+from abc_jax import DivergenceError, io, train, train_per_sample  # noqa: E402
 
 NAME = "generalization"
 METHODS = ("average", "batch_gd", "adam")
@@ -367,6 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     io.write_csv(out / "train_losses.csv", ["epoch", *tl],
                  ([e, *(float(tl[m][e]) for m in tl)] for e in range(args.epochs)) if tl else [])
     plot(res, out / "generalization.png")
+    if args.docs is not None:
+        _common.docs_copy(out / "generalization.png", args.docs)
     print(f"\nwrote {out}/config.json, metrics.json, curves.csv, train_losses.csv, "
           "generalization.png")
     return 0

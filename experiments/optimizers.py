@@ -31,8 +31,7 @@ import numpy as np
 import optax
 
 import abc_jax
-from abc_jax import io
-from abc_jax.training import DivergenceError, train
+from abc_jax import DivergenceError, io, train
 
 NAME = "optimizers"
 LRS: dict[str, tuple[float, ...]] = {
@@ -340,6 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         for r in best.values())] for e in range(n_ep)))
     plot_curves(res, out / "optimizers.png", desc)
     plot_sweep(res, out / "optimizers_sweep.png", desc)
+    if args.docs is not None:
+        _common.docs_copy(out / "optimizers.png", args.docs)
     print(f"wrote {out}/config.json, metrics.json, runs.csv, best_curves.csv, optimizers.png, "
           "optimizers_sweep.png")
     return 0

@@ -32,8 +32,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import abc_jax  # noqa: E402
-from abc_jax import io  # noqa: E402
-from abc_jax.training import train  # noqa: E402
+from abc_jax import io, train  # noqa: E402
 
 NAME = "reproduce_seed"
 
@@ -83,7 +82,7 @@ def loss_listing(
 def plot_listing(record: dict[str, Any], path: Any, lr: float) -> None:
     fig, ax = _common.figure(width=6.0, height=4.0)
     L = record["losses"]
-    ax.plot(np.arange(len(L)), L, "-", color="C0", label=f"abc_jax.training (lr = {lr:g})")
+    ax.plot(np.arange(len(L)), L, "-", color="C0", label=f"abc_jax.train (lr = {lr:g})")
     py = record["python_losses"]
     step = max(1, len(py) // 25)
     ax.plot(np.arange(0, len(py), step), py[::step], "o", ms=4, mfc="none", color="C1",
@@ -310,6 +309,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "generalization": generalization.metrics(gen),
         "answers": text,
     })
+    if args.docs is not None:
+        _common.docs_copy(out / "reproduce_loss.png", args.docs)
     print(f"\nwrote {out}/config.json, metrics.json, loss.csv, gradcheck.csv, "
           "gradcheck_errors.csv, timing.csv, generalization.csv, reproduce_loss.png, "
           "reproduce_timing.png, reproduce_generalization.png")

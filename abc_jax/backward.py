@@ -37,28 +37,19 @@ from abc_jax import checks
 from abc_jax.model import Params, Residuals, _forward, as_params, prepare_batch, sigmoid
 
 
-def _cotangents(
-    C: jax.Array, u: jax.Array, w: jax.Array, g: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Activation cotangents of one sample: (gw (O,), gz = gu = gv (H,), gy (H,))."""
-    gw = 2 * g * w  # (O,)  L = ||w||^2
-    gz = C.T @ gw  # (H,)  w = C z
-    gu = gz  # (H,)  z = u + v: the sum passes gz to u and to v
-    gy = gu * u * (1 - u)  # (H,)  u = sigmoid(y): sigmoid'(y) = u (1 - u)
-    return gw, gz, gy
-
-
 def _vjp(params: Params, res: Residuals, g: Any) -> tuple[Params, jax.Array]:
     """Manual VJP of one sample: (parameter cotangents, x cotangent)."""
     A, B, C = params
     x, u, z, w = res
     g = jnp.asarray(g, dtype=w.dtype)
-    gw, gz, gy = _cotangents(C, u, w, g)
-    gC = jnp.outer(gw, z)  # (O, H)  w = C z
-    gv = gz  # (H,)    z = u + v
-    gB = jnp.outer(gv, x)  # (H, D)  v = B x
-    gA = jnp.outer(gy, x)  # (H, D)  y = A x
-    gx = A.T @ gy + B.T @ gv  # (D,)  x feeds both A x and B x
+    gw = 2 * g * w  # (O,)    L = ||w||^2       dL/dw = 2 w
+    gC = jnp.outer(gw, z)  # (O, H)  w = C z          gw z^T
+    gz = C.T @ gw  # (H,)                        C^T gw
+    gu = gv = gz  # (H,)    z = u + v          the sum passes gz to both
+    gB = jnp.outer(gv, x)  # (H, D)  v = B x          gv x^T
+    gy = gu * u * (1 - u)  # (H,)    u = sigmoid(y)   sigmoid'(y) = u (1 - u)
+    gA = jnp.outer(gy, x)  # (H, D)  y = A x          gy x^T
+    gx = A.T @ gy + B.T @ gv  # (D,)  x feeds A x and B x
     return Params(gA, gB, gC), gx
 
 
@@ -82,14 +73,14 @@ def _manual_grad(params: Params, x: jax.Array) -> Params:
     return manual_vjp(params, _forward(params, x)[1])
 
 
-_manual_grad_flagged = checks.with_finite_flag(_manual_grad)
+_manual_grad_checked = checks.finite_checked(_manual_grad)
 
 
 def manual_grad(params: Params, x: jax.Array) -> Params:
     """dL/d(A, B, C) for one sample x (D,): ``forward`` then ``manual_vjp``."""
     params, D, _, _, dtype = as_params(params)
     x = checks.check_sample(x, D, dtype)
-    return checks.call_checked(_manual_grad, _manual_grad_flagged, (params, x), x, "x")
+    return checks.call_checked(_manual_grad_checked, (params, x), x, "x")
 
 
 def _value_and_grad_sum(
@@ -97,29 +88,40 @@ def _value_and_grad_sum(
 ) -> tuple[jax.Array, Params]:
     """(sum_i L_i, sum_i dL_i/dparams) over the rows of X (N, D) by the manual rule.
 
-    Activations are kept feature-major, (H, N) with samples along the fast
-    axis, so every contraction over N is a plain row-major matmul: the forward
-    pass takes y and v from ONE (2H, D) x (D, N) product with the stacked
-    [A; B], and the backward pass takes gA and gB from ONE (2H, N) x (N, D)
-    product: 7 N K^2 multiply-adds in all. ``valid`` (N,) bool, if given,
-    drops rows (padding) from both sums.
+    Activations are feature-major, (H, N) with samples along the fast axis, so
+    every contraction over N is a plain row-major matmul. The output side has
+    two exact forms, chosen by shape (statically):
+
+    - direct: W = C Z, GW = 2 W, gC = GW Z^T, GZ = C^T GW: 3 N O H multiply-adds.
+    - Gram: with M = C^T C (H, H), ||C z||^2 = z^T M z, GZ = C^T (2 C Z) = 2 M Z
+      and gC = sum_i 2 C z_i z_i^T = 2 C (Z Z^T): 2 N H^2 multiply-adds, and W
+      is never formed. Cheaper when 2H < 3O; at D = H = O = K a step costs
+      6 N K^2 instead of the 7 N K^2 that autodiff of the forward pass does.
+
+    ``valid`` (N,) bool, if given, zeroes the z_i of padding rows, which zeroes
+    their loss and every cotangent downstream.
     """
     A, B, C = params
-    H = A.shape[0]
-    YV = jnp.concatenate([A, B]) @ X.T  # (2H, N)  [y_i; v_i] = [A; B] x_i
-    U = sigmoid(YV[:H])  # (H, N)
-    Z = U + YV[H:]  # (H, N)
-    W = C @ Z  # (O, N)
-    losses = jnp.sum(W * W, axis=0)  # (N,)
-    g = jnp.ones_like(losses)
+    H, O = A.shape[0], C.shape[0]
+    U = sigmoid(A @ X.T)  # (H, N)  u_i = sigmoid(A x_i)
+    Z = U + B @ X.T  # (H, N)  z_i = u_i + B x_i
     if valid is not None:
-        losses = jnp.where(valid, losses, 0)
-        g = valid.astype(W.dtype)
-    cotangents = jax.vmap(_cotangents, in_axes=(None, 1, 1, 0), out_axes=1)
-    GW, GZ, GY = cotangents(C, U, W, g)  # (O, N), (H, N), (H, N): one column per sample
-    gC = GW @ Z.T  # (O, H)  sum_i gw_i z_i^T
-    gAB = jnp.concatenate([GY, GZ]) @ X  # (2H, D)  sum_i [gy_i; gz_i] x_i^T
-    return jnp.sum(losses), Params(gAB[:H], gAB[H:], gC)
+        Z = jnp.where(valid, Z, 0)
+    if 2 * H < 3 * O:  # Gram form
+        M2 = 2 * (C.T @ C)  # (H, H)  2 C^T C, independent of N
+        GZ = M2 @ Z  # (H, N)  gz_i = C^T gw_i = 2 C^T C z_i
+        total = jnp.sum(Z * GZ) / 2  # sum_i z_i^T C^T C z_i = sum_i ||w_i||^2
+        gC = 2 * (C @ (Z @ Z.T))  # (O, H)  sum_i gw_i z_i^T = 2 C sum_i z_i z_i^T
+    else:  # direct form
+        W = C @ Z  # (O, N)  w_i = C z_i
+        total = jnp.sum(W * W)
+        GW = 2 * W  # (O, N)  gw_i = 2 w_i
+        gC = GW @ Z.T  # (O, H)  sum_i gw_i z_i^T
+        GZ = C.T @ GW  # (H, N)  gz_i = C^T gw_i
+    GY = GZ * U * (1 - U)  # (H, N)  gy_i = gz_i * sigmoid'(y_i), from the saved u_i
+    gA = GY @ X  # (H, D)  sum_i gy_i x_i^T
+    gB = GZ @ X  # (H, D)  sum_i gz_i x_i^T  (gv_i = gz_i)
+    return total, Params(gA, gB, gC)
 
 
 def _chunked_sum(
@@ -171,9 +173,7 @@ def _batch_grad(
     return _value_and_grad(params, X, chunk_size, n_valid)[1]
 
 
-_value_and_grad_flagged = checks.with_finite_flag(
-    _value_and_grad, static_argnames=("chunk_size", "n_valid")
-)
+_batch_grad_checked = checks.finite_checked(_batch_grad, static_argnames=("chunk_size", "n_valid"))
 
 
 def batch_grad(params: Params, X: Any, *, chunk_size: int | None = None) -> Params:
@@ -188,23 +188,21 @@ def batch_grad(params: Params, X: Any, *, chunk_size: int | None = None) -> Para
 
     Returns:
       ``Params(gA, gB, gC)`` with gA = (1/N) GY^T X, gB = (1/N) GZ^T X,
-      gC = (1/N) GW^T Z: one contraction over N per parameter.
+      gC = (1/N) GW^T Z: one contraction over N per parameter (gC in the
+      Gram form 2 C (Z^T Z) / N where that is cheaper; see
+      ``_value_and_grad_sum``).
     """
     params, X, n_valid, chunk_size = prepare_batch(params, X, chunk_size)
-    kw = dict(chunk_size=chunk_size, n_valid=n_valid)
-    if checks.is_traced(params, X):
-        return _batch_grad(params, X, **kw)
-    (_, grads), ok = _value_and_grad_flagged(params, X, **kw)
-    if not bool(ok):
-        checks.raise_if_nonfinite(X, "X")
-    return grads
+    return checks.call_checked(
+        _batch_grad_checked, (params, X), X, "X", chunk_size=chunk_size, n_valid=n_valid
+    )
 
 
 def _per_sample_grads(params: Params, X: jax.Array) -> Params:
     return jax.vmap(_manual_grad, in_axes=(None, 0))(params, X)
 
 
-_per_sample_grads_flagged = checks.with_finite_flag(_per_sample_grads)
+_per_sample_grads_checked = checks.finite_checked(_per_sample_grads)
 
 
 def per_sample_grads(params: Params, X: jax.Array) -> Params:
@@ -215,9 +213,7 @@ def per_sample_grads(params: Params, X: jax.Array) -> Params:
     """
     params, D, _, _, dtype = as_params(params)
     X = checks.check_batch(X, D, dtype)
-    return checks.call_checked(
-        _per_sample_grads, _per_sample_grads_flagged, (params, X), X, "X"
-    )
+    return checks.call_checked(_per_sample_grads_checked, (params, X), X, "X")
 
 
 @jax.custom_vjp

@@ -13,8 +13,9 @@ tracers and the value check is skipped.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +77,8 @@ def _as_data(x: Any, name: str, dtype: np.dtype) -> jax.Array:
         raise TypeError(f"{name} must be a real numeric array, got dtype {x.dtype}")
     # Cast to the parameters' dtype: float32 params give float32 results even
     # when x is a float64 NumPy array and x64 is on.
+    if isinstance(x, jax.Array) and x.dtype == dtype:
+        return x
     return x.astype(dtype) if is_traced(x) else jnp.asarray(x, dtype=dtype)
 
 
@@ -143,35 +146,62 @@ def all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
-def with_finite_flag(fn: Callable[..., Any], **jit_kwargs: Any) -> Callable[..., Any]:
-    """``jit`` of ``fn`` that also returns ``all_finite(output)``, in one computation."""
+class Checked(NamedTuple):
+    """One computation in three forms (see ``finite_checked``)."""
+
+    fn: Callable[..., Any]  # plain, for a caller's own transformations
+    jitted: Callable[..., Any]  # jit(fn), once the data are known to be finite
+    flagged: Callable[..., Any]  # jit of (fn(...), all_finite(fn(...))), one computation
+
+
+def finite_checked(fn: Callable[..., Any], **jit_kwargs: Any) -> Checked:
+    """Wrap ``fn`` for ``call_checked``: its jit, and a jit that also flags finiteness."""
 
     def flagged(*args: Any, **kwargs: Any) -> tuple[Any, jax.Array]:
         out = fn(*args, **kwargs)
         return out, all_finite(out)
 
-    return jax.jit(flagged, **jit_kwargs)
+    return Checked(fn, jax.jit(fn, **jit_kwargs), jax.jit(flagged, **jit_kwargs))
+
+
+# Arrays already seen to be finite, by id, with a weak reference that drops
+# the entry when the array dies. JAX arrays are immutable, so once is enough.
+_known_finite: dict[int, weakref.ref[Any]] = {}
+
+
+def _is_known_finite(data: Any) -> bool:
+    ref = _known_finite.get(id(data))
+    return ref is not None and ref() is data
+
+
+def _mark_finite(data: Any) -> None:
+    if isinstance(data, jax.Array):
+        key = id(data)
+        _known_finite[key] = weakref.ref(data, lambda _, key=key: _known_finite.pop(key, None))
 
 
 def call_checked(
-    plain: Callable[..., Any],
-    flagged: Callable[..., Any],
-    args: tuple[Any, ...],
-    data: Any,
-    name: str,
-    **kwargs: Any,
+    checked: Checked, args: tuple[Any, ...], data: Any, name: str, **kwargs: Any
 ) -> Any:
-    """Run ``flagged`` (see ``with_finite_flag``) and raise if ``data`` was not finite.
+    """Run ``checked`` on ``args`` and raise ValueError if ``data`` holds NaN or inf.
 
-    Under a caller's transformation the values are unknown, so ``plain`` runs
-    without any value check. Otherwise the only extra cost is one scalar
-    read-back; the host scan of ``data`` happens only when the output is
-    non-finite, and a non-finite output from finite data (e.g. overflow from
-    huge parameters) is returned as is.
+    - Under a caller's transformation the values are unknown: ``checked.fn``
+      runs with no value check.
+    - A JAX array already seen to be finite runs ``checked.jitted``: no extra
+      work and no synchronisation, so repeated calls on one X dispatch
+      asynchronously like any jitted function.
+    - Otherwise ``checked.flagged`` returns the output and its all-finite flag
+      from one computation; one scalar is read back. Only when the output is
+      not finite is ``data`` scanned on the host (a non-finite input always
+      makes the output non-finite); a non-finite output from finite data
+      (overflow from huge parameters) is returned as is.
     """
     if is_traced(args):
-        return plain(*args, **kwargs)
-    out, ok = flagged(*args, **kwargs)
+        return checked.fn(*args, **kwargs)
+    if _is_known_finite(data):
+        return checked.jitted(*args, **kwargs)
+    out, ok = checked.flagged(*args, **kwargs)
     if not bool(ok):
         raise_if_nonfinite(data, name)
+    _mark_finite(data)
     return out

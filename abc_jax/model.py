@@ -112,7 +112,9 @@ def _batch_loss(params: Params, X: jax.Array, n_valid: int | None = None) -> jax
 def as_params(params: Any) -> tuple[Params, int, int, int, Any]:
     """Validate and return ``(Params, D, H, O, dtype)``."""
     D, H, O, dtype = checks.check_params(params)
-    return Params(*(jnp.asarray(p) for p in params)), D, H, O, dtype
+    if not (isinstance(params, Params) and all(isinstance(p, jax.Array) for p in params)):
+        params = Params(*(jnp.asarray(p) for p in params))
+    return params, D, H, O, dtype
 
 
 def prepare_batch(
@@ -133,8 +135,8 @@ def prepare_batch(
     return params, X, n_valid, chunk_size
 
 
-_forward_flagged = checks.with_finite_flag(_forward)
-_batch_loss_flagged = checks.with_finite_flag(_batch_loss, static_argnames=("n_valid",))
+_forward_checked = checks.finite_checked(_forward)
+_batch_loss_checked = checks.finite_checked(_batch_loss, static_argnames=("n_valid",))
 
 
 def forward(params: Params, x: jax.Array) -> tuple[jax.Array, Residuals]:
@@ -150,7 +152,7 @@ def forward(params: Params, x: jax.Array) -> tuple[jax.Array, Residuals]:
     """
     params, D, _, _, dtype = as_params(params)
     x = checks.check_sample(x, D, dtype)
-    return checks.call_checked(_forward, _forward_flagged, (params, x), x, "x")
+    return checks.call_checked(_forward_checked, (params, x), x, "x")
 
 
 def loss(params: Params, x: jax.Array) -> jax.Array:
@@ -165,6 +167,4 @@ def batch_loss(params: Params, X: Any) -> jax.Array:
     the learning rate independent of N.
     """
     params, X, n_valid, _ = prepare_batch(params, X)
-    return checks.call_checked(
-        _batch_loss, _batch_loss_flagged, (params, X), X, "X", n_valid=n_valid
-    )
+    return checks.call_checked(_batch_loss_checked, (params, X), X, "X", n_valid=n_valid)

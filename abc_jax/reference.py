@@ -18,13 +18,13 @@ from abc_jax import checks
 from abc_jax.model import Params, _batch_loss, as_params, prepare_batch
 
 _oracle = jax.grad(_batch_loss)
-_oracle_flagged = checks.with_finite_flag(_oracle, static_argnames=("n_valid",))
+_oracle_checked = checks.finite_checked(_oracle, static_argnames=("n_valid",))
 
 
 def oracle_grad(params: Params, X: Any) -> Params:
     """``jax.grad(batch_loss)(params, X)``, jitted: the reference gradient."""
     params, X, n_valid, _ = prepare_batch(params, X)
-    return checks.call_checked(_oracle, _oracle_flagged, (params, X), X, "X", n_valid=n_valid)
+    return checks.call_checked(_oracle_checked, (params, X), X, "X", n_valid=n_valid)
 
 
 # Bound on floats touched per lax.map step: 2 * directions * N * (D + H + O).
@@ -42,7 +42,7 @@ def _fd_grad(params: Params, X: jax.Array, eps: float, batch_size: int) -> Param
     return unravel(jax.lax.map(partial_derivative, jnp.arange(P), batch_size=batch_size))
 
 
-_fd_flagged = checks.with_finite_flag(_fd_grad, static_argnames=("eps", "batch_size"))
+_fd_checked = checks.finite_checked(_fd_grad, static_argnames=("eps", "batch_size"))
 
 
 def fd_grad(params: Params, X: jax.Array, eps: float | None = None) -> Params:
@@ -66,7 +66,7 @@ def fd_grad(params: Params, X: jax.Array, eps: float | None = None) -> Params:
     P = 2 * H * D + O * H
     batch_size = max(1, min(P, _FD_WORK // (2 * N * (D + H + O))))
     return checks.call_checked(
-        _fd_grad, _fd_flagged, (params, X), X, "X", eps=eps, batch_size=batch_size
+        _fd_checked, (params, X), X, "X", eps=eps, batch_size=batch_size
     )
 
 

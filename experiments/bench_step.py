@@ -37,23 +37,37 @@ DEFAULT_SIZES = "64x4096,256x65536,1024x8192"
 
 
 def time_median(fn: Callable[[], Any], repeats: int, min_time: float = 0.2) -> float:
-    """Median seconds of ``fn()`` (outputs blocked on), after one warm-up call.
+    """Median seconds of ``fn()`` (outputs blocked on), after one warm-up call."""
+    return time_interleaved({"fn": fn}, repeats, min_time)["fn"]
 
-    Each sample runs fn enough times to last about ``min_time / repeats``.
+
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]], repeats: int, min_time: float = 0.2
+) -> dict[str, float]:
+    """Median seconds per call of each function, timed in interleaved rounds.
+
+    Each function is compiled and warmed up, then every round times each of them in turn
+    (a loop of calls lasting about ``min_time / repeats``, blocked on at the
+    end), so a drift in the machine's speed hits all of them alike.
     """
-    jax.block_until_ready(fn())
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    once = max(time.perf_counter() - t0, 1e-7)
-    inner = max(1, int(min_time / repeats / once))
-    samples = []
+    inner = {}
+    for name, fn in fns.items():
+        jax.block_until_ready(fn())  # compile
+        calls, t0 = 0, time.perf_counter()
+        while calls < 3 or time.perf_counter() - t0 < min_time / 2:  # warm up
+            jax.block_until_ready(fn())
+            calls += 1
+        once = max((time.perf_counter() - t0) / calls, 1e-7)
+        inner[name] = max(1, int(min_time / repeats / once))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            out = fn()
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - t0) / inner)
-    return statistics.median(samples)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(inner[name]):
+                out = fn()
+            jax.block_until_ready(out)
+            samples[name].append((time.perf_counter() - t0) / inner[name])
+    return {name: statistics.median(s) for name, s in samples.items()}
 
 
 def naive_grad(params: abc_jax.Params, X: jax.Array) -> abc_jax.Params:
@@ -87,13 +101,18 @@ def bench_size(K: int, N: int, repeats: int, seed: int) -> dict[str, Any]:
     matmul = jax.jit(lambda X, A: X @ A.T)
     naive = jax.jit(naive_grad)
     row: dict[str, Any] = {"K": K, "N": N, "flops": 14 * N * K * K}
-    row["batch_grad_s"] = time_median(lambda: abc_jax.batch_grad(params, X), repeats)
-    row["jax_grad_s"] = time_median(lambda: oracle(params, X), repeats)
-    row["matmul_s"] = time_median(lambda: matmul(X, params.A), repeats)
-    if N * K * K * 4 <= 2**31:  # the naive form materialises N per-sample (K, K) matrices
+    fns = {
+        "batch_grad_s": lambda: abc_jax.batch_grad(params, X),
+        "jax_grad_s": lambda: oracle(params, X),
+        "matmul_s": lambda: matmul(X, params.A),
+    }
+    row.update(time_interleaved(fns, repeats))
+    # Timed apart: the naive form streams N per-sample (K, K) matrices through
+    # memory, evicting the others' data from the caches.
+    if N * K * K * 4 <= 2**31:
         row["naive_vmap_s"] = time_median(lambda: naive(params, X), repeats)
     step = torch_step(K, N, seed)
-    if step is not None:
+    if step is not None:  # timed apart: torch's idle threads spin and would slow XLA's
         import torch
 
         row["torch_eager_s"] = time_median(step, repeats)

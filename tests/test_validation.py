@@ -325,7 +325,7 @@ def test_batch_grad_bad_chunk_size(chunk_size, exc):
 def test_shape_errors_raise_before_compiling():
     # A shape no other test uses: a check that ran after tracing would have
     # added an entry to the compiled function's cache.
-    jitted = abc_jax.backward._value_and_grad_flagged
+    jitted = abc_jax.backward._batch_grad_checked.flagged
     params = Params(jnp.ones((2, 11)), jnp.ones((2, 11)), jnp.ones((7, 2)))
     before = jitted._cache_size()
     with pytest.raises(ValueError, match=r"\bX\b"):

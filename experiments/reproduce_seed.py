@@ -201,12 +201,13 @@ def answers(
     fin, L0 = gen["final"], gen["initial"]["heldout_loss"]
     if "average" in fin and "batch_gd" in fin:
         a, g = fin["average"]["heldout_loss"], fin["batch_gd"]["heldout_loss"]
-        cmp = "worse" if a > g else "no worse"
+        cmp = (f"{a / g:.3g}x the held-out loss of batch GD" if a > g
+               else "no worse than batch GD")
         out.append(
             f"3. Why did averaging not generalise? On held-out x the average of per-sample "
             f"solutions scores {a:.3g} (start {L0:.3g}: "
             f"{'better' if a < L0 else 'worse'} than not training), batch GD on the mean loss "
-            f"{g:.3g}: {cmp} ({a / g:.3g}x)."
+            f"{g:.3g}; the average has {cmp}."
         )
         own, single = gen.get("own_sample_loss"), gen.get("single_copy_heldout")
         if own is not None and single is not None:

@@ -245,7 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk-size", type=int, default=65536)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results/bench_step")
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny sizes and memory check, seconds (for tests)")
+    ap.add_argument("--docs", default=None, help="also copy the bar chart into this folder")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.sizes, args.repeats = [(16, 256), (24, 512)], 3
+        args.memory_n, args.memory_k, args.chunk_size = 20_000, 16, 3_000
 
     dev = jax.devices()[0]
     print(f"device: {dev.platform} {dev.device_kind} x{jax.device_count()}, jax {jax.__version__}")
@@ -267,11 +273,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{m['chunked_peak_bytes'] / 1e9:.2f} GB, unchunked "
               f"{m['unchunked_peak_bytes'] / 1e9:.2f} GB; time chunked/unchunked "
               f"{m['time_ratio']:.2f}; max rel diff {m['max_rel_diff']:.1e}")
-    io.write_json(f"{args.out}/config.json", vars(args))
+    io.write_json(f"{args.out}/config.json", dict(vars(args), sizes=[list(s) for s in args.sizes]))
     io.write_json(f"{args.out}/metrics.json", metrics)
     columns = list(rows[0])
     io.write_csv(f"{args.out}/bench_step.csv", columns, ([r.get(k) for k in columns] for r in rows))
     plot(rows, f"{args.out}/bench_step.png")
+    if args.docs:
+        plot(rows, f"{args.docs}/bench_step.png")
     print(f"wrote {args.out}/metrics.json, bench_step.csv, bench_step.png")
     return 0
 

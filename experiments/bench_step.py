@@ -237,7 +237,7 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     ax.set_yscale("log")
     ax.set_ylabel("time per gradient (ms, log scale)")
     ax.set_title(f"Batch gradient, float32, {jax.devices()[0].device_kind}")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     io.save_figure(path, fig)
 
 

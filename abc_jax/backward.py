@@ -21,12 +21,16 @@ per-sample outer products, computed as ONE contraction over N::
     gA = (1/N) sum_i gy_i x_i^T = (1/N) GY^T X      (H, D)
     gB = (1/N) GZ^T X,   gC = (1/N) GW^T Z
 
-never as N outer products followed by a mean (17x slower at K = 64,
-N = 4096, and O(N H D) memory).
+never as N outer products followed by a mean (about 30x slower at K = 64,
+N = 4096, and O(N H D) memory). ``batch_grad`` also uses the Gram form of the
+output side where it is cheaper, gZ = 2 Z (C^T C), gC = 2 C (Z^T Z): it never
+forms W and costs 6 N K^2 multiply-adds against autodiff's 7 (see
+``_value_and_grad_sum``).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -83,8 +87,13 @@ def manual_grad(params: Params, x: jax.Array) -> Params:
     return checks.call_checked(_manual_grad_checked, (params, x), x, "x")
 
 
+def _gram_is_cheaper(H: int, O: int) -> bool:
+    """2 N H^2 (Gram form) < 3 N O H (direct form) multiply-adds."""
+    return 2 * H < 3 * O
+
+
 def _value_and_grad_sum(
-    params: Params, X: jax.Array, valid: jax.Array | None = None
+    params: Params, X: jax.Array, valid: jax.Array | None = None, *, gram: bool = False
 ) -> tuple[jax.Array, Params]:
     """(sum_i L_i, sum_i dL_i/dparams) over the rows of X (N, D) by the manual rule.
 
@@ -93,21 +102,25 @@ def _value_and_grad_sum(
     two exact forms, chosen by shape (statically):
 
     - direct: W = C Z, GW = 2 W, gC = GW Z^T, GZ = C^T GW: 3 N O H multiply-adds.
-    - Gram: with M = C^T C (H, H), ||C z||^2 = z^T M z, GZ = C^T (2 C Z) = 2 M Z
-      and gC = sum_i 2 C z_i z_i^T = 2 C (Z Z^T): 2 N H^2 multiply-adds, and W
-      is never formed. Cheaper when 2H < 3O; at D = H = O = K a step costs
+    - Gram (``gram=True``): with M = C^T C (H, H), GZ = C^T (2 C Z) = 2 M Z and
+      gC = sum_i 2 C z_i z_i^T = 2 C (Z Z^T): 2 N H^2 multiply-adds, and W is
+      never formed. Cheaper when 2H < 3O; at D = H = O = K a gradient costs
       6 N K^2 instead of the 7 N K^2 that autodiff of the forward pass does.
+      The gradient is as accurate as the direct form's, but the loss it gives,
+      sum_i z_i^T M z_i, has an absolute error of order eps ||C||^2 ||z||^2
+      rather than eps ||C z|| ||C|| ||z||: near a minimum where C z ~ 0 but
+      z is not small, its relative error grows. So ``batch_grad`` (no loss)
+      uses it, and ``train``, which reports the loss, uses the direct form.
 
     ``valid`` (N,) bool, if given, zeroes the z_i of padding rows, which zeroes
     their loss and every cotangent downstream.
     """
     A, B, C = params
-    H, O = A.shape[0], C.shape[0]
     U = sigmoid(A @ X.T)  # (H, N)  u_i = sigmoid(A x_i)
     Z = U + B @ X.T  # (H, N)  z_i = u_i + B x_i
     if valid is not None:
         Z = jnp.where(valid, Z, 0)
-    if 2 * H < 3 * O:  # Gram form
+    if gram:
         M2 = 2 * (C.T @ C)  # (H, H)  2 C^T C, independent of N
         GZ = M2 @ Z  # (H, N)  gz_i = C^T gw_i = 2 C^T C z_i
         total = jnp.sum(Z * GZ) / 2  # sum_i z_i^T C^T C z_i = sum_i ||w_i||^2
@@ -159,18 +172,25 @@ def _chunked_sum(
 
 
 def _value_and_grad(
-    params: Params, X: jax.Array, chunk_size: int | None = None, n_valid: int | None = None
+    params: Params,
+    X: jax.Array,
+    chunk_size: int | None = None,
+    n_valid: int | None = None,
+    *,
+    gram: bool = False,
 ) -> tuple[jax.Array, Params]:
     """(batch_loss, batch_grad) of the mean over the first n_valid rows of X."""
     n = X.shape[0] if n_valid is None else n_valid
-    total, gsum = _chunked_sum(_value_and_grad_sum, params, X, chunk_size, n_valid)
+    fn = functools.partial(_value_and_grad_sum, gram=gram)
+    total, gsum = _chunked_sum(fn, params, X, chunk_size, n_valid)
     return total / n, jax.tree.map(lambda s: s / n, gsum)
 
 
 def _batch_grad(
     params: Params, X: jax.Array, chunk_size: int | None = None, n_valid: int | None = None
 ) -> Params:
-    return _value_and_grad(params, X, chunk_size, n_valid)[1]
+    gram = _gram_is_cheaper(params.A.shape[0], params.C.shape[0])
+    return _value_and_grad(params, X, chunk_size, n_valid, gram=gram)[1]
 
 
 _batch_grad_checked = checks.finite_checked(_batch_grad, static_argnames=("chunk_size", "n_valid"))

@@ -147,21 +147,25 @@ def all_finite(tree: Any) -> jax.Array:
 
 
 class Checked(NamedTuple):
-    """One computation in three forms (see ``finite_checked``)."""
+    """One computation in two forms (see ``finite_checked``)."""
 
     fn: Callable[..., Any]  # plain, for a caller's own transformations
-    jitted: Callable[..., Any]  # jit(fn), once the data are known to be finite
     flagged: Callable[..., Any]  # jit of (fn(...), all_finite(fn(...))), one computation
 
 
 def finite_checked(fn: Callable[..., Any], **jit_kwargs: Any) -> Checked:
-    """Wrap ``fn`` for ``call_checked``: its jit, and a jit that also flags finiteness."""
+    """Wrap ``fn`` for ``call_checked``: a jit that also returns an all-finite flag.
+
+    The flag is one reduction over the outputs in the same compiled
+    computation, so there is one executable per shape whether or not the
+    flag is read.
+    """
 
     def flagged(*args: Any, **kwargs: Any) -> tuple[Any, jax.Array]:
         out = fn(*args, **kwargs)
         return out, all_finite(out)
 
-    return Checked(fn, jax.jit(fn, **jit_kwargs), jax.jit(flagged, **jit_kwargs))
+    return Checked(fn, jax.jit(flagged, **jit_kwargs))
 
 
 # Arrays already seen to be finite, by id, with a weak reference that drops
@@ -187,20 +191,20 @@ def call_checked(
 
     - Under a caller's transformation the values are unknown: ``checked.fn``
       runs with no value check.
-    - A JAX array already seen to be finite runs ``checked.jitted``: no extra
-      work and no synchronisation, so repeated calls on one X dispatch
-      asynchronously like any jitted function.
     - Otherwise ``checked.flagged`` returns the output and its all-finite flag
-      from one computation; one scalar is read back. Only when the output is
-      not finite is ``data`` scanned on the host (a non-finite input always
-      makes the output non-finite); a non-finite output from finite data
-      (overflow from huge parameters) is returned as is.
+      from one computation. For a JAX array already seen to be finite the
+      flag is not read: no synchronisation, so repeated calls on one X
+      dispatch asynchronously like any jitted function.
+    - For new data one scalar is read back. Only when the output is not
+      finite is ``data`` scanned on the host (a non-finite input always makes
+      the output non-finite); a non-finite output from finite data (overflow
+      from huge parameters) is returned as is.
     """
     if is_traced(args):
         return checked.fn(*args, **kwargs)
-    if _is_known_finite(data):
-        return checked.jitted(*args, **kwargs)
     out, ok = checked.flagged(*args, **kwargs)
+    if _is_known_finite(data):
+        return out
     if not bool(ok):
         raise_if_nonfinite(data, name)
     _mark_finite(data)

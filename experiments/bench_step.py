@@ -53,7 +53,7 @@ def time_interleaved(
     """
     inner = {}
     for name, fn in fns.items():
-        for _ in range(2):  # compile: batch_grad's first call on an X takes the checked path
+        for _ in range(2):  # compile; batch_grad's first call on an X also reads its flag
             jax.block_until_ready(fn())
         calls, t0 = 0, time.perf_counter()
         while calls < 3 or time.perf_counter() - t0 < min_time / 2:  # warm up

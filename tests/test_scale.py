@@ -96,24 +96,37 @@ def test_chunk_size_is_validated():
         abc_jax.batch_grad(params, X, chunk_size=2.5)
 
 
-def test_finite_array_is_checked_once(monkeypatch):
-    params, X = _problem(4, 3, 5, 9)
-    first = abc_jax.batch_grad(params, X)  # flagged: X seen to be finite
-    calls = []
-    flagged = backward._batch_grad_checked.flagged
+class _Flag:
+    """Stands for the all-finite flag; records whether anyone read it."""
 
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return flagged(*args, **kwargs)
+    def __init__(self, flag, reads):
+        self.flag, self.reads = flag, reads
+
+    def __bool__(self):
+        self.reads.append(1)
+        return bool(self.flag)
+
+
+def test_finite_array_is_checked_once(monkeypatch):
+    params, X = _problem(4, 3, 5, 19)  # N = 19: a shape no other test compiles
+    flagged = backward._batch_grad_checked.flagged
+    before = flagged._cache_size()
+    first = abc_jax.batch_grad(params, X)  # the flag is read: X is finite
+    reads = []
+
+    def recording(*args, **kwargs):
+        out, ok = flagged(*args, **kwargs)
+        return out, _Flag(ok, reads)
 
     monkeypatch.setattr(
-        backward, "_batch_grad_checked", backward._batch_grad_checked._replace(flagged=counting)
+        backward, "_batch_grad_checked", backward._batch_grad_checked._replace(flagged=recording)
     )
-    again = abc_jax.batch_grad(params, X)  # same array: the plain jit, no flag
-    assert calls == []
+    again = abc_jax.batch_grad(params, X)  # the same array: the flag is not read
+    assert reads == []
     _assert_rel(again, first, 0)
     abc_jax.batch_grad(params, X + 0)  # a new array is checked again
-    assert calls == [1]
+    assert reads == [1]
+    assert flagged._cache_size() == before + 1  # one executable for both kinds of call
 
 
 def test_non_finite_array_raises_every_time():

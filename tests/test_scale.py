@@ -6,35 +6,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _reference import make_problem, max_rel_err, ref_batch_loss
 
 import abc_jax
 from abc_jax import backward, checks
 
 
 def _problem(D, H, O, N, dtype=jnp.float64, seed=0):
-    rng = np.random.default_rng(seed)
-    params = abc_jax.Params(
-        jnp.asarray(rng.normal(size=(H, D)) / np.sqrt(D), dtype),
-        jnp.asarray(rng.normal(size=(H, D)) / np.sqrt(D), dtype),
-        jnp.asarray(rng.normal(size=(O, H)) / np.sqrt(H), dtype),
-    )
-    return params, jnp.asarray(rng.normal(size=(N, D)), dtype)
+    return make_problem(seed, D, H, O, N, dtype)
 
 
 def _reference_grad(params, X):
-    def loss(p):
-        A, B, C = p
-        W = (jax.nn.sigmoid(X @ A.T) + X @ B.T) @ C.T
-        return jnp.mean(jnp.sum(W**2, axis=1))
-
-    return jax.grad(loss)(params)
+    return jax.grad(ref_batch_loss)(params, X)
 
 
 def _assert_rel(got, want, rtol):
-    for g, w in zip(got, want, strict=True):
-        assert g.shape == w.shape
-        err = float(jnp.max(jnp.abs(g - w)) / jnp.max(jnp.abs(w)))
-        assert err <= rtol, err
+    assert max_rel_err(got, want) <= rtol
 
 
 @pytest.mark.parametrize(

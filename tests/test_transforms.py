@@ -8,12 +8,14 @@ custom_vjp equal those of a plain-jnp loss.
 
 import functools
 
+import _reference
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _reference import max_rel_err, ref_batch_loss, ref_loss
 
 import abc_jax
 from abc_jax import Params
@@ -21,40 +23,8 @@ from abc_jax import Params
 D, H, O = 5, 4, 3  # all different
 
 
-def ref_loss(params, x):
-    """||C (sigmoid(A x) + B x)||^2 for one sample, plain jnp, its own sigmoid."""
-    A, B, C = params
-    z = 0.5 * (1 + jnp.tanh(0.5 * (A @ x))) + B @ x
-    w = C @ z
-    return jnp.sum(w**2)
-
-
-def ref_batch_loss(params, X):
-    return jnp.mean(jax.vmap(ref_loss, in_axes=(None, 0))(params, X))
-
-
 def make_problem(seed, N, dtype=jnp.float64, shape=(D, H, O)):
-    """Params ~ N(0, 1 / fan_in) and X ~ N(0, 1), drawn with NumPy."""
-    d, h, o = shape
-    rng = np.random.default_rng(seed)
-
-    def normal(s, fan_in=1):
-        return jnp.asarray(rng.standard_normal(s) / np.sqrt(fan_in), dtype)
-
-    return Params(normal((h, d), d), normal((h, d), d), normal((o, h), h)), normal((N, d))
-
-
-def max_rel_err(got, ref):
-    """Largest over leaves of max |got - ref| / max |ref|."""
-    chex.assert_trees_all_equal_structs(got, ref)
-    chex.assert_trees_all_equal_shapes(got, ref)
-    errs = []
-    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
-        g, r = np.asarray(g, np.float64), np.asarray(r, np.float64)
-        scale = np.max(np.abs(r))
-        err = np.max(np.abs(g - r))
-        errs.append(err / scale if scale > 0 else err)
-    return max(errs)
+    return _reference.make_problem(seed, *shape, N, dtype)
 
 
 def batch_abc_loss(params, X):

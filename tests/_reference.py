@@ -1,0 +1,72 @@
+"""What the gradient tests share: an independent plain-jnp loss, problems, errors.
+
+The reference loss has its own sigmoid, 0.5 (1 + tanh(y / 2)) (finite with a
+finite derivative for any y), and its own contractions, so a bug shared by the
+package's forward pass and its ``oracle_grad`` cannot hide. Errors are
+relative per parameter: max |got - ref| / max |ref| (DESIGN.md section 5).
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from abc_jax import Params
+
+
+def ref_sigmoid(y):
+    return 0.5 * (1 + jnp.tanh(0.5 * y))
+
+
+def ref_loss(params, x):
+    """||C (sigmoid(A x) + B x)||^2 for one sample, in plain jnp."""
+    A, B, C = params
+    z = ref_sigmoid(jnp.einsum("hd,d->h", A, x)) + jnp.einsum("hd,d->h", B, x)
+    w = jnp.einsum("oh,h->o", C, z)
+    return jnp.sum(w**2)
+
+
+def ref_batch_loss(params, X):
+    """mean_i ||C (sigmoid(A x_i) + B x_i)||^2, in plain jnp."""
+    A, B, C = params
+    Z = ref_sigmoid(jnp.einsum("hd,nd->nh", A, X)) + jnp.einsum("hd,nd->nh", B, X)
+    W = jnp.einsum("oh,nh->no", C, Z)
+    return jnp.mean(jnp.sum(W**2, axis=1))
+
+
+def make_problem(seed, D, H, O, N, dtype=jnp.float64):
+    """Params with entries ~ N(0, 1 / fan_in) and X ~ N(0, 1), so y = A x is O(1).
+
+    Drawn with NumPy: jax.random would compile its kernels again for every new
+    shape, which dominates the run time of a shape-sweeping suite.
+    """
+    rng = np.random.default_rng(seed)
+
+    def normal(shape, fan_in=1):
+        return jnp.asarray(rng.standard_normal(shape) / np.sqrt(fan_in), dtype)
+
+    params = Params(A=normal((H, D), D), B=normal((H, D), D), C=normal((O, H), H))
+    return params, normal((N, D))
+
+
+def rel_errors(got, ref):
+    """Per leaf: max |got - ref| / max |ref| (max |got - ref| where ref is all zero)."""
+    chex.assert_trees_all_equal_structs(got, ref)
+    errs = []
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        assert g.shape == r.shape, (g.shape, r.shape)
+        g, r = np.asarray(g, np.float64), np.asarray(r, np.float64)
+        err, scale = np.max(np.abs(g - r)), np.max(np.abs(r))
+        errs.append(float(err / scale) if scale > 0 else float(err))
+    return errs
+
+
+def max_rel_err(got, ref):
+    """Largest over leaves of max |got - ref| / max |ref|."""
+    return max(rel_errors(got, ref))
+
+
+def assert_rel_close(got, ref, tol):
+    errs = rel_errors(got, ref)
+    # NaN compares False, so a NaN anywhere fails here too.
+    assert all(e <= tol for e in errs), f"relative errors {errs} exceed {tol}"

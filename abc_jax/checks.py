@@ -23,6 +23,36 @@ import numpy as np
 
 _FIELDS = ("A", "B", "C")
 
+# Matmul precision (see ``check_precision``). "highest" is exact float32 on
+# every backend; the others let a GPU use TF32 or bfloat16 passes.
+DEFAULT_PRECISION = "highest"
+PRECISIONS = ("highest", "high", "default", "float32", "tensorfloat32", "bfloat16")
+
+
+def check_precision(precision: Any) -> str:
+    """Validate a matmul precision; None gives abc_jax's default, ``"highest"``.
+
+    abc_jax's policy: its own computations (``batch_grad``, ``batch_loss``,
+    ``oracle_grad``, ``train`` ...) run their matrix products at
+    ``"highest"`` precision unless told otherwise, whatever JAX's global
+    ``jax_default_matmul_precision`` says, so every accuracy figure holds on
+    any device. On a CPU all settings compute the same float32 products. On
+    an NVIDIA GPU, JAX's own default for float32 is TF32 (a 10-bit mantissa,
+    relative error ~5e-4); ``precision="default"`` (or ``"tensorfloat32"``)
+    chooses it for speed. The value is applied with
+    ``jax.default_matmul_precision`` while the computation is traced, so it
+    reaches the products autodiff creates too.
+    """
+    if precision is None:
+        return DEFAULT_PRECISION
+    if not isinstance(precision, str):
+        raise TypeError(
+            f"precision must be None or one of {PRECISIONS}, got {type(precision).__name__}"
+        )
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be None or one of {PRECISIONS}, got {precision!r}")
+    return precision
+
 
 def is_traced(*trees: Any) -> bool:
     """True if any leaf is a tracer (we are inside a caller's transformation)."""

@@ -149,14 +149,31 @@ def check_positive_int(value: Any, name: str, *, allow_none: bool = False) -> in
 
 
 def check_finite_float(value: Any, name: str, *, positive: bool = False) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number, got {value!r}") from None
+    """A Python or NumPy real number (not a bool, not a string), finite, optionally > 0."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (int, float, np.integer, np.floating)
+    ):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    v = float(value)
     if not math.isfinite(v) or (positive and v <= 0):
         want = "a finite number > 0" if positive else "a finite number"
         raise ValueError(f"{name} must be {want}, got {value!r}")
     return v
+
+
+def check_key(key: Any, name: str = "key") -> jax.Array:
+    """A ``jax.random.key(seed)`` (or a legacy ``PRNGKey``, uint32 of shape (2,))."""
+    if not isinstance(key, jax.Array):
+        raise TypeError(
+            f"{name} must be a jax.random key, e.g. jax.random.key(0), got {type(key).__name__}"
+        )
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    if not (typed and key.shape == ()) and not (key.dtype == jnp.uint32 and key.shape == (2,)):
+        raise TypeError(
+            f"{name} must be one jax.random key, e.g. jax.random.key(0) (or a legacy PRNGKey "
+            f"of shape (2,)), got dtype {key.dtype} and shape {key.shape}"
+        )
+    return key
 
 
 def raise_if_nonfinite(data: Any, name: str) -> None:

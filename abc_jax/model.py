@@ -67,7 +67,7 @@ def init_params(
     O = checks.check_positive_int(D if out_dim is None else out_dim, "out_dim")
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
-    ka, kb, kc = jax.random.split(key, 3)
+    ka, kb, kc = jax.random.split(checks.check_key(key), 3)
     return Params(
         A=jax.random.normal(ka, (H, D), dtype) / jnp.sqrt(D).astype(dtype),
         B=jax.random.normal(kb, (H, D), dtype) / jnp.sqrt(D).astype(dtype),

@@ -271,18 +271,6 @@ def _check_optimizer(optimizer: Any) -> Any:
     return optimizer
 
 
-def _check_key(key: Any) -> jax.Array:
-    if not isinstance(key, jax.Array):
-        raise TypeError(f"key must be a jax.random key, got {type(key).__name__}")
-    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
-    if not (typed and key.shape == ()) and not (key.dtype == jnp.uint32 and key.shape == (2,)):
-        raise ValueError(
-            "key must be one jax.random.key(seed) (or a legacy PRNGKey of shape (2,)), "
-            f"got dtype {key.dtype} and shape {key.shape}"
-        )
-    return key
-
-
 _all_finite = jax.jit(checks.all_finite)
 
 
@@ -408,7 +396,7 @@ def train(
     epochs_per_chunk = checks.check_positive_int(epochs_per_chunk, "epochs_per_chunk")
     if batch_size is not None and key is None:
         raise ValueError("key is required with batch_size: mini-batches are shuffled from it")
-    key = _check_key(key) if batch_size is not None else None
+    key = checks.check_key(key) if batch_size is not None else None
     custom = optimizer is not None
     optimizer = _check_optimizer(optimizer) if custom else gradient_descent(lr)
     if checks.is_traced(params, X, key):

@@ -204,7 +204,7 @@ def test_zero_epochs_returns_the_params_unchanged():
         (dict(grad="numeric"), ValueError, "grad"),
         (dict(chunk_size=0), ValueError, "chunk_size"),
         (dict(optimizer="adam"), TypeError, "optimizer"),
-        (dict(batch_size=2, key=jnp.ones(3)), ValueError, "key"),
+        (dict(batch_size=2, key=jnp.ones(3)), TypeError, "key"),
         (dict(epochs_per_chunk=0), ValueError, "epochs_per_chunk"),
     ],
 )

@@ -1,7 +1,14 @@
-"""What every experiment script shares: flags, the results folder, tables, plot style.
+"""What every experiment script shares: flags, the results folder, tables, plot style,
+the device and precision a number was measured at, the one timing helper, the optimizers.
 
 Scripts import it as ``import _common`` (their own folder is first on
 ``sys.path`` when run as ``python experiments/<name>.py``).
+
+Timing (``time_interleaved``): every benchmark times its variants the same way, waited for on
+the device (``jax.block_until_ready`` on JAX outputs, ``torch.cuda.synchronize`` when an
+output is a torch CUDA tensor), each variant's first call (trace + compile + run) timed
+apart, a warm-up after all compiles, then rounds that run every variant in turn, so a drift
+in the machine's speed hits all of them alike; the median per variant.
 """
 
 from __future__ import annotations
@@ -10,12 +17,18 @@ import argparse
 import io as io_module
 import os
 import platform
-from collections.abc import Sequence
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import jax
 import matplotlib
+import optax
+
+from abc_jax.checks import PRECISIONS
 
 matplotlib.use("Agg")
 
@@ -74,11 +87,12 @@ def docs_copy(png: str | os.PathLike[str], docs_dir: str | os.PathLike[str]) -> 
     return io.atomic_write_bytes(Path(docs_dir) / Path(png).name, buf.getvalue())
 
 
-def environment(dtype: Any = None) -> dict[str, Any]:
-    """Where the numbers were measured: device, backend, versions, CPU count, dtype."""
+def environment(dtype: Any = None, precision: str | None = None) -> dict[str, Any]:
+    """Where the numbers were measured: device, backend, versions, CPU count, dtype, precision."""
     dev = jax.devices()[0]
     env = {
         "device": str(dev),
+        "device_label": device_label(),
         "device_kind": dev.device_kind,
         "backend": jax.default_backend(),
         "device_count": jax.device_count(),
@@ -91,7 +105,192 @@ def environment(dtype: Any = None) -> dict[str, Any]:
         env["load_average_1min"] = os.getloadavg()[0]
     if dtype is not None:
         env["dtype"] = jax.numpy.dtype(dtype).name
+    if precision is not None:
+        env["precision"] = precision
     return env
+
+
+# -- device and matmul precision -------------------------------------------------------
+
+# JAX matmul precisions that let a GPU run float32 products in TF32, and those that keep
+# them exact float32; on a CPU every setting computes the same float32 products.
+TF32_PRECISIONS = ("default", "tensorfloat32")
+FP32_PRECISIONS = ("highest", "float32")
+CPU_PRECISION_NOTE = ("on a CPU every matmul precision computes the same float32 products, "
+                      "so only 'highest' is timed")
+
+
+def device_label() -> str:
+    """The device JAX computes on, short: ``"cpu"`` or e.g. ``"gpu NVIDIA H100 80GB HBM3"``."""
+    dev = jax.devices()[0]
+    kind = str(dev.device_kind)
+    return dev.platform if kind.lower() == dev.platform else f"{dev.platform} {kind}"
+
+
+def precisions_to_time() -> tuple[str, ...]:
+    """``("highest", "default")`` on a GPU (exact float32 and TF32); ``("highest",)`` elsewhere,
+    where the settings compute the same products (``CPU_PRECISION_NOTE``)."""
+    return ("highest", "default") if jax.default_backend() == "gpu" else ("highest",)
+
+
+def add_precision_flag(ap: argparse.ArgumentParser) -> None:
+    """``--precision``: the matmul precision of the JAX computations (default "highest")."""
+    ap.add_argument(
+        "--precision", choices=PRECISIONS, default="highest",
+        help="matmul precision of the JAX computations (default highest: exact float32 on "
+             "every device; 'default' lets a GPU use TF32; a CPU computes them all alike)",
+    )
+
+
+def torch_device() -> tuple[str | None, str]:
+    """Where PyTorch runs for a comparison: the device JAX runs on, or None and why not.
+
+    ``"cuda"`` when JAX runs on a GPU and ``torch.cuda.is_available()``, ``"cpu"`` when
+    JAX runs on the CPU; None when torch is not importable or cannot reach JAX's device
+    (a GPU timing is never compared with PyTorch on the CPU).
+    """
+    try:
+        import torch
+    except ImportError:
+        return None, "torch is not importable"
+    backend = jax.default_backend()
+    if backend == "cpu":
+        return "cpu", ""
+    if backend == "gpu" and torch.cuda.is_available():
+        return "cuda", ""
+    return None, (f"JAX runs on {backend} but torch cannot (torch.cuda.is_available() is "
+                  f"{torch.cuda.is_available()}); no comparison across devices")
+
+
+def torch_allow_tf32(precision: str) -> bool:
+    """The ``torch.backends.cuda.matmul.allow_tf32`` that matches a JAX matmul precision."""
+    if precision in TF32_PRECISIONS:
+        return True
+    if precision in FP32_PRECISIONS:
+        return False
+    raise ValueError(f"no PyTorch matmul setting matches JAX precision {precision!r}; "
+                     f"use one of {FP32_PRECISIONS + TF32_PRECISIONS}")
+
+
+# -- timing ----------------------------------------------------------------------------
+
+
+def wait(out: Any) -> Any:
+    """Wait until ``out`` is computed on its device, and return it.
+
+    JAX arrays are blocked on (``jax.block_until_ready``); if any leaf is a torch CUDA
+    tensor, ``torch.cuda.synchronize()`` waits for the GPU. Plain Python values pass.
+    """
+    leaves = jax.tree.leaves(out)
+    jax.block_until_ready(leaves)
+    if any(getattr(leaf, "is_cuda", False) is True for leaf in leaves):
+        import torch
+
+        torch.cuda.synchronize()
+    return out
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One variant's result from ``time_interleaved``; times in seconds per call."""
+
+    median_s: float  # median over the rounds: the number to report
+    min_s: float
+    first_s: float  # the first call alone: trace, compile and one run
+    rounds: int  # timed samples
+    calls_per_round: int  # calls per sample (fast calls are looped to be long enough to time)
+    output: Any = field(default=None, repr=False, compare=False)  # the first call's result
+
+    @property
+    def compile_s(self) -> float:
+        """The first call minus a warm one: trace and compile time (about 0 for plain Python)."""
+        return max(self.first_s - self.median_s, 0.0)
+
+    def fields(self) -> dict[str, Any]:
+        """The numbers, for a result row: median_s, min_s, first_call_s, compile_s, rounds,
+        calls_per_round."""
+        return {"median_s": self.median_s, "min_s": self.min_s, "first_call_s": self.first_s,
+                "compile_s": self.compile_s, "rounds": self.rounds,
+                "calls_per_round": self.calls_per_round}
+
+
+def time_interleaved(
+    fns: Mapping[str, Callable[[], Any]],
+    *,
+    rounds: int = 7,
+    min_time: float = 0.2,
+    warmup: int = 1,
+    max_time: float | None = None,
+) -> dict[str, Timing]:
+    """Time zero-argument calls against each other; the median per call of each.
+
+    1. Each variant's first call (trace + compile + one run) is timed alone: ``first_s``.
+    2. After all of them have compiled, each is warmed up: at least ``warmup`` calls and
+       about ``min_time / 4`` seconds (``warmup=0``: none, for code that is not compiled).
+    3. ``rounds`` rounds, each running every variant in turn: a loop of calls lasting about
+       ``min_time / rounds`` seconds (at least one call), waited for at its end (``wait``),
+       gives one sample of seconds per call; so a drift in the machine's speed hits every
+       variant alike. ``max_time`` caps the seconds of one variant's rounds (its slow calls
+       then get fewer rounds, at least one).
+
+    Every output is waited for on the device: JAX arrays with ``jax.block_until_ready``,
+    torch CUDA tensors with ``torch.cuda.synchronize``.
+    """
+    if rounds < 1 or warmup < 0 or min_time < 0:
+        raise ValueError(f"need rounds >= 1, warmup >= 0, min_time >= 0; got {rounds}, "
+                         f"{warmup}, {min_time}")
+    first: dict[str, float] = {}
+    outputs: dict[str, Any] = {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        outputs[name] = wait(fn())
+        first[name] = time.perf_counter() - t0
+    inner: dict[str, int] = {}
+    n_rounds: dict[str, int] = {}
+    for name, fn in fns.items():
+        calls, t0 = 0, time.perf_counter()
+        while warmup and (calls < warmup or time.perf_counter() - t0 < min_time / 4):
+            wait(fn())
+            calls += 1
+        once = max((time.perf_counter() - t0) / calls if calls else first[name], 1e-9)
+        inner[name] = max(1, int(min_time / rounds / once))
+        n_rounds[name] = rounds
+        if max_time is not None:
+            n_rounds[name] = max(1, min(rounds, int(max_time / (inner[name] * once))))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(rounds):
+        for name, fn in fns.items():
+            if r >= n_rounds[name]:
+                continue
+            t0 = time.perf_counter()
+            for _ in range(inner[name]):
+                out = fn()
+            wait(out)
+            samples[name].append((time.perf_counter() - t0) / inner[name])
+    return {
+        name: Timing(statistics.median(s), min(s), first[name], len(s), inner[name],
+                     outputs[name])
+        for name, s in samples.items()
+    }
+
+
+# -- optimizers ------------------------------------------------------------------------
+
+OPTIMIZERS = ("gd", "sgd", "momentum", "adam")
+
+
+def make_optimizer(name: str, lr: float) -> optax.GradientTransformation | None:
+    """None for "gd" (train's hand-rolled p <- p - lr g), else the Optax transformation:
+    "sgd" optax.sgd(lr), "momentum" optax.sgd(lr, momentum=0.9), "adam" optax.adam(lr)."""
+    if name == "gd":
+        return None
+    if name == "sgd":
+        return optax.sgd(lr)
+    if name == "momentum":
+        return optax.sgd(lr, momentum=0.9)
+    if name == "adam":
+        return optax.adam(lr)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
 
 
 def _cell(v: Any, floatfmt: str) -> str:

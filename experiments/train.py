@@ -20,7 +20,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+from _common import make_optimizer
 
 from abc_jax import init_params, io
 from abc_jax.checkpoint import checkpoint_epoch
@@ -28,16 +28,6 @@ from abc_jax.data import DataError, load_data
 from abc_jax.training import DivergenceError, train
 
 OPTIMIZERS = ("gd", "sgd", "momentum", "adam")
-
-
-def make_optimizer(name: str, lr: float) -> optax.GradientTransformation | None:
-    """None is train's hand-rolled p <- p - lr g; the others are Optax's."""
-    return {
-        "gd": lambda: None,
-        "sgd": lambda: optax.sgd(lr),
-        "momentum": lambda: optax.sgd(lr, momentum=0.9),
-        "adam": lambda: optax.adam(lr),
-    }[name]()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -38,7 +38,16 @@ import jax.numpy as jnp
 from jax import lax
 
 from abc_jax import checks
-from abc_jax.model import Params, Residuals, _forward, as_params, prepare_batch, sigmoid
+from abc_jax.model import (
+    Params,
+    Residuals,
+    _forward,
+    as_params,
+    describe_overflow,
+    prepare_batch,
+    prepare_sample,
+    sigmoid,
+)
 
 
 def _vjp(params: Params, res: Residuals, g: Any) -> tuple[Params, jax.Array]:
@@ -77,14 +86,15 @@ def _manual_grad(params: Params, x: jax.Array) -> Params:
     return manual_vjp(params, _forward(params, x)[1])
 
 
-_manual_grad_checked = checks.finite_checked(_manual_grad)
+_manual_grad_entry = checks.checked_entry(_manual_grad, prepare_sample, "x", describe_overflow)
 
 
-def manual_grad(params: Params, x: jax.Array) -> Params:
-    """dL/d(A, B, C) for one sample x (D,): ``forward`` then ``manual_vjp``."""
-    params, D, _, _, dtype = as_params(params)
-    x = checks.check_sample(x, D, dtype)
-    return checks.call_checked(_manual_grad_checked, (params, x), x, "x")
+def manual_grad(params: Params, x: jax.Array, *, precision: str | None = None) -> Params:
+    """dL/d(A, B, C) for one sample x (D,): ``forward`` then ``manual_vjp``.
+
+    ``precision``: matmul precision, None for abc_jax's default ``"highest"``.
+    """
+    return _manual_grad_entry(params, x, precision=precision)
 
 
 def _gram_is_cheaper(H: int, O: int) -> bool:
@@ -193,10 +203,20 @@ def _batch_grad(
     return _value_and_grad(params, X, chunk_size, n_valid, gram=gram)[1]
 
 
-_batch_grad_checked = checks.finite_checked(_batch_grad, static_argnames=("chunk_size", "n_valid"))
+def _prepare_batch_grad(
+    params: Any, X: Any, *, chunk_size: Any = None, precision: Any = None
+) -> tuple[Params, jax.Array, dict[str, Any]]:
+    params, X, n_valid, chunk_size = prepare_batch(params, X, chunk_size)
+    statics = dict(chunk_size=chunk_size, n_valid=n_valid)
+    return params, X, statics | dict(precision=checks.check_precision(precision))
 
 
-def batch_grad(params: Params, X: Any, *, chunk_size: int | None = None) -> Params:
+_batch_grad_entry = checks.checked_entry(_batch_grad, _prepare_batch_grad, "X", describe_overflow)
+
+
+def batch_grad(
+    params: Params, X: Any, *, chunk_size: int | None = None, precision: str | None = None
+) -> Params:
     """Gradient of ``batch_loss`` (the mean over N) by the manual derivation.
 
     Args:
@@ -204,36 +224,48 @@ def batch_grad(params: Params, X: Any, *, chunk_size: int | None = None) -> Para
       X: samples, shape (N, D); may be sharded across devices (``shard_batch``).
       chunk_size: if given, accumulate over chunks of this many rows inside one
         compiled loop, so working memory does not grow with N (same result to
-        rounding).
+        rounding). None lets ``model.default_chunk_size`` choose: cache-sized
+        chunks for a large batch on one CPU device, else the whole batch.
+      precision: matmul precision, None for abc_jax's default ``"highest"``
+        (exact float32 on every device); ``"default"`` lets a GPU use TF32.
 
     Returns:
       ``Params(gA, gB, gC)`` with gA = (1/N) GY^T X, gB = (1/N) GZ^T X,
       gC = (1/N) GW^T Z: one contraction over N per parameter (gC in the
       Gram form 2 C (Z^T Z) / N where that is cheaper; see
       ``_value_and_grad_sum``).
+
+    Raises:
+      ValueError, TypeError: a bad argument or NaN/inf in params or X, named.
+      FloatingPointError: finite inputs whose gradient overflows the dtype.
     """
-    params, X, n_valid, chunk_size = prepare_batch(params, X, chunk_size)
-    return checks.call_checked(
-        _batch_grad_checked, (params, X), X, "X", chunk_size=chunk_size, n_valid=n_valid
-    )
+    return _batch_grad_entry(params, X, chunk_size=chunk_size, precision=precision)
 
 
 def _per_sample_grads(params: Params, X: jax.Array) -> Params:
     return jax.vmap(_manual_grad, in_axes=(None, 0))(params, X)
 
 
-_per_sample_grads_checked = checks.finite_checked(_per_sample_grads)
+def _prepare_per_sample(
+    params: Any, X: Any, *, precision: Any = None
+) -> tuple[Params, jax.Array, dict[str, Any]]:
+    params, D, _, _, dtype = as_params(params)
+    X = checks.check_batch(X, D, dtype)
+    return params, X, dict(precision=checks.check_precision(precision))
 
 
-def per_sample_grads(params: Params, X: jax.Array) -> Params:
+_per_sample_grads_entry = checks.checked_entry(
+    _per_sample_grads, _prepare_per_sample, "X", describe_overflow
+)
+
+
+def per_sample_grads(params: Params, X: jax.Array, *, precision: str | None = None) -> Params:
     """dL_i/d(A, B, C) for every row of X (N, D): each field has a leading N axis.
 
     ``vmap`` of ``manual_grad``; costs O(N H D) memory, so use ``batch_grad``
     when only the mean is needed.
     """
-    params, D, _, _, dtype = as_params(params)
-    X = checks.check_batch(X, D, dtype)
-    return checks.call_checked(_per_sample_grads_checked, (params, X), X, "X")
+    return _per_sample_grads_entry(params, X, precision=precision)
 
 
 @jax.custom_vjp

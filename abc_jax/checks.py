@@ -1,21 +1,26 @@
-"""Input validation: static shape checks before tracing, value checks fused.
+"""Input validation: static checks before tracing, value checks fused, cached by signature.
 
-Shape, rank and dtype checks only read ``.shape`` and ``.dtype``, so they run
-in Python before anything is traced and also work on tracers inside a
-caller's ``jax.jit``. The check for NaN/inf in the data is not a separate
-eager pass: the compiled computation returns an all-finite flag of its own
-outputs alongside them (a non-finite input always makes the loss
-non-finite), and only when that flag is false is the input scanned on the
-host to name the offending entry. Inside a caller's jit the data are
-tracers and the value check is skipped.
+Shape, rank, dtype and argument checks only read ``.shape``, ``.dtype`` and
+Python values, so they run before anything is traced and also work on
+tracers inside a caller's ``jax.jit``. Their outcome depends only on the
+call's signature (types, shapes, dtypes, sharding, keyword values), so
+``checked_entry`` remembers it: a second call with the same signature goes
+straight to the compiled function.
+
+The check for NaN/inf is not a separate pass: the compiled computation
+returns one all-finite flag of its outputs and the parameters alongside
+them (a non-finite x always makes the outputs non-finite; an inf in A may
+not, as sigmoid saturates, hence the parameters). Only when that flag is
+false are the inputs scanned to name the offending entry, and when they are
+all finite the error says the computation overflowed the dtype. Inside a
+caller's jit the values are tracers and the value check is skipped.
 """
 
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -176,15 +181,31 @@ def check_key(key: Any, name: str = "key") -> jax.Array:
     return key
 
 
+def _first_nonfinite(a: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    bad = ~jnp.isfinite(a).ravel()
+    first = jnp.argmax(bad)
+    return jnp.sum(bad), first, a.ravel()[first]
+
+
+_first_nonfinite_jit = jax.jit(_first_nonfinite)
+
+
 def raise_if_nonfinite(data: Any, name: str) -> None:
-    """Host-side scan of ``data``; raises ValueError naming the first bad entry."""
-    arr = np.asarray(data)
-    bad = ~np.isfinite(arr)
-    if bad.any():
-        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+    """Raise ValueError naming the first NaN/inf entry of ``data``, if any.
+
+    Computed on the device (three scalars come back), so it also works for
+    an array sharded across several processes.
+    """
+    if not isinstance(data, jax.Array):
+        data = np.asarray(data)
+    if not jnp.issubdtype(data.dtype, jnp.inexact) or data.size == 0:
+        return
+    count, first, value = (np.asarray(v) for v in _first_nonfinite_jit(data))
+    if count:
+        idx = np.unravel_index(int(first), data.shape)
         raise ValueError(
-            f"{name} must be finite: it holds {int(bad.sum())} NaN/inf value(s), "
-            f"first {name}[{', '.join(map(str, idx))}] = {arr[idx]}"
+            f"{name} must be finite: it holds {int(count)} NaN/inf value(s), "
+            f"first {name}[{', '.join(str(int(i)) for i in idx)}] is {value}"
         )
 
 
@@ -193,66 +214,99 @@ def all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
-class Checked(NamedTuple):
-    """One computation in two forms (see ``finite_checked``)."""
-
-    fn: Callable[..., Any]  # plain, for a caller's own transformations
-    flagged: Callable[..., Any]  # jit of (fn(...), all_finite(fn(...))), one computation
+Prepare = Callable[..., tuple[Any, Any, dict[str, Any]]]
+Describe = Callable[[Any, Any], str]
 
 
-def finite_checked(fn: Callable[..., Any], **jit_kwargs: Any) -> Checked:
-    """Wrap ``fn`` for ``call_checked``: a jit that also returns an all-finite flag.
+def checked_entry(fn: Callable[..., Any], prepare: Prepare, name: str,
+                  describe_overflow: Describe) -> Callable[..., Any]:
+    """A public entry point for ``fn(params, data, **statics)``: validated, jitted, checked.
 
-    The flag is one reduction over the outputs in the same compiled
-    computation, so there is one executable per shape whether or not the
-    flag is read.
+    Args:
+      fn: the plain computation; ``statics`` are hashable keyword arguments.
+      prepare: ``prepare(params, data, **kwargs) -> (params, data, statics)``
+        validates the call (raising TypeError/ValueError naming the argument)
+        and returns the arrays to use and ``fn``'s static keywords, which
+        must include ``precision`` (a ``check_precision`` value).
+      name: the data argument's name for messages (``"X"`` or ``"x"``).
+      describe_overflow: ``(params, data) -> str``, the scales involved, for
+        the error raised when finite inputs give a non-finite result.
+
+    Returns:
+      ``call(params, data, **kwargs)``. Outside any transformation it runs
+      one compiled computation that returns the outputs and their all-finite
+      flag, reads the flag (one scalar) and raises on a non-finite result:
+      ValueError naming the first bad entry of the params or the data, or
+      FloatingPointError for an overflow from finite inputs. Under a
+      caller's transformation it traces ``fn`` plainly. A call whose
+      signature (leaf types, shapes, dtypes, data sharding, kwargs) was
+      seen before, with arrays used as given, skips ``prepare``.
     """
 
-    def flagged(*args: Any, **kwargs: Any) -> tuple[Any, jax.Array]:
-        out = fn(*args, **kwargs)
-        return out, all_finite(out)
+    jits: dict[tuple[tuple[str, Any], ...], Callable[..., Any]] = {}  # statics -> jit
 
-    return Checked(fn, jax.jit(flagged, **jit_kwargs))
+    def compiled(statics: tuple[tuple[str, Any], ...]) -> Callable[..., Any]:
+        if statics not in jits:
+            kwargs = dict(statics)
+            precision = kwargs.pop("precision")
 
+            def flagged(params: Any, data: Any) -> tuple[Any, jax.Array]:
+                with jax.default_matmul_precision(precision):
+                    out = fn(params, data, **kwargs)
+                return out, all_finite((params, out))
 
-# Arrays already seen to be finite, by id, with a weak reference that drops
-# the entry when the array dies. JAX arrays are immutable, so once is enough.
-_known_finite: dict[int, weakref.ref[Any]] = {}
+            jits[statics] = jax.jit(flagged)
+        return jits[statics]
 
+    seen: dict[Any, Callable[..., Any]] = {}  # call signature -> jit, for the fast path
 
-def _is_known_finite(data: Any) -> bool:
-    ref = _known_finite.get(id(data))
-    return ref is not None and ref() is data
+    def signature(params: Any, data: Any, kwargs: dict[str, Any]) -> Any:
+        try:
+            A, B, C = params
+            return (type(params), type(A), type(B), type(C), type(data),
+                    A.shape, A.dtype, B.shape, B.dtype, C.shape, C.dtype,
+                    data.shape, data.dtype, data.sharding, *kwargs.items())
+        except Exception:  # not three arrays: prepare() says what is wrong
+            return None
 
-
-def _mark_finite(data: Any) -> None:
-    if isinstance(data, jax.Array):
-        key = id(data)
-        _known_finite[key] = weakref.ref(data, lambda _, key=key: _known_finite.pop(key, None))
-
-
-def call_checked(
-    checked: Checked, args: tuple[Any, ...], data: Any, name: str, **kwargs: Any
-) -> Any:
-    """Run ``checked`` on ``args`` and raise ValueError if ``data`` holds NaN or inf.
-
-    - Under a caller's transformation the values are unknown: ``checked.fn``
-      runs with no value check.
-    - Otherwise ``checked.flagged`` returns the output and its all-finite flag
-      from one computation. For a JAX array already seen to be finite the
-      flag is not read: no synchronisation, so repeated calls on one X
-      dispatch asynchronously like any jitted function.
-    - For new data one scalar is read back. Only when the output is not
-      finite is ``data`` scanned on the host (a non-finite input always makes
-      the output non-finite); a non-finite output from finite data (overflow
-      from huge parameters) is returned as is.
-    """
-    if is_traced(args):
-        return checked.fn(*args, **kwargs)
-    out, ok = checked.flagged(*args, **kwargs)
-    if _is_known_finite(data):
+    def run(jitted: Callable[..., Any], params: Any, data: Any) -> Any:
+        out, ok = jitted(params, data)
+        if not ok:
+            raise_nonfinite(params, data, name, describe_overflow)
         return out
-    if not bool(ok):
-        raise_if_nonfinite(data, name)
-    _mark_finite(data)
-    return out
+
+    def call(params: Any, data: Any, **kwargs: Any) -> Any:
+        sig = signature(params, data, kwargs)
+        try:
+            jitted = seen.get(sig)
+        except TypeError:  # an unhashable argument: prepare() names it
+            sig = jitted = None
+        if jitted is not None:
+            return run(jitted, params, data)
+        new_params, new_data, statics = prepare(params, data, **kwargs)
+        if is_traced(new_params, new_data):
+            statics = dict(statics)
+            with jax.default_matmul_precision(statics.pop("precision")):
+                return fn(new_params, new_data, **statics)
+        jitted = compiled(tuple(sorted(statics.items())))
+        if sig is not None and new_params is params and new_data is data:
+            seen[sig] = jitted
+        return run(jitted, new_params, new_data)
+
+    call.executables = lambda: sum(j._cache_size() for j in jits.values())  # for tests
+    call.signatures = seen
+    return call
+
+
+def raise_nonfinite(params: Any, data: Any, name: str, describe_overflow: Describe) -> None:
+    """Explain a non-finite result: a NaN/inf input (named), else an overflow."""
+    for field, p in zip(_FIELDS, params, strict=True):
+        raise_if_nonfinite(p, f"params.{field}")
+    raise_if_nonfinite(data, name)
+    dtype = np.dtype(params[0].dtype)
+    raise FloatingPointError(
+        f"the result is not finite although params and {name} are: it overflows {dtype} "
+        f"(largest finite value {np.finfo(dtype).max:.3g}). {describe_overflow(params, data)}. "
+        f"Rescale {name} (or the params), or use float64 "
+        "(jax.config.update('jax_enable_x64', True) and float64 params)"
+    )

@@ -124,47 +124,118 @@ def prepare_batch(
 
     Returns ``(params, X, n_valid, chunk_size)``: X cast to the params' dtype,
     n_valid the true N of a padded batch (else None), params replicated over
-    X's devices when X is sharded.
+    X's devices when X is sharded, and chunk_size as given or, for None,
+    ``default_chunk_size``'s choice.
     """
-    params, D, _, _, dtype = as_params(params)
+    params, D, H, O, dtype = as_params(params)
     X, n_valid = unpack_batch(X)
     X = checks.check_batch(X, D, dtype)
     chunk_size = checks.check_positive_int(chunk_size, "chunk_size", allow_none=True)
     if not checks.is_traced(params, X):
         params = replicate_like(params, X)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(X, H, O)
     return params, X, n_valid, chunk_size
 
 
-_forward_checked = checks.finite_checked(_forward)
-_batch_loss_checked = checks.finite_checked(_batch_loss, static_argnames=("n_valid",))
+# Working set per chunk of the batch gradient that stays in a CPU core's
+# L2/L3 share: measured best between 2 and 8 MiB on a 2-core Xeon at K = 256.
+_CPU_CHUNK_BYTES = 4 << 20
+_MIN_CHUNK_ROWS = 256
 
 
-def forward(params: Params, x: jax.Array) -> tuple[jax.Array, Residuals]:
+def default_chunk_size(X: Any, H: int, O: int) -> int | None:
+    """The chunk of rows ``batch_grad`` uses when ``chunk_size`` is None.
+
+    On a CPU, a batch whose activations (about D + 2H + O numbers per row)
+    exceed a few MiB is processed in chunks that fit the cache: the same
+    FLOPs, fewer trips to main memory (at K = 256, N = 65536, about 1.5x
+    faster). On a GPU, or for X sharded over several devices, or traced,
+    None: the whole batch at once.
+    """
+    if checks.is_traced(X):
+        return None
+    sharding = getattr(X, "sharding", None)
+    devices = getattr(sharding, "device_set", None)
+    if devices is None or len(devices) != 1 or next(iter(devices)).platform != "cpu":
+        return None
+    N, D = X.shape
+    row_bytes = (D + 2 * H + O) * X.dtype.itemsize
+    rows = max(_MIN_CHUNK_ROWS, _CPU_CHUNK_BYTES // row_bytes)
+    rows = 1 << (rows.bit_length() - 1)  # a power of two
+    return rows if rows < N else None
+
+
+def _max_abs_w(params: Params, X: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    A, B, C = params
+    W = (sigmoid(X @ A.T) + X @ B.T) @ C.T  # (N, O)
+    max_param = jnp.max(jnp.stack([jnp.max(jnp.abs(p)) for p in params]))
+    return jnp.max(jnp.abs(X)), jnp.max(jnp.abs(W)), max_param
+
+
+_max_abs_w_jit = jax.jit(_max_abs_w)
+
+
+def describe_overflow(params: Params, data: jax.Array) -> str:
+    """The scales behind an overflow: max |x|, max |w| (w = C z) and max |param|."""
+    X = data.reshape(-1, data.shape[-1])
+    x, w, p = (float(v) for v in _max_abs_w_jit(params, X))
+    return f"max |x| = {x:.3g}, max |w| = {w:.3g} (w = C z, L = ||w||^2), max |param| = {p:.3g}"
+
+
+def prepare_sample(
+    params: Any, x: Any, *, precision: Any = None
+) -> tuple[Params, jax.Array, dict[str, Any]]:
+    """Validate params and one sample x (D,) for a ``checks.checked_entry``."""
+    params, D, _, _, dtype = as_params(params)
+    x = checks.check_sample(x, D, dtype)
+    return params, x, dict(precision=checks.check_precision(precision))
+
+
+def _prepare_batch_loss(
+    params: Any, X: Any, *, precision: Any = None
+) -> tuple[Params, jax.Array, dict[str, Any]]:
+    params, X, n_valid, _ = prepare_batch(params, X)
+    return params, X, dict(n_valid=n_valid, precision=checks.check_precision(precision))
+
+
+_forward_entry = checks.checked_entry(_forward, prepare_sample, "x", describe_overflow)
+_batch_loss_entry = checks.checked_entry(
+    _batch_loss, _prepare_batch_loss, "X", describe_overflow
+)
+
+
+def forward(
+    params: Params, x: jax.Array, *, precision: str | None = None
+) -> tuple[jax.Array, Residuals]:
     """Forward pass for one sample.
 
     Args:
       params: ``Params(A (H, D), B (H, D), C (O, H))``.
       x: one sample, shape (D,).
+      precision: matmul precision, None for abc_jax's default ``"highest"``
+        (see ``checks.check_precision``).
 
     Returns:
       ``(L, residuals)``: the scalar loss ||C (sigmoid(A x) + B x)||^2 and the
       ``Residuals(x, u, z, w)`` that ``manual_vjp`` consumes.
+
+    Raises:
+      ValueError, TypeError: bad shapes, dtypes or NaN/inf in params or x.
+      FloatingPointError: finite inputs whose loss overflows the dtype.
     """
-    params, D, _, _, dtype = as_params(params)
-    x = checks.check_sample(x, D, dtype)
-    return checks.call_checked(_forward_checked, (params, x), x, "x")
+    return _forward_entry(params, x, precision=precision)
 
 
-def loss(params: Params, x: jax.Array) -> jax.Array:
+def loss(params: Params, x: jax.Array, *, precision: str | None = None) -> jax.Array:
     """L = ||w||^2 for one sample x of shape (D,)."""
-    return forward(params, x)[0]
+    return forward(params, x, precision=precision)[0]
 
 
-def batch_loss(params: Params, X: Any) -> jax.Array:
+def batch_loss(params: Params, X: Any, *, precision: str | None = None) -> jax.Array:
     """(1/N) sum_i L(params, X[i]) for X of shape (N, D) (or a ``shard_batch`` result).
 
     The homework minimised the sum; the mean has the same minimiser and keeps
-    the learning rate independent of N.
+    the learning rate independent of N. ``precision`` as in ``forward``.
     """
-    params, X, n_valid, _ = prepare_batch(params, X)
-    return checks.call_checked(_batch_loss_checked, (params, X), X, "X", n_valid=n_valid)
+    return _batch_loss_entry(params, X, precision=precision)

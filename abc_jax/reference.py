@@ -15,16 +15,30 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from abc_jax import checks
-from abc_jax.model import Params, _batch_loss, as_params, prepare_batch
-
-_oracle = jax.grad(_batch_loss)
-_oracle_checked = checks.finite_checked(_oracle, static_argnames=("n_valid",))
+from abc_jax.model import Params, _batch_loss, as_params, describe_overflow, prepare_batch
 
 
-def oracle_grad(params: Params, X: Any) -> Params:
-    """``jax.grad(batch_loss)(params, X)``, jitted: the reference gradient."""
+def _oracle(params: Params, X: jax.Array, n_valid: int | None = None) -> Params:
+    return jax.grad(_batch_loss)(params, X, n_valid)
+
+
+def _prepare_oracle(
+    params: Any, X: Any, *, precision: Any = None
+) -> tuple[Params, jax.Array, dict[str, Any]]:
     params, X, n_valid, _ = prepare_batch(params, X)
-    return checks.call_checked(_oracle_checked, (params, X), X, "X", n_valid=n_valid)
+    return params, X, dict(n_valid=n_valid, precision=checks.check_precision(precision))
+
+
+_oracle_entry = checks.checked_entry(_oracle, _prepare_oracle, "X", describe_overflow)
+
+
+def oracle_grad(params: Params, X: Any, *, precision: str | None = None) -> Params:
+    """``jax.grad(batch_loss)(params, X)``, jitted: the reference gradient.
+
+    ``precision``: matmul precision, None for abc_jax's default ``"highest"``,
+    so the reference is exact float32 arithmetic on a GPU too.
+    """
+    return _oracle_entry(params, X, precision=precision)
 
 
 # Bound on floats touched per lax.map step: 2 * directions * N * (D + H + O).
@@ -42,10 +56,27 @@ def _fd_grad(params: Params, X: jax.Array, eps: float, batch_size: int) -> Param
     return unravel(jax.lax.map(partial_derivative, jnp.arange(P), batch_size=batch_size))
 
 
-_fd_checked = checks.finite_checked(_fd_grad, static_argnames=("eps", "batch_size"))
+def _prepare_fd(
+    params: Any, X: Any, *, eps: Any = None, precision: Any = None
+) -> tuple[Params, jax.Array, dict[str, Any]]:
+    params, D, H, O, dtype = as_params(params)
+    X = checks.check_batch(X, D, dtype)
+    if eps is None:
+        eps = float(np.finfo(dtype).eps) ** (1 / 3)
+    eps = checks.check_finite_float(eps, "eps", positive=True)
+    N = X.shape[0]
+    P = 2 * H * D + O * H
+    batch_size = max(1, min(P, _FD_WORK // (2 * N * (D + H + O))))
+    return params, X, dict(eps=eps, batch_size=batch_size,
+                           precision=checks.check_precision(precision))
 
 
-def fd_grad(params: Params, X: jax.Array, eps: float | None = None) -> Params:
+_fd_entry = checks.checked_entry(_fd_grad, _prepare_fd, "X", describe_overflow)
+
+
+def fd_grad(
+    params: Params, X: jax.Array, eps: float | None = None, *, precision: str | None = None
+) -> Params:
     """Central finite differences of ``batch_loss``, one parameter at a time.
 
     dL/dp_j ~ (L(p + eps e_j) - L(p - eps e_j)) / (2 eps) for each of the P
@@ -56,18 +87,9 @@ def fd_grad(params: Params, X: jax.Array, eps: float | None = None) -> Params:
       eps: step; default ``finfo(dtype).eps ** (1/3)``, which balances the
         O(eps^2) truncation error against the O(machine eps / eps) rounding
         error (about 6e-6 in float64, 5e-3 in float32).
+      precision: matmul precision, None for abc_jax's default ``"highest"``.
     """
-    params, D, H, O, dtype = as_params(params)
-    X = checks.check_batch(X, D, dtype)
-    if eps is None:
-        eps = float(np.finfo(dtype).eps) ** (1 / 3)
-    eps = checks.check_finite_float(eps, "eps", positive=True)
-    N = X.shape[0]
-    P = 2 * H * D + O * H
-    batch_size = max(1, min(P, _FD_WORK // (2 * N * (D + H + O))))
-    return checks.call_checked(
-        _fd_checked, (params, X), X, "X", eps=eps, batch_size=batch_size
-    )
+    return _fd_entry(params, X, eps=eps, precision=precision)
 
 
 def grad_errors(grads: Params, reference: Params) -> dict[str, dict[str, float]]:

@@ -1,7 +1,5 @@
 """The batch gradient's two exact forms, chunking, and the validated fast path."""
 
-import gc
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +7,7 @@ import pytest
 from _reference import make_problem, max_rel_err, ref_batch_loss
 
 import abc_jax
-from abc_jax import backward, checks
+from abc_jax import backward
 
 
 def _problem(D, H, O, N, dtype=jnp.float64, seed=0):
@@ -83,37 +81,23 @@ def test_chunk_size_is_validated():
         abc_jax.batch_grad(params, X, chunk_size=2.5)
 
 
-class _Flag:
-    """Stands for the all-finite flag; records whether anyone read it."""
-
-    def __init__(self, flag, reads):
-        self.flag, self.reads = flag, reads
-
-    def __bool__(self):
-        self.reads.append(1)
-        return bool(self.flag)
-
-
-def test_finite_array_is_checked_once(monkeypatch):
+def test_a_repeated_call_skips_validation_but_not_the_finite_check(monkeypatch):
     params, X = _problem(4, 3, 5, 19)  # N = 19: a shape no other test compiles
-    flagged = backward._batch_grad_checked.flagged
-    before = flagged._cache_size()
-    first = abc_jax.batch_grad(params, X)  # the flag is read: X is finite
-    reads = []
+    entry = backward._batch_grad_entry
+    before = entry.executables()
+    first = abc_jax.batch_grad(params, X)
+    assert entry.executables() == before + 1
 
-    def recording(*args, **kwargs):
-        out, ok = flagged(*args, **kwargs)
-        return out, _Flag(ok, reads)
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a repeated signature was validated again")
 
-    monkeypatch.setattr(
-        backward, "_batch_grad_checked", backward._batch_grad_checked._replace(flagged=recording)
-    )
-    again = abc_jax.batch_grad(params, X)  # the same array: the flag is not read
-    assert reads == []
-    _assert_rel(again, first, 0)
-    abc_jax.batch_grad(params, X + 0)  # a new array is checked again
-    assert reads == [1]
-    assert flagged._cache_size() == before + 1  # one executable for both kinds of call
+    monkeypatch.setattr(backward, "prepare_batch", must_not_run)
+    _assert_rel(abc_jax.batch_grad(params, X + 0), first, 0)  # same signature: fast path
+    with pytest.raises(ValueError, match=r"X\[4, 1\]"):  # ... whose values are still checked
+        abc_jax.batch_grad(params, X.at[4, 1].set(jnp.inf))
+    with pytest.raises(ValueError, match=r"params\.C\[2, 0\] is nan"):
+        abc_jax.batch_grad(params._replace(C=params.C.at[2, 0].set(jnp.nan)), X)
+    assert entry.executables() == before + 1  # one executable for all of these calls
 
 
 def test_non_finite_array_raises_every_time():
@@ -122,14 +106,3 @@ def test_non_finite_array_raises_every_time():
     for _ in range(2):
         with pytest.raises(ValueError, match=r"X\[4, 1\]"):
             abc_jax.batch_grad(params, X)
-
-
-def test_known_finite_registry_forgets_dead_arrays():
-    params, _ = _problem(4, 3, 5, 1)
-    X = jnp.ones((8, 4))
-    abc_jax.batch_loss(params, X)
-    assert checks._is_known_finite(X)
-    key = id(X)
-    del X
-    gc.collect()
-    assert key not in checks._known_finite

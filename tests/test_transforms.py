@@ -153,29 +153,26 @@ def test_jitted_abc_loss_step_traces_once():
 
 
 @pytest.mark.parametrize(
-    "fn,jitted",
+    "fn,entry",
     [
-        (abc_jax.batch_grad, abc_jax.backward._batch_grad_checked.flagged),
-        (
-            functools.partial(abc_jax.batch_grad, chunk_size=3),
-            abc_jax.backward._batch_grad_checked.flagged,
-        ),
-        (abc_jax.batch_loss, abc_jax.model._batch_loss_checked.flagged),
-        (abc_jax.oracle_grad, abc_jax.reference._oracle_checked.flagged),
-        (abc_jax.per_sample_grads, abc_jax.backward._per_sample_grads_checked.flagged),
+        (abc_jax.batch_grad, abc_jax.backward._batch_grad_entry),
+        (functools.partial(abc_jax.batch_grad, chunk_size=3), abc_jax.backward._batch_grad_entry),
+        (abc_jax.batch_loss, abc_jax.model._batch_loss_entry),
+        (abc_jax.oracle_grad, abc_jax.reference._oracle_entry),
+        (abc_jax.per_sample_grads, abc_jax.backward._per_sample_grads_entry),
     ],
     ids=["batch_grad", "batch_grad_chunked", "batch_loss", "oracle_grad", "per_sample_grads"],
 )
-def test_eager_call_does_not_recompile(fn, jitted):
+def test_eager_call_does_not_recompile(fn, entry):
     # A shape no other test uses, so the first call must compile.
     params, X = make_problem(7, N=11, shape=(13, 2, 9))
-    before = jitted._cache_size()
+    before = entry.executables()
     fn(params, X)
-    after_first = jitted._cache_size()
+    after_first = entry.executables()
     assert after_first == before + 1
     fn(params, X * 2.0)
     fn(params, np.asarray(X))
-    assert jitted._cache_size() == after_first
+    assert entry.executables() == after_first
 
 
 # ---------------------------------------------------------------- dtypes

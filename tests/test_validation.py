@@ -137,14 +137,14 @@ def test_batch_nonfinite(fn, value, index):
     params, X = make_problem()
     bad = _with(X, index, value)
     i, j = index
-    with pytest.raises(ValueError, match=rf"\bX\b.*finite.*X\[{i}, {j}\] = -?(nan|inf)"):
+    with pytest.raises(ValueError, match=rf"\bX\b.*finite.*X\[{i}, {j}\] is -?(nan|inf)"):
         fn(params, bad)
 
 
 def test_nonfinite_reports_first_entry_and_count():
     params, X = make_problem()
     bad = _with(_with(X, (4, 1), np.inf), (1, 2), np.nan)
-    with pytest.raises(ValueError, match=r"2 NaN/inf.*X\[1, 2\] = nan"):
+    with pytest.raises(ValueError, match=r"2 NaN/inf.*X\[1, 2\] is nan"):
         abc_jax.batch_grad(params, bad)
 
 
@@ -160,7 +160,7 @@ def test_nonfinite_in_float64_data_for_float32_params():
 def test_sample_nonfinite(fn, value):
     params, X = make_problem()
     bad = _with(X[0], (2,), value)
-    with pytest.raises(ValueError, match=r"\bx\b.*finite.*x\[2\] = (nan|inf)"):
+    with pytest.raises(ValueError, match=r"\bx\b.*finite.*x\[2\] is (nan|inf)"):
         fn(params, bad)
 
 
@@ -172,13 +172,28 @@ def test_finite_data_with_finite_result_does_not_raise(fn, kind):
         assert np.all(np.isfinite(np.asarray(leaf)))
 
 
-def test_finite_data_overflowing_result_is_returned_not_raised():
-    # Huge float32 params overflow the loss; X is finite, so nothing blames X.
+@pytest.mark.parametrize("where", ["params", "X"])
+def test_finite_inputs_overflowing_the_dtype_raise_floating_point_error(where):
+    # Finite float32 inputs whose loss and gradients overflow: nothing blames
+    # X or the params; the error names the overflow and the scales involved.
     params, X = make_problem(dtype=jnp.float32)
-    huge = jax.tree.map(lambda p: p * jnp.float32(1e15), params)
-    loss = abc_jax.batch_loss(huge, X)
-    assert not np.isfinite(float(loss))
-    assert not np.isfinite(float(abc_jax.loss(huge, X[0])))
+    if where == "params":
+        params = jax.tree.map(lambda p: p * jnp.float32(1e15), params)
+    else:
+        X = X * jnp.float32(1e30)
+    calls = {
+        "batch_loss": lambda: abc_jax.batch_loss(params, X),
+        "batch_grad": lambda: abc_jax.batch_grad(params, X),
+        "oracle_grad": lambda: abc_jax.oracle_grad(params, X),
+        "per_sample_grads": lambda: abc_jax.per_sample_grads(params, X),
+        "loss": lambda: abc_jax.loss(params, X[0]),
+        "forward": lambda: abc_jax.forward(params, X[0]),
+        "manual_grad": lambda: abc_jax.manual_grad(params, X[0]),
+    }
+    for name, call in calls.items():
+        with pytest.raises(FloatingPointError, match=r"overflows float32.*max \|w\|.*float64"):
+            call()
+            pytest.fail(f"{name} returned a non-finite result without an error")
 
 
 def test_abc_loss_does_not_check_values():
@@ -324,17 +339,17 @@ def test_batch_grad_bad_chunk_size(chunk_size, exc):
 
 def test_shape_errors_raise_before_compiling():
     # A shape no other test uses: a check that ran after tracing would have
-    # added an entry to the compiled function's cache.
-    jitted = abc_jax.backward._batch_grad_checked.flagged
+    # added an executable to the entry point's compiled functions.
+    entry = abc_jax.backward._batch_grad_entry
     params = Params(jnp.ones((2, 11)), jnp.ones((2, 11)), jnp.ones((7, 2)))
-    before = jitted._cache_size()
+    before = entry.executables()
     with pytest.raises(ValueError, match=r"\bX\b"):
         abc_jax.batch_grad(params, jnp.ones((3, 12)))
     with pytest.raises(ValueError, match=r"params\.C"):
         abc_jax.batch_grad(params._replace(C=jnp.ones((7, 3))), jnp.ones((3, 11)))
-    assert jitted._cache_size() == before
-    abc_jax.batch_grad(params, jnp.ones((3, 11)))  # the cache does record a real call
-    assert jitted._cache_size() == before + 1
+    assert entry.executables() == before
+    abc_jax.batch_grad(params, jnp.ones((3, 11)))  # a real call does compile
+    assert entry.executables() == before + 1
 
 
 # ---------------------------------------------------------------- inside a caller's jit

@@ -293,8 +293,13 @@ def checked_entry(fn: Callable[..., Any], prepare: Prepare, name: str,
             seen[sig] = jitted
         return run(jitted, new_params, new_data)
 
+    def lower(params: Any, data: Any, **kwargs: Any) -> Any:
+        """The compiled computation of ``call(params, data, **kwargs)``, lowered (for HLO)."""
+        params, data, statics = prepare(params, data, **kwargs)
+        return compiled(tuple(sorted(statics.items()))).lower(params, data)
+
+    call.lower = lower
     call.executables = lambda: sum(j._cache_size() for j in jits.values())  # for tests
-    call.signatures = seen
     return call
 
 

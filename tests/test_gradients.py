@@ -43,6 +43,7 @@ ref_batch_grad = jax.jit(jax.grad(ref_batch_loss))
 # ---------------------------------------------------------------- forward
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("D,H,O", SHAPES)
 def test_forward_matches_reference(D, H, O):
     params, X = make_problem(0, D, H, O, N=6)
@@ -66,6 +67,7 @@ def test_forward_matches_reference(D, H, O):
 # ---------------------------------------------------------------- batch gradient
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("N", [1, 2, 17])
 @pytest.mark.parametrize("D,H,O", SHAPES)
 def test_batch_grad_float64(D, H, O, N):
@@ -75,6 +77,7 @@ def test_batch_grad_float64(D, H, O, N):
     assert_rel_close(got, abc_jax.oracle_grad(params, X), F64_TOL)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("D,H,O", SHAPES)
 def test_batch_grad_float32(D, H, O):
     params, X = make_problem(0, D, H, O, N=17, dtype=jnp.float32)
@@ -89,6 +92,7 @@ def test_batch_grad_float32(D, H, O):
     assert_rel_close(got, ref_batch_grad(params64, X64), F32_TOL)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("chunk_size", [1, 4, 5, 16, 17, 40])
 def test_batch_grad_chunked(chunk_size):
     # N = 17: chunk 5 leaves a remainder of 2, chunk 4 of 1, chunk 16 of 1;
@@ -99,6 +103,7 @@ def test_batch_grad_chunked(chunk_size):
     assert_rel_close(got, abc_jax.batch_grad(params, X), 1e-14)
 
 
+@pytest.mark.smoke
 def test_batch_grad_chunked_float32():
     params, X = make_problem(0, 7, 6, 3, N=17, dtype=jnp.float32)
     got = abc_jax.batch_grad(params, X, chunk_size=5)
@@ -133,6 +138,7 @@ def test_autodiff_through_public_losses():
 # ---------------------------------------------------------------- one sample
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("D,H,O", SHAPES)
 @pytest.mark.parametrize("dtype,tol", [(jnp.float64, F64_TOL), (jnp.float32, F32_TOL)])
 def test_manual_grad(D, H, O, dtype, tol):
@@ -176,6 +182,7 @@ def test_per_sample_grads(D, H, O):
         assert_rel_close(row, ref_grad(params, X[i]), F64_TOL)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("dtype,tol", [(jnp.float64, F64_TOL), (jnp.float32, F32_TOL)])
 def test_per_sample_grads_mean_is_batch_grad(dtype, tol):
     params, X = make_problem(0, 7, 6, 3, N=17, dtype=dtype)
@@ -188,6 +195,7 @@ def test_per_sample_grads_mean_is_batch_grad(dtype, tol):
 # ---------------------------------------------------------------- custom_vjp
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("D,H,O", SHAPES)
 @pytest.mark.parametrize("dtype,tol", [(jnp.float64, F64_TOL), (jnp.float32, F32_TOL)])
 def test_abc_loss_grad_params_and_x(D, H, O, dtype, tol):
@@ -213,6 +221,7 @@ def test_abc_loss_grad_over_batch_with_x_cotangent():
     assert_rel_close(got[0], abc_jax.batch_grad(params, X), F64_TOL)
 
 
+@pytest.mark.smoke
 def test_check_grads_abc_loss_second_order():
     params, X = make_problem(0, 5, 4, 3, N=1)
     check_grads(abc_jax.abc_loss, (params, X[0]), order=2, modes=["rev"])
@@ -230,6 +239,7 @@ def test_check_grads_batch_of_abc_loss():
 # ---------------------------------------------------------------- finite differences
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("D,H,O", SHAPES)
 def test_fd_grad(D, H, O):
     params, X = make_problem(0, D, H, O, N=5)
@@ -250,6 +260,7 @@ def test_fd_grad_explicit_eps():
 # ---------------------------------------------------------------- transposition
 
 
+@pytest.mark.smoke
 def test_transposed_gA_is_caught():
     # Rectangular: gA must have the shape of A, (H, D), not (D, H).
     params, X = make_problem(0, 5, 4, 3, N=6)
@@ -317,6 +328,7 @@ def saturating_batch(dtype, N=8):
     return params, X
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("dtype,tol", [(jnp.float64, F64_TOL), (jnp.float32, F32_TOL)])
 def test_extreme_inputs(dtype, tol):
     params, X = saturating_batch(dtype)

@@ -118,6 +118,7 @@ def test_vmap_of_batch_grad_over_batches_equals_loop():
 # ---------------------------------------------------------------- tracing and compiling
 
 
+@pytest.mark.smoke
 def test_jitted_step_traces_once():
     chex.clear_trace_counter()
 
@@ -152,6 +153,7 @@ def test_jitted_abc_loss_step_traces_once():
     chex.assert_tree_all_finite((loss, params))
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize(
     "fn,entry",
     [
@@ -255,6 +257,7 @@ def test_float64_params_upcast_float32_data():
 # ---------------------------------------------------------------- Optax
 
 
+@pytest.mark.smoke
 def test_optax_sgd_step_equals_manual_step():
     params, X = make_problem(10, N=9)
     lr = 0.05

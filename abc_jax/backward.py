@@ -42,6 +42,7 @@ from abc_jax.model import (
     Params,
     Residuals,
     _forward,
+    _forward_entry,
     as_params,
     describe_overflow,
     prepare_batch,
@@ -292,9 +293,13 @@ def abc_loss(params: Params, x: jax.Array) -> jax.Array:
     A ``jax.custom_vjp`` whose backward pass is ``manual_vjp`` plus the x
     cotangent gx = A^T gy + B^T gz, so ``jax.grad``, ``jax.jit``, ``jax.vmap``,
     Optax and grad-of-grad all run through the hand-written rule. Shapes are
-    checked (also on tracers); values are not, since this is meant to be
-    transformed. Batch it with ``jax.vmap(abc_loss, in_axes=(None, 0))``.
+    checked (also on tracers). Under a transformation, values are not checked
+    and the products follow the caller's matmul precision, as in any JAX
+    function; called eagerly it is ``loss(params, x)``: values checked,
+    "highest" precision. Batch it with ``jax.vmap(abc_loss, in_axes=(None, 0))``.
     """
     params, D, _, _, dtype = as_params(params)
     x = checks.check_sample(x, D, dtype)
-    return _abc_loss(params, x)
+    if checks.is_traced(params, x):
+        return _abc_loss(params, x)
+    return _forward_entry(params, x)[0]

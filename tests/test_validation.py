@@ -196,9 +196,12 @@ def test_finite_inputs_overflowing_the_dtype_raise_floating_point_error(where):
             pytest.fail(f"{name} returned a non-finite result without an error")
 
 
-def test_abc_loss_does_not_check_values():
+def test_abc_loss_checks_values_when_called_eagerly_not_when_transformed():
     params, X = make_problem()
-    assert np.isnan(float(abc_jax.abc_loss(params, _with(X[0], (1,), np.nan))))
+    bad = _with(X[0], (1,), np.nan)
+    with pytest.raises(ValueError, match=r"x\[1\] is nan"):
+        abc_jax.abc_loss(params, bad)
+    assert np.isnan(float(jax.jit(abc_jax.abc_loss)(params, bad)))
 
 
 # ---------------------------------------------------------------- params

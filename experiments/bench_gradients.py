@@ -11,8 +11,10 @@ gradient of batch_loss by:
   python_fd        the homework's first assignment: finite differences on lists
 
 against the parameter count P = 2HD + OH = 3K^2. The JAX methods are each one
-jitted call (compile time reported apart from the warmed median); the Python
-ones stop once one call passes --budget seconds, or is predicted to. All in one
+jitted call at one matmul precision (--precision, default highest), timed in
+interleaved rounds (_common.time_interleaved; compile time reported apart from
+the warm median); the Python ones run on the host CPU whatever JAX's device,
+and stop once one call passes --budget seconds, or is predicted to. All in one
 process, one dtype; every result is checked against jax.grad in float64.
 
     python experiments/bench_gradients.py --ks 2 4 8 16 32 64 --n 256
@@ -21,9 +23,7 @@ process, one dtype; every result is checked against jax.grad in float64.
 from __future__ import annotations
 
 import math
-import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -172,20 +172,23 @@ METHODS: dict[str, Method] = {
 }
 
 
-def make_method(name: str, params: abc_jax.Params, X: jax.Array) -> Callable[[], Any]:
+def make_method(
+    name: str, params: abc_jax.Params, X: jax.Array, precision: str | None = None
+) -> Callable[[], Any]:
     """A zero-argument call that computes one gradient, as (A, B, C) arrays or lists.
 
-    JAX methods are one ``jax.jit`` of the public function each, so all pay the
-    same dispatch cost and validation runs once, at trace time.
+    JAX methods are one ``jax.jit`` of the public function each, at matmul
+    ``precision`` (None: abc_jax's default, "highest"), so all pay the same
+    dispatch cost and validation runs once, at trace time.
     """
     if name == "batch_grad":
-        f = jax.jit(lambda p, X: abc_jax.batch_grad(p, X))
+        f = jax.jit(lambda p, X: abc_jax.batch_grad(p, X, precision=precision))
     elif name == "jax_grad":
-        f = jax.jit(lambda p, X: abc_jax.oracle_grad(p, X))
+        f = jax.jit(lambda p, X: abc_jax.oracle_grad(p, X, precision=precision))
     elif name == "jacfwd":
-        f = jax.jit(jax.jacfwd(abc_jax.batch_loss))
+        f = jax.jit(jax.jacfwd(lambda p, X: abc_jax.batch_loss(p, X, precision=precision)))
     elif name == "fd_grad":
-        f = jax.jit(lambda p, X: abc_jax.fd_grad(p, X))
+        f = jax.jit(lambda p, X: abc_jax.fd_grad(p, X, precision=precision))
     elif name == "python_backprop":
         A, B, C, Xl = to_lists(params, X)
         return lambda: py_loss_and_grad(A, B, C, Xl)[1]
@@ -195,29 +198,6 @@ def make_method(name: str, params: abc_jax.Params, X: jax.Array) -> Callable[[],
     else:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {name!r}")
     return lambda: f(params, X)
-
-
-def time_call(
-    fn: Callable[[], Any], *, min_time: float = 0.2, min_repeats: int = 3, max_repeats: int = 1000,
-    slow_s: float = 0.25,
-) -> dict[str, Any]:
-    """Time ``fn()``: the first call (compile + run) apart, then the median of warm repeats.
-
-    Repeats run until they add up to ``min_time`` seconds and number at least
-    ``min_repeats`` (one if the first call took over ``slow_s``), at most
-    ``max_repeats``. Results are waited for with ``jax.block_until_ready``.
-    """
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    first = time.perf_counter() - t0
-    need = 1 if first > slow_s else min_repeats
-    times: list[float] = []
-    while len(times) < max_repeats and (len(times) < need or sum(times) < min_time):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return {"first_s": first, "median_s": statistics.median(times), "repeats": len(times),
-            "min_s": min(times), "output": out}
 
 
 def rel_error(grads: Any, reference: abc_jax.Params) -> float:
@@ -237,24 +217,52 @@ def jacfwd_bytes(K: int, N: int, itemsize: int) -> int:
     return 2 * param_count(K) * N * 3 * K * itemsize
 
 
+def method_device(name: str) -> str:
+    """Where a method computes: JAX's device, or the host CPU for the plain-Python ones."""
+    return _common.device_label() if METHODS[name].kind == "jax" else "host cpu (Python)"
+
+
+def _skip_reason(
+    m: str, P: int, K: int, n: int, itemsize: int, last: dict[str, tuple[int, float]],
+    stopped: dict[str, str], budget_s: float, mem_limit: float,
+) -> str | None:
+    """Why method m is skipped at this K (the budget or jacfwd's memory), else None."""
+    if m in stopped:
+        return stopped[m]
+    if m in last:
+        P0, t0 = last[m]
+        predicted = t0 * (P / P0) ** METHODS[m].exponent
+        if predicted > budget_s:
+            return f"skipped: predicted {predicted:.3g} s > budget {budget_s:g} s"
+    if m == "jacfwd" and jacfwd_bytes(K, n, itemsize) > mem_limit:
+        return f"skipped: memory ~{jacfwd_bytes(K, n, itemsize) / 2**30:.2g} GiB"
+    return None
+
+
 def run_bench(
     ks: Sequence[int],
     n: int,
     methods: Sequence[str] = tuple(METHODS),
     *,
     dtype: Any = jnp.float32,
+    precision: str = "highest",
     seed: int = 0,
     budget_s: float = 2.0,
     min_time: float = 0.2,
+    rounds: int = 5,
     mem_limit: float = 1 << 30,
     show_progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Time every method at every K; one row per (K, method), skipped ones included.
 
-    A method is skipped at K (``status`` says why) once one of its calls at a
-    smaller K took longer than ``budget_s``, when its time predicted from the
-    last K as ``t * (P_new / P_old) ** exponent`` exceeds ``budget_s``, or (jacfwd)
-    when its estimated memory exceeds ``mem_limit`` bytes.
+    At each K the JAX methods are timed against each other in interleaved rounds
+    (``_common.time_interleaved``), the plain-Python ones likewise but without a
+    warm-up and with at most ``budget_s`` seconds of rounds each. A method is
+    skipped at K (``status`` says why) once one of its calls at a smaller K took
+    longer than ``budget_s``, when its time predicted from the last K as
+    ``t * (P_new / P_old) ** exponent`` exceeds ``budget_s``, or (jacfwd) when its
+    estimated memory exceeds ``mem_limit`` bytes. Each row names its device and
+    matmul precision (None for the Python methods, which have no matmuls to set).
     """
     for m in methods:
         if m not in METHODS:
@@ -263,43 +271,47 @@ def run_bench(
     last: dict[str, tuple[int, float]] = {}  # method -> (P, median seconds)
     stopped: dict[str, str] = {}
     rows: list[dict[str, Any]] = []
-    jobs = [(K, m) for K in ks for m in methods]
-    bar = _common.progress(jobs, desc="bench", unit="call") if show_progress else jobs
-    ref = None
-    for K, m in bar:
+    bar = _common.progress(ks, desc="bench", unit="K") if show_progress else ks
+    for K in bar:
         P = param_count(K)
         key = jax.random.fold_in(jax.random.key(seed), K)
         kp, kx = jax.random.split(key)
         params = abc_jax.init_params(kp, K, dtype=dtype)
         X = jax.random.normal(kx, (n, K), dtype)
-        if ref is None or ref[0] != K:  # jax.grad in float64 on the same (rounded) inputs
-            as64 = lambda a: jnp.asarray(a, jnp.float64)  # noqa: E731
-            ref = (K, abc_jax.oracle_grad(jax.tree.map(as64, params), as64(X)))
-        row: dict[str, Any] = {"K": K, "P": P, "N": n, "method": m, "kind": METHODS[m].kind}
-        status = stopped.get(m)
-        if status is None and m in last:
-            P0, t0 = last[m]
-            predicted = t0 * (P / P0) ** METHODS[m].exponent
-            if predicted > budget_s:
-                status = f"skipped: predicted {predicted:.3g} s > budget {budget_s:g} s"
-        if status is None and m == "jacfwd" and jacfwd_bytes(K, n, itemsize) > mem_limit:
-            status = f"skipped: memory ~{jacfwd_bytes(K, n, itemsize) / 2**30:.2g} GiB"
-        if status is not None:
-            rows.append({**row, "status": status})
-            continue
-        if hasattr(bar, "set_postfix_str"):
-            bar.set_postfix_str(f"K={K} {m}")
-        t = time_call(make_method(m, params, X), min_time=min_time)
-        median = t["median_s"]
-        compile_s = max(t["first_s"] - median, 0.0) if METHODS[m].kind == "jax" else None
-        rows.append({
-            **row, "status": "ok", "median_s": median, "min_s": t["min_s"],
-            "first_call_s": t["first_s"], "compile_s": compile_s, "repeats": t["repeats"],
-            "rel_err_vs_float64": rel_error(t["output"], ref[1]),
-        })
-        last[m] = (P, median)
-        if max(median, t["first_s"] - (compile_s or 0.0)) > budget_s:
-            stopped[m] = f"skipped: a call took {median:.3g} s > budget {budget_s:g} s"
+        as64 = lambda a: jnp.asarray(a, jnp.float64)  # noqa: E731
+        # jax.grad in float64 on the same (rounded) inputs
+        ref = abc_jax.oracle_grad(jax.tree.map(as64, params), as64(X), precision="highest")
+        base = {m: {"K": K, "P": P, "N": n, "method": m, "kind": METHODS[m].kind,
+                    "device": method_device(m),
+                    "dtype": jnp.dtype(dtype).name if METHODS[m].kind == "jax" else "float64",
+                    "precision": precision if METHODS[m].kind == "jax" else None}
+                for m in methods}
+        status = {m: _skip_reason(m, P, K, n, itemsize, last, stopped, budget_s, mem_limit)
+                  for m in methods}
+        todo = [m for m in methods if status[m] is None]
+        jax_fns = {m: make_method(m, params, X, precision) for m in todo
+                   if METHODS[m].kind == "jax"}
+        py_fns = {m: make_method(m, params, X) for m in todo if METHODS[m].kind == "python"}
+        times = {}
+        if jax_fns:
+            times |= _common.time_interleaved(jax_fns, rounds=rounds, min_time=min_time)
+        if py_fns:
+            times |= _common.time_interleaved(py_fns, rounds=rounds, min_time=min_time,
+                                              warmup=0, max_time=budget_s)
+        for m in methods:
+            if m not in times:
+                rows.append({**base[m], "status": status[m]})
+                continue
+            t = times[m]
+            fields = t.fields()
+            if METHODS[m].kind == "python":
+                fields["compile_s"] = None
+            rows.append({**base[m], "status": "ok", **fields,
+                         "rel_err_vs_float64": rel_error(t.output, ref)})
+            last[m] = (P, t.median_s)
+            slowest = t.median_s if METHODS[m].kind == "jax" else max(t.median_s, t.first_s)
+            if slowest > budget_s:
+                stopped[m] = f"skipped: a call took {slowest:.3g} s > budget {budget_s:g} s"
     for r in rows:
         r.setdefault("median_s", None)
     _add_ratios(rows)
@@ -335,14 +347,25 @@ def slopes(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
 
 
 def ratio_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
-    """Header and rows: K, P, batch_grad time, then each method's time / batch_grad's."""
+    """Header and rows: K, P, device, precision, batch_grad time, then each method's time /
+    batch_grad's. Methods that ran elsewhere than batch_grad (the plain-Python ones when JAX
+    is not on the CPU) say where in their column's name."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     by = {(r["K"], r["method"]): r for r in rows}
-    header = ["K", "P", "batch_grad"] + [f"{m} x" for m in methods if m != "batch_grad"]
+    device = {r["method"]: r.get("device") for r in rows}
+    jax_device = device.get("batch_grad") or _common.device_label()
+
+    def column(m: str) -> str:
+        on_host = not jax_device.startswith("cpu") and METHODS[m].kind == "python"
+        return f"{m} x" + (" (host cpu)" if on_host else "")
+
+    precision = next((r.get("precision") for r in rows if r.get("precision")), None)
+    header = (["K", "P", "device", "precision", "batch_grad"]
+              + [column(m) for m in methods if m != "batch_grad"])
     table = []
     for K in dict.fromkeys(r["K"] for r in rows):
         base = by.get((K, "batch_grad"), {}).get("median_s")
-        line: list[Any] = [K, param_count(K), _fmt_time(base)]
+        line: list[Any] = [K, param_count(K), jax_device, precision, _fmt_time(base)]
         for m in methods:
             if m != "batch_grad":
                 ratio = by.get((K, m), {}).get("ratio_to_batch_grad")
@@ -397,8 +420,9 @@ def plot(rows: Sequence[dict[str, Any]], path: Any, title: str = "") -> None:
     io.save_figure(path, fig, dpi=_common.DPI)
 
 
-CSV_FIELDS = ["K", "P", "N", "method", "kind", "status", "median_s", "min_s", "first_call_s",
-              "compile_s", "repeats", "ratio_to_batch_grad", "rel_err_vs_float64"]
+CSV_FIELDS = ["K", "P", "N", "method", "kind", "device", "dtype", "precision", "status",
+              "median_s", "min_s", "first_call_s", "compile_s", "rounds", "calls_per_round",
+              "ratio_to_batch_grad", "rel_err_vs_float64"]
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -415,6 +439,9 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         max_k[m] = max(done) if done else None
     errs = [r["rel_err_vs_float64"] for r in rows if r.get("rel_err_vs_float64") is not None]
     return {
+        "device": {m: next(r.get("device") for r in rows if r["method"] == m) for m in fits},
+        "precision": {m: next(r.get("precision") for r in rows if r["method"] == m)
+                      for m in fits},
         "slopes": fits,
         "ratio_to_batch_grad": ratios,
         "median_s": {m: {str(r["K"]): r["median_s"] for r in rows if r["method"] == m}
@@ -446,24 +473,29 @@ def main(argv: list[str] | None = None) -> int:
                     help="stop a method once one call takes, or is predicted to take, "
                          "longer than this many seconds (default 2)")
     ap.add_argument("--min-time", type=float, default=0.2,
-                    help="timed repeats per point add up to at least this (default 0.2 s)")
+                    help="timed calls per point add up to at least this (default 0.2 s)")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="interleaved timing rounds per point (default 5)")
+    _common.add_precision_flag(ap)
     args = ap.parse_args(argv)
     if args.quick:
-        args.ks, args.n, args.budget, args.min_time = [2, 4], 16, 0.5, 0.01
-    if args.n < 1 or min(args.ks) < 1:
-        ap.error("--n and --ks must be >= 1")
+        args.ks, args.n, args.budget, args.min_time, args.rounds = [2, 4], 16, 0.5, 0.01, 3
+    if args.n < 1 or min(args.ks) < 1 or args.rounds < 1:
+        ap.error("--n, --ks and --rounds must be >= 1")
     out = _common.out_dir(args.out)
     dtype = jnp.dtype(args.dtype)
-    env = _common.environment(dtype)
-    print(f"{NAME}: N = {args.n}, dtype {env['dtype']}, {env['device']} "
-          f"({env['cpu_count']} CPUs), jax {env['jax_version']}")
+    env = _common.environment(dtype, args.precision)
+    print(f"{NAME}: N = {args.n}, dtype {env['dtype']}, precision {args.precision}, "
+          f"device {env['device_label']} ({env['cpu_count']} CPUs), jax {env['jax_version']}")
 
-    rows = run_bench(args.ks, args.n, args.methods, dtype=dtype, seed=args.seed,
-                     budget_s=args.budget, min_time=args.min_time)
+    rows = run_bench(args.ks, args.n, args.methods, dtype=dtype, precision=args.precision,
+                     seed=args.seed, budget_s=args.budget, min_time=args.min_time,
+                     rounds=args.rounds)
     summary = summarize(rows)
 
     header, table = ratio_table(rows)
-    print("\ntime of batch_grad, and every method's time as a multiple of it (warm median):")
+    print("\ntime of batch_grad, and every method's time as a multiple of it (warm median of "
+          "interleaved rounds):")
     _common.print_table(header, table, floatfmt=".3g")
     print("\nfitted slope of log time vs log P: "
           + ", ".join(f"{m} {s:.2f}" for m, s in summary["slopes"].items()))
@@ -479,7 +511,8 @@ def main(argv: list[str] | None = None) -> int:
     io.write_csv(out / "timings.csv", CSV_FIELDS, ([r.get(f) for f in CSV_FIELDS] for r in rows))
     io.write_csv(out / "ratios.csv", header, table)
     plot(rows, out / "bench_gradients.png",
-         title=f"N = {args.n}, {env['dtype']}, {env['device_kind']} ({env['cpu_count']} CPUs)")
+         title=f"N = {args.n}, {env['dtype']}, precision {args.precision}, "
+               f"{env['device_label']} ({env['cpu_count']} CPUs); Python on the host CPU")
     if args.docs is not None:
         _common.docs_copy(out / "bench_gradients.png", args.docs)
     print(f"wrote {out}/config.json, metrics.json, timings.csv, ratios.csv, bench_gradients.png")

@@ -9,10 +9,12 @@ learning rates each:
   adam      optax.adam(lr)
 
 and reports, per run, the first epoch whose loss is at or below the target
-(a fraction of the starting loss) and the wall time to get there (measured
-after compilation, in a run of exactly that many epochs). The best lr of each
-optimizer is the one that reaches the target in the fewest epochs (else the
-lowest final loss).
+(a fraction of the starting loss) and the wall time to get there: a run of
+exactly that many epochs, after compilation, every run that reached the target
+timed against the others in interleaved rounds (_common.time_interleaved), on
+the device JAX runs on at one matmul precision (--precision, default highest).
+The best lr of each optimizer is the one that reaches the target in the fewest
+epochs (else the lowest final loss).
 
     python experiments/optimizers.py --k 16 --n 1024 --epochs 500 --target 0.001
 """
@@ -20,7 +22,6 @@ lowest final loss).
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,7 +29,6 @@ import _common
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import abc_jax
 from abc_jax import DivergenceError, io, train
@@ -45,70 +45,67 @@ LABELS = {"gd": "hand-rolled GD", "sgd": "optax.sgd", "momentum": "optax.sgd mom
           "adam": "optax.adam"}
 
 
-def make_optimizer(name: str, lr: float) -> optax.GradientTransformation | None:
-    """None (train's hand-rolled rule) for "gd", else the Optax transformation."""
-    if name == "gd":
-        return None
-    if name == "sgd":
-        return optax.sgd(lr)
-    if name == "momentum":
-        return optax.sgd(lr, momentum=0.9)
-    if name == "adam":
-        return optax.adam(lr)
-    raise ValueError(f"optimizer must be one of {sorted(LRS)}, got {name!r}")
-
-
 def first_hit(losses: Sequence[float], target: float) -> int | None:
     """The first epoch e with losses[e] <= target (losses[e] is before update e), else None."""
     hit = np.flatnonzero(np.asarray(losses) <= target)
     return int(hit[0]) if hit.size else None
 
 
-def _timed(fn: Any, repeats: int = 1) -> tuple[Any, float]:
-    """(result, median wall seconds over ``repeats`` calls), each waited for."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return out, float(np.median(times))
-
-
 def run_one(
     name: str, lr: float, params: abc_jax.Params, X: jax.Array, epochs: int, target: float,
-    repeats: int = 5,
+    repeats: int = 5, precision: str = "highest",
 ) -> dict[str, Any]:
-    """One (optimizer, lr) run: losses, epochs and seconds to the target, divergence.
+    """One (optimizer, lr) run: losses, epochs to the target, divergence, time per run.
 
-    The first call compiles (the same optimizer object is reused, so later
-    calls hit the cache); then the median of ``repeats`` timed runs of all
-    epochs, and of ``repeats`` runs of exactly the epochs needed to reach the
-    target: the seconds to the target.
+    The first call compiles (the same optimizer object is reused, so later calls hit
+    the cache); ``wall_s`` is the median of ``repeats`` timed runs of all epochs. The
+    seconds to the target come later, from ``time_to_target``, which reuses ``fit``
+    (kept in the record, a run of e epochs).
     """
-    opt = make_optimizer(name, lr)
+    opt = _common.make_optimizer(name, lr)
 
     def fit(e: int) -> Any:
-        return train(params, X, lr=lr, epochs=e, optimizer=opt, progress=False)
+        return train(params, X, lr=lr, epochs=e, optimizer=opt, progress=False,
+                     precision=precision)
 
-    rec: dict[str, Any] = {"optimizer": name, "lr": lr, "epochs": epochs}
+    rec: dict[str, Any] = {"optimizer": name, "lr": lr, "epochs": epochs,
+                           "device": _common.device_label(), "precision": precision,
+                           "seconds_to_target": None, "fit": fit}
     try:
-        _, first = _timed(lambda: fit(epochs))
-        res, wall = _timed(lambda: fit(epochs), repeats)
+        t = _common.time_interleaved({"run": lambda: fit(epochs)}, rounds=repeats,
+                                     min_time=0.0)["run"]
     except DivergenceError as err:
         losses = np.asarray(err.result.losses, np.float64)
         return {**rec, "diverged_at": err.epoch, "losses": losses, "final_loss": None,
-                "epochs_to_target": first_hit(losses, target), "seconds_to_target": None,
-                "wall_s": None, "compile_s": None, "params": None}
+                "epochs_to_target": first_hit(losses, target), "wall_s": None,
+                "compile_s": None, "params": None}
+    res = t.output
     losses = np.asarray(res.losses, np.float64)
-    hit = first_hit(losses, target)
-    # losses[hit] is the loss after `hit` updates: a run of `hit` epochs ends at that point.
-    secs = _timed(lambda: fit(hit), repeats)[1] if hit is not None else None
     return {
         **rec, "diverged_at": None, "losses": losses,
-        "final_loss": float(abc_jax.batch_loss(res.params, X)),
-        "epochs_to_target": hit, "seconds_to_target": secs, "wall_s": wall,
-        "compile_s": max(first - wall, 0.0), "params": res.params,
+        "final_loss": float(abc_jax.batch_loss(res.params, X, precision=precision)),
+        "epochs_to_target": first_hit(losses, target), "wall_s": t.median_s,
+        "compile_s": t.compile_s, "params": res.params,
     }
+
+
+def time_to_target(runs: Sequence[dict[str, Any]], repeats: int = 5,
+                   min_time: float = 0.05) -> None:
+    """Set ``seconds_to_target`` of every run that reached the target and did not diverge.
+
+    losses[hit] is the loss after ``hit`` updates, so a run of exactly ``hit`` epochs
+    ends at that point; all such runs are timed against each other in interleaved
+    rounds, compile time excluded.
+    """
+    fns = {f"{r['optimizer']}@{r['lr']:g}": (lambda r=r: r["fit"](r["epochs_to_target"]))
+           for r in runs if r["epochs_to_target"] is not None and r["diverged_at"] is None}
+    if not fns:
+        return
+    times = _common.time_interleaved(fns, rounds=repeats, min_time=min_time)
+    for r in runs:
+        t = times.get(f"{r['optimizer']}@{r['lr']:g}")
+        if t is not None:
+            r["seconds_to_target"] = t.median_s
 
 
 def run_sweep(
@@ -120,7 +117,9 @@ def run_sweep(
     lrs: dict[str, Sequence[float]] | None = None,
     seed: int = 0,
     dtype: Any = jnp.float32,
+    precision: str = "highest",
     repeats: int = 5,
+    min_time: float = 0.05,
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Every optimizer at every lr from one start; target = ``target`` * initial loss.
@@ -133,11 +132,13 @@ def run_sweep(
     kp, kx = jax.random.split(jax.random.key(seed))
     params = abc_jax.init_params(kp, k, dtype=dtype)
     X = jax.random.normal(kx, (n, k), dtype)
-    L0 = float(abc_jax.batch_loss(params, X))
+    L0 = float(abc_jax.batch_loss(params, X, precision=precision))
     target_loss = target * L0
     jobs = [(m, lr) for m, grid in lrs.items() for lr in grid]
     bar = _common.progress(jobs, desc="sweep", unit="run") if show_progress else jobs
-    runs = [run_one(m, lr, params, X, epochs, target_loss, repeats) for m, lr in bar]
+    runs = [run_one(m, lr, params, X, epochs, target_loss, repeats, precision)
+            for m, lr in bar]
+    time_to_target(runs, repeats, min_time)
     return {
         "runs": runs, "best": best_runs(runs), "initial_loss": L0, "target_loss": target_loss,
         "gd_vs_sgd": gd_vs_sgd(runs),
@@ -260,8 +261,8 @@ def plot_sweep(res: dict[str, Any], path: Any, title: str) -> None:
     io.save_figure(path, fig, dpi=_common.DPI)
 
 
-RUN_FIELDS = ["optimizer", "lr", "epochs", "final_loss", "epochs_to_target",
-              "seconds_to_target", "wall_s", "compile_s", "diverged_at"]
+RUN_FIELDS = ["optimizer", "lr", "device", "precision", "epochs", "final_loss",
+              "epochs_to_target", "seconds_to_target", "wall_s", "compile_s", "diverged_at"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -273,6 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="target loss as a fraction of the initial loss (default 0.001)")
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                     help="dtype (default float32)")
+    _common.add_precision_flag(ap)
     args = ap.parse_args(list(argv) if argv is not None else None)
     lrs = LRS
     if args.quick:
@@ -284,20 +286,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         jax.config.update("jax_enable_x64", True)
     dtype = jnp.dtype(args.dtype)
     out = _common.out_dir(args.out)
-    env = _common.environment(dtype)
+    env = _common.environment(dtype, args.precision)
     res = run_sweep(args.k, args.n, args.epochs, target=args.target, lrs=lrs, seed=args.seed,
-                    dtype=dtype, repeats=1 if args.quick else 5)
+                    dtype=dtype, precision=args.precision, repeats=1 if args.quick else 5,
+                    min_time=0.0 if args.quick else 0.05)
     win = winners(res["best"], res["runs"])
     desc = (f"K = {args.k}, N = {args.n}, {args.epochs} epochs, {env['dtype']}, "
             f"target = {args.target:g} x initial loss = {res['target_loss']:.4g}")
-    print(f"{NAME}: {desc}; {env['device']} ({env['cpu_count']} CPUs)")
-    rows = [[LABELS[r["optimizer"]], r["lr"],
+    print(f"{NAME}: {desc}; device {env['device_label']} ({env['cpu_count']} CPUs), "
+          f"precision {args.precision}")
+    rows = [[LABELS[r["optimizer"]], r["lr"], r["device"], r["precision"],
              "diverged @" + str(r["diverged_at"]) if r["diverged_at"] is not None
              else r["final_loss"], r["epochs_to_target"],
              None if r["seconds_to_target"] is None else f"{r['seconds_to_target'] * 1e3:.1f}",
              None if r["wall_s"] is None else f"{r['wall_s'] * 1e3:.1f}"]
             for r in res["runs"]]
-    _common.print_table(["optimizer", "lr", "final loss", "epochs to target",
+    _common.print_table(["optimizer", "lr", "device", "precision", "final loss",
+                         "epochs to target",
                          "ms to target", "ms per run"], rows, floatfmt=".4g")
     diffs = res["gd_vs_sgd"]
     dl = max((d["max_abs_loss_diff"] for d in diffs.values()), default=float("nan"))

@@ -1,11 +1,13 @@
 """The experiment scripts: each runs in its quick configuration and writes its files, and the
-logic they hold (plain-Python baselines, timing budget, slope fit, conclusions) is right."""
+logic they hold (plain-Python baselines, the timing helper, timing budget, slope fit,
+conclusions) is right."""
 
 import importlib
 import json
 import math
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import jax
@@ -22,11 +24,13 @@ sys.path.insert(0, str(EXPERIMENTS))  # the scripts import _common and each othe
 
 _common = importlib.import_module("_common")
 bench = importlib.import_module("bench_gradients")
+bench_train = importlib.import_module("bench_train")
 gen = importlib.import_module("generalization")
 opt = importlib.import_module("optimizers")
 repro = importlib.import_module("reproduce_seed")
 
-SCRIPTS = ["reproduce_seed", "bench_gradients", "generalization", "optimizers"]
+SCRIPTS = ["reproduce_seed", "bench_gradients", "generalization", "optimizers", "bench_train",
+           "bench_step"]
 
 
 def _params(key, D=4, H=3, O=2, dtype=jnp.float64):
@@ -91,6 +95,7 @@ def test_reproduce_seed_quick(tmp_path, capsys):
     assert "L = " in printed and "Answers:" in printed
 
 
+@pytest.mark.smoke
 def test_bench_gradients_quick(tmp_path, capsys):
     m, printed = _run_quick("bench_gradients", tmp_path, capsys)
     assert set(m["slopes"]) == set(bench.METHODS)
@@ -98,7 +103,7 @@ def test_bench_gradients_quick(tmp_path, capsys):
     for method in bench.METHODS:
         if method != "batch_grad":
             assert all(r > 0 for r in m["ratio_to_batch_grad"][method].values())
-    errs = m["rel_err_vs_float64"]  # float32 quick run against jax.grad in float64
+    errs = m["rel_err_vs_float64"]  # float32 at "highest" against jax.grad in float64
     assert max(errs[k] for k in ("batch_grad", "jax_grad", "jacfwd")) < 1e-5
     assert max(errs[k] for k in ("python_backprop", "python_fd")) < 1e-9  # Python is float64
     assert errs["fd_grad"] < 1e-1
@@ -106,6 +111,34 @@ def test_bench_gradients_quick(tmp_path, capsys):
     assert env["dtype"] == "float32" and env["jax_version"] == jax.__version__ and env["device"]
     assert m["compile_s"]["batch_grad"]["2"] >= 0
     assert "batch_grad" in printed
+    assert env["precision"] == "highest" and m["precision"]["batch_grad"] == "highest"
+    assert m["device"]["batch_grad"] == _common.device_label()
+    assert m["device"]["python_fd"].startswith("host cpu") and m["precision"]["python_fd"] is None
+    header = (tmp_path / "bench_gradients" / "timings.csv").read_text().splitlines()[0]
+    assert {"device", "precision", "rounds"} <= set(header.split(","))
+
+
+@pytest.mark.smoke
+def test_bench_train_quick(tmp_path, capsys):
+    out = tmp_path / "bench_train"
+    assert bench_train.main(["--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    m = json.loads((out / "metrics.json").read_text())
+    small, large = m["homework_scale"], m["large_batch"]
+    assert set(small["loop_over_train"]) == {"10", "100"} and set(large["loop_over_train"]) == {"3"}
+    assert all(r > 0 for r in small["loop_over_train"].values())
+    diffs = small["max_rel_loss_difference"]  # float64: the three loops agree to rounding
+    assert max(diffs.values()) < 1e-12
+    for row in small["rows"] + large["rows"]:
+        assert row["run_s"] > 0 and row["epochs_per_s"] > 0
+        if row["method"].startswith("plain Python"):
+            assert row["device"].startswith("host cpu") and row["precision"] is None
+        else:
+            assert row["device"] == _common.device_label() and row["precision"] == "highest"
+    assert large["final_loss"] < large["initial_loss"]
+    assert "loop of jitted steps / train" in printed and "highest" in printed
+    lines = (out / "bench_train.csv").read_text().splitlines()
+    assert lines[0].startswith("part,K,N,dtype,method,device,precision") and len(lines) == 1 + 7
 
 
 def test_generalization_quick(tmp_path, capsys):
@@ -119,6 +152,10 @@ def test_generalization_quick(tmp_path, capsys):
 
 def test_optimizers_quick(tmp_path, capsys):
     m, printed = _run_quick("optimizers", tmp_path, capsys)
+    assert all(r["device"] == _common.device_label() and r["precision"] == "highest"
+               for r in m["runs"])
+    hit = [r for r in m["runs"] if r["epochs_to_target"] is not None and r["diverged_at"] is None]
+    assert hit and all(r["seconds_to_target"] > 0 for r in hit)
     assert m["gd_vs_sgd_max_abs_loss_diff"] <= 1e-12 * m["initial_loss"]
     assert set(m["best"]) == {"gd", "sgd", "momentum", "adam"}
     assert m["winner"]["by_epochs"]["epochs"] >= 1
@@ -180,8 +217,14 @@ def test_slopes_and_ratio_table_from_rows():
     fits = bench.slopes(rows)
     assert fits["batch_grad"] == pytest.approx(0.5) and fits["fd_grad"] == pytest.approx(2.0)
     header, table = bench.ratio_table(rows)
-    assert header == ["K", "P", "batch_grad", "fd_grad x"]
-    assert table[0][3] == pytest.approx(10 * 2**3) and table[1][3] == pytest.approx(10 * 4**3)
+    assert header == ["K", "P", "device", "precision", "batch_grad", "fd_grad x"]
+    assert table[0][5] == pytest.approx(10 * 2**3) and table[1][5] == pytest.approx(10 * 4**3)
+    for r in rows:
+        r.update(device="gpu H100", precision="default")
+    rows.append({"K": 2, "P": 12, "N": 4, "method": "python_fd", "median_s": 1.0,
+                 "device": "host cpu (Python)", "precision": None})
+    header, table = bench.ratio_table(rows)  # Python runs on the host, not on the GPU
+    assert header[-1] == "python_fd x (host cpu)" and table[0][2:4] == ["gpu H100", "default"]
 
 
 def test_run_bench_applies_the_time_budget():
@@ -197,11 +240,96 @@ def test_run_bench_applies_the_time_budget():
         bench.run_bench([2], 4, ["backprop"])
 
 
-def test_time_call_separates_the_first_call():
-    calls = []
-    t = bench.time_call(lambda: calls.append(1) or 3, min_time=0, min_repeats=4)
-    assert t["output"] == 3 and t["repeats"] == 4 and len(calls) == 5
-    assert t["min_s"] <= t["median_s"]
+def test_bench_train_loop_ratios():
+    rows = [{"epochs": e, "method": bench_train.LOOPS[m], "run_s": t}
+            for e, m, t in ((10, "train", 1.0), (10, "loop", 3.0), (1000, "train", 4.0),
+                            (1000, "loop", 2.0))]
+    assert bench_train.loop_ratios(rows) == {"10": 3.0, "1000": 0.5}
+
+
+def test_bench_train_step_equals_train(key):
+    params, X = _params(key)
+    rows, outputs = bench_train.compare_loops(params, X, 0.05, 7, "highest", rounds=1,
+                                              min_time=0)
+    np.testing.assert_allclose(outputs["loop"][0], outputs["train"].losses, rtol=1e-12)
+    assert [r["method"] for r in rows] == list(bench_train.LOOPS.values())
+    assert rows[0]["times_train"] == 1.0 and all(r["epochs"] == 7 for r in rows)
+
+
+# -- the one timing helper -----------------------------------------------------------------
+
+
+def _counting(calls, name, value=0):
+    def fn():
+        calls[name] += 1
+        return value
+
+    return fn
+
+
+def test_time_interleaved_counts_first_call_warmup_and_rounds():
+    calls = {"a": 0, "b": 0}
+    times = _common.time_interleaved(
+        {"a": _counting(calls, "a", 3), "b": _counting(calls, "b")}, rounds=4, min_time=0,
+        warmup=2)
+    assert set(times) == {"a", "b"} and times["a"].output == 3
+    for name, t in times.items():
+        assert t.rounds == 4 and t.calls_per_round == 1
+        assert calls[name] == 1 + 2 + 4  # first call, warm-up, one call per round
+        assert 0 < t.min_s <= t.median_s and t.first_s > 0 and t.compile_s >= 0
+    fields = times["a"].fields()
+    assert fields["first_call_s"] == times["a"].first_s and fields["rounds"] == 4
+
+
+def test_time_interleaved_loops_fast_calls_and_caps_slow_ones():
+    calls = {"fast": 0}
+    t = _common.time_interleaved({"fast": _counting(calls, "fast")}, rounds=3, min_time=0.03)
+    assert t["fast"].calls_per_round > 1 and calls["fast"] > 3 * t["fast"].calls_per_round
+    slow = _common.time_interleaved({"slow": lambda: sum(range(20_000))}, rounds=5,
+                                    min_time=0, warmup=0, max_time=1e-9)
+    assert slow["slow"].rounds == 1 and slow["slow"].calls_per_round == 1
+    with pytest.raises(ValueError, match="rounds"):
+        _common.time_interleaved({"a": _counting(calls, "fast")}, rounds=0)
+
+
+def test_time_interleaved_rounds_alternate():
+    order = []
+    _common.time_interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
+                             rounds=3, min_time=0, warmup=0)
+    assert order == ["a", "b"] + ["a", "b"] * 3  # first calls, then rounds in turn
+
+
+def test_wait_blocks_on_jax_outputs():
+    x = jnp.arange(3.0)
+    assert _common.wait((x, [1.0, {"y": x}]))[0] is x
+    assert _common.wait(None) is None
+
+
+# -- device, precision, PyTorch ----------------------------------------------------------
+
+
+def test_precisions_and_torch_tf32():
+    assert _common.precisions_to_time() == (
+        ("highest", "default") if jax.default_backend() == "gpu" else ("highest",))
+    assert _common.torch_allow_tf32("default") and _common.torch_allow_tf32("tensorfloat32")
+    assert not _common.torch_allow_tf32("highest") and not _common.torch_allow_tf32("float32")
+    with pytest.raises(ValueError, match="bfloat16"):
+        _common.torch_allow_tf32("bfloat16")
+    assert _common.device_label().startswith(jax.devices()[0].platform)
+
+
+def test_torch_runs_where_jax_runs(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # not importable
+    assert _common.torch_device() == (None, "torch is not importable")
+    for cuda in (True, False):
+        fake = types.SimpleNamespace(cuda=types.SimpleNamespace(is_available=lambda c=cuda: c))
+        monkeypatch.setitem(sys.modules, "torch", fake)
+        monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+        assert _common.torch_device() == ("cpu", "")
+        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+        device, why = _common.torch_device()
+        assert device == ("cuda" if cuda else None)
+        assert bool(why) is not cuda  # never a GPU against PyTorch on the CPU
 
 
 # -- generalisation logic ----------------------------------------------------------------
@@ -263,10 +391,14 @@ def test_first_hit_and_best_runs():
 
 
 def test_make_optimizer():
-    assert opt.make_optimizer("gd", 0.1) is None
-    assert isinstance(opt.make_optimizer("adam", 0.1), optax.GradientTransformation)
+    assert _common.make_optimizer("gd", 0.1) is None
+    for name in ("sgd", "momentum", "adam"):
+        assert isinstance(_common.make_optimizer(name, 0.1), optax.GradientTransformation)
     with pytest.raises(ValueError, match="optimizer"):
-        opt.make_optimizer("rmsprop", 0.1)
+        _common.make_optimizer("rmsprop", 0.1)
+    train_script = importlib.import_module("train")  # experiments/train.py uses the same one
+    assert train_script.make_optimizer is _common.make_optimizer
+    assert set(train_script.OPTIMIZERS) == set(_common.OPTIMIZERS) == set(opt.LRS)
 
 
 def test_format_table_aligns_columns():

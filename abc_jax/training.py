@@ -19,11 +19,13 @@ epoch. One update per mini-batch, each on that batch's mean loss, and
 ``losses[e]`` is the sample-weighted mean of the epoch's batch losses,
 (1/N) sum_k n_k L(batch k), each at the parameters before that batch's update.
 
-Epochs run on the device: one compiled function runs a fixed number of epochs
-(``epochs_per_chunk``) in a ``lax.scan`` and skips, with a ``lax.cond``, the
-epochs past ``epochs``, so the last partial chunk reuses the same compiled
-code. Between chunks the host updates the progress bar, checks the losses
-for NaN/inf and writes the checkpoint.
+Epochs run on the device: one compiled function runs up to
+``epochs_per_chunk`` epochs in a ``lax.while_loop`` whose trip count is a
+traced argument, so a run of E epochs does exactly E epochs of work, and the
+last partial chunk reuses the same compiled code. Each epoch writes its loss
+into a preallocated (epochs_per_chunk,) buffer; the loop stops after the
+first non-finite loss. Between chunks the host updates the progress bar,
+checks the losses for NaN/inf and writes the checkpoint.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from tqdm import tqdm
 from abc_jax import checks
 from abc_jax.backward import _value_and_grad
 from abc_jax.checkpoint import load_checkpoint, save_checkpoint
-from abc_jax.model import Params, _batch_loss, prepare_batch
+from abc_jax.model import Params, _batch_loss, describe_overflow, prepare_batch
 from abc_jax.parallel import replicate_like
 
 GRADS = ("manual", "oracle")
@@ -169,7 +171,7 @@ class _Carry(NamedTuple):
     params: Params  # parameters before the next epoch
     opt_state: Any
     last_good: Params  # parameters at the start of the last epoch with a finite loss
-    bad: jax.Array  # () bool: an epoch's loss was not finite; later epochs are skipped
+    bad: jax.Array  # () bool: an epoch's loss was not finite; the loop has stopped
 
 
 def _chunk(
@@ -185,12 +187,28 @@ def _chunk(
     batch_size: int | None,
     chunk_size: int | None,
     n_valid: int | None,
+    precision: str,
 ) -> tuple[_Carry, jax.Array]:
-    """Epochs start, ..., start + length - 1 (those < epochs) in one ``lax.scan``.
+    """Epochs start, ..., min(start + length, epochs) - 1 in one ``lax.while_loop``.
 
-    Returns the carry and the (length,) losses; entries for skipped epochs
-    (past ``epochs``, or after a non-finite loss) are NaN.
+    The trip count is traced, so any number of epochs up to ``length`` runs
+    the same compiled code and does only that many epochs of work. The loop
+    stops after the first epoch whose loss is not finite (that epoch's update
+    is not applied). Returns the carry and the (length,) losses; entries of
+    epochs not run are NaN. Traced under ``jax.default_matmul_precision``, so
+    the precision reaches every product, autodiff's included.
     """
+    with jax.default_matmul_precision(precision):
+        return _chunk_loop(carry, X, key, start, epochs, optimizer=optimizer, grad=grad,
+                           length=length, batch_size=batch_size, chunk_size=chunk_size,
+                           n_valid=n_valid)
+
+
+def _chunk_loop(
+    carry: _Carry, X: jax.Array, key: jax.Array | None, start: jax.Array, epochs: jax.Array,
+    *, optimizer: Any, grad: str, length: int, batch_size: int | None,
+    chunk_size: int | None, n_valid: int | None,
+) -> tuple[_Carry, jax.Array]:
     n = X.shape[0] if n_valid is None else n_valid
     dtype = carry.params.A.dtype
     if batch_size is None:
@@ -198,7 +216,7 @@ def _chunk(
     else:  # mini-batches are gathered from the valid rows only
         loss_and_grad = _loss_and_grad_fn(grad, chunk_size, None)
 
-    def run(c: _Carry, e: jax.Array) -> tuple[_Carry, jax.Array]:
+    def epoch(c: _Carry, e: jax.Array) -> tuple[_Carry, jax.Array]:
         if batch_size is None:
             loss, grads = loss_and_grad(c.params, X)
             params, opt_state = _step(optimizer, c.params, c.opt_state, grads, loss)
@@ -216,18 +234,24 @@ def _chunk(
                      keep(c.params, c.last_good), ~ok)
         return new, loss.astype(dtype)
 
-    def skip(c: _Carry, e: jax.Array) -> tuple[_Carry, jax.Array]:
-        del e
-        return c, jnp.full((), jnp.nan, dtype)
+    count = jnp.clip(epochs - start, 0, length)  # epochs to run in this chunk
 
-    def epoch(c: _Carry, i: jax.Array) -> tuple[_Carry, jax.Array]:
-        e = start + i
-        return lax.cond((e < epochs) & ~c.bad, run, skip, c, e)
+    def cond(state: tuple[jax.Array, _Carry, jax.Array]) -> jax.Array:
+        i, c, _ = state
+        return (i < count) & ~c.bad
 
-    return lax.scan(epoch, carry, jnp.arange(length, dtype=start.dtype))
+    def body(state: tuple[jax.Array, _Carry, jax.Array]) -> tuple[jax.Array, _Carry, jax.Array]:
+        i, c, losses = state
+        c, loss = epoch(c, start + i)
+        return i + 1, c, losses.at[i].set(loss)
+
+    losses = jnp.full((length,), jnp.nan, dtype)
+    _, carry, losses = lax.while_loop(cond, body, (jnp.zeros((), start.dtype), carry, losses))
+    return carry, losses
 
 
-_STATIC = ("optimizer", "grad", "length", "batch_size", "chunk_size", "n_valid")
+_STATIC = ("optimizer", "grad", "length", "batch_size", "chunk_size", "n_valid",
+           "precision")
 _run_chunk = jax.jit(_chunk, static_argnames=_STATIC)
 
 
@@ -307,6 +331,41 @@ def _fingerprint(*arrays: Any) -> str:
     return h.hexdigest()
 
 
+def _initial_values(
+    params: Params, X: jax.Array, *, grad: str, chunk_size: int | None, n_valid: int | None,
+    precision: str,
+) -> tuple[jax.Array, jax.Array]:
+    """(loss, all-finite flag of loss and gradient) at ``params``, on the full batch."""
+    with jax.default_matmul_precision(precision):
+        loss, grads = _loss_and_grad_fn(grad, chunk_size, n_valid)(params, X)
+    return loss, checks.all_finite((loss, grads))
+
+
+_initial_values_jit = jax.jit(
+    _initial_values, static_argnames=("grad", "chunk_size", "n_valid", "precision")
+)
+
+
+def _raise_if_initial_overflow(params: Params, X: jax.Array, **static: Any) -> None:
+    """FloatingPointError if the loss or gradient at the initial params is not finite.
+
+    X and the params are finite (checked before training), so a non-finite
+    value there is an overflow of the dtype: no learning rate can help.
+    """
+    loss, ok = _initial_values_jit(params, X, **static)
+    if bool(ok):
+        return
+    dtype = np.dtype(params.A.dtype)
+    what = "loss" if not np.isfinite(float(loss)) else "gradient"
+    raise FloatingPointError(
+        f"the {what} at the initial parameters is not finite (loss {float(loss)}), although X "
+        f"and the params are: it overflows {dtype} (largest finite value "
+        f"{np.finfo(dtype).max:.3g}); {describe_overflow(params, X)}. This is not a "
+        "divergence, no update was made yet: rescale X (or the params), or use float64 "
+        "(jax.config.update('jax_enable_x64', True) and float64 params)"
+    )
+
+
 def _divergence_message(epoch: int, loss: float, lr: float, custom: bool) -> str:
     carries = " (the optimizer carries its own learning rate)" if custom else ""
     kept = (
@@ -336,6 +395,7 @@ def train(
     progress: bool = True,
     checkpoint_dir: str | os.PathLike[str] | None = None,
     epochs_per_chunk: int = EPOCHS_PER_CHUNK,
+    precision: str | None = None,
 ) -> TrainResult:
     """Minimise ``batch_loss(params, X)`` for ``epochs`` epochs.
 
@@ -375,8 +435,13 @@ def train(
         state structure is refused with ValueError. Optimizer
         hyperparameters that are not in its state (e.g. adam's learning rate)
         cannot be checked.
-      epochs_per_chunk: epochs per compiled ``lax.scan`` (>= 1): how often the
-        host shows progress, checks for divergence and checkpoints.
+      epochs_per_chunk: epochs per compiled loop (>= 1): how often the host
+        shows progress, checks for divergence and checkpoints. A chunk runs
+        only the epochs left, so it costs nothing to make it large.
+      precision: matmul precision of every product in training, None for
+        abc_jax's default ``"highest"`` (see ``checks.check_precision``);
+        ``"default"`` lets a GPU use TF32. A speed knob like chunk_size: it
+        may change across a resume.
 
     Returns:
       ``TrainResult(params, losses)``: params after the last epoch and losses
@@ -385,11 +450,19 @@ def train(
       e's batch losses, each before its own update).
 
     Raises:
-      DivergenceError: a loss became NaN or inf; names the epoch and lr.
+      DivergenceError: a loss became NaN or inf after updates; names the
+        epoch and lr.
+      FloatingPointError: the loss (or gradient) at the initial params is
+        not finite although X and the params are: the data or params
+        overflow the dtype, which no learning rate fixes. The message gives
+        max |X|, max |param| and the dtype's largest value, and suggests
+        rescaling X or float64. Not a DivergenceError, so code that retries
+        with a smaller lr on divergence does not retry this.
       ValueError, TypeError: a bad argument, named, before any tracing; or a
         checkpoint that does not match this call.
     """
     lr = checks.check_finite_float(lr, "lr", positive=True)
+    precision = checks.check_precision(precision)
     epochs = _check_epochs(epochs)
     grad = _check_grad(grad)
     batch_size = checks.check_positive_int(batch_size, "batch_size", allow_none=True)
@@ -406,6 +479,7 @@ def train(
     dtype = params.A.dtype
     params = _strong(params)
     opt_state = _strong(optimizer.init(params))
+    initial = params  # for the initial-loss check, also after a resume
 
     start, losses = 0, []
     if checkpoint_dir is not None:
@@ -440,7 +514,8 @@ def train(
     # epoch diverge, .result falls back to the checkpointed params.
     carry = _Carry(params, opt_state, params, jnp.zeros((), bool))
     static = dict(optimizer=optimizer, grad=grad, length=epochs_per_chunk,
-                  batch_size=batch_size, chunk_size=chunk_size, n_valid=n_valid)
+                  batch_size=batch_size, chunk_size=chunk_size, n_valid=n_valid,
+                  precision=precision)
     total = jnp.asarray(epochs, jnp.int32)
     with tqdm(total=epochs, initial=start, disable=not progress or start >= epochs, desc="train",
               unit="epoch", leave=False) as bar:
@@ -453,6 +528,11 @@ def train(
             bad = ~np.isfinite(L)
             if bad.any():
                 j = int(np.argmax(bad))
+                if start + j <= 1:  # the loss after at most one update: was it the start?
+                    _raise_if_initial_overflow(
+                        initial, X, grad=grad, chunk_size=chunk_size, n_valid=n_valid,
+                        precision=precision,
+                    )
                 kept = np.concatenate([*losses, L[:j]]).astype(dtype)
                 result = TrainResult(carry.last_good, jnp.asarray(kept))
                 raise DivergenceError(
@@ -480,6 +560,7 @@ def train_per_sample(
     epochs: int,
     progress: bool = True,
     epochs_per_chunk: int = EPOCHS_PER_CHUNK,
+    precision: str | None = None,
 ) -> TrainResult:
     """The homework's first experiment: one copy of the params trained on each sample.
 
@@ -496,6 +577,7 @@ def train_per_sample(
       lr: finite learning rate > 0.
       epochs: >= 0.
       progress: tqdm bar, updated once per chunk of ``epochs_per_chunk``.
+      precision: matmul precision, as in ``train``.
 
     Returns:
       ``TrainResult`` with params A (N, H, D), B (N, H, D), C (N, O, H) and
@@ -511,6 +593,7 @@ def train_per_sample(
     lr = checks.check_finite_float(lr, "lr", positive=True)
     epochs = _check_epochs(epochs)
     epochs_per_chunk = checks.check_positive_int(epochs_per_chunk, "epochs_per_chunk")
+    precision = checks.check_precision(precision)
     if checks.is_traced(params, X):
         raise TypeError("train_per_sample runs its own compiled loop: call it outside jax.jit")
     params, X, n_valid, _ = prepare_batch(params, X)
@@ -522,7 +605,7 @@ def train_per_sample(
     copies = _strong(copies)
     carry = _Carry(copies, optimizer.init(params), copies, jnp.zeros((N,), bool))
     static = dict(optimizer=optimizer, grad="manual", length=epochs_per_chunk,
-                  batch_size=None, chunk_size=None, n_valid=None)
+                  batch_size=None, chunk_size=None, n_valid=None, precision=precision)
     total = jnp.asarray(epochs, jnp.int32)
     losses: list[np.ndarray] = []
     start = 0

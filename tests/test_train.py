@@ -53,6 +53,7 @@ def assert_results_close(a: TrainResult, b: TrainResult, rtol: float, atol: floa
 # --- the update rule and Optax ----------------------------------------------
 
 
+@pytest.mark.smoke
 def test_losses_are_the_loss_before_each_update():
     params, X = make_problem()
     r = train(params, X, lr=LR, epochs=3, progress=False)
@@ -62,6 +63,7 @@ def test_losses_are_the_loss_before_each_update():
     np.testing.assert_allclose(r.losses[1], loss_at(p1, X), rtol=1e-12)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize(("dtype", "rtol"), [(jnp.float64, 1e-12), (jnp.float32, 1e-6)])
 def test_hand_rolled_rule_equals_optax_sgd(dtype, rtol):
     params, X = make_problem(dtype)
@@ -145,6 +147,25 @@ def test_divergence_raises_with_the_last_finite_epoch(dtype):
     np.testing.assert_array_equal(before.losses, result.losses)
 
 
+@pytest.mark.parametrize(("dtype", "scale"), [(jnp.float32, 1e30), (jnp.float64, 1e160)])
+def test_an_overflow_at_the_initial_params_is_not_a_divergence(dtype, scale):
+    # X is finite, but its loss overflows the dtype before any update: no lr helps
+    params, X = make_problem(dtype)
+    assert np.all(np.isfinite(np.asarray(X * scale)))
+    with pytest.raises(FloatingPointError) as info:
+        train(params, X * scale, lr=LR, epochs=20, progress=False)
+    assert not isinstance(info.value, DivergenceError)
+    message = str(info.value)
+    assert "loss at the initial parameters is not finite" in message
+    assert "max |x|" in message and "max |param|" in message
+    assert f"{np.finfo(dtype).max:.3g}" in message and str(np.dtype(dtype)) in message
+    assert "rescale X" in message and "float64" in message
+    assert "learning rate" not in message and "lr" not in message
+    with pytest.raises(FloatingPointError, match="initial parameters"):  # mini-batches too
+        train(params, X * scale, lr=LR, epochs=20, batch_size=4, key=jax.random.key(0),
+              progress=False)
+
+
 def test_divergence_with_an_optax_optimizer_mentions_its_own_learning_rate():
     params, X = make_problem()
     with pytest.raises(DivergenceError, match="optimizer carries its own learning rate"):
@@ -206,6 +227,8 @@ def test_zero_epochs_returns_the_params_unchanged():
         (dict(optimizer="adam"), TypeError, "optimizer"),
         (dict(batch_size=2, key=jnp.ones(3)), TypeError, "key"),
         (dict(epochs_per_chunk=0), ValueError, "epochs_per_chunk"),
+        (dict(precision="fast"), ValueError, "precision"),
+        (dict(precision=32), TypeError, "precision"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, error, name):
@@ -235,7 +258,55 @@ def test_progress_bar_shows_the_loss(capsys):
     assert capsys.readouterr().err == ""
 
 
-# --- compilation ------------------------------------------------------------
+# --- compilation and work --------------------------------------------------
+
+
+def counting(optimizer, calls):
+    """``optimizer`` whose update also counts, from inside the compiled loop, its calls."""
+
+    def update(grads, state, params=None):
+        jax.debug.callback(lambda: calls.append(1))
+        return optimizer.update(grads, state, params)
+
+    return optax.GradientTransformation(optimizer.init, update)
+
+
+def test_a_run_does_exactly_its_epochs_of_work():
+    params, X = make_problem()
+    calls = []
+    optimizer = counting(optax.sgd(LR), calls)
+    r = train(params, X, lr=LR, epochs=10, optimizer=optimizer, progress=False,
+              epochs_per_chunk=100)
+    assert r.losses.shape == (10,) and len(calls) == 10  # not 100
+    calls.clear()
+    train(params, X, lr=LR, epochs=230, optimizer=optimizer, progress=False,
+          epochs_per_chunk=100)
+    assert len(calls) == 230
+    calls.clear()  # a divergence stops the loop at the first non-finite loss
+    with pytest.raises(DivergenceError) as info:
+        train(params, X, lr=1e3, epochs=100, optimizer=counting(optax.sgd(1e3), calls),
+              progress=False, epochs_per_chunk=100)
+    assert len(calls) == info.value.epoch + 1  # the epochs up to and with the bad one
+    # the epochs of a chunk are one while_loop with a traced trip count, not a scan
+    static = dict(optimizer=optax.sgd(LR), grad="manual", length=100, batch_size=None,
+                  chunk_size=None, n_valid=None, precision="highest")
+    carry = train_mod._Carry(params, static["optimizer"].init(params), params,
+                             jnp.zeros((), bool))
+    jaxpr = jax.make_jaxpr(lambda c, X, s, e: train_mod._chunk(c, X, None, s, e, **static))(
+        carry, X, jnp.int32(0), jnp.int32(10))
+    loops = [eqn.primitive.name for eqn in jaxpr.eqns if eqn.primitive.name in ("while", "scan")]
+    assert loops == ["while"], loops
+
+
+def test_precision_is_a_speed_knob_not_part_of_the_run(tmp_path):
+    params, X = make_problem()
+    kw = dict(lr=LR, progress=False, epochs_per_chunk=10, checkpoint_dir=tmp_path)
+    high = train(params, X, epochs=30, precision="highest", **kw)
+    resumed = train(params, X, epochs=40, precision="default", **kw)  # not refused
+    np.testing.assert_array_equal(resumed.losses[:30], high.losses)
+    whole = train(params, X, lr=LR, epochs=40, progress=False, epochs_per_chunk=10)
+    assert_results_close(resumed, whole, rtol=1e-12)  # a CPU computes float64 alike
+
 
 
 def test_one_compilation_serves_every_chunk():

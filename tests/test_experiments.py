@@ -128,7 +128,7 @@ def test_bench_train_quick(tmp_path, capsys):
     assert set(small["loop_over_train"]) == {"10", "100"} and set(large["loop_over_train"]) == {"3"}
     assert all(r > 0 for r in small["loop_over_train"].values())
     diffs = small["max_rel_loss_difference"]  # float64: the three loops agree to rounding
-    assert max(diffs.values()) < 1e-12
+    assert max(diffs.values()) < 1e-10
     for row in small["rows"] + large["rows"]:
         assert row["run_s"] > 0 and row["epochs_per_s"] > 0
         if row["method"].startswith("plain Python"):
@@ -251,7 +251,7 @@ def test_bench_train_step_equals_train(key):
     params, X = _params(key)
     rows, outputs = bench_train.compare_loops(params, X, 0.05, 7, "highest", rounds=1,
                                               min_time=0)
-    np.testing.assert_allclose(outputs["loop"][0], outputs["train"].losses, rtol=1e-12)
+    np.testing.assert_allclose(outputs["loop"][0], outputs["train"].losses, rtol=1e-10)
     assert [r["method"] for r in rows] == list(bench_train.LOOPS.values())
     assert rows[0]["times_train"] == 1.0 and all(r["epochs"] == 7 for r in rows)
 

@@ -7,6 +7,7 @@ The graph (one sample x (D,), A, B (H, D), C (O, H))::
 
 from abc_jax.backward import abc_loss, batch_grad, manual_grad, manual_vjp, per_sample_grads
 from abc_jax.data import DataError, load_data
+from abc_jax.graph import draw_graph
 from abc_jax.model import Params, Residuals, batch_loss, forward, init_params, loss, sigmoid
 from abc_jax.parallel import ShardedBatch, data_mesh, shard_batch
 from abc_jax.reference import fd_grad, grad_errors, oracle_grad
@@ -23,6 +24,7 @@ __all__ = [
     "batch_grad",
     "batch_loss",
     "data_mesh",
+    "draw_graph",
     "fd_grad",
     "forward",
     "grad_errors",

@@ -62,8 +62,8 @@ def loss_listing(
     """Gradient descent on one random x, by ``train`` and by the homework's Python loop.
 
     Returns (final params, x, record) where record holds both loss lists
-    (``losses[e]`` is the loss before update e, as the homework printed it)
-    and their largest difference.
+    (``losses[e]`` is the loss before update e, as the homework printed it),
+    their largest difference and the starting parameters (``params_start``).
     """
     kp, kx = jax.random.split(jax.random.key(seed))
     params0 = abc_jax.init_params(kp, k, dtype=jnp.float64)
@@ -78,6 +78,7 @@ def loss_listing(
         "max_abs_diff_python": float(np.max(np.abs(losses - np.asarray(py)))) if py else 0.0,
         "initial_loss": float(losses[0]) if epochs else None,
         "final_loss": float(abc_jax.loss(res.params, x)),
+        "params_start": params0,
     }
     return res.params, x, record
 
@@ -97,6 +98,22 @@ def plot_listing(record: dict[str, Any], path: Any, lr: float) -> None:
     ax.set_ylabel("loss L = ||w||² for one x [log]")
     ax.set_title("Plain gradient descent on one random x, K = 3", fontsize=10)
     ax.legend(fontsize=8)
+    io.save_figure(path, fig, dpi=_common.DPI)
+
+
+def plot_graph(
+    params_start: abc_jax.Params, params_end: abc_jax.Params, x: jax.Array, path: Any,
+    epochs: int, lr: float,
+) -> None:
+    """graph.png: the graph for x with its values and gradients, before (top) and after training."""
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure()
+    top, bottom = fig.subfigures(2, 1)
+    for sub, p, when in ((top, params_start, "Before training"),
+                         (bottom, params_end, f"After {epochs} steps of lr = {lr:g}")):
+        abc_jax.draw_graph(p, x, fig=sub,
+                           title=f"{when}: L = {float(abc_jax.loss(p, x)):.4g}")
     io.save_figure(path, fig, dpi=_common.DPI)
 
 
@@ -717,6 +734,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"... {args.epochs} steps: L = {rec['losses'][0]:.6g} -> {rec['final_loss']:.6g}; "
           f"the same loop on Python lists differs by at most {rec['max_abs_diff_python']:.1e}")
     plot_listing(rec, out / "reproduce_loss.png", args.lr)
+    plot_graph(rec["params_start"], params, x, out / "graph.png", args.epochs, args.lr)
+    if args.docs is not None and not args.quick:  # a quick run copies only the key figure
+        _common.docs_copy(out / "graph.png", args.docs)
     io.write_csv(out / "loss.csv", ["iteration", "loss", "loss_python_lists"],
                  zip(range(args.epochs), rec["losses"], rec["python_losses"], strict=True))
 

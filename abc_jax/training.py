@@ -42,9 +42,9 @@ import optax
 from jax import lax
 from tqdm import tqdm
 
-from abc_jax import checks
+from abc_jax import checks, parallel
 from abc_jax.backward import _value_and_grad
-from abc_jax.checkpoint import load_checkpoint, save_checkpoint
+from abc_jax.checkpoint import restore, run_settings, save_checkpoint
 from abc_jax.model import Params, _batch_loss, describe_overflow, prepare_batch
 from abc_jax.parallel import replicate_like
 
@@ -322,15 +322,6 @@ def _select_rows(mask: jax.Array, a: Params, b: Params) -> Params:
     )
 
 
-def _fingerprint(*arrays: Any) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.asarray(a)
-        h.update(f"{a.dtype}{a.shape}".encode())
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()
-
-
 def _initial_values(
     params: Params, X: jax.Array, *, grad: str, chunk_size: int | None, n_valid: int | None,
     precision: str,
@@ -475,30 +466,24 @@ def train(
     if checks.is_traced(params, X, key):
         raise TypeError("train runs its own compiled loop: call it outside jax.jit/vmap/grad")
     params, X, n_valid, chunk_size = prepare_batch(params, X, chunk_size)
-    _check_finite_values(params, X if n_valid is None else X[:n_valid])
-    dtype = params.A.dtype
-    params = _strong(params)
-    opt_state = _strong(optimizer.init(params))
-    initial = params  # for the initial-loss check, also after a resume
+    _check_finite_values(params, X)  # padding rows, if any, are zeros
+    static = dict(optimizer=optimizer, grad=grad, length=epochs_per_chunk,
+                  batch_size=batch_size, chunk_size=chunk_size, n_valid=n_valid,
+                  precision=precision)
+    params = replicate_like(_strong(params), X)
+    opt_state = replicate_like(_strong(optimizer.init(params)), X)
+    parallel.check_same_on_all_processes(
+        _call_summary(params, X, key, opt_state, static, lr=lr, epochs=epochs,
+                      checkpointing=checkpoint_dir is not None),
+        "train",
+    )
 
-    start, losses = 0, []
+    initial, start, losses, save = params, 0, [], None
     if checkpoint_dir is not None:
-        n = X.shape[0] if n_valid is None else n_valid
-        settings = {
-            "N": n, "D": X.shape[1], "H": params.A.shape[0], "O": params.C.shape[0],
-            "dtype": str(dtype), "lr": lr, "grad": grad, "batch_size": batch_size,
-            "key": None if key is None else np.asarray(
-                jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
-                else key).tolist(),
-            "optimizer": "optax" if custom else "gradient_descent",
-            "opt_state": str(jax.tree.structure(opt_state)),
-            "opt_state_leaves": [[list(a.shape), str(a.dtype)] for a in jax.tree.leaves(opt_state)],
-            "data_sha256": _fingerprint(X[:n]),
-            "init_sha256": _fingerprint(*params),
-        }
-        ckpt = load_checkpoint(
-            checkpoint_dir, params_like=params, opt_state_like=opt_state, settings=settings
-        )
+        settings = run_settings(params, X, n_valid, opt_state, lr=lr, grad=grad,
+                                batch_size=batch_size, key=key, custom_optimizer=custom)
+        ckpt = restore(checkpoint_dir, params_like=params, opt_state_like=opt_state,
+                       settings=settings)
         if ckpt is not None:
             if ckpt.epoch > epochs:
                 raise ValueError(
@@ -507,45 +492,83 @@ def train(
                     "checkpoint_dir"
                 )
             start, losses = ckpt.epoch, [ckpt.losses]
-            params = replicate_like(ckpt.params, X)
-            opt_state = _strong(replicate_like(ckpt.opt_state, X))
+            params, opt_state = replicate_like(_strong((ckpt.params, ckpt.opt_state)), X)
+        if parallel.is_main_process():  # one writer; the others get it through restore
+            save = functools.partial(save_checkpoint, checkpoint_dir, settings=settings)
 
     # After a resume the epoch before the checkpoint is gone: should the very first
     # epoch diverge, .result falls back to the checkpointed params.
-    carry = _Carry(params, opt_state, params, jnp.zeros((), bool))
-    static = dict(optimizer=optimizer, grad=grad, length=epochs_per_chunk,
-                  batch_size=batch_size, chunk_size=chunk_size, n_valid=n_valid,
-                  precision=precision)
-    total = jnp.asarray(epochs, jnp.int32)
+    carry = _Carry(params, opt_state, params, replicate_like(jnp.zeros((), bool), X))
+    return _run_epochs(
+        carry, X, replicate_like(key, X), start, epochs, losses, static, initial=initial,
+        lr=lr, custom=custom, progress=progress and parallel.is_main_process(), save=save,
+    )
+
+
+def _call_summary(
+    params: Params, X: jax.Array, key: jax.Array | None, opt_state: Any,
+    static: dict[str, Any], **values: Any,
+) -> dict[str, Any]:
+    """What must be the same on every process of a job, for ``check_same_on_all_processes``."""
+    if key is not None and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    digest = hashlib.sha256()
+    for p in params:  # this process's copy of the replicated params
+        digest.update(np.ascontiguousarray(np.asarray(p)).tobytes())
+    return values | {k: v for k, v in static.items() if k != "optimizer"} | {
+        "params": digest.hexdigest(),
+        "X": (X.shape, str(X.dtype)),
+        "key": None if key is None else np.asarray(key).tolist(),
+        "optimizer state": (str(jax.tree.structure(opt_state)),
+                            [(a.shape, str(a.dtype)) for a in jax.tree.leaves(opt_state)]),
+    }
+
+
+def _run_epochs(
+    carry: _Carry,
+    X: jax.Array,
+    key: jax.Array | None,
+    start: int,
+    epochs: int,
+    losses: list[np.ndarray],
+    static: dict[str, Any],
+    *,
+    initial: Params,
+    lr: float,
+    custom: bool,
+    progress: bool,
+    save: Any,
+) -> TrainResult:
+    """Chunks of epochs from ``start`` until ``epochs``; between chunks the host checks the
+    losses, writes the checkpoint (``save``, if any) and updates the progress bar."""
+    dtype = carry.params.A.dtype
+    length = static["length"]
     with tqdm(total=epochs, initial=start, disable=not progress or start >= epochs, desc="train",
               unit="epoch", leave=False) as bar:
         while start < epochs:
             carry, chunk_losses = _run_chunk(
-                carry, X, key, jnp.asarray(start, jnp.int32), total, **static
+                carry, X, key, np.int32(start), np.int32(epochs), **static
             )
-            done = min(epochs_per_chunk, epochs - start)
+            done = min(length, epochs - start)
             L = np.asarray(chunk_losses)[:done]
             bad = ~np.isfinite(L)
             if bad.any():
                 j = int(np.argmax(bad))
                 if start + j <= 1:  # the loss after at most one update: was it the start?
                     _raise_if_initial_overflow(
-                        initial, X, grad=grad, chunk_size=chunk_size, n_valid=n_valid,
-                        precision=precision,
+                        initial, X, **{k: static[k] for k in (
+                            "grad", "chunk_size", "n_valid", "precision")}
                     )
                 kept = np.concatenate([*losses, L[:j]]).astype(dtype)
-                result = TrainResult(carry.last_good, jnp.asarray(kept))
                 raise DivergenceError(
                     _divergence_message(start + j, float(L[j]), lr, custom),
-                    result, start + j, lr,
+                    TrainResult(carry.last_good, jnp.asarray(kept)), start + j, lr,
                 )
             losses.append(L)
             start += done
-            if checkpoint_dir is not None:
-                save_checkpoint(
-                    checkpoint_dir, params=carry.params, opt_state=carry.opt_state,
-                    epoch=start, losses=np.concatenate(losses), settings=settings,
-                )
+            if save is not None:
+                save(params=carry.params, opt_state=carry.opt_state, epoch=start,
+                     losses=np.concatenate(losses))
             bar.update(done)
             bar.set_postfix(loss=f"{float(L[-1]):.6g}")
     all_losses = np.concatenate(losses) if losses else np.zeros((0,), dtype)

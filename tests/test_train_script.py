@@ -149,3 +149,22 @@ def test_script_reports_a_bad_data_file_in_one_line(tmp_path, name, content):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and name in lines[0], lines
     assert not (tmp_path / "out").exists()  # nothing written for a run that never started
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--coordinator", "127.0.0.1:1234"], "go together"),
+        (["--num-processes", "2", "--process-id", "0"], "go together"),
+        (["--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "2"],
+         "--process-id must be in 0 .. 1"),
+        (["--coordinator", "nohost", "--num-processes", "2", "--process-id", "1"],
+         "HOST:PORT"),
+    ],
+    ids=["coordinator-alone", "no-coordinator", "id-out-of-range", "bad-address"],
+)
+def test_script_several_process_flags_are_checked(tmp_path, flags, message):
+    result = run_script(*flags, "--epochs", "1", "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -30,6 +30,7 @@ same masking of rows >= N holds (see ``shard_local_batch``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 import socket
@@ -358,7 +359,13 @@ class _Layout:
 
 
 def _redistribute(source: jax.Array, layout: _Layout, mesh: Mesh) -> jax.Array:
-    """Move the rows of ``source`` (source layout) into the target layout, on the devices.
+    """Move the rows of ``source`` (source layout) into the target layout, on the devices."""
+    return _mover(layout, mesh)(source)
+
+
+@functools.lru_cache(maxsize=16)
+def _mover(layout: _Layout, mesh: Mesh) -> Any:
+    """The compiled move of ``_redistribute``, one per layout and mesh.
 
     A ``shard_map`` over the data axis: the blocks that move by the same
     number s of devices travel in one ``lax.ppermute`` (s = 0 stays local),
@@ -393,7 +400,7 @@ def _redistribute(source: jax.Array, layout: _Layout, mesh: Mesh) -> jax.Array:
 
     spec = PartitionSpec(DATA_AXIS, None)
     move = jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec)
-    return jax.jit(move, out_shardings=NamedSharding(mesh, spec))(source)
+    return jax.jit(move, out_shardings=NamedSharding(mesh, spec))
 
 
 def shard_local_batch(X: Any, mesh: Mesh | None = None) -> jax.Array | ShardedBatch:

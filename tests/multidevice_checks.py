@@ -81,3 +81,56 @@ def test_nan_in_sharded_batch_is_reported():
     X = X.at[9, 2].set(jnp.nan)
     with pytest.raises(ValueError, match=r"X\[9, 2\]"):
         abc_jax.batch_grad(params, abc_jax.shard_batch(X))
+
+
+@pytest.mark.parametrize(("counts", "devices"), [((6, 3), (2, 2)), ((3, 6), (2, 2)),
+                                                  ((1, 0, 8), (1, 1, 2)), ((4, 4), (2, 2))])
+def test_rows_of_several_processes_move_into_order_on_the_devices(counts, devices):
+    # The move shard_local_batch makes, with the 4 devices of this process standing in for
+    # the devices of several processes: only neighbour-to-neighbour copies, no all-gather.
+    from abc_jax.parallel import _Layout, _redistribute, data_mesh
+
+    layout = _Layout(counts, devices)
+    R1, n = layout.source_rows, layout.n
+    X = np.arange(1, n * 2 + 1, dtype=np.float64).reshape(n, 2)  # no row is zero
+    source, first = [], 0
+    for count, ndev in zip(counts, devices, strict=True):
+        rows = np.zeros((ndev * R1, 2))
+        rows[:count] = X[first : first + count]
+        source.append(rows)
+        first += count
+    mesh = data_mesh()
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None))
+    moved = _redistribute(jax.device_put(np.concatenate(source), sharding), layout, mesh)
+    expected = np.zeros((4 * layout.target_rows, 2))
+    expected[:n] = X
+    np.testing.assert_array_equal(np.asarray(moved), expected)
+    assert moved.sharding.is_equivalent_to(sharding, 2)
+
+
+def test_the_move_sends_blocks_not_the_whole_batch():
+    from abc_jax.parallel import _Layout, _mover, data_mesh
+
+    mesh = data_mesh()
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None))
+    source = jax.device_put(np.zeros((1200, 8)), sharding)
+    hlo = _mover(_Layout((600, 401), (2, 2)), mesh).lower(source).compile().as_text()
+    assert "collective-permute" in hlo
+    assert "all-gather" not in hlo and "all-to-all" not in hlo
+
+
+def test_fingerprint_of_a_sharded_batch_is_that_of_the_rows():
+    from abc_jax.checkpoint import fingerprint
+
+    _, X = _problem(10)
+    Xs = abc_jax.shard_batch(X)
+    assert fingerprint(Xs.X, n_rows=Xs.n) == fingerprint(X)
+
+
+def test_a_key_replicates_over_the_mesh():
+    from abc_jax.parallel import replicate_like
+
+    _, X = _problem(8)
+    k = replicate_like(jax.random.key(3), abc_jax.shard_batch(X))
+    assert k.sharding.is_fully_replicated and len(k.sharding.device_set) == 4
+    np.testing.assert_array_equal(jax.random.key_data(k), jax.random.key_data(jax.random.key(3)))

@@ -26,6 +26,13 @@ last partial chunk reuses the same compiled code. Each epoch writes its loss
 into a preallocated (epochs_per_chunk,) buffer; the loop stops after the
 first non-finite loss. Between chunks the host updates the progress bar,
 checks the losses for NaN/inf and writes the checkpoint.
+
+With several processes (X from ``parallel.shard_local_batch``) every process
+runs the same loop on its own rows; XLA all-reduces the gradient sums, so the
+losses and params are the same everywhere. The host never holds X: the
+finite check and the data fingerprint are reductions on the devices. Process
+0 alone shows the progress bar and writes checkpoints, and on a resume sends
+what it read to the others.
 """
 
 from __future__ import annotations
@@ -398,8 +405,11 @@ def train(
     Args:
       params: ``Params(A (H, D), B (H, D), C (O, H))``; their dtype is the
         dtype of the result and of the losses (X is cast to it).
-      X: samples, shape (N, D), finite; may be sharded across devices. It is
-        validated once here, never per epoch.
+      X: samples, shape (N, D), finite; may be sharded across devices
+        (``shard_batch``) or across processes (``parallel.shard_local_batch``:
+        then every process calls train with the same arguments, which is
+        checked, and gets the same result). It is validated once here, never
+        per epoch.
       lr: learning rate, finite and > 0. With ``optimizer`` given, the
         optimizer carries its own learning rate; lr is still validated,
         recorded in the checkpoint and named in a divergence message.
@@ -425,7 +435,9 @@ def train(
         initial params, shapes, dtype, lr, grad, batch_size, key or optimizer
         state structure is refused with ValueError. Optimizer
         hyperparameters that are not in its state (e.g. adam's learning rate)
-        cannot be checked.
+        cannot be checked. With several processes only process 0 reads and
+        writes it (its path on the other processes is not used), and a resume
+        sends process 0's checkpoint to all.
       epochs_per_chunk: epochs per compiled loop (>= 1): how often the host
         shows progress, checks for divergence and checkpoints. A chunk runs
         only the epochs left, so it costs nothing to make it large.

@@ -28,6 +28,7 @@ import argparse
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import jax
@@ -172,15 +173,31 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return run(args)
-    except jax.errors.JaxRuntimeError as e:
+    except BaseException as e:
         if jax.process_count() == 1:
             raise
-        # A collective failed: a peer process died. Leave at once, without the exit
-        # barrier that would wait for the dead peer.
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: lost a peer process ({first[:200]}); run the same commands again to "
-              "resume from the last checkpoint", file=sys.stderr, flush=True)
-        os._exit(1)
+        leave(e)
+
+
+def leave(e: BaseException) -> None:
+    """End this process of several at once, after one line on stderr.
+
+    A normal exit would wait in JAX's exit barrier for the other processes,
+    which wait in their next collective for this one: both would hang. Gone
+    without the barrier, this process stops sending heartbeats, and JAX ends
+    the others within the heartbeat timeout.
+    """
+    resume = "run the same commands again to resume from the last checkpoint"
+    if isinstance(e, KeyboardInterrupt):
+        code, what = 130, "interrupted"
+    elif isinstance(e, jax.errors.JaxRuntimeError):  # a collective failed: a peer died
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        code, what = 1, f"lost a peer process ({first[:200]})"
+    else:
+        traceback.print_exc()
+        code, what = 1, f"process {jax.process_index()} failed ({type(e).__name__})"
+    print(f"error: {what}; {resume}", file=sys.stderr, flush=True)
+    os._exit(code)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -84,7 +84,8 @@ def test_nan_in_sharded_batch_is_reported():
 
 
 @pytest.mark.parametrize(("counts", "devices"), [((6, 3), (2, 2)), ((3, 6), (2, 2)),
-                                                  ((1, 0, 8), (1, 1, 2)), ((4, 4), (2, 2))])
+                                                  ((1, 0, 8), (1, 1, 2)), ((4, 4), (2, 2)),
+                                                  ((2, 5, 0, 3), (1, 1, 1, 1))])
 def test_rows_of_several_processes_move_into_order_on_the_devices(counts, devices):
     # The move shard_local_batch makes, with the 4 devices of this process standing in for
     # the devices of several processes: only neighbour-to-neighbour copies, no all-gather.

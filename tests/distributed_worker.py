@@ -62,8 +62,11 @@ for shard in Xg.X.addressable_shards:
     expected[: len(rows)] = rows
     np.testing.assert_array_equal(np.asarray(shard.data), expected)
 
+whole = parallel.shard_batch(X)  # the whole batch given to every process also works
 differences = {
     "batch_grad": rel(batch_grad(params, Xg), batch_grad(params, X)),
+    "batch_grad, whole X on every process": rel(batch_grad(params, whole),
+                                                batch_grad(params, X)),
     "batch_grad chunked": rel(batch_grad(params, Xg, chunk_size=64), batch_grad(params, X)),
     "oracle_grad": rel(oracle_grad(params, Xg), oracle_grad(params, X)),
     "batch_loss": rel(batch_loss(params, Xg), batch_loss(params, X)),

@@ -19,6 +19,7 @@ caller's jit the values are tracers and the value check is skipped.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -215,6 +216,7 @@ def all_finite(tree: Any) -> jax.Array:
 
 
 Prepare = Callable[..., tuple[Any, Any, dict[str, Any]]]
+_FINITE_CACHE = 256  # entries of an entry point's seen-finite inputs
 Describe = Callable[[Any, Any], str]
 
 
@@ -235,7 +237,8 @@ def checked_entry(fn: Callable[..., Any], prepare: Prepare, name: str,
     Returns:
       ``call(params, data, **kwargs)``. Outside any transformation it runs
       one compiled computation that returns the outputs and their all-finite
-      flag, reads the flag (one scalar) and raises on a non-finite result:
+      flag, reads the flag (one scalar; not for the very arrays that already
+      gave a finite result) and raises on a non-finite result:
       ValueError naming the first bad entry of the params or the data, or
       FloatingPointError for an overflow from finite inputs. Under a
       caller's transformation it traces ``fn`` plainly. A call whose
@@ -269,10 +272,24 @@ def checked_entry(fn: Callable[..., Any], prepare: Prepare, name: str,
         except Exception:  # not three arrays: prepare() says what is wrong
             return None
 
+    # Inputs already seen to give a finite result with one executable: the same
+    # immutable arrays give the same result again, so their flag is not read
+    # (no synchronisation). Keyed by executable and ids, checked by weak
+    # references (a dead array's id may be reused), and bounded.
+    finite: dict[tuple[int, ...], tuple[weakref.ref[Any], ...]] = {}
+
     def run(jitted: Callable[..., Any], params: Any, data: Any) -> Any:
         out, ok = jitted(params, data)
+        arrays = (*params, data)
+        key = (id(jitted), *map(id, arrays))
+        refs = finite.get(key)
+        if refs is not None and all(r() is a for r, a in zip(refs, arrays, strict=True)):
+            return out
         if not ok:
             raise_nonfinite(params, data, name, describe_overflow)
+        if len(finite) >= _FINITE_CACHE:
+            finite.clear()
+        finite[key] = tuple(map(weakref.ref, arrays))
         return out
 
     def call(params: Any, data: Any, **kwargs: Any) -> Any:
@@ -291,7 +308,11 @@ def checked_entry(fn: Callable[..., Any], prepare: Prepare, name: str,
         jitted = compiled(tuple(sorted(statics.items())))
         if sig is not None and new_params is params and new_data is data:
             seen[sig] = jitted
-        return run(jitted, new_params, new_data)
+            return run(jitted, params, data)
+        out, ok = jitted(new_params, new_data)  # converted inputs: new arrays every call
+        if not ok:
+            raise_nonfinite(new_params, new_data, name, describe_overflow)
+        return out
 
     def lower(params: Any, data: Any, **kwargs: Any) -> Any:
         """The compiled computation of ``call(params, data, **kwargs)``, lowered (for HLO)."""

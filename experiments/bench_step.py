@@ -140,6 +140,58 @@ def bench_size(
     return row
 
 
+# -- per-call overhead ----------------------------------------------------------------
+
+
+def bench_overhead(K: int, N: int, *, rounds: int, min_time: float, seed: int) -> list[dict]:
+    """What abc_jax's checks cost per call, where the computation itself is tiny.
+
+    Each public function as users call it (validated, value-checked: it reads
+    its all-finite flag) against the bare jitted computation it runs, both
+    waited for after every call, in interleaved rounds. Two ways of calling:
+    the same arrays again (a benchmark loop), and new params every call (a
+    training loop: each call's values are new to the check).
+    """
+    from abc_jax.model import _batch_loss
+
+    kp, kx = jax.random.split(jax.random.key(seed))
+    params = abc_jax.init_params(kp, K, dtype=jnp.float32)
+    X = jax.random.normal(kx, (N, K), jnp.float32)
+    steps = [jax.tree.map(lambda p, i=i: p * (1 + 1e-3 * i), params) for i in range(8)]
+    bare_grad = jit_at("highest", jax.grad(_batch_loss))
+    bare_loss = jit_at("highest", _batch_loss)
+    bare_per_sample = jit_at("highest", jax.vmap(jax.grad(lambda p, x: _batch_loss(p, x[None])),
+                                                 in_axes=(None, 0)))
+    pairs = {
+        "batch_grad": (abc_jax.batch_grad, bare_grad),
+        "oracle_grad": (abc_jax.oracle_grad, bare_grad),
+        "batch_loss": (abc_jax.batch_loss, bare_loss),
+        "per_sample_grads": (abc_jax.per_sample_grads, bare_per_sample),
+    }
+    rows = []
+    for calling in ("same arrays", "new params"):
+        fns: dict[str, Callable[[], Any]] = {}
+        for name, (public, bare) in pairs.items():
+            if calling == "same arrays":
+                fns[name] = lambda f=public: jax.block_until_ready(f(params, X))
+                fns["bare " + name] = lambda f=bare: jax.block_until_ready(f(params, X))
+            else:
+                it = iter(range(1 << 62))
+                fns[name] = lambda f=public, it=it: jax.block_until_ready(
+                    f(steps[next(it) % 8], X))
+                fns["bare " + name] = lambda f=bare, it=it: jax.block_until_ready(
+                    f(steps[next(it) % 8], X))
+        times = _common.time_interleaved(fns, rounds=rounds, min_time=min_time)
+        for name in pairs:
+            rows.append({
+                "device": _common.device_label(), "K": K, "N": N, "calling": calling,
+                "function": name, "public_us": times[name].median_s * 1e6,
+                "bare_us": times["bare " + name].median_s * 1e6,
+                "ratio": times[name].median_s / times["bare " + name].median_s,
+            })
+    return rows
+
+
 # -- memory --------------------------------------------------------------------------
 
 
@@ -332,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="N for the chunked-memory measurement (0 skips it)")
     ap.add_argument("--memory-k", type=int, default=256)
     ap.add_argument("--chunk-size", type=int, default=65536)
+    ap.add_argument("--overhead", type=_parse_sizes, default=_parse_sizes("3x8"),
+                    help="KxN list for the per-call overhead table (default 3x8)")
     args = ap.parse_args(argv)
     if args.quick:
         args.sizes, args.repeats, args.min_time = [(16, 256), (24, 512)], 3, 0.02
@@ -358,6 +412,16 @@ def main(argv: list[str] | None = None) -> int:
     metrics: dict[str, Any] = {"environment": env, "precisions": list(precisions),
                                "torch_device": torch_dev, "torch_not_timed": why or None,
                                "sizes": rows}
+    overhead = [r for K, N in args.overhead
+                for r in bench_overhead(K, N, rounds=args.repeats, min_time=4 * args.min_time,
+                                        seed=args.seed)]
+    metrics["overhead"] = overhead
+    print("per-call overhead: the public function (validated, reads its finite flag) vs the "
+          "bare jitted computation, each waited for")
+    _common.print_table(
+        ["device", "K", "N", "calling", "function", "public us", "bare us", "ratio"],
+        [[r["device"], r["K"], r["N"], r["calling"], r["function"], r["public_us"],
+          r["bare_us"], r["ratio"]] for r in overhead], floatfmt=".3g")
     if args.memory_n:
         m = bench_memory(args.memory_n, args.memory_k, args.chunk_size, args.seed)
         metrics["memory"] = m

@@ -1,5 +1,8 @@
 """The batch gradient's two exact forms, chunking, and the validated fast path."""
 
+import gc
+import weakref
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,6 +103,17 @@ def test_a_repeated_call_skips_validation_but_not_the_finite_check(monkeypatch):
     with pytest.raises(ValueError, match=r"params\.C\[2, 0\] is nan"):
         abc_jax.batch_grad(params._replace(C=params.C.at[2, 0].set(jnp.nan)), X)
     assert entry.executables() == before + 1  # one executable for all of these calls
+
+
+def test_inputs_seen_finite_are_not_kept_alive():
+    params, _ = _problem(4, 3, 5, 1)
+    X = jnp.ones((8, 4))
+    abc_jax.batch_loss(params, X)
+    abc_jax.batch_loss(params, X)  # the second call skips the flag: nothing changed
+    alive = weakref.ref(X)
+    del X
+    gc.collect()
+    assert alive() is None
 
 
 def test_non_finite_array_raises_every_time():

@@ -439,16 +439,12 @@ def shard_local_batch(X: Any, mesh: Mesh | None = None) -> jax.Array | ShardedBa
         N is 0, or the mesh does not fit.
     """
     mesh = _check_mesh(mesh)
-    if isinstance(X, ShardedBatch):
-        raise TypeError("X is already a ShardedBatch")
-    local = np.asarray(X)
-    if local.ndim != 2:
-        raise ValueError(f"X must be this process's rows, shape (n, D), got shape {local.shape}")
-    if not (np.issubdtype(local.dtype, np.floating) or np.issubdtype(local.dtype, np.integer)):
-        raise TypeError(f"X must hold real numbers, got dtype {local.dtype}")
+    local, problem = _local_rows(X)
     if jax.process_count() == 1:
+        if problem is not None:
+            raise problem
         return shard_batch(local, mesh)
-    layout = _gather_layout(local, mesh)
+    layout = _gather_layout(local, problem, mesh)
     R1 = layout.source_rows
     spec = NamedSharding(mesh, PartitionSpec(DATA_AXIS, None))
     mine = layout.devices[jax.process_index()] * R1
@@ -464,8 +460,39 @@ def shard_local_batch(X: Any, mesh: Mesh | None = None) -> jax.Array | ShardedBa
     return ShardedBatch(target, layout.n) if target.shape[0] > layout.n else target
 
 
-def _gather_layout(local: np.ndarray, mesh: Mesh) -> _Layout:
-    """Every process's row count, checked for D, dtype and the mesh (one all-gather)."""
+def _local_rows(X: Any) -> tuple[np.ndarray, Exception | None]:
+    """This process's rows as a 2-D array, or an empty one and the error to raise."""
+    if isinstance(X, ShardedBatch):
+        return np.zeros((0, 1)), TypeError("X is already a ShardedBatch")
+    local = np.asarray(X)
+    if local.ndim != 2:
+        return np.zeros((0, 1)), ValueError(
+            f"X must be this process's rows, shape (n, D), got shape {local.shape}"
+        )
+    if not (np.issubdtype(local.dtype, np.floating) or np.issubdtype(local.dtype, np.integer)):
+        return np.zeros((0, 1)), TypeError(f"X must hold real numbers, got dtype {local.dtype}")
+    return local, None
+
+
+def _gather_layout(local: np.ndarray, problem: Exception | None, mesh: Mesh) -> _Layout:
+    """Every process's row count, checked for D, dtype and the mesh (one all-gather).
+
+    A process whose own rows are bad (``problem``) still takes part in the
+    all-gather, so that every process raises, instead of the others waiting.
+    """
+    dt = np.dtype(local.dtype)
+    mine = np.array([problem is None, local.shape[0], local.shape[1], dt.itemsize, ord(dt.kind)],
+                    np.int32)
+    every = np.asarray(multihost_utils.process_allgather(mine))  # (P, 5)
+    if problem is not None:
+        raise problem
+    bad = [p for p, ok in enumerate(every[:, 0]) if not ok]
+    if bad:
+        raise ValueError(
+            f"the rows of process {', '.join(map(str, bad))} are not a batch (n, D) of real "
+            "numbers; see that process's error"
+        )
+    every = every[:, 1:]
     if len(mesh.axis_names) != 1:
         raise ValueError(
             f"shard_local_batch needs a 1-D mesh with only the {DATA_AXIS!r} axis, "
@@ -480,9 +507,6 @@ def _gather_layout(local: np.ndarray, mesh: Mesh) -> _Layout:
             "devices is)"
         )
     devices = tuple(owners.count(p) for p in range(P))
-    dt = np.dtype(local.dtype)
-    mine = np.array([local.shape[0], local.shape[1], dt.itemsize, ord(dt.kind)], np.int64)
-    every = np.asarray(multihost_utils.process_allgather(mine.astype(np.int32)))
     for col, name in ((1, "D (columns)"), (2, "dtype"), (3, "dtype")):
         if len(set(every[:, col].tolist())) > 1:
             shown = ", ".join(

@@ -306,7 +306,7 @@ _all_finite = jax.jit(checks.all_finite)
 
 
 def _check_finite_values(params: Params, X: jax.Array) -> None:
-    """One fused device check; only on failure the host scan that names the entry."""
+    """One fused device check; only on failure the scan that names the entry."""
     if not bool(_all_finite((params, X))):
         for name, p in zip("ABC", params, strict=True):
             checks.raise_if_nonfinite(p, f"params.{name}")
@@ -478,17 +478,17 @@ def train(
     if checks.is_traced(params, X, key):
         raise TypeError("train runs its own compiled loop: call it outside jax.jit/vmap/grad")
     params, X, n_valid, chunk_size = prepare_batch(params, X, chunk_size)
-    _check_finite_values(params, X)  # padding rows, if any, are zeros
     static = dict(optimizer=optimizer, grad=grad, length=epochs_per_chunk,
                   batch_size=batch_size, chunk_size=chunk_size, n_valid=n_valid,
                   precision=precision)
     params = replicate_like(_strong(params), X)
     opt_state = replicate_like(_strong(optimizer.init(params)), X)
-    parallel.check_same_on_all_processes(
+    parallel.check_same_on_all_processes(  # first: what follows must run on all processes alike
         _call_summary(params, X, key, opt_state, static, lr=lr, epochs=epochs,
                       checkpointing=checkpoint_dir is not None),
         "train",
     )
+    _check_finite_values(params, X)  # padding rows, if any, are zeros
 
     initial, start, losses, save = params, 0, [], None
     if checkpoint_dir is not None:

@@ -101,6 +101,11 @@ try:
     raise AssertionError("different D on the two processes was not refused")
 except ValueError as e:
     assert "D (columns)" in str(e), e
+try:  # bad rows on one process: an error on both, not a wait
+    parallel.shard_local_batch(mine if PROCESS_ID == 0 else mine[0])
+    raise AssertionError("a 1-D X on process 1 was not refused")
+except ValueError as e:
+    assert ("rows of process 1" if PROCESS_ID == 0 else "shape (n, D)") in str(e), e
 
 if PROCESS_ID == 0:
     (OUT / "differences.json").write_text(json.dumps(differences, indent=1))

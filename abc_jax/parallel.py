@@ -435,8 +435,9 @@ def shard_local_batch(X: Any, mesh: Mesh | None = None) -> jax.Array | ShardedBa
       ``shard_batch(X, mesh)``.
 
     Raises:
-      ValueError: on every process, if the processes disagree on D or dtype,
-        N is 0, or the mesh does not fit.
+      ValueError, TypeError: on every process, if one process's rows are not
+        a batch (n, D) of real numbers (that process names the problem), the
+        processes disagree on D or dtype, N is 0, or the mesh does not fit.
     """
     mesh = _check_mesh(mesh)
     local, problem = _local_rows(X)

@@ -192,16 +192,17 @@ def prepare_sample(
     return params, x, dict(precision=checks.check_precision(precision))
 
 
-def _prepare_batch_loss(
+def prepare_masked_batch(
     params: Any, X: Any, *, precision: Any = None
 ) -> tuple[Params, jax.Array, dict[str, Any]]:
+    """Validate params and a batch for a ``checks.checked_entry`` of ``fn(params, X, n_valid)``."""
     params, X, n_valid, _ = prepare_batch(params, X)
     return params, X, dict(n_valid=n_valid, precision=checks.check_precision(precision))
 
 
 _forward_entry = checks.checked_entry(_forward, prepare_sample, "x", describe_overflow)
 _batch_loss_entry = checks.checked_entry(
-    _batch_loss, _prepare_batch_loss, "X", describe_overflow
+    _batch_loss, prepare_masked_batch, "X", describe_overflow
 )
 
 

@@ -15,21 +15,20 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from abc_jax import checks
-from abc_jax.model import Params, _batch_loss, as_params, describe_overflow, prepare_batch
+from abc_jax.model import (
+    Params,
+    _batch_loss,
+    as_params,
+    describe_overflow,
+    prepare_masked_batch,
+)
 
 
 def _oracle(params: Params, X: jax.Array, n_valid: int | None = None) -> Params:
     return jax.grad(_batch_loss)(params, X, n_valid)
 
 
-def _prepare_oracle(
-    params: Any, X: Any, *, precision: Any = None
-) -> tuple[Params, jax.Array, dict[str, Any]]:
-    params, X, n_valid, _ = prepare_batch(params, X)
-    return params, X, dict(n_valid=n_valid, precision=checks.check_precision(precision))
-
-
-_oracle_entry = checks.checked_entry(_oracle, _prepare_oracle, "X", describe_overflow)
+_oracle_entry = checks.checked_entry(_oracle, prepare_masked_batch, "X", describe_overflow)
 
 
 def oracle_grad(params: Params, X: Any, *, precision: str | None = None) -> Params:

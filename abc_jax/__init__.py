@@ -9,7 +9,13 @@ from abc_jax.backward import abc_loss, batch_grad, manual_grad, manual_vjp, per_
 from abc_jax.data import DataError, load_data
 from abc_jax.graph import draw_graph
 from abc_jax.model import Params, Residuals, batch_loss, forward, init_params, loss, sigmoid
-from abc_jax.parallel import ShardedBatch, data_mesh, shard_batch
+from abc_jax.parallel import (
+    ShardedBatch,
+    data_mesh,
+    initialize_distributed,
+    shard_batch,
+    shard_local_batch,
+)
 from abc_jax.reference import fd_grad, grad_errors, oracle_grad
 from abc_jax.training import DivergenceError, TrainResult, train, train_per_sample
 
@@ -29,6 +35,7 @@ __all__ = [
     "forward",
     "grad_errors",
     "init_params",
+    "initialize_distributed",
     "load_data",
     "loss",
     "manual_grad",
@@ -36,6 +43,7 @@ __all__ = [
     "oracle_grad",
     "per_sample_grads",
     "shard_batch",
+    "shard_local_batch",
     "sigmoid",
     "train",
     "train_per_sample",

@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="KxN list for the per-call overhead table (default 3x8)")
     args = ap.parse_args(argv)
     if args.quick:
-        args.sizes, args.repeats, args.min_time = [(16, 256), (24, 512)], 3, 0.02
+        args.sizes, args.repeats, args.min_time, args.overhead = [(16, 256)], 3, 0.02, []
         args.memory_n, args.memory_k, args.chunk_size = 20_000, 16, 3_000
     if args.repeats < 1 or args.memory_n < 0 or args.chunk_size < 1:
         ap.error("--repeats and --chunk-size must be >= 1, --memory-n >= 0")
@@ -416,12 +416,13 @@ def main(argv: list[str] | None = None) -> int:
                 for r in bench_overhead(K, N, rounds=args.repeats, min_time=4 * args.min_time,
                                         seed=args.seed)]
     metrics["overhead"] = overhead
-    print("per-call overhead: the public function (validated, reads its finite flag) vs the "
-          "bare jitted computation, each waited for")
-    _common.print_table(
-        ["device", "K", "N", "calling", "function", "public us", "bare us", "ratio"],
-        [[r["device"], r["K"], r["N"], r["calling"], r["function"], r["public_us"],
-          r["bare_us"], r["ratio"]] for r in overhead], floatfmt=".3g")
+    if overhead:
+        print("per-call overhead: the public function (validated, value-checked) vs the bare "
+              "jitted computation, each waited for")
+        _common.print_table(
+            ["device", "K", "N", "calling", "function", "public us", "bare us", "ratio"],
+            [[r["device"], r["K"], r["N"], r["calling"], r["function"], r["public_us"],
+              r["bare_us"], r["ratio"]] for r in overhead], floatfmt=".3g")
     if args.memory_n:
         m = bench_memory(args.memory_n, args.memory_k, args.chunk_size, args.seed)
         metrics["memory"] = m

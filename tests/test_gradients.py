@@ -43,7 +43,6 @@ ref_batch_grad = jax.jit(jax.grad(ref_batch_loss))
 # ---------------------------------------------------------------- forward
 
 
-@pytest.mark.smoke
 @pytest.mark.parametrize("D,H,O", SHAPES)
 def test_forward_matches_reference(D, H, O):
     params, X = make_problem(0, D, H, O, N=6)
@@ -67,8 +66,7 @@ def test_forward_matches_reference(D, H, O):
 # ---------------------------------------------------------------- batch gradient
 
 
-@pytest.mark.smoke
-@pytest.mark.parametrize("N", [1, 2, 17])
+@pytest.mark.parametrize("N", [1, 2, pytest.param(17, marks=pytest.mark.smoke)])
 @pytest.mark.parametrize("D,H,O", SHAPES)
 def test_batch_grad_float64(D, H, O, N):
     params, X = make_problem(0, D, H, O, N)
@@ -92,8 +90,9 @@ def test_batch_grad_float32(D, H, O):
     assert_rel_close(got, ref_batch_grad(params64, X64), F32_TOL)
 
 
-@pytest.mark.smoke
-@pytest.mark.parametrize("chunk_size", [1, 4, 5, 16, 17, 40])
+@pytest.mark.parametrize(
+    "chunk_size", [1, 4, pytest.param(5, marks=pytest.mark.smoke), 16, 17, 40]
+)
 def test_batch_grad_chunked(chunk_size):
     # N = 17: chunk 5 leaves a remainder of 2, chunk 4 of 1, chunk 16 of 1;
     # 17 and 40 take the single-chunk path.
@@ -138,7 +137,6 @@ def test_autodiff_through_public_losses():
 # ---------------------------------------------------------------- one sample
 
 
-@pytest.mark.smoke
 @pytest.mark.parametrize("D,H,O", SHAPES)
 @pytest.mark.parametrize("dtype,tol", [(jnp.float64, F64_TOL), (jnp.float32, F32_TOL)])
 def test_manual_grad(D, H, O, dtype, tol):
@@ -195,7 +193,6 @@ def test_per_sample_grads_mean_is_batch_grad(dtype, tol):
 # ---------------------------------------------------------------- custom_vjp
 
 
-@pytest.mark.smoke
 @pytest.mark.parametrize("D,H,O", SHAPES)
 @pytest.mark.parametrize("dtype,tol", [(jnp.float64, F64_TOL), (jnp.float32, F32_TOL)])
 def test_abc_loss_grad_params_and_x(D, H, O, dtype, tol):
@@ -260,7 +257,6 @@ def test_fd_grad_explicit_eps():
 # ---------------------------------------------------------------- transposition
 
 
-@pytest.mark.smoke
 def test_transposed_gA_is_caught():
     # Rectangular: gA must have the shape of A, (H, D), not (D, H).
     params, X = make_problem(0, 5, 4, 3, N=6)

@@ -25,7 +25,6 @@ def _assert_rel(got, want, rtol):
     assert max_rel_err(got, want) <= rtol
 
 
-@pytest.mark.smoke
 @pytest.mark.parametrize(
     "D,H,O,form",
     [(5, 4, 3, "gram"), (5, 2, 7, "gram"), (5, 6, 3, "direct"), (7, 9, 1, "direct")],
@@ -62,7 +61,6 @@ def test_reported_loss_stays_accurate_near_a_null_space_minimum():
     assert rel[True] > 10 * rel[False], rel  # why train does not use the Gram form
 
 
-@pytest.mark.smoke
 @pytest.mark.parametrize("N,chunk", [(17, 5), (17, 1), (17, 17), (17, 100), (64, 16), (3, 2)])
 def test_chunked_equals_unchunked(N, chunk):
     params, X = _problem(6, 5, 4, N, seed=N)

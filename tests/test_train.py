@@ -53,7 +53,6 @@ def assert_results_close(a: TrainResult, b: TrainResult, rtol: float, atol: floa
 # --- the update rule and Optax ----------------------------------------------
 
 
-@pytest.mark.smoke
 def test_losses_are_the_loss_before_each_update():
     params, X = make_problem()
     r = train(params, X, lr=LR, epochs=3, progress=False)

@@ -313,13 +313,14 @@ def _check_finite_values(params: Params, X: jax.Array) -> None:
         checks.raise_if_nonfinite(X, "X")
 
 
+@jax.jit
 def _strong(tree: Any) -> Any:
     """Leaves as committed, strongly typed arrays, as the compiled chunk returns them.
 
     The first chunk then sees the same input types as every later one, so
-    it compiles once.
+    it compiles once. One dispatch for the whole tree.
     """
-    return jax.tree.map(lambda a: jnp.array(a, dtype=jnp.asarray(a).dtype), tree)
+    return jax.tree.map(lambda a: jnp.array(a, dtype=a.dtype), tree)
 
 
 def _select_rows(mask: jax.Array, a: Params, b: Params) -> Params:
@@ -362,6 +363,22 @@ def _raise_if_initial_overflow(params: Params, X: jax.Array, **static: Any) -> N
         "divergence, no update was made yet: rescale X (or the params), or use float64 "
         "(jax.config.update('jax_enable_x64', True) and float64 params)"
     )
+
+
+class _NoBar:
+    """Stands for a disabled progress bar, without the cost of building one."""
+
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, n: int) -> None:
+        del n
+
+    def set_postfix(self, **kwargs: Any) -> None:
+        del kwargs
 
 
 def _divergence_message(epoch: int, loss: float, lr: float, custom: bool) -> str:
@@ -482,12 +499,14 @@ def train(
                   batch_size=batch_size, chunk_size=chunk_size, n_valid=n_valid,
                   precision=precision)
     params = replicate_like(_strong(params), X)
-    opt_state = replicate_like(_strong(optimizer.init(params)), X)
-    parallel.check_same_on_all_processes(  # first: what follows must run on all processes alike
-        _call_summary(params, X, key, opt_state, static, lr=lr, epochs=epochs,
-                      checkpointing=checkpoint_dir is not None),
-        "train",
-    )
+    opt_state, not_finite = replicate_like(
+        _strong((optimizer.init(params), np.zeros((), bool))), X)
+    if jax.process_count() > 1:  # first: what follows must run on all processes alike
+        parallel.check_same_on_all_processes(
+            _call_summary(params, X, key, opt_state, static, lr=lr, epochs=epochs,
+                          checkpointing=checkpoint_dir is not None),
+            "train",
+        )
     _check_finite_values(params, X)  # padding rows, if any, are zeros
 
     initial, start, losses, save = params, 0, [], None
@@ -510,7 +529,7 @@ def train(
 
     # After a resume the epoch before the checkpoint is gone: should the very first
     # epoch diverge, .result falls back to the checkpointed params.
-    carry = _Carry(params, opt_state, params, replicate_like(jnp.zeros((), bool), X))
+    carry = _Carry(params, opt_state, params, not_finite)
     return _run_epochs(
         carry, X, replicate_like(key, X), start, epochs, losses, static, initial=initial,
         lr=lr, custom=custom, progress=progress and parallel.is_main_process(), save=save,
@@ -555,8 +574,9 @@ def _run_epochs(
     losses, writes the checkpoint (``save``, if any) and updates the progress bar."""
     dtype = carry.params.A.dtype
     length = static["length"]
-    with tqdm(total=epochs, initial=start, disable=not progress or start >= epochs, desc="train",
-              unit="epoch", leave=False) as bar:
+    show = progress and start < epochs
+    with (tqdm(total=epochs, initial=start, desc="train", unit="epoch", leave=False) if show
+          else _NoBar()) as bar:
         while start < epochs:
             carry, chunk_losses = _run_chunk(
                 carry, X, key, np.int32(start), np.int32(epochs), **static
@@ -584,7 +604,7 @@ def _run_epochs(
             bar.update(done)
             bar.set_postfix(loss=f"{float(L[-1]):.6g}")
     all_losses = np.concatenate(losses) if losses else np.zeros((0,), dtype)
-    return TrainResult(carry.params, jnp.asarray(all_losses.astype(dtype)))
+    return TrainResult(carry.params, jax.device_put(all_losses.astype(dtype)))
 
 
 def train_per_sample(
@@ -668,4 +688,4 @@ def train_per_sample(
             bar.update(done)
             bar.set_postfix(mean_loss=f"{float(losses[-1][:, -1].mean()):.6g}")
     all_losses = np.concatenate(losses, axis=1) if losses else np.zeros((N, 0), dtype)
-    return TrainResult(carry.params, jnp.asarray(all_losses.astype(dtype)))
+    return TrainResult(carry.params, jax.device_put(all_losses.astype(dtype)))

@@ -7,7 +7,7 @@ median), each row naming its device and matmul precision:
 (a) The homework's scale, K = D = H = O = 3, N = 100, float64, at 10 and at
     1000 epochs (--epochs):
 
-      train          abc_jax.train: epochs compiled into lax.scan chunks
+      train          abc_jax.train: epochs compiled into lax.while_loop chunks
       jitted steps   a Python loop calling one jitted (loss, update) step per
                      epoch: the same loss and gradient, the same chunking of N
       plain Python   the homework's lists of lists, math.exp and hand loops,
@@ -44,7 +44,7 @@ from abc_jax.backward import _value_and_grad
 from abc_jax.model import prepare_batch
 
 NAME = "bench_train"
-LOOPS = {"train": "train (lax.scan)", "loop": "Python loop of jitted steps"}
+LOOPS = {"train": "train (compiled loop)", "loop": "Python loop of jitted steps"}
 
 
 def jitted_step(lr: float, precision: str, chunk_size: int | None = None) -> Any:

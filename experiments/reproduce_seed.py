@@ -618,9 +618,10 @@ def homework_check_sentence(hc: dict[str, Any]) -> str:
         f"The homework's own check was off by more than rounding, not by a wrong derivation: "
         f"PyTorch's dL/dC is {C['ratio_min']:.3f}-{C['ratio_max']:.3f} times the manual one "
         f"entry by entry and its L {hc['loss_ratio']:.3f} times, while the manual numbers are "
-        f"exactly rank one as the derivation requires, the signature of PyTorch evaluating the "
-        f"parameters one update later (one update multiplies L by "
-        f"{hc['listing_step_ratio_median']:.3f} in the homework's listing)."
+        f"exactly rank one as the derivation requires: consistent with PyTorch having been "
+        f"given the parameters about one update later (one update multiplies L by "
+        f"{hc['listing_step_ratio_median']:.3f} in the homework's listing), which the printed "
+        f"numbers cannot prove."
     )
 
 

@@ -167,20 +167,20 @@ def default_chunk_size(X: Any, H: int, O: int) -> int | None:
     return rows if rows < N else None
 
 
-def _max_abs_w(params: Params, X: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _scales(params: Params, X: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     A, B, C = params
     W = (sigmoid(X @ A.T) + X @ B.T) @ C.T  # (N, O)
     max_param = jnp.max(jnp.stack([jnp.max(jnp.abs(p)) for p in params]))
     return jnp.max(jnp.abs(X)), jnp.max(jnp.abs(W)), max_param
 
 
-_max_abs_w_jit = jax.jit(_max_abs_w)
+_scales_jit = jax.jit(_scales)
 
 
 def describe_overflow(params: Params, data: jax.Array) -> str:
     """The scales behind an overflow: max |x|, max |w| (w = C z) and max |param|."""
     X = data.reshape(-1, data.shape[-1])
-    x, w, p = (float(v) for v in _max_abs_w_jit(params, X))
+    x, w, p = (float(v) for v in _scales_jit(params, X))
     return f"max |x| = {x:.3g}, max |w| = {w:.3g} (w = C z, L = ||w||^2), max |param| = {p:.3g}"
 
 

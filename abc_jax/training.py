@@ -1,4 +1,4 @@
-"""Training: minimise batch_loss by gradient descent, epochs compiled into lax.scan.
+"""Training: minimise batch_loss by gradient descent, epochs compiled into a lax.while_loop.
 
 One epoch on the full batch (``batch_size=None``, the homework's way), with
 p_e the parameters before epoch e and s_e the optimizer state::
@@ -664,8 +664,8 @@ def train_per_sample(
     total = jnp.asarray(epochs, jnp.int32)
     losses: list[np.ndarray] = []
     start = 0
-    with tqdm(total=epochs, disable=not progress, desc="train_per_sample", unit="epoch",
-              leave=False) as bar:
+    with (tqdm(total=epochs, desc="train_per_sample", unit="epoch", leave=False) if progress
+          else _NoBar()) as bar:
         while start < epochs:
             carry, chunk_losses = _run_chunk_per_sample(
                 carry, X[:, None, :], jnp.asarray(start, jnp.int32), total, **static

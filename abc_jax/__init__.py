@@ -5,10 +5,18 @@ The graph (one sample x (D,), A, B (H, D), C (O, H))::
     y = A x,  u = sigmoid(y),  v = B x,  z = u + v,  w = C z,  L = ||w||^2
 """
 
-from abc_jax.backward import abc_loss, batch_grad, manual_grad, manual_vjp, per_sample_grads
+from abc_jax.backward import (
+    abc_loss,
+    batch_grad,
+    batch_value_and_grad,
+    manual_grad,
+    manual_vjp,
+    per_sample_grads,
+)
 from abc_jax.data import DataError, load_data
 from abc_jax.graph import draw_graph
 from abc_jax.model import Params, Residuals, batch_loss, forward, init_params, loss, sigmoid
+from abc_jax.oracles import fd_grad, grad_errors, oracle_grad
 from abc_jax.parallel import (
     ShardedBatch,
     data_mesh,
@@ -16,7 +24,6 @@ from abc_jax.parallel import (
     shard_batch,
     shard_local_batch,
 )
-from abc_jax.reference import fd_grad, grad_errors, oracle_grad
 from abc_jax.training import DivergenceError, TrainResult, train, train_per_sample
 
 __all__ = [
@@ -29,6 +36,7 @@ __all__ = [
     "abc_loss",
     "batch_grad",
     "batch_loss",
+    "batch_value_and_grad",
     "data_mesh",
     "draw_graph",
     "fd_grad",

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from abc_jax import checks
+from abc_jax import validation
 from abc_jax.model import (
     Params,
     Residuals,
@@ -87,7 +87,7 @@ def _manual_grad(params: Params, x: jax.Array) -> Params:
     return manual_vjp(params, _forward(params, x)[1])
 
 
-_manual_grad_entry = checks.checked_entry(_manual_grad, prepare_sample, "x", describe_overflow)
+_manual_grad_entry = validation.checked_entry(_manual_grad, prepare_sample, "x", describe_overflow)
 
 
 def manual_grad(params: Params, x: jax.Array, *, precision: str | None = None) -> Params:
@@ -209,10 +209,12 @@ def _prepare_batch_grad(
 ) -> tuple[Params, jax.Array, dict[str, Any]]:
     params, X, n_valid, chunk_size = prepare_batch(params, X, chunk_size)
     statics = dict(chunk_size=chunk_size, n_valid=n_valid)
-    return params, X, statics | dict(precision=checks.check_precision(precision))
+    return params, X, statics | dict(precision=validation.check_precision(precision))
 
 
-_batch_grad_entry = checks.checked_entry(_batch_grad, _prepare_batch_grad, "X", describe_overflow)
+_batch_grad_entry = validation.checked_entry(
+    _batch_grad, _prepare_batch_grad, "X", describe_overflow
+)
 
 
 def batch_grad(
@@ -243,6 +245,24 @@ def batch_grad(
     return _batch_grad_entry(params, X, chunk_size=chunk_size, precision=precision)
 
 
+def _batch_value_and_grad(
+    params: Params, X: jax.Array, chunk_size: int | None = None, n_valid: int | None = None
+) -> tuple[jax.Array, Params]:
+    return _value_and_grad(params, X, chunk_size, n_valid)
+
+
+_batch_value_and_grad_entry = validation.checked_entry(
+    _batch_value_and_grad, _prepare_batch_grad, "X", describe_overflow
+)
+
+
+def batch_value_and_grad(
+    params: Params, X: Any, *, chunk_size: int | None = None, precision: str | None = None
+) -> tuple[jax.Array, Params]:
+    """``(batch_loss, batch_grad)`` in one pass of the manual derivation."""
+    return _batch_value_and_grad_entry(params, X, chunk_size=chunk_size, precision=precision)
+
+
 def _per_sample_grads(params: Params, X: jax.Array) -> Params:
     return jax.vmap(_manual_grad, in_axes=(None, 0))(params, X)
 
@@ -251,11 +271,11 @@ def _prepare_per_sample(
     params: Any, X: Any, *, precision: Any = None
 ) -> tuple[Params, jax.Array, dict[str, Any]]:
     params, D, _, _, dtype = as_params(params)
-    X = checks.check_batch(X, D, dtype)
-    return params, X, dict(precision=checks.check_precision(precision))
+    X = validation.check_batch(X, D, dtype)
+    return params, X, dict(precision=validation.check_precision(precision))
 
 
-_per_sample_grads_entry = checks.checked_entry(
+_per_sample_grads_entry = validation.checked_entry(
     _per_sample_grads, _prepare_per_sample, "X", describe_overflow
 )
 
@@ -299,7 +319,7 @@ def abc_loss(params: Params, x: jax.Array) -> jax.Array:
     "highest" precision. Batch it with ``jax.vmap(abc_loss, in_axes=(None, 0))``.
     """
     params, D, _, _, dtype = as_params(params)
-    x = checks.check_sample(x, D, dtype)
-    if checks.is_traced(params, x):
+    x = validation.check_sample(x, D, dtype)
+    if validation.is_traced(params, x):
         return _abc_loss(params, x)
     return _forward_entry(params, x)[0]

@@ -37,7 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from abc_jax import io, parallel
+from abc_jax import files as io
+from abc_jax import parallel
 from abc_jax.model import Params
 
 FORMAT = 2  # 2: device-computed fingerprints (data_checksum, init_checksum)

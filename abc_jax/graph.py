@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from abc_jax import checks
+from abc_jax import validation
 from abc_jax.backward import abc_loss, manual_vjp
 from abc_jax.model import as_params, forward
 
@@ -95,7 +95,7 @@ def node_values(params: Any, x: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]
       docstring.
     """
     params, D, H, _, dtype = as_params(params)
-    x = checks.check_sample(x, D, dtype)
+    x = validation.check_sample(x, D, dtype)
     L, res = forward(params, x)
     g = manual_vjp(params, res)
     unit_x = jnp.zeros(D, dtype).at[0].set(1)
@@ -367,7 +367,7 @@ def draw_graph(
       "x/value/label" ... (heat maps: their Axes), arrow labels "edge/x/y" ...
     """
     params, D, H, O, _ = as_params(params)
-    digits = checks.check_positive_int(digits, "digits")
+    digits = validation.check_positive_int(digits, "digits")
     if digits > 15:
         raise ValueError(f"digits must be <= 15, got {digits}")
     if numbers is None:

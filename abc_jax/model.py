@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from abc_jax import checks
+from abc_jax import validation
 from abc_jax.parallel import replicate_like, unpack_batch
 
 
@@ -62,12 +62,12 @@ def init_params(
     Returns:
       ``Params(A (H, D), B (H, D), C (O, H))``.
     """
-    D = checks.check_positive_int(in_dim, "in_dim")
-    H = checks.check_positive_int(D if hidden_dim is None else hidden_dim, "hidden_dim")
-    O = checks.check_positive_int(D if out_dim is None else out_dim, "out_dim")
+    D = validation.check_positive_int(in_dim, "in_dim")
+    H = validation.check_positive_int(D if hidden_dim is None else hidden_dim, "hidden_dim")
+    O = validation.check_positive_int(D if out_dim is None else out_dim, "out_dim")
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
-    ka, kb, kc = jax.random.split(checks.check_key(key), 3)
+    ka, kb, kc = jax.random.split(validation.check_key(key), 3)
     return Params(
         A=jax.random.normal(ka, (H, D), dtype) / jnp.sqrt(D).astype(dtype),
         B=jax.random.normal(kb, (H, D), dtype) / jnp.sqrt(D).astype(dtype),
@@ -111,7 +111,7 @@ def _batch_loss(params: Params, X: jax.Array, n_valid: int | None = None) -> jax
 
 def as_params(params: Any) -> tuple[Params, int, int, int, Any]:
     """Validate and return ``(Params, D, H, O, dtype)``."""
-    D, H, O, dtype = checks.check_params(params)
+    D, H, O, dtype = validation.check_params(params)
     if not (isinstance(params, Params) and all(isinstance(p, jax.Array) for p in params)):
         params = Params(*(jnp.asarray(p) for p in params))
     return params, D, H, O, dtype
@@ -129,9 +129,9 @@ def prepare_batch(
     """
     params, D, H, O, dtype = as_params(params)
     X, n_valid = unpack_batch(X)
-    X = checks.check_batch(X, D, dtype)
-    chunk_size = checks.check_positive_int(chunk_size, "chunk_size", allow_none=True)
-    if not checks.is_traced(params, X):
+    X = validation.check_batch(X, D, dtype)
+    chunk_size = validation.check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    if not validation.is_traced(params, X):
         params = replicate_like(params, X)
     if chunk_size is None:
         chunk_size = default_chunk_size(X, H, O)
@@ -154,7 +154,7 @@ def default_chunk_size(X: Any, H: int, O: int) -> int | None:
     faster). On a GPU, or for X sharded over several devices, or traced,
     None: the whole batch at once.
     """
-    if checks.is_traced(X):
+    if validation.is_traced(X):
         return None
     sharding = getattr(X, "sharding", None)
     devices = getattr(sharding, "device_set", None)
@@ -187,22 +187,22 @@ def describe_overflow(params: Params, data: jax.Array) -> str:
 def prepare_sample(
     params: Any, x: Any, *, precision: Any = None
 ) -> tuple[Params, jax.Array, dict[str, Any]]:
-    """Validate params and one sample x (D,) for a ``checks.checked_entry``."""
+    """Validate params and one sample x (D,) for a ``validation.checked_entry``."""
     params, D, _, _, dtype = as_params(params)
-    x = checks.check_sample(x, D, dtype)
-    return params, x, dict(precision=checks.check_precision(precision))
+    x = validation.check_sample(x, D, dtype)
+    return params, x, dict(precision=validation.check_precision(precision))
 
 
 def prepare_masked_batch(
     params: Any, X: Any, *, precision: Any = None
 ) -> tuple[Params, jax.Array, dict[str, Any]]:
-    """Validate params and a batch for a ``checks.checked_entry`` of ``fn(params, X, n_valid)``."""
+    """Validate params and a batch for ``validation.checked_entry``: ``fn(params, X, n_valid)``."""
     params, X, n_valid, _ = prepare_batch(params, X)
-    return params, X, dict(n_valid=n_valid, precision=checks.check_precision(precision))
+    return params, X, dict(n_valid=n_valid, precision=validation.check_precision(precision))
 
 
-_forward_entry = checks.checked_entry(_forward, prepare_sample, "x", describe_overflow)
-_batch_loss_entry = checks.checked_entry(
+_forward_entry = validation.checked_entry(_forward, prepare_sample, "x", describe_overflow)
+_batch_loss_entry = validation.checked_entry(
     _batch_loss, prepare_masked_batch, "X", describe_overflow
 )
 
@@ -216,7 +216,7 @@ def forward(
       params: ``Params(A (H, D), B (H, D), C (O, H))``.
       x: one sample, shape (D,).
       precision: matmul precision, None for abc_jax's default ``"highest"``
-        (see ``checks.check_precision``).
+        (see ``validation.check_precision``).
 
     Returns:
       ``(L, residuals)``: the scalar loss ||C (sigmoid(A x) + B x)||^2 and the

@@ -49,7 +49,7 @@ import optax
 from jax import lax
 from tqdm import tqdm
 
-from abc_jax import checks, parallel
+from abc_jax import parallel, validation
 from abc_jax.backward import _value_and_grad
 from abc_jax.checkpoint import restore, run_settings, save_checkpoint
 from abc_jax.model import Params, _batch_loss, describe_overflow, prepare_batch
@@ -302,15 +302,15 @@ def _check_optimizer(optimizer: Any) -> Any:
     return optimizer
 
 
-_all_finite = jax.jit(checks.all_finite)
+_all_finite = jax.jit(validation.all_finite)
 
 
 def _check_finite_values(params: Params, X: jax.Array) -> None:
     """One fused device check; only on failure the scan that names the entry."""
     if not bool(_all_finite((params, X))):
         for name, p in zip("ABC", params, strict=True):
-            checks.raise_if_nonfinite(p, f"params.{name}")
-        checks.raise_if_nonfinite(X, "X")
+            validation.raise_if_nonfinite(p, f"params.{name}")
+        validation.raise_if_nonfinite(X, "X")
 
 
 @jax.jit
@@ -337,7 +337,7 @@ def _initial_values(
     """(loss, all-finite flag of loss and gradient) at ``params``, on the full batch."""
     with jax.default_matmul_precision(precision):
         loss, grads = _loss_and_grad_fn(grad, chunk_size, n_valid)(params, X)
-    return loss, checks.all_finite((loss, grads))
+    return loss, validation.all_finite((loss, grads))
 
 
 _initial_values_jit = jax.jit(
@@ -459,7 +459,7 @@ def train(
         shows progress, checks for divergence and checkpoints. A chunk runs
         only the epochs left, so it costs nothing to make it large.
       precision: matmul precision of every product in training, None for
-        abc_jax's default ``"highest"`` (see ``checks.check_precision``);
+        abc_jax's default ``"highest"`` (see ``validation.check_precision``);
         ``"default"`` lets a GPU use TF32. A speed knob like chunk_size: it
         may change across a resume.
 
@@ -481,18 +481,18 @@ def train(
       ValueError, TypeError: a bad argument, named, before any tracing; or a
         checkpoint that does not match this call.
     """
-    lr = checks.check_finite_float(lr, "lr", positive=True)
-    precision = checks.check_precision(precision)
+    lr = validation.check_finite_float(lr, "lr", positive=True)
+    precision = validation.check_precision(precision)
     epochs = _check_epochs(epochs)
     grad = _check_grad(grad)
-    batch_size = checks.check_positive_int(batch_size, "batch_size", allow_none=True)
-    epochs_per_chunk = checks.check_positive_int(epochs_per_chunk, "epochs_per_chunk")
+    batch_size = validation.check_positive_int(batch_size, "batch_size", allow_none=True)
+    epochs_per_chunk = validation.check_positive_int(epochs_per_chunk, "epochs_per_chunk")
     if batch_size is not None and key is None:
         raise ValueError("key is required with batch_size: mini-batches are shuffled from it")
-    key = checks.check_key(key) if batch_size is not None else None
+    key = validation.check_key(key) if batch_size is not None else None
     custom = optimizer is not None
     optimizer = _check_optimizer(optimizer) if custom else gradient_descent(lr)
-    if checks.is_traced(params, X, key):
+    if validation.is_traced(params, X, key):
         raise TypeError("train runs its own compiled loop: call it outside jax.jit/vmap/grad")
     params, X, n_valid, chunk_size = prepare_batch(params, X, chunk_size)
     static = dict(optimizer=optimizer, grad=grad, length=epochs_per_chunk,
@@ -645,11 +645,11 @@ def train_per_sample(
         epoch (the others run to the end of that chunk), and losses that are
         NaN from each copy's divergence on.
     """
-    lr = checks.check_finite_float(lr, "lr", positive=True)
+    lr = validation.check_finite_float(lr, "lr", positive=True)
     epochs = _check_epochs(epochs)
-    epochs_per_chunk = checks.check_positive_int(epochs_per_chunk, "epochs_per_chunk")
-    precision = checks.check_precision(precision)
-    if checks.is_traced(params, X):
+    epochs_per_chunk = validation.check_positive_int(epochs_per_chunk, "epochs_per_chunk")
+    precision = validation.check_precision(precision)
+    if validation.is_traced(params, X):
         raise TypeError("train_per_sample runs its own compiled loop: call it outside jax.jit")
     params, X, n_valid, _ = prepare_batch(params, X)
     X = X if n_valid is None else X[:n_valid]

@@ -28,7 +28,7 @@ import jax
 import matplotlib
 import optax
 
-from abc_jax.checks import PRECISIONS
+from abc_jax.validation import PRECISIONS
 
 matplotlib.use("Agg")
 
@@ -76,7 +76,7 @@ def docs_copy(png: str | os.PathLike[str], docs_dir: str | os.PathLike[str]) -> 
     """
     from PIL import Image
 
-    from abc_jax import io
+    from abc_jax import files as io
 
     with Image.open(png) as im:
         small = im.convert("RGB").quantize(

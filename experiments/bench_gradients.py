@@ -38,7 +38,7 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 import abc_jax  # noqa: E402
-from abc_jax import io  # noqa: E402
+from abc_jax import files as io  # noqa: E402
 
 NAME = "bench_gradients"
 

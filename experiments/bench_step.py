@@ -40,8 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import abc_jax
-from abc_jax import io
-from abc_jax.checks import PRECISIONS
+from abc_jax import files as io
+from abc_jax.validation import PRECISIONS
 
 NAME = "bench_step"
 HERE = Path(__file__).resolve().parent

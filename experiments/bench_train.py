@@ -39,7 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from bench_gradients import py_gradient_descent, to_lists  # enables float64
 
-from abc_jax import init_params, io, train
+from abc_jax import files as io
+from abc_jax import init_params, train
 from abc_jax.backward import _value_and_grad
 from abc_jax.model import prepare_batch
 

@@ -31,7 +31,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import abc_jax  # noqa: E402
-from abc_jax import DivergenceError, io, train, train_per_sample  # noqa: E402
+from abc_jax import DivergenceError, train, train_per_sample  # noqa: E402
+from abc_jax import files as io  # noqa: E402
 
 NAME = "generalization"
 METHODS = ("average", "batch_gd", "adam")

@@ -19,7 +19,7 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 
 import abc_jax  # noqa: E402
-from abc_jax import io  # noqa: E402
+from abc_jax import files as io  # noqa: E402
 
 
 def run(in_dim: int, hidden_dim: int, out_dim: int, n: int, seed: int) -> list[dict]:

@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import abc_jax
-from abc_jax import DivergenceError, io, train
+from abc_jax import DivergenceError, train
+from abc_jax import files as io
 
 NAME = "optimizers"
 LRS: dict[str, tuple[float, ...]] = {

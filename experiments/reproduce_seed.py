@@ -35,7 +35,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import abc_jax  # noqa: E402
-from abc_jax import io, train  # noqa: E402
+from abc_jax import files as io  # noqa: E402
+from abc_jax import train  # noqa: E402
 
 NAME = "reproduce_seed"
 

@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from _common import make_optimizer
 
-from abc_jax import init_params, io, parallel
+from abc_jax import files as io
+from abc_jax import init_params, parallel
 from abc_jax.checkpoint import checkpoint_epoch
 from abc_jax.data import DataError, load_data
 from abc_jax.training import DivergenceError, train

@@ -16,7 +16,8 @@ from matplotlib.patches import FancyBboxPatch
 from matplotlib.text import Text
 
 import abc_jax
-from abc_jax import graph, io
+from abc_jax import files as io
+from abc_jax import graph
 from tests._reference import make_problem, ref_loss, ref_sigmoid
 
 NAMES = ("x", "A", "B", "C", "y", "u", "v", "z", "w", "L")

@@ -14,15 +14,15 @@ import pytest
 from _reference import make_problem, max_rel_err, ref_batch_loss
 
 import abc_jax
-from abc_jax import backward, checks, model, reference
+from abc_jax import backward, model, oracles, validation
 
 ENTRIES = {
     "batch_grad": (backward._batch_grad_entry, {}),
     "batch_grad_chunked": (backward._batch_grad_entry, {"chunk_size": 4}),
     "batch_loss": (model._batch_loss_entry, {}),
-    "oracle_grad": (reference._oracle_entry, {}),
+    "oracle_grad": (oracles._oracle_entry, {}),
     "per_sample_grads": (backward._per_sample_grads_entry, {}),
-    "fd_grad": (reference._fd_entry, {}),
+    "fd_grad": (oracles._fd_entry, {}),
 }
 
 
@@ -61,7 +61,7 @@ def test_precision_is_validated_before_tracing():
             fn(params, X, precision="fast")
         with pytest.raises(TypeError, match="precision"):
             fn(params, X, precision=3)
-    assert checks.check_precision(None) == "highest"
+    assert validation.check_precision(None) == "highest"
 
 
 @pytest.mark.smoke

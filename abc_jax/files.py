@@ -95,3 +95,29 @@ def save_figure(path: str | os.PathLike[str], fig: Any, *, dpi: int = 150) -> Pa
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def write_results(
+    out_dir: str | os.PathLike[str],
+    *,
+    config: Any = None,
+    metrics: Any = None,
+    tables: Mapping[str, tuple[Sequence[str], Iterable[Sequence[Any]]]] | None = None,
+    figures: Mapping[str, Any] | None = None,
+) -> dict[str, Path]:
+    """Write an experiment's results into ``out_dir``, each file whole.
+
+    ``config.json`` and ``metrics.json`` (if given), one ``<name>.csv`` per
+    entry of ``tables`` (``name -> (header, rows)``) and one ``<name>.png``
+    per matplotlib figure in ``figures``. Returns ``{file name: path}``.
+    """
+    out = Path(out_dir)
+    written: dict[str, Path] = {}
+    for name, obj in (("config", config), ("metrics", metrics)):
+        if obj is not None:
+            written[f"{name}.json"] = write_json(out / f"{name}.json", obj)
+    for name, (header, rows) in (tables or {}).items():
+        written[f"{name}.csv"] = write_csv(out / f"{name}.csv", header, rows)
+    for name, fig in (figures or {}).items():
+        written[f"{name}.png"] = save_figure(out / f"{name}.png", fig)
+    return written

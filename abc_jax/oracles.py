@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from abc_jax import checks
+from abc_jax import validation
 from abc_jax.model import (
     Params,
     _batch_loss,
@@ -28,7 +28,7 @@ def _oracle(params: Params, X: jax.Array, n_valid: int | None = None) -> Params:
     return jax.grad(_batch_loss)(params, X, n_valid)
 
 
-_oracle_entry = checks.checked_entry(_oracle, prepare_masked_batch, "X", describe_overflow)
+_oracle_entry = validation.checked_entry(_oracle, prepare_masked_batch, "X", describe_overflow)
 
 
 def oracle_grad(params: Params, X: Any, *, precision: str | None = None) -> Params:
@@ -59,18 +59,18 @@ def _prepare_fd(
     params: Any, X: Any, *, eps: Any = None, precision: Any = None
 ) -> tuple[Params, jax.Array, dict[str, Any]]:
     params, D, H, O, dtype = as_params(params)
-    X = checks.check_batch(X, D, dtype)
+    X = validation.check_batch(X, D, dtype)
     if eps is None:
         eps = float(np.finfo(dtype).eps) ** (1 / 3)
-    eps = checks.check_finite_float(eps, "eps", positive=True)
+    eps = validation.check_finite_float(eps, "eps", positive=True)
     N = X.shape[0]
     P = 2 * H * D + O * H
     batch_size = max(1, min(P, _FD_WORK // (2 * N * (D + H + O))))
     return params, X, dict(eps=eps, batch_size=batch_size,
-                           precision=checks.check_precision(precision))
+                           precision=validation.check_precision(precision))
 
 
-_fd_entry = checks.checked_entry(_fd_grad, _prepare_fd, "X", describe_overflow)
+_fd_entry = validation.checked_entry(_fd_grad, _prepare_fd, "X", describe_overflow)
 
 
 def fd_grad(

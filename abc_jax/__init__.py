@@ -3,6 +3,12 @@
 The graph (one sample x (D,), A, B (H, D), C (O, H))::
 
     y = A x,  u = sigmoid(y),  v = B x,  z = u + v,  w = C z,  L = ||w||^2
+
+Layers, each a module: ``model`` (params, batch, forward, loss) -> ``backward``
+(the hand-derived VJP and its batch contraction) -> ``oracles`` (jax.grad and
+finite differences) -> ``training`` (the compiled loop) -> ``parallel``
+(devices and processes); ``validation``, ``checkpoint``, ``files``, ``data``
+and ``graph`` serve them.
 """
 
 from abc_jax.backward import (
@@ -15,23 +21,32 @@ from abc_jax.backward import (
 )
 from abc_jax.data import DataError, load_data
 from abc_jax.graph import draw_graph
-from abc_jax.model import Params, Residuals, batch_loss, forward, init_params, loss, sigmoid
-from abc_jax.oracles import fd_grad, grad_errors, oracle_grad
-from abc_jax.parallel import (
-    ShardedBatch,
-    data_mesh,
-    initialize_distributed,
-    shard_batch,
-    shard_local_batch,
+from abc_jax.model import (
+    Batch,
+    Params,
+    Residuals,
+    batch_loss,
+    forward,
+    init_params,
+    loss,
+    sigmoid,
 )
-from abc_jax.training import DivergenceError, TrainResult, train, train_per_sample
+from abc_jax.oracles import fd_grad, grad_errors, oracle_grad
+from abc_jax.parallel import data_mesh, initialize_distributed, shard_batch, shard_local_batch
+from abc_jax.training import (
+    DivergenceError,
+    TrainResult,
+    gradient_descent,
+    train,
+    train_per_sample,
+)
 
 __all__ = [
+    "Batch",
     "DataError",
     "DivergenceError",
     "Params",
     "Residuals",
-    "ShardedBatch",
     "TrainResult",
     "abc_loss",
     "batch_grad",
@@ -41,6 +56,7 @@ __all__ = [
     "draw_graph",
     "fd_grad",
     "forward",
+    "gradient_descent",
     "grad_errors",
     "init_params",
     "initialize_distributed",

@@ -15,22 +15,23 @@ L = ||w||^2, with g the cotangent of L (g = 1 for a gradient)::
 The homework wrote "2w * C" for C^T gw (a vector, (H,)) and "2w * z" for the
 outer product gw z^T (a matrix, (O, H)).
 
-Over a batch X (N, D) of the mean loss, each parameter gradient is a sum of
+Over a batch X (N, D) with row weights r_i >= 0 (all 1 by default), the loss
+is sum_i r_i L_i / sum_i r_i and each parameter gradient is a weighted sum of
 per-sample outer products, computed as ONE contraction over N::
 
-    gA = (1/N) sum_i gy_i x_i^T = (1/N) GY^T X      (H, D)
-    gB = (1/N) GZ^T X,   gC = (1/N) GW^T Z
+    gA = sum_i r_i gy_i x_i^T / sum_i r_i = GY^T X / sum(r)      (H, D)
+    gB = GZ^T X / sum(r),   gC = GW^T Z / sum(r)
 
-never as N outer products followed by a mean (about 30x slower at K = 64,
+with the weight put in once, at the top: gw_i = 2 r_i w_i, so every cotangent
+below it carries r_i and a padding row (r_i = 0) contributes exactly nothing.
+Never N outer products followed by a mean (about 17x slower at K = 64,
 N = 4096, and O(N H D) memory). ``batch_grad`` also uses the Gram form of the
-output side where it is cheaper, gZ = 2 Z (C^T C), gC = 2 C (Z^T Z): it never
+output side where it is cheaper, gZ = 2 (C^T C) Z, gC = 2 C (Z Z^T): it never
 forms W and costs 6 N K^2 multiply-adds against autodiff's 7 (see
 ``_value_and_grad_sum``).
 """
-
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -39,14 +40,13 @@ from jax import lax
 
 from abc_jax import validation
 from abc_jax.model import (
+    Batch,
     Params,
     Residuals,
     _forward,
-    _forward_entry,
     as_params,
-    describe_overflow,
-    prepare_batch,
-    prepare_sample,
+    as_sample,
+    prepare,
     sigmoid,
 )
 
@@ -73,21 +73,21 @@ def manual_vjp(params: Params, residuals: Residuals, g: Any = 1.0) -> Params:
     Args:
       params: ``Params(A (H, D), B (H, D), C (O, H))``.
       residuals: from ``forward(params, x)``: x (D,), u (H,), z (H,), w (O,).
-      g: cotangent of the scalar loss (1.0 gives the gradient).
+      g: cotangent of the scalar loss, a scalar (1.0 gives the gradient).
 
     Returns:
       ``Params(gA (H, D), gB (H, D), gC (O, H))`` = g * dL/d(A, B, C), where
       gC = gw z^T, gB = gz x^T, gA = (gz * u * (1 - u)) x^T, gw = 2 g w,
       gz = C^T gw (derivation in the module docstring).
     """
+    if jnp.ndim(g) != 0:
+        raise ValueError(f"g must be a scalar, the cotangent of the scalar loss L, got shape "
+                         f"{jnp.shape(g)}; for a batch, vmap manual_vjp over the residuals")
     return _vjp(params, residuals, g)[0]
 
 
 def _manual_grad(params: Params, x: jax.Array) -> Params:
-    return manual_vjp(params, _forward(params, x)[1])
-
-
-_manual_grad_entry = validation.checked_entry(_manual_grad, prepare_sample, "x", describe_overflow)
+    return _vjp(params, _forward(params, x)[1], 1.0)[0]
 
 
 def manual_grad(params: Params, x: jax.Array, *, precision: str | None = None) -> Params:
@@ -95,198 +95,185 @@ def manual_grad(params: Params, x: jax.Array, *, precision: str | None = None) -
 
     ``precision``: matmul precision, None for abc_jax's default ``"highest"``.
     """
-    return _manual_grad_entry(params, x, precision=precision)
+    params, D, _, _, dtype = as_params(params)
+    x = as_sample(x, D, dtype)
+    return validation.run(_manual_grad, params, x, name="x",
+                          precision=validation.check_precision(precision))
 
 
-def _gram_is_cheaper(H: int, O: int) -> bool:
-    """2 N H^2 (Gram form) < 3 N O H (direct form) multiply-adds."""
-    return 2 * H < 3 * O
+# --- a batch: contractions over N -------------------------------------------
 
 
-def _value_and_grad_sum(
-    params: Params, X: jax.Array, valid: jax.Array | None = None, *, gram: bool = False
-) -> tuple[jax.Array, Params]:
-    """(sum_i L_i, sum_i dL_i/dparams) over the rows of X (N, D) by the manual rule.
+def _value_and_grad_sum(params: Params, X: jax.Array, r: jax.Array | None,
+                        gram: bool) -> tuple[jax.Array, Params, jax.Array]:
+    """(sum_i r_i L_i, sum_i r_i dL_i/dparams, sum_i r_i) over rows X (N, D), by hand.
 
-    Activations are feature-major, (H, N) with samples along the fast axis, so
-    every contraction over N is a plain row-major matmul. The output side has
-    two exact forms, chosen by shape (statically):
+    Activations are feature-major, (H, N), so every contraction over N is a
+    plain matmul. The output side has two exact forms, chosen by shape:
 
-    - direct: W = C Z, GW = 2 W, gC = GW Z^T, GZ = C^T GW: 3 N O H multiply-adds.
-    - Gram (``gram=True``): with M = C^T C (H, H), GZ = C^T (2 C Z) = 2 M Z and
-      gC = sum_i 2 C z_i z_i^T = 2 C (Z Z^T): 2 N H^2 multiply-adds, and W is
-      never formed. Cheaper when 2H < 3O; at D = H = O = K a gradient costs
-      6 N K^2 instead of the 7 N K^2 that autodiff of the forward pass does.
-      The gradient is as accurate as the direct form's, but the loss it gives,
-      sum_i z_i^T M z_i, has an absolute error of order eps ||C||^2 ||z||^2
-      rather than eps ||C z|| ||C|| ||z||: near a minimum where C z ~ 0 but
-      z is not small, its relative error grows. So ``batch_grad`` (no loss)
-      uses it, and ``train``, which reports the loss, uses the direct form.
-
-    ``valid`` (N,) bool, if given, zeroes the z_i of padding rows, which zeroes
-    their loss and every cotangent downstream.
+    - direct: W = C Z, GW = 2 W r, gC = GW Z^T, GZ = C^T GW: 3 N O H multiply-adds.
+    - Gram (``gram``): with M = C^T C (H, H), GZ = 2 M (Z r) and gC = 2 C (Z r) Z^T:
+      2 N H^2 multiply-adds and W is never formed; cheaper when 2H < 3O. Its
+      loss, sum_i r_i z_i^T M z_i, has an absolute error of order eps ||C||^2 ||z||^2,
+      large relative to L near a minimum where C z ~ 0: so ``batch_grad`` (no
+      loss) uses it, and training, which reports the loss, the direct form.
     """
     A, B, C = params
     U = sigmoid(A @ X.T)  # (H, N)  u_i = sigmoid(A x_i)
     Z = U + B @ X.T  # (H, N)  z_i = u_i + B x_i
-    if valid is not None:
-        Z = jnp.where(valid, Z, 0)
     if gram:
-        M2 = 2 * (C.T @ C)  # (H, H)  2 C^T C, independent of N
-        GZ = M2 @ Z  # (H, N)  gz_i = C^T gw_i = 2 C^T C z_i
-        total = jnp.sum(Z * GZ) / 2  # sum_i z_i^T C^T C z_i = sum_i ||w_i||^2
-        gC = 2 * (C @ (Z @ Z.T))  # (O, H)  sum_i gw_i z_i^T = 2 C sum_i z_i z_i^T
-    else:  # direct form
+        Zr = Z if r is None else Z * r  # (H, N)  r_i z_i
+        GZ = 2 * (C.T @ C) @ Zr  # (H, N)  gz_i = C^T gw_i = 2 r_i C^T C z_i
+        total = jnp.sum(Z * GZ) / 2  # sum_i r_i ||C z_i||^2
+        gC = 2 * (C @ (Zr @ Z.T))  # (O, H)  sum_i gw_i z_i^T = 2 C sum_i r_i z_i z_i^T
+    else:
         W = C @ Z  # (O, N)  w_i = C z_i
-        total = jnp.sum(W * W)
-        GW = 2 * W  # (O, N)  gw_i = 2 w_i
+        GW = 2 * W if r is None else 2 * W * r  # (O, N)  gw_i = 2 r_i w_i
+        total = jnp.sum(W * GW) / 2  # sum_i r_i ||w_i||^2
         gC = GW @ Z.T  # (O, H)  sum_i gw_i z_i^T
         GZ = C.T @ GW  # (H, N)  gz_i = C^T gw_i
     GY = GZ * U * (1 - U)  # (H, N)  gy_i = gz_i * sigmoid'(y_i), from the saved u_i
     gA = GY @ X  # (H, D)  sum_i gy_i x_i^T
     gB = GZ @ X  # (H, D)  sum_i gz_i x_i^T  (gv_i = gz_i)
-    return total, Params(gA, gB, gC)
+    weight = jnp.asarray(X.shape[0], X.dtype) if r is None else jnp.sum(r)
+    return total, Params(gA, gB, gC), weight
 
 
-def _chunked_sum(
-    fn: Any, params: Params, X: jax.Array, chunk_size: int | None, n_valid: int | None
-) -> Any:
-    """Sum ``fn(params, X_chunk, valid_chunk)`` over chunks of rows in one compiled loop.
+def _chunked_sum(fn: Any, X: jax.Array, r: jax.Array | None, chunk_size: int | None) -> Any:
+    """sum over chunks of rows of ``fn(X_chunk, r_chunk)``, in one compiled loop.
 
     ``lax.fori_loop`` with ``lax.dynamic_slice_in_dim`` (no reshaped copy of X)
-    over the full chunks, then the remainder as one static slice, so working
-    memory is O(chunk_size) whatever N is. Rows at index >= n_valid are padding.
+    over the full chunks, then the remainder as one static slice: working
+    memory is O(chunk_size) whatever N is.
     """
     N = X.shape[0]
-
-    def valid_rows(start: Any, size: int) -> jax.Array | None:
-        if n_valid is None or n_valid >= N:
-            return None
-        return start + jnp.arange(size) < n_valid
-
     if chunk_size is None or chunk_size >= N:
-        return fn(params, X, valid_rows(0, N))
+        return fn(X, r)
     n_full, rem = divmod(N, chunk_size)
 
-    def body(i: Any, acc: Any) -> Any:
-        start = i * chunk_size
-        Xi = lax.dynamic_slice_in_dim(X, start, chunk_size)
-        return jax.tree.map(jnp.add, acc, fn(params, Xi, valid_rows(start, chunk_size)))
+    def rows(a: Any, start: Any) -> Any:
+        return None if a is None else lax.dynamic_slice_in_dim(a, start, chunk_size)
 
-    zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(fn, params, X[:chunk_size]))
-    acc = lax.fori_loop(0, n_full, body, zero)
+    def body(i: Any, acc: Any) -> Any:
+        part = fn(rows(X, i * chunk_size), rows(r, i * chunk_size))
+        return jax.tree.map(jnp.add, acc, part)
+
+    shapes = jax.eval_shape(fn, X[:chunk_size], None if r is None else r[:chunk_size])
+    acc = lax.fori_loop(0, n_full, body, jax.tree.map(jnp.zeros_like, shapes))
     if rem:
-        start = n_full * chunk_size
-        tail = fn(params, X[start:], valid_rows(start, rem))
+        tail = fn(X[n_full * chunk_size:], None if r is None else r[n_full * chunk_size:])
         acc = jax.tree.map(jnp.add, acc, tail)
     return acc
 
 
-def _value_and_grad(
-    params: Params,
-    X: jax.Array,
-    chunk_size: int | None = None,
-    n_valid: int | None = None,
-    *,
-    gram: bool = False,
-) -> tuple[jax.Array, Params]:
-    """(batch_loss, batch_grad) of the mean over the first n_valid rows of X."""
-    n = X.shape[0] if n_valid is None else n_valid
-    fn = functools.partial(_value_and_grad_sum, gram=gram)
-    total, gsum = _chunked_sum(fn, params, X, chunk_size, n_valid)
-    return total / n, jax.tree.map(lambda s: s / n, gsum)
+def _value_and_grad(params: Params, batch: Batch, chunk_size: int | None = None,
+                    gram: bool = False) -> tuple[jax.Array, Params]:
+    """(batch_loss, its gradient) by the manual rule: weighted sums, then one division."""
+    def fn(X: jax.Array, r: jax.Array | None) -> Any:
+        return _value_and_grad_sum(params, X, r, gram)
+
+    total, gsum, weight = _chunked_sum(fn, batch.X, batch.weights, chunk_size)
+    return total / weight, jax.tree.map(lambda g: g / weight, gsum)
 
 
-def _batch_grad(
-    params: Params, X: jax.Array, chunk_size: int | None = None, n_valid: int | None = None
-) -> Params:
-    gram = _gram_is_cheaper(params.A.shape[0], params.C.shape[0])
-    return _value_and_grad(params, X, chunk_size, n_valid, gram=gram)[1]
+def _batch_grad(params: Params, batch: Batch, chunk_size: int | None = None) -> Params:
+    H, O = params.A.shape[0], params.C.shape[0]
+    return _value_and_grad(params, batch, chunk_size, gram=2 * H < 3 * O)[1]
 
 
-def _prepare_batch_grad(
-    params: Any, X: Any, *, chunk_size: Any = None, precision: Any = None
-) -> tuple[Params, jax.Array, dict[str, Any]]:
-    params, X, n_valid, chunk_size = prepare_batch(params, X, chunk_size)
-    statics = dict(chunk_size=chunk_size, n_valid=n_valid)
-    return params, X, statics | dict(precision=validation.check_precision(precision))
+# Working set per chunk that stays in a CPU core's cache share, and the fewest
+# rows that keep the matmuls efficient (at K = 1024, 256-row chunks were 1.5x
+# slower than the whole batch).
+_CPU_CHUNK_BYTES = 4 << 20
+_MIN_CHUNK_ROWS = 1024
 
 
-_batch_grad_entry = validation.checked_entry(
-    _batch_grad, _prepare_batch_grad, "X", describe_overflow
-)
+def default_chunk_size(X: Any, H: int, O: int) -> int | None:
+    """Rows per chunk when ``chunk_size`` is None: cache-sized on one CPU device, else all.
+
+    On a CPU, a batch whose activations (about D + 2H + O numbers per row)
+    exceed a few MiB runs in chunks that fit the cache: the same FLOPs, fewer
+    trips to main memory (at K = 256, N = 65536, about 1.5x faster). On a GPU,
+    for X sharded over several devices, or traced: None, the whole batch.
+    """
+    devices = getattr(getattr(X, "sharding", None), "device_set", None)
+    if validation.is_traced(X) or devices is None or len(devices) != 1:
+        return None
+    if next(iter(devices)).platform != "cpu":
+        return None
+    N, D = X.shape
+    rows = max(_MIN_CHUNK_ROWS, _CPU_CHUNK_BYTES // ((D + 2 * H + O) * X.dtype.itemsize))
+    rows = 1 << (rows.bit_length() - 1)  # a power of two
+    return rows if rows < N else None
 
 
-def batch_grad(
-    params: Params, X: Any, *, chunk_size: int | None = None, precision: str | None = None
-) -> Params:
-    """Gradient of ``batch_loss`` (the mean over N) by the manual derivation.
+def _prepare_chunks(params: Any, X: Any, chunk_size: Any) -> tuple[Params, Batch, int | None]:
+    params, batch = prepare(params, X)
+    chunk_size = validation.check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(batch.X, params.A.shape[0], params.C.shape[0])
+    return params, batch, chunk_size
+
+
+def batch_grad(params: Params, X: Any, *, chunk_size: int | None = None,
+               precision: str | None = None) -> Params:
+    """Gradient of ``batch_loss`` by the manual derivation.
 
     Args:
       params: ``Params(A (H, D), B (H, D), C (O, H))``.
-      X: samples, shape (N, D); may be sharded across devices (``shard_batch``).
-      chunk_size: if given, accumulate over chunks of this many rows inside one
-        compiled loop, so working memory does not grow with N (same result to
-        rounding). None lets ``model.default_chunk_size`` choose: cache-sized
-        chunks for a large batch on one CPU device, else the whole batch.
+      X: samples (N, D), or a ``Batch(X, weights)`` (e.g. from ``shard_batch``,
+        possibly sharded across devices).
+      chunk_size: accumulate over chunks of this many rows inside one compiled
+        loop, so working memory does not grow with N (same result to
+        rounding). None: ``default_chunk_size``'s choice.
       precision: matmul precision, None for abc_jax's default ``"highest"``
         (exact float32 on every device); ``"default"`` lets a GPU use TF32.
 
     Returns:
-      ``Params(gA, gB, gC)`` with gA = (1/N) GY^T X, gB = (1/N) GZ^T X,
-      gC = (1/N) GW^T Z: one contraction over N per parameter (gC in the
-      Gram form 2 C (Z^T Z) / N where that is cheaper; see
-      ``_value_and_grad_sum``).
+      ``Params(gA, gB, gC)`` = (GY^T X, GZ^T X, GW^T Z) / sum(r): one contraction
+      over N per parameter (gC in the Gram form where that is cheaper).
 
     Raises:
       ValueError, TypeError: a bad argument or NaN/inf in params or X, named.
       FloatingPointError: finite inputs whose gradient overflows the dtype.
     """
-    return _batch_grad_entry(params, X, chunk_size=chunk_size, precision=precision)
+    params, batch, chunk_size = _prepare_chunks(params, X, chunk_size)
+    return validation.run(_batch_grad, params, batch, name="X", chunk_size=chunk_size,
+                          precision=validation.check_precision(precision))
 
 
-def _batch_value_and_grad(
-    params: Params, X: jax.Array, chunk_size: int | None = None, n_valid: int | None = None
-) -> tuple[jax.Array, Params]:
-    return _value_and_grad(params, X, chunk_size, n_valid)
+def batch_value_and_grad(params: Params, X: Any, *, chunk_size: int | None = None,
+                         precision: str | None = None) -> tuple[jax.Array, Params]:
+    """``(batch_loss, batch_grad)`` in one pass of the manual derivation (direct form).
 
-
-_batch_value_and_grad_entry = validation.checked_entry(
-    _batch_value_and_grad, _prepare_batch_grad, "X", describe_overflow
-)
-
-
-def batch_value_and_grad(
-    params: Params, X: Any, *, chunk_size: int | None = None, precision: str | None = None
-) -> tuple[jax.Array, Params]:
-    """``(batch_loss, batch_grad)`` in one pass of the manual derivation."""
-    return _batch_value_and_grad_entry(params, X, chunk_size=chunk_size, precision=precision)
-
-
-def _per_sample_grads(params: Params, X: jax.Array) -> Params:
-    return jax.vmap(_manual_grad, in_axes=(None, 0))(params, X)
-
-
-def _prepare_per_sample(
-    params: Any, X: Any, *, precision: Any = None
-) -> tuple[Params, jax.Array, dict[str, Any]]:
-    params, D, _, _, dtype = as_params(params)
-    X = validation.check_batch(X, D, dtype)
-    return params, X, dict(precision=validation.check_precision(precision))
-
-
-_per_sample_grads_entry = validation.checked_entry(
-    _per_sample_grads, _prepare_per_sample, "X", describe_overflow
-)
-
-
-def per_sample_grads(params: Params, X: jax.Array, *, precision: str | None = None) -> Params:
-    """dL_i/d(A, B, C) for every row of X (N, D): each field has a leading N axis.
-
-    ``vmap`` of ``manual_grad``; costs O(N H D) memory, so use ``batch_grad``
-    when only the mean is needed.
+    Arguments as in ``batch_grad``. This is what one training step needs.
     """
-    return _per_sample_grads_entry(params, X, precision=precision)
+    params, batch, chunk_size = _prepare_chunks(params, X, chunk_size)
+    return validation.run(_value_and_grad, params, batch, name="X", chunk_size=chunk_size,
+                          precision=validation.check_precision(precision))
+
+
+def _per_sample_grads(params: Params, batch: Batch) -> Params:
+    grads = jax.vmap(_manual_grad, in_axes=(None, 0))(params, batch.X)
+    if batch.weights is None:
+        return grads
+    return jax.tree.map(lambda g: g * batch.weights[:, None, None], grads)
+
+
+def per_sample_grads(params: Params, X: Any, *, precision: str | None = None) -> Params:
+    """r_i dL_i/d(A, B, C) for every row of X (N, D): each field with a leading N axis.
+
+    ``vmap`` of ``manual_grad``, times the row's weight r_i (1 for a plain X;
+    0 for a padding row of ``shard_batch``), so ``batch_grad`` is their sum
+    over sum(r). Costs O(N H D) memory: use ``batch_grad`` when only the mean
+    is needed.
+    """
+    params, batch = prepare(params, X)
+    return validation.run(_per_sample_grads, params, batch, name="X",
+                          precision=validation.check_precision(precision))
+
+
+# --- the one-sample loss as a custom_vjp --------------------------------------
 
 
 @jax.custom_vjp
@@ -319,7 +306,8 @@ def abc_loss(params: Params, x: jax.Array) -> jax.Array:
     "highest" precision. Batch it with ``jax.vmap(abc_loss, in_axes=(None, 0))``.
     """
     params, D, _, _, dtype = as_params(params)
-    x = validation.check_sample(x, D, dtype)
+    x = as_sample(x, D, dtype)
     if validation.is_traced(params, x):
         return _abc_loss(params, x)
-    return _forward_entry(params, x)[0]
+    return validation.run(_abc_loss, params, x, name="x",
+                          precision=validation.DEFAULT_PRECISION)

@@ -41,7 +41,7 @@ import numpy as np
 
 from abc_jax import validation
 from abc_jax.backward import abc_loss, manual_vjp
-from abc_jax.model import as_params, forward
+from abc_jax.model import as_params, as_sample, forward
 
 # name: (title, kind, (column, row)); the layout reads left to right, rows top down.
 NODES: dict[str, tuple[str, str, tuple[int, int]]] = {
@@ -95,7 +95,7 @@ def node_values(params: Any, x: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]
       docstring.
     """
     params, D, H, _, dtype = as_params(params)
-    x = validation.check_sample(x, D, dtype)
+    x = as_sample(x, D, dtype)
     L, res = forward(params, x)
     g = manual_vjp(params, res)
     unit_x = jnp.zeros(D, dtype).at[0].set(1)

@@ -1,4 +1,4 @@
-"""The ABC graph: parameters, the forward pass and the loss.
+"""The ABC graph: parameters, a batch of rows, the forward pass and the loss.
 
 For one sample x (shape (D,)) and parameters A (H, D), B (H, D), C (O, H)::
 
@@ -10,9 +10,14 @@ For one sample x (shape (D,)) and parameters A (H, D), B (H, D), C (O, H)::
     L = ||w||^2      scalar
 
 Functions here take ONE sample; batch them with ``jax.vmap(f, in_axes=(None, 0))``.
-The batch objective is the mean, ``batch_loss(params, X) = mean_i L(params, X[i])``.
-The homework minimised the sum over i; the minimiser is the same, and the mean
-keeps the learning rate independent of N.
+
+The batch objective is a weighted mean over rows: with X (N, D) and row
+weights w_i >= 0 (all 1 by default), ``batch_loss = sum_i w_i L_i / sum_i w_i``.
+With unit weights that is the plain mean. The homework minimised the sum over
+i; the minimiser is the same, and the mean keeps the learning rate independent
+of N. A weight is data, not a static count: padding rows (added to spread N
+over devices) weigh 0, and a user's per-sample importance weights use the
+same mechanism.
 """
 
 from __future__ import annotations
@@ -21,9 +26,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from abc_jax import validation
-from abc_jax.parallel import replicate_like, unpack_batch
 
 
 class Params(NamedTuple):
@@ -43,14 +48,19 @@ class Residuals(NamedTuple):
     w: jax.Array  # (O,)  C z
 
 
-def init_params(
-    key: jax.Array,
-    in_dim: int,
-    hidden_dim: int | None = None,
-    out_dim: int | None = None,
-    *,
-    dtype: Any = jnp.float32,
-) -> Params:
+class Batch(NamedTuple):
+    """Rows of samples and their weights (a pytree: it passes through jit, vmap, grad).
+
+    Every batch function takes either a plain X (N, D), meaning unit weights,
+    or a ``Batch``. ``shard_batch`` returns one whose padding rows weigh 0.
+    """
+
+    X: jax.Array  # (N, D) samples
+    weights: jax.Array | None = None  # (N,) w_i >= 0, sum > 0; None: every row weighs 1
+
+
+def init_params(key: jax.Array, in_dim: int, hidden_dim: int | None = None,
+                out_dim: int | None = None, *, dtype: Any = jnp.float32) -> Params:
     """Random parameters, entries ~ Normal(0, 1 / fan_in).
 
     Args:
@@ -65,8 +75,7 @@ def init_params(
     D = validation.check_positive_int(in_dim, "in_dim")
     H = validation.check_positive_int(D if hidden_dim is None else hidden_dim, "hidden_dim")
     O = validation.check_positive_int(D if out_dim is None else out_dim, "out_dim")
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    dtype = validation.check_dtype(dtype)
     ka, kb, kc = jax.random.split(validation.check_key(key), 3)
     return Params(
         A=jax.random.normal(ka, (H, D), dtype) / jnp.sqrt(D).astype(dtype),
@@ -97,119 +106,94 @@ def _forward(params: Params, x: jax.Array) -> tuple[jax.Array, Residuals]:
     return L, Residuals(x, u, z, w)
 
 
-def _batch_loss(params: Params, X: jax.Array, n_valid: int | None = None) -> jax.Array:
-    """mean_i L(params, X[i]) over the first n_valid rows (default all); no validation.
+def weighted_mean(values: jax.Array, weights: jax.Array | None) -> jax.Array:
+    """sum_i w_i v_i / sum_i w_i over the leading axis (the plain mean for None)."""
+    if weights is None:
+        return jnp.mean(values, axis=0)
+    w = weights.reshape(weights.shape + (1,) * (values.ndim - 1))
+    return jnp.sum(w * values, axis=0) / jnp.sum(weights)
 
-    This is the plain differentiable definition that ``jax.grad`` differentiates
-    for the reference gradient.
-    """
-    losses = jax.vmap(_forward, in_axes=(None, 0))(params, X)[0]  # (N,)
-    if n_valid is None:
-        return jnp.mean(losses)
-    return jnp.sum(jnp.where(jnp.arange(X.shape[0]) < n_valid, losses, 0)) / n_valid
+
+def _batch_loss(params: Params, batch: Batch) -> jax.Array:
+    """sum_i w_i L(params, X[i]) / sum_i w_i: the plain definition ``jax.grad`` differentiates."""
+    losses = jax.vmap(_forward, in_axes=(None, 0))(params, batch.X)[0]  # (N,)
+    return weighted_mean(losses, batch.weights)
+
+
+# --- the public functions: validate, then one checked computation -------------
 
 
 def as_params(params: Any) -> tuple[Params, int, int, int, Any]:
-    """Validate and return ``(Params, D, H, O, dtype)``."""
-    D, H, O, dtype = validation.check_params(params)
+    """Validate ``params`` and return ``(Params of arrays, D, H, O, dtype)``."""
+    arrays, dtype = validation.check_params(params)
     if not (isinstance(params, Params) and all(isinstance(p, jax.Array) for p in params)):
-        params = Params(*(jnp.asarray(p) for p in params))
-    return params, D, H, O, dtype
+        arrays = tuple(jnp.asarray(a) for a in arrays)
+    (H, D), (O, _) = arrays[0].shape, arrays[2].shape
+    return Params(*arrays), D, H, O, dtype
 
 
-def prepare_batch(
-    params: Any, X: Any, chunk_size: Any = None
-) -> tuple[Params, jax.Array, int | None, int | None]:
-    """Validate params, X (an array or a padded ``ShardedBatch``) and chunk_size.
+def as_sample(x: Any, D: int, dtype: Any, name: str = "x") -> jax.Array:
+    """One sample of shape (D,), cast to ``dtype``."""
+    x = validation.as_array(x, name, dtype)
+    if x.ndim != 1:
+        raise ValueError(f"{name} must be one sample of shape (D,) = ({D},), got shape {x.shape}")
+    if x.shape[0] != D:
+        raise ValueError(f"{name} must have D = {D} entries (columns of A), got shape {x.shape}")
+    return x
 
-    Returns ``(params, X, n_valid, chunk_size)``: X cast to the params' dtype,
-    n_valid the true N of a padded batch (else None), params replicated over
-    X's devices when X is sharded, and chunk_size as given or, for None,
-    ``default_chunk_size``'s choice.
+
+def as_batch(data: Any, D: int, dtype: Any, name: str = "X") -> Batch:
+    """X (N, D) or ``Batch(X, weights)``, checked and cast to ``dtype``, as a ``Batch``."""
+    X, weights = (data.X, data.weights) if isinstance(data, Batch) else (data, None)
+    if isinstance(X, (list, tuple)):
+        X = jnp.asarray(X)
+    s = validation.shape_of(X, name)
+    if len(s) != 2:
+        raise ValueError(f"{name} must be a batch of shape (N, D) = (N, {D}), got shape {s}")
+    if s[0] == 0:
+        raise ValueError(f"{name} must hold at least one sample (N >= 1), got shape {s}")
+    if s[1] != D:
+        raise ValueError(f"{name} must have D = {D} columns (columns of A), got shape {s}")
+    X = validation.as_array(X, name, dtype)
+    if weights is not None:
+        weights = validation.as_array(weights, "weights", dtype)
+        if weights.shape != (s[0],):
+            raise ValueError(f"weights must have shape (N,) = ({s[0]},), one per row of "
+                             f"{name}, got {weights.shape}")
+    return Batch(X, weights)
+
+
+def replicate_like(tree: Any, X: Any) -> Any:
+    """``tree`` replicated over X's mesh when X is sharded over several devices.
+
+    Parameters on one device would clash with a sharded X in ``jit``; each device
+    holds its own copy instead (they are small). Keys are moved as key data.
     """
-    params, D, H, O, dtype = as_params(params)
-    X, n_valid = unpack_batch(X)
-    X = validation.check_batch(X, D, dtype)
-    chunk_size = validation.check_positive_int(chunk_size, "chunk_size", allow_none=True)
-    if not validation.is_traced(params, X):
-        params = replicate_like(params, X)
-    if chunk_size is None:
-        chunk_size = default_chunk_size(X, H, O)
-    return params, X, n_valid, chunk_size
-
-
-# Working set per chunk of the batch gradient that stays in a CPU core's
-# L2/L3 share, and the fewest rows that still keep the matmuls efficient
-# (at K = 1024, 256-row chunks were 1.5x slower than the whole batch).
-_CPU_CHUNK_BYTES = 4 << 20
-_MIN_CHUNK_ROWS = 1024
-
-
-def default_chunk_size(X: Any, H: int, O: int) -> int | None:
-    """The chunk of rows ``batch_grad`` uses when ``chunk_size`` is None.
-
-    On a CPU, a batch whose activations (about D + 2H + O numbers per row)
-    exceed a few MiB is processed in chunks that fit the cache: the same
-    FLOPs, fewer trips to main memory (at K = 256, N = 65536, about 1.5x
-    faster). On a GPU, or for X sharded over several devices, or traced,
-    None: the whole batch at once.
-    """
-    if validation.is_traced(X):
-        return None
     sharding = getattr(X, "sharding", None)
-    devices = getattr(sharding, "device_set", None)
-    if devices is None or len(devices) != 1 or next(iter(devices)).platform != "cpu":
-        return None
-    N, D = X.shape
-    row_bytes = (D + 2 * H + O) * X.dtype.itemsize
-    rows = max(_MIN_CHUNK_ROWS, _CPU_CHUNK_BYTES // row_bytes)
-    rows = 1 << (rows.bit_length() - 1)  # a power of two
-    return rows if rows < N else None
+    if not (isinstance(sharding, NamedSharding) and sharding.mesh.size > 1):
+        return tree
+    replicated = NamedSharding(sharding.mesh, PartitionSpec())
+
+    def put(leaf: Any) -> Any:
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            data = jax.device_put(jax.random.key_data(leaf), replicated)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
+        return jax.device_put(leaf, replicated)
+
+    return jax.tree.map(put, tree)
 
 
-def _scales(params: Params, X: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    A, B, C = params
-    W = (sigmoid(X @ A.T) + X @ B.T) @ C.T  # (N, O)
-    max_param = jnp.max(jnp.stack([jnp.max(jnp.abs(p)) for p in params]))
-    return jnp.max(jnp.abs(X)), jnp.max(jnp.abs(W)), max_param
-
-
-_scales_jit = jax.jit(_scales)
-
-
-def describe_overflow(params: Params, data: jax.Array) -> str:
-    """The scales behind an overflow: max |x|, max |w| (w = C z) and max |param|."""
-    X = data.reshape(-1, data.shape[-1])
-    x, w, p = (float(v) for v in _scales_jit(params, X))
-    return f"max |x| = {x:.3g}, max |w| = {w:.3g} (w = C z, L = ||w||^2), max |param| = {p:.3g}"
-
-
-def prepare_sample(
-    params: Any, x: Any, *, precision: Any = None
-) -> tuple[Params, jax.Array, dict[str, Any]]:
-    """Validate params and one sample x (D,) for a ``validation.checked_entry``."""
+def prepare(params: Any, data: Any, name: str = "X") -> tuple[Params, Batch]:
+    """Validated ``(Params, Batch)``; params replicated where a sharded X lives."""
     params, D, _, _, dtype = as_params(params)
-    x = validation.check_sample(x, D, dtype)
-    return params, x, dict(precision=validation.check_precision(precision))
+    batch = as_batch(data, D, dtype, name)
+    if not validation.is_traced(params, batch):
+        params = replicate_like(params, batch.X)
+    return params, batch
 
 
-def prepare_masked_batch(
-    params: Any, X: Any, *, precision: Any = None
-) -> tuple[Params, jax.Array, dict[str, Any]]:
-    """Validate params and a batch for ``validation.checked_entry``: ``fn(params, X, n_valid)``."""
-    params, X, n_valid, _ = prepare_batch(params, X)
-    return params, X, dict(n_valid=n_valid, precision=validation.check_precision(precision))
-
-
-_forward_entry = validation.checked_entry(_forward, prepare_sample, "x", describe_overflow)
-_batch_loss_entry = validation.checked_entry(
-    _batch_loss, prepare_masked_batch, "X", describe_overflow
-)
-
-
-def forward(
-    params: Params, x: jax.Array, *, precision: str | None = None
-) -> tuple[jax.Array, Residuals]:
+def forward(params: Params, x: jax.Array, *,
+            precision: str | None = None) -> tuple[jax.Array, Residuals]:
     """Forward pass for one sample.
 
     Args:
@@ -226,7 +210,10 @@ def forward(
       ValueError, TypeError: bad shapes, dtypes or NaN/inf in params or x.
       FloatingPointError: finite inputs whose loss overflows the dtype.
     """
-    return _forward_entry(params, x, precision=precision)
+    params, D, _, _, dtype = as_params(params)
+    x = as_sample(x, D, dtype)
+    return validation.run(_forward, params, x, name="x",
+                          precision=validation.check_precision(precision))
 
 
 def loss(params: Params, x: jax.Array, *, precision: str | None = None) -> jax.Array:
@@ -235,9 +222,11 @@ def loss(params: Params, x: jax.Array, *, precision: str | None = None) -> jax.A
 
 
 def batch_loss(params: Params, X: Any, *, precision: str | None = None) -> jax.Array:
-    """(1/N) sum_i L(params, X[i]) for X of shape (N, D) (or a ``shard_batch`` result).
+    """sum_i w_i L(params, X[i]) / sum_i w_i for X (N, D) or a ``Batch`` (unit weights: the mean).
 
     The homework minimised the sum; the mean has the same minimiser and keeps
     the learning rate independent of N. ``precision`` as in ``forward``.
     """
-    return _batch_loss_entry(params, X, precision=precision)
+    params, batch = prepare(params, X)
+    return validation.run(_batch_loss, params, batch, name="X",
+                          precision=validation.check_precision(precision))

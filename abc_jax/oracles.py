@@ -15,67 +15,41 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from abc_jax import validation
-from abc_jax.model import (
-    Params,
-    _batch_loss,
-    as_params,
-    describe_overflow,
-    prepare_masked_batch,
-)
+from abc_jax.model import Batch, Params, _batch_loss, prepare
 
-
-def _oracle(params: Params, X: jax.Array, n_valid: int | None = None) -> Params:
-    return jax.grad(_batch_loss)(params, X, n_valid)
-
-
-_oracle_entry = validation.checked_entry(_oracle, prepare_masked_batch, "X", describe_overflow)
+_oracle = jax.grad(_batch_loss)
 
 
 def oracle_grad(params: Params, X: Any, *, precision: str | None = None) -> Params:
     """``jax.grad(batch_loss)(params, X)``, jitted: the reference gradient.
 
-    ``precision``: matmul precision, None for abc_jax's default ``"highest"``,
-    so the reference is exact float32 arithmetic on a GPU too.
+    X is (N, D) or a ``Batch``. ``precision``: matmul precision, None for
+    abc_jax's default ``"highest"``, so the reference is exact float32
+    arithmetic on a GPU too.
     """
-    return _oracle_entry(params, X, precision=precision)
+    params, batch = prepare(params, X)
+    return validation.run(_oracle, params, batch, name="X",
+                          precision=validation.check_precision(precision))
 
 
 # Bound on floats touched per lax.map step: 2 * directions * N * (D + H + O).
 _FD_WORK = 1 << 24
 
 
-def _fd_grad(params: Params, X: jax.Array, eps: float, batch_size: int) -> Params:
+def _fd_grad(params: Params, batch: Batch, eps: jax.Array, batch_size: int) -> Params:
     flat, unravel = ravel_pytree(params)
-    P = flat.shape[0]
 
     def partial_derivative(i: jax.Array) -> jax.Array:
         e = jnp.zeros_like(flat).at[i].set(eps)
-        return (_batch_loss(unravel(flat + e), X) - _batch_loss(unravel(flat - e), X)) / (2 * eps)
+        up, down = _batch_loss(unravel(flat + e), batch), _batch_loss(unravel(flat - e), batch)
+        return (up - down) / (2 * eps)
 
-    return unravel(jax.lax.map(partial_derivative, jnp.arange(P), batch_size=batch_size))
-
-
-def _prepare_fd(
-    params: Any, X: Any, *, eps: Any = None, precision: Any = None
-) -> tuple[Params, jax.Array, dict[str, Any]]:
-    params, D, H, O, dtype = as_params(params)
-    X = validation.check_batch(X, D, dtype)
-    if eps is None:
-        eps = float(np.finfo(dtype).eps) ** (1 / 3)
-    eps = validation.check_finite_float(eps, "eps", positive=True)
-    N = X.shape[0]
-    P = 2 * H * D + O * H
-    batch_size = max(1, min(P, _FD_WORK // (2 * N * (D + H + O))))
-    return params, X, dict(eps=eps, batch_size=batch_size,
-                           precision=validation.check_precision(precision))
+    return unravel(jax.lax.map(partial_derivative, jnp.arange(flat.shape[0]),
+                               batch_size=batch_size))
 
 
-_fd_entry = validation.checked_entry(_fd_grad, _prepare_fd, "X", describe_overflow)
-
-
-def fd_grad(
-    params: Params, X: jax.Array, eps: float | None = None, *, precision: str | None = None
-) -> Params:
+def fd_grad(params: Params, X: Any, eps: float | None = None, *,
+            precision: str | None = None) -> Params:
     """Central finite differences of ``batch_loss``, one parameter at a time.
 
     dL/dp_j ~ (L(p + eps e_j) - L(p - eps e_j)) / (2 eps) for each of the P
@@ -83,12 +57,23 @@ def fd_grad(
     batches (``lax.map``) and jitted: 2P evaluations of the batch loss.
 
     Args:
+      X: samples (N, D), or a ``Batch``.
       eps: step; default ``finfo(dtype).eps ** (1/3)``, which balances the
         O(eps^2) truncation error against the O(machine eps / eps) rounding
-        error (about 6e-6 in float64, 5e-3 in float32).
+        error (about 6e-6 in float64, 5e-3 in float32). Data, not a constant
+        of the compiled code.
       precision: matmul precision, None for abc_jax's default ``"highest"``.
     """
-    return _fd_entry(params, X, eps=eps, precision=precision)
+    params, batch = prepare(params, X)
+    dtype = params.A.dtype
+    eps = float(np.finfo(dtype).eps) ** (1 / 3) if eps is None else eps
+    eps = validation.check_finite_float(eps, "eps", positive=True)
+    (H, D), O, N = params.A.shape, params.C.shape[0], batch.X.shape[0]
+    P = 2 * H * D + O * H
+    batch_size = max(1, min(P, _FD_WORK // (2 * N * (D + H + O))))
+    return validation.run(_fd_grad, params, batch, jnp.asarray(eps, dtype), name="X",
+                          batch_size=batch_size,
+                          precision=validation.check_precision(precision))
 
 
 def grad_errors(grads: Params, reference: Params) -> dict[str, dict[str, float]]:

@@ -1,36 +1,26 @@
-"""Data parallelism on JAX's own sharding: X split along N, params replicated.
+"""Data parallelism on JAX's own sharding: rows split along N, params replicated.
 
 ``shard_batch(X)`` places the rows of X across all devices (a ``Mesh`` with one
-``"data"`` axis and a ``NamedSharding`` of ``P("data", None)``). ``batch_grad``,
-``batch_loss``, ``oracle_grad`` and ``train`` take the result unchanged: each
-device runs the forward and backward pass on its rows, and XLA inserts the
-all-reduce for the contractions over N (gA = GY^T X / N, ...). The parameters
-are replicated.
+``"data"`` axis, ``NamedSharding`` ``P("data", None)``) as a ``Batch``: when N
+does not divide by the device count, zero rows of weight 0 pad it. Every batch
+function computes sum_i r_i L_i / sum_i r_i, so padding changes nothing, and
+a ``Batch`` is a pytree: ``jax.jit(batch_loss)(params, shard_batch(X))`` works
+for any N and any device count. Each device runs the forward and backward
+pass on its rows and XLA inserts the all-reduce for the contractions over N.
 
 The mesh axis is ``AxisType.Auto`` (XLA chooses the output sharding of the
-contraction over the sharded N axis). With ``Explicit`` axes, the default of
-``jax.make_mesh``, that contraction raises a sharding type error unless every
-matmul names its output sharding, so a mesh with an Explicit ``"data"`` axis is
-refused with a clear error instead.
-
-N need not divide by the device count: X is then padded with zero rows to the
-next multiple and wrapped as a ``ShardedBatch`` that remembers the true N. A
-zero row still has a non-zero loss (sigmoid(0) = 1/2), so the padding is not
-merely zeros: every batch function masks rows >= N out of the sums and divides
-by the true N, giving the same result as one device.
+contraction over the sharded N axis); with ``Explicit`` axes, the default of
+``jax.make_mesh``, that contraction is a sharding type error, so such a mesh
+is refused with a clear message.
 
 Several processes (one per host) run as one multi-controller job on JAX's
 distributed runtime: ``initialize_distributed`` joins it (gloo collectives on
 CPUs, NCCL on GPUs), and ``shard_local_batch`` builds the global batch from
-each process's own rows. The global row order is process 0's rows, then
-process 1's, and so on; padding goes at the end as for one process, so the
-same masking of rows >= N holds (see ``shard_local_batch``).
+each process's own rows, each process padding its own share locally.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import hashlib
 import math
 import socket
@@ -38,35 +28,13 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from abc_jax.model import Batch
+
 DATA_AXIS = "data"
-
-
-@dataclasses.dataclass(frozen=True)
-class ShardedBatch:
-    """Rows of X padded to a multiple of the device count, sharded along N.
-
-    Attributes:
-      X: (N_padded, D) array sharded along its first axis.
-      n: the true number of samples N; rows ``n:`` are padding and ignored.
-    """
-
-    X: jax.Array
-    n: int
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """The unpadded shape (N, D)."""
-        return (self.n, self.X.shape[1])
-
-    @property
-    def dtype(self) -> Any:
-        return self.X.dtype
 
 
 def data_mesh(devices: Any = None) -> Mesh:
@@ -75,35 +43,51 @@ def data_mesh(devices: Any = None) -> Mesh:
     return Mesh(devices.reshape(-1), (DATA_AXIS,), axis_types=(AxisType.Auto,))
 
 
-def shard_batch(X: Any, mesh: Mesh | None = None) -> jax.Array | ShardedBatch:
-    """Place X (N, D) across the devices of ``mesh`` along N.
+def _rows(X: Any, what: str) -> tuple[Any, Any]:
+    """(X, weights) of an (N, D) array or a ``Batch``, checked to be a batch of real numbers."""
+    X, weights = (X.X, X.weights) if isinstance(X, Batch) else (X, None)
+    shape, dtype = np.shape(X), np.result_type(X)
+    if len(shape) != 2:
+        raise ValueError(f"X must be {what} of shape (N, D), got shape {shape}")
+    if dtype.kind not in "fiu":
+        raise TypeError(f"X must hold real numbers, got dtype {dtype}")
+    if weights is not None and np.shape(weights) != shape[:1]:
+        raise ValueError(f"weights must have shape (N,) = {shape[:1]}, got {np.shape(weights)}")
+    return X, weights
+
+
+def _padded(X: Any, weights: Any, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """X and its weights (ones if None) padded with zero rows of weight 0 to ``rows`` rows."""
+    X = np.asarray(X)
+    wdtype = X.dtype if np.issubdtype(X.dtype, np.floating) else np.float32
+    w = np.ones(len(X), wdtype) if weights is None else np.asarray(weights, wdtype)
+    pad = rows - len(X)
+    return np.pad(X, ((0, pad), (0, 0))), np.pad(w, (0, pad))
+
+
+def shard_batch(X: Any, mesh: Mesh | None = None) -> Batch:
+    """Place X (N, D), or a ``Batch``, across the devices of ``mesh`` along N.
 
     Args:
-      X: samples, shape (N, D), N >= 1.
+      X: samples (N, D), N >= 1; or ``Batch(X, weights)``.
       mesh: a ``jax.sharding.Mesh`` with a ``"data"`` axis of type Auto; by
         default all devices (``data_mesh()``).
 
     Returns:
-      A ``jax.Array`` sharded as ``P("data", None)`` when N divides by the size
-      of the data axis; otherwise a ``ShardedBatch`` (X padded with zero rows,
-      plus the true N) that the batch functions mask.
+      ``Batch(X, weights)`` sharded ``P("data")`` along N, padded to a multiple
+      of the data axis's size with zero rows of weight 0.
 
     With several processes, X here is the whole batch, the same on every
     process; ``shard_local_batch`` takes each process's own rows instead.
     """
-    if isinstance(X, ShardedBatch):
-        raise TypeError("X is already a ShardedBatch")
     mesh = _check_mesh(mesh)
-    shape = np.shape(X)
-    if len(shape) != 2 or shape[0] == 0:
-        raise ValueError(f"X must be a batch of shape (N, D) with N >= 1, got shape {shape}")
-    n = shape[0]
+    X, weights = _rows(X, "a batch")
+    if np.shape(X)[0] == 0:
+        raise ValueError(f"X must hold at least one sample (N >= 1), got shape {np.shape(X)}")
     ndev = mesh.shape[DATA_AXIS]
-    pad = -n % ndev
-    if pad:
-        X = jnp.pad(jnp.asarray(X), ((0, pad), (0, 0)))
-    Xs = jax.device_put(X, NamedSharding(mesh, PartitionSpec(DATA_AXIS, None)))
-    return ShardedBatch(Xs, n) if pad else Xs
+    Xp, wp = _padded(X, weights, -(-np.shape(X)[0] // ndev) * ndev)
+    return Batch(jax.device_put(Xp, NamedSharding(mesh, PartitionSpec(DATA_AXIS, None))),
+                 jax.device_put(wp, NamedSharding(mesh, PartitionSpec(DATA_AXIS))))
 
 
 def _check_mesh(mesh: Any) -> Mesh:
@@ -125,35 +109,79 @@ def _check_mesh(mesh: Any) -> Mesh:
     return mesh
 
 
-def unpack_batch(X: Any) -> tuple[Any, int | None]:
-    """(array, n_valid): n_valid is the true N of a padded ShardedBatch, else None."""
-    if isinstance(X, ShardedBatch):
-        return X.X, X.n
-    return X, None
+def shard_local_batch(X: Any, mesh: Mesh | None = None) -> Batch:
+    """The global batch of a multi-process job, each process giving only its own rows.
 
+    Every process calls it with its rows (n_p, D), or a ``Batch`` of them; n_p
+    may differ between processes (and be 0), D and the dtype may not. Each
+    process pads its rows with zero rows of weight 0 to the same count per
+    device and places them on its own devices
+    (``jax.make_array_from_process_local_data``): no row moves between hosts.
+    The real rows are, in global order, process 0's, then process 1's, ...;
+    ``batch_grad``, ``batch_loss``, ``oracle_grad`` and ``train`` (mini-batches
+    included) give the results of one process on all rows, to rounding.
 
-def replicate_like(params: Any, X: Any) -> Any:
-    """Replicate params over X's mesh when X is sharded across several devices.
+    Args:
+      X: this process's rows, shape (n_p, D), real numbers.
+      mesh: a 1-D mesh with an Auto ``"data"`` axis whose devices are grouped by
+        process in process order (default ``data_mesh()``: all devices).
 
-    Parameters placed on one device would otherwise clash with a sharded X in
-    ``jit``; replicated, each device holds its own copy (they are small). Any
-    pytree of arrays works, ``jax.random`` keys included. With several
-    processes each one places its own copy, so the values must be the same
-    on every process.
+    Raises:
+      ValueError, TypeError: on every process, if one process's rows are not a
+        batch (n, D) of real numbers (that process names the problem), the
+        processes disagree on D or dtype, N is 0, or the mesh does not fit.
     """
-    sharding = getattr(X, "sharding", None)
-    if not (isinstance(sharding, NamedSharding) and sharding.mesh.size > 1):
-        return params
-    replicated = NamedSharding(sharding.mesh, PartitionSpec())
+    mesh = _check_mesh(mesh)
+    if jax.process_count() == 1:
+        return shard_batch(X, mesh)
+    try:
+        X, weights = _rows(X, "this process's rows")
+        problem = None
+    except (TypeError, ValueError) as e:
+        X, weights, problem = np.zeros((0, 1)), None, e
+    counts, per_device = _gather_counts(np.asarray(X), problem, mesh)
+    R = max(1, max(-(-c // d) for c, d in zip(counts, per_device, strict=True)))
+    me = jax.process_index()
+    Xp, wp = _padded(X, weights, per_device[me] * R)
+    rows = len(mesh.devices.reshape(-1)) * R
+    return Batch(
+        jax.make_array_from_process_local_data(
+            NamedSharding(mesh, PartitionSpec(DATA_AXIS, None)), Xp, (rows, Xp.shape[1])),
+        jax.make_array_from_process_local_data(
+            NamedSharding(mesh, PartitionSpec(DATA_AXIS)), wp, (rows,)),
+    )
 
-    def put(leaf: Any) -> Any:
-        if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-            # device_put refuses key arrays for devices of other processes: move the key data
-            data = jax.device_put(jax.random.key_data(leaf), replicated)
-            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
-        return jax.device_put(leaf, replicated)
 
-    return jax.tree.map(put, params)
+def _gather_counts(local: np.ndarray, problem: Exception | None,
+                   mesh: Mesh) -> tuple[list[int], list[int]]:
+    """Every process's row count and device count, checked (one all-gather).
+
+    A process whose own rows are bad still takes part, so that every process
+    raises instead of the others waiting in a collective.
+    """
+    dt = np.dtype(local.dtype)
+    mine = np.array([problem is None, local.shape[0], local.shape[1], dt.itemsize, ord(dt.kind)],
+                    np.int32)
+    every = np.asarray(multihost_utils.process_allgather(mine))  # (P, 5)
+    if problem is not None:
+        raise problem
+    bad = [str(p) for p, ok in enumerate(every[:, 0]) if not ok]
+    if bad:
+        raise ValueError(f"the rows of process {', '.join(bad)} are not a batch (n, D) of real "
+                         "numbers; see that process's error")
+    owners = [d.process_index for d in mesh.devices.reshape(-1)]
+    P = jax.process_count()
+    if len(mesh.axis_names) != 1 or owners != sorted(owners) or set(owners) != set(range(P)):
+        raise ValueError(f"the mesh must be 1-D over devices grouped by process, in process "
+                         f"order, with at least one device of each of the {P} processes; got "
+                         f"axes {mesh.axis_names} and processes {owners} (data_mesh() is)")
+    if len({tuple(row) for row in every[:, 2:].tolist()}) > 1:
+        shown = ", ".join(f"process {p}: D={r[2]}, {np.dtype(chr(r[4]) + str(r[3]))}"
+                          for p, r in enumerate(every))
+        raise ValueError(f"the processes' rows must share D and dtype; got {shown}")
+    if every[:, 1].sum() == 0:
+        raise ValueError("the processes hold no rows at all: the batch needs N >= 1")
+    return [int(c) for c in every[:, 1]], [owners.count(p) for p in range(P)]
 
 
 # --- several processes ------------------------------------------------------
@@ -311,211 +339,3 @@ def broadcast_bytes(data: bytes | None) -> bytes | None:
     return np.asarray(multihost_utils.broadcast_one_to_all(buf), np.uint8).tobytes()
 
 
-@dataclasses.dataclass(frozen=True)
-class _Layout:
-    """Where the rows of each process are before and after ``shard_local_batch`` moves them.
-
-    ``counts[p]`` rows of process p sit on its ``devices[p]`` devices of the
-    mesh (consecutive, in process order). Source: each device holds
-    ``source_rows`` rows, its process's rows in order, then zero padding.
-    Target: the global rows 0 .. N-1 in order, ``target_rows`` per device,
-    padding only at the end.
-    """
-
-    counts: tuple[int, ...]
-    devices: tuple[int, ...]
-
-    @property
-    def n(self) -> int:
-        return sum(self.counts)
-
-    @property
-    def ndev(self) -> int:
-        return sum(self.devices)
-
-    @property
-    def source_rows(self) -> int:
-        return max(1, max(-(-c // d) for c, d in zip(self.counts, self.devices, strict=True)))
-
-    @property
-    def target_rows(self) -> int:
-        return -(-self.n // self.ndev)
-
-    def transfers(self) -> list[tuple[int, int, int, int, int]]:
-        """(source device, target device, source offset, target offset, rows) for every block."""
-        R1, R = self.source_rows, self.target_rows
-        out, device, first = [], 0, 0  # first: global index of the process's first row
-        for count, ndev in zip(self.counts, self.devices, strict=True):
-            for j in range(ndev):
-                lo, hi = first + min(j * R1, count), first + min((j + 1) * R1, count)
-                while lo < hi:  # rows [lo, hi) of device `device` go to target lo // R
-                    k = lo // R
-                    end = min(hi, (k + 1) * R)
-                    out.append((device, k, lo - first - j * R1, lo - k * R, end - lo))
-                    lo = end
-                device += 1
-            first += count
-        return out
-
-
-def _redistribute(source: jax.Array, layout: _Layout, mesh: Mesh) -> jax.Array:
-    """Move the rows of ``source`` (source layout) into the target layout, on the devices."""
-    return _mover(layout, mesh)(source)
-
-
-@functools.lru_cache(maxsize=16)
-def _mover(layout: _Layout, mesh: Mesh) -> Any:
-    """The compiled move of ``_redistribute``, one per layout and mesh.
-
-    A ``shard_map`` over the data axis: the blocks that move by the same
-    number s of devices travel in one ``lax.ppermute`` (s = 0 stays local),
-    each device copying at most ``target_rows`` rows per shift, so no device
-    ever holds more than a few shards.
-    """
-    ndev, R = layout.ndev, layout.target_rows
-    by_shift: dict[int, list[tuple[int, int, int, int, int]]] = {}
-    for t in layout.transfers():
-        by_shift.setdefault(t[1] - t[0], []).append(t)
-
-    def body(local: jax.Array) -> jax.Array:  # (R1, D) -> (R, D)
-        i = lax.axis_index(DATA_AXIS)
-        D = local.shape[1]
-        out = jnp.zeros((R, D), local.dtype)
-        rows = jnp.arange(R)[:, None]
-        for shift, blocks in sorted(by_shift.items()):
-            send_off, recv_off, recv_rows = (np.zeros(ndev, np.int32) for _ in range(3))
-            for d, k, s_off, t_off, count in blocks:
-                send_off[d], recv_off[k], recv_rows[k] = s_off, t_off, count
-            B = max(count for *_, count in blocks)
-            padded = jnp.pad(local, ((0, B), (0, 0)))
-            buf = lax.dynamic_slice_in_dim(padded, jnp.asarray(send_off)[i], B)  # (B, D)
-            if shift:
-                buf = lax.ppermute(buf, DATA_AXIS, [(d, k) for d, k, *_ in blocks])
-            lo, count = jnp.asarray(recv_off)[i], jnp.asarray(recv_rows)[i]
-            zeros = jnp.zeros((R, D), local.dtype)
-            window = jnp.concatenate([zeros, buf, zeros])  # row R + j holds buf[j]
-            placed = lax.dynamic_slice_in_dim(window, R - lo, R)  # row r holds buf[r - lo]
-            out = jnp.where((rows >= lo) & (rows < lo + count), placed, out)
-        return out
-
-    spec = PartitionSpec(DATA_AXIS, None)
-    move = jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec)
-    return jax.jit(move, out_shardings=NamedSharding(mesh, spec))
-
-
-def shard_local_batch(X: Any, mesh: Mesh | None = None) -> jax.Array | ShardedBatch:
-    """The global batch of a multi-process job, each process giving only its own rows.
-
-    Every process calls it with its rows (n_p, D); n_p may differ between
-    processes (and be 0), D and the dtype may not. The global batch holds
-    N = sum_p n_p rows in the order process 0's rows, then process 1's, ...,
-    and ``batch_grad``, ``batch_loss``, ``oracle_grad`` and ``train`` take it
-    unchanged, with the same results as one process on all the rows (to
-    rounding: the sums run in another order).
-
-    Layout: the devices must each hold the same number of rows, so each
-    process first places its rows on its own devices with zero padding
-    (``jax.make_array_from_process_local_data``). Then one compiled
-    ``shard_map`` moves rows between neighbouring devices so that the global
-    rows are in order with all padding at the end: the layout ``shard_batch``
-    gives one process, so the existing masking of rows >= N applies, and
-    every device holds ceil(N / devices) rows, balanced even when the n_p are
-    not. This happens once per batch; only rows that cross a device boundary
-    move, in ``lax.ppermute`` blocks no larger than a shard.
-
-    Args:
-      X: this process's rows, shape (n_p, D), real numbers.
-      mesh: a 1-D mesh with an Auto ``"data"`` axis whose devices are grouped
-        by process in process order (default ``data_mesh()``: all devices),
-        with at least one device of every process.
-
-    Returns:
-      As ``shard_batch``: a ``jax.Array`` sharded ``P("data", None)``, or a
-      ``ShardedBatch`` with the padding and the true N. With one process,
-      ``shard_batch(X, mesh)``.
-
-    Raises:
-      ValueError, TypeError: on every process, if one process's rows are not
-        a batch (n, D) of real numbers (that process names the problem), the
-        processes disagree on D or dtype, N is 0, or the mesh does not fit.
-    """
-    mesh = _check_mesh(mesh)
-    local, problem = _local_rows(X)
-    if jax.process_count() == 1:
-        if problem is not None:
-            raise problem
-        return shard_batch(local, mesh)
-    layout = _gather_layout(local, problem, mesh)
-    R1 = layout.source_rows
-    spec = NamedSharding(mesh, PartitionSpec(DATA_AXIS, None))
-    mine = layout.devices[jax.process_index()] * R1
-    padded = np.zeros((mine, local.shape[1]), local.dtype)
-    padded[: len(local)] = local
-    source = jax.make_array_from_process_local_data(
-        spec, padded, (layout.ndev * R1, local.shape[1])
-    )
-    in_place = all(d == k and s == t for d, k, s, t, _ in layout.transfers())
-    target = source if in_place and R1 == layout.target_rows else _redistribute(
-        source, layout, mesh
-    )
-    return ShardedBatch(target, layout.n) if target.shape[0] > layout.n else target
-
-
-def _local_rows(X: Any) -> tuple[np.ndarray, Exception | None]:
-    """This process's rows as a 2-D array, or an empty one and the error to raise."""
-    if isinstance(X, ShardedBatch):
-        return np.zeros((0, 1)), TypeError("X is already a ShardedBatch")
-    local = np.asarray(X)
-    if local.ndim != 2:
-        return np.zeros((0, 1)), ValueError(
-            f"X must be this process's rows, shape (n, D), got shape {local.shape}"
-        )
-    if not (np.issubdtype(local.dtype, np.floating) or np.issubdtype(local.dtype, np.integer)):
-        return np.zeros((0, 1)), TypeError(f"X must hold real numbers, got dtype {local.dtype}")
-    return local, None
-
-
-def _gather_layout(local: np.ndarray, problem: Exception | None, mesh: Mesh) -> _Layout:
-    """Every process's row count, checked for D, dtype and the mesh (one all-gather).
-
-    A process whose own rows are bad (``problem``) still takes part in the
-    all-gather, so that every process raises, instead of the others waiting.
-    """
-    dt = np.dtype(local.dtype)
-    mine = np.array([problem is None, local.shape[0], local.shape[1], dt.itemsize, ord(dt.kind)],
-                    np.int32)
-    every = np.asarray(multihost_utils.process_allgather(mine))  # (P, 5)
-    if problem is not None:
-        raise problem
-    bad = [p for p, ok in enumerate(every[:, 0]) if not ok]
-    if bad:
-        raise ValueError(
-            f"the rows of process {', '.join(map(str, bad))} are not a batch (n, D) of real "
-            "numbers; see that process's error"
-        )
-    every = every[:, 1:]
-    if len(mesh.axis_names) != 1:
-        raise ValueError(
-            f"shard_local_batch needs a 1-D mesh with only the {DATA_AXIS!r} axis, "
-            f"got axes {mesh.axis_names}"
-        )
-    owners = [d.process_index for d in mesh.devices.reshape(-1)]
-    P = jax.process_count()
-    if owners != sorted(owners) or set(owners) != set(range(P)):
-        raise ValueError(
-            "the mesh's devices must be grouped by process, in process order, with at least one "
-            f"device of each of the {P} processes; got processes {owners} (data_mesh() of all "
-            "devices is)"
-        )
-    devices = tuple(owners.count(p) for p in range(P))
-    for col, name in ((1, "D (columns)"), (2, "dtype"), (3, "dtype")):
-        if len(set(every[:, col].tolist())) > 1:
-            shown = ", ".join(
-                f"process {p}: {row[1] if col == 1 else np.dtype(chr(row[3]) + str(row[2]))}"
-                for p, row in enumerate(every)
-            )
-            raise ValueError(f"the processes' rows must share {name}; got {shown}")
-    counts = tuple(int(c) for c in every[:, 0])
-    if sum(counts) == 0:
-        raise ValueError("the processes hold no rows at all: the batch needs N >= 1")
-    return _Layout(counts, devices)

@@ -1,25 +1,20 @@
-"""Input validation: static checks before tracing, value checks fused, cached by signature.
+"""Input validation and the one checked run every public function goes through.
 
-Shape, rank, dtype and argument checks only read ``.shape``, ``.dtype`` and
-Python values, so they run before anything is traced and also work on
-tracers inside a caller's ``jax.jit``. Their outcome depends only on the
-call's signature (types, shapes, dtypes, sharding, keyword values), so
-``checked_entry`` remembers it: a second call with the same signature goes
-straight to the compiled function.
+Argument checks (types, ranks, shapes, dtypes, Python values) are plain Python:
+they read only ``.shape``, ``.dtype`` and numbers, so they raise before
+anything is traced and also work on tracers inside a caller's ``jax.jit``.
 
-The check for NaN/inf is not a separate pass: the compiled computation
-returns one all-finite flag of its outputs and the parameters alongside
-them (a non-finite x always makes the outputs non-finite; an inf in A may
-not, as sigmoid saturates, hence the parameters). Only when that flag is
-false are the inputs scanned to name the offending entry, and when they are
-all finite the error says the computation overflowed the dtype. Inside a
-caller's jit the values are tracers and the value check is skipped.
+Value checks are fused into the computation: ``run`` jits ``fn`` together with
+one all-finite flag of its outputs and the parameters, reads that flag, and
+only when it is false scans the inputs to explain it (the first NaN/inf entry,
+a bad row weight, or else an overflow of the dtype). Inside a caller's
+transformation the values are tracers: ``run`` then calls ``fn`` plainly.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -27,34 +22,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_FIELDS = ("A", "B", "C")
-
-# Matmul precision (see ``check_precision``). "highest" is exact float32 on
-# every backend; the others let a GPU use TF32 or bfloat16 passes.
+# Matmul precision (see ``check_precision``): "highest" is exact float32 on every
+# backend; the others let a GPU use TF32 or bfloat16 passes.
 DEFAULT_PRECISION = "highest"
 PRECISIONS = ("highest", "high", "default", "float32", "tensorfloat32", "bfloat16")
+_FIELDS = ("A", "B", "C")
 
 
 def check_precision(precision: Any) -> str:
     """Validate a matmul precision; None gives abc_jax's default, ``"highest"``.
 
-    abc_jax's policy: its own computations (``batch_grad``, ``batch_loss``,
-    ``oracle_grad``, ``train`` ...) run their matrix products at
+    abc_jax's policy: its own computations run their matrix products at
     ``"highest"`` precision unless told otherwise, whatever JAX's global
     ``jax_default_matmul_precision`` says, so every accuracy figure holds on
-    any device. On a CPU all settings compute the same float32 products. On
-    an NVIDIA GPU, JAX's own default for float32 is TF32 (a 10-bit mantissa,
-    relative error ~5e-4); ``precision="default"`` (or ``"tensorfloat32"``)
-    chooses it for speed. The value is applied with
-    ``jax.default_matmul_precision`` while the computation is traced, so it
+    any device. On a CPU all settings compute the same float32 products. On an
+    NVIDIA GPU, JAX's own default for float32 is TF32 (10-bit mantissa,
+    relative error ~5e-4); ``precision="default"`` chooses it for speed. The
+    value is applied with ``jax.default_matmul_precision`` while tracing, so it
     reaches the products autodiff creates too.
     """
     if precision is None:
         return DEFAULT_PRECISION
     if not isinstance(precision, str):
-        raise TypeError(
-            f"precision must be None or one of {PRECISIONS}, got {type(precision).__name__}"
-        )
+        raise TypeError(f"precision must be None or one of {PRECISIONS}, "
+                        f"got {type(precision).__name__}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be None or one of {PRECISIONS}, got {precision!r}")
     return precision
@@ -65,97 +56,91 @@ def is_traced(*trees: Any) -> bool:
     return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(trees))
 
 
-def _shape(a: Any, name: str) -> tuple[int, ...]:
-    if isinstance(a, (list, tuple)):
-        a = np.asarray(a)
+def shape_of(a: Any, name: str) -> tuple[int, ...]:
+    """The shape of an array-like argument; TypeError naming it if it is none."""
     if not hasattr(a, "shape") or not hasattr(a, "dtype"):
         raise TypeError(f"{name} must be an array, got {type(a).__name__}")
     return tuple(a.shape)
 
 
-def check_params(params: Any, name: str = "params") -> tuple[int, int, int, np.dtype]:
-    """Validate ``Params(A, B, C)`` and return ``(D, H, O, dtype)``.
+def as_array(a: Any, name: str, dtype: Any) -> jax.Array:
+    """``a`` (real numbers, checked) cast to ``dtype``; a tracer stays a tracer."""
+    if isinstance(a, (list, tuple)):
+        a = np.asarray(a)
+    shape_of(a, name)
+    if not (jnp.issubdtype(a.dtype, jnp.floating) or jnp.issubdtype(a.dtype, jnp.integer)):
+        raise TypeError(f"{name} must hold real numbers, got dtype {a.dtype}")
+    if isinstance(a, jax.Array) and a.dtype == dtype:
+        return a
+    return a.astype(dtype) if is_traced(a) else jnp.asarray(a, dtype=dtype)
 
-    A and B must be (H, D), C must be (O, H), all of one floating dtype.
+
+def check_params(params: Any, name: str = "params") -> tuple[tuple[Any, Any, Any], np.dtype]:
+    """``(A, B, C)`` checked to chain, A, B (H, D) and C (O, H) of one floating dtype.
+
+    Returns the three arrays (unconverted) and their dtype.
     """
+    if isinstance(params, dict):
+        raise TypeError(f"{name} must be Params(A, B, C), got a dict: use abc_jax.Params(**d)")
     if not isinstance(params, tuple) or len(params) != 3:
-        raise TypeError(
-            f"{name} must be Params(A, B, C) (a 3-tuple of arrays), got {type(params).__name__}"
-        )
-    arrays = dict(zip(_FIELDS, params, strict=True))
-    shapes = {f: _shape(a, f"{name}.{f}") for f, a in arrays.items()}
-    for f, s in shapes.items():
+        raise TypeError(f"{name} must be Params(A, B, C) (a 3-tuple of arrays), "
+                        f"got {type(params).__name__}")
+    arrays = [np.asarray(a) if isinstance(a, (list, tuple)) else a for a in params]
+    shapes = [shape_of(a, f"{name}.{f}") for f, a in zip(_FIELDS, arrays, strict=True)]
+    for f, s in zip(_FIELDS, shapes, strict=True):
         if len(s) != 2:
             raise ValueError(f"{name}.{f} must be a matrix (rank 2), got shape {s}")
-    (H, D), (HB, DB), (O, HC) = shapes["A"], shapes["B"], shapes["C"]
+    (H, D), (HB, DB), (O, HC) = shapes
     if (HB, DB) != (H, D):
         raise ValueError(f"{name}.B must have the shape of A, (H, D) = {(H, D)}, got {(HB, DB)}")
     if HC != H:
-        raise ValueError(
-            f"{name}.C must be (O, H) with H = {H} (rows of A), got shape {(O, HC)}: "
-            "the shapes of A, B, C do not chain"
-        )
+        raise ValueError(f"{name}.C must be (O, H) with H = {H} (rows of A), got shape "
+                         f"{(O, HC)}: the shapes of A, B, C do not chain")
     if min(H, D, O) < 1:
         raise ValueError(f"{name} dimensions must be >= 1, got D={D}, H={H}, O={O}")
-    dtypes = {f: np.dtype(np.asarray(a).dtype if isinstance(a, (list, tuple)) else a.dtype)
-              for f, a in arrays.items()}
+    dtypes = {f: np.dtype(a.dtype) for f, a in zip(_FIELDS, arrays, strict=True)}
     for f, dt in dtypes.items():
         if not jnp.issubdtype(dt, jnp.floating):
             raise TypeError(f"{name}.{f} must have a floating dtype, got {dt}")
     if len(set(dtypes.values())) != 1:
         raise TypeError(f"{name}.A, .B, .C must share one dtype, got {dtypes}")
-    return D, H, O, dtypes["A"]
+    return tuple(arrays), dtypes["A"]
 
 
-def _as_data(x: Any, name: str, dtype: np.dtype) -> jax.Array:
-    _shape(x, name)
-    if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)):
-        raise TypeError(f"{name} must be a real numeric array, got dtype {x.dtype}")
-    # Cast to the parameters' dtype: float32 params give float32 results even
-    # when x is a float64 NumPy array and x64 is on.
-    if isinstance(x, jax.Array) and x.dtype == dtype:
-        return x
-    return x.astype(dtype) if is_traced(x) else jnp.asarray(x, dtype=dtype)
+def check_dtype(dtype: Any, name: str = "dtype") -> np.dtype:
+    """A floating dtype that JAX can hold as it is (float64 needs x64 enabled)."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{name} must be a floating dtype, got {dtype!r}") from None
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise TypeError(f"{name} must be a floating dtype, got {dt}")
+    if dt.itemsize == 8 and not jax.config.jax_enable_x64:
+        raise ValueError(f"{name} float64 needs x64 enabled: call "
+                         "jax.config.update('jax_enable_x64', True) before creating arrays")
+    return dt
 
 
-def check_sample(x: Any, D: int, dtype: np.dtype, name: str = "x") -> jax.Array:
-    """Validate one sample of shape (D,) and cast it to ``dtype``."""
-    if isinstance(x, (list, tuple)):
-        x = np.asarray(x)
-    s = _shape(x, name)
-    if len(s) != 1:
-        raise ValueError(f"{name} must be one sample of shape (D,) = ({D},), got shape {s}")
-    if s[0] != D:
-        raise ValueError(f"{name} must have D = {D} entries (columns of A), got shape {s}")
-    return _as_data(x, name, dtype)
-
-
-def check_batch(X: Any, D: int, dtype: np.dtype, name: str = "X") -> jax.Array:
-    """Validate a batch of shape (N, D), N >= 1, and cast it to ``dtype``."""
-    if isinstance(X, (list, tuple)):
-        X = np.asarray(X)
-    s = _shape(X, name)
-    if len(s) != 2:
-        raise ValueError(f"{name} must be a batch of shape (N, D) = (N, {D}), got shape {s}")
-    if s[0] == 0:
-        raise ValueError(f"{name} must hold at least one sample (N >= 1), got shape {s}")
-    if s[1] != D:
-        raise ValueError(f"{name} must have D = {D} columns (columns of A), got shape {s}")
-    return _as_data(X, name, dtype)
-
-
-def check_positive_int(value: Any, name: str, *, allow_none: bool = False) -> int | None:
+def check_int(value: Any, name: str, *, minimum: int = 1, allow_none: bool = False) -> Any:
+    """A Python or NumPy int >= minimum (or None where allowed)."""
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
 
 
+def check_positive_int(value: Any, name: str, *, allow_none: bool = False) -> Any:
+    """An int >= 1 (or None where allowed)."""
+    return check_int(value, name, minimum=1, allow_none=allow_none)
+
+
 def check_finite_float(value: Any, name: str, *, positive: bool = False) -> float:
-    """A Python or NumPy real number (not a bool, not a string), finite, optionally > 0."""
+    """A real number (Python, NumPy or a 0-d array; not a bool or a string), finite."""
+    if isinstance(value, (jax.Array, np.ndarray)) and value.shape == () and not is_traced(value):
+        value = value.item()
     if isinstance(value, (bool, np.bool_)) or not isinstance(
         value, (int, float, np.integer, np.floating)
     ):
@@ -168,174 +153,115 @@ def check_finite_float(value: Any, name: str, *, positive: bool = False) -> floa
 
 
 def check_key(key: Any, name: str = "key") -> jax.Array:
-    """A ``jax.random.key(seed)`` (or a legacy ``PRNGKey``, uint32 of shape (2,))."""
+    """One ``jax.random.key(seed)`` (or a legacy ``PRNGKey``, uint32 of shape (2,))."""
     if not isinstance(key, jax.Array):
-        raise TypeError(
-            f"{name} must be a jax.random key, e.g. jax.random.key(0), got {type(key).__name__}"
-        )
+        raise TypeError(f"{name} must be a jax.random key, e.g. jax.random.key(0), "
+                        f"got {type(key).__name__}")
     typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
     if not (typed and key.shape == ()) and not (key.dtype == jnp.uint32 and key.shape == (2,)):
-        raise TypeError(
-            f"{name} must be one jax.random key, e.g. jax.random.key(0) (or a legacy PRNGKey "
-            f"of shape (2,)), got dtype {key.dtype} and shape {key.shape}"
-        )
+        raise TypeError(f"{name} must be one jax.random key, e.g. jax.random.key(0), got dtype "
+                        f"{key.dtype} and shape {key.shape}")
     return key
 
 
+# --- values: one flag, explained only when it is false ------------------------
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """Scalar bool: every leaf of ``tree`` is finite."""
+    leaves = jax.tree.leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
+
+
+def weights_ok(weights: Any) -> jax.Array:
+    """Row weights are finite, >= 0 and not all 0 (True for None: every row weighs 1)."""
+    if weights is None:
+        return jnp.bool_(True)
+    return jnp.all(jnp.isfinite(weights) & (weights >= 0)) & (jnp.sum(weights) > 0)
+
+
+@functools.partial(jax.jit, static_argnames=("fn", "precision", "statics"))
+def _flagged(params: Any, data: Any, *args: Any, fn: Callable[..., Any], precision: str,
+             statics: tuple[tuple[str, Any], ...]) -> tuple[Any, jax.Array]:
+    with jax.default_matmul_precision(precision):
+        out = fn(params, data, *args, **dict(statics))
+    weights = getattr(data, "weights", None)
+    return out, all_finite((params, out)) & weights_ok(weights)
+
+
+def run(fn: Callable[..., Any], params: Any, data: Any, *args: Any, name: str, precision: str,
+        **statics: Any) -> Any:
+    """``fn(params, data, *args, **statics)`` at ``precision``, jitted, its result checked.
+
+    Args:
+      fn: a pure function of arrays; ``statics`` are hashable (shapes, counts).
+      params, data: already validated and cast (``data`` an array or a pytree
+        with ``X`` and optionally ``weights``).
+      args: further array arguments (data, not constants of the compiled code).
+      name: the data argument's name in messages (``"X"`` or ``"x"``).
+
+    Returns ``fn``'s output. Under a caller's transformation, ``fn`` traced
+    plainly. Otherwise one compiled call that also returns an all-finite flag;
+    a false flag raises ValueError (a NaN/inf input or a bad weight, named) or
+    FloatingPointError (finite inputs overflowed the dtype).
+    """
+    if is_traced(params, data, args):
+        with jax.default_matmul_precision(precision):
+            return fn(params, data, *args, **statics)
+    out, ok = _flagged(params, data, *args, fn=fn, precision=precision,
+                       statics=tuple(sorted(statics.items())))
+    if not ok:
+        explain_nonfinite(params, data, name)
+    return out
+
+
+@jax.jit
 def _first_nonfinite(a: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     bad = ~jnp.isfinite(a).ravel()
     first = jnp.argmax(bad)
     return jnp.sum(bad), first, a.ravel()[first]
 
 
-_first_nonfinite_jit = jax.jit(_first_nonfinite)
+def raise_if_nonfinite(a: Any, name: str) -> None:
+    """ValueError naming the count and the first NaN/inf entry of ``a``, if any.
 
-
-def raise_if_nonfinite(data: Any, name: str) -> None:
-    """Raise ValueError naming the first NaN/inf entry of ``data``, if any.
-
-    Computed on the device (three scalars come back), so it also works for
-    an array sharded across several processes.
+    Computed on the device (three numbers come back), so it also works for an
+    array spread over several processes.
     """
-    if not isinstance(data, jax.Array):
-        data = np.asarray(data)
-    if not jnp.issubdtype(data.dtype, jnp.inexact) or data.size == 0:
+    if a is None or not jnp.issubdtype(a.dtype, jnp.inexact) or a.size == 0:
         return
-    count, first, value = (np.asarray(v) for v in _first_nonfinite_jit(data))
+    count, first, value = (np.asarray(v) for v in _first_nonfinite(a))
     if count:
-        idx = np.unravel_index(int(first), data.shape)
-        raise ValueError(
-            f"{name} must be finite: it holds {int(count)} NaN/inf value(s), "
-            f"first {name}[{', '.join(str(int(i)) for i in idx)}] is {value}"
-        )
+        idx = ", ".join(str(int(i)) for i in np.unravel_index(int(first), a.shape))
+        raise ValueError(f"{name} must be finite: it holds {int(count)} NaN/inf value(s), "
+                         f"first {name}[{idx}] is {value}")
 
 
-def all_finite(tree: Any) -> jax.Array:
-    """Scalar bool: every leaf of ``tree`` is finite (computed on device)."""
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
-
-
-Prepare = Callable[..., tuple[Any, Any, dict[str, Any]]]
-_FINITE_CACHE = 256  # entries of an entry point's seen-finite inputs
-Describe = Callable[[Any, Any], str]
-
-
-def checked_entry(fn: Callable[..., Any], prepare: Prepare, name: str,
-                  describe_overflow: Describe) -> Callable[..., Any]:
-    """A public entry point for ``fn(params, data, **statics)``: validated, jitted, checked.
-
-    Args:
-      fn: the plain computation; ``statics`` are hashable keyword arguments.
-      prepare: ``prepare(params, data, **kwargs) -> (params, data, statics)``
-        validates the call (raising TypeError/ValueError naming the argument)
-        and returns the arrays to use and ``fn``'s static keywords, which
-        must include ``precision`` (a ``check_precision`` value).
-      name: the data argument's name for messages (``"X"`` or ``"x"``).
-      describe_overflow: ``(params, data) -> str``, the scales involved, for
-        the error raised when finite inputs give a non-finite result.
-
-    Returns:
-      ``call(params, data, **kwargs)``. Outside any transformation it runs
-      one compiled computation that returns the outputs and their all-finite
-      flag, reads the flag (one scalar; not for the very arrays that already
-      gave a finite result) and raises on a non-finite result:
-      ValueError naming the first bad entry of the params or the data, or
-      FloatingPointError for an overflow from finite inputs. Under a
-      caller's transformation it traces ``fn`` plainly. A call whose
-      signature (leaf types, shapes, dtypes, data sharding, kwargs) was
-      seen before, with arrays used as given, skips ``prepare``.
-    """
-
-    jits: dict[tuple[tuple[str, Any], ...], Callable[..., Any]] = {}  # statics -> jit
-
-    def compiled(statics: tuple[tuple[str, Any], ...]) -> Callable[..., Any]:
-        if statics not in jits:
-            kwargs = dict(statics)
-            precision = kwargs.pop("precision")
-
-            def flagged(params: Any, data: Any) -> tuple[Any, jax.Array]:
-                with jax.default_matmul_precision(precision):
-                    out = fn(params, data, **kwargs)
-                return out, all_finite((params, out))
-
-            jits[statics] = jax.jit(flagged)
-        return jits[statics]
-
-    seen: dict[Any, Callable[..., Any]] = {}  # call signature -> jit, for the fast path
-
-    def signature(params: Any, data: Any, kwargs: dict[str, Any]) -> Any:
-        A, B, C = params
-        return (type(params), type(A), type(B), type(C), type(data),
-                A.shape, A.dtype, B.shape, B.dtype, C.shape, C.dtype,
-                data.shape, data.dtype, data.sharding, *kwargs.items())
-
-    # The very arrays that already gave a finite result, by id, with the jit
-    # they went through: the same immutable arrays give the same result again,
-    # so neither the validation nor the flag (a synchronisation) is needed.
-    # Weak references tell a live array from a dead one whose id was reused
-    # and keep nothing alive; the record is bounded.
-    finite: dict[tuple[Any, ...], tuple[Any, ...]] = {}
-
-    def checked_run(jitted: Callable[..., Any], params: Any, data: Any, key: Any) -> Any:
-        out, ok = jitted(params, data)
-        if not ok:
-            raise_nonfinite(params, data, name, describe_overflow)
-        if key is not None:
-            if len(finite) >= _FINITE_CACHE:
-                finite.clear()
-            A, B, C = params
-            finite[key] = (weakref.ref(A), weakref.ref(B), weakref.ref(C), weakref.ref(data),
-                           jitted)
-        return out
-
-    def call(params: Any, data: Any, **kwargs: Any) -> Any:
-        try:
-            A, B, C = params
-            key = (type(params), id(A), id(B), id(C), id(data), *kwargs.items())
-            hit = finite.get(key)
-        except Exception:  # not three arrays, or an unhashable argument: prepare() says
-            key = hit = None
-        if hit is not None:
-            rA, rB, rC, rX, jitted = hit
-            if rA() is A and rB() is B and rC() is C and rX() is data:
-                return jitted(params, data)[0]
-        try:
-            sig = signature(params, data, kwargs)
-            jitted = seen.get(sig)
-        except Exception:
-            sig = jitted = None
-        if jitted is not None:
-            return checked_run(jitted, params, data, key)
-        new_params, new_data, statics = prepare(params, data, **kwargs)
-        if is_traced(new_params, new_data):
-            statics = dict(statics)
-            with jax.default_matmul_precision(statics.pop("precision")):
-                return fn(new_params, new_data, **statics)
-        jitted = compiled(tuple(sorted(statics.items())))
-        if sig is not None and new_params is params and new_data is data:
-            seen[sig] = jitted
-            return checked_run(jitted, params, data, key)
-        return checked_run(jitted, new_params, new_data, None)  # converted: new every call
-
-    def lower(params: Any, data: Any, **kwargs: Any) -> Any:
-        """The compiled computation of ``call(params, data, **kwargs)``, lowered (for HLO)."""
-        params, data, statics = prepare(params, data, **kwargs)
-        return compiled(tuple(sorted(statics.items()))).lower(params, data)
-
-    call.lower = lower
-    call.executables = lambda: sum(j._cache_size() for j in jits.values())  # for tests
-    return call
-
-
-def raise_nonfinite(params: Any, data: Any, name: str, describe_overflow: Describe) -> None:
-    """Explain a non-finite result: a NaN/inf input (named), else an overflow."""
+def explain_nonfinite(params: Any, data: Any, name: str) -> None:
+    """Raise the error behind a false all-finite flag: a bad input, else an overflow."""
     for field, p in zip(_FIELDS, params, strict=True):
         raise_if_nonfinite(p, f"params.{field}")
-    raise_if_nonfinite(data, name)
+    X = getattr(data, "X", data)
+    raise_if_nonfinite(X, name)
+    weights = getattr(data, "weights", None)
+    if weights is not None:
+        raise_if_nonfinite(weights, "weights")
+        if not bool(jnp.all(weights >= 0)):
+            raise ValueError(f"weights must be >= 0, got min {float(jnp.min(weights))}")
+        if not bool(jnp.sum(weights) > 0):
+            raise ValueError("weights must not all be 0: the weighted mean needs sum(w) > 0")
+    raise_overflow(params, X, name)
+
+
+def raise_overflow(params: Any, X: Any, name: str, what: str = "the result") -> None:
+    """FloatingPointError: finite inputs gave a non-finite result; the scales and a fix."""
     dtype = np.dtype(params[0].dtype)
+    scale_x = float(jnp.max(jnp.abs(X)))
+    scale_p = max(float(jnp.max(jnp.abs(p))) for p in params)
+    fix = ("use float32 params" if dtype.itemsize < 4 else
+           "use float64 (jax.config.update('jax_enable_x64', True) and float64 params)")
     raise FloatingPointError(
-        f"the result is not finite although params and {name} are: it overflows {dtype} "
-        f"(largest finite value {np.finfo(dtype).max:.3g}). {describe_overflow(params, data)}. "
-        f"Rescale {name} (or the params), or use float64 "
-        "(jax.config.update('jax_enable_x64', True) and float64 params)"
-    )
+        f"{what} is not finite although params and {name} are: it overflows {dtype} "
+        f"(largest finite value {np.finfo(dtype).max:.3g}; max |{name}| = {scale_x:.3g}, "
+        f"max |param| = {scale_p:.3g}, and L = ||C z||^2 squares them). "
+        f"Rescale {name} (or the params), or {fix}")

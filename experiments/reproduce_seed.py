@@ -31,6 +31,7 @@ jax.config.update("jax_enable_x64", True)  # the gradient check is in float64
 import _common  # noqa: E402
 import bench_gradients  # noqa: E402
 import generalization  # noqa: E402
+import homework  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -70,8 +71,8 @@ def loss_listing(
     params0 = abc_jax.init_params(kp, k, dtype=jnp.float64)
     x = jax.random.normal(kx, (k,), jnp.float64)
     res = train(params0, x[None, :], lr=lr, epochs=epochs, progress=False)
-    A, B, C, X = bench_gradients.to_lists(params0, x[None, :])
-    py = bench_gradients.py_gradient_descent(A, B, C, X, lr, epochs)
+    A, B, C, X = homework.to_lists(params0, x[None, :])
+    py = homework.py_gradient_descent(A, B, C, X, lr, epochs)
     losses = np.asarray(res.losses, np.float64)
     record = {
         "losses": losses.tolist(),
@@ -135,8 +136,8 @@ def gradient_check(params: abc_jax.Params, x: jax.Array) -> dict[str, Any]:
         "jax_grad": abc_jax.oracle_grad(params, X),
         "finite_diff": abc_jax.fd_grad(params, X),
     }
-    A, B, C, Xl = bench_gradients.to_lists(params, X)
-    py_loss, py_grads = bench_gradients.py_loss_and_grad(A, B, C, Xl)
+    A, B, C, Xl = homework.to_lists(params, X)
+    py_loss, py_grads = homework.py_loss_and_grad(A, B, C, Xl)
     grads["python"] = abc_jax.Params(*(jnp.asarray(g) for g in py_grads))
     ref = grads["jax_grad"]
     errors = {m: abc_jax.grad_errors(g, ref) for m, g in grads.items() if m != "jax_grad"}

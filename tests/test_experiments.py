@@ -24,6 +24,7 @@ sys.path.insert(0, str(EXPERIMENTS))  # the scripts import _common and each othe
 
 _common = importlib.import_module("_common")
 bench = importlib.import_module("bench_gradients")
+homework = importlib.import_module("homework")
 bench_train = importlib.import_module("bench_train")
 gen = importlib.import_module("generalization")
 opt = importlib.import_module("optimizers")
@@ -169,8 +170,8 @@ def test_optimizers_quick(tmp_path, capsys):
 
 def test_python_backprop_equals_batch_grad(key):
     params, X = _params(key)  # D, H, O distinct: a transposed gradient would not fit
-    A, B, C, Xl = bench.to_lists(params, X)
-    L, grads = bench.py_loss_and_grad(A, B, C, Xl)
+    A, B, C, Xl = homework.to_lists(params, X)
+    L, grads = homework.py_loss_and_grad(A, B, C, Xl)
     assert L == pytest.approx(float(abc_jax.batch_loss(params, X)), rel=1e-13)
     errs = abc_jax.grad_errors(abc_jax.Params(*map(jnp.asarray, grads)),
                                abc_jax.batch_grad(params, X))
@@ -179,7 +180,7 @@ def test_python_backprop_equals_batch_grad(key):
 
 def test_python_finite_differences_match_the_oracle(key):
     params, X = _params(key)
-    grads = bench.py_fd_grad(*bench.to_lists(params, X))
+    grads = homework.py_fd_grad(*homework.to_lists(params, X))
     errs = abc_jax.grad_errors(abc_jax.Params(*map(jnp.asarray, grads)),
                                abc_jax.oracle_grad(params, X))
     assert max(e["rel"] for e in errs.values()) <= 1e-7
@@ -187,13 +188,13 @@ def test_python_finite_differences_match_the_oracle(key):
 
 def test_python_sigmoid_is_stable():
     for t in (-1e4, -30.0, -1.0, 0.0, 2.0, 1e4):
-        assert bench.py_sigmoid(t) == pytest.approx(float(jax.nn.sigmoid(t)), rel=1e-14, abs=0)
+        assert homework.py_sigmoid(t) == pytest.approx(float(jax.nn.sigmoid(t)), rel=1e-14, abs=0)
 
 
 def test_python_gradient_descent_matches_train(key):
     params, X = _params(key)
     res = train(params, X, lr=0.05, epochs=7, progress=False)
-    py = bench.py_gradient_descent(*bench.to_lists(params, X), lr=0.05, epochs=7)
+    py = homework.py_gradient_descent(*homework.to_lists(params, X), lr=0.05, epochs=7)
     np.testing.assert_allclose(py, np.asarray(res.losses), rtol=1e-12)
 
 

@@ -6,7 +6,8 @@ The graph (one sample x (D,), A, B (H, D), C (O, H))::
 
 Layers, each a module: ``model`` (params, batch, forward, loss) -> ``backward``
 (the hand-derived VJP and its batch contraction) -> ``oracles`` (jax.grad and
-finite differences) -> ``training`` (the compiled loop) -> ``parallel``
+finite differences) -> ``loop`` (the compiled epochs and the update rule) ->
+``training`` (the host pipeline: checks, checkpoints, hooks) -> ``parallel``
 (devices and processes); ``validation``, ``checkpoint``, ``files``, ``data``
 and ``graph`` serve them.
 """
@@ -21,6 +22,7 @@ from abc_jax.backward import (
 )
 from abc_jax.data import DataError, load_data
 from abc_jax.graph import draw_graph
+from abc_jax.loop import gradient_descent
 from abc_jax.model import (
     Batch,
     Params,
@@ -33,13 +35,7 @@ from abc_jax.model import (
 )
 from abc_jax.oracles import fd_grad, grad_errors, oracle_grad
 from abc_jax.parallel import data_mesh, initialize_distributed, shard_batch, shard_local_batch
-from abc_jax.training import (
-    DivergenceError,
-    TrainResult,
-    gradient_descent,
-    train,
-    train_per_sample,
-)
+from abc_jax.training import DivergenceError, TrainResult, train, train_per_sample
 
 __all__ = [
     "Batch",

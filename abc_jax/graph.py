@@ -237,15 +237,6 @@ def _clip(rect: tuple, toward: tuple, margin: float = 0.03) -> tuple[float, floa
 # -- drawing ------------------------------------------------------------------------------
 
 
-def _check_fig(fig: Any) -> Any:
-    from matplotlib.figure import FigureBase
-
-    if fig is not None and not isinstance(fig, FigureBase):
-        raise TypeError(f"fig must be None, a matplotlib Figure or SubFigure, got "
-                        f"{type(fig).__name__}")
-    return fig
-
-
 def _fit(fig: Any, width: float, height: float) -> tuple[Any, float, float]:
     """A new figure of width x height inches, or ``fig`` (a Figure or SubFigure) made to hold it.
 
@@ -304,8 +295,7 @@ def _draw_map(canvas: Any, to_frac: Any, name: str, b: dict[str, Any], rect: tup
     a = np.atleast_2d(b["map"])
     m = float(np.max(np.abs(a))) or 1.0
     ax.imshow(a, cmap="RdBu_r", vmin=-m, vmax=m, aspect="auto", interpolation="nearest")
-    ax.set_xticks([])
-    ax.set_yticks([])
+    ax.set(xticks=[], yticks=[])
     ax.set_gid(f"{name}/{b['part']}")
     for spine in ax.spines.values():
         spine.set_linewidth(0.5)
@@ -333,15 +323,8 @@ def _draw_edges(canvas: Any, to_frac: Any, rects: dict[str, tuple]) -> None:
                        "edgecolor": "none", "alpha": 0.9})
 
 
-def draw_graph(
-    params: Any,
-    x: Any,
-    *,
-    title: str | None = None,
-    digits: int = 3,
-    numbers: bool | None = None,
-    fig: Any = None,
-) -> Any:
+def draw_graph(params: Any, x: Any, *, title: str | None = None, digits: int = 3,
+               numbers: bool | None = None, fig: Any = None) -> Any:
     """The graph of one sample as a matplotlib figure, each node with its value and gradient.
 
     Nodes: x (D,), A (H, D), B (H, D), y = A x (H,), u = sigmoid(y) (H,),
@@ -369,14 +352,17 @@ def draw_graph(
     params, D, H, O, _ = as_params(params)
     digits = validation.check_positive_int(digits, "digits")
     if digits > 15:
-        raise ValueError(f"digits must be <= 15, got {digits}")
-    if numbers is None:
-        numbers = max(D, H, O) <= 3
-    elif not isinstance(numbers, bool):
+        raise ValueError(f"digits must be between 1 and 15, got {digits}")
+    if numbers is not None and not isinstance(numbers, bool):
         raise TypeError(f"numbers must be None or a bool, got {type(numbers).__name__}")
+    numbers = max(D, H, O) <= 3 if numbers is None else numbers
     if title is not None and not isinstance(title, str):
         raise TypeError(f"title must be None or a str, got {type(title).__name__}")
-    fig = _check_fig(fig)
+    from matplotlib.figure import FigureBase
+
+    if fig is not None and not isinstance(fig, FigureBase):
+        raise TypeError(f"fig must be None, a matplotlib Figure or SubFigure, got "
+                        f"{type(fig).__name__}")
     vals = node_values(params, x)
 
     content, sizes = {}, {}
@@ -385,8 +371,7 @@ def draw_graph(
         content[name] = (_title(name, value), _blocks(name, value, grad, numbers, digits), stacked)
         sizes[name] = _node_size(*content[name])
     rects, width, height = _layout(sizes)
-    head = 0.45  # the title above, the key below
-    foot = 0.3
+    head, foot = 0.45, 0.3  # inches for the title above and the key below
     fig, W, Hf = _fit(fig, width + 0.3, height + head + foot)
     ox, oy = (W - width) / 2, head + (Hf - height - head - foot) / 2
 

@@ -1,31 +1,12 @@
-"""Training: minimise batch_loss by gradient descent, epochs compiled into a lax.while_loop.
+"""Training on the host: check, build the state, restore, run compiled chunks, call hooks.
 
-One epoch on the full batch (``batch_size=None``, the homework's way), with
-p_e the parameters before epoch e and s_e the optimizer state::
-
-    L_e, g_e       = batch_loss(p_e, X), d batch_loss / dp (p_e)
-    u_e, s_{e+1}   = optimizer.update(g_e, s_e, p_e)
-    p_{e+1}        = p_e + u_e
-
-The homework's rule p <- p - lr * g is ``gradient_descent(lr)``, an Optax
-transformation whose state holds lr, so both go through one step and the
-learning rate is data: one compiled loop serves every lr. ``losses[e] = L_e``,
-the loss at the parameters BEFORE update e.
-
-With ``batch_size = b`` an epoch is a pass over a fresh permutation (key
-``fold_in(key, e)``) of the rows with a non-zero weight, cut into ceil(n / b)
-mini-batches, the last holding the n mod b rows left over; one update per
-mini-batch, and ``losses[e]`` is the weighted mean of the epoch's batch
-losses, each at the parameters before its own update. The permutation is
-over the real rows in their global order, so padding, devices and processes
-do not change which rows a batch holds.
-
-``train`` is a short pipeline: check the configuration, build the state,
-restore a checkpoint, run compiled chunks of up to ``epochs_per_chunk`` epochs
-(a ``lax.while_loop`` whose trip count is traced, so E epochs do E epochs of
-work), call the hooks after each chunk (divergence guard, checkpoint,
-progress), return the result. ``train_per_sample`` runs the same chunk
-vmapped over one copy of the state per sample.
+``train`` is a short pipeline: check the configuration, build the initial
+state, restore a checkpoint, run compiled chunks of up to ``epochs_per_chunk``
+epochs (``loop.run_chunk``, where the update rule and the epochs are), call the
+hooks after each chunk (divergence guard, checkpoint, progress), return the
+result. ``losses[e]`` is the loss at the parameters BEFORE update e.
+``train_per_sample`` runs the same chunk vmapped over one copy of the state
+per sample (``loop.run_chunk_members``).
 """
 
 from __future__ import annotations
@@ -39,13 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax import lax
 from tqdm.auto import tqdm
 
 from abc_jax import parallel, validation
-from abc_jax.backward import _value_and_grad, batch_value_and_grad
+from abc_jax.backward import batch_value_and_grad
 from abc_jax.checkpoint import fingerprint, restore, save_checkpoint
-from abc_jax.model import Batch, Params, _batch_loss, prepare, replicate_like
+from abc_jax.loop import State, gd_update, gradient_descent, run_chunk, run_chunk_members
+from abc_jax.model import Batch, Params, prepare, replicate_like
 
 GRADS = ("manual", "oracle")
 EPOCHS_PER_CHUNK = 100
@@ -74,134 +55,6 @@ class DivergenceError(RuntimeError):
 
     def __reduce__(self) -> tuple[Any, ...]:  # picklable despite the extra arguments
         return type(self), (str(self), self.result, self.epoch, self.lr)
-
-
-class GDState(NamedTuple):
-    """State of ``gradient_descent``: the learning rate, as data."""
-
-    lr: jax.Array  # ()
-
-
-def _gd_update(grads: Any, state: GDState, params: Any = None) -> tuple[Any, GDState]:
-    del params
-    return jax.tree.map(lambda g: -state.lr * g, grads), state
-
-
-def gradient_descent(lr: float) -> optax.GradientTransformation:
-    """The homework's rule p <- p - lr * g, as an Optax transformation.
-
-    ``init(params)`` puts lr into the state, in the params' dtype;
-    ``update(grads, state, params) -> (-lr * grads, state)``. Applied with
-    ``optax.apply_updates`` it gives p - lr * g, the arithmetic of
-    ``optax.sgd(lr)``. Every lr shares one ``update``, so one compiled loop.
-    """
-    lr = validation.check_finite_float(lr, "lr", positive=True)
-
-    def init(params: Any) -> GDState:
-        return GDState(jnp.asarray(lr, jax.tree.leaves(params)[0].dtype))
-
-    return optax.GradientTransformation(init, _gd_update)
-
-
-# --- the compiled chunk -------------------------------------------------------
-
-
-class _State(NamedTuple):
-    params: Params  # parameters before the next epoch
-    opt_state: Any
-    last_good: Params  # parameters at the start of the last epoch with a finite loss
-    bad: jax.Array  # () bool: an epoch's loss was not finite; the loop has stopped
-
-
-def _step(update: Any, extra: bool, grad: str, chunk_size: int | None, params: Params,
-          opt_state: Any, batch: Batch) -> tuple[jax.Array, Params, Any]:
-    """Loss and gradient on ``batch``, then p, s <- p + u, s' with (u, s') = update(g, s, p)."""
-    if grad == "manual":
-        loss, grads = _value_and_grad(params, batch, chunk_size)
-    else:
-        loss, grads = jax.value_and_grad(_batch_loss)(params, batch)
-    if extra:  # optax.GradientTransformationExtraArgs: value, grad and value_fn (L-BFGS)
-        updates, opt_state = update(grads, opt_state, params, value=loss, grad=grads,
-                                    value_fn=lambda p: _batch_loss(p, batch))
-    else:
-        updates, opt_state = update(grads, opt_state, params)
-    return loss, optax.apply_updates(params, updates), opt_state
-
-
-def _minibatch_epoch(step: Any, batch_size: int, n_rows: int, params: Params, opt_state: Any,
-                     batch: Batch, key: jax.Array) -> tuple[jax.Array, Params, Any]:
-    """One pass over a permutation of the n_rows rows of non-zero weight, b rows a step."""
-    X, r = batch
-    rows = jnp.arange(X.shape[0]) if r is None else jnp.nonzero(r > 0, size=n_rows)[0]
-    perm = rows[jax.random.permutation(key, n_rows)]  # (n_rows,) positions in X
-    n_full, rem = divmod(n_rows, batch_size)
-
-    def one_batch(carry: Any, idx: jax.Array) -> tuple[Any, jax.Array]:
-        sub = Batch(jnp.take(X, idx, axis=0), None if r is None else jnp.take(r, idx))
-        loss, p, s = step(*carry, sub)
-        weight = len(idx) if r is None else jnp.sum(sub.weights)
-        return (p, s), jnp.stack([loss * weight, weight])
-
-    carry, total = (params, opt_state), jnp.zeros(2, X.dtype)
-    if n_full:
-        idx = perm[: n_full * batch_size].reshape(n_full, batch_size)
-        carry, sums = lax.scan(one_batch, carry, idx)
-        total = jnp.sum(sums, axis=0)
-    if rem:
-        carry, last = one_batch(carry, perm[n_full * batch_size:])
-        total = total + last
-    return total[0] / total[1], *carry
-
-
-def _chunk(state: _State, batch: Batch, key: jax.Array | None, start: jax.Array,
-           stop: jax.Array, *, update: Any, extra: bool, grad: str, length: int,
-           batch_size: int | None, n_rows: int, chunk_size: int | None,
-           precision: str) -> tuple[_State, jax.Array]:
-    """Epochs start .. min(start + length, stop) - 1 in one ``lax.while_loop``.
-
-    Stops after the first epoch whose loss is not finite (that epoch's update
-    is not applied). Returns the state and the (length,) losses, NaN for
-    epochs not run. Traced at ``precision``, so it reaches autodiff's products.
-    """
-    step = functools.partial(_step, update, extra, grad, chunk_size)
-
-    def epoch(s: _State, e: jax.Array) -> tuple[_State, jax.Array]:
-        if batch_size is None:
-            loss, params, opt_state = step(s.params, s.opt_state, batch)
-        else:
-            loss, params, opt_state = _minibatch_epoch(
-                step, batch_size, n_rows, s.params, s.opt_state, batch, jax.random.fold_in(key, e))
-        ok = jnp.isfinite(loss)
-
-        def keep(new: Any, old: Any) -> Any:
-            return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-
-        return _State(keep(params, s.params), keep(opt_state, s.opt_state),
-                      keep(s.params, s.last_good), ~ok), loss
-
-    def body(carry: tuple[jax.Array, _State, jax.Array]) -> tuple[jax.Array, _State, jax.Array]:
-        i, s, losses = carry
-        s, loss = epoch(s, start + i)
-        return i + 1, s, losses.at[i].set(loss.astype(losses.dtype))
-
-    count = jnp.clip(stop - start, 0, length)
-    losses = jnp.full((length,), jnp.nan, state.params.A.dtype)
-    with jax.default_matmul_precision(precision):
-        _, state, losses = lax.while_loop(lambda c: (c[0] < count) & ~c[1].bad, body,
-                                          (jnp.zeros((), start.dtype), state, losses))
-    return state, losses
-
-
-_STATIC = ("update", "extra", "grad", "length", "batch_size", "n_rows", "chunk_size",
-           "precision")
-_run_chunk = jax.jit(_chunk, static_argnames=_STATIC)
-
-
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _run_chunk_members(state: _State, batch: Batch, key: Any, start: jax.Array,
-                       stop: jax.Array, **static: Any) -> tuple[_State, jax.Array]:
-    """``_chunk`` vmapped over members: state leaves and batch with a leading axis."""
-    return jax.vmap(lambda s, b: _chunk(s, b, key, start, stop, **static))(state, batch)
 
 
 # --- the host side: configuration, state, hooks -------------------------------
@@ -278,9 +131,9 @@ def _progress_bar(progress: bool, total: int, initial: int, desc: str) -> Any:
                 disable=not shown)
 
 
-def _run_chunks(run: Any, state: _State, batch: Batch, key: Any, start: int, stop: int,
+def _run_chunks(run: Any, state: State, batch: Batch, key: Any, start: int, stop: int,
                 losses: list[np.ndarray], static: dict[str, Any],
-                hooks: list[Any]) -> tuple[_State, list[np.ndarray]]:
+                hooks: list[Any]) -> tuple[State, list[np.ndarray]]:
     """Compiled chunks from epoch ``start`` to ``stop``; after each, every ``hook(state,
     epochs done, losses so far as a list of chunks)`` in order."""
     while start < stop:
@@ -299,7 +152,7 @@ def _advice(lr: Any, custom: bool) -> str:
     return f"try a smaller learning rate, e.g. lr={lr / 10:g}"
 
 
-def _guard(state: _State, epoch: int, losses: list[np.ndarray], *, initial: Params,
+def _guard(state: State, epoch: int, losses: list[np.ndarray], *, initial: Params,
            batch: Batch, lr: Any, custom: bool) -> None:
     """Raise DivergenceError at the first non-finite loss (FloatingPointError at the start)."""
     L = losses[-1]
@@ -321,6 +174,20 @@ def _guard(state: _State, epoch: int, losses: list[np.ndarray], *, initial: Para
         f"training diverged: the loss is {L[j]} at epoch {e}{'' if custom else f' (lr={lr:g})'};"
         f" {_advice(lr, custom)}. The error's .result holds {holds}",
         TrainResult(state.last_good, jnp.asarray(kept)), e, lr)
+
+
+def _resume(checkpoint_dir: Any, state: State, batch: Batch, settings: dict[str, Any],
+            epochs: int) -> tuple[State, int, list[np.ndarray]]:
+    """The state, epoch and losses of the checkpoint in ``checkpoint_dir``, if one is there."""
+    found = restore(checkpoint_dir, like=(state.params, state.opt_state), settings=settings)
+    if found is None:
+        return state, 0, []
+    (p, o), start, old = found
+    if start > epochs:
+        raise ValueError(f"epochs = {epochs} is fewer than the {start} epochs the "
+                         f"checkpoint in {checkpoint_dir} already ran")
+    p, o = replicate_like(_strong((p, o)), batch.X)
+    return State(p, o, p, state.bad), start, [old]
 
 
 def train(params: Params, X: Any, *, lr: float | None = None, epochs: int,
@@ -378,28 +245,21 @@ def train(params: Params, X: Any, *, lr: float | None = None, epochs: int,
     params, batch = prepare(params, X)
     chunk = validation.check_positive_int(chunk_size, "chunk_size", allow_none=True)
     params = replicate_like(_strong(params), batch.X)
-    state = replicate_like(_strong(_State(params, optimizer.init(params), params,
+    state = replicate_like(_strong(State(params, optimizer.init(params), params,
                                           np.zeros((), bool))), batch.X)
     n_rows, ok = (int(v) for v in _data_summary(batch))
     static |= dict(chunk_size=chunk, n_rows=n_rows if batch_size else 0)
-    custom = static["update"] is not _gd_update
+    custom = static["update"] is not gd_update
     settings = _settings(params, batch, state.opt_state, n_rows, lr, grad, batch_size, key,
                          custom)
     parallel.check_same_on_all_processes(
         settings | {"epochs": epochs, "checkpoint": checkpoint_dir is not None}, "train")
     if not (ok and bool(validation.all_finite(params))):
         validation.explain_nonfinite(params, batch, "X")
-    start, losses = 0, []
     hooks = [functools.partial(_guard, initial=params, batch=batch, lr=lr, custom=custom)]
+    start, losses = 0, []
     if checkpoint_dir is not None:
-        found = restore(checkpoint_dir, like=(params, state.opt_state), settings=settings)
-        if found is not None:
-            (p, o), start, old = found
-            if start > epochs:
-                raise ValueError(f"epochs = {epochs} is fewer than the {start} epochs the "
-                                 f"checkpoint in {checkpoint_dir} already ran")
-            p, o = replicate_like(_strong((p, o)), batch.X)
-            state, losses = _State(p, o, p, state.bad), [old]
+        state, start, losses = _resume(checkpoint_dir, state, batch, settings, epochs)
         if parallel.is_main_process():
             hooks.append(lambda s, e, ls: save_checkpoint(
                 checkpoint_dir, state=(s.params, s.opt_state), epoch=e,
@@ -407,13 +267,13 @@ def train(params: Params, X: Any, *, lr: float | None = None, epochs: int,
     with _progress_bar(progress, epochs, start, "train") as bar:
         hooks.append(lambda s, e, ls: (bar.update(ls[-1].shape[-1]),
                                        bar.set_postfix(loss=f"{ls[-1][-1]:.6g}")))
-        state, losses = _run_chunks(_run_chunk, state, batch, replicate_like(key, batch.X),
+        state, losses = _run_chunks(run_chunk, state, batch, replicate_like(key, batch.X),
                                     start, epochs, losses, static, hooks)
     out = np.concatenate(losses) if losses else np.zeros((0,), params.A.dtype)
     return TrainResult(state.params, jax.device_put(out.astype(params.A.dtype)))
 
 
-def _guard_members(state: _State, epoch: int, losses: list[np.ndarray], *, lr: float) -> None:
+def _guard_members(state: State, epoch: int, losses: list[np.ndarray], *, lr: float) -> None:
     """Per-sample training: DivergenceError naming the first sample that diverged."""
     L = losses[-1]  # (N, chunk)
     bad = ~np.isfinite(L)
@@ -464,13 +324,13 @@ def train_per_sample(params: Params, X: Any, *, lr: float, epochs: int, progress
     if not bool(validation.all_finite((params, X))):
         validation.explain_nonfinite(params, X, "X")
     N = X.shape[0]
-    one = _State(params, optimizer.init(params), params, np.zeros((), bool))
+    one = State(params, optimizer.init(params), params, np.zeros((), bool))
     state = _strong(jax.tree.map(lambda a: jnp.broadcast_to(a, (N, *np.shape(a))), one))
     static |= dict(chunk_size=None, n_rows=0)
     with _progress_bar(progress, epochs, 0, "train_per_sample") as bar:
         hooks = [functools.partial(_guard_members, lr=lr),
                  lambda s, e, ls: bar.update(ls[-1].shape[-1])]
-        state, losses = _run_chunks(_run_chunk_members, state, Batch(jnp.asarray(X)[:, None]),
+        state, losses = _run_chunks(run_chunk_members, state, Batch(jnp.asarray(X)[:, None]),
                                     None, 0, epochs, [], static, hooks)
     out = np.concatenate(losses, axis=1) if losses else np.zeros((N, 0), params.A.dtype)
     return TrainResult(state.params, jax.device_put(out.astype(params.A.dtype)))

@@ -96,14 +96,15 @@ def restore(directory: str | os.PathLike[str], *, like: Any,
         with np.load(io.BytesIO(raw), allow_pickle=False) as f:
             stored = json.loads(str(f["settings"]))
             epoch, losses = int(f["epoch"]), np.asarray(f["losses"])
-            leaves = [np.asarray(f[f"state_{i}"]) for i in range(len(jax.tree.leaves(like)))]
+            count = sum(k.startswith("state_") for k in f.files)
+            leaves = [np.asarray(f[f"state_{i}"]) for i in range(count)]
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"unreadable checkpoint {path} ({e or 'empty'}): delete it to start "
                          "over, or write this run's checkpoints elsewhere") from None
     diffs = _differences(stored, json.loads(json.dumps(settings | {"format": FORMAT})))
     like_leaves = jax.tree.leaves(like)
     if [(a.shape, a.dtype) for a in leaves] != [(a.shape, a.dtype) for a in like_leaves]:
-        diffs.append("state: the stored arrays differ in shape or dtype")
+        diffs.append("state: the stored arrays differ in number, shape or dtype")
     if losses.shape != (epoch,):
         diffs.append(f"losses: shape {losses.shape} does not match epoch = {epoch}")
     if diffs:

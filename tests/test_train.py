@@ -17,10 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _reference import ref_batch_loss
 
+import abc_jax
+import abc_jax.loop as loop_mod
 import abc_jax.training as train_mod
 from abc_jax.checkpoint import checkpoint_epoch, checkpoint_path
-from abc_jax.model import Params, _batch_loss, init_params
+from abc_jax.model import Params, init_params
 from abc_jax.training import DivergenceError, TrainResult, gradient_descent, train, train_per_sample
 
 D, H, O, N = 4, 6, 3, 10  # all different: a transposed gradient cannot hide
@@ -35,7 +38,7 @@ def make_problem(dtype=jnp.float64, n=N):
 
 
 def loss_at(params, X):
-    return float(_batch_loss(params, X))
+    return float(ref_batch_loss(params, X))
 
 
 def assert_results_equal(a: TrainResult, b: TrainResult):
@@ -56,7 +59,7 @@ def assert_results_close(a: TrainResult, b: TrainResult, rtol: float, atol: floa
 def test_losses_are_the_loss_before_each_update():
     params, X = make_problem()
     r = train(params, X, lr=LR, epochs=3, progress=False)
-    p1 = jax.tree.map(lambda p, g: p - LR * g, params, jax.grad(_batch_loss)(params, X))
+    p1 = jax.tree.map(lambda p, g: p - LR * g, params, jax.grad(ref_batch_loss)(params, X))
     assert r.losses.shape == (3,)
     np.testing.assert_allclose(r.losses[0], loss_at(params, X), rtol=1e-14)
     np.testing.assert_allclose(r.losses[1], loss_at(p1, X), rtol=1e-12)
@@ -77,7 +80,7 @@ def test_gradient_descent_is_an_optax_transformation():
     params, _ = make_problem()
     gd = gradient_descent(0.5)
     assert isinstance(gd, optax.GradientTransformation)
-    assert gd is gradient_descent(0.5)  # cached: one compiled loop per lr
+    assert gd.update is gradient_descent(0.25).update  # lr is data: one compiled loop
     grads = jax.tree.map(jnp.ones_like, params)
     updates, _ = gd.update(grads, gd.init(params), params)
     new = optax.apply_updates(params, updates)
@@ -155,11 +158,11 @@ def test_an_overflow_at_the_initial_params_is_not_a_divergence(dtype, scale):
         train(params, X * scale, lr=LR, epochs=20, progress=False)
     assert not isinstance(info.value, DivergenceError)
     message = str(info.value)
-    assert "loss at the initial parameters is not finite" in message
-    assert "max |x|" in message and "max |param|" in message
-    assert f"{np.finfo(dtype).max:.3g}" in message and str(np.dtype(dtype)) in message
-    assert "rescale X" in message and "float64" in message
-    assert "learning rate" not in message and "lr" not in message
+    assert "at the initial parameters, before any update" in message
+    assert "max |X|" in message and "max |param|" in message
+    assert f"{np.finfo(dtype).max:.3g}" in message and f"overflows {np.dtype(dtype)}" in message
+    assert "Rescale X" in message
+    assert "No learning rate fixes this" in message and "lr=" not in message
     with pytest.raises(FloatingPointError, match="initial parameters"):  # mini-batches too
         train(params, X * scale, lr=LR, epochs=20, batch_size=4, key=jax.random.key(0),
               progress=False)
@@ -167,13 +170,15 @@ def test_an_overflow_at_the_initial_params_is_not_a_divergence(dtype, scale):
 
 def test_divergence_with_an_optax_optimizer_mentions_its_own_learning_rate():
     params, X = make_problem()
-    with pytest.raises(DivergenceError, match="optimizer carries its own learning rate"):
+    with pytest.raises(DivergenceError, match="lower the optimizer's own learning rate") as info:
         train(params, X, lr=1.0, epochs=400, optimizer=optax.sgd(1e3), progress=False)
+    assert "lr=" not in str(info.value).split(";")[0] and info.value.lr == 1.0
 
 
 def test_per_sample_divergence_names_the_sample():
     params, X = make_problem()
-    with pytest.raises(DivergenceError, match=r"sample \d+ .*epoch \d+ with lr=1000") as info:
+    named = r"sample \d+'s loss is .* at epoch \d+ \(lr=1000\); \d+ of 10 copies"
+    with pytest.raises(DivergenceError, match=named) as info:
         train_per_sample(params, X, lr=1e3, epochs=200, progress=False)
     result = info.value.result
     assert result.params.A.shape == (N, H, D)
@@ -249,8 +254,11 @@ def test_bad_data_is_refused_before_training():
         train_per_sample(params, X, lr=0, epochs=3)
 
 
-def test_progress_bar_shows_the_loss(capsys):
+def test_progress_bar_on_a_terminal_only(capsys, monkeypatch):
     params, X = make_problem()
+    train(params, X, lr=LR, epochs=20, progress=True, epochs_per_chunk=10)
+    assert capsys.readouterr().err == ""  # a redirected log gets no bar residue
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     train(params, X, lr=LR, epochs=20, progress=True, epochs_per_chunk=10)
     assert "loss=" in capsys.readouterr().err
     train(params, X, lr=LR, epochs=20, progress=False, epochs_per_chunk=10)
@@ -287,12 +295,12 @@ def test_a_run_does_exactly_its_epochs_of_work():
               progress=False, epochs_per_chunk=100)
     assert len(calls) == info.value.epoch + 1  # the epochs up to and with the bad one
     # the epochs of a chunk are one while_loop with a traced trip count, not a scan
-    static = dict(optimizer=optax.sgd(LR), grad="manual", length=100, batch_size=None,
-                  chunk_size=None, n_valid=None, precision="highest")
-    carry = train_mod._Carry(params, static["optimizer"].init(params), params,
-                             jnp.zeros((), bool))
-    jaxpr = jax.make_jaxpr(lambda c, X, s, e: train_mod._chunk(c, X, None, s, e, **static))(
-        carry, X, jnp.int32(0), jnp.int32(10))
+    sgd = optax.sgd(LR)
+    static = dict(update=sgd.update, extra=False, grad="manual", length=100, batch_size=None,
+                  n_rows=0, chunk_size=None, precision="highest")
+    state = loop_mod.State(params, sgd.init(params), params, jnp.zeros((), bool))
+    jaxpr = jax.make_jaxpr(lambda c, b, s, e: loop_mod._chunk(c, b, None, s, e, **static))(
+        state, abc_jax.Batch(X), jnp.int32(0), jnp.int32(10))
     loops = [eqn.primitive.name for eqn in jaxpr.eqns if eqn.primitive.name in ("while", "scan")]
     assert loops == ["while"], loops
 
@@ -311,17 +319,18 @@ def test_precision_is_a_speed_knob_not_part_of_the_run(tmp_path):
 def test_one_compilation_serves_every_chunk():
     params, X = make_problem()
     optimizer = optax.sgd(0.01)  # a fresh transformation: a fresh cache entry
-    before = train_mod._run_chunk._cache_size()
-    train(params, X, lr=LR, epochs=85, optimizer=optimizer, progress=False, epochs_per_chunk=20)
-    assert train_mod._run_chunk._cache_size() == before + 1  # 5 chunks, last one partial
+    before = loop_mod.run_chunk._cache_size()
+    train(params, X, epochs=85, optimizer=optimizer, progress=False, epochs_per_chunk=20)
+    assert loop_mod.run_chunk._cache_size() == before + 1  # 5 chunks, last one partial
     # another length, another start: still the same compiled chunk
-    train(params, X, lr=LR, epochs=33, optimizer=optimizer, progress=False, epochs_per_chunk=20)
-    assert train_mod._run_chunk._cache_size() == before + 1
-    # the default rule is cached per lr, so repeated calls reuse one compilation
+    train(params, X, epochs=33, optimizer=optimizer, progress=False, epochs_per_chunk=20)
+    assert loop_mod.run_chunk._cache_size() == before + 1
+    # the learning rate of the default rule is data: every lr shares one compilation
     train(params, X, lr=0.0123, epochs=25, progress=False, epochs_per_chunk=20)
-    after_first = train_mod._run_chunk._cache_size()
-    train(params, X, lr=0.0123, epochs=45, progress=False, epochs_per_chunk=20)
-    assert train_mod._run_chunk._cache_size() == after_first
+    after_first = loop_mod.run_chunk._cache_size()
+    for lr in (0.0123, 0.02, 0.1):
+        train(params, X, lr=lr, epochs=45, progress=False, epochs_per_chunk=20)
+    assert loop_mod.run_chunk._cache_size() == after_first
 
 
 # --- mini-batches -----------------------------------------------------------
@@ -330,7 +339,7 @@ def test_one_compilation_serves_every_chunk():
 def reference_minibatch(params, X, lr, epochs, batch_size, key):
     """The mini-batch rule written out in Python: permutation, batches, one step each."""
     n = X.shape[0]
-    grad = jax.jit(jax.value_and_grad(_batch_loss))
+    grad = jax.jit(jax.value_and_grad(ref_batch_loss))
     losses = []
     for e in range(epochs):
         perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, e), n))
@@ -428,7 +437,7 @@ def test_a_finished_run_returns_at_once(tmp_path, monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished run compiled or ran epochs")
 
-    monkeypatch.setattr(train_mod, "_run_chunk", must_not_run)
+    monkeypatch.setattr(train_mod, "run_chunk", must_not_run)
     assert_results_equal(train(params, X, **kw), done)
     with pytest.raises(ValueError, match="fewer than the 30 epochs"):
         train(params, X, **kw | dict(epochs=20))
@@ -441,8 +450,8 @@ def test_a_finished_run_returns_at_once(tmp_path, monkeypatch):
         (dict(grad="oracle"), "grad"),
         (dict(optimizer=optax.adam(LR)), "optimizer"),
         (dict(batch_size=3, key=jax.random.key(0)), "batch_size"),
-        (dict(X_scale=2.0), "data_checksum"),
-        (dict(params_scale=2.0), "init_checksum"),
+        (dict(X_scale=2.0), "data_fingerprint"),
+        (dict(params_scale=2.0), "params_fingerprint"),
         (dict(H=H + 1), "H"),
         (dict(dtype=jnp.float32), "dtype"),
     ],
@@ -462,7 +471,7 @@ def test_a_checkpoint_for_another_run_is_refused(tmp_path, change, named):
     if "dtype" in change:
         params, X = make_problem(change.pop("dtype"))
     saved = checkpoint_path(tmp_path).read_bytes()
-    with pytest.raises(ValueError, match=rf"different run(.|\n)*\n  {named}: checkpoint has"):
+    with pytest.raises(ValueError, match=rf"different run and is not loaded \((.*; )?{named}: "):
         train(params, X, **kw | change | dict(epochs=40))
     assert checkpoint_path(tmp_path).read_bytes() == saved  # untouched
 
@@ -512,13 +521,16 @@ SHARDED_SCRIPT = """
 import jax, jax.numpy as jnp, numpy as np, optax, tempfile
 jax.config.update("jax_enable_x64", True)
 from abc_jax.model import init_params
-from abc_jax.parallel import ShardedBatch, shard_batch
+from abc_jax.model import Batch
+from abc_jax.parallel import shard_batch
 from abc_jax.training import train
 assert jax.device_count() == 4
 params = init_params(jax.random.key(0), 4, 6, 3, dtype=jnp.float64)
 X = jax.random.normal(jax.random.key(1), (10, 4), jnp.float64)
 Xs = shard_batch(X)
-assert isinstance(Xs, ShardedBatch)  # 10 rows on 4 devices: padded, the padding masked
+# 10 rows on 4 devices: padded to 12, the padding weighted 0
+assert isinstance(Xs, Batch) and Xs.X.shape == (12, 4)
+assert np.asarray(Xs.weights).tolist() == [1.0] * 10 + [0.0] * 2
 for kw in [{}, {"grad": "oracle", "optimizer": optax.adam(0.02)},
            {"batch_size": 4, "key": jax.random.key(2)}]:
     one = train(params, X, lr=0.05, epochs=40, progress=False, epochs_per_chunk=15, **kw)

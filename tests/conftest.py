@@ -1,4 +1,5 @@
-"""A shared compilation cache and strict JAX for every test: x64 on, rank promotion raises, exact matmuls, a key fixture.
+"""One compilation cache for the suite, and strict JAX for every test: x64 on, rank promotion
+raises, exact matmuls, a key fixture.
 
 abc_jax's own functions compute at "highest" matmul precision by default; the
 global setting pins the same for the tests' independent references (plain
@@ -17,8 +18,8 @@ os.environ.setdefault(
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import pytest
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")

@@ -166,6 +166,14 @@ def test_manual_vjp_is_linear_in_g(g):
     )
 
 
+def test_manual_vjp_takes_only_a_scalar_cotangent():
+    params, X = make_problem(0, 5, 4, 3, N=1)
+    _, res = abc_jax.forward(params, X[0])
+    for g in (jnp.ones(3), jnp.ones((1,))):  # (O,) once returned a wrong-shaped gradient
+        with pytest.raises(ValueError, match=r"g must be a scalar.*shape \(\d+,\)"):
+            abc_jax.manual_vjp(params, res, g)
+
+
 @pytest.mark.parametrize("D,H,O", SHAPES)
 def test_per_sample_grads(D, H, O):
     params, X = make_problem(0, D, H, O, N=6)

@@ -101,6 +101,39 @@ OPTIMIZERS = {
 }
 
 
+def test_lbfgs_gets_its_extra_arguments():
+    # GradientTransformationExtraArgs: update(..., value=, grad=, value_fn=) with a line search
+    params, X = make_problem()
+    r = train(params, X, epochs=15, optimizer=optax.lbfgs(), progress=False)
+    assert np.all(np.isfinite(r.losses)) and r.losses[-1] < 0.05 * r.losses[0]
+    # it took the line search: the same run by hand, optax's own loop, agrees
+    opt = optax.lbfgs()
+
+    @jax.jit
+    def step(p, state):
+        value, grads = jax.value_and_grad(ref_batch_loss)(p, X)
+        updates, state = opt.update(grads, state, p, value=value, grad=grads,
+                                    value_fn=lambda q: ref_batch_loss(q, X))
+        return value, optax.apply_updates(p, updates), state
+
+    p, state = params, opt.init(params)
+    for e in range(15):
+        value, p, state = step(p, state)
+        np.testing.assert_allclose(r.losses[e], value, rtol=1e-9)
+
+
+def test_lr_is_any_real_scalar_and_optional_with_an_optimizer():
+    params, X = make_problem()
+    ref = train(params, X, lr=0.1, epochs=5, progress=False)
+    for lr in (np.float32(0.1), jnp.array(0.1), np.array(0.1), 0.1):
+        got = train(params, X, lr=lr, epochs=5, progress=False)
+        np.testing.assert_allclose(got.losses, ref.losses, rtol=1e-6)
+    sgd = train(params, X, epochs=5, optimizer=optax.sgd(0.1), progress=False)  # no lr
+    assert_results_close(sgd, ref, rtol=1e-12)
+    with pytest.raises(TypeError, match="lr is required without an optimizer"):
+        train(params, X, epochs=5, progress=False)
+
+
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_optax_optimizers_reduce_the_loss(name):
     params, X = make_problem()

@@ -5,7 +5,8 @@ The graph (one sample x (D,), A, B (H, D), C (O, H))::
     y = A x,  u = sigmoid(y),  v = B x,  z = u + v,  w = C z,  L = ||w||^2
 
 Layers, each a module: ``model`` (params, batch, forward, loss) -> ``backward``
-(the hand-derived VJP and its batch contraction) -> ``oracles`` (jax.grad and
+(the hand-derived VJP and its batch contraction; ``tangents``, the hand-derived
+JVP beside it) -> ``oracles`` (jax.grad and
 finite differences) -> ``loop`` (the compiled epochs and the update rule) ->
 ``training`` (the host pipeline: checks, checkpoints, hooks) -> ``parallel``
 (devices and processes); ``validation``, ``checkpoint``, ``files``, ``data``
@@ -35,6 +36,7 @@ from abc_jax.model import (
 )
 from abc_jax.oracles import fd_grad, grad_errors, oracle_grad
 from abc_jax.parallel import data_mesh, initialize_distributed, shard_batch, shard_local_batch
+from abc_jax.tangents import abc_loss_jvp, batch_jvp, jvp_grad, manual_jvp
 from abc_jax.training import DivergenceError, TrainResult, train, train_per_sample
 
 __all__ = [
@@ -45,7 +47,9 @@ __all__ = [
     "Residuals",
     "TrainResult",
     "abc_loss",
+    "abc_loss_jvp",
     "batch_grad",
+    "batch_jvp",
     "batch_loss",
     "batch_value_and_grad",
     "data_mesh",
@@ -56,9 +60,11 @@ __all__ = [
     "gradient_descent",
     "init_params",
     "initialize_distributed",
+    "jvp_grad",
     "load_data",
     "loss",
     "manual_grad",
+    "manual_jvp",
     "manual_vjp",
     "oracle_grad",
     "per_sample_grads",

@@ -304,10 +304,22 @@ def abc_loss(params: Params, x: jax.Array) -> jax.Array:
     and the products follow the caller's matmul precision, as in any JAX
     function; called eagerly it is ``loss(params, x)``: values checked,
     "highest" precision. Batch it with ``jax.vmap(abc_loss, in_axes=(None, 0))``.
+    Forward mode over it (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``) needs
+    ``abc_loss_jvp`` instead; asking this one raises a TypeError that says so.
+    (``jax.hessian``, forward over reverse, works: it pushes tangents through
+    the backward rule, plain jnp.)
     """
     params, D, _, _, dtype = as_params(params)
     x = as_sample(x, D, dtype)
-    if validation.is_traced(params, x):
+    if not validation.is_traced(params, x):
+        return validation.run(_abc_loss, params, x, name="x",
+                              precision=validation.DEFAULT_PRECISION)
+    try:
         return _abc_loss(params, x)
-    return validation.run(_abc_loss, params, x, name="x",
-                          precision=validation.DEFAULT_PRECISION)
+    except TypeError as e:
+        if "forward-mode" not in str(e):
+            raise
+        raise TypeError("abc_loss has a hand-derived reverse rule (jax.custom_vjp), which JAX "
+                        "cannot push tangents through: for jax.jvp, jax.jacfwd or "
+                        "jax.linearize use abc_loss_jvp, its twin with the hand-derived "
+                        "forward rule (jax.custom_jvp)") from None

@@ -92,6 +92,7 @@ def test_abc_loss_jvp_in_both_modes_to_second_order(D, H, O):
     hessian = jax.hessian(abc_jax.abc_loss_jvp, argnums=1)(params, x)  # (D, D)
     assert_rel_close(hessian, jax.hessian(ref_loss, argnums=1)(params, x), 1e-12)
     L, lin = jax.linearize(abc_jax.abc_loss_jvp, params, x)
+    assert rel(L, ref_loss(params, x)) <= 1e-12
     t = tangent_like(params, 5)
     dx = jnp.ones_like(x)
     assert rel(lin(t, dx), jax.jvp(ref_loss, (params, x), (t, dx))[1]) <= 1e-12

@@ -49,8 +49,8 @@ def _load_csv(path: Path) -> tuple[np.ndarray, list[int]]:
     """(rows of numbers, the file's 1-based line number of each row).
 
     The delimiter is sniffed from the first non-blank line. That line is a
-    header when none of its cells is a number, even read with a decimal comma; a row with some numbers and
-    some not is an error naming its line and column.
+    header when none of its cells is a number, even read with a decimal comma;
+    a row with some numbers and some not is an error naming its line and column.
     """
     lines = [(i, line) for i, line in enumerate(path.read_text().splitlines(), 1)
              if line.strip()]

@@ -2,7 +2,9 @@
 
 Every problem with the file becomes a ``DataError`` (a ``ValueError``) with a
 one-line message naming the file and what is wrong, so a script can print it
-and exit instead of showing a traceback.
+and exit instead of showing a traceback. Positions are 1-based everywhere: a
+text file's line numbers as an editor shows them (blank lines counted), an
+array's rows and columns counted from 1.
 """
 
 from __future__ import annotations
@@ -15,82 +17,114 @@ from pathlib import Path
 import numpy as np
 
 SUFFIXES = (".npy", ".npz", ".csv")
+DELIMITERS = {",": "comma", ";": "semicolon", "\t": "tab", None: "whitespace"}
 
 
 class DataError(ValueError):
     """The data file is missing, unreadable, of the wrong shape, non-numeric or not finite."""
 
 
-def _load_csv(path: Path) -> np.ndarray:
-    """Rows of numbers, comma separated; a first row that is not numeric is a header."""
-    with open(path, newline="") as f:
-        rows = [row for row in csv.reader(f) if row and any(cell.strip() for cell in row)]
-    if not rows:
-        raise DataError(f"{path}: the file holds no rows")
-
-    def numbers(row: list[str], line: int) -> list[float]:
-        out = []
-        for col, cell in enumerate(row):
-            try:
-                out.append(float(cell))
-            except ValueError:
-                raise DataError(
-                    f"{path}: row {line}, column {col + 1} is not a number: {cell.strip()!r}"
-                ) from None
-        return out
-
+def _number(cell: str) -> float | None:
     try:
-        numbers(rows[0], 1)
-        first = 0
-    except DataError:
-        first = 1  # a header
-    table = [numbers(row, i + 1) for i, row in enumerate(rows) if i >= first]
-    if not table:
+        return float(cell)
+    except ValueError:
+        return None
+
+
+def _sniff(line: str) -> str | None:
+    """The delimiter of a text table from one of its lines: ; , tab, else whitespace (None).
+
+    A semicolon comes first: a line with both is semicolons between decimal commas.
+    """
+    return next((d for d in (";", ",", "\t") if d in line), None)
+
+
+def _split(line: str, delimiter: str | None) -> list[str]:
+    if delimiter is None:
+        return line.split()
+    return [cell.strip() for cell in next(csv.reader([line], delimiter=delimiter))]
+
+
+def _load_csv(path: Path) -> tuple[np.ndarray, list[int]]:
+    """(rows of numbers, the file's 1-based line number of each row).
+
+    The delimiter is sniffed from the first non-blank line. That line is a
+    header when none of its cells is a number, even read with a decimal comma;
+    a row with some numbers and some not is an error naming its line and column.
+    """
+    lines = [(i, line) for i, line in enumerate(path.read_text().splitlines(), 1)
+             if line.strip()]
+    if not lines:
+        raise DataError(f"{path}: the file holds no rows")
+    delimiter = _sniff(lines[0][1])
+    rows = [(i, _split(line, delimiter)) for i, line in lines]
+    if all(_number(cell.replace(",", ".")) is None for cell in rows[0][1]):
+        rows = rows[1:]  # a header: no cell a number (nor one with a decimal comma)
+    if not rows:
         raise DataError(f"{path}: the file holds a header but no rows of numbers")
-    widths = {len(row) for row in table}
-    if len(widths) != 1:
-        raise DataError(f"{path}: rows have different numbers of columns {sorted(widths)}")
-    return np.asarray(table, dtype=np.float64)
+    table = []
+    for i, cells in rows:
+        values = [_number(cell) for cell in cells]
+        if None in values:
+            j = values.index(None)
+            raise DataError(f"{path}: line {i}, column {j + 1} is not a number: {cells[j]!r} "
+                            f"(delimiter: {DELIMITERS[delimiter]})")
+        if len(values) != len(table[0] if table else values):
+            raise DataError(f"{path}: line {i} has {len(values)} columns, line {rows[0][0]} "
+                            f"has {len(table[0])} (delimiter: {DELIMITERS[delimiter]})")
+        table.append(values)
+    return np.asarray(table, dtype=np.float64), [i for i, _ in rows]
 
 
 def _load_npz(path: Path) -> np.ndarray:
+    """The archive's one array, or the one named ``X`` among several."""
     with np.load(path, allow_pickle=False) as f:
         names = list(f.files)
         if not names:
             raise DataError(f"{path}: the archive holds no arrays")
+        if len(names) > 1 and "X" not in names:
+            raise DataError(f"{path}: the archive holds several arrays {names} and none is "
+                            "named 'X': name the samples array X, e.g. np.savez(path, X=X)")
         return np.asarray(f["X" if "X" in names else names[0]])
+
+
+def _read(path: Path) -> tuple[np.ndarray, list[int] | None]:
+    """(the array in the file, a text file's line number of each row or None)."""
+    try:
+        if path.suffix.lower() == ".csv":
+            return _load_csv(path)
+        if path.suffix.lower() == ".npz":
+            return _load_npz(path), None
+        return np.load(path, allow_pickle=False), None
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, csv.Error, zipfile.BadZipFile) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{path}: cannot read it as {path.suffix} ({reason})") from None
 
 
 def load_data(path: str | os.PathLike[str]) -> np.ndarray:
     """Samples X of shape (N, D) from a .npy, .npz or .csv file, as float64.
 
-    .npy: the array. .npz: the array named ``X``, else the first one. .csv:
-    one sample per row, comma separated, with an optional header row.
+    .npy: the array. .npz: its only array, or the one named ``X``. .csv: one
+    sample per line, the delimiter (comma, semicolon, tab or whitespace)
+    sniffed from the first line, with an optional header line (no cell of it
+    a number); blank lines are skipped.
 
     Returns:
       X, float64, shape (N, D) with N, D >= 1, every entry finite.
 
     Raises:
       DataError: missing or unreadable file, unknown suffix, an array that is
-        not 2-D or is empty, non-numeric entries, NaN or inf; one line.
+        not 2-D or is empty, non-numeric entries, NaN or inf; in one line that
+        names the file and, for a bad entry, its 1-based line (or row) and column.
     """
     path = Path(path)
     if path.suffix.lower() not in SUFFIXES:
         raise DataError(f"{path}: unknown suffix {path.suffix!r}, expected one of {SUFFIXES}")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    try:
-        if path.suffix.lower() == ".csv":
-            X = _load_csv(path)
-        elif path.suffix.lower() == ".npz":
-            X = _load_npz(path)
-        else:
-            X = np.load(path, allow_pickle=False)
-    except DataError:
-        raise
-    except (OSError, ValueError, EOFError, UnicodeDecodeError, zipfile.BadZipFile) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"{path}: cannot read it as {path.suffix} ({reason})") from None
+    X, lines = _read(path)
     if X.dtype == bool or not (
         np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer)
     ):
@@ -103,8 +137,7 @@ def load_data(path: str | os.PathLike[str]) -> np.ndarray:
     bad = ~np.isfinite(X)
     if bad.any():
         i, j = (int(k) for k in np.argwhere(bad)[0])
-        raise DataError(
-            f"{path}: entries must be finite; {int(bad.sum())} NaN/inf, first at "
-            f"row {i}, column {j} ({X[i, j]})"
-        )
+        where = f"row {i + 1}" if lines is None else f"line {lines[i]}"
+        raise DataError(f"{path}: entries must be finite; {int(bad.sum())} NaN/inf, first at "
+                        f"{where}, column {j + 1} ({X[i, j]})")
     return X

@@ -1,25 +1,25 @@
 """What every experiment script shares: flags, the results folder, tables, plot style,
-the device and precision a number was measured at, the one timing helper, the optimizers.
+where a number was measured, the one timing helper, compile time, the optimizers.
 
 Scripts import it as ``import _common`` (their own folder is first on
 ``sys.path`` when run as ``python experiments/<name>.py``).
 
-Timing (``time_interleaved``): every benchmark times its variants the same way, waited for on
-the device (``jax.block_until_ready`` on JAX outputs, ``torch.cuda.synchronize`` when an
-output is a torch CUDA tensor), each variant's first call (trace + compile + run) timed
-apart, a warm-up after all compiles, then rounds that run every variant in turn, so a drift
-in the machine's speed hits all of them alike; the median per variant.
+Timing (``time_interleaved``): every benchmark times its variants the same way, waited for
+on the device (``jax.block_until_ready``), each variant's first call (trace + compile + run)
+timed apart, a warm-up after all compiles, then rounds that run every variant in turn, so a
+drift in the machine's speed hits all of them alike; the median per variant.
 """
 
 from __future__ import annotations
 
 import argparse
-import io as io_module
+import contextlib
+import io
 import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ import jax
 import matplotlib
 import optax
 
+from abc_jax import files
 from abc_jax.validation import PRECISIONS
 
 matplotlib.use("Agg")
@@ -38,28 +39,37 @@ from tqdm.auto import tqdm
 DPI = 150
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
+                    argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and every flag's default (unless its help names it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "(default" in text or action.default is None or action.default is False:
+            return text
+        return super()._get_help_string(action)
+
+
 def parser(name: str, doc: str | None) -> argparse.ArgumentParser:
-    """An ArgumentParser with the flags every script takes: --out, --seed, --quick."""
+    """An ArgumentParser with the flags every script takes: --out, --seed, --quick, --docs."""
     lines = (doc or name).strip().splitlines()
-    ap = argparse.ArgumentParser(
-        prog=f"{name}.py",
-        description=lines[0],
-        epilog="\n".join(lines[1:]).strip() or None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    ap.add_argument(
-        "--out", type=Path, default=Path("results") / name,
-        help=f"results folder (default results/{name}/)",
-    )
-    ap.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    ap.add_argument(
-        "--quick", action="store_true", help="tiny configuration that runs in seconds (tests)"
-    )
-    ap.add_argument(
-        "--docs", type=Path, default=None, metavar="DIR",
-        help="also write a small (256-colour) copy of the key figure into DIR, e.g. docs/",
-    )
+    ap = argparse.ArgumentParser(prog=f"{name}.py", description=lines[0],
+                                 epilog="\n".join(lines[1:]).strip() or None,
+                                 formatter_class=HelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("results") / name, help="results folder")
+    ap.add_argument("--seed", type=int, default=0, help="random seed")
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny configuration that runs in seconds (tests)")
+    ap.add_argument("--docs", type=Path, default=None, metavar="DIR",
+                    help="also write a small (256-colour) copy of the key figure into DIR")
     return ap
+
+
+def add_precision_flag(ap: argparse.ArgumentParser) -> None:
+    """``--precision``: the matmul precision of the JAX computations."""
+    ap.add_argument("--precision", choices=PRECISIONS, default="highest",
+                    help="matmul precision of the JAX computations ('highest': exact float32 "
+                         "on every device; 'default' lets a GPU use TF32)")
 
 
 def out_dir(path: str | os.PathLike[str]) -> Path:
@@ -76,46 +86,21 @@ def docs_copy(png: str | os.PathLike[str], docs_dir: str | os.PathLike[str]) -> 
     """
     from PIL import Image
 
-    from abc_jax import files as io
-
     with Image.open(png) as im:
-        small = im.convert("RGB").quantize(
-            colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE
-        )
-    buf = io_module.BytesIO()
+        small = im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT,
+                                           dither=Image.Dither.NONE)
+    buf = io.BytesIO()
     small.save(buf, format="PNG", optimize=True)
-    return io.atomic_write_bytes(Path(docs_dir) / Path(png).name, buf.getvalue())
+    return files.atomic_write_bytes(Path(docs_dir) / Path(png).name, buf.getvalue())
 
 
-def environment(dtype: Any = None, precision: str | None = None) -> dict[str, Any]:
-    """Where the numbers were measured: device, backend, versions, CPU count, dtype, precision."""
-    dev = jax.devices()[0]
-    env = {
-        "device": str(dev),
-        "device_label": device_label(),
-        "device_kind": dev.device_kind,
-        "backend": jax.default_backend(),
-        "device_count": jax.device_count(),
-        "jax_version": jax.__version__,
-        "python_version": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "x64_enabled": bool(jax.config.jax_enable_x64),
-    }
-    if hasattr(os, "getloadavg"):  # other work on the machine inflates timings
-        env["load_average_1min"] = os.getloadavg()[0]
-    if dtype is not None:
-        env["dtype"] = jax.numpy.dtype(dtype).name
-    if precision is not None:
-        env["precision"] = precision
-    return env
+def config_of(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
+    """The parsed flags as a JSON-ready dict (paths as strings), with ``extra`` on top."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()} | extra
 
 
-# -- device and matmul precision -------------------------------------------------------
+# -- where a number was measured -------------------------------------------------------
 
-# JAX matmul precisions that let a GPU run float32 products in TF32, and those that keep
-# them exact float32; on a CPU every setting computes the same float32 products.
-TF32_PRECISIONS = ("default", "tensorfloat32")
-FP32_PRECISIONS = ("highest", "float32")
 CPU_PRECISION_NOTE = ("on a CPU every matmul precision computes the same float32 products, "
                       "so only 'highest' is timed")
 
@@ -133,60 +118,28 @@ def precisions_to_time() -> tuple[str, ...]:
     return ("highest", "default") if jax.default_backend() == "gpu" else ("highest",)
 
 
-def add_precision_flag(ap: argparse.ArgumentParser) -> None:
-    """``--precision``: the matmul precision of the JAX computations (default "highest")."""
-    ap.add_argument(
-        "--precision", choices=PRECISIONS, default="highest",
-        help="matmul precision of the JAX computations (default highest: exact float32 on "
-             "every device; 'default' lets a GPU use TF32; a CPU computes them all alike)",
-    )
-
-
-def torch_device() -> tuple[str | None, str]:
-    """Where PyTorch runs for a comparison: the device JAX runs on, or None and why not.
-
-    ``"cuda"`` when JAX runs on a GPU and ``torch.cuda.is_available()``, ``"cpu"`` when
-    JAX runs on the CPU; None when torch is not importable or cannot reach JAX's device
-    (a GPU timing is never compared with PyTorch on the CPU).
-    """
-    try:
-        import torch
-    except ImportError:
-        return None, "torch is not importable"
-    backend = jax.default_backend()
-    if backend == "cpu":
-        return "cpu", ""
-    if backend == "gpu" and torch.cuda.is_available():
-        return "cuda", ""
-    return None, (f"JAX runs on {backend} but torch cannot (torch.cuda.is_available() is "
-                  f"{torch.cuda.is_available()}); no comparison across devices")
-
-
-def torch_allow_tf32(precision: str) -> bool:
-    """The ``torch.backends.cuda.matmul.allow_tf32`` that matches a JAX matmul precision."""
-    if precision in TF32_PRECISIONS:
-        return True
-    if precision in FP32_PRECISIONS:
-        return False
-    raise ValueError(f"no PyTorch matmul setting matches JAX precision {precision!r}; "
-                     f"use one of {FP32_PRECISIONS + TF32_PRECISIONS}")
+def environment(dtype: Any = None, precision: str | None = None) -> dict[str, Any]:
+    """Where the numbers were measured: device, backend, versions, CPU count, dtype, precision."""
+    dev = jax.devices()[0]
+    env = {"device": str(dev), "device_label": device_label(), "device_kind": dev.device_kind,
+           "backend": jax.default_backend(), "device_count": jax.device_count(),
+           "jax_version": jax.__version__, "python_version": platform.python_version(),
+           "cpu_count": os.cpu_count(), "x64_enabled": bool(jax.config.jax_enable_x64)}
+    if hasattr(os, "getloadavg"):  # other work on the machine inflates timings
+        env["load_average_1min"] = os.getloadavg()[0]
+    if dtype is not None:
+        env["dtype"] = jax.numpy.dtype(dtype).name
+    if precision is not None:
+        env["precision"] = precision
+    return env
 
 
 # -- timing ----------------------------------------------------------------------------
 
 
 def wait(out: Any) -> Any:
-    """Wait until ``out`` is computed on its device, and return it.
-
-    JAX arrays are blocked on (``jax.block_until_ready``); if any leaf is a torch CUDA
-    tensor, ``torch.cuda.synchronize()`` waits for the GPU. Plain Python values pass.
-    """
-    leaves = jax.tree.leaves(out)
-    jax.block_until_ready(leaves)
-    if any(getattr(leaf, "is_cuda", False) is True for leaf in leaves):
-        import torch
-
-        torch.cuda.synchronize()
+    """Wait until every JAX array in ``out`` is computed (plain values pass), and return it."""
+    jax.block_until_ready(jax.tree.leaves(out))
     return out
 
 
@@ -207,103 +160,118 @@ class Timing:
         return max(self.first_s - self.median_s, 0.0)
 
     def fields(self) -> dict[str, Any]:
-        """The numbers, for a result row: median_s, min_s, first_call_s, compile_s, rounds,
-        calls_per_round."""
+        """The numbers, for a result row."""
         return {"median_s": self.median_s, "min_s": self.min_s, "first_call_s": self.first_s,
                 "compile_s": self.compile_s, "rounds": self.rounds,
                 "calls_per_round": self.calls_per_round}
 
 
-def time_interleaved(
-    fns: Mapping[str, Callable[[], Any]],
-    *,
-    rounds: int = 7,
-    min_time: float = 0.2,
-    warmup: int = 1,
-    max_time: float | None = None,
-) -> dict[str, Timing]:
+def _calls_per_round(fn: Callable[[], Any], first_s: float, warmup: int, min_time: float,
+                     rounds: int) -> tuple[int, float]:
+    """Warm ``fn`` up (at least ``warmup`` calls and about min_time / 4 s); return (calls per
+    round lasting about min_time / rounds, seconds per call)."""
+    calls, t0 = 0, time.perf_counter()
+    while warmup and (calls < warmup or time.perf_counter() - t0 < min_time / 4):
+        wait(fn())
+        calls += 1
+    once = max((time.perf_counter() - t0) / calls if calls else first_s, 1e-9)
+    return max(1, int(min_time / rounds / once)), once
+
+
+def time_interleaved(fns: Mapping[str, Callable[[], Any]], *, rounds: int = 7,
+                     min_time: float = 0.2, warmup: int = 1,
+                     max_time: float | None = None) -> dict[str, Timing]:
     """Time zero-argument calls against each other; the median per call of each.
 
     1. Each variant's first call (trace + compile + one run) is timed alone: ``first_s``.
-    2. After all of them have compiled, each is warmed up: at least ``warmup`` calls and
-       about ``min_time / 4`` seconds (``warmup=0``: none, for code that is not compiled).
+    2. After all have compiled, each is warmed up: at least ``warmup`` calls and about
+       ``min_time / 4`` seconds (``warmup=0``: none, for code that is not compiled).
     3. ``rounds`` rounds, each running every variant in turn: a loop of calls lasting about
-       ``min_time / rounds`` seconds (at least one call), waited for at its end (``wait``),
-       gives one sample of seconds per call; so a drift in the machine's speed hits every
-       variant alike. ``max_time`` caps the seconds of one variant's rounds (its slow calls
-       then get fewer rounds, at least one).
-
-    Every output is waited for on the device: JAX arrays with ``jax.block_until_ready``,
-    torch CUDA tensors with ``torch.cuda.synchronize``.
+       ``min_time / rounds`` seconds (at least one), waited for at its end, gives one sample
+       of seconds per call; so a drift in the machine's speed hits every variant alike.
+       ``max_time`` caps the seconds of one variant's rounds (at least one round).
     """
     if rounds < 1 or warmup < 0 or min_time < 0:
         raise ValueError(f"need rounds >= 1, warmup >= 0, min_time >= 0; got {rounds}, "
                          f"{warmup}, {min_time}")
-    first: dict[str, float] = {}
-    outputs: dict[str, Any] = {}
+    first, outputs = {}, {}
     for name, fn in fns.items():
         t0 = time.perf_counter()
         outputs[name] = wait(fn())
         first[name] = time.perf_counter() - t0
-    inner: dict[str, int] = {}
-    n_rounds: dict[str, int] = {}
+    inner, n_rounds = {}, {}
     for name, fn in fns.items():
-        calls, t0 = 0, time.perf_counter()
-        while warmup and (calls < warmup or time.perf_counter() - t0 < min_time / 4):
-            wait(fn())
-            calls += 1
-        once = max((time.perf_counter() - t0) / calls if calls else first[name], 1e-9)
-        inner[name] = max(1, int(min_time / rounds / once))
-        n_rounds[name] = rounds
-        if max_time is not None:
-            n_rounds[name] = max(1, min(rounds, int(max_time / (inner[name] * once))))
+        inner[name], once = _calls_per_round(fn, first[name], warmup, min_time, rounds)
+        n_rounds[name] = rounds if max_time is None else max(
+            1, min(rounds, int(max_time / (inner[name] * once))))
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for r in range(rounds):
         for name, fn in fns.items():
-            if r >= n_rounds[name]:
-                continue
-            t0 = time.perf_counter()
-            for _ in range(inner[name]):
-                out = fn()
-            wait(out)
-            samples[name].append((time.perf_counter() - t0) / inner[name])
-    return {
-        name: Timing(statistics.median(s), min(s), first[name], len(s), inner[name],
-                     outputs[name])
-        for name, s in samples.items()
-    }
+            if r < n_rounds[name]:
+                t0 = time.perf_counter()
+                for _ in range(inner[name]):
+                    out = fn()
+                wait(out)
+                samples[name].append((time.perf_counter() - t0) / inner[name])
+    return {name: Timing(statistics.median(s), min(s), first[name], len(s), inner[name],
+                         outputs[name]) for name, s in samples.items()}
+
+
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_to_mlir_module_duration",  # lowering
+                   "/jax/core/compile/backend_compile_duration",  # XLA
+                   "/jax/compilation_cache/cache_retrieval_time_sec")  # or its cache
+
+
+@contextlib.contextmanager
+def compile_clock() -> Iterator[list[float]]:
+    """Seconds JAX spends lowering and compiling (or loading from its cache) inside the
+    ``with`` block, from ``jax.monitoring``'s duration events: ``clock[0]`` after it.
+
+    Tracing is left out: its events nest (a jit traced inside another), so they would count
+    twice.
+    """
+    clock = [0.0]
+
+    def listen(event: str, seconds: float, **_: Any) -> None:
+        if event in _COMPILE_EVENTS:
+            clock[0] += seconds
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield clock
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
 
 
 # -- optimizers ------------------------------------------------------------------------
 
-OPTIMIZERS = ("gd", "sgd", "momentum", "adam")
+# name -> (label, lr -> transformation); None: train's hand-rolled p <- p - lr g
+OPTIMIZERS: dict[str, tuple[str, Callable[[float], Any]]] = {
+    "gd": ("hand-rolled GD", lambda lr: None),
+    "sgd": ("optax.sgd", optax.sgd),
+    "momentum": ("optax.sgd momentum 0.9", lambda lr: optax.sgd(lr, momentum=0.9)),
+    "adam": ("optax.adam", optax.adam),
+}
 
 
 def make_optimizer(name: str, lr: float) -> optax.GradientTransformation | None:
-    """None for "gd" (train's hand-rolled p <- p - lr g), else the Optax transformation:
-    "sgd" optax.sgd(lr), "momentum" optax.sgd(lr, momentum=0.9), "adam" optax.adam(lr)."""
-    if name == "gd":
-        return None
-    if name == "sgd":
-        return optax.sgd(lr)
-    if name == "momentum":
-        return optax.sgd(lr, momentum=0.9)
-    if name == "adam":
-        return optax.adam(lr)
-    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+    """``OPTIMIZERS[name]`` at learning rate ``lr``: None for "gd" (train's own rule)."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}, got {name!r}")
+    return OPTIMIZERS[name][1](lr)
+
+
+# -- output ----------------------------------------------------------------------------
 
 
 def _cell(v: Any, floatfmt: str) -> str:
     if v is None:
         return "-"
-    if isinstance(v, float):
-        return format(v, floatfmt)
-    return str(v)
+    return format(v, floatfmt) if isinstance(v, float) else str(v)
 
 
-def format_table(
-    header: Sequence[str], rows: Sequence[Sequence[Any]], floatfmt: str = ".3g"
-) -> str:
+def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]],
+                 floatfmt: str = ".3g") -> str:
     """A plain-text table: columns right-aligned, floats formatted with ``floatfmt``."""
     cells = [[str(h) for h in header]] + [[_cell(v, floatfmt) for v in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
@@ -312,9 +280,8 @@ def format_table(
     return "\n".join(lines)
 
 
-def print_table(
-    header: Sequence[str], rows: Sequence[Sequence[Any]], floatfmt: str = ".3g"
-) -> None:
+def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]],
+                floatfmt: str = ".3g") -> None:
     print(format_table(header, rows, floatfmt))
 
 

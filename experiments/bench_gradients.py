@@ -22,10 +22,10 @@ process, one dtype; every result is checked against jax.grad in float64.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 
@@ -38,57 +38,49 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 import abc_jax  # noqa: E402
-from abc_jax import files as io  # noqa: E402
+from abc_jax.files import save_figure, write_results  # noqa: E402
 
 NAME = "bench_gradients"
 
-# --------------------------------------------------------------------------------------
-# Methods, timing, fits.
-# --------------------------------------------------------------------------------------
+
+def _jacfwd(params: abc_jax.Params, X: jax.Array, *, precision: str | None) -> abc_jax.Params:
+    return jax.jacfwd(lambda p: abc_jax.batch_loss(p, X, precision=precision))(params)
 
 
-@dataclass(frozen=True)
-class Method:
+class Method(NamedTuple):
     label: str
-    kind: str  # "jax" (compiled, async) or "python" (lists)
+    kind: str  # "jax" (jitted, given params, X and precision) or "python" (given lists)
     exponent: int  # time ~ P^exponent at fixed N: predicts the next K for the budget
+    fn: Callable[..., Any]
 
 
 METHODS: dict[str, Method] = {
-    "batch_grad": Method("batch_grad (manual)", "jax", 1),
-    "jax_grad": Method("jax.grad (reverse)", "jax", 1),
-    "jacfwd": Method("jax.jacfwd (forward)", "jax", 2),
-    "fd_grad": Method("fd_grad (finite diff.)", "jax", 2),
-    "python_backprop": Method("Python backprop", "python", 1),
-    "python_fd": Method("Python finite diff.", "python", 2),
+    "batch_grad": Method("batch_grad (manual)", "jax", 1, abc_jax.batch_grad),
+    "jax_grad": Method("jax.grad (reverse)", "jax", 1, abc_jax.oracle_grad),
+    "jacfwd": Method("jax.jacfwd (forward)", "jax", 2, _jacfwd),
+    "fd_grad": Method("fd_grad (finite diff.)", "jax", 2, abc_jax.fd_grad),
+    "python_backprop": Method("Python backprop", "python", 1,
+                              lambda *lists: homework.py_loss_and_grad(*lists)[1]),
+    "python_fd": Method("Python finite diff.", "python", 2, homework.py_fd_grad),
 }
 
 
-def make_method(
-    name: str, params: abc_jax.Params, X: jax.Array, precision: str | None = None
-) -> Callable[[], Any]:
+def make_method(name: str, params: abc_jax.Params, X: jax.Array,
+                precision: str | None = None) -> Callable[[], Any]:
     """A zero-argument call that computes one gradient, as (A, B, C) arrays or lists.
 
     JAX methods are one ``jax.jit`` of the public function each, at matmul
     ``precision`` (None: abc_jax's default, "highest"), so all pay the same
-    dispatch cost and validation runs once, at trace time.
+    dispatch cost and validation runs once, at trace time. Python methods get
+    the homework's lists of lists.
     """
-    if name == "batch_grad":
-        f = jax.jit(lambda p, X: abc_jax.batch_grad(p, X, precision=precision))
-    elif name == "jax_grad":
-        f = jax.jit(lambda p, X: abc_jax.oracle_grad(p, X, precision=precision))
-    elif name == "jacfwd":
-        f = jax.jit(jax.jacfwd(lambda p, X: abc_jax.batch_loss(p, X, precision=precision)))
-    elif name == "fd_grad":
-        f = jax.jit(lambda p, X: abc_jax.fd_grad(p, X, precision=precision))
-    elif name == "python_backprop":
-        A, B, C, Xl = homework.to_lists(params, X)
-        return lambda: homework.py_loss_and_grad(A, B, C, Xl)[1]
-    elif name == "python_fd":
-        A, B, C, Xl = homework.to_lists(params, X)
-        return lambda: homework.py_fd_grad(A, B, C, Xl)
-    else:
+    if name not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {name!r}")
+    fn = METHODS[name].fn
+    if METHODS[name].kind == "python":
+        lists = homework.to_lists(params, X)
+        return lambda: fn(*lists)
+    f = jax.jit(functools.partial(fn, precision=precision))
     return lambda: f(params, X)
 
 
@@ -109,21 +101,14 @@ def jacfwd_bytes(K: int, N: int, itemsize: int) -> int:
     return 2 * param_count(K) * N * 3 * K * itemsize
 
 
-def method_device(name: str) -> str:
-    """Where a method computes: JAX's device, or the host CPU for the plain-Python ones."""
-    return _common.device_label() if METHODS[name].kind == "jax" else "host cpu (Python)"
-
-
-def _skip_reason(
-    m: str, P: int, K: int, n: int, itemsize: int, last: dict[str, tuple[int, float]],
-    stopped: dict[str, str], budget_s: float, mem_limit: float,
-) -> str | None:
+def _skip_reason(m: str, K: int, n: int, itemsize: int, last: dict[str, tuple[int, float]],
+                 stopped: dict[str, str], budget_s: float, mem_limit: float) -> str | None:
     """Why method m is skipped at this K (the budget or jacfwd's memory), else None."""
     if m in stopped:
         return stopped[m]
     if m in last:
         P0, t0 = last[m]
-        predicted = t0 * (P / P0) ** METHODS[m].exponent
+        predicted = t0 * (param_count(K) / P0) ** METHODS[m].exponent
         if predicted > budget_s:
             return f"skipped: predicted {predicted:.3g} s > budget {budget_s:g} s"
     if m == "jacfwd" and jacfwd_bytes(K, n, itemsize) > mem_limit:
@@ -131,20 +116,27 @@ def _skip_reason(
     return None
 
 
-def run_bench(
-    ks: Sequence[int],
-    n: int,
-    methods: Sequence[str] = tuple(METHODS),
-    *,
-    dtype: Any = jnp.float32,
-    precision: str = "highest",
-    seed: int = 0,
-    budget_s: float = 2.0,
-    min_time: float = 0.2,
-    rounds: int = 5,
-    mem_limit: float = 1 << 30,
-    show_progress: bool = True,
-) -> list[dict[str, Any]]:
+def _time_at(K: int, n: int, todo: Sequence[str], *, dtype: Any, precision: str, seed: int,
+             budget_s: float, min_time: float, rounds: int) -> tuple[dict, abc_jax.Params]:
+    """(method -> Timing, jax.grad in float64 on the same rounded inputs) at one K."""
+    kp, kx = jax.random.split(jax.random.fold_in(jax.random.key(seed), K))
+    params = abc_jax.init_params(kp, K, dtype=dtype)
+    X = jax.random.normal(kx, (n, K), dtype)
+    as64 = lambda a: jnp.asarray(a, jnp.float64)  # noqa: E731
+    ref = abc_jax.oracle_grad(jax.tree.map(as64, params), as64(X), precision="highest")
+    times = {}
+    for kind, extra in (("jax", {}), ("python", {"warmup": 0, "max_time": budget_s})):
+        fns = {m: make_method(m, params, X, precision if kind == "jax" else None)
+               for m in todo if METHODS[m].kind == kind}
+        if fns:
+            times |= _common.time_interleaved(fns, rounds=rounds, min_time=min_time, **extra)
+    return times, ref
+
+
+def run_bench(ks: Sequence[int], n: int, methods: Sequence[str] = tuple(METHODS), *,
+              dtype: Any = jnp.float32, precision: str = "highest", seed: int = 0,
+              budget_s: float = 2.0, min_time: float = 0.2, rounds: int = 5,
+              mem_limit: float = 1 << 30, show_progress: bool = True) -> list[dict[str, Any]]:
     """Time every method at every K; one row per (K, method), skipped ones included.
 
     At each K the JAX methods are timed against each other in interleaved rounds
@@ -159,53 +151,32 @@ def run_bench(
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"method must be one of {sorted(METHODS)}, got {m!r}")
-    itemsize = jnp.dtype(dtype).itemsize
     last: dict[str, tuple[int, float]] = {}  # method -> (P, median seconds)
     stopped: dict[str, str] = {}
     rows: list[dict[str, Any]] = []
-    bar = _common.progress(ks, desc="bench", unit="K") if show_progress else ks
-    for K in bar:
-        P = param_count(K)
-        key = jax.random.fold_in(jax.random.key(seed), K)
-        kp, kx = jax.random.split(key)
-        params = abc_jax.init_params(kp, K, dtype=dtype)
-        X = jax.random.normal(kx, (n, K), dtype)
-        as64 = lambda a: jnp.asarray(a, jnp.float64)  # noqa: E731
-        # jax.grad in float64 on the same (rounded) inputs
-        ref = abc_jax.oracle_grad(jax.tree.map(as64, params), as64(X), precision="highest")
-        base = {m: {"K": K, "P": P, "N": n, "method": m, "kind": METHODS[m].kind,
-                    "device": method_device(m),
-                    "dtype": jnp.dtype(dtype).name if METHODS[m].kind == "jax" else "float64",
-                    "precision": precision if METHODS[m].kind == "jax" else None}
-                for m in methods}
-        status = {m: _skip_reason(m, P, K, n, itemsize, last, stopped, budget_s, mem_limit)
-                  for m in methods}
-        todo = [m for m in methods if status[m] is None]
-        jax_fns = {m: make_method(m, params, X, precision) for m in todo
-                   if METHODS[m].kind == "jax"}
-        py_fns = {m: make_method(m, params, X) for m in todo if METHODS[m].kind == "python"}
-        times = {}
-        if jax_fns:
-            times |= _common.time_interleaved(jax_fns, rounds=rounds, min_time=min_time)
-        if py_fns:
-            times |= _common.time_interleaved(py_fns, rounds=rounds, min_time=min_time,
-                                              warmup=0, max_time=budget_s)
+    for K in _common.progress(ks, desc="bench", unit="K") if show_progress else ks:
+        status = {m: _skip_reason(m, K, n, jnp.dtype(dtype).itemsize, last, stopped, budget_s,
+                                  mem_limit) for m in methods}
+        times, ref = _time_at(K, n, [m for m in methods if status[m] is None], dtype=dtype,
+                              precision=precision, seed=seed, budget_s=budget_s,
+                              min_time=min_time, rounds=rounds)
         for m in methods:
+            on_jax = METHODS[m].kind == "jax"
+            row = {"K": K, "P": param_count(K), "N": n, "method": m, "kind": METHODS[m].kind,
+                   "device": _common.device_label() if on_jax else "host cpu (Python)",
+                   "dtype": jnp.dtype(dtype).name if on_jax else "float64",
+                   "precision": precision if on_jax else None, "median_s": None}
             if m not in times:
-                rows.append({**base[m], "status": status[m]})
+                rows.append({**row, "status": status[m]})
                 continue
             t = times[m]
-            fields = t.fields()
-            if METHODS[m].kind == "python":
-                fields["compile_s"] = None
-            rows.append({**base[m], "status": "ok", **fields,
+            rows.append({**row, "status": "ok", **t.fields(),
+                         "compile_s": t.compile_s if on_jax else None,
                          "rel_err_vs_float64": rel_error(t.output, ref)})
-            last[m] = (P, t.median_s)
-            slowest = t.median_s if METHODS[m].kind == "jax" else max(t.median_s, t.first_s)
+            last[m] = (param_count(K), t.median_s)
+            slowest = t.median_s if on_jax else max(t.median_s, t.first_s)
             if slowest > budget_s:
                 stopped[m] = f"skipped: a call took {slowest:.3g} s > budget {budget_s:g} s"
-    for r in rows:
-        r.setdefault("median_s", None)
     _add_ratios(rows)
     return rows
 
@@ -242,27 +213,20 @@ def ratio_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[An
     """Header and rows: K, P, device, precision, batch_grad time, then each method's time /
     batch_grad's. Methods that ran elsewhere than batch_grad (the plain-Python ones when JAX
     is not on the CPU) say where in their column's name."""
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "batch_grad"]
     by = {(r["K"], r["method"]): r for r in rows}
-    device = {r["method"]: r.get("device") for r in rows}
-    jax_device = device.get("batch_grad") or _common.device_label()
-
-    def column(m: str) -> str:
-        on_host = not jax_device.startswith("cpu") and METHODS[m].kind == "python"
-        return f"{m} x" + (" (host cpu)" if on_host else "")
-
+    jax_device = next((r.get("device") for r in rows if r["method"] == "batch_grad"),
+                      None) or _common.device_label()
+    host = not jax_device.startswith("cpu")
+    header = ["K", "P", "device", "precision", "batch_grad"] + [
+        f"{m} x" + (" (host cpu)" if host and METHODS[m].kind == "python" else "")
+        for m in methods]
     precision = next((r.get("precision") for r in rows if r.get("precision")), None)
-    header = (["K", "P", "device", "precision", "batch_grad"]
-              + [column(m) for m in methods if m != "batch_grad"])
     table = []
     for K in dict.fromkeys(r["K"] for r in rows):
         base = by.get((K, "batch_grad"), {}).get("median_s")
-        line: list[Any] = [K, param_count(K), jax_device, precision, _fmt_time(base)]
-        for m in methods:
-            if m != "batch_grad":
-                ratio = by.get((K, m), {}).get("ratio_to_batch_grad")
-                line.append(None if ratio is None else float(ratio))
-        table.append(line)
+        table.append([K, param_count(K), jax_device, precision, _fmt_time(base),
+                      *(by.get((K, m), {}).get("ratio_to_batch_grad") for m in methods)])
     return header, table
 
 
@@ -275,28 +239,25 @@ def _fmt_time(s: float | None) -> str:
     return f"{s / 1e-9:.3g} ns"
 
 
-def plot(rows: Sequence[dict[str, Any]], path: Any, title: str = "") -> None:
+def figure(rows: Sequence[dict[str, Any]], title: str = "") -> Any:
     """Log-log time per gradient against P (fitted slopes in the legend) and ratio to batch_grad."""
     fig, (ax, ax2) = _common.figure(ncols=2)
     fits = slopes(rows)
-    style = {m: dict(marker=mk, color=f"C{i}", ls="--" if METHODS[m].kind == "python" else "-")
-             for i, (m, mk) in enumerate(zip(METHODS, "os^vDX", strict=True))}
-    for m in dict.fromkeys(r["method"] for r in rows):
+    for i, m in enumerate(METHODS):
         pts = [r for r in rows if r["method"] == m and r["median_s"]]
         if not pts:
             continue
-        P = [r["P"] for r in pts]
+        style = dict(marker="os^vDX"[i], color=f"C{i}",
+                     ls="--" if METHODS[m].kind == "python" else "-")
         fit = f"slope {fits[m]:.2f}" if np.isfinite(fits[m]) else "one point, no slope"
-        ax.plot(P, [r["median_s"] for r in pts], **style[m], label=f"{METHODS[m].label}: {fit}")
+        P = [r["P"] for r in pts]
+        ax.plot(P, [r["median_s"] for r in pts], **style, label=f"{METHODS[m].label}: {fit}")
         if m != "batch_grad":
-            ax2.plot(P, [r["ratio_to_batch_grad"] for r in pts], **style[m])
+            ax2.plot(P, [r["ratio_to_batch_grad"] for r in pts], **style)
     for a in (ax, ax2):
-        a.set_xscale("log")
-        a.set_yscale("log")
-        a.set_xlabel("parameter count P = 2HD + OH = 3K² (D = H = O = K)")
-        top = a.secondary_xaxis(
-            "top", functions=(lambda P: np.sqrt(np.maximum(P, 1e-12) / 3), lambda K: 3 * K**2)
-        )
+        a.set(xscale="log", yscale="log", xlabel="parameter count P = 2HD + OH = 3K² (D=H=O=K)")
+        top = a.secondary_xaxis("top", functions=(
+            lambda P: np.sqrt(np.maximum(P, 1e-12) / 3), lambda K: 3 * K**2))
         top.set_xticks(sorted({r["K"] for r in rows}), minor=False)
         top.set_xticks([], minor=True)
         top.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
@@ -309,7 +270,12 @@ def plot(rows: Sequence[dict[str, Any]], path: Any, title: str = "") -> None:
     fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    io.save_figure(path, fig, dpi=_common.DPI)
+    return fig
+
+
+def plot(rows: Sequence[dict[str, Any]], path: Any, title: str = "") -> None:
+    """``figure(rows, title)`` saved as a PNG at ``path``."""
+    save_figure(path, figure(rows, title), dpi=_common.DPI)
 
 
 CSV_FIELDS = ["K", "P", "N", "method", "kind", "device", "dtype", "precision", "status",
@@ -318,56 +284,48 @@ CSV_FIELDS = ["K", "P", "N", "method", "kind", "device", "dtype", "precision", "
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The numbers a README quotes: per-method slopes, ratios at the smallest and largest K."""
+    """The numbers a README quotes, per method: slope, device, precision, and by K the time,
+    compile time and ratio to batch_grad; the largest K measured and the worst error."""
     fits = slopes(rows)
-    ks = sorted({r["K"] for r in rows})
-    ratios: dict[str, dict[str, float | None]] = {}
-    for r in rows:
-        if r["method"] != "batch_grad":
-            ratios.setdefault(r["method"], {})[str(r["K"])] = r["ratio_to_batch_grad"]
-    max_k = {}
-    for m in fits:
-        done = [r["K"] for r in rows if r["method"] == m and r["median_s"]]
-        max_k[m] = max(done) if done else None
-    errs = [r["rel_err_vs_float64"] for r in rows if r.get("rel_err_vs_float64") is not None]
+
+    def by_k(field: str, methods: Any = fits) -> dict[str, dict[str, Any]]:
+        return {m: {str(r["K"]): r.get(field) for r in rows if r["method"] == m}
+                for m in methods}
+
+    mine = {m: [r for r in rows if r["method"] == m] for m in fits}
+    errs = {m: max((r["rel_err_vs_float64"] for r in rs if "rel_err_vs_float64" in r),
+                   default=None) for m, rs in mine.items()}
     return {
-        "device": {m: next(r.get("device") for r in rows if r["method"] == m) for m in fits},
-        "precision": {m: next(r.get("precision") for r in rows if r["method"] == m)
-                      for m in fits},
-        "slopes": fits,
-        "ratio_to_batch_grad": ratios,
-        "median_s": {m: {str(r["K"]): r["median_s"] for r in rows if r["method"] == m}
-                     for m in fits},
-        "compile_s": {m: {str(r["K"]): r.get("compile_s") for r in rows if r["method"] == m}
-                      for m in fits if METHODS[m].kind == "jax"},
-        "largest_k_measured": max_k,
-        "ks": ks,
-        "max_rel_err_vs_float64": max(errs) if errs else None,
-        "rel_err_vs_float64": {
-            m: max((r["rel_err_vs_float64"] for r in rows
-                    if r["method"] == m and r.get("rel_err_vs_float64") is not None),
-                   default=None)
-            for m in fits
-        },
+        "device": {m: rs[0]["device"] for m, rs in mine.items()},
+        "precision": {m: rs[0]["precision"] for m, rs in mine.items()},
+        "slopes": fits, "ks": sorted({r["K"] for r in rows}),
+        "ratio_to_batch_grad": by_k("ratio_to_batch_grad", [m for m in fits
+                                                            if m != "batch_grad"]),
+        "median_s": by_k("median_s"),
+        "compile_s": by_k("compile_s", [m for m in fits if METHODS[m].kind == "jax"]),
+        "largest_k_measured": {m: max((r["K"] for r in rs if r["median_s"]), default=None)
+                               for m, rs in mine.items()},
+        "rel_err_vs_float64": errs,
+        "max_rel_err_vs_float64": max((e for e in errs.values() if e is not None),
+                                      default=None),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = _common.parser(NAME, __doc__)
     ap.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64],
-                    help="K = D = H = O values (default 2 4 8 16 32 64)")
-    ap.add_argument("--n", type=int, default=256, help="batch size N (default 256)")
+                    help="K = D = H = O values")
+    ap.add_argument("--n", type=int, default=256, help="batch size N")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
-                    help="methods to time (default all)")
+                    help="methods to time")
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32",
-                    help="dtype of the JAX methods (default float32; Python is float64)")
+                    help="dtype of the JAX methods (Python is float64)")
     ap.add_argument("--budget", type=float, default=2.0,
                     help="stop a method once one call takes, or is predicted to take, "
-                         "longer than this many seconds (default 2)")
+                         "longer than this many seconds")
     ap.add_argument("--min-time", type=float, default=0.2,
-                    help="timed calls per point add up to at least this (default 0.2 s)")
-    ap.add_argument("--rounds", type=int, default=5,
-                    help="interleaved timing rounds per point (default 5)")
+                    help="seconds the timed calls per point add up to, at least")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per point")
     _common.add_precision_flag(ap)
     args = ap.parse_args(argv)
     if args.quick:
@@ -375,16 +333,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.n < 1 or min(args.ks) < 1 or args.rounds < 1:
         ap.error("--n, --ks and --rounds must be >= 1")
     out = _common.out_dir(args.out)
-    dtype = jnp.dtype(args.dtype)
-    env = _common.environment(dtype, args.precision)
+    env = _common.environment(args.dtype, args.precision)
     print(f"{NAME}: N = {args.n}, dtype {env['dtype']}, precision {args.precision}, "
           f"device {env['device_label']} ({env['cpu_count']} CPUs), jax {env['jax_version']}")
-
-    rows = run_bench(args.ks, args.n, args.methods, dtype=dtype, precision=args.precision,
-                     seed=args.seed, budget_s=args.budget, min_time=args.min_time,
-                     rounds=args.rounds)
+    rows = run_bench(args.ks, args.n, args.methods, dtype=jnp.dtype(args.dtype),
+                     precision=args.precision, seed=args.seed, budget_s=args.budget,
+                     min_time=args.min_time, rounds=args.rounds)
     summary = summarize(rows)
-
     header, table = ratio_table(rows)
     print("\ntime of batch_grad, and every method's time as a multiple of it (warm median of "
           "interleaved rounds):")
@@ -397,17 +352,16 @@ def main(argv: list[str] | None = None) -> int:
         print("skipped: " + "; ".join(skipped))
     print("largest relative error against jax.grad in float64: " + ", ".join(
         f"{m} {e:.1e}" for m, e in summary["rel_err_vs_float64"].items() if e is not None))
-
-    io.write_json(out / "config.json", {**vars(args), "out": str(args.out)})
-    io.write_json(out / "metrics.json", {"environment": env, **summary})
-    io.write_csv(out / "timings.csv", CSV_FIELDS, ([r.get(f) for f in CSV_FIELDS] for r in rows))
-    io.write_csv(out / "ratios.csv", header, table)
-    plot(rows, out / "bench_gradients.png",
-         title=f"N = {args.n}, {env['dtype']}, precision {args.precision}, "
-               f"{env['device_label']} ({env['cpu_count']} CPUs); Python on the host CPU")
+    title = (f"N = {args.n}, {env['dtype']}, precision {args.precision}, "
+             f"{env['device_label']} ({env['cpu_count']} CPUs); Python on the host CPU")
+    written = write_results(
+        out, config=_common.config_of(args), metrics={"environment": env, **summary},
+        tables={"timings": (CSV_FIELDS, [[r.get(f) for f in CSV_FIELDS] for r in rows]),
+                "ratios": (header, table)},
+        figures={NAME: figure(rows, title)})
     if args.docs is not None:
-        _common.docs_copy(out / "bench_gradients.png", args.docs)
-    print(f"wrote {out}/config.json, metrics.json, timings.csv, ratios.csv, bench_gradients.png")
+        _common.docs_copy(out / f"{NAME}.png", args.docs)
+    print(f"wrote {out}/: {', '.join(written)}")
     return 0
 
 

@@ -9,7 +9,7 @@ median), each row naming its device and matmul precision:
 
       train          abc_jax.train: epochs compiled into lax.while_loop chunks
       jitted steps   a Python loop calling one jitted (loss, update) step per
-                     epoch: the same loss and gradient, the same chunking of N
+                     epoch: the same loss and gradient over the whole batch
       plain Python   the homework's lists of lists, math.exp and hand loops,
                      on the host CPU whatever JAX's device
 
@@ -39,26 +39,24 @@ import jax.numpy as jnp
 import numpy as np
 from homework import py_gradient_descent, to_lists
 
-from abc_jax import files as io
+import abc_jax
 from abc_jax import init_params, train
-from abc_jax.backward import _value_and_grad
-from abc_jax.model import prepare_batch
+from abc_jax.files import write_results
 
 NAME = "bench_train"
 LOOPS = {"train": "train (compiled loop)", "loop": "Python loop of jitted steps"}
 
 
-def jitted_step(lr: float, precision: str, chunk_size: int | None = None) -> Any:
+def jitted_step(lr: float, precision: str) -> Any:
     """One epoch as one jitted call: (params, X) -> (loss before the update, new params).
 
-    The loss and gradient train computes per epoch (the direct form, over chunks of
-    ``chunk_size`` rows), at matmul ``precision``.
+    The loss and gradient train computes per epoch: ``batch_value_and_grad`` over the
+    whole batch (train's chunk_size=None), at matmul ``precision``.
     """
 
     @jax.jit
     def step(params: Any, X: jax.Array) -> tuple[jax.Array, Any]:
-        with jax.default_matmul_precision(precision):
-            loss, grads = _value_and_grad(params, X, chunk_size)
+        loss, grads = abc_jax.batch_value_and_grad(params, X, precision=precision)
         return loss, jax.tree.map(lambda p, g: p - lr * g, params, grads)
 
     return step
@@ -81,8 +79,7 @@ def compare_loops(
 
     Returns the two rows and the two outputs (TrainResult, (losses, params)).
     """
-    chunk = prepare_batch(params, X, None)[3]  # the chunk of rows train's gradient uses
-    step = jitted_step(lr, precision, chunk)
+    step = jitted_step(lr, precision)
     fns = {
         "train": lambda: train(params, X, lr=lr, epochs=epochs, progress=False,
                                precision=precision),
@@ -185,15 +182,14 @@ def print_part(title: str, part: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = _common.parser(NAME, __doc__)
     ap.add_argument("--epochs", type=int, nargs="+", default=[10, 1000],
-                    help="(a) epoch counts (default 10 1000)")
-    ap.add_argument("--n", type=int, default=100, help="(a) samples (default 100)")
-    ap.add_argument("--k", type=int, default=3, help="(a) K = D = H = O (default 3)")
+                    help="(a) epoch counts")
+    ap.add_argument("--n", type=int, default=100, help="(a) samples")
+    ap.add_argument("--k", type=int, default=3, help="(a) K = D = H = O")
     ap.add_argument("--python-epochs", type=int, default=100,
-                    help="(a) epochs plain Python runs, scaled to the largest --epochs "
-                         "(default 100)")
-    ap.add_argument("--lr", type=float, default=0.1, help="(a) learning rate (default 0.1)")
-    ap.add_argument("--large-k", type=int, default=256, help="(b) K (default 256)")
-    ap.add_argument("--large-n", type=int, default=65536, help="(b) samples (default 65536)")
+                    help="(a) epochs plain Python runs, scaled to the largest --epochs")
+    ap.add_argument("--lr", type=float, default=0.1, help="(a) learning rate")
+    ap.add_argument("--large-k", type=int, default=256, help="(b) K")
+    ap.add_argument("--large-n", type=int, default=65536, help="(b) samples")
     ap.add_argument("--large-epochs", type=int, nargs="+", default=None,
                     help="(b) epoch counts (default 10 on a CPU, 10 1000 on a GPU)")
     _common.add_precision_flag(ap)
@@ -207,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
            *args.large_epochs) < 1:
         ap.error("sizes and epoch counts must be >= 1")
     args.python_epochs = min(args.python_epochs, max(args.epochs))
+    jax.config.update("jax_enable_x64", True)  # (a) runs in float64
     out = _common.out_dir(args.out)
     env = _common.environment(precision=args.precision)
     print(f"{NAME}: device {env['device_label']} ({env['cpu_count']} CPUs), jax "
@@ -229,15 +226,13 @@ def main(argv: list[str] | None = None) -> int:
           f"{large['epochs_per_s'] * large['flops_per_epoch'] / 1e9:.3g} GFLOP/s "
           "(14 N K^2 flops per epoch)")
 
-    io.write_json(out / "config.json", {**vars(args), "out": str(args.out),
-                                        "docs": args.docs and str(args.docs)})
-    io.write_json(out / "metrics.json", {"environment": env, "homework_scale": small,
-                                         "large_batch": large})
-    io.write_csv(out / "bench_train.csv", ["part", "K", "N", "dtype", *FIELDS],
-                 ([name, part["K"], part["N"], part["dtype"], *(r[f] for f in FIELDS)]
-                  for name, part in (("homework", small), ("large", large))
-                  for r in part["rows"]))
-    print(f"wrote {out}/config.json, metrics.json, bench_train.csv")
+    rows = ([name, part["K"], part["N"], part["dtype"], *(r[f] for f in FIELDS)]
+            for name, part in (("homework", small), ("large", large)) for r in part["rows"])
+    written = write_results(out, config=_common.config_of(args),
+                            metrics={"environment": env, "homework_scale": small,
+                                     "large_batch": large},
+                            tables={NAME: (["part", "K", "N", "dtype", *FIELDS], rows)})
+    print(f"wrote {out}/: {', '.join(written)}")
     return 0
 
 

@@ -32,7 +32,7 @@ import numpy as np
 
 import abc_jax
 from abc_jax import DivergenceError, train
-from abc_jax import files as io
+from abc_jax.files import write_results
 
 NAME = "optimizers"
 LRS: dict[str, tuple[float, ...]] = {
@@ -42,8 +42,7 @@ LRS: dict[str, tuple[float, ...]] = {
     "adam": (0.003, 0.01, 0.03, 0.1),
 }
 COLORS = {"gd": "C0", "sgd": "k", "momentum": "C1", "adam": "C2"}
-LABELS = {"gd": "hand-rolled GD", "sgd": "optax.sgd", "momentum": "optax.sgd momentum 0.9",
-          "adam": "optax.adam"}
+LABELS = {name: label for name, (label, _) in _common.OPTIMIZERS.items()}
 
 
 def first_hit(losses: Sequence[float], target: float) -> int | None:
@@ -52,10 +51,8 @@ def first_hit(losses: Sequence[float], target: float) -> int | None:
     return int(hit[0]) if hit.size else None
 
 
-def run_one(
-    name: str, lr: float, params: abc_jax.Params, X: jax.Array, epochs: int, target: float,
-    repeats: int = 5, precision: str = "highest",
-) -> dict[str, Any]:
+def run_one(name: str, lr: float, params: abc_jax.Params, X: jax.Array, epochs: int,
+            target: float, repeats: int = 5, precision: str = "highest") -> dict[str, Any]:
     """One (optimizer, lr) run: losses, epochs to the target, divergence, time per run.
 
     The first call compiles (the same optimizer object is reused, so later calls hit
@@ -63,7 +60,7 @@ def run_one(
     seconds to the target come later, from ``time_to_target``, which reuses ``fit``
     (kept in the record, a run of e epochs).
     """
-    opt = _common.make_optimizer(name, lr)
+    opt = _common.make_optimizer(name, lr)  # the same object each call: one compilation
 
     def fit(e: int) -> Any:
         return train(params, X, lr=lr, epochs=e, optimizer=opt, progress=False,
@@ -80,14 +77,11 @@ def run_one(
         return {**rec, "diverged_at": err.epoch, "losses": losses, "final_loss": None,
                 "epochs_to_target": first_hit(losses, target), "wall_s": None,
                 "compile_s": None, "params": None}
-    res = t.output
-    losses = np.asarray(res.losses, np.float64)
-    return {
-        **rec, "diverged_at": None, "losses": losses,
-        "final_loss": float(abc_jax.batch_loss(res.params, X, precision=precision)),
-        "epochs_to_target": first_hit(losses, target), "wall_s": t.median_s,
-        "compile_s": t.compile_s, "params": res.params,
-    }
+    res, losses = t.output, np.asarray(t.output.losses, np.float64)
+    return {**rec, "diverged_at": None, "losses": losses,
+            "final_loss": float(abc_jax.batch_loss(res.params, X, precision=precision)),
+            "epochs_to_target": first_hit(losses, target), "wall_s": t.median_s,
+            "compile_s": t.compile_s, "params": res.params}
 
 
 def time_to_target(runs: Sequence[dict[str, Any]], repeats: int = 5,
@@ -109,20 +103,10 @@ def time_to_target(runs: Sequence[dict[str, Any]], repeats: int = 5,
             r["seconds_to_target"] = t.median_s
 
 
-def run_sweep(
-    k: int = 8,
-    n: int = 512,
-    epochs: int = 500,
-    *,
-    target: float = 0.01,
-    lrs: dict[str, Sequence[float]] | None = None,
-    seed: int = 0,
-    dtype: Any = jnp.float32,
-    precision: str = "highest",
-    repeats: int = 5,
-    min_time: float = 0.05,
-    show_progress: bool = True,
-) -> dict[str, Any]:
+def run_sweep(k: int = 8, n: int = 512, epochs: int = 500, *, target: float = 0.01,
+              lrs: dict[str, Sequence[float]] | None = None, seed: int = 0,
+              dtype: Any = jnp.float32, precision: str = "highest", repeats: int = 5,
+              min_time: float = 0.05, show_progress: bool = True) -> dict[str, Any]:
     """Every optimizer at every lr from one start; target = ``target`` * initial loss.
 
     Returns ``runs`` (one dict per run), ``best`` (optimizer -> its best run),
@@ -140,10 +124,8 @@ def run_sweep(
     runs = [run_one(m, lr, params, X, epochs, target_loss, repeats, precision)
             for m, lr in bar]
     time_to_target(runs, repeats, min_time)
-    return {
-        "runs": runs, "best": best_runs(runs), "initial_loss": L0, "target_loss": target_loss,
-        "gd_vs_sgd": gd_vs_sgd(runs),
-    }
+    return {"runs": runs, "best": best_runs(runs), "initial_loss": L0,
+            "target_loss": target_loss, "gd_vs_sgd": gd_vs_sgd(runs)}
 
 
 def best_runs(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -182,9 +164,8 @@ def gd_vs_sgd(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return out
 
 
-def winners(
-    best: dict[str, dict[str, Any]], runs: Sequence[dict[str, Any]] = ()
-) -> dict[str, Any]:
+def winners(best: dict[str, dict[str, Any]],
+            runs: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
     """Who reached the target first, in epochs (ties listed together) and in seconds, from
     each optimizer's best run; and which run of all ended with the lowest loss."""
     hits = {m: r for m, r in best.items() if r["epochs_to_target"] is not None}
@@ -205,7 +186,7 @@ def winners(
     return out
 
 
-def plot_curves(res: dict[str, Any], path: Any, title: str) -> None:
+def plot_curves(res: dict[str, Any], title: str) -> Any:
     """Loss against epoch for the best lr of each optimizer, gd and sgd overlaid."""
     fig, ax = _common.figure(width=6.5, height=4.3)
     style = {"gd": dict(color=COLORS["gd"], lw=3.0, alpha=0.45),
@@ -226,10 +207,10 @@ def plot_curves(res: dict[str, Any], path: Any, title: str) -> None:
     ax.set_ylabel("training loss [mean ||w||², log]")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
-    io.save_figure(path, fig, dpi=_common.DPI)
+    return fig
 
 
-def plot_sweep(res: dict[str, Any], path: Any, title: str) -> None:
+def plot_sweep(res: dict[str, Any], title: str) -> Any:
     """Final loss and epochs to the target against the learning rate, per optimizer."""
     fig, (ax1, ax2) = _common.figure(ncols=2, width=5.0, height=4.0)
     marker = {"gd": "o", "sgd": "x", "momentum": "s", "adam": "^"}
@@ -259,64 +240,56 @@ def plot_sweep(res: dict[str, Any], path: Any, title: str) -> None:
     ax2.set_ylabel("epochs to reach the target [log]")
     ax2.set_title("Epochs to the target (runs that reached it)", fontsize=10)
     fig.suptitle(title, fontsize=10)
-    io.save_figure(path, fig, dpi=_common.DPI)
+    return fig
 
 
 RUN_FIELDS = ["optimizer", "lr", "device", "precision", "epochs", "final_loss",
               "epochs_to_target", "seconds_to_target", "wall_s", "compile_s", "diverged_at"]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse(argv: Sequence[str] | None) -> tuple[Any, dict[str, Sequence[float]]]:
+    """The flags, and the learning rates to sweep (two of each grid with --quick)."""
     ap = _common.parser(NAME, __doc__)
-    ap.add_argument("--k", type=int, default=16, help="K = D = H = O (default 16)")
-    ap.add_argument("--n", type=int, default=1024, help="training samples N (default 1024)")
-    ap.add_argument("--epochs", type=int, default=500, help="epochs per run (default 500)")
+    ap.add_argument("--k", type=int, default=16, help="K = D = H = O")
+    ap.add_argument("--n", type=int, default=1024, help="training samples N")
+    ap.add_argument("--epochs", type=int, default=500, help="epochs per run")
     ap.add_argument("--target", type=float, default=0.001,
-                    help="target loss as a fraction of the initial loss (default 0.001)")
-    ap.add_argument("--dtype", choices=["float32", "float64"], default="float32",
-                    help="dtype (default float32)")
+                    help="target loss as a fraction of the initial loss")
+    ap.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="dtype")
     _common.add_precision_flag(ap)
     args = ap.parse_args(list(argv) if argv is not None else None)
-    lrs = LRS
+    lrs: dict[str, Sequence[float]] = dict(LRS)
     if args.quick:
         args.k, args.n, args.epochs, args.target = 3, 16, 30, 0.5
         lrs = {m: grid[1:3] for m, grid in LRS.items()}
     if not 0 < args.target < 1:
         ap.error("--target must be a fraction in (0, 1)")
-    if args.dtype == "float64":
-        jax.config.update("jax_enable_x64", True)
-    dtype = jnp.dtype(args.dtype)
-    out = _common.out_dir(args.out)
-    env = _common.environment(dtype, args.precision)
-    res = run_sweep(args.k, args.n, args.epochs, target=args.target, lrs=lrs, seed=args.seed,
-                    dtype=dtype, precision=args.precision, repeats=1 if args.quick else 5,
-                    min_time=0.0 if args.quick else 0.05)
-    win = winners(res["best"], res["runs"])
-    desc = (f"K = {args.k}, N = {args.n}, {args.epochs} epochs, {env['dtype']}, "
-            f"target = {args.target:g} x initial loss = {res['target_loss']:.4g}")
-    print(f"{NAME}: {desc}; device {env['device_label']} ({env['cpu_count']} CPUs), "
-          f"precision {args.precision}")
-    rows = [[LABELS[r["optimizer"]], r["lr"], r["device"], r["precision"],
-             "diverged @" + str(r["diverged_at"]) if r["diverged_at"] is not None
-             else r["final_loss"], r["epochs_to_target"],
-             None if r["seconds_to_target"] is None else f"{r['seconds_to_target'] * 1e3:.1f}",
-             None if r["wall_s"] is None else f"{r['wall_s'] * 1e3:.1f}"]
-            for r in res["runs"]]
-    _common.print_table(["optimizer", "lr", "device", "precision", "final loss",
-                         "epochs to target",
-                         "ms to target", "ms per run"], rows, floatfmt=".4g")
-    diffs = res["gd_vs_sgd"]
-    dl = max((d["max_abs_loss_diff"] for d in diffs.values()), default=float("nan"))
-    dp = max((d["max_abs_param_diff"] for d in diffs.values()
-              if d["max_abs_param_diff"] is not None), default=float("nan"))
-    print(f"\nhand-rolled GD vs optax.sgd at the same lr: max |loss difference| {dl:.3g}, "
-          f"max |parameter difference| {dp:.3g} over {len(diffs)} lrs")
+    return args, lrs
+
+
+def report(res: dict[str, Any], win: dict[str, Any], epochs: int) -> None:
+    """Print every run, gd against optax.sgd, the best lrs and the winners."""
+    _common.print_table(
+        ["optimizer", "lr", "device", "precision", "final loss", "epochs to target",
+         "ms to target", "ms per run"],
+        [[LABELS[r["optimizer"]], r["lr"], r["device"], r["precision"],
+          f"diverged @{r['diverged_at']}" if r["diverged_at"] is not None else r["final_loss"],
+          r["epochs_to_target"],
+          *(None if r[k] is None else f"{r[k] * 1e3:.1f}" for k in ("seconds_to_target",
+                                                                    "wall_s"))]
+         for r in res["runs"]], floatfmt=".4g")
+    d = res["gd_vs_sgd"]
+    dp = max((v["max_abs_param_diff"] for v in d.values()
+              if v["max_abs_param_diff"] is not None), default=float("nan"))
+    print(f"\nhand-rolled GD vs optax.sgd at the same lr: max |loss difference| "
+          f"{res['gd_vs_sgd_max_abs_loss_diff']:.3g}, max |parameter difference| {dp:.3g} "
+          f"over {len(d)} lrs")
     print("best lr of each: " + ", ".join(
         f"{m} {r['lr']:g} ({r['epochs_to_target']} epochs)" for m, r in res["best"].items()))
     if win["by_epochs"]:
         e, s = win["by_epochs"], win["by_seconds"]
-        who = " = ".join(f"{LABELS[m]} (lr {lr:g})" for m, lr in zip(e["optimizers"], e["lrs"],
-                                                                     strict=True))
+        who = " = ".join(f"{LABELS[m]} (lr {lr:g})"
+                         for m, lr in zip(e["optimizers"], e["lrs"], strict=True))
         print(f"first to the target in epochs: {who}, {e['epochs']} epochs")
         print(f"first to the target in seconds: {LABELS[s['optimizer']]} (lr {s['lr']:g}), "
               f"{s['seconds'] * 1e3:.2g} ms after compilation")
@@ -324,31 +297,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("no optimizer reached the target; raise --epochs or --target")
     if win["lowest_final_loss"]:
         f = win["lowest_final_loss"]
-        print(f"lowest loss after {args.epochs} epochs: {LABELS[f['optimizer']]} "
+        print(f"lowest loss after {epochs} epochs: {LABELS[f['optimizer']]} "
               f"(lr {f['lr']:g}), {f['final_loss']:.3g}")
 
-    io.write_json(out / "config.json", {**vars(args), "out": str(args.out),
-                                        "lrs": {m: list(g) for m, g in lrs.items()}})
-    io.write_json(out / "metrics.json", {
-        "environment": env, "initial_loss": res["initial_loss"],
-        "target_loss": res["target_loss"], "winner": win,
-        "best": {m: {f: r[f] for f in RUN_FIELDS} for m, r in res["best"].items()},
-        "gd_vs_sgd": diffs, "gd_vs_sgd_max_abs_loss_diff": dl,
-        "runs": [{f: r[f] for f in RUN_FIELDS} for r in res["runs"]],
-    })
-    io.write_csv(out / "runs.csv", RUN_FIELDS, ([r[f] for f in RUN_FIELDS] for r in res["runs"]))
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, lrs = parse(argv)
+    if args.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+    out = _common.out_dir(args.out)
+    env = _common.environment(args.dtype, args.precision)
+    res = run_sweep(args.k, args.n, args.epochs, target=args.target, lrs=lrs, seed=args.seed,
+                    dtype=jnp.dtype(args.dtype), precision=args.precision,
+                    repeats=1 if args.quick else 5, min_time=0.0 if args.quick else 0.05)
+    res["gd_vs_sgd_max_abs_loss_diff"] = max(
+        (d["max_abs_loss_diff"] for d in res["gd_vs_sgd"].values()), default=float("nan"))
+    win = winners(res["best"], res["runs"])
+    desc = (f"K = {args.k}, N = {args.n}, {args.epochs} epochs, {env['dtype']}, "
+            f"target = {args.target:g} x initial loss = {res['target_loss']:.4g}")
+    print(f"{NAME}: {desc}; device {env['device_label']} ({env['cpu_count']} CPUs), "
+          f"precision {args.precision}")
+    report(res, win, args.epochs)
     best = res["best"]
     n_ep = max(len(r["losses"]) for r in best.values())
-    cols = [f"{m}_lr{r['lr']:g}" for m, r in best.items()]
-    io.write_csv(out / "best_curves.csv", ["epoch", *cols],
-                 ([e, *(float(r["losses"][e]) if e < len(r["losses"]) else None
-                        for r in best.values())] for e in range(n_ep)))
-    plot_curves(res, out / "optimizers.png", desc)
-    plot_sweep(res, out / "optimizers_sweep.png", desc)
+    curves = [[e, *(float(r["losses"][e]) if e < len(r["losses"]) else None
+                    for r in best.values())] for e in range(n_ep)]
+    metrics = {k: res[k] for k in ("initial_loss", "target_loss", "gd_vs_sgd",
+                                   "gd_vs_sgd_max_abs_loss_diff")}
+    written = write_results(
+        out, config=_common.config_of(args, lrs={m: list(g) for m, g in lrs.items()}),
+        metrics={"environment": env, **metrics, "winner": win,
+                 "best": {m: {f: r[f] for f in RUN_FIELDS} for m, r in best.items()},
+                 "runs": [{f: r[f] for f in RUN_FIELDS} for r in res["runs"]]},
+        tables={"runs": (RUN_FIELDS, [[r[f] for f in RUN_FIELDS] for r in res["runs"]]),
+                "best_curves": (["epoch", *(f"{m}_lr{r['lr']:g}" for m, r in best.items())],
+                                curves)},
+        figures={"optimizers": plot_curves(res, desc), "optimizers_sweep": plot_sweep(res, desc)})
     if args.docs is not None:
         _common.docs_copy(out / "optimizers.png", args.docs)
-    print(f"wrote {out}/config.json, metrics.json, runs.csv, best_curves.csv, optimizers.png, "
-          "optimizers_sweep.png")
+    print(f"wrote {out}/: {', '.join(written)}")
     return 0
 
 

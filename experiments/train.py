@@ -6,8 +6,10 @@
 Writes into --out (default results/train): config.json, metrics.json,
 losses.csv, loss.png and params.npz (arrays A, B, C); the checkpoint lives in
 --out/checkpoint/, so running the same command again resumes (and a finished
-run returns at once). A bad data file is reported in one line on stderr,
-exit code 2.
+run returns at once); other settings with the same --out are refused (pass
+another --out, or --restart to discard the checkpoint). metrics.json gives
+compile_seconds apart from epochs_per_second. A bad data file is reported in
+one line on stderr, exit code 2.
 
 Several processes (one per host, JAX's multi-controller runtime) train on
 the rows they each read: start one process per host with the same flags and
@@ -26,72 +28,74 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 import traceback
 from pathlib import Path
 
+import _common
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import make_optimizer
 
-from abc_jax import files as io
-from abc_jax import init_params, parallel
-from abc_jax.checkpoint import checkpoint_epoch
-from abc_jax.data import DataError, load_data
-from abc_jax.training import DivergenceError, train
+from abc_jax import DataError, DivergenceError, init_params, load_data, parallel, train
+from abc_jax.checkpoint import checkpoint_epoch, checkpoint_path
+from abc_jax.files import write_npz, write_results
 
-OPTIMIZERS = ("gd", "sgd", "momentum", "adam")
+QUICK = {"n": 32, "epochs": 40, "epochs_per_chunk": 20}  # --quick: flags left at the default
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def _flags(p: argparse.ArgumentParser) -> None:
     data = p.add_argument_group("data: a file, or synthetic samples ~ Normal(0, 1)")
-    data.add_argument("--data", type=Path, help=".npy, .npz (array X or the first) or .csv (N, D)")
+    data.add_argument("--data", type=Path, help=".npy, .npz (its array X) or .csv (N, D)")
     data.add_argument("--n", type=int, default=256, help="synthetic samples N")
     data.add_argument("--in-dim", type=int, help="D (default: the data's columns, or 3)")
     data.add_argument("--hidden-dim", type=int, help="H (default D)")
     data.add_argument("--out-dim", type=int, help="O (default D)")
     data.add_argument("--seed", type=int, default=0, help="seed for the data and the params")
     t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=int, default=1000)
-    t.add_argument("--lr", type=float, default=0.05)
-    t.add_argument("--optimizer", choices=OPTIMIZERS, default="gd",
-                   help="gd: the homework's p <- p - lr g (default)")
-    t.add_argument("--grad", choices=("manual", "oracle"), default="manual")
+    t.add_argument("--epochs", type=int, default=1000, help="epochs")
+    t.add_argument("--lr", type=float, default=0.05, help="learning rate")
+    t.add_argument("--optimizer", choices=tuple(_common.OPTIMIZERS), default="gd",
+                   help="gd: the homework's p <- p - lr g; the others Optax's")
+    t.add_argument("--grad", choices=("manual", "oracle"), default="manual",
+                   help="manual: the hand-derived gradient; oracle: jax.grad")
     t.add_argument("--batch-size", type=int, help="mini-batch size (default: full batch)")
     t.add_argument("--chunk-size", type=int, help="rows per gradient chunk (bounds memory)")
-    t.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    t.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="dtype")
     t.add_argument("--epochs-per-chunk", type=int, default=100,
-                   help="epochs per compiled chunk: how often to checkpoint (default 100)")
+                   help="epochs per compiled chunk: how often to checkpoint")
     m = p.add_argument_group(
         "several processes: all three flags or none; each process reads its own --data "
-        "(synthetic: its own --n rows)"
-    )
+        "(synthetic: its own --n rows)")
     m.add_argument("--coordinator", metavar="HOST:PORT",
                    help="address of process 0, which runs the coordinator")
-    m.add_argument("--num-processes", type=int, metavar="P")
-    m.add_argument("--process-id", type=int, metavar="I", help="0 .. P-1")
+    m.add_argument("--num-processes", type=int, metavar="P", help="processes")
+    m.add_argument("--process-id", type=int, metavar="I", help="this process, 0 .. P-1")
     m.add_argument("--heartbeat-timeout", type=int, default=10, metavar="S",
-                   help="seconds after which a silent process counts as dead and the others "
-                        "exit (default 10)")
+                   help="seconds after which a silent process counts as dead")
     m.add_argument("--init-timeout", type=int, default=300, metavar="S",
-                   help="seconds to wait for every process to join (default 300)")
-    p.add_argument("--out", type=Path, default=Path("results/train"))
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
+                   help="seconds to wait for every process to join")
+    p.add_argument("--out", type=Path, default=Path("results/train"), help="results folder")
+    p.add_argument("--restart", action="store_true",
+                   help="start afresh, discarding the checkpoint in --out")
+    p.add_argument("--quick", action="store_true",
+                   help="a tiny run for a smoke test: " + ", ".join(
+                       f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()) + " unless given")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (there is none anyway when stdout is not a terminal)")
+
+
+def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     several = (args.coordinator, args.num_processes, args.process_id)
     if any(v is not None for v in several) and any(v is None for v in several):
         p.error("--coordinator, --num-processes and --process-id go together: give all three "
                 "or none")
     if args.num_processes is not None and not 0 <= args.process_id < args.num_processes:
         p.error(f"--process-id must be in 0 .. {args.num_processes - 1}, got {args.process_id}")
-    for name in ("epochs_per_chunk", "num_processes", "heartbeat_timeout", "init_timeout"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    for name in ("n", "in_dim", "hidden_dim", "out_dim", "batch_size", "chunk_size"):
+    for name in ("epochs_per_chunk", "num_processes", "heartbeat_timeout", "init_timeout", "n",
+                 "in_dim", "hidden_dim", "out_dim", "batch_size", "chunk_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -99,6 +103,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--epochs must be >= 0, got {args.epochs}")
     if not (np.isfinite(args.lr) and args.lr > 0):
         p.error(f"--lr must be a finite number > 0, got {args.lr}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    lines = __doc__.strip().splitlines()
+    p = argparse.ArgumentParser(prog="train.py", description=lines[0],
+                                epilog="\n".join(lines[1:]).strip(),
+                                formatter_class=_common.HelpFormatter)
+    _flags(p)
+    args = p.parse_args(argv)
+    if args.quick:
+        for name, value in QUICK.items():
+            if getattr(args, name) == p.get_default(name):
+                setattr(args, name, value)
+    _check(p, args)
     return args
 
 
@@ -118,19 +136,13 @@ def load_samples(args: argparse.Namespace) -> np.ndarray:
     return X
 
 
-def plot_losses(losses: np.ndarray, title: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+def plot_losses(losses: np.ndarray, title: str) -> object:
+    fig, ax = _common.figure(width=6, height=4)
     ax.plot(np.arange(len(losses)), losses)
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.set_ylabel("batch loss (mean over samples)")
     ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
     return fig
 
 
@@ -201,86 +213,94 @@ def leave(e: BaseException) -> None:
     os._exit(code)
 
 
+def mismatch(e: ValueError, out: Path) -> str:
+    """One line for a checkpoint of another run: which settings differ and what to do."""
+    keys = re.findall(r"(?:\(|; )(\w+): ", str(e))
+    what = f" (different {', '.join(keys)})" if keys else ""
+    return (f"{out} holds a run with other settings{what}: pass --out DIR to train this one "
+            "elsewhere, or --restart to start afresh, discarding the old checkpoint")
+
+
+def fit(args: argparse.Namespace, params: object, X: object) -> tuple[object, float, float]:
+    """``(TrainResult, seconds, compile seconds)`` of train with the flags' settings."""
+    ckpt_dir = args.out / "checkpoint"
+    start = time.perf_counter()
+    with _common.compile_clock() as compiling:
+        result = train(
+            params, X, lr=args.lr, epochs=args.epochs,
+            optimizer=_common.make_optimizer(args.optimizer, args.lr), grad=args.grad,
+            batch_size=args.batch_size, key=jax.random.fold_in(jax.random.key(args.seed), 2),
+            chunk_size=args.chunk_size, checkpoint_dir=ckpt_dir,
+            progress=not args.no_progress and sys.stdout.isatty(),  # no bar in a log
+            epochs_per_chunk=args.epochs_per_chunk)
+        jax.block_until_ready(result)
+    seconds = time.perf_counter() - start
+    return result, seconds, min(compiling[0], seconds)
+
+
 def run(args: argparse.Namespace) -> int:
     dtype = jnp.float64 if args.dtype == "float64" else jnp.float32
     X_local, X = load_batch(args)
     if X is None:
         return 2
     N, D = X.shape
-    params = init_params(
-        jax.random.fold_in(jax.random.key(args.seed), 1), D, args.hidden_dim, args.out_dim,
-        dtype=dtype,
-    )
-    H, O = params.A.shape[0], params.C.shape[0]
-    optimizer = make_optimizer(args.optimizer, args.lr)
-    ckpt_dir = args.out / "checkpoint"
-    config = {
-        "data": str(args.data) if args.data else "synthetic",
-        "N": N, "D": D, "H": H, "O": O, "dtype": args.dtype, "seed": args.seed,
-        "epochs": args.epochs, "lr": args.lr, "optimizer": args.optimizer, "grad": args.grad,
-        "batch_size": args.batch_size, "chunk_size": args.chunk_size,
-        "epochs_per_chunk": args.epochs_per_chunk, "processes": jax.process_count(),
-        "devices": jax.device_count(),
-    }
+    params = init_params(jax.random.fold_in(jax.random.key(args.seed), 1), D, args.hidden_dim,
+                         args.out_dim, dtype=dtype)
+    config = {"data": str(args.data) if args.data else "synthetic",
+              "N": N, "D": D, "H": params.A.shape[0], "O": params.C.shape[0]}
+    config |= {k: v for k, v in vars(args).items() if k in (
+        "dtype", "seed", "epochs", "lr", "optimizer", "grad", "batch_size", "chunk_size",
+        "epochs_per_chunk", "quick")}
+    config |= {"processes": jax.process_count(), "devices": jax.device_count()}
     if args.coordinator is not None:
         config["data"] = f"{config['data']} (process 0's {len(X_local)} rows; each process its own)"
-    resumed_from = checkpoint_epoch(ckpt_dir)
-    start = time.perf_counter()
+    ckpt = checkpoint_path(args.out / "checkpoint")
+    if args.restart and parallel.is_main_process():
+        ckpt.unlink(missing_ok=True)
+    resumed_from = checkpoint_epoch(ckpt.parent)
     try:
-        result = train(
-            params, X, lr=args.lr, epochs=args.epochs, optimizer=optimizer, grad=args.grad,
-            batch_size=args.batch_size, key=jax.random.fold_in(jax.random.key(args.seed), 2),
-            chunk_size=args.chunk_size, progress=not args.no_progress, checkpoint_dir=ckpt_dir,
-            epochs_per_chunk=args.epochs_per_chunk,
-        )
-        jax.block_until_ready(result)
+        result, seconds, compile_seconds = fit(args, params, X)
     except (DivergenceError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except ValueError as e:  # e.g. a checkpoint from another run
-        print(f"error: {e}", file=sys.stderr)
+        different = "different run" in str(e) or "unreadable checkpoint" in str(e)
+        print(f"error: {mismatch(e, args.out) if different else e}", file=sys.stderr)
         return 2
-    seconds = time.perf_counter() - start
-    if not parallel.is_main_process():
-        return 0  # process 0 writes the results
-    write_results(args, config, result, resumed_from, seconds)
+    if parallel.is_main_process():  # process 0 writes the results
+        save(args, config, result, resumed_from, seconds, compile_seconds)
     return 0
 
 
-def write_results(args: argparse.Namespace, config: dict, result, resumed_from: int,
-                  seconds: float) -> None:
+def save(args: argparse.Namespace, config: dict, result: object, resumed_from: int,
+         seconds: float, compile_seconds: float) -> None:
+    """Write config, metrics, losses, the plot and the params; print one line of results."""
     losses = np.asarray(result.losses)
     ran = args.epochs - resumed_from
+    running = max(seconds - compile_seconds, 1e-9)
     metrics = {
         "final_loss": float(losses[-1]) if len(losses) else None,
         "initial_loss": float(losses[0]) if len(losses) else None,
-        "epochs": args.epochs,
-        "epochs_this_run": ran,
-        "resumed_from_epoch": resumed_from,
-        "seconds": seconds,
-        "epochs_per_second": ran / seconds if ran else None,
-        "device": str(jax.devices()[0]),
-        "device_count": jax.device_count(),
-        "process_count": jax.process_count(),
-        "platform": jax.default_backend(),
+        "epochs": args.epochs, "epochs_this_run": ran, "resumed_from_epoch": resumed_from,
+        "seconds": seconds, "compile_seconds": compile_seconds,
+        "epochs_per_second": ran / running if ran else None,  # compilation excluded
+        "device": str(jax.devices()[0]), "device_count": jax.device_count(),
+        "process_count": jax.process_count(), "platform": jax.default_backend(),
         "jax_version": jax.__version__,
     }
-    io.write_json(args.out / "config.json", config)
-    io.write_json(args.out / "metrics.json", metrics)
-    io.write_csv(args.out / "losses.csv", ["epoch", "loss"], enumerate(losses.tolist()))
-    io.write_npz(args.out / "params.npz", **{k: np.asarray(v) for k, v in
-                                              result.params._asdict().items()})
     N, D, H, O = (config[k] for k in "NDHO")
     title = f"{args.optimizer}, lr={args.lr:g}, N={N}, D={D}, H={H}, O={O}, {args.dtype}"
-    io.save_figure(args.out / "loss.png", plot_losses(losses, title), dpi=150)
-
-    print(f"{'epochs':>8} {'initial loss':>14} {'final loss':>14} {'epochs/s':>10}  device")
-    rate = f"{metrics['epochs_per_second']:10.1f}" if ran else f"{'-':>10}"
-    first = f"{losses[0]:14.6g}" if len(losses) else f"{'-':>14}"
-    last = f"{losses[-1]:14.6g}" if len(losses) else f"{'-':>14}"
-    devices = (f"{metrics['device']}" if jax.device_count() == 1 else
+    write_results(args.out, config=config, metrics=metrics,
+                  tables={"losses": (["epoch", "loss"], enumerate(losses.tolist()))},
+                  figures={"loss": plot_losses(losses, title)})
+    write_npz(args.out / "params.npz", **{k: np.asarray(v) for k, v in
+                                         result.params._asdict().items()})
+    devices = (metrics["device"] if jax.device_count() == 1 else
                f"{jax.device_count()} devices, {jax.process_count()} process(es)")
-    print(f"{args.epochs:>8} {first} {last} {rate}  {devices}")
+    _common.print_table(
+        ["epochs", "initial loss", "final loss", "epochs/s", "compile s", "device"],
+        [[args.epochs, metrics["initial_loss"], metrics["final_loss"],
+          metrics["epochs_per_second"], compile_seconds, devices]], floatfmt=".6g")
     print(f"results in {args.out}/")
 
 

@@ -7,7 +7,6 @@ import json
 import math
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import jax
@@ -306,31 +305,58 @@ def test_wait_blocks_on_jax_outputs():
     assert _common.wait(None) is None
 
 
-# -- device, precision, PyTorch ----------------------------------------------------------
+# -- device, precision, compile time, help -------------------------------------------------
 
 
-def test_precisions_and_torch_tf32():
+def test_precisions_and_device_label():
     assert _common.precisions_to_time() == (
         ("highest", "default") if jax.default_backend() == "gpu" else ("highest",))
-    assert _common.torch_allow_tf32("default") and _common.torch_allow_tf32("tensorfloat32")
-    assert not _common.torch_allow_tf32("highest") and not _common.torch_allow_tf32("float32")
-    with pytest.raises(ValueError, match="bfloat16"):
-        _common.torch_allow_tf32("bfloat16")
     assert _common.device_label().startswith(jax.devices()[0].platform)
 
 
-def test_torch_runs_where_jax_runs(monkeypatch):
-    monkeypatch.setitem(sys.modules, "torch", None)  # not importable
-    assert _common.torch_device() == (None, "torch is not importable")
-    for cuda in (True, False):
-        fake = types.SimpleNamespace(cuda=types.SimpleNamespace(is_available=lambda c=cuda: c))
-        monkeypatch.setitem(sys.modules, "torch", fake)
-        monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-        assert _common.torch_device() == ("cpu", "")
-        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-        device, why = _common.torch_device()
-        assert device == ("cuda" if cuda else None)
-        assert bool(why) is not cuda  # never a GPU against PyTorch on the CPU
+def test_compile_clock_counts_compilation_inside_its_block_only():
+    f = jax.jit(lambda x: jnp.sin(x) * 3.0 + x.sum())
+    with _common.compile_clock() as clock:
+        f(jnp.arange(7.0)).block_until_ready()  # a new shape: compiled (or loaded) here
+        inside = clock[0]
+        f(jnp.arange(7.0)).block_until_ready()  # cached: no more time
+    assert inside > 0 and clock[0] == inside
+    f(jnp.arange(9.0)).block_until_ready()  # after the block: not counted
+    assert clock[0] == inside
+
+
+MINE = ["bench_gradients", "bench_step", "bench_train", "optimizers", "train"]
+
+
+@pytest.mark.parametrize("name", MINE)
+def test_help_shows_the_defaults(name, capsys):
+    with pytest.raises(SystemExit) as exc:
+        importlib.import_module(name).main(["--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--quick" in text and "(default: 0)" in text  # --seed
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
+@pytest.mark.parametrize("name", MINE)
+def test_scripts_import_no_script_and_no_private_name(name):
+    import ast
+
+    tree = ast.parse((EXPERIMENTS / f"{name}.py").read_text())
+    scripts = {p.stem for p in EXPERIMENTS.glob("*.py")} - {"_common", "homework"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            names = [f"{node.value.id}.{node.attr}"] if node.value.id == "abc_jax" else []
+        else:
+            continue
+        for full in names:
+            assert full.split(".")[0] not in scripts, f"{name} imports script {full}"
+            if full.startswith("abc_jax"):
+                assert not any(part.startswith("_") for part in full.split(".")), full
 
 
 # -- generalisation logic ----------------------------------------------------------------
@@ -391,15 +417,18 @@ def test_first_hit_and_best_runs():
     assert win["lowest_final_loss"]["lr"] == 0.01
 
 
-def test_make_optimizer():
-    assert _common.make_optimizer("gd", 0.1) is None
+def test_one_optimizers_table(capsys):
+    assert _common.make_optimizer("gd", 0.1) is None  # train's own rule
     for name in ("sgd", "momentum", "adam"):
         assert isinstance(_common.make_optimizer(name, 0.1), optax.GradientTransformation)
     with pytest.raises(ValueError, match="optimizer"):
         _common.make_optimizer("rmsprop", 0.1)
-    train_script = importlib.import_module("train")  # experiments/train.py uses the same one
-    assert train_script.make_optimizer is _common.make_optimizer
-    assert set(train_script.OPTIMIZERS) == set(_common.OPTIMIZERS) == set(opt.LRS)
+    assert set(_common.OPTIMIZERS) == set(opt.LRS) == set(opt.LABELS)
+    train_script = importlib.import_module("train")  # --optimizer's choices are the table's
+    assert train_script.parse_args(["--optimizer", "momentum"]).optimizer == "momentum"
+    with pytest.raises(SystemExit):
+        train_script.parse_args(["--optimizer", "rmsprop"])
+    assert "'gd', 'sgd', 'momentum', 'adam'" in capsys.readouterr().err
 
 
 def test_format_table_aligns_columns():

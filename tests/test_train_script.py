@@ -1,8 +1,10 @@
-"""experiments/train.py and the data loader behind it: outputs, resume, bad data files."""
+"""experiments/train.py, called in-process: outputs, resume, restart, bad data, flags, help."""
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,145 +12,119 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from abc_jax.data import DataError, load_data
-
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "experiments" / "train.py"
+sys.path.insert(0, str(SCRIPT.parent))
+train_script = importlib.import_module("train")
+
+SMALL = ["--quick", "--n", "24", "--in-dim", "4", "--hidden-dim", "6", "--out-dim", "2"]
 
 
-def run_script(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True,
-        timeout=300,
-    )
+def test_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit) as exc:
+        train_script.main(["--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for flag, default in (("--epochs", "1000"), ("--lr", "0.05"), ("--optimizer", "gd"),
+                          ("--n", "256"), ("--heartbeat-timeout", "10"),
+                          ("--out", "results/train")):
+        assert f"{flag}" in text and f"(default: {default})" in text, flag
+    assert "--quick" in text and "--restart" in text
 
 
-# --- load_data --------------------------------------------------------------
-
-
-def test_load_data_reads_npy_npz_and_csv(tmp_path):
-    X = np.arange(12, dtype=np.float32).reshape(4, 3) / 7
-    np.save(tmp_path / "x.npy", X)
-    np.savez(tmp_path / "first.npz", X)
-    np.savez(tmp_path / "named.npz", other=np.zeros((2, 2)), X=X)
-    np.savetxt(tmp_path / "x.csv", X, delimiter=",", fmt="%.17g")
-    (tmp_path / "header.csv").write_text("a,b,c\n" + "\n".join(
-        ",".join(repr(float(v)) for v in row) for row in X.astype(np.float64)) + "\n")
-    for name in ("x.npy", "first.npz", "named.npz", "x.csv", "header.csv"):
-        got = load_data(tmp_path / name)
-        assert got.dtype == np.float64 and got.shape == (4, 3), name
-        np.testing.assert_allclose(got, X, rtol=1e-7, err_msg=name)
-    np.save(tmp_path / "ints.npy", np.arange(6).reshape(3, 2))
-    assert load_data(tmp_path / "ints.npy").shape == (3, 2)
-
-
-@pytest.mark.parametrize(
-    ("name", "content", "reason"),
-    [
-        ("missing.npy", None, "no such file"),
-        ("cube.npy", np.zeros((2, 3, 4)), "2-D"),
-        ("vector.npy", np.zeros(5), "2-D"),
-        ("empty.npy", np.zeros((0, 3)), "at least one sample"),
-        ("nan.npy", np.array([[1.0, np.nan], [2.0, 3.0]]), "finite"),
-        ("inf.csv", "1,2\n3,inf\n", "finite"),
-        ("text.csv", "1,2\n3,four\n", "not a number"),
-        ("ragged.csv", "1,2\n3\n", "columns"),
-        ("garbage.npy", b"this is not numpy", "cannot read"),
-        ("garbage.npz", b"this is not a zip", "cannot read"),
-        ("strings.npy", np.array([["a", "b"]]), "real numbers"),
-        ("x.txt", "1,2\n", "suffix"),
-    ],
-)
-def test_load_data_rejects_bad_files_in_one_line(tmp_path, name, content, reason):
-    path = tmp_path / name
-    if isinstance(content, np.ndarray):
-        np.save(path, content)
-    elif isinstance(content, bytes):
-        path.write_bytes(content)
-    elif isinstance(content, str):
-        path.write_text(content)
-    with pytest.raises(DataError, match=reason) as info:
-        load_data(path)
-    assert "\n" not in str(info.value) and name in str(info.value)
-
-
-# --- the script -------------------------------------------------------------
-
-
-def test_script_writes_every_output_and_resumes(tmp_path):
+def test_writes_every_output_then_resumes_refuses_and_restarts(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["--n", "24", "--in-dim", "4", "--hidden-dim", "6", "--out-dim", "2",
-            "--epochs", "150", "--lr", "0.05", "--out", str(out), "--no-progress"]
-    first = run_script(*args, cwd=tmp_path)
-    assert first.returncode == 0, first.stderr
+    args = [*SMALL, "--lr", "0.05", "--out", str(out)]
+    assert train_script.main(args) == 0
     for name in ("config.json", "metrics.json", "losses.csv", "loss.png", "params.npz",
                  "checkpoint/checkpoint.npz"):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("final_loss", "epochs_per_second", "device", "jax_version"):
-        assert key in metrics, key
-    assert metrics["final_loss"] < metrics["initial_loss"]
+    assert metrics["epochs"] == 40 and metrics["final_loss"] < metrics["initial_loss"]
+    assert 0 < metrics["compile_seconds"] <= metrics["seconds"]
+    assert metrics["epochs_per_second"] == pytest.approx(
+        40 / (metrics["seconds"] - metrics["compile_seconds"]))
     config = json.loads((out / "config.json").read_text())
     assert (config["N"], config["D"], config["H"], config["O"]) == (24, 4, 6, 2)
+    assert config["quick"] is True
     rows = (out / "losses.csv").read_text().splitlines()
-    assert rows[0] == "epoch,loss" and len(rows) == 151
+    assert rows[0] == "epoch,loss" and len(rows) == 41
     with np.load(out / "params.npz") as f:
-        assert f["A"].shape == (6, 4) and f["B"].shape == (6, 4) and f["C"].shape == (2, 6)
+        assert (f["A"].shape, f["B"].shape, f["C"].shape) == ((6, 4), (6, 4), (2, 6))
         assert f["A"].dtype == np.float32
         params = {k: f[k] for k in "ABC"}
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "compile s" in capsys.readouterr().out
 
-    again = run_script(*args, cwd=tmp_path)  # same command: resumes, nothing left to run
-    assert again.returncode == 0, again.stderr
+    assert train_script.main(args) == 0  # the same command: resumes, nothing left to run
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["resumed_from_epoch"] == 150 and metrics["epochs_this_run"] == 0
+    assert metrics["resumed_from_epoch"] == 40 and metrics["epochs_this_run"] == 0
     with np.load(out / "params.npz") as f:
         for k in "ABC":
             np.testing.assert_array_equal(f[k], params[k])
 
-    changed = run_script(*[a if a != "0.05" else "0.01" for a in args], cwd=tmp_path)
-    assert changed.returncode == 2 and "different run" in changed.stderr
-    assert "Traceback" not in changed.stderr
+    changed = [a if a != "0.05" else "0.01" for a in args]
+    capsys.readouterr()
+    assert train_script.main(changed) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {out} holds a run with other settings (different lr)")
+    assert "--out DIR" in line and "--restart" in line and "fingerprint" not in line
+
+    assert train_script.main([*changed, "--restart"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["resumed_from_epoch"] == 0 and metrics["epochs_this_run"] == 40
 
 
-def test_script_trains_float64_on_a_csv_with_minibatches_and_adam(tmp_path):
+def test_float64_csv_minibatches_adam_oracle(tmp_path):
     X = np.random.default_rng(0).standard_normal((13, 3))
     np.savetxt(tmp_path / "x.csv", X, delimiter=",")
     out = tmp_path / "csv"
-    result = run_script("--data", str(tmp_path / "x.csv"), "--dtype", "float64",
-                        "--optimizer", "adam", "--lr", "0.01", "--batch-size", "5",
-                        "--grad", "oracle", "--chunk-size", "4", "--epochs", "40",
-                        "--hidden-dim", "5", "--out", str(out), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    assert train_script.main([
+        "--quick", "--data", str(tmp_path / "x.csv"), "--dtype", "float64", "--optimizer",
+        "adam", "--lr", "0.01", "--batch-size", "5", "--grad", "oracle", "--chunk-size", "4",
+        "--epochs", "10", "--hidden-dim", "5", "--out", str(out)]) == 0
     with np.load(out / "params.npz") as f:
         assert f["A"].dtype == np.float64 and f["A"].shape == (5, 3)
     config = json.loads((out / "config.json").read_text())
-    assert config["N"] == 13 and config["optimizer"] == "adam"
+    assert config["N"] == 13 and config["optimizer"] == "adam" and config["epochs"] == 10
+
+
+def test_no_progress_bar_when_stdout_is_not_a_terminal(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # the bar's own stream: a terminal
+    assert train_script.main([*SMALL, "--out", str(tmp_path / "a")]) == 0
+    assert "epoch" not in capsys.readouterr().err  # stdout is captured: no bar at all
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert train_script.main([*SMALL, "--out", str(tmp_path / "b")]) == 0
+    assert "epoch" in capsys.readouterr().err  # the control: on a terminal the bar shows
 
 
 @pytest.mark.parametrize(
     ("name", "content"),
-    [
-        ("missing.csv", None),
-        ("cube.npy", np.zeros((2, 3, 4))),
-        ("text.csv", "x,y\n1,2\nthree,4\n"),
-        ("nan.npy", np.array([[1.0, 2.0], [np.nan, 0.0]])),
-    ],
+    [("missing.csv", None), ("cube.npy", np.zeros((2, 3, 4))), ("text.csv", "x,y\n1,2\nthree,4\n"),
+     ("nan.npy", np.array([[1.0, 2.0], [np.nan, 0.0]]))],
     ids=["missing", "wrong-shape", "text", "nan"],
 )
-def test_script_reports_a_bad_data_file_in_one_line(tmp_path, name, content):
+def test_a_bad_data_file_is_one_line_and_exit_code_2(tmp_path, capsys, name, content):
     path = tmp_path / name
     if isinstance(content, np.ndarray):
         np.save(path, content)
     elif isinstance(content, str):
         path.write_text(content)
-    result = run_script("--data", str(path), "--epochs", "5", "--out", str(tmp_path / "out"),
-                        "--no-progress", cwd=tmp_path)
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
+    assert train_script.main(["--data", str(path), "--quick", "--out", str(tmp_path / "o")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and name in lines[0], lines
-    assert not (tmp_path / "out").exists()  # nothing written for a run that never started
+    assert not (tmp_path / "o").exists()  # nothing written for a run that never started
+
+
+def test_the_process_exits_2_on_bad_data(tmp_path):
+    path = tmp_path / "text.csv"
+    path.write_text("1,2,cat\n3,4,5\n")
+    result = subprocess.run([sys.executable, str(SCRIPT), "--data", str(path), "--quick",
+                             "--out", str(tmp_path / "o")], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120, env=os.environ | {"PYTHONPATH": str(ROOT)})
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == f"error: {path}: line 1, column 3 is not a number: 'cat' " \
+                            "(delimiter: comma)\n"
 
 
 @pytest.mark.parametrize(
@@ -158,13 +134,20 @@ def test_script_reports_a_bad_data_file_in_one_line(tmp_path, name, content):
         (["--num-processes", "2", "--process-id", "0"], "go together"),
         (["--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "2"],
          "--process-id must be in 0 .. 1"),
-        (["--coordinator", "nohost", "--num-processes", "2", "--process-id", "1"],
-         "HOST:PORT"),
+        (["--epochs", "-1"], "--epochs must be >= 0"),
+        (["--lr", "nan"], "--lr must be a finite number > 0"),
     ],
-    ids=["coordinator-alone", "no-coordinator", "id-out-of-range", "bad-address"],
+    ids=["coordinator-alone", "no-coordinator", "id-out-of-range", "epochs", "lr"],
 )
-def test_script_several_process_flags_are_checked(tmp_path, flags, message):
-    result = run_script(*flags, "--epochs", "1", "--out", str(tmp_path / "out"), cwd=tmp_path)
-    assert result.returncode == 2, result.stderr
-    assert message in result.stderr and "Traceback" not in result.stderr
+def test_bad_flags_are_usage_errors(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exc:
+        train_script.main([*flags, "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_coordinator_address_is_one_line(tmp_path, capsys):
+    assert train_script.main(["--coordinator", "nohost", "--num-processes", "2",
+                              "--process-id", "1", "--out", str(tmp_path / "out")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "HOST:PORT" in line and not (tmp_path / "out").exists()

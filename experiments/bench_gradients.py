@@ -1,10 +1,11 @@
-"""How much faster is backprop? Time per gradient of the batch loss, six ways.
+"""How much faster is backprop? Time per gradient of the batch loss, seven ways.
 
 For K = D = H = O over a range and a fixed batch of N samples, times one
 gradient of batch_loss by:
 
   batch_grad       the hand-derived backward pass (one contraction over N per matrix)
   jax.grad         reverse-mode autodiff (oracle_grad)
+  jvp_grad         forward mode by hand: one manual JVP per parameter (abc_jax.jvp_grad)
   jax.jacfwd       forward-mode autodiff: one JVP per parameter
   fd_grad          central finite differences: 2P batch-loss evaluations, vmapped, jitted
   python_backprop  the homework's way: lists, loops and math.exp
@@ -57,6 +58,7 @@ class Method(NamedTuple):
 METHODS: dict[str, Method] = {
     "batch_grad": Method("batch_grad (manual)", "jax", 1, abc_jax.batch_grad),
     "jax_grad": Method("jax.grad (reverse)", "jax", 1, abc_jax.oracle_grad),
+    "jvp_grad": Method("jvp_grad (manual forward)", "jax", 2, abc_jax.jvp_grad),
     "jacfwd": Method("jax.jacfwd (forward)", "jax", 2, _jacfwd),
     "fd_grad": Method("fd_grad (finite diff.)", "jax", 2, abc_jax.fd_grad),
     "python_backprop": Method("Python backprop", "python", 1,
@@ -111,7 +113,7 @@ def _skip_reason(m: str, K: int, n: int, itemsize: int, last: dict[str, tuple[in
         predicted = t0 * (param_count(K) / P0) ** METHODS[m].exponent
         if predicted > budget_s:
             return f"skipped: predicted {predicted:.3g} s > budget {budget_s:g} s"
-    if m == "jacfwd" and jacfwd_bytes(K, n, itemsize) > mem_limit:
+    if m in ("jacfwd", "jvp_grad") and jacfwd_bytes(K, n, itemsize) > mem_limit:
         return f"skipped: memory ~{jacfwd_bytes(K, n, itemsize) / 2**30:.2g} GiB"
     return None
 
@@ -247,7 +249,7 @@ def figure(rows: Sequence[dict[str, Any]], title: str = "") -> Any:
         pts = [r for r in rows if r["method"] == m and r["median_s"]]
         if not pts:
             continue
-        style = dict(marker="os^vDX"[i], color=f"C{i}",
+        style = dict(marker="os^vDXP"[i], color=f"C{i}",
                      ls="--" if METHODS[m].kind == "python" else "-")
         fit = f"slope {fits[m]:.2f}" if np.isfinite(fits[m]) else "one point, no slope"
         P = [r["P"] for r in pts]

@@ -9,77 +9,75 @@ config.json, metrics.json and gradcheck.csv under --out.
 
 from __future__ import annotations
 
-import argparse
 import sys
+from collections.abc import Sequence
 
 import jax
 
 jax.config.update("jax_enable_x64", True)
 
+import _common  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import abc_jax  # noqa: E402
-from abc_jax import files as io  # noqa: E402
+from abc_jax.files import write_results  # noqa: E402
+
+NAME = "gradcheck"
+FIELDS = ["dtype", "param", "comparison", "max_abs", "rel"]
+COMPARISONS = ("manual vs jax.grad", "finite diff vs jax.grad")
 
 
 def run(in_dim: int, hidden_dim: int, out_dim: int, n: int, seed: int) -> list[dict]:
-    """Rows of (dtype, param, comparison, max_abs, rel) for both dtypes."""
+    """Rows of (dtype, param, comparison, max_abs, rel) for float32 and float64.
+
+    params: ``init_params(key, in_dim, hidden_dim, out_dim)``; X (n, in_dim)
+    standard normal; errors are ``grad_errors`` against ``oracle_grad``.
+    """
     rows = []
     kp, kx = jax.random.split(jax.random.key(seed))
     for dtype in (jnp.float32, jnp.float64):
         params = abc_jax.init_params(kp, in_dim, hidden_dim, out_dim, dtype=dtype)
         X = jax.random.normal(kx, (n, in_dim), dtype)
-        manual = abc_jax.batch_grad(params, X)
         oracle = abc_jax.oracle_grad(params, X)
-        fd = abc_jax.fd_grad(params, X)
-        for comparison, errs in (
-            ("manual vs jax.grad", abc_jax.grad_errors(manual, oracle)),
-            ("finite diff vs jax.grad", abc_jax.grad_errors(fd, oracle)),
-        ):
-            for name, e in errs.items():
-                rows.append(
-                    dict(dtype=jnp.dtype(dtype).name, param=name, comparison=comparison, **e)
-                )
+        for comparison, grads in zip(COMPARISONS, (abc_jax.batch_grad(params, X),
+                                                   abc_jax.fd_grad(params, X)), strict=True):
+            for name, e in abc_jax.grad_errors(grads, oracle).items():
+                rows.append(dict(dtype=jnp.dtype(dtype).name, param=name,
+                                 comparison=comparison, **e))
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def worst(rows: list[dict]) -> dict[str, float]:
+    """'<dtype>/<comparison>' -> the largest relative error over the three parameters."""
+    return {f"{dt}/{cmp}": max(r["rel"] for r in rows
+                               if r["dtype"] == dt and r["comparison"] == cmp)
+            for dt in ("float32", "float64") for cmp in COMPARISONS}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = _common.parser(NAME, __doc__)
     ap.add_argument("--in-dim", type=int, default=3, help="D (default 3)")
     ap.add_argument("--hidden-dim", type=int, default=None, help="H (default D)")
     ap.add_argument("--out-dim", type=int, default=None, help="O (default D)")
     ap.add_argument("--n", type=int, default=8, help="samples N (default 8)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="results/gradcheck", help="results folder")
-    args = ap.parse_args(argv)
-    H = args.hidden_dim or args.in_dim
-    O = args.out_dim or args.in_dim
+    args = ap.parse_args(list(argv) if argv is not None else None)
+    if args.quick:
+        args.n = 4
+    H, O = args.hidden_dim or args.in_dim, args.out_dim or args.in_dim
     try:
         rows = run(args.in_dim, H, O, args.n, args.seed)
     except (ValueError, TypeError) as e:
-        print(f"gradcheck: error: {e}", file=sys.stderr)
+        print(f"{NAME}: error: {e}", file=sys.stderr)
         return 2
     print(f"D={args.in_dim} H={H} O={O} N={args.n} seed={args.seed}  (device {jax.devices()[0]})")
-    print(f"{'dtype':8} {'param':5} {'comparison':24} {'max abs err':>12} {'rel err':>10}")
-    for r in rows:
-        print(
-            f"{r['dtype']:8} {r['param']:5} {r['comparison']:24} "
-            f"{r['max_abs']:12.2e} {r['rel']:10.2e}"
-        )
-    worst = {
-        f"{dt}/{cmp}": max(r["rel"] for r in rows if r["dtype"] == dt and r["comparison"] == cmp)
-        for dt in ("float32", "float64")
-        for cmp in ("manual vs jax.grad", "finite diff vs jax.grad")
-    }
-    config = dict(vars(args), hidden_dim=H, out_dim=O)
-    io.write_json(f"{args.out}/config.json", config)
-    io.write_json(f"{args.out}/metrics.json", {"worst_rel": worst, "rows": rows})
-    io.write_csv(
-        f"{args.out}/gradcheck.csv",
-        ["dtype", "param", "comparison", "max_abs", "rel"],
-        ([r[k] for k in ("dtype", "param", "comparison", "max_abs", "rel")] for r in rows),
+    _common.print_table(FIELDS, [[r[k] for k in FIELDS] for r in rows], floatfmt=".2e")
+    written = write_results(
+        _common.out_dir(args.out),
+        config={**vars(args), "out": str(args.out), "hidden_dim": H, "out_dim": O},
+        metrics={"environment": _common.environment(), "worst_rel": worst(rows), "rows": rows},
+        tables={NAME: (FIELDS, [[r[k] for k in FIELDS] for r in rows])},
     )
-    print(f"wrote {args.out}/metrics.json, gradcheck.csv")
+    print(f"wrote {args.out}/: " + ", ".join(written))
     return 0
 
 

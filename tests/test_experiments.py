@@ -5,7 +5,6 @@ conclusions) is right."""
 import importlib
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,21 +15,16 @@ import optax
 import pytest
 
 import abc_jax
-from abc_jax import train
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 sys.path.insert(0, str(EXPERIMENTS))  # the scripts import _common and each other by name
 
 _common = importlib.import_module("_common")
 bench = importlib.import_module("bench_gradients")
-homework = importlib.import_module("homework")
 bench_train = importlib.import_module("bench_train")
-gen = importlib.import_module("generalization")
 opt = importlib.import_module("optimizers")
-repro = importlib.import_module("reproduce_seed")
 
-SCRIPTS = ["reproduce_seed", "bench_gradients", "generalization", "optimizers", "bench_train",
-           "bench_step"]
+SCRIPTS = ["bench_gradients", "optimizers", "bench_train", "bench_step"]
 
 
 def _params(key, D=4, H=3, O=2, dtype=jnp.float64):
@@ -39,15 +33,6 @@ def _params(key, D=4, H=3, O=2, dtype=jnp.float64):
 
 
 # -- the scripts end to end -------------------------------------------------------------
-
-
-def test_help_in_a_subprocess():
-    out = subprocess.run(
-        [sys.executable, str(EXPERIMENTS / "reproduce_seed.py"), "--help"],
-        capture_output=True, text=True, timeout=120, check=True,
-    ).stdout
-    for flag in ("--out", "--seed", "--quick"):
-        assert flag in out
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -79,20 +64,6 @@ def _run_quick(name, tmp_path, capsys):
     config = json.loads((out / "config.json").read_text())
     assert config["quick"] is True
     return json.loads((out / "metrics.json").read_text()), printed
-
-
-def test_reproduce_seed_quick(tmp_path, capsys):
-    m, printed = _run_quick("reproduce_seed", tmp_path, capsys)
-    assert m["gradient_check"]["worst_rel"]["manual"] <= 1e-12
-    assert m["gradient_check"]["worst_rel"]["python"] <= 1e-12
-    assert m["gradient_check"]["worst_rel"]["finite_diff"] <= 1e-6
-    assert m["loss_listing"]["max_abs_diff_python"] <= 1e-12
-    assert m["loss_listing"]["final_loss"] < m["loss_listing"]["initial_loss"]
-    ratios = m["timing"]["ratio_to_batch_grad"]
-    assert {"jax_grad", "fd_grad", "python_backprop", "python_fd"} <= set(ratios)
-    assert set(m["generalization"]["heldout_loss"]) == {"average", "batch_gd", "adam"}
-    assert len(m["answers"]) == 3 and m["answers"][0].startswith("1. ")
-    assert "L = " in printed and "Answers:" in printed
 
 
 @pytest.mark.smoke
@@ -141,15 +112,6 @@ def test_bench_train_quick(tmp_path, capsys):
     assert lines[0].startswith("part,K,N,dtype,method,device,precision") and len(lines) == 1 + 7
 
 
-def test_generalization_quick(tmp_path, capsys):
-    m, printed = _run_quick("generalization", tmp_path, capsys)
-    for key in ("heldout_loss", "train_loss", "norm_C", "heldout_reduction"):
-        assert set(m[key]) == {"average", "batch_gd", "adam"}
-    assert m["initial_heldout_loss"] > 0 and isinstance(m["average_better_than_start"], bool)
-    assert m["one_epoch_gap"] < 1e-12  # mean of N single steps == one step on the mean loss
-    assert m["conclusion"] and all(line in printed for line in m["conclusion"])
-
-
 def test_optimizers_quick(tmp_path, capsys):
     m, printed = _run_quick("optimizers", tmp_path, capsys)
     assert all(r["device"] == _common.device_label() and r["precision"] == "highest"
@@ -162,39 +124,6 @@ def test_optimizers_quick(tmp_path, capsys):
     assert m["winner"]["lowest_final_loss"]["final_loss"] < m["initial_loss"]
     assert all(r["optimizer"] in opt.LRS for r in m["runs"])
     assert "optax.sgd" in printed
-
-
-# -- the homework's plain-Python implementation ----------------------------------------
-
-
-def test_python_backprop_equals_batch_grad(key):
-    params, X = _params(key)  # D, H, O distinct: a transposed gradient would not fit
-    A, B, C, Xl = homework.to_lists(params, X)
-    L, grads = homework.py_loss_and_grad(A, B, C, Xl)
-    assert L == pytest.approx(float(abc_jax.batch_loss(params, X)), rel=1e-13)
-    errs = abc_jax.grad_errors(abc_jax.Params(*map(jnp.asarray, grads)),
-                               abc_jax.batch_grad(params, X))
-    assert max(e["rel"] for e in errs.values()) <= 1e-12
-
-
-def test_python_finite_differences_match_the_oracle(key):
-    params, X = _params(key)
-    grads = homework.py_fd_grad(*homework.to_lists(params, X))
-    errs = abc_jax.grad_errors(abc_jax.Params(*map(jnp.asarray, grads)),
-                               abc_jax.oracle_grad(params, X))
-    assert max(e["rel"] for e in errs.values()) <= 1e-7
-
-
-def test_python_sigmoid_is_stable():
-    for t in (-1e4, -30.0, -1.0, 0.0, 2.0, 1e4):
-        assert homework.py_sigmoid(t) == pytest.approx(float(jax.nn.sigmoid(t)), rel=1e-14, abs=0)
-
-
-def test_python_gradient_descent_matches_train(key):
-    params, X = _params(key)
-    res = train(params, X, lr=0.05, epochs=7, progress=False)
-    py = homework.py_gradient_descent(*homework.to_lists(params, X), lr=0.05, epochs=7)
-    np.testing.assert_allclose(py, np.asarray(res.losses), rtol=1e-12)
 
 
 # -- benchmark logic -----------------------------------------------------------------------
@@ -357,41 +286,6 @@ def test_scripts_import_no_script_and_no_private_name(name):
             assert full.split(".")[0] not in scripts, f"{name} imports script {full}"
             if full.startswith("abc_jax"):
                 assert not any(part.startswith("_") for part in full.split(".")), full
-
-
-# -- generalisation logic ----------------------------------------------------------------
-
-
-def test_checkpoints_and_average():
-    c = gen.checkpoints(1000, 10)
-    assert c[:2] == [0, 1] and c[-1] == 1000 and c == sorted(set(c))
-    assert gen.checkpoints(0) == [0]
-    stacked = abc_jax.Params(*(jnp.arange(2.0 * n).reshape(2, n) for n in (1, 2, 3)))
-    avg = gen.average_params(stacked)
-    np.testing.assert_array_equal(avg.C, [1.5, 2.5, 3.5])
-
-
-def _fake(avg, gd, single=5.0):
-    row = lambda m, L, c: {"method": m, "heldout_loss": L, "train_loss": L, "norm_C": c,  # noqa: E731
-                           "singular_values_C": [c, 0.0]}
-    return {
-        "initial": row("initial", 10.0, 2.0), "diverged": {}, "own_sample_loss": 1e-4,
-        "single_copy_heldout": single, "one_epoch_gap": 0.0,
-        "final": {"average": row("average", avg, 1.5), "batch_gd": row("batch_gd", gd, 0.1),
-                  "adam": row("adam", gd, 0.1)},
-    }
-
-
-def test_conclusion_follows_the_numbers():
-    worse = " ".join(gen.conclusion(_fake(avg=4.0, gd=0.01)))
-    assert "generalises worse" in worse and "400x" in worse and "lower than" in worse
-    assert "C shrinking towards the trivial minimiser" in worse  # (0.1/2)^2 vs 1e-3
-    better = " ".join(gen.conclusion(_fake(avg=0.001, gd=0.01)))
-    assert "does as well as batch GD or better" in better
-    above = " ".join(gen.conclusion(_fake(avg=20.0, gd=0.01)))
-    assert "higher than the starting point" in above and "increase" in above
-    m = gen.metrics(_fake(avg=20.0, gd=0.01))
-    assert m["average_better_than_start"] is False and m["average_over_batch_gd_heldout"] == 2000
 
 
 # -- optimizer logic ---------------------------------------------------------------------

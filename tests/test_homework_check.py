@@ -1,6 +1,7 @@
-"""reproduce_seed's part (e): the homework's printed gradient check re-read, and one update
-simulated. The printed numbers are fixed data, so their figures are pinned here, computed
-again with plain NumPy; the simulation is checked on fixed seeds."""
+"""homework_check (reproduce_seed's part (e)): the homework's printed gradient check re-read,
+and one update simulated. The printed numbers are fixed data, so their figures are pinned
+here, computed again with plain NumPy; the simulation is checked on fixed seeds; each
+sentence is checked on the printed numbers and on altered ones."""
 
 import importlib
 import sys
@@ -14,7 +15,7 @@ import pytest
 import abc_jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
-repro = importlib.import_module("reproduce_seed")
+repro = importlib.import_module("homework_check")
 
 MANUAL = {n: np.array(m) for n, m in repro.HOMEWORK_MANUAL_GRADS.items()}
 TORCH = {n: np.array(m) for n, m in repro.HOMEWORK_TORCH_GRADS.items()}
@@ -25,6 +26,8 @@ def _run_end(seed, epochs=500, lr=0.001, k=3):
     kp, kx = jax.random.split(jax.random.key(seed))
     params = abc_jax.init_params(kp, k, dtype=jnp.float64)
     x = jax.random.normal(kx, (k,), jnp.float64)
+    drawn = repro.draw(k, seed)  # the same draw as the module's
+    assert np.array_equal(drawn[1], x) and np.array_equal(drawn[0].C, params.C)
     return abc_jax.train(params, x[None, :], lr=lr, epochs=epochs, progress=False).params, x
 
 
@@ -83,18 +86,44 @@ def test_factor_interval():
     assert repro.factor_interval(m, np.round(m * np.array([0.9, 1.0, 1.1]), 4)) is None
 
 
-def test_findings_state_the_numbers():
+def test_sentences_state_the_printed_numbers():
     hc = repro.reread_homework_check()
+    assert repro.one_update_later(hc)
     sentence = repro.homework_check_sentence(hc)
-    assert "0.987-0.990" in sentence and "0.972" in sentence and "rank one" in sentence
-    sim = {"lr": 0.01, "loss_ratio": 0.9736, "sqrt_loss_ratio": 0.9867, "z_norm_ratio": 1.0,
-           "all_entries_shrink": True,
-           **{f"d{n}_ratio_{f}": 0.9867 for n in "ABC" for f in ("min", "max", "median")}}
-    text = repro.homework_check_findings(hc, sim, [])
-    assert set(text) == {"obeys", "not_rounding", "loss", "simulated", "undecided"}
-    assert "15 of 27" in text["not_rounding"] and "0.9878-0.9887" in text["not_rounding"]
-    assert "square root" in text["loss"] and "the homework's pattern" in text["simulated"]
-    assert "cannot" in text["undecided"]
+    assert "more than rounding (15 of 27" in sentence and "0.987-0.990" in sentence
+    assert "0.972" in sentence and "rank one as derived" in sentence
+    assert "consistent with PyTorch seeing the parameters one update later" in sentence
+    assert repro.derivation_sentence(hc).startswith("The manual numbers obey")
+    rounding = repro.rounding_sentence(hc)
+    assert "15 of 27" in rounding and "dL/dC 9" in rounding and "0.9878-0.9887" in rounding
+    loss = repro.loss_sentence(hc)
+    assert "not a rescaled loss" in loss and "one update later" in loss
+
+
+def test_sentences_turn_with_the_numbers():
+    # PyTorch's print exactly the manual numbers rounded, at the same loss
+    same = {n: np.round(MANUAL[n], 4) for n in "ABC"}
+    hc = repro.reread_homework_check(torch=same, loss_torch=round(repro.HOMEWORK_MANUAL_LOSS, 4))
+    assert hc["n_beyond_rounding"] == 0 and not repro.one_update_later(hc)
+    sentence = repro.homework_check_sentence(hc)
+    assert "agrees with PyTorch to rounding" in sentence and "not explained by" in sentence
+    assert repro.rounding_sentence(hc).startswith("PyTorch's numbers are the manual ones rounded")
+    assert "one update later" not in repro.loss_sentence(hc)
+    # manual numbers that are not rank one break the derivation
+    broken = {**repro.HOMEWORK_MANUAL_GRADS, "C": MANUAL["C"] + np.diag([0.0, 0.0, 0.01])}
+    hb = repro.reread_homework_check(manual=broken)
+    assert not hb["rank_one"] and repro.derivation_sentence(hb).startswith(
+        "The manual numbers break")
+    assert "not rank one" in repro.homework_check_sentence(hb)
+
+
+def test_simulation_sentence_counts_the_runs():
+    sim = {"lr": 0.01, "loss_ratio": 0.9736, "sqrt_loss_ratio": 0.9867,
+           "all_entries_shrink": True, "dC_ratio_min": 0.9866, "dC_ratio_max": 0.9868}
+    off = {**sim, "dC_ratio_min": 0.96, "all_entries_shrink": False}
+    text = repro.simulation_sentence(sim, [off, off])
+    assert ": the printed pattern" in text and "over 3 runs 1 show it and in 1" in text
+    assert "not the printed pattern" in repro.simulation_sentence(off, [])
 
 
 # -- one update simulated ----------------------------------------------------------------

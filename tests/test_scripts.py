@@ -1,4 +1,4 @@
-"""Smoke tests of the gradient-check and step-benchmark scripts, and their helpers."""
+"""Smoke tests of the step-benchmark script and its helpers."""
 
 import argparse
 import importlib
@@ -12,30 +12,8 @@ import pytest
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 sys.path.insert(0, str(EXPERIMENTS))
 
-gradcheck = importlib.import_module("gradcheck")
 bench_step = importlib.import_module("bench_step")
 _common = importlib.import_module("_common")
-
-
-def test_gradcheck_rectangular(tmp_path, capsys):
-    out = tmp_path / "gc"
-    assert gradcheck.main(["--in-dim", "5", "--hidden-dim", "4", "--out-dim", "3",
-                           "--out", str(out)]) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
-    worst = metrics["worst_rel"]
-    assert worst["float64/manual vs jax.grad"] <= 1e-12
-    assert worst["float32/manual vs jax.grad"] <= 1e-5
-    assert worst["float64/finite diff vs jax.grad"] <= 1e-7
-    assert len(metrics["rows"]) == 12  # 2 dtypes x 2 comparisons x 3 parameters
-    assert (out / "gradcheck.csv").read_text().count("\n") == 13
-    assert json.loads((out / "config.json").read_text())["hidden_dim"] == 4
-    assert "manual vs jax.grad" in capsys.readouterr().out
-
-
-def test_gradcheck_bad_shape_exits_2(tmp_path, capsys):
-    assert gradcheck.main(["--in-dim", "0", "--out", str(tmp_path / "x")]) == 2
-    assert "in_dim" in capsys.readouterr().err
-    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.smoke

@@ -1,0 +1,398 @@
+"""The homework's printed gradient check, re-read from its numbers; one update simulated.
+
+The homework printed its manual gradients and loss to 16 digits and PyTorch's
+to four decimals, and called them "approximately same". ``reread_homework_check``
+reads the two side by side (ratios, 4-decimal rounding, rank, the loss ratio
+against the listing's per-update ratio); ``simulate_one_update_later`` computes
+what PyTorch would have printed one gradient-descent update later, on the
+project's own run; every sentence here is a pure function of those numbers.
+No ``main``: ``reproduce_seed.py`` runs it as its part (e).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import _common
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import abc_jax
+
+# The homework's first listing (its own random x, A, B, C and learning rate).
+HOMEWORK_LOSSES = (
+    0.6405446478366267, 0.6227243743152856, 0.6054711582958173, 0.5887633523891213,
+    0.5725803169288799, 0.556902363816204, 0.5417107039990863, 0.5269873983199291,
+    0.5127153114862452, 0.4988780689394727, 0.485460016414952, 0.47244618200257604,
+    0.45982224053267584, 0.4475744801254248, 0.43568977075459725, 0.42415553468797806,
+    0.4129597186772421, 0.40209076777970915, 0.3915376007032291, 0.38128958657351764,
+    0.3713365230306946, 0.3616686155686011, 0.3522764580367418, 0.3431510142304625,
+    0.3342836005002956, 0.32566586931628994, 0.3172897937276602, 0.30914765266224875,
+    0.3012320170141361, 0.2935357364712854, 0.2860519270383867, 0.2787739592130982,
+    0.2716954467766908,
+)
+
+# The homework's gradient check as its write-up printed it ("Observation and Discussion",
+# part 1, right after the loss listing HOMEWORK_LOSSES), copied exactly: its manual gradients
+# and loss in full precision, PyTorch's ("Gradient calculated using autograd") to the four
+# decimals PyTorch printed. The write-up called the two "approximately same".
+
+HOMEWORK_MANUAL_LOSS = 0.0048365386124306535
+HOMEWORK_MANUAL_GRADS = {
+    "A": ((-0.0006713625025565516, 0.0013139067848766854, 0.0018388094918960131),
+          (0.0004449456167331362, -0.0008707919529324088, -0.0012186713143954573),
+          (-0.0003845423355149779, 0.0007525781999760953, 0.0010532314418636164)),
+    "B": ((-0.002701376393878583, 0.005286796267153462, 0.007398859089288121),
+          (0.0017815141111817124, -0.003486556769437744, -0.004879428096018339),
+          (-0.0015383229336941792, 0.0030106133902554895, 0.004213346442952265)),
+    "C": ((-0.014336205554305061, -0.02904568811238444, -0.034179410889230925),
+          (0.027282602131008832, 0.055275571307192434, 0.0650453328786807),
+          (0.009420241315296222, 0.019085760883592165, 0.0224591017038348)),
+}
+HOMEWORK_TORCH_LOSS = 0.0047  # "Autograd L = tensor(0.0047, grad_fn=<PowBackward0>)"
+HOMEWORK_TORCH_GRADS = {
+    "A": ((-0.0007, 0.0013, 0.0018), (0.0004, -0.0009, -0.0012), (-0.0004, 0.0007, 0.0010)),
+    "B": ((-0.0027, 0.0052, 0.0073), (0.0018, -0.0035, -0.0048), (-0.0015, 0.0030, 0.0041)),
+    "C": ((-0.0142, -0.0287, -0.0338), (0.0270, 0.0546, 0.0643), (0.0093, 0.0189, 0.0222)),
+}
+TORCH_DECIMALS = 4
+HALF_UNIT = 0.5 * 10.0**-TORCH_DECIMALS  # a 4-decimal print is within this of the value
+RANK_TOL = 1e-6  # sigma_2 / sigma_1 below this counts as rank one (4 decimals resolve ~1e-3)
+SIGNATURE_BAND = 0.005  # dC ratios within this of sqrt(loss ratio): the homework's pattern
+
+
+def factor_interval(manual: Any, torch: Any) -> list[float] | None:
+    """The factors r with |r * manual - torch| <= HALF_UNIT for every entry: [lo, hi], or None.
+
+    Each such r makes r * manual print as ``torch`` at four decimals: the uniform
+    rescalings of the manual numbers that the printed numbers cannot tell apart.
+    """
+    m, t = np.ravel(np.asarray(manual, np.float64)), np.ravel(np.asarray(torch, np.float64))
+    a, b = (t - HALF_UNIT) / m, (t + HALF_UNIT) / m
+    lo, hi = float(np.max(np.minimum(a, b))), float(np.min(np.maximum(a, b)))
+    return [lo, hi] if lo <= hi else None
+
+
+def _matrix(m: np.ndarray, t: np.ndarray) -> dict[str, Any]:
+    """One gradient, manual m (16 digits) against PyTorch t (4 decimals)."""
+    ratio = t / m
+    beyond = np.abs(t - np.round(m, TORCH_DECIMALS)) > HALF_UNIT + 1e-12
+    _, s, vt = np.linalg.svd(m)
+    return {
+        "ratio": ratio, "ratio_min": float(ratio.min()), "ratio_max": float(ratio.max()),
+        "beyond_rounding": beyond, "n_beyond_rounding": int(beyond.sum()),
+        "fit_factor": float(np.sum(t * m) / np.sum(m * m)),
+        "common_factor": factor_interval(m, t),
+        "row_factors": [factor_interval(m[i], t[i]) for i in range(m.shape[0])],
+        "singular_values": s, "rank_one": bool(s[1] <= RANK_TOL * s[0]),
+        "right_vector": vt[0] * np.sign(vt[0][np.argmax(np.abs(vt[0]))]),
+    }
+
+
+def reread_homework_check(
+    manual: dict[str, Any] = HOMEWORK_MANUAL_GRADS, torch: dict[str, Any] = HOMEWORK_TORCH_GRADS,
+    loss_manual: float = HOMEWORK_MANUAL_LOSS, loss_torch: float = HOMEWORK_TORCH_LOSS,
+    listing: Sequence[float] = HOMEWORK_LOSSES,
+) -> dict[str, Any]:
+    """The printed check read side by side, per matrix (``_matrix``) and for the loss.
+
+    A one-sample gradient is rank one, dA = gy x^T and dB = gz x^T share the
+    direction of x, and dA = diag(u (1 - u)) dB: each row of dA / dB is one
+    number <= 1/4. The loss: PyTorch / manual (with the interval its two
+    printed digits allow) against the listing's per-update ratio L[t+1] / L[t].
+    """
+    mats = {n: _matrix(np.asarray(manual[n], np.float64), np.asarray(torch[n], np.float64))
+            for n in abc_jax.Params._fields}
+    slope = np.asarray(manual["A"], np.float64) / np.asarray(manual["B"], np.float64)
+    L = np.asarray(listing, np.float64)
+    steps = L[1:] / L[:-1]
+    return {
+        "matrices": mats,
+        "sigmoid_slope_rows": slope.mean(axis=1),
+        "sigmoid_slope_row_spread": float(np.max(np.ptp(slope, axis=1) / slope.mean(axis=1))),
+        "rank_one": all(mm["rank_one"] for mm in mats.values()),
+        "cos_right_AB": float(abs(mats["A"]["right_vector"] @ mats["B"]["right_vector"])),
+        "loss_ratio": loss_torch / loss_manual,
+        "loss_ratio_interval": [(loss_torch - HALF_UNIT) / loss_manual,
+                                (loss_torch + HALF_UNIT) / loss_manual],
+        "listing_step_ratio_median": float(np.median(steps)),
+        "listing_step_ratio_range": [float(steps.min()), float(steps.max())],
+        "n_entries": sum(mm["ratio"].size for mm in mats.values()),
+        "n_beyond_rounding": sum(mm["n_beyond_rounding"] for mm in mats.values()),
+    }
+
+
+# -- one update later, simulated -----------------------------------------------------------
+
+
+def draw(k: int, seed: int) -> tuple[abc_jax.Params, jax.Array]:
+    """The starting parameters (float64, K = k) and the one x (k,) of a seed's run."""
+    kp, kx = jax.random.split(jax.random.key(seed))
+    return abc_jax.init_params(kp, k, dtype=jnp.float64), jax.random.normal(kx, (k,), jnp.float64)
+
+
+@jax.jit
+def _one_update(params: abc_jax.Params, x: jax.Array, lr: Any) -> tuple[Any, ...]:
+    """p1 = p - lr g(p): returns L(p), L(p1), g(p), g(p1) (manual gradients), z(p), z(p1)."""
+    g = abc_jax.manual_grad(params, x)
+    new = jax.tree.map(lambda p, gp: p - lr * gp, params, g)
+    (L0, r0), (L1, r1) = abc_jax.forward(params, x), abc_jax.forward(new, x)
+    return L0, L1, g, abc_jax.manual_grad(new, x), r0.z, r1.z
+
+
+def one_update_loss_ratio(params: abc_jax.Params, x: jax.Array, lr: float) -> float:
+    """L(p - lr g) / L(p) for one update of the homework's rule."""
+    L0, L1, *_ = _one_update(params, x, lr)
+    return float(L1 / L0)
+
+
+def lr_for_loss_ratio(params: abc_jax.Params, x: jax.Array, target: float,
+                      iters: int = 60) -> float:
+    """The lr at which one update p <- p - lr g multiplies L by ``target`` (0 < target < 1).
+
+    From the first-order guess (1 - target) L / ||g||^2 the upper end doubles
+    until one update lowers L that much, then ``iters`` bisections of [0, upper].
+    """
+    if not 0.0 < target < 1.0:
+        raise ValueError(f"target must be in (0, 1), got {target}")
+    g = abc_jax.manual_grad(params, x)
+    hi = (1.0 - target) * float(abc_jax.loss(params, x)) / float(sum(jnp.vdot(a, a) for a in g))
+    for _ in range(60):
+        if one_update_loss_ratio(params, x, hi) <= target:
+            break
+        hi *= 2.0
+    else:
+        raise ValueError(f"no lr lowers the loss by the factor {target} in one update")
+    lo = 0.0
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if one_update_loss_ratio(params, x, mid) > target else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+def simulate_one_update_later(params: abc_jax.Params, x: jax.Array,
+                              target: float) -> dict[str, Any]:
+    """g_{t+1} / g_t entry by entry, lr set so that L falls by ``target`` in the update.
+
+    Also the loss ratio, its square root (the factor of ||w||, hence of
+    dC = 2 w z^T if z stood still) and the factor of ||z||.
+    """
+    lr = lr_for_loss_ratio(params, x, target)
+    L0, L1, g0, g1, z0, z1 = _one_update(params, x, lr)
+    ratios = {n: np.asarray(b) / np.asarray(a)
+              for n, a, b in zip(abc_jax.Params._fields, g0, g1, strict=True)}
+    return {
+        "lr": lr, "loss": float(L0), "loss_next": float(L1), "loss_ratio": float(L1 / L0),
+        "sqrt_loss_ratio": float(np.sqrt(L1 / L0)), "ratios": ratios,
+        "z_norm_ratio": float(jnp.linalg.norm(z1) / jnp.linalg.norm(z0)),
+        "all_entries_shrink": bool(all(np.all((r > 0) & (r < 1)) for r in ratios.values())),
+        **{f"d{n}_ratio_{f.__name__}": float(f(r)) for n, r in ratios.items()
+           for f in (np.min, np.max, np.median)},
+    }
+
+
+def homework_like(sim: dict[str, Any]) -> bool:
+    """Every dC ratio within SIGNATURE_BAND of sqrt(loss ratio), as in the homework's print."""
+    r = sim["sqrt_loss_ratio"]
+    return bool(sim["dC_ratio_min"] >= r - SIGNATURE_BAND
+                and sim["dC_ratio_max"] <= r + SIGNATURE_BAND)
+
+
+def seed_scan(k: int, epochs: int, lr: float, seeds: Sequence[int],
+              target: float) -> list[dict[str, Any]]:
+    """``simulate_one_update_later`` at the end of each seed's run (``draw``, then ``train``)."""
+    rows = []
+    for seed in seeds:
+        params0, x = draw(k, seed)
+        params = abc_jax.train(params0, x[None, :], lr=lr, epochs=epochs, progress=False).params
+        sim = simulate_one_update_later(params, x, target)
+        rows.append({"seed": seed, **{key: v for key, v in sim.items() if key != "ratios"},
+                     "homework_like": homework_like(sim)})
+    return rows
+
+
+# -- sentences: numbers in, sentence out ----------------------------------------------------
+
+
+def _overlap(a: Sequence[float] | None, b: Sequence[float]) -> bool:
+    return a is not None and a[0] <= b[1] and b[0] <= a[1]
+
+
+def one_update_later(hc: dict[str, Any]) -> bool:
+    """Is the print consistent with PyTorch seeing the parameters one listed update later?
+
+    Yes iff PyTorch's L / manual L can be one step of the listing, and the one
+    factor of dL/dC can be the square root of that loss ratio (||w|| = sqrt(L)
+    shrinks, z stays).
+    """
+    iv = hc["loss_ratio_interval"]
+    return (_overlap(iv, hc["listing_step_ratio_range"])
+            and _overlap(hc["matrices"]["C"]["common_factor"], np.sqrt(iv).tolist()))
+
+
+def derivation_sentence(hc: dict[str, Any]) -> str:
+    """Do the manual numbers have the structure the derivation gives a one-sample gradient?"""
+    sv = max(m["singular_values"][1] / m["singular_values"][0] for m in hc["matrices"].values())
+    slopes = hc["sigmoid_slope_rows"]
+    ok = (hc["rank_one"] and hc["cos_right_AB"] > 1 - 1e-9 and np.all(slopes <= 0.25)
+          and hc["sigmoid_slope_row_spread"] < 1e-6)
+    return (f"The manual numbers {'obey' if ok else 'break'} the derivation: sigma_2 / sigma_1 "
+            f"<= {sv:.2g} (rank one: {'yes' if hc['rank_one'] else 'no'}), dL/dA and dL/dB share "
+            f"the direction of x to |cos| = {hc['cos_right_AB']:.12f}, and dL/dA / dL/dB row by "
+            "row is " + ", ".join(f"{q:.4f}" for q in slopes) + " (u(1 - u) <= 1/4).")
+
+
+def rounding_sentence(hc: dict[str, Any]) -> str:
+    """Are PyTorch's printed numbers the manual ones rounded to four decimals?"""
+    n, total, C = hc["n_beyond_rounding"], hc["n_entries"], hc["matrices"]["C"]
+    head = ("PyTorch's numbers are the manual ones rounded" if n == 0 else
+            f"PyTorch's numbers are not the manual ones rounded: {n} of {total} entries differ "
+            "beyond 4-decimal rounding (" + ", ".join(
+                f"dL/d{k} {m['n_beyond_rounding']}" for k, m in hc["matrices"].items()) + ")")
+    rc = C["common_factor"]
+    fit = (f"one factor, {rc[0]:.4f}-{rc[1]:.4f}, reproduces every printed dL/dC entry" if rc
+           else "no one factor reproduces every printed dL/dC entry")
+    return f"{head}; dL/dC's ratios are {C['ratio_min']:.4f}-{C['ratio_max']:.4f}: {fit}."
+
+
+def loss_sentence(hc: dict[str, Any]) -> str:
+    """PyTorch's L against the manual L, the listing's step, and dL/dC's factor."""
+    lo, hi = hc["loss_ratio_interval"]
+    s_lo, s_hi = hc["listing_step_ratio_range"]
+    rc = hc["matrices"]["C"]["common_factor"]
+    text = (f"PyTorch's L is {hc['loss_ratio']:.3f} times the manual one ({lo:.3f}-{hi:.3f} "
+            f"given its digits); one listed update multiplies L by {s_lo:.4f}-{s_hi:.4f}.")
+    if rc is not None and not _overlap(rc, [lo, hi]):
+        text += " dL/dC's factor is not L's, so it is not a rescaled loss (that scales both alike)."
+    if one_update_later(hc):
+        text += (f" dL/dC's factor lies within sqrt of L's ({np.sqrt(lo):.3f}-{np.sqrt(hi):.3f}):"
+                 " as one update later, where ||w|| = sqrt(L) shrinks and z stays.")
+    return text
+
+
+def simulation_sentence(sim: dict[str, Any], scan: Sequence[dict[str, Any]]) -> str:
+    """What one simulated update did here, and over the scanned seeds."""
+    runs = [sim, *scan]
+    like = sum(homework_like(r) for r in runs)
+    shrink = sum(r["all_entries_shrink"] for r in runs)
+    return (f"One simulated update (lr = {sim['lr']:.3g}, L x {sim['loss_ratio']:.4f}) scales "
+            f"dL/dC by {sim['dC_ratio_min']:.4f}-{sim['dC_ratio_max']:.4f} against sqrt "
+            f"{sim['sqrt_loss_ratio']:.4f}: {'' if homework_like(sim) else 'not '}the printed "
+            f"pattern; over {len(runs)} runs {like} show it and in {shrink} every entry shrinks.")
+
+
+def homework_check_sentence(hc: dict[str, Any]) -> str:
+    """One sentence for the answer 'Is the derivation right?'."""
+    C, n = hc["matrices"]["C"], hc["n_beyond_rounding"]
+    diff = (f"differs from PyTorch by more than rounding ({n} of {hc['n_entries']} entries; "
+            f"dL/dC {C['ratio_min']:.3f}-{C['ratio_max']:.3f}x, L {hc['loss_ratio']:.3f}x)"
+            if n else "agrees with PyTorch to rounding")
+    rank = "rank one as derived" if hc["rank_one"] else "not rank one, against the derivation"
+    later = ("consistent with PyTorch seeing the parameters one update later, which the print "
+             "cannot prove" if one_update_later(hc) else "not explained by one update later")
+    return f"The homework's own check {diff}; its manual numbers are {rank}; {later}."
+
+
+# -- tables, figure, printing ---------------------------------------------------------------
+
+
+def reread_rows(hc: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """The re-read as a table: one column per gradient."""
+    mats = hc["matrices"].values()
+    iv = lambda v: "none" if v is None else f"{v[0]:.4f}-{v[1]:.4f}"  # noqa: E731
+    return ["PyTorch vs manual", *(f"dL/d{n}" for n in hc["matrices"])], [
+        ["ratio, min", *(f"{m['ratio_min']:.4f}" for m in mats)],
+        ["ratio, max", *(f"{m['ratio_max']:.4f}" for m in mats)],
+        ["one factor fitting all", *(iv(m["common_factor"]) for m in mats)],
+        ["least-squares factor", *(f"{m['fit_factor']:.4f}" for m in mats)],
+        ["beyond rounding", *(f"{m['n_beyond_rounding']} of {m['ratio'].size}" for m in mats)],
+        ["manual singular values",
+         *(" ".join(f"{v:.2g}" for v in m["singular_values"]) for m in mats)],
+    ]
+
+
+def entry_rows(hc: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """Every printed entry: manual, PyTorch, the manual rounded, the ratio and its interval."""
+    rows = []
+    for name in abc_jax.Params._fields:
+        m = np.asarray(HOMEWORK_MANUAL_GRADS[name], np.float64)
+        t = np.asarray(HOMEWORK_TORCH_GRADS[name], np.float64)
+        for (i, j), mij in np.ndenumerate(m):
+            lo, hi = sorted(((t[i, j] - HALF_UNIT) / mij, (t[i, j] + HALF_UNIT) / mij))
+            rows.append([f"dL/d{name}[{i},{j}]", repr(float(mij)), float(t[i, j]),
+                         float(np.round(mij, TORCH_DECIMALS)), float(t[i, j] / mij),
+                         bool(hc["matrices"][name]["beyond_rounding"][i, j]), lo, hi])
+    return ["entry", "manual", "pytorch", "manual_rounded", "ratio", "beyond_rounding",
+            "ratio_lo", "ratio_hi"], rows
+
+
+def scan_rows(scan: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    header = ["seed", "L_t", "lr", "L ratio", "sqrt", "||z|| ratio", "dA ratios", "dB ratios",
+              "dC ratios", "all shrink", "like the homework"]
+    return header, [[r["seed"], f"{r['loss']:.3g}", f"{r['lr']:.3g}", f"{r['loss_ratio']:.4f}",
+                     f"{r['sqrt_loss_ratio']:.4f}", f"{r['z_norm_ratio']:.4f}",
+                     *(f"{r[f'd{n}_ratio_min']:.4f}-{r[f'd{n}_ratio_max']:.4f}" for n in "ABC"),
+                     "yes" if r["all_entries_shrink"] else "no",
+                     "yes" if homework_like(r) else "no"] for r in scan]
+
+
+def plot(hc: dict[str, Any], sim: dict[str, Any]) -> Any:
+    """PyTorch / manual per entry (bars: 4-decimal rounding) against |manual|; the figure.
+
+    Lines: 1 (same parameters), dL/dC's one factor, sqrt of the listing's median
+    per-update loss ratio (||w|| one update later); band: the simulated dL/dC ratios.
+    """
+    fig, ax = _common.figure(width=7.0, height=4.8)
+    C = hc["matrices"]["C"]
+    r_obs = float(np.mean(C["common_factor"] or [C["fit_factor"]]))
+    r_w = float(np.sqrt(hc["listing_step_ratio_median"]))
+    for name, mk in zip(abc_jax.Params._fields, "os^", strict=True):
+        m, t = np.ravel(HOMEWORK_MANUAL_GRADS[name]), np.ravel(HOMEWORK_TORCH_GRADS[name])
+        lo, hi = np.sort(np.stack([(t - HALF_UNIT) / m, (t + HALF_UNIT) / m]), axis=0)
+        ax.errorbar(np.abs(m), t / m, yerr=[t / m - lo, hi - t / m], fmt=mk, ms=6, mfc="none",
+                    capsize=2, lw=0.8, label=f"dL/d{name}")
+    ax.axhline(1.0, color="0.3", lw=1, label="1 (same parameters)")
+    ax.axhline(r_obs, color="C3", ls="--", lw=1.2, label=f"{r_obs:.4f} (fits dL/dC)")
+    ax.axhline(r_w, color="C4", ls=":", lw=1.5, label=f"{r_w:.4f} (sqrt of one listed update)")
+    ax.axhspan(sim["dC_ratio_min"], sim["dC_ratio_max"], color="C4", alpha=0.15,
+               label="dL/dC after one simulated update")
+    ax.set(xscale="log", ylim=(0.78, 1.07), xlabel="|manual gradient entry| [log]",
+           ylabel="PyTorch / manual (bars: 4-decimal rounding)")
+    ax.set_title(f"The homework's check re-read: dL/dC x {C['ratio_min']:.4f}-"
+                 f"{C['ratio_max']:.4f}, L x {hc['loss_ratio']:.3f}", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    return fig
+
+
+def run(params: abc_jax.Params, x: jax.Array, *, k: int, epochs: int, lr: float,
+        seeds: Sequence[int]) -> dict[str, Any]:
+    """Re-read, simulate one update at (params, x) and at the end of ``seeds``' runs, print.
+
+    Returns ``metrics``, ``sentence``, ``tables`` (name -> (header, rows)) and ``figure``.
+    """
+    hc = reread_homework_check()
+    sim = simulate_one_update_later(params, x, hc["listing_step_ratio_median"])
+    scan = seed_scan(k, epochs, lr, seeds, hc["listing_step_ratio_median"])
+    findings = [derivation_sentence(hc), rounding_sentence(hc), loss_sentence(hc),
+                simulation_sentence(sim, scan)]
+    _common.print_table(*reread_rows(hc))
+    sims = scan_rows([{"seed": "this run", **sim}, *scan])
+    print()
+    _common.print_table(*sims)
+    print("\n" + "\n".join(findings))
+    C = hc["matrices"]["C"]
+    metrics = {
+        "autograd_over_manual_dC": [C["ratio_min"], C["ratio_max"]],
+        "dC_common_factor": C["common_factor"], "loss_ratio_printed": hc["loss_ratio"],
+        "loss_ratio_interval": hc["loss_ratio_interval"],
+        "listing_step_ratio_range": hc["listing_step_ratio_range"],
+        "n_beyond_rounding": hc["n_beyond_rounding"], "manual_rank_one": hc["rank_one"],
+        "one_update_later": one_update_later(hc),
+        "simulated": {key: v for key, v in sim.items() if key != "ratios"},
+        "seeds_homework_like": sum(homework_like(r) for r in scan), "n_seeds": len(scan),
+        "findings": findings,
+    }
+    return {"metrics": metrics, "sentence": homework_check_sentence(hc), "figure": plot(hc, sim),
+            "tables": {"homework_check": entry_rows(hc), "homework_check_simulated": sims}}

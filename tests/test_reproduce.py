@@ -1,0 +1,304 @@
+"""The homework-facing scripts (reproduce_seed, generalization, gradcheck), run in-process in
+their quick configuration, and the pieces they stand on: the plain-Python homework functions
+checked against the library, and every conclusion sentence on a case from each side."""
+
+import ast
+import contextlib
+import importlib
+import io
+import json
+import re
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import abc_jax
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+sys.path.insert(0, str(EXPERIMENTS))
+
+averaging = importlib.import_module("averaging")
+gradcheck = importlib.import_module("gradcheck")
+generalization = importlib.import_module("generalization")
+homework = importlib.import_module("homework")
+repro = importlib.import_module("reproduce_seed")
+
+SCRIPTS = {"reproduce_seed": repro, "generalization": generalization, "gradcheck": gradcheck}
+
+
+def _main(module, argv):
+    """module.main(argv) in this process; returns (exit code, stdout)."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = module.main(argv)
+    return code, buf.getvalue()
+
+
+def _files(out):
+    files = {p.name: p for p in out.iterdir()}
+    assert not any(f.endswith(".tmp") for f in files)
+    for f in files.values():
+        assert f.stat().st_size > 0
+        if f.suffix == ".png":
+            assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return files
+
+
+# -- the scripts, in-process ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reproduce_quick(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("repro")
+    code, printed = _main(repro, ["--quick", "--out", str(tmp / "out"),
+                                  "--docs", str(tmp / "docs")])
+    assert code == 0
+    return tmp, printed, json.loads((tmp / "out" / "metrics.json").read_text())
+
+
+def test_reproduce_seed_writes_its_files(reproduce_quick):
+    tmp, _, _ = reproduce_quick
+    files = _files(tmp / "out")
+    assert set(files) == {
+        "config.json", "metrics.json", "loss.csv", "gradcheck.csv", "timing.csv",
+        "generalization.csv", "homework_check.csv", "homework_check_simulated.csv",
+        "reproduce_loss.png", "graph.png", "reproduce_timing.png",
+        "reproduce_generalization.png", "homework_check.png"}
+    config = json.loads(files["config.json"].read_text())
+    assert config["quick"] is True and config["epochs"] == 20
+    assert files["loss.csv"].read_text().count("\n") == 1 + 20
+    assert files["gradcheck.csv"].read_text().count("\n") == 1 + 27  # every entry of A, B, C
+    assert files["homework_check.csv"].read_text().count("\n") == 1 + 27
+    assert [p.name for p in (tmp / "docs").iterdir()] == ["reproduce_loss.png"]
+
+
+def test_reproduce_seed_prints_the_numbers_it_stores(reproduce_quick):
+    _, printed, m = reproduce_quick
+    listing = m["loss_listing"]
+    assert listing["final_loss"] < listing["initial_loss"]
+    assert f"L = {listing['initial_loss']!r}" in printed  # the homework's listing, full digits
+    assert listing["max_abs_diff_python"] <= 1e-12
+    worst = m["gradient_check"]["worst_rel"]
+    assert worst["manual"] <= 1e-12 and worst["python"] <= 1e-12 and worst["finite_diff"] <= 1e-6
+    ratios = m["timing"]["ratio_to_batch_grad"]
+    assert set(ratios) == {"jax_grad", "fd_grad", "python_backprop", "python_fd"}
+    assert all(r is None or r > 0 for by_k in ratios.values() for r in by_k.values())
+    assert set(m["generalization"]["heldout_loss"]) == {"average", "batch_gd", "adam"}
+    assert m["homework_check"]["n_beyond_rounding"] == 15
+    answers = m["answers"]
+    assert [a[:3] for a in answers] == ["1. ", "2. ", "3. "]
+    assert "Answers:\n" + "\n".join(answers) in printed
+    assert "Yes:" in answers[0] and "15 of 27" in answers[0]
+    for line in m["homework_check"]["findings"]:
+        assert line in printed
+
+
+def test_generalization_quick(tmp_path):
+    out = tmp_path / "gen"
+    code, printed = _main(generalization, ["--quick", "--out", str(out),
+                                           "--docs", str(tmp_path / "docs")])
+    assert code == 0
+    files = _files(out)
+    assert set(files) == {"config.json", "metrics.json", "curves.csv", "train_losses.csv",
+                          "generalization.png"}
+    assert files["train_losses.csv"].read_text().count("\n") == 1 + 20
+    m = json.loads(files["metrics.json"].read_text())
+    for key in ("heldout_loss", "train_loss", "norm_C", "heldout_reduction"):
+        assert set(m[key]) == {"average", "batch_gd", "adam"}
+    assert m["one_epoch_gap"] < 1e-12  # mean of N single steps == one step on the mean loss
+    assert m["conclusion"] and all(line in printed for line in m["conclusion"])
+    assert (tmp_path / "docs" / "generalization.png").exists()
+
+
+def test_gradcheck_quick_and_rectangular(tmp_path):
+    code, printed = _main(gradcheck, ["--quick", "--out", str(tmp_path / "q")])
+    assert code == 0 and json.loads((tmp_path / "q" / "config.json").read_text())["n"] == 4
+    out = tmp_path / "gc"
+    code, printed = _main(gradcheck, ["--in-dim", "5", "--hidden-dim", "4", "--out-dim", "3",
+                                      "--out", str(out)])
+    assert code == 0
+    files = _files(out)
+    m = json.loads(files["metrics.json"].read_text())
+    worst = m["worst_rel"]
+    assert worst["float64/manual vs jax.grad"] <= 1e-12
+    assert worst["float32/manual vs jax.grad"] <= 1e-5
+    assert worst["float64/finite diff vs jax.grad"] <= 1e-7
+    assert len(m["rows"]) == 12  # 2 dtypes x 2 comparisons x 3 parameters
+    assert files["gradcheck.csv"].read_text().count("\n") == 13
+    assert json.loads(files["config.json"].read_text())["hidden_dim"] == 4
+    assert printed.count("manual vs jax.grad") == 6
+
+
+def test_gradcheck_bad_shape_exits_2(tmp_path, capsys):
+    assert gradcheck.main(["--in-dim", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "in_dim" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_help(name, capsys):
+    with pytest.raises(SystemExit) as exc:
+        SCRIPTS[name].main(["--help"])
+    assert exc.value.code == 0
+    printed = capsys.readouterr().out
+    assert all(flag in printed for flag in ("--out", "--seed", "--quick")), printed
+
+
+def test_no_script_imports_another_script():
+    """A script (a file with ``main``) imports only modules without one."""
+    trees = {p.stem: ast.parse(p.read_text()) for p in EXPERIMENTS.glob("*.py")}
+    scripts = {n for n, t in trees.items()
+               if any(isinstance(d, ast.FunctionDef) and d.name == "main" for d in t.body)}
+    assert {"reproduce_seed", "generalization", "gradcheck"} <= scripts
+    for name in ("reproduce_seed", "generalization", "gradcheck", "averaging", "homework_check"):
+        imported = {a.name.split(".")[0] for node in ast.walk(trees[name])
+                    if isinstance(node, ast.Import) for a in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(trees[name])
+                     if isinstance(node, ast.ImportFrom) and node.module}
+        assert not imported & (scripts - {name}), name
+        source = (EXPERIMENTS / f"{name}.py").read_text()  # and no private library name
+        assert not re.search(r"abc_jax(\.[a-z]\w*)*\._\w|from abc_jax[\w.]* import [^\n]*\b_\w",
+                             source), name
+
+
+# -- the homework's plain-Python implementation ------------------------------------------
+
+
+def _params(key, D=4, H=3, O=2, dtype=jnp.float64):
+    kp, kx = jax.random.split(key)
+    return abc_jax.init_params(kp, D, H, O, dtype=dtype), jax.random.normal(kx, (5, D), dtype)
+
+
+def test_python_backprop_equals_batch_grad(key):
+    params, X = _params(key)  # D, H, O distinct: a transposed gradient would not fit
+    L, grads = homework.py_loss_and_grad(*homework.to_lists(params, X))
+    assert L == pytest.approx(float(abc_jax.batch_loss(params, X)), rel=1e-13)
+    errs = abc_jax.grad_errors(abc_jax.Params(*map(jnp.asarray, grads)),
+                               abc_jax.batch_grad(params, X))
+    assert max(e["rel"] for e in errs.values()) <= 1e-12
+
+
+def test_python_finite_differences_match_the_oracle(key):
+    params, X = _params(key)
+    grads = homework.py_fd_grad(*homework.to_lists(params, X))
+    errs = abc_jax.grad_errors(abc_jax.Params(*map(jnp.asarray, grads)),
+                               abc_jax.oracle_grad(params, X))
+    assert max(e["rel"] for e in errs.values()) <= 1e-7
+
+
+def test_python_sigmoid_is_stable():
+    for t in (-1e4, -30.0, -1.0, 0.0, 2.0, 1e4):
+        assert homework.py_sigmoid(t) == pytest.approx(float(jax.nn.sigmoid(t)), rel=1e-14, abs=0)
+
+
+def test_python_gradient_descent_matches_train(key):
+    params, X = _params(key)
+    res = abc_jax.train(params, X, lr=0.05, epochs=7, progress=False)
+    py = homework.py_gradient_descent(*homework.to_lists(params, X), lr=0.05, epochs=7)
+    np.testing.assert_allclose(py, np.asarray(res.losses), rtol=1e-12)
+
+
+# -- reproduce_seed's pieces ---------------------------------------------------------------
+
+
+def test_timing_skips_what_would_pass_the_budget():
+    rows = repro.timing([2, 3], 4, 0, budget_s=1e-9, min_time=0)
+    by = {(r["K"], r["method"]): r for r in rows}
+    assert [r["method"] for r in rows] == list(repro.METHODS) * 2
+    assert all(by[(2, m)]["median_s"] > 0 for m in repro.METHODS)  # the first K: all timed
+    assert by[(2, "batch_grad")]["ratio"] == 1.0
+    assert by[(3, "python_fd")]["median_s"] is None and by[(3, "python_fd")]["ratio"] is None
+    assert by[(3, "batch_grad")]["ratio"] == 1.0  # batch_grad is the reference: always timed
+
+
+def test_derivation_answer_follows_the_errors():
+    yes = repro.derivation_answer({"manual": 0.0, "python": 2e-16, "finite_diff": 3e-10})
+    no = repro.derivation_answer({"manual": 3e-3, "python": 2e-16, "finite_diff": 3e-10})
+    assert "right? Yes" in yes and "0.0e+00" in yes
+    assert "right? No" in no and "3.0e-03" in no
+
+
+def test_speed_answer_states_each_ratio():
+    rows = [{"K": K, "N": 8, "method": m, "median_s": t, "ratio": r}
+            for K, m, t, r in ((3, "batch_grad", 5e-5, 1.0), (3, "python_fd", 5e-3, 100.0),
+                               (3, "jax_grad", 4e-5, 0.8), (3, "fd_grad", 1e-4, 2.0),
+                               (3, "python_backprop", 2e-3, 40.0))]
+    rows += [{**rows[0], "K": 9}, {**rows[1], "K": 9, "median_s": None, "ratio": None}]
+    rows += [{**r, "K": 9} for r in rows[2:5]]
+    text = repro.speed_answer(rows)
+    assert "at K = 3 batch_grad takes 50 us" in text and "python_fd 100x" in text
+    assert text.count("python_fd") == 1  # skipped at K = 9: not stated
+
+
+def test_averaging_answer_uses_the_measured_losses():
+    text = repro.averaging_answer(_fake(avg=4.0, gd=0.01))
+    assert "400x the held-out loss of batch GD" in text and "fits its own sample" in text
+    assert repro.averaging_answer({**_fake(4.0, 0.01), "final": {}, "diverged": {"adam": "x"}}
+                                  ).startswith("3. A run diverged")
+
+
+# -- averaging's sentences: one case on each side --------------------------------------------
+
+
+def test_checkpoints_and_average():
+    c = averaging.checkpoints(1000, 10)
+    assert c[:2] == [0, 1] and c[-1] == 1000 and c == sorted(set(c))
+    assert averaging.checkpoints(0) == [0]
+    stacked = abc_jax.Params(*(jnp.arange(2.0 * n).reshape(2, n) for n in (1, 2, 3)))
+    np.testing.assert_array_equal(averaging.average_params(stacked).C, [1.5, 2.5, 3.5])
+
+
+def test_carry_over_sentence_on_each_side():
+    five = averaging.carry_over_sentence(own=0.4, single=2.0)  # held-out 5x its own loss
+    assert "5x" in five and "not the distribution" in five and "carries over" not in five
+    close = averaging.carry_over_sentence(own=0.4, single=0.5)
+    assert "1.25x" in close and "it carries over to other x" in close
+    assert "carries over" in averaging.carry_over_sentence(own=0.0, single=0.0)
+    assert "not the distribution" in averaging.carry_over_sentence(own=0.0, single=1.0)
+    with pytest.raises(ValueError, match="own"):
+        averaging.carry_over_sentence(own=-1.0, single=1.0)
+
+
+def test_average_and_one_epoch_sentences_on_each_side():
+    worse = averaging.average_sentence(avg=4.0, gd=0.01, start=10.0)
+    assert "400x the held-out loss of batch GD" in worse and "better than not training" in worse
+    assert "60.0% reduction" in worse
+    better = averaging.average_sentence(avg=0.001, gd=0.01, start=10.0)
+    assert "no worse than batch GD" in better
+    above = averaging.average_sentence(avg=20.0, gd=0.01, start=10.0)
+    assert "no better than not training" in above and "100.0% increase" in above
+    assert "same point" in averaging.one_epoch_sentence(1e-16)
+    assert "already differ by 1.0e-03" in averaging.one_epoch_sentence(1e-3)
+
+
+def test_norm_sentence_on_each_side():
+    shrink = averaging.norm_sentence(c0=2.0, c=0.1, measured=1e-3, label="x")  # (0.05)^2
+    assert "C shrinking towards the trivial minimiser" in shrink
+    rotate = averaging.norm_sentence(c0=2.0, c=1.9, measured=1e-3, label="x")
+    assert "not C shrinking" in rotate
+
+
+def _fake(avg, gd, own=1e-4, single=5.0):
+    def row(m, L, c):
+        return {"method": m, "heldout_loss": L, "train_loss": L, "norm_C": c,
+                "singular_values_C": [c, 0.0]}
+
+    return {
+        "initial": row("initial", 10.0, 2.0), "diverged": {}, "own_sample_loss": own,
+        "single_copy_heldout": single, "one_epoch_gap": 0.0,
+        "final": {"average": row("average", avg, 1.5), "batch_gd": row("batch_gd", gd, 0.1),
+                  "adam": row("adam", gd, 0.1)},
+    }
+
+
+def test_conclusion_and_metrics_follow_the_numbers():
+    worse = " ".join(averaging.conclusion(_fake(avg=4.0, gd=0.01)))
+    assert "400x" in worse and "not the distribution" in worse and "same point" in worse
+    carries = " ".join(averaging.conclusion(_fake(avg=4.0, gd=0.01, own=2.0, single=2.5)))
+    assert "it carries over" in carries
+    m = averaging.metrics(_fake(avg=20.0, gd=0.01))
+    assert m["average_better_than_start"] is False and m["average_over_batch_gd_heldout"] == 2000

@@ -104,7 +104,8 @@ def check_params(params: Any, name: str = "params") -> tuple[tuple[Any, Any, Any
             raise TypeError(f"{name}.{f} must have a floating dtype, got {dt}")
     if len(set(dtypes.values())) != 1:
         raise TypeError(f"{name}.A, .B, .C must share one dtype, got {dtypes}")
-    return tuple(arrays), dtypes["A"]
+    # NumPy float64 params without x64 would be cast to float32 silently.
+    return tuple(arrays), check_dtype(dtypes["A"], f"{name} dtype")
 
 
 def check_dtype(dtype: Any, name: str = "dtype") -> np.dtype:
@@ -258,10 +259,10 @@ def raise_overflow(params: Any, X: Any, name: str, what: str = "the result") -> 
     dtype = np.dtype(params[0].dtype)
     scale_x = float(jnp.max(jnp.abs(X)))
     scale_p = max(float(jnp.max(jnp.abs(p))) for p in params)
-    fix = ("use float32 params" if dtype.itemsize < 4 else
-           "use float64 (jax.config.update('jax_enable_x64', True) and float64 params)")
+    wider = {2: ", or use float32 params",
+             4: ", or use float64 (jax.config.update('jax_enable_x64', True) and float64 params)"}
     raise FloatingPointError(
         f"{what} is not finite although params and {name} are: it overflows {dtype} "
         f"(largest finite value {np.finfo(dtype).max:.3g}; max |{name}| = {scale_x:.3g}, "
         f"max |param| = {scale_p:.3g}, and L = ||C z||^2 squares them). "
-        f"Rescale {name} (or the params), or {fix}")
+        f"Rescale {name} (or the params){wider.get(dtype.itemsize, '')}")

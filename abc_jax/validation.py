@@ -78,7 +78,8 @@ def as_array(a: Any, name: str, dtype: Any) -> jax.Array:
 def check_params(params: Any, name: str = "params") -> tuple[tuple[Any, Any, Any], np.dtype]:
     """``(A, B, C)`` checked to chain, A, B (H, D) and C (O, H) of one floating dtype.
 
-    Returns the three arrays (unconverted) and their dtype.
+    Returns the three arrays (unconverted) and their dtype; float64 only with x64
+    enabled (NumPy float64 params would otherwise become float32 silently).
     """
     if isinstance(params, dict):
         raise TypeError(f"{name} must be Params(A, B, C), got a dict: use abc_jax.Params(**d)")
@@ -104,7 +105,6 @@ def check_params(params: Any, name: str = "params") -> tuple[tuple[Any, Any, Any
             raise TypeError(f"{name}.{f} must have a floating dtype, got {dt}")
     if len(set(dtypes.values())) != 1:
         raise TypeError(f"{name}.A, .B, .C must share one dtype, got {dtypes}")
-    # NumPy float64 params without x64 would be cast to float32 silently.
     return tuple(arrays), check_dtype(dtypes["A"], f"{name} dtype")
 
 

@@ -78,7 +78,8 @@ def as_array(a: Any, name: str, dtype: Any) -> jax.Array:
 def check_params(params: Any, name: str = "params") -> tuple[tuple[Any, Any, Any], np.dtype]:
     """``(A, B, C)`` checked to chain, A, B (H, D) and C (O, H) of one floating dtype.
 
-    Returns the three arrays (unconverted) and their dtype.
+    Returns the three arrays (unconverted) and their dtype; float64 only with x64
+    enabled (NumPy float64 params would otherwise become float32 silently).
     """
     if isinstance(params, dict):
         raise TypeError(f"{name} must be Params(A, B, C), got a dict: use abc_jax.Params(**d)")
@@ -104,7 +105,7 @@ def check_params(params: Any, name: str = "params") -> tuple[tuple[Any, Any, Any
             raise TypeError(f"{name}.{f} must have a floating dtype, got {dt}")
     if len(set(dtypes.values())) != 1:
         raise TypeError(f"{name}.A, .B, .C must share one dtype, got {dtypes}")
-    return tuple(arrays), dtypes["A"]
+    return tuple(arrays), check_dtype(dtypes["A"], f"{name} dtype")
 
 
 def check_dtype(dtype: Any, name: str = "dtype") -> np.dtype:
@@ -258,10 +259,10 @@ def raise_overflow(params: Any, X: Any, name: str, what: str = "the result") -> 
     dtype = np.dtype(params[0].dtype)
     scale_x = float(jnp.max(jnp.abs(X)))
     scale_p = max(float(jnp.max(jnp.abs(p))) for p in params)
-    fix = ("use float32 params" if dtype.itemsize < 4 else
-           "use float64 (jax.config.update('jax_enable_x64', True) and float64 params)")
+    wider = {2: ", or use float32 params",
+             4: ", or use float64 (jax.config.update('jax_enable_x64', True) and float64 params)"}
     raise FloatingPointError(
         f"{what} is not finite although params and {name} are: it overflows {dtype} "
         f"(largest finite value {np.finfo(dtype).max:.3g}; max |{name}| = {scale_x:.3g}, "
         f"max |param| = {scale_p:.3g}, and L = ||C z||^2 squares them). "
-        f"Rescale {name} (or the params), or {fix}")
+        f"Rescale {name} (or the params){wider.get(dtype.itemsize, '')}")

@@ -122,13 +122,13 @@ def _value_and_grad_sum(params: Params, X: jax.Array, r: jax.Array | None,
     U = sigmoid(A @ X.T)  # (H, N)  u_i = sigmoid(A x_i)
     Z = U + B @ X.T  # (H, N)  z_i = u_i + B x_i
     if gram:
-        Zr = Z if r is None else Z * r  # (H, N)  r_i z_i
+        Zr = Z if r is None else Z * r[None, :]  # (H, N)  r_i z_i
         GZ = 2 * (C.T @ C) @ Zr  # (H, N)  gz_i = C^T gw_i = 2 r_i C^T C z_i
         total = jnp.sum(Z * GZ) / 2  # sum_i r_i ||C z_i||^2
         gC = 2 * (C @ (Zr @ Z.T))  # (O, H)  sum_i gw_i z_i^T = 2 C sum_i r_i z_i z_i^T
     else:
         W = C @ Z  # (O, N)  w_i = C z_i
-        GW = 2 * W if r is None else 2 * W * r  # (O, N)  gw_i = 2 r_i w_i
+        GW = 2 * W if r is None else 2 * W * r[None, :]  # (O, N)  gw_i = 2 r_i w_i
         total = jnp.sum(W * GW) / 2  # sum_i r_i ||w_i||^2
         gC = GW @ Z.T  # (O, H)  sum_i gw_i z_i^T
         GZ = C.T @ GW  # (H, N)  gz_i = C^T gw_i

@@ -134,12 +134,14 @@ def as_params(params: Any) -> tuple[Params, int, int, int, Any]:
 
 def as_sample(x: Any, D: int, dtype: Any, name: str = "x") -> jax.Array:
     """One sample of shape (D,), cast to ``dtype``."""
-    x = validation.as_array(x, name, dtype)
-    if x.ndim != 1:
-        raise ValueError(f"{name} must be one sample of shape (D,) = ({D},), got shape {x.shape}")
-    if x.shape[0] != D:
-        raise ValueError(f"{name} must have D = {D} entries (columns of A), got shape {x.shape}")
-    return x
+    if isinstance(x, (list, tuple)):
+        x = jnp.asarray(x)
+    s = validation.shape_of(x, name)
+    if len(s) != 1:
+        raise ValueError(f"{name} must be one sample of shape (D,) = ({D},), got shape {s}")
+    if s[0] != D:
+        raise ValueError(f"{name} must have D = {D} entries (columns of A), got shape {s}")
+    return validation.as_array(x, name, dtype)
 
 
 def as_batch(data: Any, D: int, dtype: Any, name: str = "X") -> Batch:

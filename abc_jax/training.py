@@ -152,6 +152,15 @@ def _advice(lr: Any, custom: bool) -> str:
     return f"try a smaller learning rate, e.g. lr={lr / 10:g}"
 
 
+def _raise_if_overflow(initial: Params, data: Any) -> None:
+    """FloatingPointError if the loss or gradient overflows at the initial params."""
+    try:
+        batch_value_and_grad(initial, data)
+    except FloatingPointError as err:
+        raise FloatingPointError(f"at the initial parameters, before any update: {err}. "
+                                 "No learning rate fixes this") from None
+
+
 def _guard(state: State, epoch: int, losses: list[np.ndarray], *, initial: Params,
            batch: Batch, lr: Any, custom: bool) -> None:
     """Raise DivergenceError at the first non-finite loss (FloatingPointError at the start)."""
@@ -162,11 +171,7 @@ def _guard(state: State, epoch: int, losses: list[np.ndarray], *, initial: Param
     j = int(np.argmax(bad))
     e = epoch - len(L) + j
     if e <= 1:  # the loss or the gradient at the initial params: an overflow, not a divergence
-        try:
-            batch_value_and_grad(initial, batch)
-        except FloatingPointError as err:
-            raise FloatingPointError(f"at the initial parameters, before any update: {err}. "
-                                     "No learning rate fixes this") from None
+        _raise_if_overflow(initial, batch)
     kept = np.concatenate([*losses[:-1], L[:j]])
     holds = (f"the params and losses up to epoch {e - 1}, the last finite one" if e else
              "the initial params: no epoch had a finite loss")
@@ -273,7 +278,8 @@ def train(params: Params, X: Any, *, lr: float | None = None, epochs: int,
     return TrainResult(state.params, jax.device_put(out.astype(params.A.dtype)))
 
 
-def _guard_members(state: State, epoch: int, losses: list[np.ndarray], *, lr: float) -> None:
+def _guard_members(state: State, epoch: int, losses: list[np.ndarray], *, initial: Params,
+                   X: np.ndarray, lr: float) -> None:
     """Per-sample training: DivergenceError naming the first sample that diverged."""
     L = losses[-1]  # (N, chunk)
     bad = ~np.isfinite(L)
@@ -281,6 +287,8 @@ def _guard_members(state: State, epoch: int, losses: list[np.ndarray], *, lr: fl
         return
     j = int(np.argmax(bad.any(axis=0)))
     i, e = int(np.argmax(bad[:, j])), epoch - L.shape[1] + j
+    if e <= 1:  # a sample's loss or gradient overflows at the initial params
+        _raise_if_overflow(initial, X)
     params = jax.tree.map(lambda a, b: jnp.where(state.bad.reshape((-1,) + (1,) * (a.ndim - 1)),
                                                  a, b), state.last_good, state.params)
     raise DivergenceError(
@@ -319,16 +327,16 @@ def train_per_sample(params: Params, X: Any, *, lr: float, epochs: int, progress
     optimizer, static = _configure(lr, epochs, None, "manual", None, None, epochs_per_chunk,
                                    precision)
     params, batch = prepare(params, X)
+    if not (bool(validation.all_finite((params, batch.X)) & validation.weights_ok(batch.weights))):
+        validation.explain_nonfinite(params, batch, "X")
     X = np.asarray(batch.X) if batch.weights is None else np.asarray(batch.X)[
         np.asarray(batch.weights) > 0]
-    if not bool(validation.all_finite((params, X))):
-        validation.explain_nonfinite(params, X, "X")
     N = X.shape[0]
     one = State(params, optimizer.init(params), params, np.zeros((), bool))
     state = _strong(jax.tree.map(lambda a: jnp.broadcast_to(a, (N, *np.shape(a))), one))
     static |= dict(chunk_size=None, n_rows=0)
     with _progress_bar(progress, epochs, 0, "train_per_sample") as bar:
-        hooks = [functools.partial(_guard_members, lr=lr),
+        hooks = [functools.partial(_guard_members, initial=params, X=X, lr=lr),
                  lambda s, e, ls: bar.update(ls[-1].shape[-1])]
         state, losses = _run_chunks(run_chunk_members, state, Batch(jnp.asarray(X)[:, None]),
                                     None, 0, epochs, [], static, hooks)

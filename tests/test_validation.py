@@ -224,21 +224,9 @@ def known_bug(reason, raises):
     return pytest.mark.xfail(strict=True, raises=raises, reason=reason)
 
 
-WEIGHTS_RANK_PROMOTION = known_bug(
-    "backward._value_and_grad_sum multiplies (H, N) or (O, N) by the weights r (N,) "
-    "(Z * r, 2 * W * r): an implicit rank promotion, an error under "
-    "jax_numpy_rank_promotion='raise'", AssertionError)
 KNOWN_BUGS = {
     "shard_batch-str": known_bug("parallel._rows calls np.result_type(X) before it checks the "
                                  "rank: a string raises NumPy's TypeError", TypeError),
-    "forward-data-rank-2-float32": known_bug(
-        "model.as_sample casts x to the params' dtype (a compiled convert_element_type) "
-        "before it checks the shape", AssertionError),
-    "batch_grad-weights-nan": WEIGHTS_RANK_PROMOTION,
-    "batch_value_and_grad-weights-nan": WEIGHTS_RANK_PROMOTION,
-    "train_per_sample-weights-nan": known_bug(
-        "train_per_sample drops the rows whose weight is not > 0 before it checks values, so a "
-        "NaN weight is silently ignored", pytest.fail.Exception),
 }
 
 
@@ -326,13 +314,7 @@ def test_nonfinite_input_is_named_with_its_position(fn, where, value):
 OVERFLOW = [("float16-X", np.float16, "X", 3000.0, "or use float32 params", "float64"),
             ("float32-params", np.float32, "params", 1e15, "or use float64 (", "use float32"),
             ("float64-X", np.float64, "X", 1e200, ")", "use float")]
-OVERFLOW_IS_A_DIVERGENCE = known_bug(
-    "training._guard_members reports an overflow at the initial params as a divergence and "
-    "advises a smaller learning rate", abc_jax.DivergenceError)
-
-
-@pytest.mark.parametrize("fn", [pytest.param(f, marks=[OVERFLOW_IS_A_DIVERGENCE] * (
-    f == TRAIN_FNS[1])) for f in FNS])
+@pytest.mark.parametrize("fn", list(FNS))
 @pytest.mark.parametrize("dtype,scaled,scale,advice,wrong", [c[1:] for c in OVERFLOW],
                          ids=[c[0] for c in OVERFLOW])
 def test_overflow_raises_the_one_floating_point_error(fn, dtype, scaled, scale, advice, wrong):

@@ -46,7 +46,8 @@ def data_mesh(devices: Any = None) -> Mesh:
 def _rows(X: Any, what: str) -> tuple[Any, Any]:
     """(X, weights) of an (N, D) array or a ``Batch``, checked to be a batch of real numbers."""
     X, weights = (X.X, X.weights) if isinstance(X, Batch) else (X, None)
-    shape, dtype = np.shape(X), np.result_type(X)
+    shape = np.shape(X)
+    dtype = np.dtype(X.dtype) if hasattr(X, "dtype") else np.asarray(X).dtype
     if len(shape) != 2:
         raise ValueError(f"X must be {what} of shape (N, D), got shape {shape}")
     if dtype.kind not in "fiu":

@@ -1,8 +1,9 @@
 """Several processes as one real job: ``jax.distributed`` with gloo, two local processes of
 two CPU devices each, on free local ports, every process bounded by a timeout.
 
-- the global batch from each process's own rows (600 + 401) gives the gradients, losses
-  and training of one process on all the rows (tests/distributed_worker.py);
+- the global batch from each process's own rows (600 + 401), each process padding its
+  own share with rows of weight 0, gives the gradients, losses and training (mini-batches
+  included) of one process on all the rows (tests/distributed_worker.py);
 - experiments/train.py: a peer killed mid-run stops the other within 30 s, and the same
   commands again finish with the parameters of an uninterrupted run;
 - a coordinator that is not there is a one-line error, not a hang.
@@ -72,8 +73,8 @@ def test_two_processes_give_the_results_of_one(tmp_path):
 # --- experiments/train.py ---------------------------------------------------
 
 ROWS = (600, 401)
-EPOCHS = 600
-TRAIN = ["--dtype", "float64", "--epochs", str(EPOCHS), "--epochs-per-chunk", "50", "--lr", "0.05",
+EPOCHS = 60
+TRAIN = ["--dtype", "float64", "--epochs", str(EPOCHS), "--epochs-per-chunk", "5", "--lr", "0.05",
          "--hidden-dim", "6", "--out-dim", "5", "--no-progress"]
 
 
@@ -92,19 +93,19 @@ def commands(data: list[Path], out: Path, port: int) -> list[list[str]]:
             for i, d in enumerate(data)]
 
 
-def run_job(data: list[Path], out: Path, logs: list[Path]) -> None:
+def start_job(data: list[Path], out: Path, logs: list[Path]) -> list[subprocess.Popen]:
     port = free_port()
-    finish([start(c, log) for c, log in zip(commands(data, out, port), logs, strict=True)], logs)
+    return [start(c, log) for c, log in zip(commands(data, out, port), logs, strict=True)]
 
 
 def test_a_killed_peer_stops_the_other_and_the_same_commands_resume(tmp_path):
     data = write_data(tmp_path)
-    whole = tmp_path / "whole"
-    run_job(data, whole, [tmp_path / "whole0.log", tmp_path / "whole1.log"])
+    whole, out = tmp_path / "whole", tmp_path / "killed"
+    whole_logs = [tmp_path / "whole0.log", tmp_path / "whole1.log"]
+    whole_procs = start_job(data, whole, whole_logs)  # the uninterrupted run, alongside
 
-    out, port = tmp_path / "killed", free_port()
     logs = [tmp_path / "killed0.log", tmp_path / "killed1.log"]
-    procs = [start(c, log) for c, log in zip(commands(data, out, port), logs, strict=True)]
+    procs = start_job(data, out, logs)
     ckpt = out / "checkpoint" / "checkpoint.npz"
     try:
         deadline = time.monotonic() + TIMEOUT
@@ -124,6 +125,7 @@ def test_a_killed_peer_stops_the_other_and_the_same_commands_resume(tmp_path):
             if p.poll() is None:
                 p.kill()
             p.wait()
+        finish(whole_procs, whole_logs)
     print(f"process 0 exited {survived:.1f} s after process 1 was killed, "
           f"with exit code {procs[0].returncode}")
     assert procs[0].returncode != 0
@@ -133,7 +135,8 @@ def test_a_killed_peer_stops_the_other_and_the_same_commands_resume(tmp_path):
     assert 0 < stopped < EPOCHS, stopped  # really interrupted midway
     assert not (out / "params.npz").exists()
 
-    run_job(data, out, [tmp_path / "resumed0.log", tmp_path / "resumed1.log"])
+    resumed_logs = [tmp_path / "resumed0.log", tmp_path / "resumed1.log"]
+    finish(start_job(data, out, resumed_logs), resumed_logs)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["resumed_from_epoch"] == stopped and metrics["process_count"] == 2
     with np.load(out / "params.npz") as a, np.load(whole / "params.npz") as b:

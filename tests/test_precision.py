@@ -2,65 +2,122 @@
 
 On a CPU every precision computes the same float32 products, so the policy is
 checked where it is decided: in the lowered computation, whose dot products
-carry the precision a GPU would honour. On a GPU the TF32 error itself is
-checked against what a 10-bit mantissa predicts.
+carry the precision a GPU would honour. Both ways a public function runs are
+lowered: traced inside the caller's ``jax.jit``, and eagerly, through the one
+checked jit of ``validation.run``. On a GPU the TF32 error itself is checked
+against what a 10-bit mantissa predicts.
 """
 
+import functools
 import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from _reference import make_problem, max_rel_err, ref_batch_loss
 
 import abc_jax
-from abc_jax import backward, model, oracles, validation
+from abc_jax import validation
 
-ENTRIES = {
-    "batch_grad": (backward._batch_grad_entry, {}),
-    "batch_grad_chunked": (backward._batch_grad_entry, {"chunk_size": 4}),
-    "batch_loss": (model._batch_loss_entry, {}),
-    "oracle_grad": (oracles._oracle_entry, {}),
-    "per_sample_grads": (backward._per_sample_grads_entry, {}),
-    "fd_grad": (oracles._fd_entry, {}),
+BATCH_FNS = {
+    "batch_grad": abc_jax.batch_grad,
+    "batch_grad_chunked": functools.partial(abc_jax.batch_grad, chunk_size=4),
+    "batch_value_and_grad": abc_jax.batch_value_and_grad,
+    "batch_loss": abc_jax.batch_loss,
+    "oracle_grad": abc_jax.oracle_grad,
+    "per_sample_grads": abc_jax.per_sample_grads,
+    "fd_grad": abc_jax.fd_grad,
 }
+SAMPLE_FNS = {
+    "forward": abc_jax.forward,
+    "loss": abc_jax.loss,
+    "manual_grad": abc_jax.manual_grad,
+}
+# What jax.default_matmul_precision makes of each name, as HLO spells it.
+HLO = {"highest": "HIGHEST", "float32": "HIGHEST", "high": "HIGH", "tensorfloat32": "HIGH",
+       "default": "DEFAULT", "bfloat16": "DEFAULT"}
 
 
-def _dot_precisions(entry, params, X, **kwargs):
-    text = entry.lower(params, X, **kwargs).as_text()
-    found = re.findall(r"stablehlo\.dot_general.*?precision = \[(\w+), (\w+)\]", text)
+def _problem(name):
+    params, X = make_problem(0, 5, 4, 3, 9, jnp.float32)
+    return params, (X[0] if name in SAMPLE_FNS else X)
+
+
+def _fn(name):
+    return BATCH_FNS.get(name) or SAMPLE_FNS[name]
+
+
+def _dot_precisions(text):
+    """Every dot product's precision pair; asserts that each one states it."""
     dots = text.count("stablehlo.dot_general")
-    assert dots > 0 and len(found) <= dots
-    return dots, found
+    found = re.findall(r"stablehlo\.dot_general.*?precision = \[(\w+), (\w+)\]", text)
+    assert dots > 0, "no product in the computation"
+    assert len(found) == dots, "a product without an explicit precision"
+    return set(found)
+
+
+def _traced(name, precision):
+    """The HLO of the public function traced under the caller's jax.jit."""
+    params, X = _problem(name)
+    fn = functools.partial(_fn(name), precision=precision)
+    return jax.jit(fn).lower(params, X).as_text()
+
+
+def _eager(name, precision, monkeypatch):
+    """The HLO of the checked jit the public function runs when called eagerly."""
+    real, texts = validation._flagged, []
+
+    def spy(*args, **kwargs):
+        texts.append(real.lower(*args, **kwargs).as_text())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(validation, "_flagged", spy)
+    params, X = _problem(name)
+    _fn(name)(params, X, precision=precision)
+    assert len(texts) == 1, "one checked computation per call"
+    return texts[0]
+
+
+ALL = list(BATCH_FNS) + list(SAMPLE_FNS)
 
 
 @pytest.mark.smoke
-@pytest.mark.parametrize("name", list(ENTRIES))
-def test_every_product_is_highest_by_default_whatever_the_global_setting(name):
-    entry, kwargs = ENTRIES[name]
-    params, X = make_problem(0, 5, 4, 3, 9, jnp.float32)
+@pytest.mark.parametrize("name", ALL)
+def test_every_product_is_highest_by_default_whatever_the_global_setting(name, monkeypatch):
     with jax.default_matmul_precision("bfloat16"):
-        dots, found = _dot_precisions(entry, params, X, **kwargs)
-    assert len(found) == dots, "a product without an explicit precision"
-    assert set(found) == {("HIGHEST", "HIGHEST")}
+        traced = _traced(name, None)
+        eager = _eager(name, None, monkeypatch)
+    assert _dot_precisions(traced) == {("HIGHEST", "HIGHEST")}
+    assert _dot_precisions(eager) == {("HIGHEST", "HIGHEST")}
 
 
-@pytest.mark.parametrize("precision,hlo", [("default", "DEFAULT"), ("high", "HIGH")])
-def test_a_faster_precision_is_the_callers_choice(precision, hlo):
-    entry, _ = ENTRIES["batch_grad"]
-    params, X = make_problem(0, 5, 4, 3, 9, jnp.float32)
-    dots, found = _dot_precisions(entry, params, X, precision=precision)
-    assert len(found) == dots and set(found) == {(hlo, hlo)}
+@pytest.mark.parametrize("precision", validation.PRECISIONS)
+def test_every_named_precision_reaches_every_product(precision, monkeypatch):
+    want = {(HLO[precision], HLO[precision])}
+    assert _dot_precisions(_traced("batch_grad", precision)) == want
+    assert _dot_precisions(_eager("batch_grad", precision, monkeypatch)) == want
+
+
+@pytest.mark.parametrize("name", ["oracle_grad", "per_sample_grads", "manual_grad"])
+def test_a_faster_precision_is_the_callers_choice(name, monkeypatch):
+    # Autodiff's products (oracle_grad) and the vmapped ones follow the choice too.
+    assert _dot_precisions(_traced(name, "default")) == {("DEFAULT", "DEFAULT")}
+    assert _dot_precisions(_eager(name, "high", monkeypatch)) == {("HIGH", "HIGH")}
 
 
 def test_precision_is_validated_before_tracing():
     params, X = make_problem(0, 5, 4, 3, 9)
-    for fn in (abc_jax.batch_grad, abc_jax.batch_loss, abc_jax.oracle_grad,
-               abc_jax.per_sample_grads):
+    for fn in (*BATCH_FNS.values(), *SAMPLE_FNS.values(), abc_jax.train):
+        x = X[0] if fn in SAMPLE_FNS.values() else X
+        kwargs = dict(lr=0.1, epochs=1) if fn is abc_jax.train else {}
         with pytest.raises(ValueError, match="precision"):
-            fn(params, X, precision="fast")
+            fn(params, x, precision="fast", **kwargs)
         with pytest.raises(TypeError, match="precision"):
-            fn(params, X, precision=3)
+            fn(params, x, precision=3, **kwargs)
+        if fn is not abc_jax.train:  # inside a trace as well (train refuses to be traced)
+            with pytest.raises(ValueError, match="precision"):
+                jax.jit(functools.partial(fn, precision="fast")).lower(params, x)
     assert validation.check_precision(None) == "highest"
 
 
@@ -70,6 +127,10 @@ def test_precision_argument_does_not_change_results_on_the_cpu_or_at_highest():
     want = jax.grad(ref_batch_loss)(params, X)  # the conftest pins "highest" globally
     assert max_rel_err(abc_jax.batch_grad(params, X), want) <= 1e-5
     assert max_rel_err(abc_jax.batch_grad(params, X, precision="highest"), want) <= 1e-5
+    if jax.default_backend() == "cpu":
+        for p in validation.PRECISIONS:
+            np.testing.assert_array_equal(abc_jax.batch_loss(params, X, precision=p),
+                                          abc_jax.batch_loss(params, X))
 
 
 @pytest.mark.smoke

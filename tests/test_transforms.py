@@ -1,9 +1,11 @@
 """The public functions under JAX transformations, dtypes, Optax and grad-of-grad.
 
 jit equals no-jit, vmap equals a Python loop, a jitted step traces and
-compiles once per shape, float32 in gives float32 out with x64 on, an Optax
-step equals the same step written by hand, and second derivatives through the
-custom_vjp equal those of a plain-jnp loss.
+compiles once per shape, a ``Batch`` of row weights passes through jit, vmap
+and grad, argument checks run inside a trace while value checks are left to
+eager calls, float32 in gives float32 out with x64 on, an Optax step equals
+the same step written by hand, and second derivatives through the custom_vjp
+equal those of a plain-jnp loss.
 """
 
 import functools
@@ -18,7 +20,7 @@ import pytest
 from _reference import max_rel_err, ref_batch_loss, ref_loss
 
 import abc_jax
-from abc_jax import Params
+from abc_jax import Batch, Params, validation
 
 D, H, O = 5, 4, 3  # all different
 
@@ -42,6 +44,7 @@ BATCH_FNS = {
     "batch_loss": abc_jax.batch_loss,
     "batch_grad": abc_jax.batch_grad,
     "batch_grad_chunked": functools.partial(abc_jax.batch_grad, chunk_size=3),
+    "batch_value_and_grad": abc_jax.batch_value_and_grad,
     "per_sample_grads": abc_jax.per_sample_grads,
     "oracle_grad": abc_jax.oracle_grad,
     "fd_grad": abc_jax.fd_grad,
@@ -153,28 +156,104 @@ def test_jitted_abc_loss_step_traces_once():
     chex.assert_tree_all_finite((loss, params))
 
 
+EAGER_FNS = ["batch_grad", "batch_grad_chunked", "batch_value_and_grad", "batch_loss",
+             "oracle_grad", "per_sample_grads"]
+
+
 @pytest.mark.smoke
-@pytest.mark.parametrize(
-    "fn,entry",
-    [
-        (abc_jax.batch_grad, abc_jax.backward._batch_grad_entry),
-        (functools.partial(abc_jax.batch_grad, chunk_size=3), abc_jax.backward._batch_grad_entry),
-        (abc_jax.batch_loss, abc_jax.model._batch_loss_entry),
-        (abc_jax.oracle_grad, abc_jax.reference._oracle_entry),
-        (abc_jax.per_sample_grads, abc_jax.backward._per_sample_grads_entry),
-    ],
-    ids=["batch_grad", "batch_grad_chunked", "batch_loss", "oracle_grad", "per_sample_grads"],
-)
-def test_eager_call_does_not_recompile(fn, entry):
-    # A shape no other test uses, so the first call must compile.
+@pytest.mark.parametrize("name", EAGER_FNS)
+def test_eager_call_does_not_recompile(name):
+    # Every eager call runs through validation.run's one jit; a shape no other test
+    # uses compiles once, then new values (a NumPy array too) reuse that executable.
+    fn = BATCH_FNS.get(name, abc_jax.batch_loss)
     params, X = make_problem(7, N=11, shape=(13, 2, 9))
-    before = entry.executables()
+    before = validation._flagged._cache_size()
     fn(params, X)
-    after_first = entry.executables()
+    after_first = validation._flagged._cache_size()
     assert after_first == before + 1
     fn(params, X * 2.0)
     fn(params, np.asarray(X))
-    assert entry.executables() == after_first
+    fn(params, Batch(X, jnp.ones(11)))  # weights are data: a new signature, compiled once
+    after_weights = validation._flagged._cache_size()
+    fn(params, Batch(X, jnp.arange(11.0) + 1))
+    assert after_weights == after_first + 1
+    assert validation._flagged._cache_size() == after_weights
+
+
+# ---------------------------------------------------------------- Batch under transformations
+
+
+def _weighted(seed, N):
+    params, X = make_problem(seed, N)
+    w = jnp.asarray(np.random.default_rng(seed).uniform(0.0, 2.0, N)).at[0].set(0.0)
+    return params, X, w
+
+
+def ref_weighted_loss(params, X, w):
+    losses = jax.vmap(ref_loss, in_axes=(None, 0))(params, X)
+    return jnp.sum(w * losses) / jnp.sum(w)
+
+
+WEIGHTED_FNS = ["batch_loss", "batch_grad", "batch_grad_chunked", "batch_value_and_grad",
+                "oracle_grad", "fd_grad"]
+
+
+@pytest.mark.parametrize("name", WEIGHTED_FNS)
+def test_batch_of_weights_under_jit_equals_eager_and_reference(name):
+    fn = BATCH_FNS[name]
+    params, X, w = _weighted(20, 7)
+    eager = fn(params, Batch(X, w))
+    assert max_rel_err(jax.jit(fn)(params, Batch(X, w)), eager) <= 1e-14
+    value, grad = ref_weighted_loss(params, X, w), jax.grad(ref_weighted_loss)(params, X, w)
+    want = {"batch_loss": value, "batch_value_and_grad": (value, grad)}.get(name, grad)
+    assert max_rel_err(eager, want) <= (1e-7 if name == "fd_grad" else 1e-12)
+
+
+def test_vmap_over_batches_of_weights_equals_loop():
+    params, X, w = _weighted(21, 12)
+    Xs, ws = X.reshape(3, 4, D), w.reshape(3, 4) + 0.5
+    for fn in (abc_jax.batch_loss, abc_jax.batch_grad, abc_jax.per_sample_grads):
+        batched = jax.vmap(fn, in_axes=(None, 0))(params, Batch(Xs, ws))
+        looped = [fn(params, Batch(x, r)) for x, r in zip(Xs, ws, strict=True)]
+        assert max_rel_err(batched, jax.tree.map(lambda *a: jnp.stack(a), *looped)) <= 1e-14
+
+
+def test_grad_through_a_batch_wrt_params_and_weights():
+    params, X, w = _weighted(22, 6)
+    got = jax.grad(abc_jax.batch_loss)(params, Batch(X, w))
+    assert max_rel_err(got, abc_jax.batch_grad(params, Batch(X, w))) <= 1e-12
+    dw = jax.grad(lambda r: abc_jax.batch_loss(params, Batch(X, r)))(w)
+    assert max_rel_err(dw, jax.grad(ref_weighted_loss, argnums=2)(params, X, w)) <= 1e-12
+
+
+def test_argument_checks_run_inside_a_trace():
+    params, X = make_problem(23, N=5)
+
+    @jax.jit
+    def bad_shape(params, X):
+        return abc_jax.batch_grad(params, X[:, :-1])
+
+    with pytest.raises(ValueError, match="D = 5 columns"):
+        bad_shape(params, X)
+    with pytest.raises(ValueError, match=r"weights must have shape \(N,\)"):
+        jax.jit(abc_jax.batch_loss)(params, Batch(X, jnp.ones(4)))
+    with pytest.raises(ValueError, match="x must be one sample"):
+        jax.jit(abc_jax.manual_grad)(params, X)
+    with pytest.raises(ValueError, match="chunk_size"):
+        jax.jit(functools.partial(abc_jax.batch_grad, chunk_size=0))(params, X)
+
+
+def test_value_checks_are_left_to_eager_calls():
+    # Inside a trace the values are unknown: NaN flows through as in any JAX function.
+    params, X = make_problem(24, N=5)
+    X = X.at[3, 1].set(jnp.nan)
+    with pytest.raises(ValueError, match=r"X\[3, 1\]"):
+        abc_jax.batch_grad(params, X)
+    assert np.isnan(np.asarray(jax.jit(abc_jax.batch_grad)(params, X).A)).any()
+    with pytest.raises(ValueError, match="weights must be >= 0"):
+        abc_jax.batch_loss(params, Batch(jnp.nan_to_num(X), -jnp.ones(5)))
+    assert np.isfinite(jax.jit(abc_jax.batch_loss)(params, Batch(jnp.nan_to_num(X),
+                                                                 -jnp.ones(5))))
 
 
 # ---------------------------------------------------------------- dtypes

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from abc_jax import DataError, DivergenceError, init_params, load_data, parallel, train
+from abc_jax import Batch, DataError, DivergenceError, init_params, load_data, parallel, train
 from abc_jax.checkpoint import checkpoint_epoch, checkpoint_path
 from abc_jax.files import write_npz, write_results
 
@@ -243,7 +243,8 @@ def run(args: argparse.Namespace) -> int:
     X_local, X = load_batch(args)
     if X is None:
         return 2
-    N, D = X.shape
+    D = X_local.shape[1]  # the global batch's real rows: the weighted ones, counted on the devices
+    N = int(jnp.sum(X.weights > 0)) if isinstance(X, Batch) else X.shape[0]
     params = init_params(jax.random.fold_in(jax.random.key(args.seed), 1), D, args.hidden_dim,
                          args.out_dim, dtype=dtype)
     config = {"data": str(args.data) if args.data else "synthetic",

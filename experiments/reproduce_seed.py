@@ -52,10 +52,11 @@ def loss_listing(k: int, epochs: int, lr: float, seed: int) -> dict[str, Any]:
     losses = np.asarray(res.losses, np.float64)
     return {"x": x, "params_start": params0, "params": res.params, "losses": losses.tolist(),
             "python_losses": py, "final_loss": float(abc_jax.loss(res.params, x)),
-            "max_abs_diff_python": float(np.max(np.abs(losses - py))) if epochs else 0.0}
+            "max_abs_diff_python": float(np.max(np.abs(losses - py)))}
 
 
 def plot_listing(rec: dict[str, Any], lr: float) -> Any:
+    """The loss listing by train and on lists, beside the homework's own (log scale)."""
     fig, ax = _common.figure(width=6.0, height=4.0)
     L, py = rec["losses"], rec["python_losses"]
     step = max(1, len(py) // 25)
@@ -114,16 +115,6 @@ def gradient_rows(check: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     return ["entry", "manual", "jax.grad", "finite diff.", "|manual-jax|", "|fd-jax|"], rows
 
 
-def _calls(params: abc_jax.Params, X: jax.Array) -> dict[str, Any]:
-    """method -> zero-argument call computing one gradient of batch_loss(params, X)."""
-    lists = homework.to_lists(params, X)
-    jitted = {"batch_grad": jax.jit(abc_jax.batch_grad), "jax_grad": jax.jit(abc_jax.oracle_grad),
-              "fd_grad": jax.jit(abc_jax.fd_grad)}
-    return {**{m: (lambda f=f: f(params, X)) for m, f in jitted.items()},
-            "python_backprop": lambda: homework.py_loss_and_grad(*lists)[1],
-            "python_fd": lambda: homework.py_fd_grad(*lists)}
-
-
 def timing(ks: Sequence[int], n: int, seed: int, budget_s: float,
            min_time: float) -> list[dict[str, Any]]:
     """Median seconds per gradient over N = n samples, float64, at each K: one row per method.
@@ -135,12 +126,18 @@ def timing(ks: Sequence[int], n: int, seed: int, budget_s: float,
     ``ratio``: median_s / batch_grad's. Repeated K are timed once.
     """
     rows, last = [], {}
+    jitted = {"batch_grad": jax.jit(abc_jax.batch_grad), "jax_grad": jax.jit(abc_jax.oracle_grad),
+              "fd_grad": jax.jit(abc_jax.fd_grad)}
     for K in dict.fromkeys(ks):
         kp, kx = jax.random.split(jax.random.fold_in(jax.random.key(seed), K))
         params = abc_jax.init_params(kp, K, dtype=jnp.float64)
         X = jax.random.normal(kx, (n, K), jnp.float64)
-        calls = {m: f for m, f in _calls(params, X).items() if m == "batch_grad"
-                 or m not in last or last[m] * (K / last["K"]) ** SCALING.get(m, 2) <= budget_s}
+        lists = homework.to_lists(params, X)
+        calls = {**{m: (lambda f=f, p=params, X=X: f(p, X)) for m, f in jitted.items()},
+                 "python_backprop": lambda lists=lists: homework.py_loss_and_grad(*lists)[1],
+                 "python_fd": lambda lists=lists: homework.py_fd_grad(*lists)}
+        calls = {m: f for m, f in calls.items() if m == "batch_grad" or m not in last
+                 or last[m] * (K / last["K"]) ** SCALING.get(m, 2) <= budget_s}
         times = _common.time_interleaved(calls, min_time=min_time, max_time=budget_s / 2,
                                          rounds=5)
         last = {"K": K, **{m: times[m].median_s if m in times else np.inf for m in METHODS}}
@@ -193,25 +190,22 @@ def averaging_answer(gen: dict[str, Any]) -> str:
     fin = gen["final"]
     if not {"average", "batch_gd"} <= set(fin):
         return f"3. A run diverged, no comparison: {sorted(gen['diverged'])}"
-    text = "3. Why did averaging not generalise? " + averaging.average_sentence(
+    return " ".join(["3. Why did averaging not generalise?", averaging.average_sentence(
         fin["average"]["heldout_loss"], fin["batch_gd"]["heldout_loss"],
-        gen["initial"]["heldout_loss"])
-    if "own_sample_loss" in gen:
-        text += " " + averaging.carry_over_sentence(gen["own_sample_loss"],
-                                                    gen["single_copy_heldout"])
-    return text
+        gen["initial"]["heldout_loss"]), averaging.carry_over_sentence(
+            gen["own_sample_loss"], gen["single_copy_heldout"])])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = _common.parser(NAME, __doc__)
     ap.add_argument("--k", type=int, default=3, help="K = D = H = O (default 3, the homework)")
-    ap.add_argument("--epochs", type=int, default=500, help="steps on the one x (default 500)")
-    ap.add_argument("--lr", type=float, default=0.001, help="learning rate (default 0.001)")
-    ap.add_argument("--bench-k", type=int, default=32, help="the larger K timed (default 32)")
-    ap.add_argument("--n", type=int, default=256, help="samples N for the timing (default 256)")
+    ap.add_argument("--epochs", type=int, default=500, help="steps on the one x")
+    ap.add_argument("--lr", type=float, default=0.001, help="learning rate")
+    ap.add_argument("--bench-k", type=int, default=32, help="the larger K timed")
+    ap.add_argument("--n", type=int, default=256, help="samples N for the timing")
     ap.add_argument("--check-seeds", type=int, default=15,
-                    help="other seeds on which (e) simulates one update later (default 15)")
-    args = ap.parse_args(list(argv) if argv is not None else None)
+                    help="other seeds on which (e) simulates one update later")
+    args = ap.parse_args(argv)
     gen_kw: dict[str, Any] = dict(n_train=256, n_test=1024, epochs=500, n_checkpoints=8)
     bench_kw: dict[str, Any] = dict(budget_s=2.0, min_time=0.1)
     if args.quick:
@@ -235,8 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(f"\n(c) time per gradient, N = {args.n}, float64:")
     bench = timing([args.k, args.bench_k], args.n, args.seed, **bench_kw)
-    bench_table = (["K", "P", "N", "method", "median_s", "ratio"],
-                   [[r[c] for c in ("K", "P", "N", "method", "median_s", "ratio")] for r in bench])
+    cols = ["K", "P", "N", "method", "median_s", "ratio"]
+    bench_table = (cols, [[r[c] for c in cols] for r in bench])
     _common.print_table(*bench_table)
 
     print(f"\n(d) averaging per-sample solutions vs training on the mean, K = {args.k}:")
@@ -244,26 +238,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     _common.print_table(*averaging.summary_rows(gen), floatfmt=".4g")
 
     print("\n(e) the homework's own check, re-read from its printed numbers:")
-    seeds = range(args.seed + 1, args.seed + 1 + args.check_seeds)
     hc = homework_check.run(rec["params"], rec["x"], k=args.k, epochs=args.epochs, lr=args.lr,
-                            seeds=seeds)
-
+                            seeds=range(args.seed + 1, args.seed + 1 + args.check_seeds))
     answers = [derivation_answer(check["worst_rel"]) + " " + hc["sentence"],
                speed_answer(bench), averaging_answer(gen)]
     print("\nAnswers:\n" + "\n".join(answers))
     written = write_results(
         _common.out_dir(args.out),
-        config={**vars(args), "out": str(args.out), "generalization": gen_kw, "bench": bench_kw},
+        config=_common.config_of(args, generalization=gen_kw, bench=bench_kw),
         metrics={
             "environment": env,
-            "loss_listing": {"initial_loss": rec["losses"][0] if rec["losses"] else None,
+            "loss_listing": {"initial_loss": rec["losses"][0],
                              **{k: rec[k] for k in ("final_loss", "max_abs_diff_python")}},
             "gradient_check": {k: check[k] for k in ("loss", "worst_rel", "errors")},
             "timing": {"rows": bench, "ratio_to_batch_grad": {
                 m: {str(r["K"]): r["ratio"] for r in bench if r["method"] == m}
                 for m in METHODS[1:]}},
-            "generalization": averaging.metrics(gen),
-            "homework_check": hc["metrics"],
+            "generalization": averaging.metrics(gen), "homework_check": hc["metrics"],
             "answers": answers,
         },
         tables={"loss": (["iteration", "loss", "loss_python_lists"],
@@ -274,12 +265,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         figures={"reproduce_loss": plot_listing(rec, args.lr),
                  "graph": plot_graph(rec, args.epochs, args.lr),
                  "reproduce_timing": plot_timing(bench),
-                 "reproduce_generalization": averaging.plot(gen),
-                 "homework_check": hc["figure"]},
+                 "reproduce_generalization": averaging.plot(gen), "homework_check": hc["figure"]},
     )
     if args.docs is not None:  # a quick run copies only the key figure
-        for name in ("reproduce_loss",) if args.quick else ("reproduce_loss", "graph",
-                                                            "homework_check"):
+        for name in ["reproduce_loss", "graph", "homework_check"][:1 if args.quick else 3]:
             _common.docs_copy(written[f"{name}.png"], args.docs)
     print(f"\nwrote {args.out}/: " + ", ".join(written))
     return 0

@@ -1,11 +1,10 @@
 """Reproduce the homework, K = 3: the loss listing, the gradient check, and its three answers.
 
-  (a) plain gradient descent on one random x: the loss falling iteration by
-      iteration, as the homework printed it (and the same loop on Python lists);
-  (b) dL/dA, dL/dB, dL/dC by the manual backward pass, jax.grad and finite
-      differences, side by side in float64 with their errors;
-  (c) time per gradient: backprop against finite differences and the homework's
-      plain-Python loops;
+  (a) plain gradient descent on one random x: the loss falling iteration by iteration,
+      as the homework printed it (and the same loop on Python lists);
+  (b) dL/dA, dL/dB, dL/dC by the manual backward pass, jax.grad and finite differences,
+      side by side in float64 with their errors;
+  (c) time per gradient: backprop against finite differences and plain-Python loops;
   (d) why averaging per-sample solutions did not generalise (averaging.py);
   (e) the homework's own check, re-read from its printed numbers (homework_check.py).
 
@@ -105,14 +104,11 @@ def gradient_check(params: abc_jax.Params, x: jax.Array) -> dict[str, Any]:
 
 def gradient_rows(check: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     """Every entry side by side, full precision: manual, jax.grad, finite differences."""
-    g, rows = check["grads"], []
-    for name in abc_jax.Params._fields:
-        man, ref, fd = (np.asarray(getattr(g[m], name)) for m in ("manual", "jax_grad",
-                                                                   "finite_diff"))
-        rows += [[f"dL/d{name}[{i},{j}]", repr(float(man[i, j])), repr(float(r)),
-                  repr(float(fd[i, j])), float(abs(man[i, j] - r)), float(abs(fd[i, j] - r))]
-                 for (i, j), r in np.ndenumerate(ref)]
-    return ["entry", "manual", "jax.grad", "finite diff.", "|manual-jax|", "|fd-jax|"], rows
+    g = [np.asarray(check["grads"][m]) for m in ("manual", "jax_grad", "finite_diff")]
+    return ["entry", "manual", "jax.grad", "finite diff.", "|manual-jax|", "|fd-jax|"], [
+        [f"dL/d{'ABC'[p]}[{i},{j}]", *(repr(float(a[p, i, j])) for a in g),
+         float(abs(g[0][p, i, j] - g[1][p, i, j])), float(abs(g[2][p, i, j] - g[1][p, i, j]))]
+        for p, i, j in np.ndindex(g[0].shape)]
 
 
 def timing(ks: Sequence[int], n: int, seed: int, budget_s: float,
@@ -140,11 +136,10 @@ def timing(ks: Sequence[int], n: int, seed: int, budget_s: float,
                  or last[m] * (K / last["K"]) ** SCALING.get(m, 2) <= budget_s}
         times = _common.time_interleaved(calls, min_time=min_time, max_time=budget_s / 2,
                                          rounds=5)
-        last = {"K": K, **{m: times[m].median_s if m in times else np.inf for m in METHODS}}
-        base = times["batch_grad"].median_s
-        rows += [{"K": K, "P": 3 * K * K, "N": n, "method": m,
-                  "median_s": times[m].median_s if m in times else None,
-                  "ratio": times[m].median_s / base if m in times else None} for m in METHODS]
+        med = {m: times[m].median_s if m in times else None for m in METHODS}
+        last = {"K": K, **{m: np.inf if t is None else t for m, t in med.items()}}
+        rows += [{"K": K, "P": 3 * K * K, "N": n, "method": m, "median_s": t,
+                  "ratio": None if t is None else t / med["batch_grad"]} for m, t in med.items()]
     return rows
 
 
@@ -177,12 +172,11 @@ def speed_answer(rows: Sequence[dict[str, Any]]) -> str:
     parts = []
     for K in dict.fromkeys(r["K"] for r in rows):
         at = {r["method"]: r for r in rows if r["K"] == K}
-        ratios = ", ".join(f"{m} {at[m]['ratio']:.3g}x" for m in METHODS[1:]
-                           if at[m]["ratio"] is not None)
         parts.append(f"at K = {K} batch_grad takes {at['batch_grad']['median_s'] * 1e6:.3g} us, "
-                     f"{ratios} as long")
-    return f"2. How much faster is backprop? Per gradient over N = {rows[0]['N']}: " + "; ".join(
-        parts) + "."
+                     + ", ".join(f"{m} {at[m]['ratio']:.3g}x" for m in METHODS[1:]
+                                 if at[m]["ratio"] is not None) + " as long")
+    return (f"2. How much faster is backprop? Per gradient over N = {rows[0]['N']}: "
+            + "; ".join(parts) + ".")
 
 
 def averaging_answer(gen: dict[str, Any]) -> str:

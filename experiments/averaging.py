@@ -1,22 +1,20 @@
 """Averaging per-sample solutions vs training on the mean loss: the comparison and its sentences.
 
-The homework trained one copy of A, B, C on each sample x_i, averaged the N
-copies, and found the average did not give a low loss on a new x. On one
-training set and a held-out set from the same distribution ``run_generalization``
-compares
+The homework trained one copy of A, B, C on each sample x_i, averaged the N copies, and
+found the average did not give a low loss on a new x. On one training set and a held-out
+set from the same distribution ``run_generalization`` compares
 
   average    train_per_sample, then the mean of the N copies (the homework's method)
   batch GD   train on the mean loss, p <- p - lr * grad (the same rule, all samples at once)
   adam       optax.adam on the mean loss
 
-by their loss on held-out samples at log-spaced epochs. Every sentence of
-``conclusion`` is a pure function of the measured numbers. No ``main``: the
-scripts ``generalization.py`` and ``reproduce_seed.py`` both use it.
+by their loss on held-out samples at log-spaced epochs. Every sentence of ``conclusion``
+is a pure function of the measured numbers. No ``main``: the scripts ``generalization.py``
+and ``reproduce_seed.py`` both use it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import _common
@@ -29,11 +27,8 @@ import abc_jax
 from abc_jax import DivergenceError, train, train_per_sample
 
 METHODS = ("average", "batch_gd", "adam")
-LABELS = {
-    "average": "average of per-sample copies (homework)",
-    "batch_gd": "batch GD on the mean loss",
-    "adam": "adam on the mean loss",
-}
+LABELS = {"average": "average of per-sample copies (homework)",
+          "batch_gd": "batch GD on the mean loss", "adam": "adam on the mean loss"}
 CURVE_FIELDS = ["method", "epoch", "train_loss", "heldout_loss", "norm_A", "norm_B", "norm_C"]
 CARRY_OVER = 2.0  # a copy "carries over" when its held-out loss is within this of its own
 SAME_POINT = 1e-10  # one epoch: max |average - batch GD| below this is the same point
@@ -43,8 +38,7 @@ def checkpoints(epochs: int, n: int = 24) -> list[int]:
     """About n epoch counts from 0 to ``epochs``, log-spaced, always including 0, 1 and epochs."""
     if epochs <= 0:
         return [0]
-    pts = np.unique(np.round(np.geomspace(1, epochs, max(n, 2))).astype(int))
-    return [0, *(int(e) for e in pts)]
+    return [0, *(int(e) for e in np.unique(np.round(np.geomspace(1, epochs, max(n, 2)))))]
 
 
 def average_params(stacked: abc_jax.Params) -> abc_jax.Params:
@@ -52,71 +46,43 @@ def average_params(stacked: abc_jax.Params) -> abc_jax.Params:
     return abc_jax.Params(*(jnp.mean(p, axis=0) for p in stacked))
 
 
-def frobenius(a: Any) -> float:
-    """||a||_F = sqrt(sum a_ij^2) (NumPy: nothing to compile for a 3 x 3 matrix)."""
-    return float(np.linalg.norm(np.asarray(a)))
-
-
-def _trainers(
-    params0: abc_jax.Params, X: jax.Array, lr: float, adam_lr: float
-) -> dict[str, Callable[[int], Any]]:
-    """method -> (epochs -> TrainResult), each run from params0 (the compiled loop is reused)."""
-    adam = optax.adam(adam_lr)
-    return {
-        "average": lambda e: train_per_sample(params0, X, lr=lr, epochs=e, progress=False),
-        "batch_gd": lambda e: train(params0, X, lr=lr, epochs=e, progress=False),
-        "adam": lambda e: train(params0, X, lr=adam_lr, epochs=e, optimizer=adam,
-                                progress=False),
-    }
-
-
 def _row(method: str, e: int, p: abc_jax.Params, Xtr: jax.Array, Xte: jax.Array) -> dict:
-    return {
-        "method": method, "epoch": e,
-        "train_loss": float(abc_jax.batch_loss(p, Xtr)),
-        "heldout_loss": float(abc_jax.batch_loss(p, Xte)),
-        "norm_A": frobenius(p.A), "norm_B": frobenius(p.B), "norm_C": frobenius(p.C),
-        "singular_values_C": np.linalg.svd(np.asarray(p.C), compute_uv=False).tolist(),
-    }
+    """Train and held-out loss, ||A||_F, ||B||_F, ||C||_F and C's singular values at p."""
+    return {"method": method, "epoch": e, "train_loss": float(abc_jax.batch_loss(p, Xtr)),
+            "heldout_loss": float(abc_jax.batch_loss(p, Xte)),
+            **{f"norm_{n}": float(np.linalg.norm(np.asarray(a))) for n, a in p._asdict().items()},
+            "singular_values_C": np.linalg.svd(np.asarray(p.C), compute_uv=False).tolist()}
 
 
-def _copies(res: Any, Xtr: jax.Array, Xte: jax.Array) -> dict[str, float]:
-    """The per-sample copies at the end: copy i on its own x_i, and on the held-out set."""
-    own = jax.vmap(abc_jax.loss)(res.params, Xtr)
-    held = jax.vmap(abc_jax.batch_loss, in_axes=(0, None))(res.params, Xte)
-    return {"own_sample_loss": float(jnp.mean(own)),
-            "single_copy_heldout": float(jnp.mean(held)),
-            "single_copy_heldout_median": float(jnp.median(held))}
+def run_generalization(k: int, n_train: int, n_test: int, epochs: int, *, lr: float = 0.01,
+                       adam_lr: float = 0.01, seed: int = 0,
+                       n_checkpoints: int = 24) -> dict[str, Any]:
+    """Train the three ways from one start (float64); train and held-out loss at checkpoints.
 
-
-def run_generalization(
-    k: int = 3, n_train: int = 256, n_test: int = 1024, epochs: int = 1000, *,
-    lr: float = 0.01, adam_lr: float = 0.01, seed: int = 0, dtype: Any = jnp.float64,
-    n_checkpoints: int = 24, show_progress: bool = True,
-) -> dict[str, Any]:
-    """Train the three ways; train and held-out loss at log-spaced epochs.
-
-    X_train (n_train, k) and X_heldout (n_test, k) are standard normal. Returns
-    ``curves`` (one row per method and checkpoint: train loss, held-out loss,
-    ||A||, ||B||, ||C||), ``train_losses`` (method -> per-epoch objective; for the
-    copies the mean over i of copy i's loss on x_i), ``final`` (method -> last
-    row), ``initial``, ``diverged``, and ``own_sample_loss``,
-    ``single_copy_heldout`` and ``one_epoch_gap`` (max |average - batch GD|
-    after one epoch: the mean of N single steps is one step on the mean loss).
+    X_train (n_train, k) and X_heldout (n_test, k) are standard normal; each checkpoint
+    trains afresh from the start (the compiled loop is reused). Returns ``curves`` (one
+    row per method and checkpoint), ``train_losses`` (method -> per-epoch objective; for
+    the copies the mean over i of copy i's loss on x_i), ``final`` (method -> last row),
+    ``initial``, ``diverged``, ``own_sample_loss`` and ``single_copy_heldout`` (mean and
+    median: the copies on their own x_i and on the held-out set), and ``one_epoch_gap``
+    (max |average - batch GD| after one epoch: the mean of N single steps is one step on
+    the mean loss).
     """
     kp, ktr, kte = jax.random.split(jax.random.key(seed), 3)
-    params0 = abc_jax.init_params(kp, k, dtype=dtype)
-    Xtr = jax.random.normal(ktr, (n_train, k), dtype)
-    Xte = jax.random.normal(kte, (n_test, k), dtype)
+    params0 = abc_jax.init_params(kp, k, dtype=jnp.float64)
+    Xtr, Xte = (jax.random.normal(kk, (n, k), jnp.float64) for kk, n in ((ktr, n_train),
+                                                                       (kte, n_test)))
     initial = _row("initial", 0, params0, Xtr, Xte)
-    trainers = _trainers(params0, Xtr, lr, adam_lr)
+    trainers = {
+        "average": lambda e: train_per_sample(params0, Xtr, lr=lr, epochs=e, progress=False),
+        "batch_gd": lambda e: train(params0, Xtr, lr=lr, epochs=e, progress=False),
+        "adam": lambda e: train(params0, Xtr, lr=adam_lr, epochs=e,
+                                optimizer=optax.adam(adam_lr), progress=False),
+    }
     sched = checkpoints(epochs, n_checkpoints)
-    curves: list[dict[str, Any]] = []
-    train_losses: dict[str, np.ndarray] = {}
-    diverged: dict[str, str] = {}
-    out: dict[str, Any] = {}
-    jobs = [(m, e) for m in METHODS for e in sched[1:]]
-    for m, e in _common.progress(jobs, desc="train", unit="run") if show_progress else jobs:
+    curves, train_losses, diverged, out = [], {}, {}, {}
+    for m, e in _common.progress([(m, e) for m in METHODS for e in sched[1:]], desc="train",
+                                 unit="run"):
         if m in diverged:
             continue
         if e == sched[1]:
@@ -128,22 +94,25 @@ def run_generalization(
             continue
         curves.append(_row(m, e, average_params(res.params) if m == "average" else res.params,
                            Xtr, Xte))
-        if e == sched[-1]:
-            losses = np.asarray(res.losses)
-            train_losses[m] = losses.mean(axis=0) if m == "average" else losses
-            if m == "average":
-                out |= _copies(res, Xtr, Xte)
+        if e == sched[-1] and m == "average":
+            held = jax.vmap(abc_jax.batch_loss, in_axes=(0, None))(res.params, Xte)
+            train_losses[m] = np.asarray(res.losses).mean(axis=0)
+            out |= {"own_sample_loss": float(jnp.mean(jax.vmap(abc_jax.loss)(res.params, Xtr))),
+                    "single_copy_heldout": float(jnp.mean(held)),
+                    "single_copy_heldout_median": float(jnp.median(held))}
+        elif e == sched[-1]:
+            train_losses[m] = np.asarray(res.losses)
     out |= {
         "config": dict(k=k, n_train=n_train, n_test=n_test, epochs=epochs, lr=lr,
-                       adam_lr=adam_lr, seed=seed, dtype=jnp.dtype(dtype).name),
+                       adam_lr=adam_lr, seed=seed, dtype="float64"),
         "initial": initial, "curves": curves, "train_losses": train_losses, "diverged": diverged,
         "final": {m: [r for r in curves if r["method"] == m][-1] for m in METHODS
                   if m not in diverged},
     }
     if epochs >= 1 and not {"average", "batch_gd"} & set(diverged):
-        one_avg = average_params(trainers["average"](1).params)
         out["one_epoch_gap"] = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
-            one_avg, trainers["batch_gd"](1).params, strict=True))
+            average_params(trainers["average"](1).params), trainers["batch_gd"](1).params,
+            strict=True))
     return out
 
 
@@ -161,27 +130,24 @@ def change(new: float, old: float) -> str:
 def carry_over_sentence(own: float, single: float) -> str:
     """Does a copy trained on one x carry over to other x? Yes iff single <= CARRY_OVER * own.
 
-    ``own``: mean loss of the copies on their own samples; ``single``: their mean
-    held-out loss.
+    ``own``: mean loss of the copies on their own samples; ``single``: their mean held-out loss.
     """
     if own < 0 or single < 0:
         raise ValueError(f"losses must be >= 0, got own={own}, single={single}")
     ratio = single / own if own > 0 else (1.0 if single == 0 else float("inf"))
-    head = (f"A copy trained on one x reaches {own:.3g} on that x and {single:.3g} on held-out "
-            f"x ({ratio:.3g}x): ")
-    if ratio <= CARRY_OVER:
-        return head + "it carries over to other x."
-    return head + "it fits its own sample, not the distribution."
+    return (f"A copy trained on one x reaches {own:.3g} on that x and {single:.3g} on held-out "
+            f"x ({ratio:.3g}x): " + ("it carries over to other x." if ratio <= CARRY_OVER
+                                     else "it fits its own sample, not the distribution."))
 
 
 def average_sentence(avg: float, gd: float, start: float) -> str:
     """The average of the copies against batch GD and against not training, on held-out x."""
-    vs_start = "better" if avg < start else "no better"
     vs_gd = (f"{avg / gd:.3g}x the held-out loss of batch GD" if avg > gd
              else "no worse than batch GD")
     return (f"On held-out x the average of the per-sample copies scores {avg:.4g} "
-            f"({change(avg, start)} from the start's {start:.4g}: {vs_start} than not "
-            f"training), batch GD on the mean loss {gd:.4g}: the average has {vs_gd}.")
+            f"({change(avg, start)} from the start's {start:.4g}: "
+            f"{'better' if avg < start else 'no better'} than not training), batch GD on the "
+            f"mean loss {gd:.4g}: the average has {vs_gd}.")
 
 
 def one_epoch_sentence(gap: float) -> str:
@@ -207,19 +173,18 @@ def norm_sentence(c0: float, c: float, measured: float, label: str) -> str:
 def conclusion(res: dict[str, Any]) -> list[str]:
     """The sentences above, for one ``run_generalization`` result."""
     init, fin = res["initial"], res["final"]
-    L0 = init["heldout_loss"]
     lines = [f"{LABELS[m]} diverged: {err.splitlines()[0]}" for m, err in res["diverged"].items()]
     if "average" in fin and "batch_gd" in fin:
         lines.append(average_sentence(fin["average"]["heldout_loss"],
-                                      fin["batch_gd"]["heldout_loss"], L0))
+                                      fin["batch_gd"]["heldout_loss"], init["heldout_loss"]))
     if "own_sample_loss" in res:
         lines.append(carry_over_sentence(res["own_sample_loss"], res["single_copy_heldout"]))
     if "one_epoch_gap" in res:
         lines.append(one_epoch_sentence(res["one_epoch_gap"]))
     if fin:
-        best = min(fin, key=lambda m: fin[m]["heldout_loss"])
-        lines.append(norm_sentence(init["norm_C"], fin[best]["norm_C"],
-                                   fin[best]["heldout_loss"] / L0, LABELS[best]))
+        best = fin[min(fin, key=lambda m: fin[m]["heldout_loss"])]
+        lines.append(norm_sentence(init["norm_C"], best["norm_C"], best["heldout_loss"]
+                                   / init["heldout_loss"], LABELS[best["method"]]))
     return lines
 
 
@@ -228,15 +193,12 @@ def conclusion(res: dict[str, Any]) -> list[str]:
 
 def summary_rows(res: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     """One row per method (and the start): train loss, held-out loss and its change, ||C||."""
-    init = res["initial"]
-    header = ["method", "train loss", "held-out loss", "held-out change", "||C||"]
-    rows = [["starting point", init["train_loss"], init["heldout_loss"], "-", init["norm_C"]]]
-    for m in METHODS:
-        if m in res["final"]:
-            f = res["final"][m]
-            rows.append([m, f["train_loss"], f["heldout_loss"],
-                         change(f["heldout_loss"], init["heldout_loss"]), f["norm_C"]])
-    return header, rows
+    L0 = res["initial"]["heldout_loss"]
+    return ["method", "train loss", "held-out loss", "held-out change", "||C||"], [
+        [m, f["train_loss"], f["heldout_loss"], "-" if f is res["initial"] else
+         change(f["heldout_loss"], L0), f["norm_C"]]
+        for m, f in [("starting point", res["initial"]), *res["final"].items()]
+    ]
 
 
 def curve_rows(res: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
@@ -245,37 +207,32 @@ def curve_rows(res: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
 
 def plot(res: dict[str, Any]) -> Any:
     """Training objective, held-out loss and ||C|| against epochs (log axes); the figure."""
-    fig, (ax1, ax2, ax3) = _common.figure(ncols=3, width=4.6, height=3.9)
-    colors = {"average": "C3", "batch_gd": "C0", "adam": "C2"}
-    for m, losses in res["train_losses"].items():
-        e = np.arange(1, len(losses))  # losses[e]: after e updates; e = 0 is the start
-        ax1.plot(e, losses[1:], color=colors[m], ls=":" if m == "average" else "-",
-                 label="copies, own sample (mean)" if m == "average" else LABELS[m])
+    fig, axes = _common.figure(ncols=3, width=4.6, height=3.9)
+    colors, c = {"average": "C3", "batch_gd": "C0", "adam": "C2"}, res["config"]
+    for m, losses in res["train_losses"].items():  # losses[e]: after e updates
+        axes[0].plot(np.arange(1, len(losses)), losses[1:], color=colors[m],
+                     ls=":" if m == "average" else "-",
+                     label="copies, own sample (mean)" if m == "average" else LABELS[m])
     for m in METHODS:
         pts = [r for r in res["curves"] if r["method"] == m and r["epoch"] > 0]
-        e = [r["epoch"] for r in pts]
-        if m == "average" and pts:
-            ax1.plot(e, [r["train_loss"] for r in pts], "o-", ms=3, color=colors[m],
-                     label="average of copies, training set")
-        for ax, key in ((ax2, "heldout_loss"), (ax3, "norm_C")):
-            if pts:
-                ax.plot(e, [r[key] for r in pts], "o-", ms=3, color=colors[m], label=LABELS[m])
-    c = res["config"]
-    ax2.axhline(res["initial"]["heldout_loss"], color="gray", ls="--", lw=1, label="start")
+        for ax, key in zip(axes, ("train_loss", "heldout_loss", "norm_C"), strict=True):
+            if pts and (ax is not axes[0] or m == "average"):
+                label = "average of copies, training set" if ax is axes[0] else LABELS[m]
+                ax.plot([r["epoch"] for r in pts], [r[key] for r in pts], "o-", ms=3,
+                        color=colors[m], label=label)
+    axes[1].axhline(res["initial"]["heldout_loss"], color="gray", ls="--", lw=1, label="start")
     if "single_copy_heldout" in res:
-        ax2.axhline(res["single_copy_heldout"], color="C3", ls=":", lw=1,
-                    label="single copies at the end (mean)")
-    ax3.axhline(res["initial"]["norm_C"], color="gray", ls="--", lw=1, label="start")
-    for ax, ylabel, title in (
-        (ax1, "training loss [mean ||w||², log]", "Training objective"),
-        (ax2, "held-out loss [mean ||w||², log]", f"Held-out samples (N = {c['n_test']})"),
-        (ax3, "||C||_F", "Norm of C (C = 0 is a trivial minimiser)"),
-    ):
-        ax.set(xscale="log", xlabel="epoch (updates done, log)", ylabel=ylabel)
+        axes[1].axhline(res["single_copy_heldout"], color="C3", ls=":", lw=1,
+                        label="single copies at the end (mean)")
+    axes[2].axhline(res["initial"]["norm_C"], color="gray", ls="--", lw=1, label="start")
+    for ax, ylabel, title in zip(axes, ("training loss [mean ||w||², log]",
+                                        "held-out loss [mean ||w||², log]", "||C||_F"),
+                                 ("Training objective", f"Held-out samples (N = {c['n_test']})",
+                                  "Norm of C (C = 0 is a trivial minimiser)"), strict=True):
+        ax.set(xscale="log", yscale="linear" if ax is axes[2] else "log",
+               xlabel="epoch (updates done, log)", ylabel=ylabel)
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=7)
-    ax1.set_yscale("log")
-    ax2.set_yscale("log")
     fig.suptitle(f"K = {c['k']}, N_train = {c['n_train']}, lr = {c['lr']:g} "
                  f"(adam {c['adam_lr']:g}), {c['dtype']}", fontsize=10)
     return fig
@@ -283,25 +240,19 @@ def plot(res: dict[str, Any]) -> Any:
 
 def metrics(res: dict[str, Any]) -> dict[str, Any]:
     """The numbers a README quotes."""
-    init, fin = res["initial"], res["final"]
-    out = {
-        "initial_heldout_loss": init["heldout_loss"],
-        "initial_train_loss": init["train_loss"],
-        "initial_norm_C": init["norm_C"],
-        **{key: {m: fin[m][key] for m in fin} for key in ("heldout_loss", "train_loss",
-                                                          "norm_C")},
-        "singular_values_C": {"initial": init["singular_values_C"],
-                              **{m: fin[m]["singular_values_C"] for m in fin}},
-        "heldout_reduction": {m: 1 - fin[m]["heldout_loss"] / init["heldout_loss"] for m in fin},
-        "diverged": res["diverged"],
-    }
+    init, fin, keys = res["initial"], res["final"], ("heldout_loss", "train_loss", "norm_C")
+    out = {**{f"initial_{key}": init[key] for key in keys},
+           **{key: {m: fin[m][key] for m in fin} for key in keys},
+           "singular_values_C": {"initial": init["singular_values_C"],
+                                 **{m: fin[m]["singular_values_C"] for m in fin}},
+           "heldout_reduction": {m: 1 - fin[m]["heldout_loss"] / init["heldout_loss"]
+                                 for m in fin},
+           "diverged": res["diverged"]}
     if "average" in fin:
         out["average_better_than_start"] = fin["average"]["heldout_loss"] < init["heldout_loss"]
-        if "batch_gd" in fin:
-            out["average_over_batch_gd_heldout"] = (
-                fin["average"]["heldout_loss"] / fin["batch_gd"]["heldout_loss"])
-    for k in ("own_sample_loss", "single_copy_heldout", "single_copy_heldout_median",
-              "one_epoch_gap"):
-        if k in res:
-            out[k] = res[k]
-    return out
+    if "average" in fin and "batch_gd" in fin:
+        out["average_over_batch_gd_heldout"] = (fin["average"]["heldout_loss"]
+                                                / fin["batch_gd"]["heldout_loss"])
+    return out | {key: res[key] for key in ("own_sample_loss", "single_copy_heldout",
+                                            "single_copy_heldout_median", "one_epoch_gap")
+                  if key in res}

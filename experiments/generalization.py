@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=0.01,
                     help="learning rate of per-sample and batch GD (default 0.01)")
     ap.add_argument("--adam-lr", type=float, default=0.01, help="adam's learning rate (0.01)")
-    args = ap.parse_args(list(argv) if argv is not None else None)
+    args = ap.parse_args(argv)
     if args.quick:
         args.n_train, args.n_test, args.epochs = 16, 32, 20
     res = averaging.run_generalization(
@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tl = res["train_losses"]
     written = write_results(
         _common.out_dir(args.out),
-        config={**vars(args), "out": str(args.out)},
+        config=_common.config_of(args),
         metrics={"environment": _common.environment(jnp.float64), **averaging.metrics(res),
                  "conclusion": text},
         tables={"curves": averaging.curve_rows(res),

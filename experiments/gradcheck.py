@@ -39,11 +39,9 @@ def run(in_dim: int, hidden_dim: int, out_dim: int, n: int, seed: int) -> list[d
         params = abc_jax.init_params(kp, in_dim, hidden_dim, out_dim, dtype=dtype)
         X = jax.random.normal(kx, (n, in_dim), dtype)
         oracle = abc_jax.oracle_grad(params, X)
-        for comparison, grads in zip(COMPARISONS, (abc_jax.batch_grad(params, X),
-                                                   abc_jax.fd_grad(params, X)), strict=True):
-            for name, e in abc_jax.grad_errors(grads, oracle).items():
-                rows.append(dict(dtype=jnp.dtype(dtype).name, param=name,
-                                 comparison=comparison, **e))
+        for cmp, grad in zip(COMPARISONS, (abc_jax.batch_grad, abc_jax.fd_grad), strict=True):
+            rows += [dict(dtype=jnp.dtype(dtype).name, param=name, comparison=cmp, **e)
+                     for name, e in abc_jax.grad_errors(grad(params, X), oracle).items()]
     return rows
 
 
@@ -60,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--hidden-dim", type=int, default=None, help="H (default D)")
     ap.add_argument("--out-dim", type=int, default=None, help="O (default D)")
     ap.add_argument("--n", type=int, default=8, help="samples N (default 8)")
-    args = ap.parse_args(list(argv) if argv is not None else None)
+    args = ap.parse_args(argv)
     if args.quick:
         args.n = 4
     H, O = args.hidden_dim or args.in_dim, args.out_dim or args.in_dim
@@ -70,13 +68,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{NAME}: error: {e}", file=sys.stderr)
         return 2
     print(f"D={args.in_dim} H={H} O={O} N={args.n} seed={args.seed}  (device {jax.devices()[0]})")
-    _common.print_table(FIELDS, [[r[k] for k in FIELDS] for r in rows], floatfmt=".2e")
+    table = (FIELDS, [[r[k] for k in FIELDS] for r in rows])
+    _common.print_table(*table, floatfmt=".2e")
     written = write_results(
-        _common.out_dir(args.out),
-        config={**vars(args), "out": str(args.out), "hidden_dim": H, "out_dim": O},
+        _common.out_dir(args.out), config=_common.config_of(args, hidden_dim=H, out_dim=O),
         metrics={"environment": _common.environment(), "worst_rel": worst(rows), "rows": rows},
-        tables={NAME: (FIELDS, [[r[k] for k in FIELDS] for r in rows])},
-    )
+        tables={NAME: table})
     print(f"wrote {args.out}/: " + ", ".join(written))
     return 0
 

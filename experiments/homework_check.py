@@ -1,11 +1,9 @@
 """The homework's printed gradient check, re-read from its numbers; one update simulated.
 
-The homework printed its manual gradients and loss to 16 digits and PyTorch's
-to four decimals, and called them "approximately same". ``reread_homework_check``
-reads the two side by side (ratios, 4-decimal rounding, rank, the loss ratio
-against the listing's per-update ratio); ``simulate_one_update_later`` computes
-what PyTorch would have printed one gradient-descent update later, on the
-project's own run; every sentence here is a pure function of those numbers.
+The homework printed its manual gradients and loss to 16 digits, PyTorch's to four decimals,
+and called them "approximately same". ``reread_homework_check`` reads the two side by side;
+``simulate_one_update_later`` computes what PyTorch would have printed one gradient-descent
+update later, on the project's own run; every sentence is a pure function of those numbers.
 No ``main``: ``reproduce_seed.py`` runs it as its part (e).
 """
 
@@ -34,11 +32,9 @@ HOMEWORK_LOSSES = (
     0.2716954467766908,
 )
 
-# The homework's gradient check as its write-up printed it ("Observation and Discussion",
-# part 1, right after the loss listing HOMEWORK_LOSSES), copied exactly: its manual gradients
-# and loss in full precision, PyTorch's ("Gradient calculated using autograd") to the four
-# decimals PyTorch printed. The write-up called the two "approximately same".
-
+# Its gradient check as the write-up printed it ("Observation and Discussion", part 1, after
+# that listing), copied exactly: manual gradients and loss in full precision, PyTorch's ("Gradient
+# calculated using autograd") to the four decimals it printed, called "approximately same".
 HOMEWORK_MANUAL_LOSS = 0.0048365386124306535
 HOMEWORK_MANUAL_GRADS = {
     "A": ((-0.0006713625025565516, 0.0013139067848766854, 0.0018388094918960131),
@@ -63,60 +59,54 @@ RANK_TOL = 1e-6  # sigma_2 / sigma_1 below this counts as rank one (4 decimals r
 SIGNATURE_BAND = 0.005  # dC ratios within this of sqrt(loss ratio): the homework's pattern
 
 
+def _span(iv: Sequence[float] | None, fmt: str = ".4f") -> str:
+    return "none" if iv is None else f"{iv[0]:{fmt}}-{iv[1]:{fmt}}"
+
+
 def factor_interval(manual: Any, torch: Any) -> list[float] | None:
     """The factors r with |r * manual - torch| <= HALF_UNIT for every entry: [lo, hi], or None.
 
     Each such r makes r * manual print as ``torch`` at four decimals: the uniform
     rescalings of the manual numbers that the printed numbers cannot tell apart.
     """
-    m, t = np.ravel(np.asarray(manual, np.float64)), np.ravel(np.asarray(torch, np.float64))
-    a, b = (t - HALF_UNIT) / m, (t + HALF_UNIT) / m
-    lo, hi = float(np.max(np.minimum(a, b))), float(np.min(np.maximum(a, b)))
-    return [lo, hi] if lo <= hi else None
+    m, t = np.asarray(manual, np.float64), np.asarray(torch, np.float64)
+    lo, hi = np.sort([(t - HALF_UNIT) / m, (t + HALF_UNIT) / m], axis=0)
+    return [float(lo.max()), float(hi.min())] if lo.max() <= hi.min() else None
 
 
-def _matrix(m: np.ndarray, t: np.ndarray) -> dict[str, Any]:
-    """One gradient, manual m (16 digits) against PyTorch t (4 decimals)."""
-    ratio = t / m
-    beyond = np.abs(t - np.round(m, TORCH_DECIMALS)) > HALF_UNIT + 1e-12
-    _, s, vt = np.linalg.svd(m)
-    return {
-        "ratio": ratio, "ratio_min": float(ratio.min()), "ratio_max": float(ratio.max()),
-        "beyond_rounding": beyond, "n_beyond_rounding": int(beyond.sum()),
-        "fit_factor": float(np.sum(t * m) / np.sum(m * m)),
-        "common_factor": factor_interval(m, t),
-        "row_factors": [factor_interval(m[i], t[i]) for i in range(m.shape[0])],
-        "singular_values": s, "rank_one": bool(s[1] <= RANK_TOL * s[0]),
-        "right_vector": vt[0] * np.sign(vt[0][np.argmax(np.abs(vt[0]))]),
-    }
+def reread_homework_check(manual: dict[str, Any] = HOMEWORK_MANUAL_GRADS,
+                          torch: dict[str, Any] = HOMEWORK_TORCH_GRADS,
+                          loss_torch: float = HOMEWORK_TORCH_LOSS) -> dict[str, Any]:
+    """The printed check read side by side: per matrix, and for the loss.
 
-
-def reread_homework_check(
-    manual: dict[str, Any] = HOMEWORK_MANUAL_GRADS, torch: dict[str, Any] = HOMEWORK_TORCH_GRADS,
-    loss_manual: float = HOMEWORK_MANUAL_LOSS, loss_torch: float = HOMEWORK_TORCH_LOSS,
-    listing: Sequence[float] = HOMEWORK_LOSSES,
-) -> dict[str, Any]:
-    """The printed check read side by side, per matrix (``_matrix``) and for the loss.
-
-    A one-sample gradient is rank one, dA = gy x^T and dB = gz x^T share the
-    direction of x, and dA = diag(u (1 - u)) dB: each row of dA / dB is one
-    number <= 1/4. The loss: PyTorch / manual (with the interval its two
-    printed digits allow) against the listing's per-update ratio L[t+1] / L[t].
+    Per matrix: PyTorch / manual entry by entry with the interval 4-decimal rounding allows,
+    the entries beyond rounding, one factor fitting all, the manual singular values. A
+    one-sample gradient is rank one, dA = gy x^T and dB = gz x^T share the direction of x,
+    and dA = diag(u (1 - u)) dB: each row of dA / dB is one number <= 1/4. The loss:
+    PyTorch / manual (and its interval) against the listing's per-update ratio L[t+1] / L[t].
     """
-    mats = {n: _matrix(np.asarray(manual[n], np.float64), np.asarray(torch[n], np.float64))
-            for n in abc_jax.Params._fields}
-    slope = np.asarray(manual["A"], np.float64) / np.asarray(manual["B"], np.float64)
-    L = np.asarray(listing, np.float64)
+    mats = {}
+    for n in abc_jax.Params._fields:
+        m, t = np.asarray(manual[n], np.float64), np.asarray(torch[n], np.float64)
+        beyond = np.abs(t - np.round(m, TORCH_DECIMALS)) > HALF_UNIT + 1e-12
+        _, s, vt = np.linalg.svd(m)
+        mats[n] = {"manual": m, "torch": t, "ratio": t / m, "ratio_min": float((t / m).min()),
+                   "ratio_max": float((t / m).max()),
+                   "bounds": np.sort([(t - HALF_UNIT) / m, (t + HALF_UNIT) / m], axis=0),
+                   "beyond_rounding": beyond, "n_beyond_rounding": int(beyond.sum()),
+                   "fit_factor": float(np.sum(t * m) / np.sum(m * m)),
+                   "common_factor": factor_interval(m, t), "singular_values": s,
+                   "rank_one": bool(s[1] <= RANK_TOL * s[0]), "right_vector": vt[0]}
+    slope = mats["A"]["manual"] / mats["B"]["manual"]
+    L, L0 = np.asarray(HOMEWORK_LOSSES), HOMEWORK_MANUAL_LOSS
     steps = L[1:] / L[:-1]
     return {
-        "matrices": mats,
-        "sigmoid_slope_rows": slope.mean(axis=1),
+        "matrices": mats, "sigmoid_slope_rows": slope.mean(axis=1),
         "sigmoid_slope_row_spread": float(np.max(np.ptp(slope, axis=1) / slope.mean(axis=1))),
         "rank_one": all(mm["rank_one"] for mm in mats.values()),
         "cos_right_AB": float(abs(mats["A"]["right_vector"] @ mats["B"]["right_vector"])),
-        "loss_ratio": loss_torch / loss_manual,
-        "loss_ratio_interval": [(loss_torch - HALF_UNIT) / loss_manual,
-                                (loss_torch + HALF_UNIT) / loss_manual],
+        "loss_ratio": loss_torch / L0,
+        "loss_ratio_interval": [(loss_torch - HALF_UNIT) / L0, (loss_torch + HALF_UNIT) / L0],
         "listing_step_ratio_median": float(np.median(steps)),
         "listing_step_ratio_range": [float(steps.min()), float(steps.max())],
         "n_entries": sum(mm["ratio"].size for mm in mats.values()),
@@ -142,33 +132,28 @@ def _one_update(params: abc_jax.Params, x: jax.Array, lr: Any) -> tuple[Any, ...
     return L0, L1, g, abc_jax.manual_grad(new, x), r0.z, r1.z
 
 
-def one_update_loss_ratio(params: abc_jax.Params, x: jax.Array, lr: float) -> float:
-    """L(p - lr g) / L(p) for one update of the homework's rule."""
-    L0, L1, *_ = _one_update(params, x, lr)
-    return float(L1 / L0)
-
-
-def lr_for_loss_ratio(params: abc_jax.Params, x: jax.Array, target: float,
-                      iters: int = 60) -> float:
+def lr_for_loss_ratio(params: abc_jax.Params, x: jax.Array, target: float) -> float:
     """The lr at which one update p <- p - lr g multiplies L by ``target`` (0 < target < 1).
 
-    From the first-order guess (1 - target) L / ||g||^2 the upper end doubles
-    until one update lowers L that much, then ``iters`` bisections of [0, upper].
+    From the first-order guess (1 - target) L / ||g||^2 the upper end doubles until
+    one update lowers L that much (at most 60 times), then 60 bisections of [0, upper].
     """
     if not 0.0 < target < 1.0:
         raise ValueError(f"target must be in (0, 1), got {target}")
+
+    def ratio(lr: float) -> float:  # L(p - lr g) / L(p)
+        L0, L1, *_ = _one_update(params, x, lr)
+        return float(L1 / L0)
+
     g = abc_jax.manual_grad(params, x)
-    hi = (1.0 - target) * float(abc_jax.loss(params, x)) / float(sum(jnp.vdot(a, a) for a in g))
-    for _ in range(60):
-        if one_update_loss_ratio(params, x, hi) <= target:
-            break
-        hi *= 2.0
-    else:
+    guess = (1.0 - target) * float(abc_jax.loss(params, x)) / float(sum(jnp.vdot(a, a) for a in g))
+    lo, hi = 0.0, next((guess * 2.0**i for i in range(60)
+                        if ratio(guess * 2.0**i) <= target), None)
+    if hi is None:
         raise ValueError(f"no lr lowers the loss by the factor {target} in one update")
-    lo = 0.0
-    for _ in range(iters):
+    for _ in range(60):
         mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if one_update_loss_ratio(params, x, mid) > target else (lo, mid)
+        lo, hi = (mid, hi) if ratio(mid) > target else (lo, mid)
     return 0.5 * (lo + hi)
 
 
@@ -176,28 +161,24 @@ def simulate_one_update_later(params: abc_jax.Params, x: jax.Array,
                               target: float) -> dict[str, Any]:
     """g_{t+1} / g_t entry by entry, lr set so that L falls by ``target`` in the update.
 
-    Also the loss ratio, its square root (the factor of ||w||, hence of
-    dC = 2 w z^T if z stood still) and the factor of ||z||.
+    Also the loss ratio, its square root (the factor of ||w||, hence of dC = 2 w z^T
+    if z stood still), the factor of ||z||, and ``homework_like``: every dC ratio within
+    SIGNATURE_BAND of that square root, as in the homework's print.
     """
     lr = lr_for_loss_ratio(params, x, target)
     L0, L1, g0, g1, z0, z1 = _one_update(params, x, lr)
     ratios = {n: np.asarray(b) / np.asarray(a)
               for n, a, b in zip(abc_jax.Params._fields, g0, g1, strict=True)}
+    sqrt = np.sqrt(L1 / L0)
     return {
         "lr": lr, "loss": float(L0), "loss_next": float(L1), "loss_ratio": float(L1 / L0),
-        "sqrt_loss_ratio": float(np.sqrt(L1 / L0)), "ratios": ratios,
+        "sqrt_loss_ratio": float(sqrt), "ratios": ratios,
+        "homework_like": bool(np.abs(ratios["C"] - sqrt).max() <= SIGNATURE_BAND),
         "z_norm_ratio": float(jnp.linalg.norm(z1) / jnp.linalg.norm(z0)),
         "all_entries_shrink": bool(all(np.all((r > 0) & (r < 1)) for r in ratios.values())),
         **{f"d{n}_ratio_{f.__name__}": float(f(r)) for n, r in ratios.items()
            for f in (np.min, np.max, np.median)},
     }
-
-
-def homework_like(sim: dict[str, Any]) -> bool:
-    """Every dC ratio within SIGNATURE_BAND of sqrt(loss ratio), as in the homework's print."""
-    r = sim["sqrt_loss_ratio"]
-    return bool(sim["dC_ratio_min"] >= r - SIGNATURE_BAND
-                and sim["dC_ratio_max"] <= r + SIGNATURE_BAND)
 
 
 def seed_scan(k: int, epochs: int, lr: float, seeds: Sequence[int],
@@ -208,8 +189,7 @@ def seed_scan(k: int, epochs: int, lr: float, seeds: Sequence[int],
         params0, x = draw(k, seed)
         params = abc_jax.train(params0, x[None, :], lr=lr, epochs=epochs, progress=False).params
         sim = simulate_one_update_later(params, x, target)
-        rows.append({"seed": seed, **{key: v for key, v in sim.items() if key != "ratios"},
-                     "homework_like": homework_like(sim)})
+        rows.append({"seed": seed, **{key: v for key, v in sim.items() if key != "ratios"}})
     return rows
 
 
@@ -223,9 +203,8 @@ def _overlap(a: Sequence[float] | None, b: Sequence[float]) -> bool:
 def one_update_later(hc: dict[str, Any]) -> bool:
     """Is the print consistent with PyTorch seeing the parameters one listed update later?
 
-    Yes iff PyTorch's L / manual L can be one step of the listing, and the one
-    factor of dL/dC can be the square root of that loss ratio (||w|| = sqrt(L)
-    shrinks, z stays).
+    Yes iff PyTorch's L / manual L can be one step of the listing, and dL/dC's one factor
+    can be the square root of that loss ratio (||w|| = sqrt(L) shrinks, z stays).
     """
     iv = hc["loss_ratio_interval"]
     return (_overlap(iv, hc["listing_step_ratio_range"])
@@ -246,28 +225,26 @@ def derivation_sentence(hc: dict[str, Any]) -> str:
 
 def rounding_sentence(hc: dict[str, Any]) -> str:
     """Are PyTorch's printed numbers the manual ones rounded to four decimals?"""
-    n, total, C = hc["n_beyond_rounding"], hc["n_entries"], hc["matrices"]["C"]
+    n, C, rc = hc["n_beyond_rounding"], hc["matrices"]["C"], hc["matrices"]["C"]["common_factor"]
     head = ("PyTorch's numbers are the manual ones rounded" if n == 0 else
-            f"PyTorch's numbers are not the manual ones rounded: {n} of {total} entries differ "
-            "beyond 4-decimal rounding (" + ", ".join(
+            f"PyTorch's numbers are not the manual ones rounded: {n} of {hc['n_entries']} "
+            "entries differ beyond 4-decimal rounding (" + ", ".join(
                 f"dL/d{k} {m['n_beyond_rounding']}" for k, m in hc["matrices"].items()) + ")")
-    rc = C["common_factor"]
-    fit = (f"one factor, {rc[0]:.4f}-{rc[1]:.4f}, reproduces every printed dL/dC entry" if rc
+    fit = (f"one factor, {_span(rc)}, reproduces every printed dL/dC entry" if rc
            else "no one factor reproduces every printed dL/dC entry")
     return f"{head}; dL/dC's ratios are {C['ratio_min']:.4f}-{C['ratio_max']:.4f}: {fit}."
 
 
 def loss_sentence(hc: dict[str, Any]) -> str:
     """PyTorch's L against the manual L, the listing's step, and dL/dC's factor."""
-    lo, hi = hc["loss_ratio_interval"]
-    s_lo, s_hi = hc["listing_step_ratio_range"]
-    rc = hc["matrices"]["C"]["common_factor"]
-    text = (f"PyTorch's L is {hc['loss_ratio']:.3f} times the manual one ({lo:.3f}-{hi:.3f} "
-            f"given its digits); one listed update multiplies L by {s_lo:.4f}-{s_hi:.4f}.")
-    if rc is not None and not _overlap(rc, [lo, hi]):
+    iv, rc = hc["loss_ratio_interval"], hc["matrices"]["C"]["common_factor"]
+    text = (f"PyTorch's L is {hc['loss_ratio']:.3f} times the manual one ({_span(iv, '.3f')} "
+            "given its digits); one listed update multiplies L by "
+            f"{_span(hc['listing_step_ratio_range'])}.")
+    if rc is not None and not _overlap(rc, iv):
         text += " dL/dC's factor is not L's, so it is not a rescaled loss (that scales both alike)."
     if one_update_later(hc):
-        text += (f" dL/dC's factor lies within sqrt of L's ({np.sqrt(lo):.3f}-{np.sqrt(hi):.3f}):"
+        text += (f" dL/dC's factor lies within sqrt of L's ({_span(np.sqrt(iv), '.3f')}):"
                  " as one update later, where ||w|| = sqrt(L) shrinks and z stays.")
     return text
 
@@ -275,11 +252,10 @@ def loss_sentence(hc: dict[str, Any]) -> str:
 def simulation_sentence(sim: dict[str, Any], scan: Sequence[dict[str, Any]]) -> str:
     """What one simulated update did here, and over the scanned seeds."""
     runs = [sim, *scan]
-    like = sum(homework_like(r) for r in runs)
-    shrink = sum(r["all_entries_shrink"] for r in runs)
+    like, shrink = (sum(r[key] for r in runs) for key in ("homework_like", "all_entries_shrink"))
     return (f"One simulated update (lr = {sim['lr']:.3g}, L x {sim['loss_ratio']:.4f}) scales "
             f"dL/dC by {sim['dC_ratio_min']:.4f}-{sim['dC_ratio_max']:.4f} against sqrt "
-            f"{sim['sqrt_loss_ratio']:.4f}: {'' if homework_like(sim) else 'not '}the printed "
+            f"{sim['sqrt_loss_ratio']:.4f}: {'' if sim['homework_like'] else 'not '}the printed "
             f"pattern; over {len(runs)} runs {like} show it and in {shrink} every entry shrinks.")
 
 
@@ -295,47 +271,38 @@ def homework_check_sentence(hc: dict[str, Any]) -> str:
     return f"The homework's own check {diff}; its manual numbers are {rank}; {later}."
 
 
-# -- tables, figure, printing ---------------------------------------------------------------
+# -- tables, figure, the run -----------------------------------------------------------------
 
 
-def reread_rows(hc: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
-    """The re-read as a table: one column per gradient."""
-    mats = hc["matrices"].values()
-    iv = lambda v: "none" if v is None else f"{v[0]:.4f}-{v[1]:.4f}"  # noqa: E731
-    return ["PyTorch vs manual", *(f"dL/d{n}" for n in hc["matrices"])], [
-        ["ratio, min", *(f"{m['ratio_min']:.4f}" for m in mats)],
-        ["ratio, max", *(f"{m['ratio_max']:.4f}" for m in mats)],
-        ["one factor fitting all", *(iv(m["common_factor"]) for m in mats)],
-        ["least-squares factor", *(f"{m['fit_factor']:.4f}" for m in mats)],
-        ["beyond rounding", *(f"{m['n_beyond_rounding']} of {m['ratio'].size}" for m in mats)],
-        ["manual singular values",
-         *(" ".join(f"{v:.2g}" for v in m["singular_values"]) for m in mats)],
-    ]
-
-
-def entry_rows(hc: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
-    """Every printed entry: manual, PyTorch, the manual rounded, the ratio and its interval."""
-    rows = []
-    for name in abc_jax.Params._fields:
-        m = np.asarray(HOMEWORK_MANUAL_GRADS[name], np.float64)
-        t = np.asarray(HOMEWORK_TORCH_GRADS[name], np.float64)
-        for (i, j), mij in np.ndenumerate(m):
-            lo, hi = sorted(((t[i, j] - HALF_UNIT) / mij, (t[i, j] + HALF_UNIT) / mij))
-            rows.append([f"dL/d{name}[{i},{j}]", repr(float(mij)), float(t[i, j]),
-                         float(np.round(mij, TORCH_DECIMALS)), float(t[i, j] / mij),
-                         bool(hc["matrices"][name]["beyond_rounding"][i, j]), lo, hi])
-    return ["entry", "manual", "pytorch", "manual_rounded", "ratio", "beyond_rounding",
-            "ratio_lo", "ratio_hi"], rows
-
-
-def scan_rows(scan: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
-    header = ["seed", "L_t", "lr", "L ratio", "sqrt", "||z|| ratio", "dA ratios", "dB ratios",
-              "dC ratios", "all shrink", "like the homework"]
-    return header, [[r["seed"], f"{r['loss']:.3g}", f"{r['lr']:.3g}", f"{r['loss_ratio']:.4f}",
-                     f"{r['sqrt_loss_ratio']:.4f}", f"{r['z_norm_ratio']:.4f}",
-                     *(f"{r[f'd{n}_ratio_min']:.4f}-{r[f'd{n}_ratio_max']:.4f}" for n in "ABC"),
-                     "yes" if r["all_entries_shrink"] else "no",
-                     "yes" if homework_like(r) else "no"] for r in scan]
+def _tables(hc: dict[str, Any], sims: Sequence[dict[str, Any]]) -> dict[str, tuple]:
+    """The re-read (one column per gradient), every printed entry, and the simulated updates."""
+    mats, yes = hc["matrices"], {True: "yes", False: "no"}
+    cells = {"ratio, min": lambda m: f"{m['ratio_min']:.4f}",
+             "ratio, max": lambda m: f"{m['ratio_max']:.4f}",
+             "one factor fitting all": lambda m: _span(m["common_factor"]),
+             "least-squares factor": lambda m: f"{m['fit_factor']:.4f}",
+             "beyond rounding": lambda m: f"{m['n_beyond_rounding']} of {m['ratio'].size}",
+             "manual singular values": lambda m: " ".join(f"{v:.2g}" for v in m["singular_values"])}
+    entries = []
+    for n, m in mats.items():
+        cols = (m["manual"], m["torch"], np.round(m["manual"], TORCH_DECIMALS), m["ratio"],
+                m["beyond_rounding"], *m["bounds"])
+        for ij in np.ndindex(m["manual"].shape):
+            man, *rest = (c[ij].item() for c in cols)
+            entries.append([f"dL/d{n}[{ij[0]},{ij[1]}]", repr(man), *rest])
+    return {
+        "reread": (["PyTorch vs manual", *(f"dL/d{n}" for n in mats)],
+                   [[label, *map(f, mats.values())] for label, f in cells.items()]),
+        "homework_check": (["entry", "manual", "pytorch", "manual_rounded", "ratio",
+                            "beyond_rounding", "ratio_lo", "ratio_hi"], entries),
+        "homework_check_simulated": (
+            ["seed", "L_t", "lr", "L ratio", "sqrt", "||z|| ratio", "dA ratios", "dB ratios",
+             "dC ratios", "all shrink", "like the homework"],
+            [[r["seed"], f"{r['loss']:.3g}", f"{r['lr']:.3g}", f"{r['loss_ratio']:.4f}",
+              f"{r['sqrt_loss_ratio']:.4f}", f"{r['z_norm_ratio']:.4f}",
+              *(_span([r[f"d{n}_ratio_min"], r[f"d{n}_ratio_max"]]) for n in "ABC"),
+              yes[r["all_entries_shrink"]], yes[r["homework_like"]]] for r in sims]),
+    }
 
 
 def plot(hc: dict[str, Any], sim: dict[str, Any]) -> Any:
@@ -348,11 +315,10 @@ def plot(hc: dict[str, Any], sim: dict[str, Any]) -> Any:
     C = hc["matrices"]["C"]
     r_obs = float(np.mean(C["common_factor"] or [C["fit_factor"]]))
     r_w = float(np.sqrt(hc["listing_step_ratio_median"]))
-    for name, mk in zip(abc_jax.Params._fields, "os^", strict=True):
-        m, t = np.ravel(HOMEWORK_MANUAL_GRADS[name]), np.ravel(HOMEWORK_TORCH_GRADS[name])
-        lo, hi = np.sort(np.stack([(t - HALF_UNIT) / m, (t + HALF_UNIT) / m]), axis=0)
-        ax.errorbar(np.abs(m), t / m, yerr=[t / m - lo, hi - t / m], fmt=mk, ms=6, mfc="none",
-                    capsize=2, lw=0.8, label=f"dL/d{name}")
+    for (name, m), mk in zip(hc["matrices"].items(), "os^", strict=True):
+        r, lo, hi = np.ravel(m["ratio"]), *(np.ravel(b) for b in m["bounds"])
+        ax.errorbar(np.abs(np.ravel(m["manual"])), r, yerr=[r - lo, hi - r], fmt=mk, ms=6,
+                    mfc="none", capsize=2, lw=0.8, label=f"dL/d{name}")
     ax.axhline(1.0, color="0.3", lw=1, label="1 (same parameters)")
     ax.axhline(r_obs, color="C3", ls="--", lw=1.2, label=f"{r_obs:.4f} (fits dL/dC)")
     ax.axhline(r_w, color="C4", ls=":", lw=1.5, label=f"{r_w:.4f} (sqrt of one listed update)")
@@ -377,22 +343,20 @@ def run(params: abc_jax.Params, x: jax.Array, *, k: int, epochs: int, lr: float,
     scan = seed_scan(k, epochs, lr, seeds, hc["listing_step_ratio_median"])
     findings = [derivation_sentence(hc), rounding_sentence(hc), loss_sentence(hc),
                 simulation_sentence(sim, scan)]
-    _common.print_table(*reread_rows(hc))
-    sims = scan_rows([{"seed": "this run", **sim}, *scan])
+    tables = _tables(hc, [{"seed": "this run", **sim}, *scan])
+    _common.print_table(*tables.pop("reread"))
     print()
-    _common.print_table(*sims)
+    _common.print_table(*tables["homework_check_simulated"])
     print("\n" + "\n".join(findings))
-    C = hc["matrices"]["C"]
+    C, simulated = hc["matrices"]["C"], {key: v for key, v in sim.items() if key != "ratios"}
     metrics = {
         "autograd_over_manual_dC": [C["ratio_min"], C["ratio_max"]],
         "dC_common_factor": C["common_factor"], "loss_ratio_printed": hc["loss_ratio"],
-        "loss_ratio_interval": hc["loss_ratio_interval"],
-        "listing_step_ratio_range": hc["listing_step_ratio_range"],
-        "n_beyond_rounding": hc["n_beyond_rounding"], "manual_rank_one": hc["rank_one"],
-        "one_update_later": one_update_later(hc),
-        "simulated": {key: v for key, v in sim.items() if key != "ratios"},
-        "seeds_homework_like": sum(homework_like(r) for r in scan), "n_seeds": len(scan),
-        "findings": findings,
+        **{key: hc[key] for key in ("loss_ratio_interval", "listing_step_ratio_range",
+                                    "n_beyond_rounding")},
+        "manual_rank_one": hc["rank_one"], "one_update_later": one_update_later(hc),
+        "simulated": simulated, "seeds_homework_like": sum(r["homework_like"] for r in scan),
+        "n_seeds": len(scan), "findings": findings,
     }
     return {"metrics": metrics, "sentence": homework_check_sentence(hc), "figure": plot(hc, sim),
-            "tables": {"homework_check": entry_rows(hc), "homework_check_simulated": sims}}
+            "tables": tables}

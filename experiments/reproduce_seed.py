@@ -1,11 +1,10 @@
 """Reproduce the homework, K = 3: the loss listing, the gradient check, and its three answers.
 
-  (a) plain gradient descent on one random x: the loss falling iteration by
-      iteration, as the homework printed it (and the same loop on Python lists);
-  (b) dL/dA, dL/dB, dL/dC by the manual backward pass, jax.grad and finite
-      differences, side by side in float64 with their errors;
-  (c) time per gradient: backprop against finite differences and the homework's
-      plain-Python loops;
+  (a) plain gradient descent on one random x: the loss falling iteration by iteration,
+      as the homework printed it (and the same loop on Python lists);
+  (b) dL/dA, dL/dB, dL/dC by the manual backward pass, jax.grad and finite differences,
+      side by side in float64 with their errors;
+  (c) time per gradient: backprop against finite differences and plain-Python loops;
   (d) why averaging per-sample solutions did not generalise (averaging.py);
   (e) the homework's own check, re-read from its printed numbers (homework_check.py).
 
@@ -52,10 +51,11 @@ def loss_listing(k: int, epochs: int, lr: float, seed: int) -> dict[str, Any]:
     losses = np.asarray(res.losses, np.float64)
     return {"x": x, "params_start": params0, "params": res.params, "losses": losses.tolist(),
             "python_losses": py, "final_loss": float(abc_jax.loss(res.params, x)),
-            "max_abs_diff_python": float(np.max(np.abs(losses - py))) if epochs else 0.0}
+            "max_abs_diff_python": float(np.max(np.abs(losses - py)))}
 
 
 def plot_listing(rec: dict[str, Any], lr: float) -> Any:
+    """The loss listing by train and on lists, beside the homework's own (log scale)."""
     fig, ax = _common.figure(width=6.0, height=4.0)
     L, py = rec["losses"], rec["python_losses"]
     step = max(1, len(py) // 25)
@@ -104,24 +104,11 @@ def gradient_check(params: abc_jax.Params, x: jax.Array) -> dict[str, Any]:
 
 def gradient_rows(check: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     """Every entry side by side, full precision: manual, jax.grad, finite differences."""
-    g, rows = check["grads"], []
-    for name in abc_jax.Params._fields:
-        man, ref, fd = (np.asarray(getattr(g[m], name)) for m in ("manual", "jax_grad",
-                                                                   "finite_diff"))
-        rows += [[f"dL/d{name}[{i},{j}]", repr(float(man[i, j])), repr(float(r)),
-                  repr(float(fd[i, j])), float(abs(man[i, j] - r)), float(abs(fd[i, j] - r))]
-                 for (i, j), r in np.ndenumerate(ref)]
-    return ["entry", "manual", "jax.grad", "finite diff.", "|manual-jax|", "|fd-jax|"], rows
-
-
-def _calls(params: abc_jax.Params, X: jax.Array) -> dict[str, Any]:
-    """method -> zero-argument call computing one gradient of batch_loss(params, X)."""
-    lists = homework.to_lists(params, X)
-    jitted = {"batch_grad": jax.jit(abc_jax.batch_grad), "jax_grad": jax.jit(abc_jax.oracle_grad),
-              "fd_grad": jax.jit(abc_jax.fd_grad)}
-    return {**{m: (lambda f=f: f(params, X)) for m, f in jitted.items()},
-            "python_backprop": lambda: homework.py_loss_and_grad(*lists)[1],
-            "python_fd": lambda: homework.py_fd_grad(*lists)}
+    g = [np.asarray(check["grads"][m]) for m in ("manual", "jax_grad", "finite_diff")]
+    return ["entry", "manual", "jax.grad", "finite diff.", "|manual-jax|", "|fd-jax|"], [
+        [f"dL/d{'ABC'[p]}[{i},{j}]", *(repr(float(a[p, i, j])) for a in g),
+         float(abs(g[0][p, i, j] - g[1][p, i, j])), float(abs(g[2][p, i, j] - g[1][p, i, j]))]
+        for p, i, j in np.ndindex(g[0].shape)]
 
 
 def timing(ks: Sequence[int], n: int, seed: int, budget_s: float,
@@ -135,19 +122,24 @@ def timing(ks: Sequence[int], n: int, seed: int, budget_s: float,
     ``ratio``: median_s / batch_grad's. Repeated K are timed once.
     """
     rows, last = [], {}
+    jitted = {"batch_grad": jax.jit(abc_jax.batch_grad), "jax_grad": jax.jit(abc_jax.oracle_grad),
+              "fd_grad": jax.jit(abc_jax.fd_grad)}
     for K in dict.fromkeys(ks):
         kp, kx = jax.random.split(jax.random.fold_in(jax.random.key(seed), K))
         params = abc_jax.init_params(kp, K, dtype=jnp.float64)
         X = jax.random.normal(kx, (n, K), jnp.float64)
-        calls = {m: f for m, f in _calls(params, X).items() if m == "batch_grad"
-                 or m not in last or last[m] * (K / last["K"]) ** SCALING.get(m, 2) <= budget_s}
+        lists = homework.to_lists(params, X)
+        calls = {**{m: (lambda f=f, p=params, X=X: f(p, X)) for m, f in jitted.items()},
+                 "python_backprop": lambda lists=lists: homework.py_loss_and_grad(*lists)[1],
+                 "python_fd": lambda lists=lists: homework.py_fd_grad(*lists)}
+        calls = {m: f for m, f in calls.items() if m == "batch_grad" or m not in last
+                 or last[m] * (K / last["K"]) ** SCALING.get(m, 2) <= budget_s}
         times = _common.time_interleaved(calls, min_time=min_time, max_time=budget_s / 2,
                                          rounds=5)
-        last = {"K": K, **{m: times[m].median_s if m in times else np.inf for m in METHODS}}
-        base = times["batch_grad"].median_s
-        rows += [{"K": K, "P": 3 * K * K, "N": n, "method": m,
-                  "median_s": times[m].median_s if m in times else None,
-                  "ratio": times[m].median_s / base if m in times else None} for m in METHODS]
+        med = {m: times[m].median_s if m in times else None for m in METHODS}
+        last = {"K": K, **{m: np.inf if t is None else t for m, t in med.items()}}
+        rows += [{"K": K, "P": 3 * K * K, "N": n, "method": m, "median_s": t,
+                  "ratio": None if t is None else t / med["batch_grad"]} for m, t in med.items()]
     return rows
 
 
@@ -180,12 +172,11 @@ def speed_answer(rows: Sequence[dict[str, Any]]) -> str:
     parts = []
     for K in dict.fromkeys(r["K"] for r in rows):
         at = {r["method"]: r for r in rows if r["K"] == K}
-        ratios = ", ".join(f"{m} {at[m]['ratio']:.3g}x" for m in METHODS[1:]
-                           if at[m]["ratio"] is not None)
         parts.append(f"at K = {K} batch_grad takes {at['batch_grad']['median_s'] * 1e6:.3g} us, "
-                     f"{ratios} as long")
-    return f"2. How much faster is backprop? Per gradient over N = {rows[0]['N']}: " + "; ".join(
-        parts) + "."
+                     + ", ".join(f"{m} {at[m]['ratio']:.3g}x" for m in METHODS[1:]
+                                 if at[m]["ratio"] is not None) + " as long")
+    return (f"2. How much faster is backprop? Per gradient over N = {rows[0]['N']}: "
+            + "; ".join(parts) + ".")
 
 
 def averaging_answer(gen: dict[str, Any]) -> str:
@@ -193,25 +184,22 @@ def averaging_answer(gen: dict[str, Any]) -> str:
     fin = gen["final"]
     if not {"average", "batch_gd"} <= set(fin):
         return f"3. A run diverged, no comparison: {sorted(gen['diverged'])}"
-    text = "3. Why did averaging not generalise? " + averaging.average_sentence(
+    return " ".join(["3. Why did averaging not generalise?", averaging.average_sentence(
         fin["average"]["heldout_loss"], fin["batch_gd"]["heldout_loss"],
-        gen["initial"]["heldout_loss"])
-    if "own_sample_loss" in gen:
-        text += " " + averaging.carry_over_sentence(gen["own_sample_loss"],
-                                                    gen["single_copy_heldout"])
-    return text
+        gen["initial"]["heldout_loss"]), averaging.carry_over_sentence(
+            gen["own_sample_loss"], gen["single_copy_heldout"])])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = _common.parser(NAME, __doc__)
     ap.add_argument("--k", type=int, default=3, help="K = D = H = O (default 3, the homework)")
-    ap.add_argument("--epochs", type=int, default=500, help="steps on the one x (default 500)")
-    ap.add_argument("--lr", type=float, default=0.001, help="learning rate (default 0.001)")
-    ap.add_argument("--bench-k", type=int, default=32, help="the larger K timed (default 32)")
-    ap.add_argument("--n", type=int, default=256, help="samples N for the timing (default 256)")
+    ap.add_argument("--epochs", type=int, default=500, help="steps on the one x")
+    ap.add_argument("--lr", type=float, default=0.001, help="learning rate")
+    ap.add_argument("--bench-k", type=int, default=32, help="the larger K timed")
+    ap.add_argument("--n", type=int, default=256, help="samples N for the timing")
     ap.add_argument("--check-seeds", type=int, default=15,
-                    help="other seeds on which (e) simulates one update later (default 15)")
-    args = ap.parse_args(list(argv) if argv is not None else None)
+                    help="other seeds on which (e) simulates one update later")
+    args = ap.parse_args(argv)
     gen_kw: dict[str, Any] = dict(n_train=256, n_test=1024, epochs=500, n_checkpoints=8)
     bench_kw: dict[str, Any] = dict(budget_s=2.0, min_time=0.1)
     if args.quick:
@@ -235,8 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(f"\n(c) time per gradient, N = {args.n}, float64:")
     bench = timing([args.k, args.bench_k], args.n, args.seed, **bench_kw)
-    bench_table = (["K", "P", "N", "method", "median_s", "ratio"],
-                   [[r[c] for c in ("K", "P", "N", "method", "median_s", "ratio")] for r in bench])
+    cols = ["K", "P", "N", "method", "median_s", "ratio"]
+    bench_table = (cols, [[r[c] for c in cols] for r in bench])
     _common.print_table(*bench_table)
 
     print(f"\n(d) averaging per-sample solutions vs training on the mean, K = {args.k}:")
@@ -244,26 +232,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     _common.print_table(*averaging.summary_rows(gen), floatfmt=".4g")
 
     print("\n(e) the homework's own check, re-read from its printed numbers:")
-    seeds = range(args.seed + 1, args.seed + 1 + args.check_seeds)
     hc = homework_check.run(rec["params"], rec["x"], k=args.k, epochs=args.epochs, lr=args.lr,
-                            seeds=seeds)
-
+                            seeds=range(args.seed + 1, args.seed + 1 + args.check_seeds))
     answers = [derivation_answer(check["worst_rel"]) + " " + hc["sentence"],
                speed_answer(bench), averaging_answer(gen)]
     print("\nAnswers:\n" + "\n".join(answers))
     written = write_results(
         _common.out_dir(args.out),
-        config={**vars(args), "out": str(args.out), "generalization": gen_kw, "bench": bench_kw},
+        config=_common.config_of(args, generalization=gen_kw, bench=bench_kw),
         metrics={
             "environment": env,
-            "loss_listing": {"initial_loss": rec["losses"][0] if rec["losses"] else None,
+            "loss_listing": {"initial_loss": rec["losses"][0],
                              **{k: rec[k] for k in ("final_loss", "max_abs_diff_python")}},
             "gradient_check": {k: check[k] for k in ("loss", "worst_rel", "errors")},
             "timing": {"rows": bench, "ratio_to_batch_grad": {
                 m: {str(r["K"]): r["ratio"] for r in bench if r["method"] == m}
                 for m in METHODS[1:]}},
-            "generalization": averaging.metrics(gen),
-            "homework_check": hc["metrics"],
+            "generalization": averaging.metrics(gen), "homework_check": hc["metrics"],
             "answers": answers,
         },
         tables={"loss": (["iteration", "loss", "loss_python_lists"],
@@ -274,12 +259,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         figures={"reproduce_loss": plot_listing(rec, args.lr),
                  "graph": plot_graph(rec, args.epochs, args.lr),
                  "reproduce_timing": plot_timing(bench),
-                 "reproduce_generalization": averaging.plot(gen),
-                 "homework_check": hc["figure"]},
+                 "reproduce_generalization": averaging.plot(gen), "homework_check": hc["figure"]},
     )
     if args.docs is not None:  # a quick run copies only the key figure
-        for name in ("reproduce_loss",) if args.quick else ("reproduce_loss", "graph",
-                                                            "homework_check"):
+        for name in ["reproduce_loss", "graph", "homework_check"][:1 if args.quick else 3]:
             _common.docs_copy(written[f"{name}.png"], args.docs)
     print(f"\nwrote {args.out}/: " + ", ".join(written))
     return 0

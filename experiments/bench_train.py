@@ -2,7 +2,7 @@
 
 Full-batch gradient descent p <- p - lr g, timed as users call it, in interleaved rounds
 (_common.time_interleaved; compile time apart from the warm median), each row naming its
-device and matmul precision:
+device and matmul precision, all in one process:
 
 (a) The homework's scale, K = D = H = O = 3, N = 100, float64, at 10 and 1000 epochs:
     train (abc_jax.train: epochs compiled into lax.while_loop chunks), jitted steps (a Python
@@ -12,8 +12,7 @@ device and matmul precision:
 (b) A large batch, K = 256, N = 65536, float32: train against the loop of jitted steps
     at 10 epochs (and 1000 on a GPU; --large-epochs).
 
-The claim to check: train is at least as fast as the loop of jitted steps, at few epochs
-and at many. Ratios come from one run in one process.
+The claim: train is as fast as the loop of jitted steps or faster, at few epochs and many.
 
     python experiments/bench_train.py
     python experiments/bench_train.py --large-k 512 --large-n 131072 --large-epochs 10 100

@@ -1,20 +1,16 @@
 """How close is the manual batch gradient to the machine's matmul limit, and what do calls cost?
 
-One process, float32, D = H = O = K, everything on the device JAX runs on.
-
-1. Speed, per (K, N) and matmul precision (a GPU: "highest", exact float32, and "default",
-   TF32; a CPU computes the same products at every setting: "highest" only): median times,
-   in interleaved rounds, of ``batch_grad`` as users call it, jitted ``jax.grad`` of the
-   batch loss and one (N, K) x (K, K) matmul (the faster output layout, (N, K) or (K, N));
-   then, apart, the naive vmap-of-outer-products-then-mean. A gradient step is about 7 such
-   matmuls (14 N K^2 flops). Prints achieved GFLOP/s and the ratios.
-2. Per-call overhead where the computation is tiny (K = 3, N = 8): each public function as
-   users call it (validated, result checked for NaN/inf) against a bare ``jax.jit`` of it
-   (checks at trace time only), with the same arrays again and new params every call.
-   The target: at most 2x.
-3. Memory of the chunked gradient against the whole batch at once: the scratch bytes of
-   XLA's compiled memory analysis (``temp_size_in_bytes``; X and result not counted), and
-   their times.
+One process, float32, D = H = O = K, all on JAX's device:
+1. Speed per (K, N) and matmul precision ("highest", exact float32, and on a GPU "default",
+   TF32; a CPU computes the same products at every setting): median times, in interleaved
+   rounds, of ``batch_grad`` as users call it, jitted ``jax.grad`` and one (N, K) x (K, K)
+   matmul (the faster output layout); then, apart, the naive vmap of outer products, meaned.
+   A step is about 7 such matmuls (14 N K^2 flops): prints GFLOP/s and the ratios.
+2. Per-call overhead at K = 3, N = 8: each public function as users call it (validated,
+   result checked for NaN/inf) against a bare ``jax.jit`` of it, with the same arrays again
+   and with new params every call. The target: at most 2x.
+3. Memory of the chunked gradient against the whole batch at once: the scratch bytes of XLA's
+   compiled memory analysis (``temp_size_in_bytes``; X and result not counted), and times.
 
     python experiments/bench_step.py
     python experiments/bench_step.py --sizes 64x4096 --memory-n 0
@@ -23,6 +19,7 @@ One process, float32, D = H = O = K, everything on the device JAX runs on.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -37,7 +34,6 @@ from abc_jax.files import write_results
 from abc_jax.validation import PRECISIONS
 
 NAME = "bench_step"
-DEFAULT_SIZES = "64x4096,256x65536,1024x8192"
 PUBLIC = {f: getattr(abc_jax, f) for f in (  # the functions whose call overhead is measured
     "batch_grad", "batch_value_and_grad", "oracle_grad", "batch_loss", "per_sample_grads")}
 
@@ -69,11 +65,10 @@ def bench_size(K: int, N: int, precision: str, *, rounds: int, min_time: float,
     row = {"device": _common.device_label(), "precision": precision, "dtype": "float32",
            "K": K, "N": N, "flops": 14 * N * K * K} | {
         f"{name}_s": t.median_s for name, t in times.items()}
-    b = row["batch_grad_s"]
-    row |= {"batch_grad_compile_s": times["batch_grad"].compile_s,
-            "matmul_s": min(row["matmul_nk_s"], row["matmul_kn_s"])}
-    row |= {"gflops": row["flops"] / b / 1e9, "ratio_jax_grad": b / row["jax_grad_s"],
-            "ratio_7_matmuls": b / (7 * row["matmul_s"])}
+    b, mm = row["batch_grad_s"], min(row["matmul_nk_s"], row["matmul_kn_s"])
+    row |= {"batch_grad_compile_s": times["batch_grad"].compile_s, "matmul_s": mm,
+            "gflops": row["flops"] / b / 1e9, "ratio_jax_grad": b / row["jax_grad_s"],
+            "ratio_7_matmuls": b / (7 * mm)}
     if "naive_vmap_s" in row:
         row["naive_over_batch_grad"] = row["naive_vmap_s"] / b
     return row
@@ -81,18 +76,15 @@ def bench_size(K: int, N: int, precision: str, *, rounds: int, min_time: float,
 
 def bench_overhead(K: int, N: int, *, rounds: int, min_time: float,
                    seed: int) -> list[dict[str, Any]]:
-    """Per call, each public function as users call it against ``jax.jit`` of it (shapes
-    checked at trace time, no NaN/inf flag read back: the computation alone), each waited for,
-    in interleaved rounds; ``ratio`` of the fastest rounds (as ``timeit``: at microseconds
-    noise only adds time), ``ratio_of_medians``. Called with the same arrays again (a
-    benchmark loop) and with new params every call (a training loop: new values to check)."""
+    """Per call, each public function as users call it against ``jax.jit`` of it (checks at
+    trace time only: the computation alone), each waited for, in interleaved rounds; ``ratio``
+    of the fastest rounds (as ``timeit``: at microseconds noise only adds time) and of medians.
+    Same arrays again (a benchmark loop), then new params every call (a training loop)."""
     params, X = problem(K, N, seed)
     steps = [jax.tree.map(lambda p, i=i: p * (1 + 1e-3 * i), params) for i in range(8)]
     rows = []
-    for calling in ("same arrays", "new params"):
-        count = iter(range(1 << 62))
-        given = (lambda: params) if calling == "same arrays" else (
-            lambda c=count: steps[next(c) % 8])
+    for calling, given in (("same arrays", lambda: params),
+                           ("new params", itertools.cycle(steps).__next__)):
         fns = {f"{kind}{name}": lambda f=f, p=given: jax.block_until_ready(f(p(), X))
                for name, public in PUBLIC.items()
                for kind, f in (("", public), ("jit ", jax.jit(public)))}
@@ -151,23 +143,22 @@ def table_rows(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any
     """Header and cells of the speed table: device, precision, K, N, times in ms and the
     ratios (batch_grad over the others); None where a method did not run."""
     header = ["device", "precision", "K", "N", *(h for h, _, _ in TABLE)]
-    cells = [[r["device"], r["precision"], r["K"], r["N"],
-              *(float(r[k] * s) if k in r else None for _, k, s in TABLE)] for r in rows]
-    return header, cells
+    return header, [[r["device"], r["precision"], r["K"], r["N"],
+                     *(float(r[k] * s) if k in r else None for _, k, s in TABLE)] for r in rows]
 
 
 def plot(rows: Sequence[dict[str, Any]]) -> Any:
     """Bars: time per gradient of each method and of 7 matmuls, per size and precision."""
-    bars = [(k, label, None) for k, label in (
+    bars = [(k, label) for k, label in (
         ("batch_grad_s", "batch_grad (manual)"), ("jax_grad_s", "jax.grad (jit)"),
         ("naive_vmap_s", "vmap outer products")) if any(k in r for r in rows)]
-    bars.append(("matmul_s", "7 x (N,K)@(K,K) matmul (faster layout)", "0.6"))
+    bars.append(("matmul_s", "7 x (N,K)@(K,K) matmul (faster layout)"))
     fig, ax = _common.figure(width=7.5, height=4.2)
     width, x = 0.8 / len(bars), np.arange(len(rows))
-    for i, (key, label, color) in enumerate(bars):
-        scale = 7e3 if key == "matmul_s" else 1e3
-        ax.bar(x + i * width, [r.get(key, np.nan) * scale for r in rows], width, label=label,
-               color=color)
+    for i, (key, label) in enumerate(bars):
+        mm = key == "matmul_s"
+        ax.bar(x + i * width, [r.get(key, np.nan) * (7e3 if mm else 1e3) for r in rows], width,
+               label=label, color="0.6" if mm else None)
     ax.set_xticks(x + width * (len(bars) - 1) / 2,
                   [f"K={r['K']}\nN={r['N']}\n{r['precision']}" for r in rows])
     ax.set(yscale="log", ylabel="time per gradient (ms, log scale)")
@@ -178,13 +169,12 @@ def plot(rows: Sequence[dict[str, Any]]) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = _common.parser(NAME, __doc__)
-    ap.add_argument("--sizes", type=_parse_sizes, default=DEFAULT_SIZES, help="KxN list")
+    ap.add_argument("--sizes", type=_parse_sizes, default="64x4096,256x65536,1024x8192",
+                    help="KxN list")
     ap.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=None,
-                    help="matmul precisions to time (default: highest and default on a GPU, "
-                         "highest on a CPU)")
+                    help="matmul precisions (default: highest, and default on a GPU)")
     ap.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds")
-    ap.add_argument("--min-time", type=float, default=0.2,
-                    help="timed seconds per method and size, about")
+    ap.add_argument("--min-time", type=float, default=0.2, help="timed s per method and size")
     ap.add_argument("--overhead", type=_parse_sizes, default="3x8",
                     help="KxN list for the per-call overhead table")
     ap.add_argument("--memory-n", type=int, default=1_000_000,
@@ -202,11 +192,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{NAME}: device {env['device_label']} x{env['device_count']}, jax "
           f"{env['jax_version']}, float32, precisions {', '.join(precisions)}")
     if jax.default_backend() != "gpu" and args.precisions is None:
-        print("(on a CPU every matmul precision computes the same float32 products, so only "
-              "'highest' is timed)")
-    jobs = [(K, N, p) for K, N in args.sizes for p in precisions]
+        print("(a CPU computes the same float32 products at every precision: only 'highest' "
+              "is timed)")
     rows = [bench_size(K, N, p, rounds=args.repeats, min_time=args.min_time, seed=args.seed)
-            for K, N, p in _common.progress(jobs, desc="sizes")]
+            for K, N in _common.progress(args.sizes, desc="sizes") for p in precisions]
     _common.print_table(*table_rows(rows), floatfmt=".3g")
     overhead = [r for K, N in args.overhead for r in bench_overhead(
         K, N, rounds=args.repeats, min_time=4 * args.min_time, seed=args.seed)]

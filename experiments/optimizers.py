@@ -13,6 +13,7 @@ lr of each reaches the target in the fewest epochs (else has the lowest final lo
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -46,39 +47,32 @@ def first_hit(losses: Sequence[float], target: float) -> int | None:
 def run_one(name: str, lr: float, params: abc_jax.Params, X: jax.Array, epochs: int,
             target: float, repeats: int, precision: str) -> dict[str, Any]:
     """One (optimizer, lr) run: losses, epochs to the target, divergence, and ``wall_s``, the
-    median of ``repeats`` timed runs of all epochs after the compiling one. ``fit(e)`` (kept
-    in the record; the same optimizer object, so no recompilation) runs e epochs."""
-    opt = _common.make_optimizer(name, lr)
-
-    def fit(e: int) -> Any:
-        return train(params, X, lr=lr, epochs=e, optimizer=opt, progress=False,
-                     precision=precision)
-
+    median of ``repeats`` timed runs of all epochs after the compiling one. ``fit(epochs=e)``
+    (kept; the same optimizer object, so no recompilation) runs e epochs."""
+    fit = functools.partial(train, params, X, lr=lr, optimizer=_common.make_optimizer(name, lr),
+                            progress=False, precision=precision)
     rec = {"optimizer": name, "lr": lr, "epochs": epochs, "device": _common.device_label(),
            "precision": precision, "seconds_to_target": None, "fit": fit, "diverged_at": None,
            "final_loss": None, "wall_s": None, "compile_s": None, "params": None}
     try:
-        t = _common.time_interleaved({"run": lambda: fit(epochs)}, rounds=repeats,
+        t = _common.time_interleaved({"run": lambda: fit(epochs=epochs)}, rounds=repeats,
                                      min_time=0.0)["run"]
     except DivergenceError as err:
         losses = np.asarray(err.result.losses, np.float64)
         return rec | {"diverged_at": err.epoch, "losses": losses,
                       "epochs_to_target": first_hit(losses, target)}
-    losses = np.asarray(t.output.losses, np.float64)
+    losses, params = np.asarray(t.output.losses, np.float64), t.output.params
     return rec | {"losses": losses, "epochs_to_target": first_hit(losses, target),
-                  "final_loss": float(abc_jax.batch_loss(t.output.params, X,
-                                                         precision=precision)),
-                  "wall_s": t.median_s, "compile_s": t.compile_s, "params": t.output.params}
+                  "final_loss": float(abc_jax.batch_loss(params, X, precision=precision)),
+                  "wall_s": t.median_s, "compile_s": t.compile_s, "params": params}
 
 
 def run_sweep(args: Any, lrs: dict[str, Sequence[float]], repeats: int,
               min_time: float) -> dict[str, Any]:
     """Every optimizer at every lr from one start; target = ``args.target`` * initial loss.
-
-    Then ``seconds_to_target`` of each run that reached the target without diverging: a run
-    of exactly ``epochs_to_target`` epochs (losses[e] is the loss after e updates), all such
-    runs timed against each other in interleaved rounds, compile time excluded.
-    """
+    Then ``seconds_to_target`` of each run that reached it without diverging: a run of exactly
+    ``epochs_to_target`` epochs (losses[e] is the loss after e updates), all such runs timed
+    against each other in interleaved rounds, compile time excluded."""
     kp, kx = jax.random.split(jax.random.key(args.seed))
     params = abc_jax.init_params(kp, args.k, dtype=jnp.dtype(args.dtype))
     X = jax.random.normal(kx, (args.n, args.k), args.dtype)
@@ -86,13 +80,12 @@ def run_sweep(args: Any, lrs: dict[str, Sequence[float]], repeats: int,
     jobs = [(m, lr) for m, grid in lrs.items() for lr in grid]
     runs = [run_one(m, lr, params, X, args.epochs, args.target * L0, repeats, args.precision)
             for m, lr in _common.progress(jobs, desc="sweep", unit="run")]
-    hits = {(r["optimizer"], r["lr"]): r for r in runs
+    hits = {f"{r['optimizer']}@{r['lr']:g}": r for r in runs
             if r["epochs_to_target"] is not None and r["diverged_at"] is None}
-    times = _common.time_interleaved(
-        {f"{m}@{lr:g}": (lambda r=r: r["fit"](r["epochs_to_target"]))
-         for (m, lr), r in hits.items()}, rounds=repeats, min_time=min_time) if hits else {}
-    for (m, lr), r in hits.items():
-        r["seconds_to_target"] = times[f"{m}@{lr:g}"].median_s
+    times = _common.time_interleaved({k: lambda r=r: r["fit"](epochs=r["epochs_to_target"])
+                                      for k, r in hits.items()}, rounds=repeats, min_time=min_time)
+    for k, r in hits.items():
+        r["seconds_to_target"] = times[k].median_s
     d = gd_vs_sgd(runs)
     worst = {f"gd_vs_sgd_max_abs_{k}_diff": max(
         (v[f"max_abs_{k}_diff"] for v in d.values() if v[f"max_abs_{k}_diff"] is not None),
@@ -104,12 +97,10 @@ def run_sweep(args: Any, lrs: dict[str, Sequence[float]], repeats: int,
 def best_runs(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per optimizer: the run reaching the target in the fewest epochs, else the lowest final
     loss. Diverged runs are never best unless every run of that optimizer diverged."""
-    inf = float("inf")
-    best = {}
+    inf, best = float("inf"), {}
     for m in dict.fromkeys(r["optimizer"] for r in runs):
         mine = [r for r in runs if r["optimizer"] == m]
-        ok = [r for r in mine if r["diverged_at"] is None] or mine
-        best[m] = min(ok, key=lambda r: (
+        best[m] = min([r for r in mine if r["diverged_at"] is None] or mine, key=lambda r: (
             inf if r["epochs_to_target"] is None else r["epochs_to_target"],
             inf if r["final_loss"] is None else r["final_loss"]))
     return best
@@ -122,13 +113,13 @@ def gd_vs_sgd(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, float | Non
     out = {}
     for g in runs:
         s = sgd.get(g["lr"])
-        if g["optimizer"] != "gd" or s is None or len(g["losses"]) != len(s["losses"]):
-            continue
-        diffs = [] if g["params"] is None or s["params"] is None else [
-            float(jnp.max(jnp.abs(a - b))) for a, b in zip(g["params"], s["params"], strict=True)]
-        out[f"{g['lr']:g}"] = {"max_abs_param_diff": max(diffs, default=None),
-                               "max_abs_loss_diff": float(np.max(np.abs(
-                                   g["losses"] - s["losses"]), initial=0.0))}
+        if g["optimizer"] == "gd" and s is not None and len(g["losses"]) == len(s["losses"]):
+            both = g["params"] is not None and s["params"] is not None
+            errs = abc_jax.grad_errors(g["params"], s["params"]).values() if both else ()
+            out[f"{g['lr']:g}"] = {"max_abs_param_diff": max((e["max_abs"] for e in errs),
+                                                             default=None),
+                                   "max_abs_loss_diff": float(np.max(np.abs(
+                                       g["losses"] - s["losses"]), initial=0.0))}
     return out
 
 

@@ -11,12 +11,11 @@ gradient of batch_loss by:
   python_backprop  the homework's way: lists, loops and math.exp
   python_fd        the homework's first assignment: finite differences on lists
 
-against the parameter count P = 2HD + OH = 3K^2. The JAX methods are each one
-jitted call at one matmul precision (--precision, default highest), timed in
-interleaved rounds (_common.time_interleaved; compile time reported apart from
-the warm median); the Python ones run on the host CPU whatever JAX's device,
-and stop once one call passes --budget seconds, or is predicted to. All in one
-process, one dtype; every result is checked against jax.grad in float64.
+against the parameter count P = 2HD + OH = 3K^2. Each JAX method is one jitted call at
+matmul --precision, timed in interleaved rounds (_common.time_interleaved; compile time
+apart from the warm median); the Python ones run on the host CPU, and stop once one call
+passes --budget seconds, or is predicted to. One process, one dtype; every result is
+checked against jax.grad in float64.
 
     python experiments/bench_gradients.py --ks 2 4 8 16 32 64 --n 256
 """
@@ -39,7 +38,7 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 import abc_jax  # noqa: E402
-from abc_jax.files import save_figure, write_results  # noqa: E402
+from abc_jax.files import write_results  # noqa: E402
 
 NAME = "bench_gradients"
 
@@ -67,29 +66,10 @@ METHODS: dict[str, Method] = {
 }
 
 
-def make_method(name: str, params: abc_jax.Params, X: jax.Array,
-                precision: str | None = None) -> Callable[[], Any]:
-    """A zero-argument call that computes one gradient, as (A, B, C) arrays or lists.
-
-    JAX methods are one ``jax.jit`` of the public function each, at matmul
-    ``precision`` (None: abc_jax's default, "highest"), so all pay the same
-    dispatch cost and validation runs once, at trace time. Python methods get
-    the homework's lists of lists.
-    """
-    if name not in METHODS:
-        raise ValueError(f"method must be one of {sorted(METHODS)}, got {name!r}")
-    fn = METHODS[name].fn
-    if METHODS[name].kind == "python":
-        lists = homework.to_lists(params, X)
-        return lambda: fn(*lists)
-    f = jax.jit(functools.partial(fn, precision=precision))
-    return lambda: f(params, X)
-
-
 def rel_error(grads: Any, reference: abc_jax.Params) -> float:
     """max |grads - reference| / max |reference| over all three matrices."""
-    g = np.concatenate([np.asarray(a, np.float64).ravel() for a in grads])
-    r = np.concatenate([np.asarray(a, np.float64).ravel() for a in reference])
+    g, r = (np.concatenate([np.asarray(a, np.float64).ravel() for a in x])
+            for x in (grads, reference))
     return float(np.max(np.abs(g - r)) / np.max(np.abs(r)))
 
 
@@ -98,23 +78,18 @@ def param_count(K: int) -> int:
     return 3 * K * K
 
 
-def jacfwd_bytes(K: int, N: int, itemsize: int) -> int:
-    """Rough peak memory of jacfwd: P tangents of the (N, 2H + O) activations, twice."""
-    return 2 * param_count(K) * N * 3 * K * itemsize
-
-
 def _skip_reason(m: str, K: int, n: int, itemsize: int, last: dict[str, tuple[int, float]],
-                 stopped: dict[str, str], budget_s: float, mem_limit: float) -> str | None:
-    """Why method m is skipped at this K (the budget or jacfwd's memory), else None."""
-    if m in stopped:
-        return stopped[m]
+                 budget_s: float, mem_limit: float) -> str | None:
+    """Why method m is skipped at this K (predicted over the budget, or the forward modes'
+    memory: P tangents of the (N, 2H + O) activations, twice), else None."""
     if m in last:
         P0, t0 = last[m]
         predicted = t0 * (param_count(K) / P0) ** METHODS[m].exponent
         if predicted > budget_s:
             return f"skipped: predicted {predicted:.3g} s > budget {budget_s:g} s"
-    if m in ("jacfwd", "jvp_grad") and jacfwd_bytes(K, n, itemsize) > mem_limit:
-        return f"skipped: memory ~{jacfwd_bytes(K, n, itemsize) / 2**30:.2g} GiB"
+    jac_bytes = 2 * param_count(K) * n * 3 * K * itemsize
+    if m in ("jacfwd", "jvp_grad") and jac_bytes > mem_limit:
+        return f"skipped: memory ~{jac_bytes / 2**30:.2g} GiB"
     return None
 
 
@@ -126,39 +101,37 @@ def _time_at(K: int, n: int, todo: Sequence[str], *, dtype: Any, precision: str,
     X = jax.random.normal(kx, (n, K), dtype)
     as64 = lambda a: jnp.asarray(a, jnp.float64)  # noqa: E731
     ref = abc_jax.oracle_grad(jax.tree.map(as64, params), as64(X), precision="highest")
-    times = {}
+    lists, times = homework.to_lists(params, X), {}
     for kind, extra in (("jax", {}), ("python", {"warmup": 0, "max_time": budget_s})):
-        fns = {m: make_method(m, params, X, precision if kind == "jax" else None)
-               for m in todo if METHODS[m].kind == kind}
-        if fns:
-            times |= _common.time_interleaved(fns, rounds=rounds, min_time=min_time, **extra)
+        # JAX: one jax.jit of each public function (the same dispatch cost for all, validation
+        # at trace time); Python: the homework's lists of lists
+        fns = {m: functools.partial(jax.jit(functools.partial(M.fn, precision=precision)),
+                                    params, X) if kind == "jax" else functools.partial(M.fn, *lists)
+               for m, M in METHODS.items() if m in todo and M.kind == kind}
+        times |= _common.time_interleaved(fns, rounds=rounds, min_time=min_time, **extra)
     return times, ref
 
 
 def run_bench(ks: Sequence[int], n: int, methods: Sequence[str] = tuple(METHODS), *,
               dtype: Any = jnp.float32, precision: str = "highest", seed: int = 0,
               budget_s: float = 2.0, min_time: float = 0.2, rounds: int = 5,
-              mem_limit: float = 1 << 30, show_progress: bool = True) -> list[dict[str, Any]]:
+              mem_limit: float = 1 << 30) -> list[dict[str, Any]]:
     """Time every method at every K; one row per (K, method), skipped ones included.
 
-    At each K the JAX methods are timed against each other in interleaved rounds
-    (``_common.time_interleaved``), the plain-Python ones likewise but without a
-    warm-up and with at most ``budget_s`` seconds of rounds each. A method is
-    skipped at K (``status`` says why) once one of its calls at a smaller K took
-    longer than ``budget_s``, when its time predicted from the last K as
-    ``t * (P_new / P_old) ** exponent`` exceeds ``budget_s``, or (jacfwd) when its
-    estimated memory exceeds ``mem_limit`` bytes. Each row names its device and
-    matmul precision (None for the Python methods, which have no matmuls to set).
-    """
-    for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"method must be one of {sorted(METHODS)}, got {m!r}")
+    At each K the JAX methods are timed against each other in interleaved rounds, the Python
+    ones likewise without warm-up and with at most ``budget_s`` s of rounds each. A method is
+    skipped at K (``status`` says why) once one of its calls took over ``budget_s``, when its
+    time predicted from the last K, ``t * (P_new / P_old) ** exponent``, is over ``budget_s``,
+    or (forward modes) when its estimated memory exceeds ``mem_limit`` bytes. Rows name device
+    and matmul precision (None for Python, which has no matmuls to set)."""
+    if unknown := set(methods) - set(METHODS):
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {sorted(unknown)}")
     last: dict[str, tuple[int, float]] = {}  # method -> (P, median seconds)
     stopped: dict[str, str] = {}
     rows: list[dict[str, Any]] = []
-    for K in _common.progress(ks, desc="bench", unit="K") if show_progress else ks:
-        status = {m: _skip_reason(m, K, n, jnp.dtype(dtype).itemsize, last, stopped, budget_s,
-                                  mem_limit) for m in methods}
+    for K in _common.progress(ks, desc="bench", unit="K"):
+        status = {m: stopped.get(m) or _skip_reason(m, K, n, jnp.dtype(dtype).itemsize, last,
+                                                    budget_s, mem_limit) for m in methods}
         times, ref = _time_at(K, n, [m for m in methods if status[m] is None], dtype=dtype,
                               precision=precision, seed=seed, budget_s=budget_s,
                               min_time=min_time, rounds=rounds)
@@ -172,11 +145,11 @@ def run_bench(ks: Sequence[int], n: int, methods: Sequence[str] = tuple(METHODS)
                 rows.append({**row, "status": status[m]})
                 continue
             t = times[m]
-            rows.append({**row, "status": "ok", **t.fields(),
+            rows.append({**row, "status": "ok", **{f: getattr(t, f) for f in TIMING},
                          "compile_s": t.compile_s if on_jax else None,
                          "rel_err_vs_float64": rel_error(t.output, ref)})
             last[m] = (param_count(K), t.median_s)
-            slowest = t.median_s if on_jax else max(t.median_s, t.first_s)
+            slowest = t.median_s if on_jax else max(t.median_s, t.first_call_s)
             if slowest > budget_s:
                 stopped[m] = f"skipped: a call took {slowest:.3g} s > budget {budget_s:g} s"
     _add_ratios(rows)
@@ -191,12 +164,9 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
 
 
 def fit_slope(P: Sequence[float], t: Sequence[float]) -> tuple[float, float]:
-    """(slope, intercept) of the least-squares line log t = slope log P + intercept.
-
-    NaN if fewer than two distinct P.
-    """
-    P, t = np.asarray(P, np.float64), np.asarray(t, np.float64)
-    if P.size < 2 or np.unique(P).size < 2:
+    """(slope, intercept) of the least-squares line log t = slope log P + intercept; NaN if
+    fewer than two distinct P."""
+    if np.unique(P).size < 2:
         return float("nan"), float("nan")
     slope, intercept = np.polyfit(np.log(P), np.log(t), 1)
     return float(slope), float(intercept)
@@ -207,7 +177,7 @@ def slopes(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     out = {}
     for m in dict.fromkeys(r["method"] for r in rows):
         pts = [(r["P"], r["median_s"]) for r in rows if r["method"] == m and r["median_s"]]
-        out[m] = fit_slope([p for p, _ in pts], [s for _, s in pts])[0] if pts else float("nan")
+        out[m] = fit_slope(*zip(*pts, strict=True))[0] if pts else float("nan")
     return out
 
 
@@ -217,31 +187,26 @@ def ratio_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[An
     is not on the CPU) say where in their column's name."""
     methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "batch_grad"]
     by = {(r["K"], r["method"]): r for r in rows}
-    jax_device = next((r.get("device") for r in rows if r["method"] == "batch_grad"),
-                      None) or _common.device_label()
-    host = not jax_device.startswith("cpu")
+    device = next((r.get("device") for r in rows if r["method"] == "batch_grad"), None)
+    device = device or _common.device_label()
+    host = " (host cpu)" if not device.startswith("cpu") else ""
     header = ["K", "P", "device", "precision", "batch_grad"] + [
-        f"{m} x" + (" (host cpu)" if host and METHODS[m].kind == "python" else "")
-        for m in methods]
+        f"{m} x" + (host if METHODS[m].kind == "python" else "") for m in methods]
     precision = next((r.get("precision") for r in rows if r.get("precision")), None)
-    table = []
-    for K in dict.fromkeys(r["K"] for r in rows):
-        base = by.get((K, "batch_grad"), {}).get("median_s")
-        table.append([K, param_count(K), jax_device, precision, _fmt_time(base),
-                      *(by.get((K, m), {}).get("ratio_to_batch_grad") for m in methods)])
-    return header, table
+    return header, [[K, param_count(K), device, precision, _fmt_time(
+        by.get((K, "batch_grad"), {}).get("median_s")), *(
+        by.get((K, m), {}).get("ratio_to_batch_grad") for m in methods)]
+        for K in dict.fromkeys(r["K"] for r in rows)]
 
 
 def _fmt_time(s: float | None) -> str:
-    if s is None:
-        return "-"
-    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
-        if s >= scale:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6), ("ns", 1e-9)):
+        if s is not None and (s >= scale or unit == "ns"):
             return f"{s / scale:.3g} {unit}"
-    return f"{s / 1e-9:.3g} ns"
+    return "-"
 
 
-def figure(rows: Sequence[dict[str, Any]], title: str = "") -> Any:
+def figure(rows: Sequence[dict[str, Any]], title: str) -> Any:
     """Log-log time per gradient against P (fitted slopes in the legend) and ratio to batch_grad."""
     fig, (ax, ax2) = _common.figure(ncols=2)
     fits = slopes(rows)
@@ -264,57 +229,46 @@ def figure(rows: Sequence[dict[str, Any]], title: str = "") -> Any:
         top.set_xticks([], minor=True)
         top.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         top.set_xlabel("K")
-    ax.set_ylabel("time per gradient [s] (warm median)")
+    ax.set(ylabel="time per gradient [s] (warm median)")
     ax.set_title("Time per gradient; legend: fitted log-log slope", fontsize=10)
     ax2.axhline(1.0, color="C0", lw=1.0)
-    ax2.set_ylabel("time / time of batch_grad [ratio]")
+    ax2.set(ylabel="time / time of batch_grad [ratio]")
     ax2.set_title("Slowdown relative to the manual batch_grad (= 1)", fontsize=10)
     fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=10)
     return fig
 
 
-def plot(rows: Sequence[dict[str, Any]], path: Any, title: str = "") -> None:
-    """``figure(rows, title)`` saved as a PNG at ``path``."""
-    save_figure(path, figure(rows, title), dpi=_common.DPI)
-
-
+TIMING = ["median_s", "min_s", "first_call_s", "compile_s", "rounds", "calls_per_round"]
 CSV_FIELDS = ["K", "P", "N", "method", "kind", "device", "dtype", "precision", "status",
-              "median_s", "min_s", "first_call_s", "compile_s", "rounds", "calls_per_round",
-              "ratio_to_batch_grad", "rel_err_vs_float64"]
+              *TIMING, "ratio_to_batch_grad", "rel_err_vs_float64"]
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The numbers a README quotes, per method: slope, device, precision, and by K the time,
     compile time and ratio to batch_grad; the largest K measured and the worst error."""
     fits = slopes(rows)
-
-    def by_k(field: str, methods: Any = fits) -> dict[str, dict[str, Any]]:
-        return {m: {str(r["K"]): r.get(field) for r in rows if r["method"] == m}
-                for m in methods}
-
     mine = {m: [r for r in rows if r["method"] == m] for m in fits}
+    by_k = lambda field, ms=fits: {m: {str(r["K"]): r.get(field) for r in mine[m]}  # noqa: E731
+                                   for m in ms}
     errs = {m: max((r["rel_err_vs_float64"] for r in rs if "rel_err_vs_float64" in r),
                    default=None) for m, rs in mine.items()}
     return {
         "device": {m: rs[0]["device"] for m, rs in mine.items()},
         "precision": {m: rs[0]["precision"] for m, rs in mine.items()},
         "slopes": fits, "ks": sorted({r["K"] for r in rows}),
-        "ratio_to_batch_grad": by_k("ratio_to_batch_grad", [m for m in fits
-                                                            if m != "batch_grad"]),
+        "ratio_to_batch_grad": by_k("ratio_to_batch_grad", [m for m in fits if m != "batch_grad"]),
         "median_s": by_k("median_s"),
         "compile_s": by_k("compile_s", [m for m in fits if METHODS[m].kind == "jax"]),
         "largest_k_measured": {m: max((r["K"] for r in rs if r["median_s"]), default=None)
                                for m, rs in mine.items()},
         "rel_err_vs_float64": errs,
-        "max_rel_err_vs_float64": max((e for e in errs.values() if e is not None),
-                                      default=None),
+        "max_rel_err_vs_float64": max((e for e in errs.values() if e is not None), default=None),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = _common.parser(NAME, __doc__)
+    ap = _common.parser(NAME, __doc__, precision=True)
     ap.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64],
                     help="K = D = H = O values")
     ap.add_argument("--n", type=int, default=256, help="batch size N")
@@ -328,13 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-time", type=float, default=0.2,
                     help="seconds the timed calls per point add up to, at least")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per point")
-    _common.add_precision_flag(ap)
     args = ap.parse_args(argv)
     if args.quick:
         args.ks, args.n, args.budget, args.min_time, args.rounds = [2, 4], 16, 0.5, 0.01, 3
     if args.n < 1 or min(args.ks) < 1 or args.rounds < 1:
         ap.error("--n, --ks and --rounds must be >= 1")
-    out = _common.out_dir(args.out)
     env = _common.environment(args.dtype, args.precision)
     print(f"{NAME}: N = {args.n}, dtype {env['dtype']}, precision {args.precision}, "
           f"device {env['device_label']} ({env['cpu_count']} CPUs), jax {env['jax_version']}")
@@ -357,13 +309,13 @@ def main(argv: list[str] | None = None) -> int:
     title = (f"N = {args.n}, {env['dtype']}, precision {args.precision}, "
              f"{env['device_label']} ({env['cpu_count']} CPUs); Python on the host CPU")
     written = write_results(
-        out, config=_common.config_of(args), metrics={"environment": env, **summary},
+        args.out, config=vars(args), metrics={"environment": env, **summary},
         tables={"timings": (CSV_FIELDS, [[r.get(f) for f in CSV_FIELDS] for r in rows]),
                 "ratios": (header, table)},
         figures={NAME: figure(rows, title)})
     if args.docs is not None:
-        _common.docs_copy(out / f"{NAME}.png", args.docs)
-    print(f"wrote {out}/: {', '.join(written)}")
+        _common.docs_copy(written[f"{NAME}.png"], args.docs)
+    print(f"wrote {args.out}/: {', '.join(written)}")
     return 0
 
 

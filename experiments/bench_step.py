@@ -1,24 +1,16 @@
 """How close is the manual batch gradient to the machine's matmul limit, and what do calls cost?
 
-One process, float32, D = H = O = K, everything on the device JAX runs on.
-
-1. Speed. For each (K, N) and each matmul precision timed (on a GPU "highest",
-   exact float32, and "default", which lets it use TF32; on a CPU every precision
-   computes the same float32 products, so only "highest"): the median time of
-   ``batch_grad`` as users call it, of jitted ``jax.grad`` of the batch loss and of
-   one (N, K) x (K, K) matmul (the faster of its two output layouts, (N, K) and
-   (K, N)), in interleaved rounds; then, timed apart, the naive
-   vmap-of-outer-products-then-mean. A gradient step is about 7 such matmuls
-   (14 N K^2 flops). Prints achieved GFLOP/s and the ratios.
-
-2. Per-call overhead, where the computation is tiny (K = 3, N = 8): each public
-   function as users call it (validated, its result checked for NaN/inf) against
-   a bare ``jax.jit`` of the same function (checks only at trace time), called with
-   the same arrays again and with new params every call. The target: at most 2x.
-
-3. Memory of the chunked gradient against the whole batch at once: the scratch
-   bytes XLA's compiled memory analysis reserves (``temp_size_in_bytes``; X and
-   the result not counted), and their times.
+One process, float32, D = H = O = K, all on JAX's device:
+1. Speed per (K, N) and matmul precision ("highest", exact float32, and on a GPU "default",
+   TF32; a CPU computes the same products at every setting): median times, in interleaved
+   rounds, of ``batch_grad`` as users call it, jitted ``jax.grad`` and one (N, K) x (K, K)
+   matmul (the faster output layout); then, apart, the naive vmap of outer products, meaned.
+   A step is about 7 such matmuls (14 N K^2 flops): prints GFLOP/s and the ratios.
+2. Per-call overhead at K = 3, N = 8: each public function as users call it (validated,
+   result checked for NaN/inf) against a bare ``jax.jit`` of it, with the same arrays again
+   and with new params every call. The target: at most 2x.
+3. Memory of the chunked gradient against the whole batch at once: the scratch bytes of XLA's
+   compiled memory analysis (``temp_size_in_bytes``; X and result not counted), and times.
 
     python experiments/bench_step.py
     python experiments/bench_step.py --sizes 64x4096 --memory-n 0
@@ -27,8 +19,9 @@ One process, float32, D = H = O = K, everything on the device JAX runs on.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import _common
@@ -41,14 +34,8 @@ from abc_jax.files import write_results
 from abc_jax.validation import PRECISIONS
 
 NAME = "bench_step"
-DEFAULT_SIZES = "64x4096,256x65536,1024x8192"
-PUBLIC = {  # the public functions whose per-call overhead is measured
-    "batch_grad": abc_jax.batch_grad,
-    "batch_value_and_grad": abc_jax.batch_value_and_grad,
-    "oracle_grad": abc_jax.oracle_grad,
-    "batch_loss": abc_jax.batch_loss,
-    "per_sample_grads": abc_jax.per_sample_grads,
-}
+PUBLIC = {f: getattr(abc_jax, f) for f in (  # the functions whose call overhead is measured
+    "batch_grad", "batch_value_and_grad", "oracle_grad", "batch_loss", "per_sample_grads")}
 
 
 def problem(K: int, N: int, seed: int) -> tuple[abc_jax.Params, jax.Array]:
@@ -58,44 +45,30 @@ def problem(K: int, N: int, seed: int) -> tuple[abc_jax.Params, jax.Array]:
             jax.random.normal(kx, (N, K), jnp.float32))
 
 
-def jit_at(precision: str, f: Callable[..., Any]) -> Callable[..., Any]:
-    """``jax.jit(f)`` with its matrix products traced at matmul ``precision``."""
-
-    def at_precision(*args: Any) -> Any:
-        with jax.default_matmul_precision(precision):
-            return f(*args)
-
-    return jax.jit(at_precision)
-
-
 def bench_size(K: int, N: int, precision: str, *, rounds: int, min_time: float,
                seed: int) -> dict[str, Any]:
     """One row: times (s), GFLOP/s and ratios of batch_grad at (K, N) and ``precision``."""
     params, X = problem(K, N, seed)
-    oracle = jax.jit(lambda p, X: abc_jax.oracle_grad(p, X, precision=precision))
-    matmul_nk = jit_at(precision, lambda X, A: X @ A.T)  # (N, K) x (K, K) -> (N, K)
-    matmul_kn = jit_at(precision, lambda X, A: A @ X.T)  # the same product, output (K, N)
-    naive = jax.jit(lambda p, X: jax.tree.map(  # O(N K^2) memory: per-sample, then the mean
+    jit = lambda f: jax.jit(lambda *a: f(*a, precision=precision))  # noqa: E731
+    oracle, naive = jit(abc_jax.oracle_grad), jit(lambda p, X, precision: jax.tree.map(
         lambda g: g.mean(0), abc_jax.per_sample_grads(p, X, precision=precision)))
-    times = _common.time_interleaved({
-        "batch_grad": lambda: abc_jax.batch_grad(params, X, precision=precision),
-        "jax_grad": lambda: oracle(params, X),
-        "matmul_nk": lambda: matmul_nk(X, params.A),
-        "matmul_kn": lambda: matmul_kn(X, params.A)}, rounds=rounds, min_time=min_time)
-    row: dict[str, Any] = {"device": _common.device_label(), "precision": precision,
-                           "dtype": "float32", "K": K, "N": N, "flops": 14 * N * K * K}
-    row |= {f"{name}_s": t.median_s for name, t in times.items()}
-    row["batch_grad_compile_s"] = times["batch_grad"].compile_s
-    # The limit is the faster layout of the same product (XLA:CPU runs them at
-    # different speeds); batch_grad keeps its activations feature-major, (K, N).
-    row["matmul_s"] = min(row["matmul_nk_s"], row["matmul_kn_s"])
+    # one (N, K) x (K, K) product, output (N, K) or (K, N): the faster layout is the limit
+    matmul_nk = jit(lambda X, A, precision: jnp.matmul(X, A.T, precision=precision))
+    matmul_kn = jit(lambda X, A, precision: jnp.matmul(A, X.T, precision=precision))
+    fns = {"batch_grad": lambda: abc_jax.batch_grad(params, X, precision=precision),
+           "jax_grad": lambda: oracle(params, X), "matmul_nk": lambda: matmul_nk(X, params.A),
+           "matmul_kn": lambda: matmul_kn(X, params.A)}
+    times = _common.time_interleaved(fns, rounds=rounds, min_time=min_time)
     if N * K * K * 4 <= 2**31:  # timed apart: it streams N (K, K) matrices through memory
-        row["naive_vmap_s"] = _common.time_interleaved(
-            {"naive": lambda: naive(params, X)}, rounds=rounds, min_time=min_time)[
-            "naive"].median_s
-    b = row["batch_grad_s"]
-    row |= {"gflops": row["flops"] / b / 1e9, "ratio_jax_grad": b / row["jax_grad_s"],
-            "ratio_7_matmuls": b / (7 * row["matmul_s"])}
+        times |= _common.time_interleaved({"naive_vmap": lambda: naive(params, X)},
+                                          rounds=rounds, min_time=min_time)
+    row = {"device": _common.device_label(), "precision": precision, "dtype": "float32",
+           "K": K, "N": N, "flops": 14 * N * K * K} | {
+        f"{name}_s": t.median_s for name, t in times.items()}
+    b, mm = row["batch_grad_s"], min(row["matmul_nk_s"], row["matmul_kn_s"])
+    row |= {"batch_grad_compile_s": times["batch_grad"].compile_s, "matmul_s": mm,
+            "gflops": row["flops"] / b / 1e9, "ratio_jax_grad": b / row["jax_grad_s"],
+            "ratio_7_matmuls": b / (7 * mm)}
     if "naive_vmap_s" in row:
         row["naive_over_batch_grad"] = row["naive_vmap_s"] / b
     return row
@@ -103,27 +76,18 @@ def bench_size(K: int, N: int, precision: str, *, rounds: int, min_time: float,
 
 def bench_overhead(K: int, N: int, *, rounds: int, min_time: float,
                    seed: int) -> list[dict[str, Any]]:
-    """Per call, each public function as users call it against ``jax.jit`` of it.
-
-    The jitted one checks shapes once, at trace time, and never reads a NaN/inf flag
-    back: it is the computation alone. Both are waited for after every call, in
-    interleaved rounds; ``ratio`` compares the fastest rounds (as ``timeit`` does: at
-    microseconds, a busy machine's noise only ever adds time), ``ratio_of_medians`` the
-    medians. Two ways of calling: the same arrays again (a benchmark loop), and new params
-    every call (a training loop: each call's values are new to the checks).
-    """
+    """Per call, each public function as users call it against ``jax.jit`` of it (checks at
+    trace time only: the computation alone), each waited for, in interleaved rounds; ``ratio``
+    of the fastest rounds (as ``timeit``: at microseconds noise only adds time) and of medians.
+    Same arrays again (a benchmark loop), then new params every call (a training loop)."""
     params, X = problem(K, N, seed)
     steps = [jax.tree.map(lambda p, i=i: p * (1 + 1e-3 * i), params) for i in range(8)]
     rows = []
-    for calling in ("same arrays", "new params"):
-        counter = iter(range(1 << 62))
-        given = ((lambda: params) if calling == "same arrays"
-                 else (lambda c=counter: steps[next(c) % 8]))
-        fns: dict[str, Callable[[], Any]] = {}
-        for name, public in PUBLIC.items():
-            bare = jax.jit(public)
-            fns[name] = lambda f=public, p=given: jax.block_until_ready(f(p(), X))
-            fns[f"jit {name}"] = lambda f=bare, p=given: jax.block_until_ready(f(p(), X))
+    for calling, given in (("same arrays", lambda: params),
+                           ("new params", itertools.cycle(steps).__next__)):
+        fns = {f"{kind}{name}": lambda f=f, p=given: jax.block_until_ready(f(p(), X))
+               for name, public in PUBLIC.items()
+               for kind, f in (("", public), ("jit ", jax.jit(public)))}
         times = _common.time_interleaved(fns, rounds=rounds, min_time=min_time)
         for name in PUBLIC:
             public, bare = times[name], times[f"jit {name}"]
@@ -141,97 +105,76 @@ def temp_bytes(params: abc_jax.Params, N: int, K: int, chunk_size: int) -> int:
     return int(compiled.memory_analysis().temp_size_in_bytes)
 
 
-def bench_memory(N: int, K: int, chunk: int, seed: int, rounds: int = 3) -> dict[str, Any]:
+def bench_memory(N: int, K: int, chunk: int, seed: int) -> dict[str, Any]:
     """Scratch memory and time of batch_grad over N rows: chunked (``chunk_size=chunk``)
     against unchunked (``chunk_size=N``: the whole batch at once)."""
     params, X = problem(K, N, seed)
     sizes = {"chunked": chunk, "unchunked": N}
-    out: dict[str, Any] = {"device": _common.device_label(), "precision": "highest", "N": N,
-                           "K": K, "chunk_size": chunk, "X_bytes": N * K * 4,
-                           "counter": "XLA compiled memory analysis, temp_size_in_bytes"}
-    out |= {f"{name}_temp_bytes": temp_bytes(params, N, K, c) for name, c in sizes.items()}
     t = _common.time_interleaved(
         {name: (lambda c=c: abc_jax.batch_grad(params, X, chunk_size=c))
-         for name, c in sizes.items()}, rounds=rounds, min_time=0.0)
-    out["chunked_s"], out["unchunked_s"] = t["chunked"].median_s, t["unchunked"].median_s
+         for name, c in sizes.items()}, rounds=3, min_time=0.0)
     errs = abc_jax.grad_errors(t["chunked"].output, t["unchunked"].output)
-    out["max_rel_diff"] = max(e["rel"] for e in errs.values())
-    out["time_ratio"] = out["chunked_s"] / out["unchunked_s"]
-    return out
-
-
-def memory_line(m: dict[str, Any]) -> str:
-    """The printed memory result, naming where the numbers come from."""
-    return (f"memory on {m['device']}, N={m['N']} K={m['K']} float32 (X itself "
-            f"{m['X_bytes'] / 1e6:.3g} MB), {m['counter']}: chunked ({m['chunk_size']} rows) "
-            f"{m['chunked_temp_bytes'] / 1e6:.3g} MB, unchunked "
-            f"{m['unchunked_temp_bytes'] / 1e6:.3g} MB; time chunked/unchunked "
-            f"{m['time_ratio']:.2f}; max rel diff {m['max_rel_diff']:.1e}")
+    return {"device": _common.device_label(), "precision": "highest", "N": N, "K": K,
+            "chunk_size": chunk, "X_bytes": N * K * 4,
+            "counter": "XLA compiled memory analysis, temp_size_in_bytes",
+            **{f"{name}_temp_bytes": temp_bytes(params, N, K, c) for name, c in sizes.items()},
+            "chunked_s": t["chunked"].median_s, "unchunked_s": t["unchunked"].median_s,
+            "max_rel_diff": max(e["rel"] for e in errs.values()),
+            "time_ratio": t["chunked"].median_s / t["unchunked"].median_s}
 
 
 def _parse_sizes(text: str) -> list[tuple[int, int]]:
-    try:
-        sizes = [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",") if s]
-        if not sizes or not all(len(s) == 2 and min(s) > 0 for s in sizes):
-            raise ValueError
-    except ValueError:
-        msg = f"sizes must look like 64x4096,256x65536; got {text!r}"
-        raise argparse.ArgumentTypeError(msg) from None
-    return sizes  # type: ignore[return-value]
+    sizes = [tuple(s.lower().split("x")) for s in text.split(",") if s]
+    if not sizes or not all(len(s) == 2 and all(v.isdigit() and int(v) > 0 for v in s)
+                            for s in sizes):
+        raise argparse.ArgumentTypeError(f"sizes must look like 64x4096,256x65536; got {text!r}")
+    return [(int(k), int(n)) for k, n in sizes]
 
 
-TABLE = [  # (header, row key, scale): times in ms
-    ("batch_grad ms", "batch_grad_s", 1e3), ("jax.grad ms", "jax_grad_s", 1e3),
-    ("7 matmul ms", "matmul_s", 7e3), ("GFLOP/s", "gflops", 1.0),
-    ("/jax.grad", "ratio_jax_grad", 1.0), ("/7mm", "ratio_7_matmuls", 1.0),
-    ("naive/bg", "naive_over_batch_grad", 1.0),
-]
+TABLE = [("batch_grad ms", "batch_grad_s", 1e3), ("jax.grad ms", "jax_grad_s", 1e3),
+         ("7 matmul ms", "matmul_s", 7e3), ("GFLOP/s", "gflops", 1.0),  # (header, key, scale)
+         ("/jax.grad", "ratio_jax_grad", 1.0), ("/7mm", "ratio_7_matmuls", 1.0),
+         ("naive/bg", "naive_over_batch_grad", 1.0)]
+OVERHEAD = ["device", "K", "N", "calling", "function", "public_us", "jit_us", "ratio",
+            "ratio_of_medians"]
 
 
 def table_rows(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
     """Header and cells of the speed table: device, precision, K, N, times in ms and the
     ratios (batch_grad over the others); None where a method did not run."""
     header = ["device", "precision", "K", "N", *(h for h, _, _ in TABLE)]
-    cells = [[r["device"], r["precision"], r["K"], r["N"],
-              *(float(r[k] * s) if k in r else None for _, k, s in TABLE)] for r in rows]
-    return header, cells
-
-
-OVERHEAD = ["device", "K", "N", "calling", "function", "public_us", "jit_us", "ratio",
-            "ratio_of_medians"]
+    return header, [[r["device"], r["precision"], r["K"], r["N"],
+                     *(float(r[k] * s) if k in r else None for _, k, s in TABLE)] for r in rows]
 
 
 def plot(rows: Sequence[dict[str, Any]]) -> Any:
     """Bars: time per gradient of each method and of 7 matmuls, per size and precision."""
-    methods = [(k, label) for k, label in (("batch_grad_s", "batch_grad (manual)"),
-                                           ("jax_grad_s", "jax.grad (jit)"),
-                                           ("naive_vmap_s", "vmap outer products"))
-               if any(k in r for r in rows)]
+    bars = [(k, label) for k, label in (
+        ("batch_grad_s", "batch_grad (manual)"), ("jax_grad_s", "jax.grad (jit)"),
+        ("naive_vmap_s", "vmap outer products")) if any(k in r for r in rows)]
+    bars.append(("matmul_s", "7 x (N,K)@(K,K) matmul (faster layout)"))
     fig, ax = _common.figure(width=7.5, height=4.2)
-    width = 0.8 / (len(methods) + 1)
-    x = np.arange(len(rows))
-    for i, (key, label) in enumerate(methods):
-        ax.bar(x + i * width, [r.get(key, np.nan) * 1e3 for r in rows], width, label=label)
-    ax.bar(x + len(methods) * width, [7 * r["matmul_s"] * 1e3 for r in rows], width,
-           label="7 x (N,K)@(K,K) matmul (faster layout)", color="0.6")
-    ax.set_xticks(x + width * len(methods) / 2,
+    width, x = 0.8 / len(bars), np.arange(len(rows))
+    for i, (key, label) in enumerate(bars):
+        mm = key == "matmul_s"
+        ax.bar(x + i * width, [r.get(key, np.nan) * (7e3 if mm else 1e3) for r in rows], width,
+               label=label, color="0.6" if mm else None)
+    ax.set_xticks(x + width * (len(bars) - 1) / 2,
                   [f"K={r['K']}\nN={r['N']}\n{r['precision']}" for r in rows])
-    ax.set_yscale("log")
-    ax.set_ylabel("time per gradient (ms, log scale)")
+    ax.set(yscale="log", ylabel="time per gradient (ms, log scale)")
     ax.set_title(f"Batch gradient, float32, all on {rows[0]['device']}", fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
 
-def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+def main(argv: Sequence[str] | None = None) -> int:
     ap = _common.parser(NAME, __doc__)
-    ap.add_argument("--sizes", type=_parse_sizes, default=DEFAULT_SIZES, help="KxN list")
+    ap.add_argument("--sizes", type=_parse_sizes, default="64x4096,256x65536,1024x8192",
+                    help="KxN list")
     ap.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=None,
-                    help="matmul precisions to time (default: highest and default on a GPU, "
-                         "highest on a CPU)")
+                    help="matmul precisions (default: highest, and default on a GPU)")
     ap.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds")
-    ap.add_argument("--min-time", type=float, default=0.2,
-                    help="timed seconds per method and size, about")
+    ap.add_argument("--min-time", type=float, default=0.2, help="timed s per method and size")
     ap.add_argument("--overhead", type=_parse_sizes, default="3x8",
                     help="KxN list for the per-call overhead table")
     ap.add_argument("--memory-n", type=int, default=1_000_000,
@@ -244,44 +187,39 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         args.memory_n, args.memory_k, args.chunk_size = 8192, 16, 1024
     if args.repeats < 1 or args.memory_n < 0 or args.chunk_size < 1:
         ap.error("--repeats and --chunk-size must be >= 1, --memory-n >= 0")
-    return args
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse(argv)
     precisions = tuple(args.precisions or _common.precisions_to_time())
-    out = _common.out_dir(args.out)
     env = _common.environment(jnp.float32)
     print(f"{NAME}: device {env['device_label']} x{env['device_count']}, jax "
           f"{env['jax_version']}, float32, precisions {', '.join(precisions)}")
     if jax.default_backend() != "gpu" and args.precisions is None:
-        print(f"({_common.CPU_PRECISION_NOTE})")
-    jobs = [(K, N, p) for K, N in args.sizes for p in precisions]
+        print("(a CPU computes the same float32 products at every precision: only 'highest' "
+              "is timed)")
     rows = [bench_size(K, N, p, rounds=args.repeats, min_time=args.min_time, seed=args.seed)
-            for K, N, p in _common.progress(jobs, desc="sizes")]
+            for K, N in _common.progress(args.sizes, desc="sizes") for p in precisions]
     _common.print_table(*table_rows(rows), floatfmt=".3g")
     overhead = [r for K, N in args.overhead for r in bench_overhead(
         K, N, rounds=args.repeats, min_time=4 * args.min_time, seed=args.seed)]
     print("\nper-call overhead: the public function (validated, result checked) vs jax.jit "
           "of it, each waited for; us of the fastest round; target ratio <= 2")
     _common.print_table(OVERHEAD, [[r[k] for k in OVERHEAD] for r in overhead])
-    metrics: dict[str, Any] = {"environment": env, "precisions": list(precisions),
-                               "sizes": rows, "overhead": overhead}
+    metrics = {"environment": env, "precisions": precisions, "sizes": rows, "overhead": overhead}
     if args.memory_n:
-        metrics["memory"] = bench_memory(args.memory_n, args.memory_k, args.chunk_size,
-                                         args.seed)
-        print(memory_line(metrics["memory"]))
+        m = metrics["memory"] = bench_memory(args.memory_n, args.memory_k, args.chunk_size,
+                                             args.seed)
+        print(f"memory on {m['device']}, N={m['N']} K={m['K']} float32 (X itself "
+              f"{m['X_bytes'] / 1e6:.3g} MB), {m['counter']}: chunked ({m['chunk_size']} rows) "
+              f"{m['chunked_temp_bytes'] / 1e6:.3g} MB, unchunked "
+              f"{m['unchunked_temp_bytes'] / 1e6:.3g} MB; time chunked/unchunked "
+              f"{m['time_ratio']:.2f}; max rel diff {m['max_rel_diff']:.1e}")
     columns = list(dict.fromkeys(k for r in rows for k in r))
     written = write_results(
-        out, config=_common.config_of(args, sizes=[list(s) for s in args.sizes],
-                                      overhead=[list(s) for s in args.overhead],
-                                      precisions=list(precisions)),
-        metrics=metrics, figures={NAME: plot(rows)},
+        args.out, config=vars(args) | {"precisions": precisions}, metrics=metrics,
+        figures={NAME: plot(rows)},
         tables={NAME: (columns, [[r.get(k) for k in columns] for r in rows]),
                 "overhead": (OVERHEAD, [[r[k] for k in OVERHEAD] for r in overhead])})
     if args.docs is not None:
-        _common.docs_copy(out / f"{NAME}.png", args.docs)
-    print(f"wrote {out}/: {', '.join(written)}")
+        _common.docs_copy(written[f"{NAME}.png"], args.docs)
+    print(f"wrote {args.out}/: {', '.join(written)}")
     return 0
 
 

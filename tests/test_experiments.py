@@ -24,7 +24,6 @@ bench = importlib.import_module("bench_gradients")
 bench_train = importlib.import_module("bench_train")
 opt = importlib.import_module("optimizers")
 
-SCRIPTS = ["bench_gradients", "optimizers", "bench_train", "bench_step"]
 
 
 def _params(key, D=4, H=3, O=2, dtype=jnp.float64):
@@ -33,16 +32,6 @@ def _params(key, D=4, H=3, O=2, dtype=jnp.float64):
 
 
 # -- the scripts end to end -------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", SCRIPTS)
-def test_help_lists_common_flags(name, capsys):
-    module = importlib.import_module(name)
-    with pytest.raises(SystemExit) as exc:
-        module.main(["--help"])
-    assert exc.value.code == 0
-    out = capsys.readouterr().out
-    assert all(flag in out for flag in ("--out", "--seed", "--quick"))
 
 
 def _run_quick(name, tmp_path, capsys):
@@ -157,8 +146,7 @@ def test_slopes_and_ratio_table_from_rows():
 
 
 def test_run_bench_applies_the_time_budget():
-    rows = bench.run_bench([2, 3], 4, ["batch_grad", "python_fd"], budget_s=1e-9, min_time=0,
-                           show_progress=False)
+    rows = bench.run_bench([2, 3], 4, ["batch_grad", "python_fd"], budget_s=1e-9, min_time=0)
     by = {(r["K"], r["method"]): r for r in rows}
     assert by[(2, "python_fd")]["status"] == "ok"
     assert by[(3, "python_fd")]["status"].startswith("skipped")
@@ -205,9 +193,7 @@ def test_time_interleaved_counts_first_call_warmup_and_rounds():
     for name, t in times.items():
         assert t.rounds == 4 and t.calls_per_round == 1
         assert calls[name] == 1 + 2 + 4  # first call, warm-up, one call per round
-        assert 0 < t.min_s <= t.median_s and t.first_s > 0 and t.compile_s >= 0
-    fields = times["a"].fields()
-    assert fields["first_call_s"] == times["a"].first_s and fields["rounds"] == 4
+        assert 0 < t.min_s <= t.median_s and t.first_call_s > 0 and t.compile_s >= 0
 
 
 def test_time_interleaved_loops_fast_calls_and_caps_slow_ones():
@@ -226,12 +212,6 @@ def test_time_interleaved_rounds_alternate():
     _common.time_interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
                              rounds=3, min_time=0, warmup=0)
     assert order == ["a", "b"] + ["a", "b"] * 3  # first calls, then rounds in turn
-
-
-def test_wait_blocks_on_jax_outputs():
-    x = jnp.arange(3.0)
-    assert _common.wait((x, [1.0, {"y": x}]))[0] is x
-    assert _common.wait(None) is None
 
 
 # -- device, precision, compile time, help -------------------------------------------------
@@ -254,20 +234,21 @@ def test_compile_clock_counts_compilation_inside_its_block_only():
     assert clock[0] == inside
 
 
-MINE = ["bench_gradients", "bench_step", "bench_train", "optimizers", "train"]
+SCRIPTS = ["bench_gradients", "bench_step", "bench_train", "optimizers", "train"]
 
 
-@pytest.mark.parametrize("name", MINE)
+@pytest.mark.parametrize("name", SCRIPTS)
 def test_help_shows_the_defaults(name, capsys):
     with pytest.raises(SystemExit) as exc:
         importlib.import_module(name).main(["--help"])
     assert exc.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert "--quick" in text and "(default: 0)" in text  # --seed
+    assert all(flag in text for flag in ("--out", "--seed", "--quick"))
+    assert "(default: 0)" in text  # --seed
     assert "(default: None)" not in text and "(default: False)" not in text
 
 
-@pytest.mark.parametrize("name", MINE)
+@pytest.mark.parametrize("name", SCRIPTS)
 def test_scripts_import_no_script_and_no_private_name(name):
     import ast
 

@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tl = res["train_losses"]
     written = write_results(
         _common.out_dir(args.out),
-        config=_common.config_of(args),
+        config=vars(args),
         metrics={"environment": _common.environment(jnp.float64), **averaging.metrics(res),
                  "conclusion": text},
         tables={"curves": averaging.curve_rows(res),

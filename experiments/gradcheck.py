@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = (FIELDS, [[r[k] for k in FIELDS] for r in rows])
     _common.print_table(*table, floatfmt=".2e")
     written = write_results(
-        _common.out_dir(args.out), config=_common.config_of(args, hidden_dim=H, out_dim=O),
+        _common.out_dir(args.out), config=vars(args) | {"hidden_dim": H, "out_dim": O},
         metrics={"environment": _common.environment(), "worst_rel": worst(rows), "rows": rows},
         tables={NAME: table})
     print(f"wrote {args.out}/: " + ", ".join(written))

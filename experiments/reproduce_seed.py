@@ -239,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\nAnswers:\n" + "\n".join(answers))
     written = write_results(
         _common.out_dir(args.out),
-        config=_common.config_of(args, generalization=gen_kw, bench=bench_kw),
+        config=vars(args) | {"generalization": gen_kw, "bench": bench_kw},
         metrics={
             "environment": env,
             "loss_listing": {"initial_loss": rec["losses"][0],

@@ -31,7 +31,6 @@ Every number comes from the package's own functions (``node_values``):
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -74,12 +73,12 @@ EDGES: tuple[tuple[str, str, str], ...] = (
 _SHAPES = {"A": "(H, D)", "B": "(H, D)", "C": "(O, H)", "x": "(D,)", "y": "(H,)",
            "u": "(H,)", "v": "(H,)", "z": "(H,)", "w": "(O,)", "L": "scalar"}
 _FILL = {"param": "#fdebd3", "input": "#e8e8e8", "op": "#ddeaf7", "loss": "#dcefdc"}
-_EDGE_COLOR = "#24529b"
 
-# Fonts (points) and spacing (inches).
+# Fonts and heat maps (points: a matrix's side, a vector's height); gaps between nodes (inches).
 _TITLE_PT, _LABEL_PT, _DATA_PT, _EDGE_PT = 8.0, 6.5, 7.5, 7.0
-_PAD, _GAP_X, _GAP_Y, _LINE = 0.07, 0.3, 0.36, 1.25
-_MAP_IN, _STRIP_IN = 0.75, 0.13  # heat maps: matrix side, vector strip height
+_MAP_PT, _STRIP_PT = 54.0, 9.5
+_GAP_X, _GAP_Y = 0.3, 0.36
+_HEAD, _FOOT = 0.45, 0.3  # inches for the title above the graph and the key below
 
 
 def node_values(params: Any, x: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -112,8 +111,6 @@ def node_values(params: Any, x: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]
     return {k: (np.asarray(v), np.asarray(d)) for k, (v, d) in pairs.items()}
 
 
-# -- numbers as text ------------------------------------------------------------------------
-
 _SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
 
 
@@ -140,187 +137,96 @@ def format_array(a: np.ndarray, digits: int = 3) -> tuple[str, list[str]]:
     return scale, ["  ".join(c.rjust(width) for c in row) for row in rows]
 
 
-@functools.cache
-def _renderer() -> Any:
+def _node_box(name: str, value: np.ndarray, grad: np.ndarray, numbers: bool, digits: int) -> Any:
+    """Node ``name`` as an AnnotationBbox: its title over its value and gradient.
+
+    Numbers (and scalars) are stacked; heat maps stand side by side. Matplotlib's
+    packers size the box around its contents.
+    """
+    from matplotlib.colors import Normalize
+    from matplotlib.image import BboxImage
+    from matplotlib.offsetbox import AnnotationBbox, DrawingArea, HPacker, TextArea, VPacker
+    from matplotlib.patches import Rectangle
+    from matplotlib.transforms import Bbox, TransformedBbox
+
+    stacked = numbers or value.ndim == 0
+    parts = []
+    for part, a, label in (("value", value, "value"), ("grad", grad, f"∂L/∂{name}")):
+        gid = f"{name}/{part}"
+        if stacked:
+            scale, lines = format_array(a, digits)
+            label = f"{label} {scale}".strip()
+            body = TextArea("\n".join(lines), textprops={
+                "family": "monospace", "size": _DATA_PT, "linespacing": 1.25, "gid": gid})
+        else:
+            label = f"‖{name if part == 'value' else label}‖ = {np.linalg.norm(a):.{digits}g}"
+            body = DrawingArea(_MAP_PT, _MAP_PT if a.ndim == 2 else _STRIP_PT)
+            m = float(np.max(np.abs(a))) or 1.0
+            image = BboxImage(TransformedBbox(Bbox.from_bounds(0, 0, body.width, body.height),
+                                              body.get_transform()),
+                              cmap="RdBu_r", norm=Normalize(-m, m), interpolation="nearest",
+                              gid=gid)
+            image.set_data(np.atleast_2d(a))
+            body.add_artist(image)
+            body.add_artist(Rectangle((0, 0), body.width, body.height, fill=False,
+                                      linewidth=0.5, edgecolor="#777777"))
+        label = TextArea(label, textprops={"size": _LABEL_PT, "color": "#444444",
+                                           "gid": f"{gid}/label"})
+        parts.append(VPacker(children=[label, body], sep=2))
+    shape = "" if value.ndim == 0 else f" = {value.shape}"
+    title = TextArea(f"{NODES[name][0]}   {_SHAPES[name]}{shape}", textprops={
+        "size": _TITLE_PT, "weight": "bold", "gid": f"{name}/title"})
+    columns = VPacker(children=parts, sep=4) if stacked else HPacker(children=parts, sep=9)
+    box = AnnotationBbox(VPacker(children=[title, columns], sep=4, pad=5), (0, 0),
+                         box_alignment=(0, 1), annotation_clip=False, zorder=1, bboxprops={
+                             "boxstyle": "round,pad=0,rounding_size=0.3",
+                             "facecolor": _FILL[NODES[name][1]], "edgecolor": "#777777",
+                             "linewidth": 0.8})
+    box.patch.set_gid(f"{name}/box")
+    return box
+
+
+def _layout(canvas: Any, grow_only: bool, boxes: dict[str, Any], labels: list[Any]) -> dict:
+    """Node rectangles (left, top, width, height), in inches from the top left of ``canvas``.
+
+    Each column (row) of ``NODES`` is as wide (tall) as its largest box, and a gap
+    between columns fits the widest arrow label crossing it. The root figure is
+    sized (``grow_only``: enlarged where needed) to hold the graph, the title above
+    and the key below; the canvas's data coordinates become those inches.
+    """
     from matplotlib.backends.backend_agg import RendererAgg
 
-    return RendererAgg(8, 8, 72)  # 72 dpi: sizes come out in points
-
-
-def _text_size(text: str, size: float, family: str = "sans-serif", bold: bool = False) -> tuple:
-    """(width, height) in inches of ``text`` (one line per newline)."""
-    from matplotlib.font_manager import FontProperties
-
-    prop = FontProperties(family=family, size=size, weight="bold" if bold else "normal")
-    lines = text.split("\n")
-    width = max(_renderer().get_text_width_height_descent(s or " ", prop, ismath=False)[0]
-                for s in lines)
-    return width / 72, len(lines) * size * _LINE / 72
-
-
-# -- one node: its blocks, sizes and drawing --------------------------------------------------
-
-
-def _title(name: str, value: np.ndarray) -> str:
-    shape = "" if value.ndim == 0 else f" = {tuple(int(n) for n in value.shape)}"
-    return f"{NODES[name][0]}   {_SHAPES[name]}{shape}"
-
-
-def _blocks(name: str, value: np.ndarray, grad: np.ndarray, numbers: bool,
-            digits: int) -> list[dict[str, Any]]:
-    """The two columns of a node (numbers: stacked rows; heat maps: side by side)."""
-    out = []
-    for part, a, label in (("value", value, "value"), ("grad", grad, f"∂L/∂{name}")):
-        if numbers or a.ndim == 0:
-            scale, lines = format_array(a, digits)
-            out.append({"part": part, "label": f"{label} {scale}".strip(), "lines": lines})
-        else:
-            norm = float(np.linalg.norm(a))
-            symbol = name if part == "value" else label
-            out.append({"part": part, "label": f"‖{symbol}‖ = {norm:.{digits}g}", "map": a})
-    return out
-
-
-def _block_size(b: dict[str, Any]) -> tuple[float, float]:
-    lw, lh = _text_size(b["label"], _LABEL_PT)
-    if "lines" in b:
-        dw, dh = _text_size("\n".join(b["lines"]), _DATA_PT, "monospace")
-    else:
-        dw, dh = _MAP_IN, _MAP_IN if b["map"].ndim == 2 else _STRIP_IN
-    return max(lw, dw), lh + dh
-
-
-def _node_size(title: str, blocks: list[dict[str, Any]], stacked: bool) -> tuple[float, float]:
-    tw, th = _text_size(title, _TITLE_PT, bold=True)
-    sizes = [_block_size(b) for b in blocks]
-    if stacked:
-        w, h = max(s[0] for s in sizes), sum(s[1] for s in sizes) + 0.05
-    else:
-        w, h = sum(s[0] for s in sizes) + 0.12, max(s[1] for s in sizes)
-    return max(tw, w) + 2 * _PAD, th + h + 2 * _PAD + 0.03
-
-
-# -- the layout, in inches from the top left ----------------------------------------------
-
-
-def _layout(sizes: dict[str, tuple[float, float]]) -> tuple[dict, float, float]:
-    """Node rectangles (left, top, width, height) and the total (width, height)."""
-    ncol = 1 + max(c for _, _, (c, _) in NODES.values())
-    nrow = 1 + max(r for _, _, (_, r) in NODES.values())
-    colw, rowh = [0.0] * ncol, [0.0] * nrow
+    fig, root = canvas.get_figure(root=False), canvas.get_figure(root=True)
+    renderer = RendererAgg(1, 1, root.dpi)  # sizes in inches, whatever the backend
+    size = {n: b.get_window_extent(renderer).size / root.dpi for n, b in boxes.items()}
+    colw, rowh, gaps = [0.0] * 5, [0.0] * 3, [_GAP_X] * 4
     for name, (_, _, (c, r)) in NODES.items():
-        colw[c], rowh[r] = max(colw[c], sizes[name][0]), max(rowh[r], sizes[name][1])
-    gaps = [_GAP_X] * (ncol - 1)  # wide enough for the labels of the arrows crossing them
-    for src, dst, rule in EDGES:
+        colw[c], rowh[r] = max(colw[c], size[name][0]), max(rowh[r], size[name][1])
+    for (src, dst, _), label in zip(EDGES, labels, strict=True):
         c0, c1 = NODES[src][2][0], NODES[dst][2][0]
         if c1 == c0 + 1:
-            gaps[c0] = max(gaps[c0], _text_size(rule, _EDGE_PT)[0] + 0.45)
-    xs = np.concatenate([[0.0], np.cumsum([w + g for w, g in zip(colw, [*gaps, 0], strict=True)])])
-    ys = np.concatenate([[0.0], np.cumsum([h + _GAP_Y for h in rowh])])
-    rects = {}
-    for name, (_, _, (c, r)) in NODES.items():
-        w, h = sizes[name]
-        rects[name] = (xs[c] + (colw[c] - w) / 2, ys[r] + (rowh[r] - h) / 2, w, h)
-    return rects, float(xs[-1]), float(ys[-1] - _GAP_Y)
+            gaps[c0] = max(gaps[c0], label.get_window_extent(renderer).width / root.dpi + 0.45)
+    xs = np.cumsum([0.0] + [w + g for w, g in zip(colw, [*gaps, 0], strict=True)])
+    ys = np.cumsum([0.0] + [h + _GAP_Y for h in rowh])
+    need = np.array([xs[-1] + 0.3, ys[-1] - _GAP_Y + _HEAD + _FOOT])
+    grow = need / (fig.bbox.size / root.dpi)
+    root.set_size_inches(root.get_size_inches() * (np.maximum(grow, 1) if grow_only else grow))
+    W, H = fig.bbox.size / root.dpi
+    canvas.set(xlim=(0, W), ylim=(H, 0))
+    ox, oy = (W - xs[-1]) / 2, _HEAD + (H - need[1]) / 2  # the graph centred
+    return {name: (ox + xs[c] + (colw[c] - size[name][0]) / 2,
+                   oy + ys[r] + (rowh[r] - size[name][1]) / 2, *size[name])
+            for name, (_, _, (c, r)) in NODES.items()}
 
 
-def _clip(rect: tuple, toward: tuple, margin: float = 0.03) -> tuple[float, float]:
-    """Where the segment from the centre of ``rect`` to ``toward`` leaves it (plus a margin)."""
+def _clip(rect: tuple, other: tuple, margin: float = 0.03) -> tuple[float, float]:
+    """Where the line between the centres of ``rect`` and ``other`` leaves ``rect`` (+ margin)."""
     left, top, w, h = rect
     cx, cy = left + w / 2, top + h / 2
-    dx, dy = toward[0] - cx, toward[1] - cy
+    dx, dy = other[0] + other[2] / 2 - cx, other[1] + other[3] / 2 - cy
     t = min(w / 2 / abs(dx) if dx else math.inf, h / 2 / abs(dy) if dy else math.inf)
     t += margin / math.hypot(dx, dy)
     return cx + t * dx, cy + t * dy
-
-
-# -- drawing ------------------------------------------------------------------------------
-
-
-def _fit(fig: Any, width: float, height: float) -> tuple[Any, float, float]:
-    """A new figure of width x height inches, or ``fig`` (a Figure or SubFigure) made to hold it.
-
-    Returns (figure, its width, its height): the root figure is enlarged where needed.
-    """
-    import matplotlib.pyplot as plt
-
-    if fig is None:
-        return plt.figure(figsize=(width, height)), width, height
-    root = fig.get_figure(root=True)
-    fw, fh = fig.bbox.width / root.dpi, fig.bbox.height / root.dpi  # inches
-    gx, gy = max(1.0, width / fw), max(1.0, height / fh)
-    if gx > 1.0 or gy > 1.0:
-        rw, rh = root.get_size_inches()
-        root.set_size_inches(rw * gx, rh * gy)
-    return fig, fw * gx, fh * gy
-
-
-def _draw_node(canvas: Any, to_frac: Any, name: str, rect: tuple, title: str,
-               blocks: list[dict[str, Any]], stacked: bool) -> None:
-    from matplotlib.patches import FancyBboxPatch
-
-    left, top, w, h = rect
-    x0, y0 = to_frac(left, top + h)
-    x1, y1 = to_frac(left + w, top)
-    canvas.add_patch(FancyBboxPatch(
-        (x0, y0), x1 - x0, y1 - y0, boxstyle="round,pad=0,rounding_size=0.008",
-        clip_on=False, facecolor=_FILL[NODES[name][1]], edgecolor="#777777",
-        linewidth=0.8, zorder=1, gid=f"{name}/box"))
-    th = _text_size(title, _TITLE_PT, bold=True)[1]
-    canvas.text(*to_frac(left + _PAD, top + _PAD), title, fontsize=_TITLE_PT, weight="bold",
-             va="top", ha="left", gid=f"{name}/title", zorder=3)
-    bx, by = left + _PAD, top + _PAD + th + 0.03
-    for b in blocks:
-        bw, bh = _block_size(b)
-        lh = _text_size(b["label"], _LABEL_PT)[1]
-        canvas.text(*to_frac(bx, by), b["label"], fontsize=_LABEL_PT, color="#444444", va="top",
-                 ha="left", gid=f"{name}/{b['part']}/label", zorder=3)
-        if "lines" in b:
-            canvas.text(*to_frac(bx, by + lh), "\n".join(b["lines"]), fontsize=_DATA_PT,
-                     family="monospace", va="top", ha="left", linespacing=_LINE,
-                     gid=f"{name}/{b['part']}", zorder=3)
-        else:
-            _draw_map(canvas, to_frac, name, b, (bx, by + lh, bw, bh - lh))
-        if stacked:
-            by += bh + 0.05
-        else:
-            bx += bw + 0.12
-
-
-def _draw_map(canvas: Any, to_frac: Any, name: str, b: dict[str, Any], rect: tuple) -> None:
-    left, top, w, h = rect
-    x0, y0 = to_frac(left, top + h)
-    x1, y1 = to_frac(left + w, top)
-    ax = canvas.get_figure(root=False).add_axes((x0, y0, x1 - x0, y1 - y0), zorder=3)
-    a = np.atleast_2d(b["map"])
-    m = float(np.max(np.abs(a))) or 1.0
-    ax.imshow(a, cmap="RdBu_r", vmin=-m, vmax=m, aspect="auto", interpolation="nearest")
-    ax.set(xticks=[], yticks=[])
-    ax.set_gid(f"{name}/{b['part']}")
-    for spine in ax.spines.values():
-        spine.set_linewidth(0.5)
-        spine.set_color("#777777")
-
-
-def _draw_edges(canvas: Any, to_frac: Any, rects: dict[str, tuple]) -> None:
-    from matplotlib.patches import FancyArrowPatch
-
-    def centre(n: str) -> tuple[float, float]:
-        left, top, w, h = rects[n]
-        return left + w / 2, top + h / 2
-
-    for src, dst, rule in EDGES:
-        a, b = _clip(rects[src], centre(dst)), _clip(rects[dst], centre(src))
-        canvas.add_patch(FancyArrowPatch(
-            to_frac(*a), to_frac(*b), clip_on=False, arrowstyle="-|>",
-            mutation_scale=9, color="#555555", linewidth=0.9, shrinkA=0, shrinkB=0, zorder=2))
-        mx, my = (a[0] + b[0]) / 2, (a[1] + b[1]) / 2
-        vertical = abs(a[0] - b[0]) < 1e-9
-        canvas.text(*to_frac(mx + (0.06 if vertical else 0), my), rule, fontsize=_EDGE_PT,
-                 color=_EDGE_COLOR, ha="left" if vertical else "center", va="center",
-                 gid=f"edge/{src}/{dst}", zorder=4,
-                 bbox={"boxstyle": "round,pad=0.15", "facecolor": "white",
-                       "edgecolor": "none", "alpha": 0.9})
 
 
 def draw_graph(params: Any, x: Any, *, title: str | None = None, digits: int = 3,
@@ -329,9 +235,9 @@ def draw_graph(params: Any, x: Any, *, title: str | None = None, digits: int = 3
 
     Nodes: x (D,), A (H, D), B (H, D), y = A x (H,), u = sigmoid(y) (H,),
     v = B x (H,), z = u + v (H,), C (O, H), w = C z (O,), L = ||w||^2 (scalar),
-    each with its forward value and dL/d(node) from ``manual_vjp`` (see
-    ``node_values``). Arrows point the forward way; each carries the local rule
-    that sends the gradient back along it, g• = dL/d•.
+    each with its forward value and dL/d(node) (see ``node_values``). Arrows point
+    the forward way; each carries the local rule that sends the gradient back
+    along it, g• = dL/d•.
 
     Args:
       params: ``Params(A (H, D), B (H, D), C (O, H))``.
@@ -346,54 +252,52 @@ def draw_graph(params: Any, x: Any, *, title: str | None = None, digits: int = 3
         is enlarged if the graph does not fit. Default: a new figure of the graph's size.
 
     Returns:
-      The figure drawn into. Node texts carry the gids "x/value", "x/grad",
-      "x/value/label" ... (heat maps: their Axes), arrow labels "edge/x/y" ...
+      The figure drawn into. Its texts carry gids: "x/title", "x/value", "x/grad",
+      "x/value/label" ... (a heat map: its BboxImage), "edge/x/y" ..., "title",
+      "key"; the node boxes "x/box" ...
     """
     params, D, H, O, _ = as_params(params)
     digits = validation.check_positive_int(digits, "digits")
     if digits > 15:
         raise ValueError(f"digits must be between 1 and 15, got {digits}")
-    if numbers is not None and not isinstance(numbers, bool):
-        raise TypeError(f"numbers must be None or a bool, got {type(numbers).__name__}")
-    numbers = max(D, H, O) <= 3 if numbers is None else numbers
-    if title is not None and not isinstance(title, str):
-        raise TypeError(f"title must be None or a str, got {type(title).__name__}")
+    for arg, value, kind in (("numbers", numbers, bool), ("title", title, str)):
+        if value is not None and not isinstance(value, kind):
+            raise TypeError(f"{arg} must be None or a {kind.__name__}, got {type(value).__name__}")
+    import matplotlib.pyplot as plt
     from matplotlib.figure import FigureBase
+    from matplotlib.patches import FancyArrowPatch
 
     if fig is not None and not isinstance(fig, FigureBase):
         raise TypeError(f"fig must be None, a matplotlib Figure or SubFigure, got "
                         f"{type(fig).__name__}")
+    numbers = max(D, H, O) <= 3 if numbers is None else numbers
     vals = node_values(params, x)
-
-    content, sizes = {}, {}
-    for name, (value, grad) in vals.items():
-        stacked = numbers or value.ndim == 0
-        content[name] = (_title(name, value), _blocks(name, value, grad, numbers, digits), stacked)
-        sizes[name] = _node_size(*content[name])
-    rects, width, height = _layout(sizes)
-    head, foot = 0.45, 0.3  # inches for the title above and the key below
-    fig, W, Hf = _fit(fig, width + 0.3, height + head + foot)
-    ox, oy = (W - width) / 2, head + (Hf - height - head - foot) / 2
-
-    def to_frac(xi: float, yi: float) -> tuple[float, float]:
-        return (ox + xi) / W, 1 - (oy + yi) / Hf
-
-    # One Axes over the whole (sub)figure, data coordinates = its fractions, holds the
-    # boxes, arrows and texts; each heat map is an Axes of its own above it.
-    canvas = fig.add_axes((0, 0, 1, 1), zorder=0)
-    canvas.set(xlim=(0, 1), ylim=(0, 1))
+    grow_only, fig = fig is not None, plt.figure() if fig is None else fig
+    canvas = fig.add_axes((0, 0, 1, 1), zorder=0)  # all of ``fig``: boxes, arrows, texts
     canvas.set_axis_off()
-    for name, (t, blocks, stacked) in content.items():
-        _draw_node(canvas, to_frac, name, rects[name], t, blocks, stacked)
-    _draw_edges(canvas, to_frac, rects)
-    L = float(vals["L"][0])
-    canvas.text(0.5, 1 - 0.12 / Hf, title if title is not None else
-             f"The ABC graph for one sample: L = {L:.{digits + 1}g}", ha="center", va="top",
-             fontsize=10, gid="title")
+    boxes = {n: canvas.add_artist(_node_box(n, *vals[n], numbers, digits)) for n in NODES}
+    labels = [canvas.text(0, 0, rule, fontsize=_EDGE_PT, color="#24529b", va="center", zorder=4,
+                          gid=f"edge/{a}/{b}", bbox={"boxstyle": "round,pad=0.15", "alpha": 0.9,
+                                                     "facecolor": "white", "edgecolor": "none"})
+              for a, b, rule in EDGES]
+    rects = _layout(canvas, grow_only, boxes, labels)
+    for name, (left, top, _, _) in rects.items():
+        boxes[name].xybox = (left, top)
+    for (src, dst, _), label in zip(EDGES, labels, strict=True):
+        a, b = _clip(rects[src], rects[dst]), _clip(rects[dst], rects[src])
+        canvas.add_patch(FancyArrowPatch(a, b, arrowstyle="-|>", mutation_scale=9, zorder=2,
+                                         color="#555555", linewidth=0.9, shrinkA=0, shrinkB=0))
+        vertical = abs(a[0] - b[0]) < 1e-9  # its label beside it, else on it
+        label.set(position=((a[0] + b[0]) / 2 + 0.06 * vertical, (a[1] + b[1]) / 2),
+                  ha="left" if vertical else "center")
+    W, Hf = canvas.get_xlim()[1], canvas.get_ylim()[0]
+    default = f"The ABC graph for one sample: L = {float(vals['L'][0]):.{digits + 1}g}"
+    canvas.text(W / 2, 0.12, default if title is None else title, ha="center", va="top",
+                fontsize=10, gid="title")
     key = ("Arrows: the forward pass. On each arrow, in blue: the rule that carries the "
            "gradient back along it (g• = ∂L/∂•, g = ∂L/∂L = 1).")
     if not numbers:
         key += " Heat maps: red > 0, blue < 0, each scaled to its own largest |entry|."
-    canvas.text(0.5, (foot - 0.1) / Hf, key, ha="center", va="top", fontsize=_LABEL_PT + 0.5,
-             color="#444444", gid="key")
+    canvas.text(W / 2, Hf - _FOOT + 0.1, key, ha="center", va="top", fontsize=_LABEL_PT + 0.5,
+                color="#444444", gid="key")
     return fig

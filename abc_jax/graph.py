@@ -1,17 +1,8 @@
 """The ABC graph for one sample, drawn: every node with its value and its gradient.
 
-::
-
-    A ──► y = A x ──► u = sigmoid(y)      C
-        ↗                 │                 │
-    x                     z = u + v ──────► w = C z ──► L = ||w||^2
-        ↘                 ↑
-    B ──► v = B x ────────┘
-
-``draw_graph(params, x)`` returns a matplotlib figure of the ten nodes x, A, B, C,
-y, u, v, z, w, L with their shapes. Each node shows its forward value and its
-gradient dL/d(node); each arrow points the forward way and carries the local rule
-that sends the gradient back along it (gy = gu * u * (1 - u), gC = gw z^T, ...).
+``draw_graph(params, x)`` draws the ten nodes x, A, B, C, y, u, v, z, w, L, each with
+its shape, forward value and gradient dL/d(node); each arrow points the forward way and
+carries the local rule that sends the gradient back along it (gC = gw z^T, ...).
 
 Every number comes from the package's own functions (``node_values``):
 
@@ -74,11 +65,9 @@ _SHAPES = {"A": "(H, D)", "B": "(H, D)", "C": "(O, H)", "x": "(D,)", "y": "(H,)"
            "u": "(H,)", "v": "(H,)", "z": "(H,)", "w": "(O,)", "L": "scalar"}
 _FILL = {"param": "#fdebd3", "input": "#e8e8e8", "op": "#ddeaf7", "loss": "#dcefdc"}
 
-# Fonts and heat maps (points: a matrix's side, a vector's height); gaps between nodes (inches).
-_TITLE_PT, _LABEL_PT, _DATA_PT, _EDGE_PT = 8.0, 6.5, 7.5, 7.0
-_MAP_PT, _STRIP_PT = 54.0, 9.5
-_GAP_X, _GAP_Y = 0.3, 0.36
-_HEAD, _FOOT = 0.45, 0.3  # inches for the title above the graph and the key below
+# Points: fonts, and heat maps (a matrix's side, a vector's height).
+_TITLE_PT, _LABEL_PT, _DATA_PT, _EDGE_PT, _MAP_PT, _STRIP_PT = 8.0, 6.5, 7.5, 7.0, 54.0, 9.5
+_GAP_X, _GAP_Y, _HEAD, _FOOT = 0.3, 0.36, 0.45, 0.3  # inches; head: title, foot: key
 
 
 def node_values(params: Any, x: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -89,16 +78,14 @@ def node_values(params: Any, x: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]
       x: one sample, shape (D,).
 
     Returns:
-      ``{name: (value, gradient)}`` for the names in ``NODES``, NumPy arrays of
-      the node's shape (L: shape ()); where each comes from is in the module
-      docstring.
+      ``{name: (value, gradient)}`` for the names in ``NODES``, NumPy arrays of the
+      node's shape (L: shape ()); where each comes from: the module docstring.
     """
     params, D, H, _, dtype = as_params(params)
     x = as_sample(x, D, dtype)
     L, res = forward(params, x)
     g = manual_vjp(params, res)
-    unit_x = jnp.zeros(D, dtype).at[0].set(1)
-    unit_z = jnp.zeros(H, dtype).at[0].set(1)
+    unit_x, unit_z = (jnp.zeros(n, dtype).at[0].set(1) for n in (D, H))  # e_0 in R^D, R^H
     probe = manual_vjp(params, res._replace(x=unit_x, z=unit_z))
     gy, gz, gw = probe.A[:, 0], probe.B[:, 0], probe.C[:, 0]
     gx = jax.grad(abc_loss, argnums=1)(params, x)
@@ -109,9 +96,6 @@ def node_values(params: Any, x: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]
         "w": (res.w, gw), "L": (L, jnp.ones((), dtype)),
     }
     return {k: (np.asarray(v), np.asarray(d)) for k, (v, d) in pairs.items()}
-
-
-_SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
 
 
 def format_array(a: np.ndarray, digits: int = 3) -> tuple[str, list[str]]:
@@ -128,7 +112,8 @@ def format_array(a: np.ndarray, digits: int = 3) -> tuple[str, list[str]]:
     if -1 <= e <= 2:
         scale, shown, decimals = "", a, max(0, digits - 1 - e)
     else:
-        scale = "\N{MULTIPLICATION SIGN}10" + str(e).translate(_SUPERSCRIPT)
+        superscript = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+        scale = "\N{MULTIPLICATION SIGN}10" + str(e).translate(superscript)
         shown, decimals = a / 10.0**e, digits - 1
     cells = [f"{v:.{decimals}f}" for v in np.atleast_1d(shown).ravel()]
     cells = [c[1:] if c[0] == "-" and c.strip("-0.") == "" else c for c in cells]  # no -0.00
@@ -138,16 +123,11 @@ def format_array(a: np.ndarray, digits: int = 3) -> tuple[str, list[str]]:
 
 
 def _node_box(name: str, value: np.ndarray, grad: np.ndarray, numbers: bool, digits: int) -> Any:
-    """Node ``name`` as an AnnotationBbox: its title over its value and gradient.
-
-    Numbers (and scalars) are stacked; heat maps stand side by side. Matplotlib's
-    packers size the box around its contents.
-    """
-    from matplotlib.colors import Normalize
+    """Node ``name`` as a box that matplotlib sizes around its title, value and gradient."""
+    from matplotlib.colors import CenteredNorm
     from matplotlib.image import BboxImage
     from matplotlib.offsetbox import AnnotationBbox, DrawingArea, HPacker, TextArea, VPacker
     from matplotlib.patches import Rectangle
-    from matplotlib.transforms import Bbox, TransformedBbox
 
     stacked = numbers or value.ndim == 0
     parts = []
@@ -161,11 +141,8 @@ def _node_box(name: str, value: np.ndarray, grad: np.ndarray, numbers: bool, dig
         else:
             label = f"‖{name if part == 'value' else label}‖ = {np.linalg.norm(a):.{digits}g}"
             body = DrawingArea(_MAP_PT, _MAP_PT if a.ndim == 2 else _STRIP_PT)
-            m = float(np.max(np.abs(a))) or 1.0
-            image = BboxImage(TransformedBbox(Bbox.from_bounds(0, 0, body.width, body.height),
-                                              body.get_transform()),
-                              cmap="RdBu_r", norm=Normalize(-m, m), interpolation="nearest",
-                              gid=gid)
+            image = BboxImage(body.get_window_extent, cmap="RdBu_r", interpolation="nearest",
+                              norm=CenteredNorm(0, float(np.max(np.abs(a))) or 1.0), gid=gid)
             image.set_data(np.atleast_2d(a))
             body.add_artist(image)
             body.add_artist(Rectangle((0, 0), body.width, body.height, fill=False,
@@ -176,29 +153,28 @@ def _node_box(name: str, value: np.ndarray, grad: np.ndarray, numbers: bool, dig
     shape = "" if value.ndim == 0 else f" = {value.shape}"
     title = TextArea(f"{NODES[name][0]}   {_SHAPES[name]}{shape}", textprops={
         "size": _TITLE_PT, "weight": "bold", "gid": f"{name}/title"})
+    # Numbers (and scalars) stacked, heat maps side by side.
     columns = VPacker(children=parts, sep=4) if stacked else HPacker(children=parts, sep=9)
-    box = AnnotationBbox(VPacker(children=[title, columns], sep=4, pad=5), (0, 0),
-                         box_alignment=(0, 1), annotation_clip=False, zorder=1, bboxprops={
-                             "boxstyle": "round,pad=0,rounding_size=0.3",
-                             "facecolor": _FILL[NODES[name][1]], "edgecolor": "#777777",
-                             "linewidth": 0.8})
-    box.patch.set_gid(f"{name}/box")
-    return box
+    return AnnotationBbox(VPacker(children=[title, columns], sep=4, pad=5), (0, 0),
+                          box_alignment=(0.5, 0.5), annotation_clip=False, zorder=1, bboxprops={
+                              "boxstyle": "round,pad=0,rounding_size=0.3", "gid": f"{name}/box",
+                              "facecolor": _FILL[NODES[name][1]], "edgecolor": "#777777",
+                              "linewidth": 0.8})
 
 
 def _layout(canvas: Any, grow_only: bool, boxes: dict[str, Any], labels: list[Any]) -> dict:
-    """Node rectangles (left, top, width, height), in inches from the top left of ``canvas``.
+    """Places the boxes; returns their cells (left, top, width, height), inches from the top left.
 
-    Each column (row) of ``NODES`` is as wide (tall) as its largest box, and a gap
-    between columns fits the widest arrow label crossing it. The root figure is
-    sized (``grow_only``: enlarged where needed) to hold the graph, the title above
-    and the key below; the canvas's data coordinates become those inches.
+    Each column (row) of ``NODES`` is as wide (tall) as its largest box, with 15% to spare
+    in width (hinting draws text up to that much wider at another dpi); each box is centred
+    in its cell; a gap between columns fits the widest arrow label crossing it. The root
+    figure is sized (or only enlarged) to hold it all; ``canvas`` speaks those inches.
     """
     from matplotlib.backends.backend_agg import RendererAgg
 
     fig, root = canvas.get_figure(root=False), canvas.get_figure(root=True)
-    renderer = RendererAgg(1, 1, root.dpi)  # sizes in inches, whatever the backend
-    size = {n: b.get_window_extent(renderer).size / root.dpi for n, b in boxes.items()}
+    renderer = RendererAgg(1, 1, root.dpi)
+    size = {n: b.get_window_extent(renderer).size / root.dpi * (1.15, 1) for n, b in boxes.items()}
     colw, rowh, gaps = [0.0] * 5, [0.0] * 3, [_GAP_X] * 4
     for name, (_, _, (c, r)) in NODES.items():
         colw[c], rowh[r] = max(colw[c], size[name][0]), max(rowh[r], size[name][1])
@@ -214,90 +190,78 @@ def _layout(canvas: Any, grow_only: bool, boxes: dict[str, Any], labels: list[An
     W, H = fig.bbox.size / root.dpi
     canvas.set(xlim=(0, W), ylim=(H, 0))
     ox, oy = (W - xs[-1]) / 2, _HEAD + (H - need[1]) / 2  # the graph centred
-    return {name: (ox + xs[c] + (colw[c] - size[name][0]) / 2,
-                   oy + ys[r] + (rowh[r] - size[name][1]) / 2, *size[name])
-            for name, (_, _, (c, r)) in NODES.items()}
+    rects = {name: (ox + xs[c] + (colw[c] - size[name][0]) / 2,
+                    oy + ys[r] + (rowh[r] - size[name][1]) / 2, *size[name])
+             for name, (_, _, (c, r)) in NODES.items()}
+    for name, (left, top, w, h) in rects.items():
+        boxes[name].xybox = (left + w / 2, top + h / 2)
+    return rects
 
 
-def _clip(rect: tuple, other: tuple, margin: float = 0.03) -> tuple[float, float]:
-    """Where the line between the centres of ``rect`` and ``other`` leaves ``rect`` (+ margin)."""
-    left, top, w, h = rect
-    cx, cy = left + w / 2, top + h / 2
-    dx, dy = other[0] + other[2] / 2 - cx, other[1] + other[3] / 2 - cy
-    t = min(w / 2 / abs(dx) if dx else math.inf, h / 2 / abs(dy) if dy else math.inf)
-    t += margin / math.hypot(dx, dy)
-    return cx + t * dx, cy + t * dy
+def _midway(r0: tuple, r1: tuple) -> np.ndarray:
+    """Midway between where the line joining the centres of two rectangles leaves each."""
+    c0, c1 = (np.add(r[:2], np.divide(r[2:], 2)) for r in (r0, r1))
+    d = np.abs(c1 - c0)
+    s0, s1 = (np.divide(r[2:], 2 * d, out=np.full(2, np.inf), where=d > 0).min() for r in (r0, r1))
+    return c0 + (s0 + 1 - s1) / 2 * (c1 - c0)
 
 
 def draw_graph(params: Any, x: Any, *, title: str | None = None, digits: int = 3,
                numbers: bool | None = None, fig: Any = None) -> Any:
     """The graph of one sample as a matplotlib figure, each node with its value and gradient.
 
-    Nodes: x (D,), A (H, D), B (H, D), y = A x (H,), u = sigmoid(y) (H,),
-    v = B x (H,), z = u + v (H,), C (O, H), w = C z (O,), L = ||w||^2 (scalar),
-    each with its forward value and dL/d(node) (see ``node_values``). Arrows point
-    the forward way; each carries the local rule that sends the gradient back
-    along it, g• = dL/d•.
+    Each node of ``NODES`` shows its shape, its value and dL/d(node) (``node_values``);
+    the arrows (``EDGES``) point the forward way, each labelled with the local rule
+    that sends the gradient back along it, g• = dL/d•.
 
     Args:
       params: ``Params(A (H, D), B (H, D), C (O, H))``.
       x: one sample, shape (D,).
       title: the figure's title; default: the loss.
       digits: significant digits of the largest entry of each array.
-      numbers: print every entry (default when D, H, O <= 3); False draws norms and
-        a heat map of each array (red > 0, blue < 0, each scaled to its own largest
-        |entry|) instead.
+      numbers: print every entry (default when D, H, O <= 3); False: norms and heat maps
+        instead (red > 0, blue < 0, each array scaled to its own largest |entry|).
       fig: a matplotlib ``Figure`` or ``SubFigure`` (e.g. one of
         ``fig.subfigures(2, 1)``, to show two states) to draw into; the root figure
         is enlarged if the graph does not fit. Default: a new figure of the graph's size.
 
     Returns:
-      The figure drawn into. Its texts carry gids: "x/title", "x/value", "x/grad",
-      "x/value/label" ... (a heat map: its BboxImage), "edge/x/y" ..., "title",
-      "key"; the node boxes "x/box" ...
+      The figure drawn into; gids: "x/box", "x/title", "x/value", "x/grad" (a text, or
+      a heat map's BboxImage), "x/value/label" ..., "edge/x/y" ..., "title", "key".
     """
     params, D, H, O, _ = as_params(params)
     digits = validation.check_positive_int(digits, "digits")
     if digits > 15:
         raise ValueError(f"digits must be between 1 and 15, got {digits}")
-    for arg, value, kind in (("numbers", numbers, bool), ("title", title, str)):
-        if value is not None and not isinstance(value, kind):
-            raise TypeError(f"{arg} must be None or a {kind.__name__}, got {type(value).__name__}")
     import matplotlib.pyplot as plt
     from matplotlib.figure import FigureBase
     from matplotlib.patches import FancyArrowPatch
 
-    if fig is not None and not isinstance(fig, FigureBase):
-        raise TypeError(f"fig must be None, a matplotlib Figure or SubFigure, got "
-                        f"{type(fig).__name__}")
+    for arg, value, kind, what in (("numbers", numbers, bool, "a bool"), ("title", title, str,
+                                   "a str"), ("fig", fig, FigureBase, "a Figure or SubFigure")):
+        if value is not None and not isinstance(value, kind):
+            raise TypeError(f"{arg} must be None or {what}, got {type(value).__name__}")
     numbers = max(D, H, O) <= 3 if numbers is None else numbers
     vals = node_values(params, x)
     grow_only, fig = fig is not None, plt.figure() if fig is None else fig
-    canvas = fig.add_axes((0, 0, 1, 1), zorder=0)  # all of ``fig``: boxes, arrows, texts
-    canvas.set_axis_off()
+    canvas = fig.add_axes((0, 0, 1, 1), frame_on=False, xticks=[], yticks=[])  # unseen, all fig
     boxes = {n: canvas.add_artist(_node_box(n, *vals[n], numbers, digits)) for n in NODES}
     labels = [canvas.text(0, 0, rule, fontsize=_EDGE_PT, color="#24529b", va="center", zorder=4,
-                          gid=f"edge/{a}/{b}", bbox={"boxstyle": "round,pad=0.15", "alpha": 0.9,
-                                                     "facecolor": "white", "edgecolor": "none"})
+                          gid=f"edge/{a}/{b}", bbox={"boxstyle": "round,pad=0.15", "color": "w"})
               for a, b, rule in EDGES]
     rects = _layout(canvas, grow_only, boxes, labels)
-    for name, (left, top, _, _) in rects.items():
-        boxes[name].xybox = (left, top)
     for (src, dst, _), label in zip(EDGES, labels, strict=True):
-        a, b = _clip(rects[src], rects[dst]), _clip(rects[dst], rects[src])
-        canvas.add_patch(FancyArrowPatch(a, b, arrowstyle="-|>", mutation_scale=9, zorder=2,
-                                         color="#555555", linewidth=0.9, shrinkA=0, shrinkB=0))
-        vertical = abs(a[0] - b[0]) < 1e-9  # its label beside it, else on it
-        label.set(position=((a[0] + b[0]) / 2 + 0.06 * vertical, (a[1] + b[1]) / 2),
-                  ha="left" if vertical else "center")
-    W, Hf = canvas.get_xlim()[1], canvas.get_ylim()[0]
+        canvas.add_patch(FancyArrowPatch(  # centre to centre, clipped to the boxes as drawn
+            boxes[src].xybox, boxes[dst].xybox, patchA=boxes[src].patch, patchB=boxes[dst].patch,
+            arrowstyle="-|>", mutation_scale=9, color="#555555", linewidth=0.9, zorder=2))
+        mx, my = _midway(rects[src], rects[dst])
+        vertical = NODES[src][2][0] == NODES[dst][2][0]  # its label beside it, else on it
+        label.set(position=(mx + 0.06 * vertical, my), ha="left" if vertical else "center")
     default = f"The ABC graph for one sample: L = {float(vals['L'][0]):.{digits + 1}g}"
-    canvas.text(W / 2, 0.12, default if title is None else title, ha="center", va="top",
-                fontsize=10, gid="title")
-    key = ("Arrows: the forward pass. On each arrow, in blue: the rule that carries the "
-           "gradient back along it (g• = ∂L/∂•, g = ∂L/∂L = 1).")
-    if not numbers:
-        key += " Heat maps: red > 0, blue < 0, each scaled to its own largest |entry|."
-    canvas.text(W / 2, Hf - _FOOT + 0.1, key, ha="center", va="top", fontsize=_LABEL_PT + 0.5,
-                color="#444444", gid="key")
+    fig.suptitle(default if title is None else title, fontsize=10, gid="title")
+    key = ("Arrows: the forward pass. On each arrow, in blue: the rule that carries the gradient "
+           "back along it (g• = ∂L/∂•, g = ∂L/∂L = 1)." + ("" if numbers else " Heat maps: red "
+           "> 0, blue < 0, each scaled to its own largest |entry|."))
+    fig.text(0.5, 0.02, key, ha="center", va="bottom", fontsize=_LABEL_PT + 0.5, color="#444444",
+             gid="key")
     return fig

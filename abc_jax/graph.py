@@ -163,7 +163,7 @@ def _node_box(name: str, value: np.ndarray, grad: np.ndarray, numbers: bool, dig
 
 
 def _layout(canvas: Any, grow_only: bool, boxes: dict[str, Any], labels: list[Any]) -> dict:
-    """Places the boxes; returns their cells (left, top, width, height), inches from the top left.
+    """Places the boxes; returns each one's room (left, top, width, height), inches from top left.
 
     Each column (row) of ``NODES`` is as wide (tall) as its largest box, with 15% to spare
     in width (hinting draws text up to that much wider at another dpi); each box is centred

@@ -1,17 +1,8 @@
 """The ABC graph for one sample, drawn: every node with its value and its gradient.
 
-::
-
-    A ──► y = A x ──► u = sigmoid(y)      C
-        ↗                 │                 │
-    x                     z = u + v ──────► w = C z ──► L = ||w||^2
-        ↘                 ↑
-    B ──► v = B x ────────┘
-
-``draw_graph(params, x)`` returns a matplotlib figure of the ten nodes x, A, B, C,
-y, u, v, z, w, L with their shapes. Each node shows its forward value and its
-gradient dL/d(node); each arrow points the forward way and carries the local rule
-that sends the gradient back along it (gy = gu * u * (1 - u), gC = gw z^T, ...).
+``draw_graph(params, x)`` draws the ten nodes x, A, B, C, y, u, v, z, w, L, each with
+its shape, forward value and gradient dL/d(node); each arrow points the forward way and
+carries the local rule that sends the gradient back along it (gC = gw z^T, ...).
 
 Every number comes from the package's own functions (``node_values``):
 
@@ -31,7 +22,6 @@ Every number comes from the package's own functions (``node_values``):
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -74,12 +64,10 @@ EDGES: tuple[tuple[str, str, str], ...] = (
 _SHAPES = {"A": "(H, D)", "B": "(H, D)", "C": "(O, H)", "x": "(D,)", "y": "(H,)",
            "u": "(H,)", "v": "(H,)", "z": "(H,)", "w": "(O,)", "L": "scalar"}
 _FILL = {"param": "#fdebd3", "input": "#e8e8e8", "op": "#ddeaf7", "loss": "#dcefdc"}
-_EDGE_COLOR = "#24529b"
 
-# Fonts (points) and spacing (inches).
-_TITLE_PT, _LABEL_PT, _DATA_PT, _EDGE_PT = 8.0, 6.5, 7.5, 7.0
-_PAD, _GAP_X, _GAP_Y, _LINE = 0.07, 0.3, 0.36, 1.25
-_MAP_IN, _STRIP_IN = 0.75, 0.13  # heat maps: matrix side, vector strip height
+# Points: fonts, and heat maps (a matrix's side, a vector's height).
+_TITLE_PT, _LABEL_PT, _DATA_PT, _EDGE_PT, _MAP_PT, _STRIP_PT = 8.0, 6.5, 7.5, 7.0, 54.0, 9.5
+_GAP_X, _GAP_Y, _HEAD, _FOOT = 0.3, 0.36, 0.45, 0.3  # inches; head: title, foot: key
 
 
 def node_values(params: Any, x: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -90,16 +78,14 @@ def node_values(params: Any, x: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]
       x: one sample, shape (D,).
 
     Returns:
-      ``{name: (value, gradient)}`` for the names in ``NODES``, NumPy arrays of
-      the node's shape (L: shape ()); where each comes from is in the module
-      docstring.
+      ``{name: (value, gradient)}`` for the names in ``NODES``, NumPy arrays of the
+      node's shape (L: shape ()); where each comes from: the module docstring.
     """
     params, D, H, _, dtype = as_params(params)
     x = as_sample(x, D, dtype)
     L, res = forward(params, x)
     g = manual_vjp(params, res)
-    unit_x = jnp.zeros(D, dtype).at[0].set(1)
-    unit_z = jnp.zeros(H, dtype).at[0].set(1)
+    unit_x, unit_z = (jnp.zeros(n, dtype).at[0].set(1) for n in (D, H))  # e_0 in R^D, R^H
     probe = manual_vjp(params, res._replace(x=unit_x, z=unit_z))
     gy, gz, gw = probe.A[:, 0], probe.B[:, 0], probe.C[:, 0]
     gx = jax.grad(abc_loss, argnums=1)(params, x)
@@ -110,11 +96,6 @@ def node_values(params: Any, x: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]
         "w": (res.w, gw), "L": (L, jnp.ones((), dtype)),
     }
     return {k: (np.asarray(v), np.asarray(d)) for k, (v, d) in pairs.items()}
-
-
-# -- numbers as text ------------------------------------------------------------------------
-
-_SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
 
 
 def format_array(a: np.ndarray, digits: int = 3) -> tuple[str, list[str]]:
@@ -131,7 +112,8 @@ def format_array(a: np.ndarray, digits: int = 3) -> tuple[str, list[str]]:
     if -1 <= e <= 2:
         scale, shown, decimals = "", a, max(0, digits - 1 - e)
     else:
-        scale = "\N{MULTIPLICATION SIGN}10" + str(e).translate(_SUPERSCRIPT)
+        superscript = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+        scale = "\N{MULTIPLICATION SIGN}10" + str(e).translate(superscript)
         shown, decimals = a / 10.0**e, digits - 1
     cells = [f"{v:.{decimals}f}" for v in np.atleast_1d(shown).ravel()]
     cells = [c[1:] if c[0] == "-" and c.strip("-0.") == "" else c for c in cells]  # no -0.00
@@ -140,197 +122,96 @@ def format_array(a: np.ndarray, digits: int = 3) -> tuple[str, list[str]]:
     return scale, ["  ".join(c.rjust(width) for c in row) for row in rows]
 
 
-@functools.cache
-def _renderer() -> Any:
+def _node_box(name: str, value: np.ndarray, grad: np.ndarray, numbers: bool, digits: int) -> Any:
+    """Node ``name`` as a box that matplotlib sizes around its title, value and gradient."""
+    from matplotlib.colors import CenteredNorm
+    from matplotlib.image import BboxImage
+    from matplotlib.offsetbox import AnnotationBbox, DrawingArea, HPacker, TextArea, VPacker
+    from matplotlib.patches import Rectangle
+
+    stacked = numbers or value.ndim == 0
+    parts = []
+    for part, a, label in (("value", value, "value"), ("grad", grad, f"∂L/∂{name}")):
+        gid = f"{name}/{part}"
+        if stacked:
+            scale, lines = format_array(a, digits)
+            label = f"{label} {scale}".strip()
+            body = TextArea("\n".join(lines), textprops={
+                "family": "monospace", "size": _DATA_PT, "linespacing": 1.25, "gid": gid})
+        else:
+            label = f"‖{name if part == 'value' else label}‖ = {np.linalg.norm(a):.{digits}g}"
+            body = DrawingArea(_MAP_PT, _MAP_PT if a.ndim == 2 else _STRIP_PT)
+            image = BboxImage(body.get_window_extent, cmap="RdBu_r", interpolation="nearest",
+                              norm=CenteredNorm(0, float(np.max(np.abs(a))) or 1.0), gid=gid)
+            image.set_data(np.atleast_2d(a))
+            body.add_artist(image)
+            body.add_artist(Rectangle((0, 0), body.width, body.height, fill=False,
+                                      linewidth=0.5, edgecolor="#777777"))
+        label = TextArea(label, textprops={"size": _LABEL_PT, "color": "#444444",
+                                           "gid": f"{gid}/label"})
+        parts.append(VPacker(children=[label, body], sep=2))
+    shape = "" if value.ndim == 0 else f" = {value.shape}"
+    title = TextArea(f"{NODES[name][0]}   {_SHAPES[name]}{shape}", textprops={
+        "size": _TITLE_PT, "weight": "bold", "gid": f"{name}/title"})
+    # Numbers (and scalars) stacked, heat maps side by side.
+    columns = VPacker(children=parts, sep=4) if stacked else HPacker(children=parts, sep=9)
+    return AnnotationBbox(VPacker(children=[title, columns], sep=4, pad=5), (0, 0),
+                          box_alignment=(0.5, 0.5), annotation_clip=False, zorder=1, bboxprops={
+                              "boxstyle": "round,pad=0,rounding_size=0.3", "gid": f"{name}/box",
+                              "facecolor": _FILL[NODES[name][1]], "edgecolor": "#777777",
+                              "linewidth": 0.8})
+
+
+def _layout(canvas: Any, grow_only: bool, boxes: dict[str, Any], labels: list[Any]) -> dict:
+    """Places the boxes; returns each one's room (left, top, width, height), inches from top left.
+
+    Each column (row) of ``NODES`` is as wide (tall) as its largest box, with 15% to spare
+    in width (hinting draws text up to that much wider at another dpi); each box is centred
+    in its cell; a gap between columns fits the widest arrow label crossing it. The root
+    figure is sized (or only enlarged) to hold it all; ``canvas`` speaks those inches.
+    """
     from matplotlib.backends.backend_agg import RendererAgg
 
-    return RendererAgg(8, 8, 72)  # 72 dpi: sizes come out in points
-
-
-def _text_size(text: str, size: float, family: str = "sans-serif", bold: bool = False) -> tuple:
-    """(width, height) in inches of ``text`` (one line per newline)."""
-    from matplotlib.font_manager import FontProperties
-
-    prop = FontProperties(family=family, size=size, weight="bold" if bold else "normal")
-    lines = text.split("\n")
-    width = max(_renderer().get_text_width_height_descent(s or " ", prop, ismath=False)[0]
-                for s in lines)
-    return width / 72, len(lines) * size * _LINE / 72
-
-
-# -- one node: its blocks, sizes and drawing --------------------------------------------------
-
-
-def _title(name: str, value: np.ndarray) -> str:
-    shape = "" if value.ndim == 0 else f" = {tuple(int(n) for n in value.shape)}"
-    return f"{NODES[name][0]}   {_SHAPES[name]}{shape}"
-
-
-def _blocks(name: str, value: np.ndarray, grad: np.ndarray, numbers: bool,
-            digits: int) -> list[dict[str, Any]]:
-    """The two columns of a node (numbers: stacked rows; heat maps: side by side)."""
-    out = []
-    for part, a, label in (("value", value, "value"), ("grad", grad, f"∂L/∂{name}")):
-        if numbers or a.ndim == 0:
-            scale, lines = format_array(a, digits)
-            out.append({"part": part, "label": f"{label} {scale}".strip(), "lines": lines})
-        else:
-            norm = float(np.linalg.norm(a))
-            symbol = name if part == "value" else label
-            out.append({"part": part, "label": f"‖{symbol}‖ = {norm:.{digits}g}", "map": a})
-    return out
-
-
-def _block_size(b: dict[str, Any]) -> tuple[float, float]:
-    lw, lh = _text_size(b["label"], _LABEL_PT)
-    if "lines" in b:
-        dw, dh = _text_size("\n".join(b["lines"]), _DATA_PT, "monospace")
-    else:
-        dw, dh = _MAP_IN, _MAP_IN if b["map"].ndim == 2 else _STRIP_IN
-    return max(lw, dw), lh + dh
-
-
-def _node_size(title: str, blocks: list[dict[str, Any]], stacked: bool) -> tuple[float, float]:
-    tw, th = _text_size(title, _TITLE_PT, bold=True)
-    sizes = [_block_size(b) for b in blocks]
-    if stacked:
-        w, h = max(s[0] for s in sizes), sum(s[1] for s in sizes) + 0.05
-    else:
-        w, h = sum(s[0] for s in sizes) + 0.12, max(s[1] for s in sizes)
-    return max(tw, w) + 2 * _PAD, th + h + 2 * _PAD + 0.03
-
-
-# -- the layout, in inches from the top left ----------------------------------------------
-
-
-def _layout(sizes: dict[str, tuple[float, float]]) -> tuple[dict, float, float]:
-    """Node rectangles (left, top, width, height) and the total (width, height)."""
-    ncol = 1 + max(c for _, _, (c, _) in NODES.values())
-    nrow = 1 + max(r for _, _, (_, r) in NODES.values())
-    colw, rowh = [0.0] * ncol, [0.0] * nrow
+    fig, root = canvas.get_figure(root=False), canvas.get_figure(root=True)
+    renderer = RendererAgg(1, 1, root.dpi)
+    size = {n: b.get_window_extent(renderer).size / root.dpi * (1.15, 1) for n, b in boxes.items()}
+    colw, rowh, gaps = [0.0] * 5, [0.0] * 3, [_GAP_X] * 4
     for name, (_, _, (c, r)) in NODES.items():
-        colw[c], rowh[r] = max(colw[c], sizes[name][0]), max(rowh[r], sizes[name][1])
-    gaps = [_GAP_X] * (ncol - 1)  # wide enough for the labels of the arrows crossing them
-    for src, dst, rule in EDGES:
+        colw[c], rowh[r] = max(colw[c], size[name][0]), max(rowh[r], size[name][1])
+    for (src, dst, _), label in zip(EDGES, labels, strict=True):
         c0, c1 = NODES[src][2][0], NODES[dst][2][0]
         if c1 == c0 + 1:
-            gaps[c0] = max(gaps[c0], _text_size(rule, _EDGE_PT)[0] + 0.45)
-    xs = np.concatenate([[0.0], np.cumsum([w + g for w, g in zip(colw, [*gaps, 0], strict=True)])])
-    ys = np.concatenate([[0.0], np.cumsum([h + _GAP_Y for h in rowh])])
-    rects = {}
-    for name, (_, _, (c, r)) in NODES.items():
-        w, h = sizes[name]
-        rects[name] = (xs[c] + (colw[c] - w) / 2, ys[r] + (rowh[r] - h) / 2, w, h)
-    return rects, float(xs[-1]), float(ys[-1] - _GAP_Y)
+            gaps[c0] = max(gaps[c0], label.get_window_extent(renderer).width / root.dpi + 0.45)
+    xs = np.cumsum([0.0] + [w + g for w, g in zip(colw, [*gaps, 0], strict=True)])
+    ys = np.cumsum([0.0] + [h + _GAP_Y for h in rowh])
+    need = np.array([xs[-1] + 0.3, ys[-1] - _GAP_Y + _HEAD + _FOOT])
+    grow = need / (fig.bbox.size / root.dpi)
+    root.set_size_inches(root.get_size_inches() * (np.maximum(grow, 1) if grow_only else grow))
+    W, H = fig.bbox.size / root.dpi
+    canvas.set(xlim=(0, W), ylim=(H, 0))
+    ox, oy = (W - xs[-1]) / 2, _HEAD + (H - need[1]) / 2  # the graph centred
+    rects = {name: (ox + xs[c] + (colw[c] - size[name][0]) / 2,
+                    oy + ys[r] + (rowh[r] - size[name][1]) / 2, *size[name])
+             for name, (_, _, (c, r)) in NODES.items()}
+    for name, (left, top, w, h) in rects.items():
+        boxes[name].xybox = (left + w / 2, top + h / 2)
+    return rects
 
 
-def _clip(rect: tuple, toward: tuple, margin: float = 0.03) -> tuple[float, float]:
-    """Where the segment from the centre of ``rect`` to ``toward`` leaves it (plus a margin)."""
-    left, top, w, h = rect
-    cx, cy = left + w / 2, top + h / 2
-    dx, dy = toward[0] - cx, toward[1] - cy
-    t = min(w / 2 / abs(dx) if dx else math.inf, h / 2 / abs(dy) if dy else math.inf)
-    t += margin / math.hypot(dx, dy)
-    return cx + t * dx, cy + t * dy
-
-
-# -- drawing ------------------------------------------------------------------------------
-
-
-def _fit(fig: Any, width: float, height: float) -> tuple[Any, float, float]:
-    """A new figure of width x height inches, or ``fig`` (a Figure or SubFigure) made to hold it.
-
-    Returns (figure, its width, its height): the root figure is enlarged where needed.
-    """
-    import matplotlib.pyplot as plt
-
-    if fig is None:
-        return plt.figure(figsize=(width, height)), width, height
-    root = fig.get_figure(root=True)
-    fw, fh = fig.bbox.width / root.dpi, fig.bbox.height / root.dpi  # inches
-    gx, gy = max(1.0, width / fw), max(1.0, height / fh)
-    if gx > 1.0 or gy > 1.0:
-        rw, rh = root.get_size_inches()
-        root.set_size_inches(rw * gx, rh * gy)
-    return fig, fw * gx, fh * gy
-
-
-def _draw_node(canvas: Any, to_frac: Any, name: str, rect: tuple, title: str,
-               blocks: list[dict[str, Any]], stacked: bool) -> None:
-    from matplotlib.patches import FancyBboxPatch
-
-    left, top, w, h = rect
-    x0, y0 = to_frac(left, top + h)
-    x1, y1 = to_frac(left + w, top)
-    canvas.add_patch(FancyBboxPatch(
-        (x0, y0), x1 - x0, y1 - y0, boxstyle="round,pad=0,rounding_size=0.008",
-        clip_on=False, facecolor=_FILL[NODES[name][1]], edgecolor="#777777",
-        linewidth=0.8, zorder=1, gid=f"{name}/box"))
-    th = _text_size(title, _TITLE_PT, bold=True)[1]
-    canvas.text(*to_frac(left + _PAD, top + _PAD), title, fontsize=_TITLE_PT, weight="bold",
-             va="top", ha="left", gid=f"{name}/title", zorder=3)
-    bx, by = left + _PAD, top + _PAD + th + 0.03
-    for b in blocks:
-        bw, bh = _block_size(b)
-        lh = _text_size(b["label"], _LABEL_PT)[1]
-        canvas.text(*to_frac(bx, by), b["label"], fontsize=_LABEL_PT, color="#444444", va="top",
-                 ha="left", gid=f"{name}/{b['part']}/label", zorder=3)
-        if "lines" in b:
-            canvas.text(*to_frac(bx, by + lh), "\n".join(b["lines"]), fontsize=_DATA_PT,
-                     family="monospace", va="top", ha="left", linespacing=_LINE,
-                     gid=f"{name}/{b['part']}", zorder=3)
-        else:
-            _draw_map(canvas, to_frac, name, b, (bx, by + lh, bw, bh - lh))
-        if stacked:
-            by += bh + 0.05
-        else:
-            bx += bw + 0.12
-
-
-def _draw_map(canvas: Any, to_frac: Any, name: str, b: dict[str, Any], rect: tuple) -> None:
-    left, top, w, h = rect
-    x0, y0 = to_frac(left, top + h)
-    x1, y1 = to_frac(left + w, top)
-    ax = canvas.get_figure(root=False).add_axes((x0, y0, x1 - x0, y1 - y0), zorder=3)
-    a = np.atleast_2d(b["map"])
-    m = float(np.max(np.abs(a))) or 1.0
-    ax.imshow(a, cmap="RdBu_r", vmin=-m, vmax=m, aspect="auto", interpolation="nearest")
-    ax.set(xticks=[], yticks=[])
-    ax.set_gid(f"{name}/{b['part']}")
-    for spine in ax.spines.values():
-        spine.set_linewidth(0.5)
-        spine.set_color("#777777")
-
-
-def _draw_edges(canvas: Any, to_frac: Any, rects: dict[str, tuple]) -> None:
-    from matplotlib.patches import FancyArrowPatch
-
-    def centre(n: str) -> tuple[float, float]:
-        left, top, w, h = rects[n]
-        return left + w / 2, top + h / 2
-
-    for src, dst, rule in EDGES:
-        a, b = _clip(rects[src], centre(dst)), _clip(rects[dst], centre(src))
-        canvas.add_patch(FancyArrowPatch(
-            to_frac(*a), to_frac(*b), clip_on=False, arrowstyle="-|>",
-            mutation_scale=9, color="#555555", linewidth=0.9, shrinkA=0, shrinkB=0, zorder=2))
-        mx, my = (a[0] + b[0]) / 2, (a[1] + b[1]) / 2
-        vertical = abs(a[0] - b[0]) < 1e-9
-        canvas.text(*to_frac(mx + (0.06 if vertical else 0), my), rule, fontsize=_EDGE_PT,
-                 color=_EDGE_COLOR, ha="left" if vertical else "center", va="center",
-                 gid=f"edge/{src}/{dst}", zorder=4,
-                 bbox={"boxstyle": "round,pad=0.15", "facecolor": "white",
-                       "edgecolor": "none", "alpha": 0.9})
+def _midway(r0: tuple, r1: tuple) -> np.ndarray:
+    """Midway between where the line joining the centres of two rectangles leaves each."""
+    c0, c1 = (np.add(r[:2], np.divide(r[2:], 2)) for r in (r0, r1))
+    d = np.abs(c1 - c0)
+    s0, s1 = (np.divide(r[2:], 2 * d, out=np.full(2, np.inf), where=d > 0).min() for r in (r0, r1))
+    return c0 + (s0 + 1 - s1) / 2 * (c1 - c0)
 
 
 def draw_graph(params: Any, x: Any, *, title: str | None = None, digits: int = 3,
                numbers: bool | None = None, fig: Any = None) -> Any:
     """The graph of one sample as a matplotlib figure, each node with its value and gradient.
 
-    Nodes: x (D,), A (H, D), B (H, D), y = A x (H,), u = sigmoid(y) (H,),
-    v = B x (H,), z = u + v (H,), C (O, H), w = C z (O,), L = ||w||^2 (scalar),
-    each with its forward value and dL/d(node) from ``manual_vjp`` (see
-    ``node_values``). Arrows point the forward way; each carries the local rule
+    Each node of ``NODES`` shows its shape, its value and dL/d(node) (``node_values``);
+    the arrows (``EDGES``) point the forward way, each labelled with the local rule
     that sends the gradient back along it, g• = dL/d•.
 
     Args:
@@ -338,62 +219,49 @@ def draw_graph(params: Any, x: Any, *, title: str | None = None, digits: int = 3
       x: one sample, shape (D,).
       title: the figure's title; default: the loss.
       digits: significant digits of the largest entry of each array.
-      numbers: print every entry (default when D, H, O <= 3); False draws norms and
-        a heat map of each array (red > 0, blue < 0, each scaled to its own largest
-        |entry|) instead.
+      numbers: print every entry (default when D, H, O <= 3); False: norms and heat maps
+        instead (red > 0, blue < 0, each array scaled to its own largest |entry|).
       fig: a matplotlib ``Figure`` or ``SubFigure`` (e.g. one of
         ``fig.subfigures(2, 1)``, to show two states) to draw into; the root figure
         is enlarged if the graph does not fit. Default: a new figure of the graph's size.
 
     Returns:
-      The figure drawn into. Node texts carry the gids "x/value", "x/grad",
-      "x/value/label" ... (heat maps: their Axes), arrow labels "edge/x/y" ...
+      The figure drawn into; gids: "x/box", "x/title", "x/value", "x/grad" (a text, or
+      a heat map's BboxImage), "x/value/label" ..., "edge/x/y" ..., "title", "key".
     """
     params, D, H, O, _ = as_params(params)
     digits = validation.check_positive_int(digits, "digits")
     if digits > 15:
         raise ValueError(f"digits must be between 1 and 15, got {digits}")
-    if numbers is not None and not isinstance(numbers, bool):
-        raise TypeError(f"numbers must be None or a bool, got {type(numbers).__name__}")
-    numbers = max(D, H, O) <= 3 if numbers is None else numbers
-    if title is not None and not isinstance(title, str):
-        raise TypeError(f"title must be None or a str, got {type(title).__name__}")
+    import matplotlib.pyplot as plt
     from matplotlib.figure import FigureBase
+    from matplotlib.patches import FancyArrowPatch
 
-    if fig is not None and not isinstance(fig, FigureBase):
-        raise TypeError(f"fig must be None, a matplotlib Figure or SubFigure, got "
-                        f"{type(fig).__name__}")
+    for arg, value, kind, what in (("numbers", numbers, bool, "a bool"), ("title", title, str,
+                                   "a str"), ("fig", fig, FigureBase, "a Figure or SubFigure")):
+        if value is not None and not isinstance(value, kind):
+            raise TypeError(f"{arg} must be None or {what}, got {type(value).__name__}")
+    numbers = max(D, H, O) <= 3 if numbers is None else numbers
     vals = node_values(params, x)
-
-    content, sizes = {}, {}
-    for name, (value, grad) in vals.items():
-        stacked = numbers or value.ndim == 0
-        content[name] = (_title(name, value), _blocks(name, value, grad, numbers, digits), stacked)
-        sizes[name] = _node_size(*content[name])
-    rects, width, height = _layout(sizes)
-    head, foot = 0.45, 0.3  # inches for the title above and the key below
-    fig, W, Hf = _fit(fig, width + 0.3, height + head + foot)
-    ox, oy = (W - width) / 2, head + (Hf - height - head - foot) / 2
-
-    def to_frac(xi: float, yi: float) -> tuple[float, float]:
-        return (ox + xi) / W, 1 - (oy + yi) / Hf
-
-    # One Axes over the whole (sub)figure, data coordinates = its fractions, holds the
-    # boxes, arrows and texts; each heat map is an Axes of its own above it.
-    canvas = fig.add_axes((0, 0, 1, 1), zorder=0)
-    canvas.set(xlim=(0, 1), ylim=(0, 1))
-    canvas.set_axis_off()
-    for name, (t, blocks, stacked) in content.items():
-        _draw_node(canvas, to_frac, name, rects[name], t, blocks, stacked)
-    _draw_edges(canvas, to_frac, rects)
-    L = float(vals["L"][0])
-    canvas.text(0.5, 1 - 0.12 / Hf, title if title is not None else
-             f"The ABC graph for one sample: L = {L:.{digits + 1}g}", ha="center", va="top",
-             fontsize=10, gid="title")
-    key = ("Arrows: the forward pass. On each arrow, in blue: the rule that carries the "
-           "gradient back along it (g• = ∂L/∂•, g = ∂L/∂L = 1).")
-    if not numbers:
-        key += " Heat maps: red > 0, blue < 0, each scaled to its own largest |entry|."
-    canvas.text(0.5, (foot - 0.1) / Hf, key, ha="center", va="top", fontsize=_LABEL_PT + 0.5,
-             color="#444444", gid="key")
+    grow_only, fig = fig is not None, plt.figure() if fig is None else fig
+    canvas = fig.add_axes((0, 0, 1, 1), frame_on=False, xticks=[], yticks=[])  # unseen, all fig
+    boxes = {n: canvas.add_artist(_node_box(n, *vals[n], numbers, digits)) for n in NODES}
+    labels = [canvas.text(0, 0, rule, fontsize=_EDGE_PT, color="#24529b", va="center", zorder=4,
+                          gid=f"edge/{a}/{b}", bbox={"boxstyle": "round,pad=0.15", "color": "w"})
+              for a, b, rule in EDGES]
+    rects = _layout(canvas, grow_only, boxes, labels)
+    for (src, dst, _), label in zip(EDGES, labels, strict=True):
+        canvas.add_patch(FancyArrowPatch(  # centre to centre, clipped to the boxes as drawn
+            boxes[src].xybox, boxes[dst].xybox, patchA=boxes[src].patch, patchB=boxes[dst].patch,
+            arrowstyle="-|>", mutation_scale=9, color="#555555", linewidth=0.9, zorder=2))
+        mx, my = _midway(rects[src], rects[dst])
+        vertical = NODES[src][2][0] == NODES[dst][2][0]  # its label beside it, else on it
+        label.set(position=(mx + 0.06 * vertical, my), ha="left" if vertical else "center")
+    default = f"The ABC graph for one sample: L = {float(vals['L'][0]):.{digits + 1}g}"
+    fig.suptitle(default if title is None else title, fontsize=10, gid="title")
+    key = ("Arrows: the forward pass. On each arrow, in blue: the rule that carries the gradient "
+           "back along it (g• = ∂L/∂•, g = ∂L/∂L = 1)." + ("" if numbers else " Heat maps: red "
+           "> 0, blue < 0, each scaled to its own largest |entry|."))
+    fig.text(0.5, 0.02, key, ha="center", va="bottom", fontsize=_LABEL_PT + 0.5, color="#444444",
+             gid="key")
     return fig

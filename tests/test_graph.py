@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
-from matplotlib.image import AxesImage, imread
+from matplotlib.image import BboxImage, imread
 from matplotlib.patches import FancyBboxPatch
 from matplotlib.text import Text
 
@@ -119,7 +119,7 @@ def test_heat_maps_carry_the_arrays_and_their_norms():
     params, x = _problem(5, 4, 2)  # D > 3: norms and heat maps
     fig = abc_jax.draw_graph(params, x)
     texts = _texts(fig)
-    images = {im.axes.get_gid(): im for im in fig.findobj(AxesImage)}
+    images = {im.get_gid(): im for im in fig.findobj(BboxImage)}
     for name, (value, grad) in _expected(params, x).items():
         for part, want in (("value", value), ("grad", grad)):
             if name == "L":  # a scalar stays a number
@@ -151,8 +151,8 @@ def test_nothing_overlaps(shape, numbers):
     fig.draw(renderer)
     items = {t.get_gid(): t.get_window_extent(renderer)
              for t in fig.findobj(Text) if t.get_gid() and t.get_text()}
-    items.update({ax.get_gid(): ax.get_window_extent(renderer) for ax in fig.axes
-                  if "/" in (ax.get_gid() or "")})  # the heat maps
+    items.update({im.get_gid(): im.get_window_extent(renderer)
+                  for im in fig.findobj(BboxImage)})  # the heat maps
     boxes = {p.get_gid().split("/")[0]: p.get_window_extent(renderer)
              for p in fig.findobj(FancyBboxPatch) if (p.get_gid() or "").endswith("/box")}
     assert set(boxes) == set(NAMES)
@@ -201,7 +201,8 @@ def test_reproduce_seed_writes_graph_png_whole(tmp_path):
         sys.path.pop(0)
     p0, x = _problem(3, 3, 3)
     p1 = abc_jax.train(p0, x[None, :], lr=0.01, epochs=3, progress=False).params
-    reproduce.plot_graph(p0, p1, x, tmp_path / "graph.png", epochs=3, lr=0.01)
+    rec = {"params_start": p0, "params": p1, "x": x}
+    io.save_figure(tmp_path / "graph.png", reproduce.plot_graph(rec, epochs=3, lr=0.01))
     assert [p.name for p in tmp_path.iterdir()] == ["graph.png"]
     assert imread(tmp_path / "graph.png").shape[0] > 400
 

@@ -220,16 +220,6 @@ OTHERS = [
 ]
 
 
-def known_bug(reason, raises):
-    return pytest.mark.xfail(strict=True, raises=raises, reason=reason)
-
-
-KNOWN_BUGS = {
-    "shard_batch-str": known_bug("parallel._rows calls np.result_type(X) before it checks the "
-                                 "rank: a string raises NumPy's TypeError", TypeError),
-}
-
-
 def _bad_input_cases():
     """pytest params (build, error, message), deterministic ids: ``build(params, X)``
     makes the bad input and returns the call to make with it."""
@@ -246,7 +236,7 @@ def _bad_input_cases():
                   for i, v, err, msg in values]
     cases += [(i, lambda p, X, call=call: functools.partial(call, p, X), err, msg)
               for i, call, err, msg in OTHERS]
-    return [pytest.param(*c[1:], id=c[0], marks=KNOWN_BUGS.get(c[0], ())) for c in cases]
+    return [pytest.param(*c[1:], id=c[0]) for c in cases]
 
 
 @pytest.mark.parametrize("build,error,message", _bad_input_cases())
@@ -281,7 +271,7 @@ NONFINITE = [("X-nan", "data", np.nan), ("A-inf", "params.A", np.inf),
 
 
 def _nonfinite_cases():
-    return [pytest.param(f, where, value, id=f"{f}-{i}", marks=KNOWN_BUGS.get(f"{f}-{i}", ()))
+    return [pytest.param(f, where, value, id=f"{f}-{i}")
             for f in FNS for i, where, value in NONFINITE
             if not (where == "weights" and f in SAMPLE_FNS)]
 

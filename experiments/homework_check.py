@@ -198,9 +198,9 @@ def derivation_sentence(hc: dict[str, Any]) -> str:
     ok = (hc["rank_one"] and hc["cos_right_AB"] > 1 - 1e-9 and np.all(slopes <= 0.25)
           and hc["sigmoid_slope_row_spread"] < 1e-6)
     return (f"The manual numbers {'obey' if ok else 'break'} the derivation: sigma_2 / sigma_1 "
-            f"<= {sv:.2g} (rank one: {'yes' if hc['rank_one'] else 'no'}), |cos(x_A, x_B)| = "
-            f"{hc['cos_right_AB']:.12f}, dA / dB per row " + ", ".join(f"{q:.4f}" for q in slopes)
-            + " (u(1 - u) <= 1/4).")
+            f"<= {sv:.2g} (rank one: {'yes' if hc['rank_one'] else 'no'}), dA and dB share x to "
+            f"|cos| = {hc['cos_right_AB']:.12f}, dA / dB per row "
+            + ", ".join(f"{q:.4f}" for q in slopes) + " (u(1 - u) <= 1/4).")
 
 
 def rounding_sentence(hc: dict[str, Any]) -> str:
@@ -304,7 +304,7 @@ def plot(hc: dict[str, Any], sim: dict[str, Any]) -> Any:
 def run(params: abc_jax.Params, x: jax.Array, *, k: int, epochs: int, lr: float,
         seeds: Sequence[int]) -> dict[str, Any]:
     """Re-read, simulate one update at (params, x) and at the end of ``seeds``' runs, print;
-    return ``metrics``, ``sentence``, ``tables`` (name -> (header, rows)) and ``figure``."""
+    return ``metrics``, ``sentence``, ``tables`` (name -> (header, rows)) and ``figures``."""
     hc = reread_homework_check()
     sim, _ = simulate_one_update_later(params, x, hc["listing_step_ratio_median"])
     scan = seed_scan(k, epochs, lr, seeds, hc["listing_step_ratio_median"])
@@ -323,5 +323,5 @@ def run(params: abc_jax.Params, x: jax.Array, *, k: int, epochs: int, lr: float,
                "manual_rank_one": hc["rank_one"], "one_update_later": one_update_later(hc),
                "simulated": sim, "seeds_homework_like": sum(r["homework_like"] for r in scan),
                "n_seeds": len(scan), "findings": findings}
-    return {"metrics": metrics, "sentence": homework_check_sentence(hc), "figure": plot(hc, sim),
-            "tables": tables}
+    return {"metrics": metrics, "sentence": homework_check_sentence(hc), "tables": tables,
+            "figures": {"homework_check": plot(hc, sim)}}

@@ -1,12 +1,10 @@
-"""Reproduce the homework, K = 3: the loss listing, the gradient check, and its three answers.
+"""Reproduce the homework, K = 3, and answer its three questions from the numbers measured.
 
   (a) plain gradient descent on one random x, as the homework printed it (and on Python lists);
   (b) dL/dA, dL/dB, dL/dC by the manual backward pass, jax.grad and finite differences, float64;
   (c) time per gradient: backprop against finite differences and plain-Python loops;
   (d) why averaging per-sample solutions did not generalise (averaging.py);
-  (e) the homework's own check, re-read from its printed numbers (homework_check.py);
-
-then the three answers, each a sentence computed from the numbers above.
+  (e) the homework's own check, re-read from its printed numbers (homework_check.py).
 
     python experiments/reproduce_seed.py
 """
@@ -38,10 +36,7 @@ EXACT = 1e-12  # float64: a relative error at or below this is the same gradient
 SCALING = {"fd_grad": 4, "python_fd": 4}  # time ~ K^this (2P losses of N K^2); others K^2
 
 
-Part = dict[str, Any]  # a part's "metrics", "tables" (name -> (header, rows)) and "figures"
-
-
-def loss_listing(args: Any) -> tuple[abc_jax.Params, jax.Array, Part]:
+def loss_listing(args: Any) -> tuple[abc_jax.Params, jax.Array, dict[str, Any]]:
     """(a) Gradient descent on one random x (homework_check.draw) by ``train`` and on Python
     lists; ``losses[e]``: the loss before update e, as printed. Returns params, x, the part."""
     params0, x = homework_check.draw(args.k, args.seed)
@@ -63,8 +58,7 @@ def loss_listing(args: Any) -> tuple[abc_jax.Params, jax.Array, Part]:
     ax.plot(homework_check.HOMEWORK_LOSSES, "x", ms=4, color="gray",
             label="the homework's printed listing (its own x, A, B, C, lr)")
     ax.set(yscale="log", xlabel="iteration (gradient-descent step)",
-           ylabel="loss L = ||w||² for one x [log]")
-    ax.set_title("Plain gradient descent on one random x", fontsize=10)
+           ylabel="loss L = ||w||² for one x [log]", title="Plain gradient descent on one x")
     ax.legend(fontsize=8)
     table = (["iteration", "loss", "loss_python_lists"],
              list(zip(range(args.epochs), losses, py, strict=True)))
@@ -76,7 +70,7 @@ def loss_listing(args: Any) -> tuple[abc_jax.Params, jax.Array, Part]:
                            "figures": {"reproduce_loss": fig, "graph": graph}}
 
 
-def gradient_check(params: abc_jax.Params, x: jax.Array) -> Part:
+def gradient_check(params: abc_jax.Params, x: jax.Array) -> dict[str, Any]:
     """(b) dL/d(A, B, C) at one x (D,), float64: ``manual_grad``, ``fd_grad`` and the lists'
     backprop against ``oracle_grad``; ``worst_rel``: max over A, B, C of ``grad_errors``' rel."""
     X = x[None, :]
@@ -127,7 +121,7 @@ def timing(ks: Sequence[int], n: int, seed: int, budget_s: float,
     return rows
 
 
-def timing_part(args: Any, bench_kw: dict[str, Any]) -> tuple[list[dict[str, Any]], Part]:
+def timing_part(args: Any, bench_kw: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """(c) ``timing`` at K and the larger K: printed, with its figure and per-K ratios."""
     print(f"\n(c) time per gradient, N = {args.n}, float64:")
     rows = timing([args.k, args.bench_k], args.n, args.seed, **bench_kw)
@@ -139,8 +133,7 @@ def timing_part(args: Any, bench_kw: dict[str, Any]) -> tuple[list[dict[str, Any
         pts = [r for r in rows if r["method"] == m and r["median_s"] is not None]
         ax.plot([r["P"] for r in pts], [r["median_s"] for r in pts], "o-", label=m)
     ax.set(xscale="log", yscale="log", xlabel="parameters P = 3K² [log]",
-           ylabel="seconds per gradient [log]")
-    ax.set_title(f"One gradient over N = {args.n} samples, float64", fontsize=10)
+           ylabel="seconds per gradient [log]", title=f"One gradient over N = {args.n}, float64")
     ax.legend(fontsize=8)
     ratios = {m: {str(r["K"]): r["ratio"] for r in rows if r["method"] == m} for m in METHODS[1:]}
     return rows, {"metrics": {"rows": rows, "ratio_to_batch_grad": ratios},
@@ -202,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = _common.environment(jnp.float64)
     print(f"{NAME}: K = {args.k}, seed {args.seed}, float64, {env['device']}, "
           f"jax {env['jax_version']}")
-    parts: dict[str, Part] = {}
+    parts: dict[str, dict[str, Any]] = {}  # each: "metrics", "tables", "figures"
     params, x, parts["loss_listing"] = loss_listing(args)
     parts["gradient_check"] = gradient_check(params, x)
     bench, parts["timing"] = timing_part(args, bench_kw)
@@ -213,10 +206,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                "tables": {"generalization": averaging.curve_rows(gen)},
                                "figures": {"reproduce_generalization": averaging.plot(gen)}}
     print("\n(e) the homework's own check, re-read from its printed numbers:")
-    hc = homework_check.run(params, x, k=args.k, epochs=args.epochs, lr=args.lr,
-                            seeds=range(args.seed + 1, args.seed + 1 + args.check_seeds))
-    parts["homework_check"] = {"metrics": hc["metrics"], "tables": hc["tables"],
-                               "figures": {"homework_check": hc["figure"]}}
+    parts["homework_check"] = hc = homework_check.run(
+        params, x, k=args.k, epochs=args.epochs, lr=args.lr,
+        seeds=range(args.seed + 1, args.seed + 1 + args.check_seeds))
     answers = [derivation_answer(parts["gradient_check"]["metrics"]["worst_rel"]) + " "
                + hc["sentence"], speed_answer(bench), averaging_answer(gen)]
     print("\nAnswers:\n" + "\n".join(answers))

@@ -1,16 +1,11 @@
 """Averaging per-sample solutions vs training on the mean loss: the comparison and its sentences.
 
-The homework trained one copy of A, B, C on each sample x_i, averaged the N copies, and
-found the average did not give a low loss on a new x. On one training set and a held-out
-set from the same distribution ``run_generalization`` compares
-
-  average    train_per_sample, then the mean of the N copies (the homework's method)
-  batch GD   train on the mean loss, p <- p - lr * grad (the same rule, all samples at once)
-  adam       optax.adam on the mean loss
-
-by their loss on held-out samples at log-spaced epochs. Every sentence of ``conclusion``
-is a pure function of the measured numbers. No ``main``: the scripts ``generalization.py``
-and ``reproduce_seed.py`` both use it.
+The homework trained one copy of A, B, C per sample x_i, averaged the N copies, and found the
+average gave no low loss on a new x. ``run_generalization`` compares, on held-out samples at
+log-spaced epochs: the average of ``train_per_sample``'s copies (the homework), batch GD on the
+mean loss (the same rule, all samples at once) and optax.adam on it. Every sentence of
+``conclusion`` is a pure function of the numbers. No ``main``: ``generalization.py`` and
+``reproduce_seed.py`` use it.
 """
 
 from __future__ import annotations
@@ -57,17 +52,13 @@ def _row(method: str, e: int, p: abc_jax.Params, Xtr: jax.Array, Xte: jax.Array)
 def run_generalization(k: int, n_train: int, n_test: int, epochs: int, *, lr: float = 0.01,
                        adam_lr: float = 0.01, seed: int = 0,
                        n_checkpoints: int = 24) -> dict[str, Any]:
-    """Train the three ways from one start (float64); train and held-out loss at checkpoints.
-
-    X_train (n_train, k) and X_heldout (n_test, k) are standard normal; each checkpoint
-    trains afresh from the start (the compiled loop is reused). Returns ``curves`` (one
-    row per method and checkpoint), ``train_losses`` (method -> per-epoch objective; for
-    the copies the mean over i of copy i's loss on x_i), ``final`` (method -> last row),
-    ``initial``, ``diverged``, ``own_sample_loss`` and ``single_copy_heldout`` (mean and
-    median: the copies on their own x_i and on the held-out set), and ``one_epoch_gap``
-    (max |average - batch GD| after one epoch: the mean of N single steps is one step on
-    the mean loss).
-    """
+    """Train the three ways from one start (float64), each checkpoint afresh; X_train
+    (n_train, k) and X_heldout (n_test, k) standard normal. Returns ``curves`` (a row per method
+    and checkpoint), ``train_losses`` (method -> per-epoch objective; for the copies the mean
+    over i of copy i's loss on x_i), ``final`` (method -> last row), ``initial``, ``diverged``,
+    ``own_sample_loss``, ``single_copy_heldout`` (mean, median: the copies on their own x_i and
+    held out) and ``one_epoch_gap`` (max |average - batch GD| after one epoch, ~0: the mean of N
+    single steps is one step on the mean loss)."""
     kp, ktr, kte = jax.random.split(jax.random.key(seed), 3)
     params0 = abc_jax.init_params(kp, k, dtype=jnp.float64)
     Xtr, Xte = (jax.random.normal(kk, (n, k), jnp.float64) for kk, n in ((ktr, n_train),
@@ -79,36 +70,31 @@ def run_generalization(k: int, n_train: int, n_test: int, epochs: int, *, lr: fl
         "adam": lambda e: train(params0, Xtr, lr=adam_lr, epochs=e,
                                 optimizer=optax.adam(adam_lr), progress=False),
     }
-    sched = checkpoints(epochs, n_checkpoints)
     curves, train_losses, diverged, out = [], {}, {}, {}
-    for m, e in _common.progress([(m, e) for m in METHODS for e in sched[1:]], desc="train",
-                                 unit="run"):
-        if m in diverged:
-            continue
-        if e == sched[1]:
-            curves.append({**initial, "method": m})
-        try:
-            res = trainers[m](e)
-        except DivergenceError as err:
-            diverged[m] = str(err)
-            continue
-        curves.append(_row(m, e, average_params(res.params) if m == "average" else res.params,
-                           Xtr, Xte))
-        if e == sched[-1] and m == "average":
-            held = jax.vmap(abc_jax.batch_loss, in_axes=(0, None))(res.params, Xte)
-            train_losses[m] = np.asarray(res.losses).mean(axis=0)
-            out |= {"own_sample_loss": float(jnp.mean(jax.vmap(abc_jax.loss)(res.params, Xtr))),
-                    "single_copy_heldout": float(jnp.mean(held)),
-                    "single_copy_heldout_median": float(jnp.median(held))}
-        elif e == sched[-1]:
+    for m in METHODS:
+        curves.append({**initial, "method": m})
+        for e in _common.progress(checkpoints(epochs, n_checkpoints)[1:], desc=m, unit="run"):
+            try:
+                res = trainers[m](e)
+            except DivergenceError as err:
+                diverged[m] = str(err)
+                break
+            curves.append(_row(m, e, average_params(res.params) if m == "average" else res.params,
+                               Xtr, Xte))
+        else:  # res: the run over all epochs
             train_losses[m] = np.asarray(res.losses)
-    out |= {
-        "config": dict(k=k, n_train=n_train, n_test=n_test, epochs=epochs, lr=lr,
-                       adam_lr=adam_lr, seed=seed, dtype="float64"),
-        "initial": initial, "curves": curves, "train_losses": train_losses, "diverged": diverged,
-        "final": {m: [r for r in curves if r["method"] == m][-1] for m in METHODS
-                  if m not in diverged},
-    }
+            if m == "average":
+                held = jax.vmap(abc_jax.batch_loss, in_axes=(0, None))(res.params, Xte)
+                train_losses[m] = train_losses[m].mean(axis=0)
+                out |= {"own_sample_loss": float(jnp.mean(jax.vmap(abc_jax.loss)(res.params,
+                                                                                  Xtr))),
+                        "single_copy_heldout": float(jnp.mean(held)),
+                        "single_copy_heldout_median": float(jnp.median(held))}
+    out |= {"config": dict(k=k, n_train=n_train, n_test=n_test, epochs=epochs, lr=lr,
+                           adam_lr=adam_lr, seed=seed, dtype="float64"),
+            "initial": initial, "curves": curves, "train_losses": train_losses,
+            "diverged": diverged, "final": {m: [r for r in curves if r["method"] == m][-1]
+                                            for m in METHODS if m not in diverged}}
     if epochs >= 1 and not {"average", "batch_gd"} & set(diverged):
         out["one_epoch_gap"] = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
             average_params(trainers["average"](1).params), trainers["batch_gd"](1).params,
@@ -116,22 +102,15 @@ def run_generalization(k: int, n_train: int, n_test: int, epochs: int, *, lr: fl
     return out
 
 
-# -- sentences: numbers in, sentence out ------------------------------------------------
-
-
 def change(new: float, old: float) -> str:
     """'12.3% reduction' or '4.5% increase' from old to new."""
-    if old == 0:
-        return "n/a"
-    frac = 1 - new / old
-    return f"{100 * frac:.1f}% reduction" if frac >= 0 else f"{100 * -frac:.1f}% increase"
+    frac = 1 - new / old if old else None
+    return ("n/a" if frac is None else f"{100 * frac:.1f}% reduction" if frac >= 0
+            else f"{100 * -frac:.1f}% increase")
 
 
 def carry_over_sentence(own: float, single: float) -> str:
-    """Does a copy trained on one x carry over to other x? Yes iff single <= CARRY_OVER * own.
-
-    ``own``: mean loss of the copies on their own samples; ``single``: their mean held-out loss.
-    """
+    """Does a copy carry over to other x (held-out ``single`` <= CARRY_OVER x ``own`` loss)?"""
     if own < 0 or single < 0:
         raise ValueError(f"losses must be >= 0, got own={own}, single={single}")
     ratio = single / own if own > 0 else (1.0 if single == 0 else float("inf"))
@@ -142,12 +121,10 @@ def carry_over_sentence(own: float, single: float) -> str:
 
 def average_sentence(avg: float, gd: float, start: float) -> str:
     """The average of the copies against batch GD and against not training, on held-out x."""
-    vs_gd = (f"{avg / gd:.3g}x the held-out loss of batch GD" if avg > gd
-             else "no worse than batch GD")
-    return (f"On held-out x the average of the per-sample copies scores {avg:.4g} "
-            f"({change(avg, start)} from the start's {start:.4g}: "
-            f"{'better' if avg < start else 'no better'} than not training), batch GD on the "
-            f"mean loss {gd:.4g}: the average has {vs_gd}.")
+    vs_gd = f"{avg / gd:.3g}x the held-out loss of" if avg > gd else "no worse than"
+    return (f"On held-out x the average of the copies scores {avg:.4g} ({change(avg, start)} from "
+            f"{start:.4g}: {'better' if avg < start else 'no better'} than not training), batch "
+            f"GD on the mean loss {gd:.4g}: the average has {vs_gd} batch GD.")
 
 
 def one_epoch_sentence(gap: float) -> str:
@@ -163,11 +140,9 @@ def norm_sentence(c0: float, c: float, measured: float, label: str) -> str:
     scale_only = (c / c0) ** 2  # the loss factor if C had only been scaled
     mostly = 0 < measured < 1 and scale_only < 1 and np.log(scale_only) / np.log(measured) > 0.5
     return (f"The lowest held-out loss ({label}) has ||C|| = {c:.3g} (start {c0:.3g}); scaling "
-            f"C alone would multiply the loss by {scale_only:.2g}, against {measured:.2g} "
-            "measured: " + ("most of the reduction is C shrinking towards the trivial "
-                            "minimiser C = 0." if mostly else
-                            "most of it is not C shrinking but z(x) mapped towards C's null "
-                            "space."))
+            f"C alone would multiply the loss by {scale_only:.2g}, against {measured:.2g}: "
+            + ("most of it is C shrinking towards the trivial minimiser C = 0." if mostly else
+               "most of it is not C shrinking but z(x) mapped towards C's null space."))
 
 
 def conclusion(res: dict[str, Any]) -> list[str]:
@@ -188,17 +163,13 @@ def conclusion(res: dict[str, Any]) -> list[str]:
     return lines
 
 
-# -- tables, figure, metrics ---------------------------------------------------------------
-
-
 def summary_rows(res: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     """One row per method (and the start): train loss, held-out loss and its change, ||C||."""
     L0 = res["initial"]["heldout_loss"]
     return ["method", "train loss", "held-out loss", "held-out change", "||C||"], [
         [m, f["train_loss"], f["heldout_loss"], "-" if f is res["initial"] else
          change(f["heldout_loss"], L0), f["norm_C"]]
-        for m, f in [("starting point", res["initial"]), *res["final"].items()]
-    ]
+        for m, f in [("starting point", res["initial"]), *res["final"].items()]]
 
 
 def curve_rows(res: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
@@ -216,15 +187,16 @@ def plot(res: dict[str, Any]) -> Any:
     for m in METHODS:
         pts = [r for r in res["curves"] if r["method"] == m and r["epoch"] > 0]
         for ax, key in zip(axes, ("train_loss", "heldout_loss", "norm_C"), strict=True):
-            if pts and (ax is not axes[0] or m == "average"):
-                label = "average of copies, training set" if ax is axes[0] else LABELS[m]
+            if pts and (key != "train_loss" or m == "average"):
                 ax.plot([r["epoch"] for r in pts], [r[key] for r in pts], "o-", ms=3,
-                        color=colors[m], label=label)
-    axes[1].axhline(res["initial"]["heldout_loss"], color="gray", ls="--", lw=1, label="start")
+                        color=colors[m], label="average of copies, training set"
+                        if key == "train_loss" else LABELS[m])
+    lines = [(1, res["initial"]["heldout_loss"], "gray", "--", "start"),
+             (2, res["initial"]["norm_C"], "gray", "--", "start")]
     if "single_copy_heldout" in res:
-        axes[1].axhline(res["single_copy_heldout"], color="C3", ls=":", lw=1,
-                        label="single copies at the end (mean)")
-    axes[2].axhline(res["initial"]["norm_C"], color="gray", ls="--", lw=1, label="start")
+        lines.append((1, res["single_copy_heldout"], "C3", ":", "single copies at the end (mean)"))
+    for i, y, color, ls, label in lines:
+        axes[i].axhline(y, color=color, ls=ls, lw=1, label=label)
     for ax, ylabel, title in zip(axes, ("training loss [mean ||w||², log]",
                                         "held-out loss [mean ||w||², log]", "||C||_F"),
                                  ("Training objective", f"Held-out samples (N = {c['n_test']})",

@@ -1,10 +1,8 @@
 """The homework's printed gradient check, re-read from its numbers; one update simulated.
 
 The homework printed its manual gradients and loss to 16 digits, PyTorch's to four decimals,
-and called them "approximately same". ``reread_homework_check`` reads the two side by side;
-``simulate_one_update_later`` computes what PyTorch would have printed one gradient-descent
-update later, on the project's own run; every sentence is a pure function of those numbers.
-No ``main``: ``reproduce_seed.py`` runs it as its part (e).
+and called them "approximately same". Every sentence here is a pure function of those numbers
+and of the simulated update. No ``main``: ``reproduce_seed.py`` runs it as its part (e).
 """
 
 from __future__ import annotations
@@ -32,9 +30,8 @@ HOMEWORK_LOSSES = (
     0.2716954467766908,
 )
 
-# Its gradient check as the write-up printed it ("Observation and Discussion", part 1, after
-# that listing), copied exactly: manual gradients and loss in full precision, PyTorch's ("Gradient
-# calculated using autograd") to the four decimals it printed, called "approximately same".
+# Its gradient check as printed after that listing, copied exactly: manual gradients and loss in
+# full precision, PyTorch's ("Gradient calculated using autograd") to the four decimals printed.
 HOMEWORK_MANUAL_LOSS = 0.0048365386124306535
 HOMEWORK_MANUAL_GRADS = {
     "A": ((-0.0006713625025565516, 0.0013139067848766854, 0.0018388094918960131),
@@ -63,43 +60,37 @@ def _span(iv: Sequence[float] | None, fmt: str = ".4f") -> str:
     return "none" if iv is None else f"{iv[0]:{fmt}}-{iv[1]:{fmt}}"
 
 
-def factor_interval(manual: Any, torch: Any) -> list[float] | None:
-    """The factors r with |r * manual - torch| <= HALF_UNIT for every entry: [lo, hi], or None.
+def _bounds(m: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """(2, *shape): per entry the factors r with |r m - t| <= HALF_UNIT, lower then upper."""
+    return np.sort([(t - HALF_UNIT) / m, (t + HALF_UNIT) / m], axis=0)
 
-    Each such r makes r * manual print as ``torch`` at four decimals: the uniform
-    rescalings of the manual numbers that the printed numbers cannot tell apart.
-    """
-    m, t = np.asarray(manual, np.float64), np.asarray(torch, np.float64)
-    lo, hi = np.sort([(t - HALF_UNIT) / m, (t + HALF_UNIT) / m], axis=0)
+
+def factor_interval(manual: Any, torch: Any) -> list[float] | None:
+    """[lo, hi]: the factors r making r * manual print as ``torch`` at 4 decimals, or None."""
+    lo, hi = _bounds(np.asarray(manual, np.float64), np.asarray(torch, np.float64))
     return [float(lo.max()), float(hi.min())] if lo.max() <= hi.min() else None
 
 
 def reread_homework_check(manual: dict[str, Any] = HOMEWORK_MANUAL_GRADS,
                           torch: dict[str, Any] = HOMEWORK_TORCH_GRADS,
                           loss_torch: float = HOMEWORK_TORCH_LOSS) -> dict[str, Any]:
-    """The printed check read side by side: per matrix, and for the loss.
-
-    Per matrix: PyTorch / manual entry by entry with the interval 4-decimal rounding allows,
-    the entries beyond rounding, one factor fitting all, the manual singular values. A
-    one-sample gradient is rank one, dA = gy x^T and dB = gz x^T share the direction of x,
-    and dA = diag(u (1 - u)) dB: each row of dA / dB is one number <= 1/4. The loss:
-    PyTorch / manual (and its interval) against the listing's per-update ratio L[t+1] / L[t].
-    """
+    """Per matrix: PyTorch / manual per entry, the entries beyond rounding, one factor fitting
+    all, the manual singular values (a one-sample gradient is rank one; dA = gy x^T and
+    dB = gz x^T share x; dA = diag(u (1 - u)) dB). The loss: PyTorch / manual against the
+    listing's per-update ratio L[t+1] / L[t]."""
     mats = {}
     for n in abc_jax.Params._fields:
         m, t = np.asarray(manual[n], np.float64), np.asarray(torch[n], np.float64)
         beyond = np.abs(t - np.round(m, TORCH_DECIMALS)) > HALF_UNIT + 1e-12
         _, s, vt = np.linalg.svd(m)
         mats[n] = {"manual": m, "torch": t, "ratio": t / m, "ratio_min": float((t / m).min()),
-                   "ratio_max": float((t / m).max()),
-                   "bounds": np.sort([(t - HALF_UNIT) / m, (t + HALF_UNIT) / m], axis=0),
+                   "ratio_max": float((t / m).max()), "bounds": _bounds(m, t),
                    "beyond_rounding": beyond, "n_beyond_rounding": int(beyond.sum()),
                    "fit_factor": float(np.sum(t * m) / np.sum(m * m)),
                    "common_factor": factor_interval(m, t), "singular_values": s,
                    "rank_one": bool(s[1] <= RANK_TOL * s[0]), "right_vector": vt[0]}
-    slope = mats["A"]["manual"] / mats["B"]["manual"]
-    L, L0 = np.asarray(HOMEWORK_LOSSES), HOMEWORK_MANUAL_LOSS
-    steps = L[1:] / L[:-1]
+    slope, L0 = mats["A"]["manual"] / mats["B"]["manual"], HOMEWORK_MANUAL_LOSS
+    steps = np.asarray(HOMEWORK_LOSSES[1:]) / np.asarray(HOMEWORK_LOSSES[:-1])
     return {
         "matrices": mats, "sigmoid_slope_rows": slope.mean(axis=1),
         "sigmoid_slope_row_spread": float(np.max(np.ptp(slope, axis=1) / slope.mean(axis=1))),
@@ -112,9 +103,6 @@ def reread_homework_check(manual: dict[str, Any] = HOMEWORK_MANUAL_GRADS,
         "n_entries": sum(mm["ratio"].size for mm in mats.values()),
         "n_beyond_rounding": sum(mm["n_beyond_rounding"] for mm in mats.values()),
     }
-
-
-# -- one update later, simulated -----------------------------------------------------------
 
 
 def draw(k: int, seed: int) -> tuple[abc_jax.Params, jax.Array]:
@@ -133,11 +121,9 @@ def _one_update(params: abc_jax.Params, x: jax.Array, lr: Any) -> tuple[Any, ...
 
 
 def lr_for_loss_ratio(params: abc_jax.Params, x: jax.Array, target: float) -> float:
-    """The lr at which one update p <- p - lr g multiplies L by ``target`` (0 < target < 1).
-
-    From the first-order guess (1 - target) L / ||g||^2 the upper end doubles until
-    one update lowers L that much (at most 60 times), then 60 bisections of [0, upper].
-    """
+    """The lr at which one update p <- p - lr g multiplies L by ``target`` (0 < target < 1):
+    from (1 - target) L / ||g||^2 the upper end doubles (at most 60 times) until one update
+    lowers L that much, then 60 bisections of [0, upper]."""
     if not 0.0 < target < 1.0:
         raise ValueError(f"target must be in (0, 1), got {target}")
 
@@ -146,11 +132,14 @@ def lr_for_loss_ratio(params: abc_jax.Params, x: jax.Array, target: float) -> fl
         return float(L1 / L0)
 
     g = abc_jax.manual_grad(params, x)
-    guess = (1.0 - target) * float(abc_jax.loss(params, x)) / float(sum(jnp.vdot(a, a) for a in g))
-    lo, hi = 0.0, next((guess * 2.0**i for i in range(60)
-                        if ratio(guess * 2.0**i) <= target), None)
-    if hi is None:
+    hi = (1.0 - target) * float(abc_jax.loss(params, x)) / float(sum(jnp.vdot(a, a) for a in g))
+    for _ in range(60):
+        if ratio(hi) <= target:
+            break
+        hi *= 2.0
+    else:
         raise ValueError(f"no lr lowers the loss by the factor {target} in one update")
+    lo = 0.0
     for _ in range(60):
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if ratio(mid) > target else (lo, mid)
@@ -158,42 +147,37 @@ def lr_for_loss_ratio(params: abc_jax.Params, x: jax.Array, target: float) -> fl
 
 
 def simulate_one_update_later(params: abc_jax.Params, x: jax.Array,
-                              target: float) -> dict[str, Any]:
-    """g_{t+1} / g_t entry by entry, lr set so that L falls by ``target`` in the update.
+                              target: float) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """One update with lr set so that L falls by ``target``: (summary, g_{t+1} / g_t per matrix).
 
-    Also the loss ratio, its square root (the factor of ||w||, hence of dC = 2 w z^T
-    if z stood still), the factor of ||z||, and ``homework_like``: every dC ratio within
-    SIGNATURE_BAND of that square root, as in the homework's print.
+    Summary: lr, the loss ratio, its square root (the factor of ||w||, hence of dC = 2 w z^T if
+    z stood still), the factor of ||z||, each matrix's ratios' min/max/median, and
+    ``homework_like``: every dC ratio within SIGNATURE_BAND of that root, as printed.
     """
-    lr = lr_for_loss_ratio(params, x, target)
-    L0, L1, g0, g1, z0, z1 = _one_update(params, x, lr)
+    L0, L1, g0, g1, z0, z1 = _one_update(params, x, lr := lr_for_loss_ratio(params, x, target))
     ratios = {n: np.asarray(b) / np.asarray(a)
               for n, a, b in zip(abc_jax.Params._fields, g0, g1, strict=True)}
     sqrt = np.sqrt(L1 / L0)
     return {
         "lr": lr, "loss": float(L0), "loss_next": float(L1), "loss_ratio": float(L1 / L0),
-        "sqrt_loss_ratio": float(sqrt), "ratios": ratios,
+        "sqrt_loss_ratio": float(sqrt),
         "homework_like": bool(np.abs(ratios["C"] - sqrt).max() <= SIGNATURE_BAND),
         "z_norm_ratio": float(jnp.linalg.norm(z1) / jnp.linalg.norm(z0)),
         "all_entries_shrink": bool(all(np.all((r > 0) & (r < 1)) for r in ratios.values())),
         **{f"d{n}_ratio_{f.__name__}": float(f(r)) for n, r in ratios.items()
            for f in (np.min, np.max, np.median)},
-    }
+    }, ratios
 
 
 def seed_scan(k: int, epochs: int, lr: float, seeds: Sequence[int],
               target: float) -> list[dict[str, Any]]:
-    """``simulate_one_update_later`` at the end of each seed's run (``draw``, then ``train``)."""
+    """The simulation's summary at the end of each seed's run (``draw``, then ``train``)."""
     rows = []
     for seed in seeds:
-        params0, x = draw(k, seed)
-        params = abc_jax.train(params0, x[None, :], lr=lr, epochs=epochs, progress=False).params
-        sim = simulate_one_update_later(params, x, target)
-        rows.append({"seed": seed, **{key: v for key, v in sim.items() if key != "ratios"}})
+        p0, x = draw(k, seed)
+        end = abc_jax.train(p0, x[None, :], lr=lr, epochs=epochs, progress=False).params
+        rows.append({"seed": seed, **simulate_one_update_later(end, x, target)[0]})
     return rows
-
-
-# -- sentences: numbers in, sentence out ----------------------------------------------------
 
 
 def _overlap(a: Sequence[float] | None, b: Sequence[float]) -> bool:
@@ -201,11 +185,7 @@ def _overlap(a: Sequence[float] | None, b: Sequence[float]) -> bool:
 
 
 def one_update_later(hc: dict[str, Any]) -> bool:
-    """Is the print consistent with PyTorch seeing the parameters one listed update later?
-
-    Yes iff PyTorch's L / manual L can be one step of the listing, and dL/dC's one factor
-    can be the square root of that loss ratio (||w|| = sqrt(L) shrinks, z stays).
-    """
+    """Can PyTorch's L / manual L be one listed update, and dL/dC's factor its square root?"""
     iv = hc["loss_ratio_interval"]
     return (_overlap(iv, hc["listing_step_ratio_range"])
             and _overlap(hc["matrices"]["C"]["common_factor"], np.sqrt(iv).tolist()))
@@ -218,35 +198,31 @@ def derivation_sentence(hc: dict[str, Any]) -> str:
     ok = (hc["rank_one"] and hc["cos_right_AB"] > 1 - 1e-9 and np.all(slopes <= 0.25)
           and hc["sigmoid_slope_row_spread"] < 1e-6)
     return (f"The manual numbers {'obey' if ok else 'break'} the derivation: sigma_2 / sigma_1 "
-            f"<= {sv:.2g} (rank one: {'yes' if hc['rank_one'] else 'no'}), dL/dA and dL/dB share "
-            f"the direction of x to |cos| = {hc['cos_right_AB']:.12f}, and dL/dA / dL/dB row by "
-            "row is " + ", ".join(f"{q:.4f}" for q in slopes) + " (u(1 - u) <= 1/4).")
+            f"<= {sv:.2g} (rank one: {'yes' if hc['rank_one'] else 'no'}), dA and dB share x to "
+            f"|cos| = {hc['cos_right_AB']:.12f}, dA / dB per row "
+            + ", ".join(f"{q:.4f}" for q in slopes) + " (u(1 - u) <= 1/4).")
 
 
 def rounding_sentence(hc: dict[str, Any]) -> str:
     """Are PyTorch's printed numbers the manual ones rounded to four decimals?"""
-    n, C, rc = hc["n_beyond_rounding"], hc["matrices"]["C"], hc["matrices"]["C"]["common_factor"]
-    head = ("PyTorch's numbers are the manual ones rounded" if n == 0 else
-            f"PyTorch's numbers are not the manual ones rounded: {n} of {hc['n_entries']} "
-            "entries differ beyond 4-decimal rounding (" + ", ".join(
-                f"dL/d{k} {m['n_beyond_rounding']}" for k, m in hc["matrices"].items()) + ")")
-    fit = (f"one factor, {_span(rc)}, reproduces every printed dL/dC entry" if rc
-           else "no one factor reproduces every printed dL/dC entry")
-    return f"{head}; dL/dC's ratios are {C['ratio_min']:.4f}-{C['ratio_max']:.4f}: {fit}."
+    n, C, mats = hc["n_beyond_rounding"], hc["matrices"]["C"], hc["matrices"].items()
+    head = "PyTorch's numbers are the manual ones rounded" if n == 0 else (
+        f"PyTorch's numbers are not the manual ones rounded: {n} of {hc['n_entries']} differ ("
+        + ", ".join(f"dL/d{k} {m['n_beyond_rounding']}" for k, m in mats) + ")")
+    fit = f"one factor, {_span(C['common_factor'])}," if C["common_factor"] else "no one factor"
+    return (f"{head}; dL/dC's ratios are {_span([C['ratio_min'], C['ratio_max']])}: {fit} "
+            "reproduces every printed dL/dC entry.")
 
 
 def loss_sentence(hc: dict[str, Any]) -> str:
     """PyTorch's L against the manual L, the listing's step, and dL/dC's factor."""
     iv, rc = hc["loss_ratio_interval"], hc["matrices"]["C"]["common_factor"]
-    text = (f"PyTorch's L is {hc['loss_ratio']:.3f} times the manual one ({_span(iv, '.3f')} "
-            "given its digits); one listed update multiplies L by "
-            f"{_span(hc['listing_step_ratio_range'])}.")
-    if rc is not None and not _overlap(rc, iv):
-        text += " dL/dC's factor is not L's, so it is not a rescaled loss (that scales both alike)."
-    if one_update_later(hc):
-        text += (f" dL/dC's factor lies within sqrt of L's ({_span(np.sqrt(iv), '.3f')}):"
-                 " as one update later, where ||w|| = sqrt(L) shrinks and z stays.")
-    return text
+    return (f"PyTorch's L is {hc['loss_ratio']:.3f} times the manual one ({_span(iv, '.3f')} "
+            f"given its digits); one listed update: {_span(hc['listing_step_ratio_range'])}."
+            + (" dL/dC's factor is not L's: not a rescaled loss."
+               if rc is not None and not _overlap(rc, iv) else "")
+            + (f" dL/dC's factor is within sqrt of L's ({_span(np.sqrt(iv), '.3f')}): as one "
+               "update later (||w|| = sqrt(L) shrinks, z stays)." if one_update_later(hc) else ""))
 
 
 def simulation_sentence(sim: dict[str, Any], scan: Sequence[dict[str, Any]]) -> str:
@@ -266,33 +242,28 @@ def homework_check_sentence(hc: dict[str, Any]) -> str:
             f"dL/dC {C['ratio_min']:.3f}-{C['ratio_max']:.3f}x, L {hc['loss_ratio']:.3f}x)"
             if n else "agrees with PyTorch to rounding")
     rank = "rank one as derived" if hc["rank_one"] else "not rank one, against the derivation"
-    later = ("consistent with PyTorch seeing the parameters one update later, which the print "
-             "cannot prove" if one_update_later(hc) else "not explained by one update later")
+    later = ("consistent with PyTorch seeing the parameters one update later (not provable)"
+             if one_update_later(hc) else "not explained by one update later")
     return f"The homework's own check {diff}; its manual numbers are {rank}; {later}."
 
 
-# -- tables, figure, the run -----------------------------------------------------------------
-
-
-def _tables(hc: dict[str, Any], sims: Sequence[dict[str, Any]]) -> dict[str, tuple]:
-    """The re-read (one column per gradient), every printed entry, and the simulated updates."""
-    mats, yes = hc["matrices"], {True: "yes", False: "no"}
-    cells = {"ratio, min": lambda m: f"{m['ratio_min']:.4f}",
-             "ratio, max": lambda m: f"{m['ratio_max']:.4f}",
-             "one factor fitting all": lambda m: _span(m["common_factor"]),
-             "least-squares factor": lambda m: f"{m['fit_factor']:.4f}",
-             "beyond rounding": lambda m: f"{m['n_beyond_rounding']} of {m['ratio'].size}",
-             "manual singular values": lambda m: " ".join(f"{v:.2g}" for v in m["singular_values"])}
-    entries = []
-    for n, m in mats.items():
+def _tables(hc: dict[str, Any], runs: Sequence[dict[str, Any]]) -> dict[str, tuple]:
+    """The re-read (printed only), every printed entry, and the simulated updates."""
+    yes, entries = {True: "yes", False: "no"}, []
+    for n, m in hc["matrices"].items():
         cols = (m["manual"], m["torch"], np.round(m["manual"], TORCH_DECIMALS), m["ratio"],
                 m["beyond_rounding"], *m["bounds"])
         for ij in np.ndindex(m["manual"].shape):
             man, *rest = (c[ij].item() for c in cols)
             entries.append([f"dL/d{n}[{ij[0]},{ij[1]}]", repr(man), *rest])
+    reread = [[f"{m['ratio_min']:.4f}", f"{m['ratio_max']:.4f}", _span(m["common_factor"]),
+               f"{m['fit_factor']:.4f}", f"{m['n_beyond_rounding']} of {m['ratio'].size}",
+               " ".join(f"{v:.2g}" for v in m["singular_values"])] for m in hc["matrices"].values()]
+    labels = ["ratio, min", "ratio, max", "one factor fitting all", "least-squares factor",
+              "beyond rounding", "manual singular values"]
     return {
-        "reread": (["PyTorch vs manual", *(f"dL/d{n}" for n in mats)],
-                   [[label, *map(f, mats.values())] for label, f in cells.items()]),
+        "reread": (["PyTorch vs manual", *(f"dL/d{n}" for n in hc["matrices"])],
+                   [list(row) for row in zip(labels, *reread, strict=True)]),
         "homework_check": (["entry", "manual", "pytorch", "manual_rounded", "ratio",
                             "beyond_rounding", "ratio_lo", "ratio_hi"], entries),
         "homework_check_simulated": (
@@ -301,16 +272,13 @@ def _tables(hc: dict[str, Any], sims: Sequence[dict[str, Any]]) -> dict[str, tup
             [[r["seed"], f"{r['loss']:.3g}", f"{r['lr']:.3g}", f"{r['loss_ratio']:.4f}",
               f"{r['sqrt_loss_ratio']:.4f}", f"{r['z_norm_ratio']:.4f}",
               *(_span([r[f"d{n}_ratio_min"], r[f"d{n}_ratio_max"]]) for n in "ABC"),
-              yes[r["all_entries_shrink"]], yes[r["homework_like"]]] for r in sims]),
+              yes[r["all_entries_shrink"]], yes[r["homework_like"]]] for r in runs]),
     }
 
 
 def plot(hc: dict[str, Any], sim: dict[str, Any]) -> Any:
-    """PyTorch / manual per entry (bars: 4-decimal rounding) against |manual|; the figure.
-
-    Lines: 1 (same parameters), dL/dC's one factor, sqrt of the listing's median
-    per-update loss ratio (||w|| one update later); band: the simulated dL/dC ratios.
-    """
+    """PyTorch / manual per entry (bars: 4-decimal rounding) against |manual|; lines at 1, dL/dC's
+    one factor and sqrt of the listing's median update; band: the simulated dL/dC ratios."""
     fig, ax = _common.figure(width=7.0, height=4.8)
     C = hc["matrices"]["C"]
     r_obs = float(np.mean(C["common_factor"] or [C["fit_factor"]]))
@@ -319,9 +287,10 @@ def plot(hc: dict[str, Any], sim: dict[str, Any]) -> Any:
         r, lo, hi = np.ravel(m["ratio"]), *(np.ravel(b) for b in m["bounds"])
         ax.errorbar(np.abs(np.ravel(m["manual"])), r, yerr=[r - lo, hi - r], fmt=mk, ms=6,
                     mfc="none", capsize=2, lw=0.8, label=f"dL/d{name}")
-    ax.axhline(1.0, color="0.3", lw=1, label="1 (same parameters)")
-    ax.axhline(r_obs, color="C3", ls="--", lw=1.2, label=f"{r_obs:.4f} (fits dL/dC)")
-    ax.axhline(r_w, color="C4", ls=":", lw=1.5, label=f"{r_w:.4f} (sqrt of one listed update)")
+    for y, c, ls, label in ((1.0, "0.3", "-", "1 (same parameters)"),
+                            (r_obs, "C3", "--", f"{r_obs:.4f} (fits dL/dC)"),
+                            (r_w, "C4", ":", f"{r_w:.4f} (sqrt of one listed update)")):
+        ax.axhline(y, color=c, ls=ls, lw=1.2, label=label)
     ax.axhspan(sim["dC_ratio_min"], sim["dC_ratio_max"], color="C4", alpha=0.15,
                label="dL/dC after one simulated update")
     ax.set(xscale="log", ylim=(0.78, 1.07), xlabel="|manual gradient entry| [log]",
@@ -334,12 +303,10 @@ def plot(hc: dict[str, Any], sim: dict[str, Any]) -> Any:
 
 def run(params: abc_jax.Params, x: jax.Array, *, k: int, epochs: int, lr: float,
         seeds: Sequence[int]) -> dict[str, Any]:
-    """Re-read, simulate one update at (params, x) and at the end of ``seeds``' runs, print.
-
-    Returns ``metrics``, ``sentence``, ``tables`` (name -> (header, rows)) and ``figure``.
-    """
+    """Re-read, simulate one update at (params, x) and at the end of ``seeds``' runs, print;
+    return ``metrics``, ``sentence``, ``tables`` (name -> (header, rows)) and ``figures``."""
     hc = reread_homework_check()
-    sim = simulate_one_update_later(params, x, hc["listing_step_ratio_median"])
+    sim, _ = simulate_one_update_later(params, x, hc["listing_step_ratio_median"])
     scan = seed_scan(k, epochs, lr, seeds, hc["listing_step_ratio_median"])
     findings = [derivation_sentence(hc), rounding_sentence(hc), loss_sentence(hc),
                 simulation_sentence(sim, scan)]
@@ -348,15 +315,13 @@ def run(params: abc_jax.Params, x: jax.Array, *, k: int, epochs: int, lr: float,
     print()
     _common.print_table(*tables["homework_check_simulated"])
     print("\n" + "\n".join(findings))
-    C, simulated = hc["matrices"]["C"], {key: v for key, v in sim.items() if key != "ratios"}
-    metrics = {
-        "autograd_over_manual_dC": [C["ratio_min"], C["ratio_max"]],
-        "dC_common_factor": C["common_factor"], "loss_ratio_printed": hc["loss_ratio"],
-        **{key: hc[key] for key in ("loss_ratio_interval", "listing_step_ratio_range",
-                                    "n_beyond_rounding")},
-        "manual_rank_one": hc["rank_one"], "one_update_later": one_update_later(hc),
-        "simulated": simulated, "seeds_homework_like": sum(r["homework_like"] for r in scan),
-        "n_seeds": len(scan), "findings": findings,
-    }
-    return {"metrics": metrics, "sentence": homework_check_sentence(hc), "figure": plot(hc, sim),
-            "tables": tables}
+    C = hc["matrices"]["C"]
+    metrics = {"autograd_over_manual_dC": [C["ratio_min"], C["ratio_max"]],
+               "dC_common_factor": C["common_factor"], "loss_ratio_printed": hc["loss_ratio"],
+               **{key: hc[key] for key in ("loss_ratio_interval", "listing_step_ratio_range",
+                                           "n_beyond_rounding")},
+               "manual_rank_one": hc["rank_one"], "one_update_later": one_update_later(hc),
+               "simulated": sim, "seeds_homework_like": sum(r["homework_like"] for r in scan),
+               "n_seeds": len(scan), "findings": findings}
+    return {"metrics": metrics, "sentence": homework_check_sentence(hc), "tables": tables,
+            "figures": {"homework_check": plot(hc, sim)}}

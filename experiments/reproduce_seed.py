@@ -1,14 +1,10 @@
-"""Reproduce the homework, K = 3: the loss listing, the gradient check, and its three answers.
+"""Reproduce the homework, K = 3, and answer its three questions from the numbers measured.
 
-  (a) plain gradient descent on one random x: the loss falling iteration by iteration,
-      as the homework printed it (and the same loop on Python lists);
-  (b) dL/dA, dL/dB, dL/dC by the manual backward pass, jax.grad and finite differences,
-      side by side in float64 with their errors;
+  (a) plain gradient descent on one random x, as the homework printed it (and on Python lists);
+  (b) dL/dA, dL/dB, dL/dC by the manual backward pass, jax.grad and finite differences, float64;
   (c) time per gradient: backprop against finite differences and plain-Python loops;
   (d) why averaging per-sample solutions did not generalise (averaging.py);
   (e) the homework's own check, re-read from its printed numbers (homework_check.py).
-
-It ends with the three answers, each a sentence computed from the numbers above.
 
     python experiments/reproduce_seed.py
 """
@@ -28,6 +24,7 @@ import averaging  # noqa: E402
 import homework  # noqa: E402
 import homework_check  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 import abc_jax  # noqa: E402
@@ -39,58 +36,43 @@ EXACT = 1e-12  # float64: a relative error at or below this is the same gradient
 SCALING = {"fd_grad": 4, "python_fd": 4}  # time ~ K^this (2P losses of N K^2); others K^2
 
 
-def loss_listing(k: int, epochs: int, lr: float, seed: int) -> dict[str, Any]:
-    """Gradient descent on one random x (homework_check.draw), by ``train`` and on lists.
-
-    ``losses[e]`` is the loss before update e, as the homework printed it;
-    ``python_losses`` the homework's loop on Python lists.
-    """
-    params0, x = homework_check.draw(k, seed)
-    res = abc_jax.train(params0, x[None, :], lr=lr, epochs=epochs, progress=False)
-    py = homework.py_gradient_descent(*homework.to_lists(params0, x[None, :]), lr, epochs)
-    losses = np.asarray(res.losses, np.float64)
-    return {"x": x, "params_start": params0, "params": res.params, "losses": losses.tolist(),
-            "python_losses": py, "final_loss": float(abc_jax.loss(res.params, x)),
-            "max_abs_diff_python": float(np.max(np.abs(losses - py)))}
-
-
-def plot_listing(rec: dict[str, Any], lr: float) -> Any:
-    """The loss listing by train and on lists, beside the homework's own (log scale)."""
+def loss_listing(args: Any) -> tuple[abc_jax.Params, jax.Array, dict[str, Any]]:
+    """(a) Gradient descent on one random x (homework_check.draw) by ``train`` and on Python
+    lists; ``losses[e]``: the loss before update e, as printed. Returns params, x, the part."""
+    params0, x = homework_check.draw(args.k, args.seed)
+    res = abc_jax.train(params0, x[None, :], lr=args.lr, epochs=args.epochs, progress=False)
+    py = homework.py_gradient_descent(*homework.to_lists(params0, x[None, :]), args.lr,
+                                      args.epochs)
+    losses = np.asarray(res.losses, np.float64).tolist()
+    met = {"initial_loss": losses[0], "final_loss": float(abc_jax.loss(res.params, x)),
+           "max_abs_diff_python": float(np.max(np.abs(np.asarray(losses) - py)))}
+    print(f"\n(a) plain gradient descent on one random x (lr = {args.lr:g}):")
+    print("\n".join(f"L = {L!r}" for L in losses[:8]))
+    print(f"... {args.epochs} steps: L = {losses[0]:.6g} -> {met['final_loss']:.6g}; the loop on "
+          f"Python lists differs by at most {met['max_abs_diff_python']:.1e}")
     fig, ax = _common.figure(width=6.0, height=4.0)
-    L, py = rec["losses"], rec["python_losses"]
     step = max(1, len(py) // 25)
-    ax.plot(L, "-", color="C0", label=f"abc_jax.train (lr = {lr:g})")
+    ax.plot(losses, "-", color="C0", label=f"abc_jax.train (lr = {args.lr:g})")
     ax.plot(np.arange(0, len(py), step), py[::step], "o", ms=4, mfc="none", color="C1",
             label="the homework's loop on Python lists")
     ax.plot(homework_check.HOMEWORK_LOSSES, "x", ms=4, color="gray",
             label="the homework's printed listing (its own x, A, B, C, lr)")
     ax.set(yscale="log", xlabel="iteration (gradient-descent step)",
-           ylabel="loss L = ||w||² for one x [log]")
-    ax.set_title("Plain gradient descent on one random x", fontsize=10)
+           ylabel="loss L = ||w||² for one x [log]", title="Plain gradient descent on one x")
     ax.legend(fontsize=8)
-    return fig
-
-
-def plot_graph(rec: dict[str, Any], epochs: int, lr: float) -> Any:
-    """The graph for x with its values and gradients, before (top) and after training."""
-    import matplotlib.pyplot as plt
-
-    fig = plt.figure()
-    for sub, p, when in zip(fig.subfigures(2, 1), (rec["params_start"], rec["params"]),
-                            ("Before training", f"After {epochs} steps of lr = {lr:g}"),
-                            strict=True):
-        abc_jax.draw_graph(p, rec["x"], fig=sub,
-                           title=f"{when}: L = {float(abc_jax.loss(p, rec['x'])):.4g}")
-    return fig
+    table = (["iteration", "loss", "loss_python_lists"],
+             list(zip(range(args.epochs), losses, py, strict=True)))
+    graph = plt.figure()  # the graph for x with values and gradients, before and after
+    for sub, p, when in zip(graph.subfigures(2, 1), (params0, res.params), ("Before training",
+                            f"After {args.epochs} steps of lr = {args.lr:g}"), strict=True):
+        abc_jax.draw_graph(p, x, fig=sub, title=f"{when}: L = {float(abc_jax.loss(p, x)):.4g}")
+    return res.params, x, {"metrics": met, "tables": {"loss": table},
+                           "figures": {"reproduce_loss": fig, "graph": graph}}
 
 
 def gradient_check(params: abc_jax.Params, x: jax.Array) -> dict[str, Any]:
-    """dL/d(A, B, C) at one x (D,) by four routes, float64, with errors against jax.grad.
-
-    ``manual_grad`` (the derivation), ``oracle_grad`` (jax.grad), ``fd_grad``
-    (central differences) and the homework's backprop on lists; ``worst_rel`` per
-    route: max over A, B, C of max |g - ref| / max |ref| (``grad_errors``).
-    """
+    """(b) dL/d(A, B, C) at one x (D,), float64: ``manual_grad``, ``fd_grad`` and the lists'
+    backprop against ``oracle_grad``; ``worst_rel``: max over A, B, C of ``grad_errors``' rel."""
     X = x[None, :]
     _, py = homework.py_loss_and_grad(*homework.to_lists(params, X))
     grads = {"manual": abc_jax.manual_grad(params, x), "jax_grad": abc_jax.oracle_grad(params, X),
@@ -98,29 +80,25 @@ def gradient_check(params: abc_jax.Params, x: jax.Array) -> dict[str, Any]:
              "python": abc_jax.Params(*(jnp.asarray(g) for g in py))}
     errors = {m: abc_jax.grad_errors(g, grads["jax_grad"]) for m, g in grads.items()
               if m != "jax_grad"}
-    return {"loss": float(abc_jax.loss(params, x)), "grads": grads, "errors": errors,
-            "worst_rel": {m: max(e["rel"] for e in errs.values()) for m, errs in errors.items()}}
-
-
-def gradient_rows(check: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
-    """Every entry side by side, full precision: manual, jax.grad, finite differences."""
-    g = [np.asarray(check["grads"][m]) for m in ("manual", "jax_grad", "finite_diff")]
-    return ["entry", "manual", "jax.grad", "finite diff.", "|manual-jax|", "|fd-jax|"], [
+    worst = {m: max(e["rel"] for e in errs.values()) for m, errs in errors.items()}
+    g = [np.asarray(grads[m]) for m in ("manual", "jax_grad", "finite_diff")]
+    table = (["entry", "manual", "jax.grad", "finite diff.", "|manual-jax|", "|fd-jax|"], [
         [f"dL/d{'ABC'[p]}[{i},{j}]", *(repr(float(a[p, i, j])) for a in g),
          float(abs(g[0][p, i, j] - g[1][p, i, j])), float(abs(g[2][p, i, j] - g[1][p, i, j]))]
-        for p, i, j in np.ndindex(g[0].shape)]
+        for p, i, j in np.ndindex(g[0].shape)])
+    loss = float(abc_jax.loss(params, x))
+    print(f"\n(b) gradients at the trained parameters, same x: L = {loss!r}")
+    _common.print_table(*table, floatfmt=".1e")
+    return {"metrics": {"loss": loss, "worst_rel": worst, "errors": errors},
+            "tables": {"gradcheck": table}, "figures": {}}
 
 
 def timing(ks: Sequence[int], n: int, seed: int, budget_s: float,
            min_time: float) -> list[dict[str, Any]]:
-    """Median seconds per gradient over N = n samples, float64, at each K: one row per method.
-
-    Each K's methods are timed against each other (``_common.time_interleaved``);
-    a method whose time at the previous K, scaled by (K / K_prev)^SCALING, exceeds
-    ``budget_s`` is skipped (median_s None); batch_grad, the reference, never is. A
-    method's rounds last at most ``budget_s / 2`` (at least one call).
-    ``ratio``: median_s / batch_grad's. Repeated K are timed once.
-    """
+    """Median seconds per gradient over N = n samples, float64: a row per (K, method), timed
+    against each other (``_common.time_interleaved``, rounds <= budget_s / 2); a method whose
+    previous-K time times (K / K_prev)^SCALING passes ``budget_s`` is skipped (None), never
+    batch_grad, the reference of ``ratio``. Repeated K are timed once."""
     rows, last = [], {}
     jitted = {"batch_grad": jax.jit(abc_jax.batch_grad), "jax_grad": jax.jit(abc_jax.oracle_grad),
               "fd_grad": jax.jit(abc_jax.fd_grad)}
@@ -143,19 +121,23 @@ def timing(ks: Sequence[int], n: int, seed: int, budget_s: float,
     return rows
 
 
-def plot_timing(rows: Sequence[dict[str, Any]]) -> Any:
+def timing_part(args: Any, bench_kw: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(c) ``timing`` at K and the larger K: printed, with its figure and per-K ratios."""
+    print(f"\n(c) time per gradient, N = {args.n}, float64:")
+    rows = timing([args.k, args.bench_k], args.n, args.seed, **bench_kw)
+    cols = ["K", "P", "N", "method", "median_s", "ratio"]
+    table = (cols, [[r[c] for c in cols] for r in rows])
+    _common.print_table(*table)
     fig, ax = _common.figure(width=6.0, height=4.0)
     for m in METHODS:
         pts = [r for r in rows if r["method"] == m and r["median_s"] is not None]
         ax.plot([r["P"] for r in pts], [r["median_s"] for r in pts], "o-", label=m)
     ax.set(xscale="log", yscale="log", xlabel="parameters P = 3K² [log]",
-           ylabel="seconds per gradient [log]")
-    ax.set_title(f"One gradient over N = {rows[0]['N']} samples, float64", fontsize=10)
+           ylabel="seconds per gradient [log]", title=f"One gradient over N = {args.n}, float64")
     ax.legend(fontsize=8)
-    return fig
-
-
-# -- the answers: numbers in, sentence out ------------------------------------------------
+    ratios = {m: {str(r["K"]): r["ratio"] for r in rows if r["method"] == m} for m in METHODS[1:]}
+    return rows, {"metrics": {"rows": rows, "ratio_to_batch_grad": ratios},
+                  "tables": {"timing": table}, "figures": {"reproduce_timing": fig}}
 
 
 def derivation_answer(worst_rel: dict[str, float]) -> str:
@@ -181,16 +163,16 @@ def speed_answer(rows: Sequence[dict[str, Any]]) -> str:
 
 def averaging_answer(gen: dict[str, Any]) -> str:
     """3. Why did averaging not generalise? averaging's sentences on the numbers measured."""
-    fin = gen["final"]
-    if not {"average", "batch_gd"} <= set(fin):
+    held = {m: r["heldout_loss"] for m, r in gen["final"].items()}
+    if not {"average", "batch_gd"} <= set(held):
         return f"3. A run diverged, no comparison: {sorted(gen['diverged'])}"
     return " ".join(["3. Why did averaging not generalise?", averaging.average_sentence(
-        fin["average"]["heldout_loss"], fin["batch_gd"]["heldout_loss"],
-        gen["initial"]["heldout_loss"]), averaging.carry_over_sentence(
-            gen["own_sample_loss"], gen["single_copy_heldout"])])
+        held["average"], held["batch_gd"], gen["initial"]["heldout_loss"]),
+        averaging.carry_over_sentence(gen["own_sample_loss"], gen["single_copy_heldout"])])
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse(argv: Sequence[str] | None) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """The flags, and the settings of (d) and (c); ``--quick`` shrinks all of them."""
     ap = _common.parser(NAME, __doc__)
     ap.add_argument("--k", type=int, default=3, help="K = D = H = O (default 3, the homework)")
     ap.add_argument("--epochs", type=int, default=500, help="steps on the one x")
@@ -200,67 +182,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--check-seeds", type=int, default=15,
                     help="other seeds on which (e) simulates one update later")
     args = ap.parse_args(argv)
-    gen_kw: dict[str, Any] = dict(n_train=256, n_test=1024, epochs=500, n_checkpoints=8)
-    bench_kw: dict[str, Any] = dict(budget_s=2.0, min_time=0.1)
     if args.quick:
         args.epochs, args.bench_k, args.n, args.check_seeds = 20, args.k, 16, 1
-        gen_kw = dict(n_train=8, n_test=16, epochs=10, n_checkpoints=4)
-        bench_kw = dict(budget_s=0.2, min_time=0.005)
+        return args, dict(n_train=8, n_test=16, epochs=10, n_checkpoints=4), dict(
+            budget_s=0.2, min_time=0.005)
+    return args, dict(n_train=256, n_test=1024, epochs=500, n_checkpoints=8), dict(
+        budget_s=2.0, min_time=0.1)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, gen_kw, bench_kw = parse(argv)
     env = _common.environment(jnp.float64)
     print(f"{NAME}: K = {args.k}, seed {args.seed}, float64, {env['device']}, "
           f"jax {env['jax_version']}")
-
-    rec = loss_listing(args.k, args.epochs, args.lr, args.seed)
-    print(f"\n(a) plain gradient descent on one random x (lr = {args.lr:g}):")
-    print("\n".join(f"L = {L!r}" for L in rec["losses"][:8]))
-    print(f"... {args.epochs} steps: L = {rec['losses'][0]:.6g} -> {rec['final_loss']:.6g}; "
-          f"the loop on Python lists differs by at most {rec['max_abs_diff_python']:.1e}")
-
-    check = gradient_check(rec["params"], rec["x"])
-    print(f"\n(b) gradients at the trained parameters, same x: L = {check['loss']!r}")
-    grad_table = gradient_rows(check)
-    _common.print_table(*grad_table, floatfmt=".1e")
-
-    print(f"\n(c) time per gradient, N = {args.n}, float64:")
-    bench = timing([args.k, args.bench_k], args.n, args.seed, **bench_kw)
-    cols = ["K", "P", "N", "method", "median_s", "ratio"]
-    bench_table = (cols, [[r[c] for c in cols] for r in bench])
-    _common.print_table(*bench_table)
-
+    parts: dict[str, dict[str, Any]] = {}  # each: "metrics", "tables", "figures"
+    params, x, parts["loss_listing"] = loss_listing(args)
+    parts["gradient_check"] = gradient_check(params, x)
+    bench, parts["timing"] = timing_part(args, bench_kw)
     print(f"\n(d) averaging per-sample solutions vs training on the mean, K = {args.k}:")
     gen = averaging.run_generalization(args.k, seed=args.seed, **gen_kw)
     _common.print_table(*averaging.summary_rows(gen), floatfmt=".4g")
-
+    parts["generalization"] = {"metrics": averaging.metrics(gen),
+                               "tables": {"generalization": averaging.curve_rows(gen)},
+                               "figures": {"reproduce_generalization": averaging.plot(gen)}}
     print("\n(e) the homework's own check, re-read from its printed numbers:")
-    hc = homework_check.run(rec["params"], rec["x"], k=args.k, epochs=args.epochs, lr=args.lr,
-                            seeds=range(args.seed + 1, args.seed + 1 + args.check_seeds))
-    answers = [derivation_answer(check["worst_rel"]) + " " + hc["sentence"],
-               speed_answer(bench), averaging_answer(gen)]
+    parts["homework_check"] = hc = homework_check.run(
+        params, x, k=args.k, epochs=args.epochs, lr=args.lr,
+        seeds=range(args.seed + 1, args.seed + 1 + args.check_seeds))
+    answers = [derivation_answer(parts["gradient_check"]["metrics"]["worst_rel"]) + " "
+               + hc["sentence"], speed_answer(bench), averaging_answer(gen)]
     print("\nAnswers:\n" + "\n".join(answers))
     written = write_results(
         _common.out_dir(args.out),
         config=vars(args) | {"generalization": gen_kw, "bench": bench_kw},
-        metrics={
-            "environment": env,
-            "loss_listing": {"initial_loss": rec["losses"][0],
-                             **{k: rec[k] for k in ("final_loss", "max_abs_diff_python")}},
-            "gradient_check": {k: check[k] for k in ("loss", "worst_rel", "errors")},
-            "timing": {"rows": bench, "ratio_to_batch_grad": {
-                m: {str(r["K"]): r["ratio"] for r in bench if r["method"] == m}
-                for m in METHODS[1:]}},
-            "generalization": averaging.metrics(gen), "homework_check": hc["metrics"],
-            "answers": answers,
-        },
-        tables={"loss": (["iteration", "loss", "loss_python_lists"],
-                         list(zip(range(args.epochs), rec["losses"], rec["python_losses"],
-                                  strict=True))),
-                "gradcheck": grad_table, "timing": bench_table,
-                "generalization": averaging.curve_rows(gen), **hc["tables"]},
-        figures={"reproduce_loss": plot_listing(rec, args.lr),
-                 "graph": plot_graph(rec, args.epochs, args.lr),
-                 "reproduce_timing": plot_timing(bench),
-                 "reproduce_generalization": averaging.plot(gen), "homework_check": hc["figure"]},
-    )
+        metrics={"environment": env, **{n: p["metrics"] for n, p in parts.items()},
+                 "answers": answers},
+        tables={n: t for p in parts.values() for n, t in p["tables"].items()},
+        figures={n: f for p in parts.values() for n, f in p["figures"].items()})
     if args.docs is not None:  # a quick run copies only the key figure
         for name in ["reproduce_loss", "graph", "homework_check"][:1 if args.quick else 3]:
             _common.docs_copy(written[f"{name}.png"], args.docs)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import os
 import platform
 import statistics
@@ -34,9 +35,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if "(default" in text or action.default is None or action.default is False:
-            return text
-        return super()._get_help_string(action)
+        plain = "(default" in text or action.default is None or action.default is False
+        return text if plain else super()._get_help_string(action)
 
 
 def parser(name: str, doc: str | None, precision: bool = False) -> argparse.ArgumentParser:
@@ -53,9 +53,8 @@ def parser(name: str, doc: str | None, precision: bool = False) -> argparse.Argu
     ap.add_argument("--docs", type=Path, default=None, metavar="DIR",
                     help="also write a small (256-colour) copy of the key figure into DIR")
     if precision:
-        ap.add_argument("--precision", choices=PRECISIONS, default="highest",
-                        help="matmul precision of the JAX computations ('highest': exact "
-                             "float32 on every device; 'default' lets a GPU use TF32)")
+        ap.add_argument("--precision", choices=PRECISIONS, default="highest", help="JAX matmul "
+                        "precision ('highest': exact float32; 'default' lets a GPU use TF32)")
     return ap
 
 
@@ -94,9 +93,8 @@ def environment(dtype: Any = None, precision: str | None = None) -> dict[str, An
             "backend": jax.default_backend(), "device_count": jax.device_count(),
             "jax_version": jax.__version__, "python_version": platform.python_version(),
             "cpu_count": os.cpu_count(), "x64_enabled": bool(jax.config.jax_enable_x64),
-            "load_average_1min": os.getloadavg()[0],  # other work inflates timings
-            "dtype": None if dtype is None else jax.numpy.dtype(dtype).name,
-            "precision": precision}
+            "load_average_1min": os.getloadavg()[0], "precision": precision,  # load: slower
+            "dtype": None if dtype is None else jax.numpy.dtype(dtype).name}
 
 
 class Timing(NamedTuple):
@@ -124,8 +122,8 @@ def time_interleaved(fns: Mapping[str, Callable[[], Any]], *, rounds: int = 7,
     turn (a drift in speed hits all alike), a loop of >= 1 calls lasting ~``min_time / rounds``
     s per sample. ``max_time`` caps a variant's seconds of rounds (>= 1 round)."""
     if rounds < 1 or warmup < 0 or min_time < 0:
-        raise ValueError(f"need rounds >= 1, warmup >= 0, min_time >= 0; got {rounds}, "
-                         f"{warmup}, {min_time}")
+        raise ValueError(f"need rounds >= 1, warmup >= 0, min_time >= 0; got {rounds=}, "
+                         f"{warmup=}, {min_time=}")
     first, outputs, inner, n_rounds = {}, {}, {}, {}
     for name, fn in fns.items():
         t0 = time.perf_counter()
@@ -141,14 +139,13 @@ def time_interleaved(fns: Mapping[str, Callable[[], Any]], *, rounds: int = 7,
         n_rounds[name] = rounds if max_time is None else max(
             1, min(rounds, int(max_time / (inner[name] * once))))
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for r in range(rounds):
-        for name, fn in fns.items():
-            if r < n_rounds[name]:
-                t0 = time.perf_counter()
-                for _ in range(inner[name]):
-                    out = fn()
-                jax.block_until_ready(out)
-                samples[name].append((time.perf_counter() - t0) / inner[name])
+    for r, (name, fn) in itertools.product(range(rounds), fns.items()):
+        if r < n_rounds[name]:
+            t0 = time.perf_counter()
+            for _ in range(inner[name]):
+                out = fn()
+            jax.block_until_ready(out)
+            samples[name].append((time.perf_counter() - t0) / inner[name])
     return {name: Timing(statistics.median(s), min(s), first[name], len(s), inner[name],
                          outputs[name]) for name, s in samples.items()}
 
@@ -203,6 +200,7 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence], floatfmt: str 
 
 
 def print_table(header: Sequence[str], rows: Sequence[Sequence], floatfmt: str = ".3g") -> None:
+    """Print ``format_table(header, rows, floatfmt)``."""
     print(format_table(header, rows, floatfmt))
 
 

@@ -1,24 +1,23 @@
 """How close is the manual batch gradient to the machine's matmul limit, and what do calls cost?
 
 One process, float32, D = H = O = K, all on JAX's device:
-1. Speed per (K, N) and matmul precision ("highest", exact float32, and on a GPU "default",
-   TF32; a CPU computes the same products at every setting): median times, in interleaved
-   rounds, of ``batch_grad`` as users call it, jitted ``jax.grad`` and one (N, K) x (K, K)
-   matmul (the faster output layout); then, apart, the naive vmap of outer products, meaned.
-   A step is about 7 such matmuls (14 N K^2 flops): prints GFLOP/s and the ratios.
+1. Speed per (K, N) and matmul precision ("highest", exact float32; on a GPU also "default",
+   TF32): interleaved median times of ``batch_grad`` as users call it, jitted ``jax.grad``
+   and one (N, K) x (K, K) matmul (the faster output layout); then, apart, the naive vmap of
+   outer products. A step is about 7 such matmuls (14 N K^2 flops): GFLOP/s and ratios.
 2. Per-call overhead at K = 3, N = 8: each public function as users call it (validated,
-   result checked for NaN/inf) against a bare ``jax.jit`` of it, with the same arrays again
-   and with new params every call. The target: at most 2x.
-3. Memory of the chunked gradient against the whole batch at once: the scratch bytes of XLA's
-   compiled memory analysis (``temp_size_in_bytes``; X and result not counted), and times.
+   result checked) against a bare ``jax.jit`` of it, with the same arrays again and with new
+   params every call. The target: at most 2x.
+3. Memory of the chunked gradient against the whole batch at once: XLA's compiled memory
+   analysis (``temp_size_in_bytes``, scratch only), and times.
 
-    python experiments/bench_step.py
-    python experiments/bench_step.py --sizes 64x4096 --memory-n 0
+    python experiments/bench_step.py --sizes 64x4096,256x65536 --memory-n 0
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import sys
 from collections.abc import Sequence
@@ -49,19 +48,17 @@ def bench_size(K: int, N: int, precision: str, *, rounds: int, min_time: float,
                seed: int) -> dict[str, Any]:
     """One row: times (s), GFLOP/s and ratios of batch_grad at (K, N) and ``precision``."""
     params, X = problem(K, N, seed)
-    jit = lambda f: jax.jit(lambda *a: f(*a, precision=precision))  # noqa: E731
-    oracle, naive = jit(abc_jax.oracle_grad), jit(lambda p, X, precision: jax.tree.map(
-        lambda g: g.mean(0), abc_jax.per_sample_grads(p, X, precision=precision)))
+    jit = lambda f, *a: functools.partial(jax.jit(f), *a)  # noqa: E731
+    naive = jit(lambda p, X: jax.tree.map(lambda g: g.mean(0), abc_jax.per_sample_grads(
+        p, X, precision=precision)), params, X)
     # one (N, K) x (K, K) product, output (N, K) or (K, N): the faster layout is the limit
-    matmul_nk = jit(lambda X, A, precision: jnp.matmul(X, A.T, precision=precision))
-    matmul_kn = jit(lambda X, A, precision: jnp.matmul(A, X.T, precision=precision))
     fns = {"batch_grad": lambda: abc_jax.batch_grad(params, X, precision=precision),
-           "jax_grad": lambda: oracle(params, X), "matmul_nk": lambda: matmul_nk(X, params.A),
-           "matmul_kn": lambda: matmul_kn(X, params.A)}
+           "jax_grad": jit(functools.partial(abc_jax.oracle_grad, precision=precision), params, X),
+           "matmul_nk": jit(lambda X, A: jnp.matmul(X, A.T, precision=precision), X, params.A),
+           "matmul_kn": jit(lambda X, A: jnp.matmul(A, X.T, precision=precision), X, params.A)}
     times = _common.time_interleaved(fns, rounds=rounds, min_time=min_time)
     if N * K * K * 4 <= 2**31:  # timed apart: it streams N (K, K) matrices through memory
-        times |= _common.time_interleaved({"naive_vmap": lambda: naive(params, X)},
-                                          rounds=rounds, min_time=min_time)
+        times |= _common.time_interleaved({"naive_vmap": naive}, rounds=rounds, min_time=min_time)
     row = {"device": _common.device_label(), "precision": precision, "dtype": "float32",
            "K": K, "N": N, "flops": 14 * N * K * K} | {
         f"{name}_s": t.median_s for name, t in times.items()}
@@ -76,10 +73,9 @@ def bench_size(K: int, N: int, precision: str, *, rounds: int, min_time: float,
 
 def bench_overhead(K: int, N: int, *, rounds: int, min_time: float,
                    seed: int) -> list[dict[str, Any]]:
-    """Per call, each public function as users call it against ``jax.jit`` of it (checks at
-    trace time only: the computation alone), each waited for, in interleaved rounds; ``ratio``
-    of the fastest rounds (as ``timeit``: at microseconds noise only adds time) and of medians.
-    Same arrays again (a benchmark loop), then new params every call (a training loop)."""
+    """Per call, each public function as users call it against ``jax.jit`` of it (the
+    computation alone), waited for, in interleaved rounds: ``ratio`` of the fastest rounds (at
+    microseconds noise only adds time) and of medians; same arrays, then new params each call."""
     params, X = problem(K, N, seed)
     steps = [jax.tree.map(lambda p, i=i: p * (1 + 1e-3 * i), params) for i in range(8)]
     rows = []
@@ -106,8 +102,8 @@ def temp_bytes(params: abc_jax.Params, N: int, K: int, chunk_size: int) -> int:
 
 
 def bench_memory(N: int, K: int, chunk: int, seed: int) -> dict[str, Any]:
-    """Scratch memory and time of batch_grad over N rows: chunked (``chunk_size=chunk``)
-    against unchunked (``chunk_size=N``: the whole batch at once)."""
+    """Scratch memory and time of batch_grad over N rows in chunks of ``chunk`` rows and all
+    at once."""
     params, X = problem(K, N, seed)
     sizes = {"chunked": chunk, "unchunked": N}
     t = _common.time_interleaved(
@@ -135,6 +131,8 @@ TABLE = [("batch_grad ms", "batch_grad_s", 1e3), ("jax.grad ms", "jax_grad_s", 1
          ("7 matmul ms", "matmul_s", 7e3), ("GFLOP/s", "gflops", 1.0),  # (header, key, scale)
          ("/jax.grad", "ratio_jax_grad", 1.0), ("/7mm", "ratio_7_matmuls", 1.0),
          ("naive/bg", "naive_over_batch_grad", 1.0)]
+BARS = {"batch_grad_s": "batch_grad (manual)", "jax_grad_s": "jax.grad (jit)",
+        "naive_vmap_s": "vmap outer products", "matmul_s": "7 x (N,K)@(K,K) matmul (faster layout)"}
 OVERHEAD = ["device", "K", "N", "calling", "function", "public_us", "jit_us", "ratio",
             "ratio_of_medians"]
 
@@ -149,20 +147,16 @@ def table_rows(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any
 
 def plot(rows: Sequence[dict[str, Any]]) -> Any:
     """Bars: time per gradient of each method and of 7 matmuls, per size and precision."""
-    bars = [(k, label) for k, label in (
-        ("batch_grad_s", "batch_grad (manual)"), ("jax_grad_s", "jax.grad (jit)"),
-        ("naive_vmap_s", "vmap outer products")) if any(k in r for r in rows)]
-    bars.append(("matmul_s", "7 x (N,K)@(K,K) matmul (faster layout)"))
+    bars = {k: label for k, label in BARS.items() if any(k in r for r in rows)}
     fig, ax = _common.figure(width=7.5, height=4.2)
     width, x = 0.8 / len(bars), np.arange(len(rows))
-    for i, (key, label) in enumerate(bars):
-        mm = key == "matmul_s"
-        ax.bar(x + i * width, [r.get(key, np.nan) * (7e3 if mm else 1e3) for r in rows], width,
-               label=label, color="0.6" if mm else None)
+    for i, (key, label) in enumerate(bars.items()):
+        scale = 7e3 if key == "matmul_s" else 1e3
+        ax.bar(x + i * width, [r.get(key, np.nan) * scale for r in rows], width, label=label)
     ax.set_xticks(x + width * (len(bars) - 1) / 2,
                   [f"K={r['K']}\nN={r['N']}\n{r['precision']}" for r in rows])
-    ax.set(yscale="log", ylabel="time per gradient (ms, log scale)")
-    ax.set_title(f"Batch gradient, float32, all on {rows[0]['device']}", fontsize=10)
+    ax.set(yscale="log", ylabel="time per gradient (ms, log scale)",
+           title=f"Batch gradient, float32, all on {rows[0]['device']}")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
@@ -192,8 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{NAME}: device {env['device_label']} x{env['device_count']}, jax "
           f"{env['jax_version']}, float32, precisions {', '.join(precisions)}")
     if jax.default_backend() != "gpu" and args.precisions is None:
-        print("(a CPU computes the same float32 products at every precision: only 'highest' "
-              "is timed)")
+        print("(a CPU computes the same products at every precision: only 'highest' is timed)")
     rows = [bench_size(K, N, p, rounds=args.repeats, min_time=args.min_time, seed=args.seed)
             for K, N in _common.progress(args.sizes, desc="sizes") for p in precisions]
     _common.print_table(*table_rows(rows), floatfmt=".3g")

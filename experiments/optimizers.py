@@ -1,12 +1,11 @@
 """Which optimizer reaches a target loss first? Hand-rolled GD, optax.sgd, momentum, adam.
 
-From one starting point, each optimizer at a few learning rates: gd (train's hand-rolled
-p <- p - lr g), sgd (optax.sgd(lr): the same rule, its curve must equal gd's), momentum
-(optax.sgd(lr, momentum=0.9)) and adam (optax.adam(lr)). Per run: the first epoch whose loss
-is at or below the target (a fraction of the starting loss) and the seconds to get there (a
-run of exactly that many epochs, after compilation; all such runs timed against each other
-in interleaved rounds, _common.time_interleaved, on JAX's device at --precision). The best
-lr of each reaches the target in the fewest epochs (else has the lowest final loss).
+From one start, each at a few learning rates: gd (train's p <- p - lr g), sgd (optax.sgd(lr),
+the same rule: its curve must equal gd's), momentum (optax.sgd(lr, momentum=0.9)) and adam.
+Per run: the first epoch at or below the target loss (a fraction of the starting loss) and the
+seconds to get there (a run of that many epochs after compilation, timed in interleaved rounds
+on JAX's device at --precision). The best lr of each reaches the target in the fewest epochs
+(else has the lowest final loss).
 
     python experiments/optimizers.py --k 16 --n 1024 --epochs 500 --target 0.001
 """
@@ -14,6 +13,7 @@ lr of each reaches the target in the fewest epochs (else has the lowest final lo
 from __future__ import annotations
 
 import functools
+import itertools
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -31,9 +31,9 @@ NAME = "optimizers"
 LRS = {"gd": (0.01, 0.03, 0.1, 0.3), "sgd": (0.01, 0.03, 0.1, 0.3),
        "momentum": (0.003, 0.01, 0.03, 0.1), "adam": (0.003, 0.01, 0.03, 0.1)}
 LABELS = {name: label for name, (label, _) in _common.OPTIMIZERS.items()}
-COLOR = {"gd": "C0", "sgd": "k", "momentum": "C1", "adam": "C2"}
+LINE = {"gd": dict(color="C0", lw=3.0, alpha=0.45), "sgd": dict(color="k", lw=1.0, ls="--"),
+        "momentum": dict(color="C1"), "adam": dict(color="C2")}  # gd, sgd overlaid: both seen
 MARKER = {"gd": "o", "sgd": "x", "momentum": "s", "adam": "^"}
-LINE = {"gd": dict(lw=3.0, alpha=0.45), "sgd": dict(lw=1.0, ls="--")}  # overlaid: both seen
 RUN_FIELDS = ["optimizer", "lr", "device", "precision", "epochs", "final_loss",
               "epochs_to_target", "seconds_to_target", "wall_s", "compile_s", "diverged_at"]
 
@@ -52,27 +52,25 @@ def run_one(name: str, lr: float, params: abc_jax.Params, X: jax.Array, epochs: 
     fit = functools.partial(train, params, X, lr=lr, optimizer=_common.make_optimizer(name, lr),
                             progress=False, precision=precision)
     rec = {"optimizer": name, "lr": lr, "epochs": epochs, "device": _common.device_label(),
-           "precision": precision, "seconds_to_target": None, "fit": fit, "diverged_at": None,
-           "final_loss": None, "wall_s": None, "compile_s": None, "params": None}
+           "precision": precision, "fit": fit, "seconds_to_target": None} | dict.fromkeys(
+        ("diverged_at", "final_loss", "wall_s", "compile_s", "params"))
     try:
         t = _common.time_interleaved({"run": lambda: fit(epochs=epochs)}, rounds=repeats,
                                      min_time=0.0)["run"]
+        out, rec["params"] = t.output, t.output.params
+        rec |= {"wall_s": t.median_s, "compile_s": t.compile_s,
+                "final_loss": float(abc_jax.batch_loss(out.params, X, precision=precision))}
     except DivergenceError as err:
-        losses = np.asarray(err.result.losses, np.float64)
-        return rec | {"diverged_at": err.epoch, "losses": losses,
-                      "epochs_to_target": first_hit(losses, target)}
-    losses, params = np.asarray(t.output.losses, np.float64), t.output.params
-    return rec | {"losses": losses, "epochs_to_target": first_hit(losses, target),
-                  "final_loss": float(abc_jax.batch_loss(params, X, precision=precision)),
-                  "wall_s": t.median_s, "compile_s": t.compile_s, "params": params}
+        out, rec["diverged_at"] = err.result, err.epoch
+    losses = np.asarray(out.losses, np.float64)
+    return rec | {"losses": losses, "epochs_to_target": first_hit(losses, target)}
 
 
 def run_sweep(args: Any, lrs: dict[str, Sequence[float]], repeats: int,
               min_time: float) -> dict[str, Any]:
-    """Every optimizer at every lr from one start; target = ``args.target`` * initial loss.
-    Then ``seconds_to_target`` of each run that reached it without diverging: a run of exactly
-    ``epochs_to_target`` epochs (losses[e] is the loss after e updates), all such runs timed
-    against each other in interleaved rounds, compile time excluded."""
+    """Every optimizer at every lr from one start, target ``args.target`` * initial loss; then
+    ``seconds_to_target``: runs of exactly ``epochs_to_target`` epochs (losses[e] is the loss
+    after e updates) of all that got there undiverged, in interleaved rounds, after compiling."""
     kp, kx = jax.random.split(jax.random.key(args.seed))
     params = abc_jax.init_params(kp, args.k, dtype=jnp.dtype(args.dtype))
     X = jax.random.normal(kx, (args.n, args.k), args.dtype)
@@ -86,121 +84,100 @@ def run_sweep(args: Any, lrs: dict[str, Sequence[float]], repeats: int,
                                       for k, r in hits.items()}, rounds=repeats, min_time=min_time)
     for k, r in hits.items():
         r["seconds_to_target"] = times[k].median_s
-    d = gd_vs_sgd(runs)
-    worst = {f"gd_vs_sgd_max_abs_{k}_diff": max(
-        (v[f"max_abs_{k}_diff"] for v in d.values() if v[f"max_abs_{k}_diff"] is not None),
-        default=float("nan")) for k in ("loss", "param")}
-    return {"runs": runs, "best": best_runs(runs), "initial_loss": L0,
-            "target_loss": args.target * L0, "gd_vs_sgd": d, **worst}
+    d, best = gd_vs_sgd(runs), best_runs(runs)
+    return {"runs": runs, "best": best, "winner": winners(best, runs), "initial_loss": L0,
+            "target_loss": args.target * L0, "gd_vs_sgd": d} | {
+        f"gd_vs_sgd_max_abs_{k}_diff": max((v[f"max_abs_{k}_diff"] for v in d.values()
+                                            if v[f"max_abs_{k}_diff"] is not None),
+                                           default=float("nan")) for k in ("loss", "param")}
 
 
 def best_runs(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per optimizer: the run reaching the target in the fewest epochs, else the lowest final
     loss. Diverged runs are never best unless every run of that optimizer diverged."""
-    inf, best = float("inf"), {}
-    for m in dict.fromkeys(r["optimizer"] for r in runs):
-        mine = [r for r in runs if r["optimizer"] == m]
-        best[m] = min([r for r in mine if r["diverged_at"] is None] or mine, key=lambda r: (
-            inf if r["epochs_to_target"] is None else r["epochs_to_target"],
-            inf if r["final_loss"] is None else r["final_loss"]))
-    return best
+    by = {m: [r for r in runs if r["optimizer"] == m] for m in dict.fromkeys(
+        r["optimizer"] for r in runs)}
+    return {m: min([r for r in rs if r["diverged_at"] is None] or rs, key=lambda r: [
+        float("inf") if r[k] is None else r[k] for k in ("epochs_to_target", "final_loss")])
+        for m, rs in by.items()}
 
 
 def gd_vs_sgd(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
     """At each lr run by both: max |loss_gd - loss_sgd| over epochs and max |param difference|
     (None if they diverged)."""
     sgd = {r["lr"]: r for r in runs if r["optimizer"] == "sgd"}
-    out = {}
-    for g in runs:
-        s = sgd.get(g["lr"])
-        if g["optimizer"] == "gd" and s is not None and len(g["losses"]) == len(s["losses"]):
-            both = g["params"] is not None and s["params"] is not None
-            errs = abc_jax.grad_errors(g["params"], s["params"]).values() if both else ()
-            out[f"{g['lr']:g}"] = {"max_abs_param_diff": max((e["max_abs"] for e in errs),
-                                                             default=None),
-                                   "max_abs_loss_diff": float(np.max(np.abs(
-                                       g["losses"] - s["losses"]), initial=0.0))}
-    return out
+    pairs = [(g, sgd[g["lr"]]) for g in runs if g["optimizer"] == "gd" and g["lr"] in sgd
+             and len(g["losses"]) == len(sgd[g["lr"]]["losses"])]
+    return {f"{g['lr']:g}": {
+        "max_abs_param_diff": None if g["params"] is None or s["params"] is None else max(
+            e["max_abs"] for e in abc_jax.grad_errors(g["params"], s["params"]).values()),
+        "max_abs_loss_diff": float(np.max(np.abs(g["losses"] - s["losses"]), initial=0.0)),
+    } for g, s in pairs}
 
 
 def winners(best: dict[str, dict[str, Any]], runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Who reached the target first, in epochs (ties listed together) and in seconds, from
-    each optimizer's best run; and which run of all ended with the lowest loss."""
+    each optimizer's best run; and which run of all ended with the lowest loss (None: none)."""
     hits = {m: r for m, r in best.items() if r["epochs_to_target"] is not None}
-    out: dict[str, Any] = {"by_epochs": None, "by_seconds": None, "lowest_final_loss": None}
-    if hits:
-        fewest = min(r["epochs_to_target"] for r in hits.values())
-        tied = [m for m, r in hits.items() if r["epochs_to_target"] == fewest]
-        out["by_epochs"] = {"optimizers": tied, "lrs": [hits[m]["lr"] for m in tied],
-                            "epochs": fewest}
-        m = min(hits, key=lambda m: hits[m]["seconds_to_target"])
-        out["by_seconds"] = {"optimizer": m, "lr": hits[m]["lr"],
-                             "seconds": hits[m]["seconds_to_target"]}
-    finished = [r for r in runs if r["final_loss"] is not None]
-    if finished:
-        r = min(finished, key=lambda r: r["final_loss"])
-        out["lowest_final_loss"] = {k: r[k] for k in ("optimizer", "lr", "final_loss")}
-    return out
+    fewest = min((r["epochs_to_target"] for r in hits.values()), default=None)
+    tied = [m for m, r in hits.items() if r["epochs_to_target"] == fewest]
+    fast = min(hits, key=lambda m: hits[m]["seconds_to_target"], default=None)
+    low = min((r for r in runs if r["final_loss"] is not None), key=lambda r: r["final_loss"],
+              default=None)
+    return {"by_epochs": {"optimizers": tied, "lrs": [hits[m]["lr"] for m in tied],
+                          "epochs": fewest} if hits else None,
+            "by_seconds": {"optimizer": fast, "lr": hits[fast]["lr"],
+                           "seconds": hits[fast]["seconds_to_target"]} if hits else None,
+            "lowest_final_loss": low and {k: low[k] for k in ("optimizer", "lr", "final_loss")}}
 
 
 def plot(res: dict[str, Any], title: str) -> dict[str, Any]:
     """Loss against epoch at each optimizer's best lr (gd and sgd overlaid); and final loss
     and epochs to the target against the lr (diverged runs drawn at the initial loss)."""
     fig, ax = _common.figure(width=6.5, height=4.3)
-    sweep, (ax1, ax2) = _common.figure(ncols=2, width=5.0, height=4.0)
+    sweep, axes = _common.figure(ncols=2, width=5.0, height=4.0)
     for m, best in res["best"].items():
         hit, div = best["epochs_to_target"], best["diverged_at"]
         note = (f"diverged at epoch {div}" if div is not None else "target not reached"
                 if hit is None else f"target at epoch {hit}")
-        ax.plot(best["losses"], color=COLOR[m], **LINE.get(m, {}),
-                label=f"{LABELS[m]} (lr {best['lr']:g}, {note})")
-        kw = dict(color=COLOR[m], marker=MARKER[m], ls=LINE.get(m, {}).get("ls", "-"), ms=7,
-                  mfc="none" if m == "gd" else None, label=LABELS[m])
+        ax.plot(best["losses"], **LINE[m], label=f"{LABELS[m]} (lr {best['lr']:g}, {note})")
         mine = [r for r in res["runs"] if r["optimizer"] == m]
-        ok = [r for r in mine if r["final_loss"] is not None]
-        hits = [r for r in ok if r["epochs_to_target"] is not None]
-        ax1.plot([r["lr"] for r in ok], [r["final_loss"] for r in ok], **kw)
-        ax2.plot([r["lr"] for r in hits], [r["epochs_to_target"] for r in hits], **kw)
+        for a, key in zip(axes, ("final_loss", "epochs_to_target"), strict=True):
+            ok = [r for r in mine if r["final_loss"] is not None and r[key] is not None]
+            a.plot([r["lr"] for r in ok], [r[key] for r in ok], marker=MARKER[m], ms=7,
+                   color=LINE[m]["color"], ls=LINE[m].get("ls", "-"), label=LABELS[m])
         div = [r["lr"] for r in mine if r["diverged_at"] is not None]
-        ax1.plot(div, [res["initial_loss"]] * len(div), "X", color="red", ms=9,
-                 label=f"{LABELS[m]} diverged (at the initial loss)" if div else None)
-    ax.axhline(res["target_loss"], color="gray", ls=":", lw=1,
-               label=f"target = {res['target_loss']:.3g}")
-    ax1.axhline(res["target_loss"], color="gray", ls=":", lw=1, label="target")
-    ax1.axhline(res["initial_loss"], color="gray", ls="--", lw=1, label="initial loss")
-    ax.set(yscale="log", xlabel="epoch (full-batch updates)",
-           ylabel="training loss [mean ||w||², log]")
-    ax1.set(ylabel="final training loss [mean ||w||², log]", title="Loss after all epochs")
-    ax2.set(ylabel="epochs to reach the target [log]", title="Epochs to the target (if reached)")
-    for a in (ax1, ax2):
-        a.set(xscale="log", yscale="log", xlabel="learning rate (log)")
-    for a in (ax, ax1, ax2):
+        axes[0].plot(div, [res["initial_loss"]] * len(div), "X", color="red", ms=9,
+                     label=f"{LABELS[m]} diverged (at the initial loss)" if div else None)
+    for a in (ax, axes[0]):
+        a.axhline(res["target_loss"], color="gray", ls=":",
+                  label=f"target = {res['target_loss']:.3g}")
+    axes[0].axhline(res["initial_loss"], color="gray", ls="--", label="initial loss")
+    ax.set(xlabel="epoch (full-batch updates)", ylabel="training loss [mean ||w||², log]")
+    axes[0].set(ylabel="final training loss [mean ||w||², log]", title="Loss after all epochs")
+    axes[1].set(ylabel="epochs to the target [log]", title="Epochs to the target (if reached)")
+    for a in (ax, *axes):
+        a.set(xscale="linear" if a is ax else "log", yscale="log")
         a.legend(fontsize=7)
-    ax.set_title(title, fontsize=10)
+    sweep.supxlabel("learning rate (log)")
+    ax.set_title(title, fontsize=9)
     sweep.suptitle(title, fontsize=10)
     return {"optimizers": fig, "optimizers_sweep": sweep}
 
 
-def report(res: dict[str, Any], win: dict[str, Any], epochs: int) -> None:
+def report(res: dict[str, Any], epochs: int) -> None:
     """Print every run, gd against optax.sgd, the best lrs and the winners."""
-    ms = lambda s: None if s is None else f"{s * 1e3:.1f}"  # noqa: E731
-    _common.print_table(
-        ["optimizer", "lr", "device", "precision", "final loss", "epochs to target",
-         "ms to target", "ms per run"],
-        [[LABELS[r["optimizer"]], r["lr"], r["device"], r["precision"],
-          r["final_loss"] if r["diverged_at"] is None else f"diverged @{r['diverged_at']}",
-          r["epochs_to_target"], ms(r["seconds_to_target"]), ms(r["wall_s"])]
-         for r in res["runs"]], floatfmt=".4g")
+    _common.print_table(RUN_FIELDS, [[r[f] for f in RUN_FIELDS] for r in res["runs"]], ".4g")
     print(f"\nhand-rolled GD vs optax.sgd at the same lr: max |loss difference| "
           f"{res['gd_vs_sgd_max_abs_loss_diff']:.3g}, max |parameter difference| "
           f"{res['gd_vs_sgd_max_abs_param_diff']:.3g} over {len(res['gd_vs_sgd'])} lrs")
     print("best lr of each: " + ", ".join(
         f"{m} {r['lr']:g} ({r['epochs_to_target']} epochs)" for m, r in res["best"].items()))
-    e, s, f = win["by_epochs"], win["by_seconds"], win["lowest_final_loss"]
+    e, s, f = (res["winner"][k] for k in ("by_epochs", "by_seconds", "lowest_final_loss"))
     if e:
         who = [f"{LABELS[m]} (lr {lr:g})" for m, lr in zip(e["optimizers"], e["lrs"], strict=True)]
-        print(f"first to the target in epochs: {' = '.join(who)}, {e['epochs']} epochs")
-        print(f"first to the target in seconds: {LABELS[s['optimizer']]} (lr {s['lr']:g}), "
+        print(f"first to the target in epochs: {' = '.join(who)}, {e['epochs']} epochs\n"
+              f"first to the target in seconds: {LABELS[s['optimizer']]} (lr {s['lr']:g}), "
               f"{s['seconds'] * 1e3:.2g} ms after compilation")
     else:
         print("no optimizer reached the target; raise --epochs or --target")
@@ -214,8 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=16, help="K = D = H = O")
     ap.add_argument("--n", type=int, default=1024, help="training samples N")
     ap.add_argument("--epochs", type=int, default=500, help="epochs per run")
-    ap.add_argument("--target", type=float, default=0.001,
-                    help="target loss as a fraction of the initial loss")
+    ap.add_argument("--target", type=float, default=0.001, help="target loss / initial loss")
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="dtype")
     args = ap.parse_args(argv)
     lrs = {m: grid[1:3] if args.quick else grid for m, grid in LRS.items()}
@@ -228,26 +204,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = _common.environment(args.dtype, args.precision)
     res = run_sweep(args, lrs, repeats=1 if args.quick else 5,
                     min_time=0.0 if args.quick else 0.05)
-    win, best = winners(res["best"], res["runs"]), res["best"]
     desc = (f"K = {args.k}, N = {args.n}, {args.epochs} epochs, {env['dtype']}, "
             f"target = {args.target:g} x initial loss = {res['target_loss']:.4g}")
     print(f"{NAME}: {desc}; device {env['device_label']} ({env['cpu_count']} CPUs), "
           f"precision {args.precision}")
-    report(res, win, args.epochs)
-    curves = [[e, *(float(r["losses"][e]) if e < len(r["losses"]) else None
-                    for r in best.values())]
-              for e in range(max(len(r["losses"]) for r in best.values()))]
-    fields = lambda r: {f: r[f] for f in RUN_FIELDS}  # noqa: E731
+    report(res, args.epochs)
+    runs, best = res["runs"], res["best"]
+    curves = itertools.zip_longest(*(r["losses"].tolist() for r in best.values()))
     written = write_results(
-        args.out, config=vars(args) | {"lrs": lrs},
-        metrics={"environment": env, "winner": win, "best": {m: fields(r) for m, r in
-                                                             best.items()},
-                 "runs": [fields(r) for r in res["runs"]]} | {
-            k: v for k, v in res.items() if k not in ("runs", "best")},
-        tables={"runs": (RUN_FIELDS, [[r[f] for f in RUN_FIELDS] for r in res["runs"]]),
+        args.out, config=vars(args) | {"lrs": lrs}, figures=plot(res, desc),
+        metrics={"environment": env, **res, "runs": [{f: r[f] for f in RUN_FIELDS} for r in runs],
+                 "best": {m: {f: r[f] for f in RUN_FIELDS} for m, r in best.items()}},
+        tables={"runs": (RUN_FIELDS, [[r[f] for f in RUN_FIELDS] for r in runs]),
                 "best_curves": (["epoch", *(f"{m}_lr{r['lr']:g}" for m, r in best.items())],
-                                curves)},
-        figures=plot(res, desc))
+                                [[e, *c] for e, c in enumerate(curves)])})
     if args.docs is not None:
         _common.docs_copy(written["optimizers.png"], args.docs)
     print(f"wrote {args.out}/: {', '.join(written)}")

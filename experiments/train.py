@@ -3,15 +3,14 @@
     python experiments/train.py --data X.csv --epochs 2000 --lr 0.05 --optimizer adam
     python experiments/train.py --n 4096 --in-dim 16 --hidden-dim 32 --out-dim 8
 
-Writes into --out (default results/train): config.json, metrics.json, losses.csv, loss.png
-and params.npz (arrays A, B, C); the checkpoint lives in --out/checkpoint/, so the same
-command again resumes (a finished run returns at once); other settings with the same --out
-are refused (pass another --out, or --restart to discard the checkpoint). metrics.json gives
-compile_seconds apart from epochs_per_second. A bad data file: one line on stderr, exit 2.
+Writes config.json, metrics.json (compile_seconds apart from epochs_per_second), losses.csv,
+loss.png and params.npz (arrays A, B, C) into --out; its checkpoint/ makes the same command
+resume (a finished run returns at once) and refuses other settings there (give another --out,
+or --restart to discard it). A bad data file: one line on stderr, exit 2.
 
-Several processes (one per host, JAX's multi-controller runtime) train on the rows they each
-read: one process per host with the same flags and its own --process-id and --data (H:P:
-host and port of process 0; on CPUs set devices per process, e.g. JAX_NUM_CPU_DEVICES=2),
+Several processes (JAX's multi-controller runtime) train on the rows they each read: one
+process per host with the same flags and its own --process-id and --data (H:P: host and port
+of process 0; on CPUs set devices per process, e.g. JAX_NUM_CPU_DEVICES=2),
 
     python experiments/train.py --data X0.npy --coordinator H:P --num-processes 2 --process-id 0
     python experiments/train.py --data X1.npy --coordinator H:P --num-processes 2 --process-id 1
@@ -60,11 +59,9 @@ def _flags(p: argparse.ArgumentParser) -> None:
     t.add_argument("--batch-size", type=int, help="mini-batch size (default: full batch)")
     t.add_argument("--chunk-size", type=int, help="rows per gradient chunk (bounds memory)")
     t.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="dtype")
-    t.add_argument("--epochs-per-chunk", type=int, default=100,
-                   help="epochs per compiled chunk: how often to checkpoint")
-    m = p.add_argument_group(
-        "several processes: all three flags or none; each process reads its own --data "
-        "(synthetic: its own --n rows)")
+    t.add_argument("--epochs-per-chunk", type=int, default=100, help="epochs between checkpoints")
+    m = p.add_argument_group("several processes: all three flags or none; each process reads "
+                             "its own --data (synthetic: its own --n rows)")
     m.add_argument("--coordinator", metavar="HOST:PORT",
                    help="address of process 0, which runs the coordinator")
     m.add_argument("--num-processes", type=int, metavar="P", help="processes")
@@ -74,12 +71,10 @@ def _flags(p: argparse.ArgumentParser) -> None:
     m.add_argument("--init-timeout", type=int, default=300, metavar="S",
                    help="seconds to wait for every process to join")
     p.add_argument("--out", type=Path, default=Path("results/train"), help="results folder")
-    p.add_argument("--restart", action="store_true",
-                   help="start afresh, discarding the checkpoint in --out")
+    p.add_argument("--restart", action="store_true", help="discard the checkpoint in --out")
     p.add_argument("--quick", action="store_true", help="a tiny run for a smoke test: "
                    "--n 32, --epochs 40, --epochs-per-chunk 20 unless given")
-    p.add_argument("--no-progress", action="store_true",
-                   help="no progress bar (there is none anyway when stdout is not a terminal)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (none in a log)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -93,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) == p.get_default(name):
             setattr(args, name, value)
     several = (args.coordinator, args.num_processes, args.process_id)
-    if any(v is not None for v in several) and any(v is None for v in several):
+    if len({v is None for v in several}) > 1:
         p.error("--coordinator, --num-processes and --process-id go together: give all three "
                 "or none")
     if args.num_processes is not None and not 0 <= args.process_id < args.num_processes:
@@ -102,10 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  "in_dim", "hidden_dim", "out_dim", "batch_size", "chunk_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.epochs < 0:
-        p.error(f"--epochs must be >= 0, got {args.epochs}")
-    if not (np.isfinite(args.lr) and args.lr > 0):
-        p.error(f"--lr must be a finite number > 0, got {args.lr}")
+    if args.epochs < 0 or not (np.isfinite(args.lr) and args.lr > 0):
+        p.error("--epochs must be >= 0 and --lr must be a finite number > 0, got "
+                f"{args.epochs} and {args.lr}")
     return args
 
 
@@ -125,13 +119,9 @@ def load_batch(args: argparse.Namespace) -> tuple[np.ndarray | None, object]:
         error = None
     except DataError as e:
         X, error = None, e
-    failed = parallel.failed_processes(error is None)  # all processes stop together
-    if error is not None:
-        print(f"error: {error}", file=sys.stderr)
-    elif failed:
-        print(f"error: process {', '.join(map(str, failed))} could not load its data; "
-              "see its message", file=sys.stderr)
-    if failed:
+    if failed := parallel.failed_processes(error is None):  # all processes stop together
+        print(f"error: {error}" if error else f"error: process {', '.join(map(str, failed))} "
+              "could not load its data; see its message", file=sys.stderr)
         return None, None
     return X, X if args.coordinator is None else parallel.shard_local_batch(X)
 
@@ -153,9 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as e:
         if jax.process_count() == 1:
             raise
-        # One of several processes ends at once, after one line on stderr: a normal exit
-        # would wait in JAX's exit barrier for the others, which wait in their next collective
-        # for this one. Gone, it stops sending heartbeats; JAX ends the others in the timeout.
+        # One of several processes ends at once, after one line on stderr (a normal exit waits
+        # in JAX's exit barrier for the others, which wait for it): its heartbeats stop and JAX
+        # ends the others in the timeout.
         if isinstance(e, KeyboardInterrupt):
             code, what = 130, "interrupted"
         elif isinstance(e, jax.errors.JaxRuntimeError):  # a collective failed: a peer died
@@ -183,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
                   "chunk_size", "epochs_per_chunk", "quick")},
               "processes": jax.process_count(), "devices": jax.device_count()}
     if args.coordinator is not None:
-        config["data"] = f"{config['data']} (process 0's {len(X_local)} rows; each process its own)"
+        config["data"] += f" (process 0's {len(X_local)} rows; each process its own)"
     ckpt = checkpoint_path(args.out / "checkpoint")
     if args.restart and parallel.is_main_process():
         ckpt.unlink(missing_ok=True)
@@ -198,17 +188,16 @@ def run(args: argparse.Namespace) -> int:
                 key=jax.random.fold_in(jax.random.key(args.seed), 2), checkpoint_dir=ckpt.parent,
                 progress=not args.no_progress and sys.stdout.isatty(),  # no bar in a log
                 epochs_per_chunk=args.epochs_per_chunk))
-    except (DivergenceError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except ValueError as e:
-        if "different run" in str(e) or "unreadable checkpoint" in str(e):  # say what differs
-            keys = re.findall(r"(?:\(|; )(\w+): ", str(e))
+    except (DivergenceError, FloatingPointError, ValueError) as e:
+        message = str(e)
+        if "different run" in message or "unreadable checkpoint" in message:  # say what differs
+            keys = re.findall(r"(?:\(|; )(\w+): ", message)
             what = f" (different {', '.join(keys)})" if keys else ""
-            e = (f"{args.out} holds a run with other settings{what}: pass --out DIR to train "
-                 "this one elsewhere, or --restart to start afresh, discarding the old checkpoint")
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+            message = (f"{args.out} holds a run with other settings{what}: pass --out DIR to "
+                       "train this one elsewhere, or --restart to start afresh, discarding the "
+                       "old checkpoint")
+        print(f"error: {message}", file=sys.stderr)
+        return 2 if isinstance(e, ValueError) else 1  # bad settings, or a diverged run
     seconds = time.perf_counter() - start
     if parallel.is_main_process():  # process 0 writes the results
         save(args, config, result, resumed_from, seconds, min(compiling[0], seconds))
@@ -218,8 +207,7 @@ def run(args: argparse.Namespace) -> int:
 def save(args: argparse.Namespace, config: dict, result: object, resumed_from: int,
          seconds: float, compile_seconds: float) -> None:
     """Write config, metrics, losses, the plot and the params; print one line of results."""
-    losses = np.asarray(result.losses)
-    ran = args.epochs - resumed_from
+    losses, ran = np.asarray(result.losses), args.epochs - resumed_from
     metrics = {
         "final_loss": float(losses[-1]) if len(losses) else None,
         "initial_loss": float(losses[0]) if len(losses) else None,
@@ -231,7 +219,7 @@ def save(args: argparse.Namespace, config: dict, result: object, resumed_from: i
         "jax_version": jax.__version__,
     }
     fig, ax = _common.figure(width=6, height=4)
-    ax.plot(np.arange(len(losses)), losses)
+    ax.plot(losses)
     ax.set(yscale="log", xlabel="epoch", ylabel="batch loss (mean over samples)",
            title=f"{args.optimizer}, lr={args.lr:g}, N={config['N']}, D={config['D']}, "
                  f"H={config['H']}, O={config['O']}, {args.dtype}")
@@ -240,10 +228,9 @@ def save(args: argparse.Namespace, config: dict, result: object, resumed_from: i
     write_npz(args.out / "params.npz", **{k: np.asarray(getattr(result.params, k)) for k in "ABC"})
     devices = (metrics["device"] if jax.device_count() == 1 else
                f"{jax.device_count()} devices, {jax.process_count()} process(es)")
-    _common.print_table(
-        ["epochs", "initial loss", "final loss", "epochs/s", "compile s", "device"],
-        [[args.epochs, metrics["initial_loss"], metrics["final_loss"],
-          metrics["epochs_per_second"], compile_seconds, devices]], floatfmt=".6g")
+    _common.print_table(["epochs", "initial loss", "final loss", "epochs/s", "compile s", "device"],
+                        [[args.epochs, metrics["initial_loss"], metrics["final_loss"],
+                          metrics["epochs_per_second"], compile_seconds, devices]], ".6g")
     print(f"results in {args.out}/")
 
 

@@ -1,10 +1,7 @@
 """draw_graph: the figure shows the numbers forward and manual_vjp compute, readably."""
 
-import importlib
 import math
 import re
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -191,20 +188,6 @@ def test_two_states_in_subfigures(tmp_path):
     assert sorted(titles) == ["end", "start"]
     L = [float(t.get_text()) for t in fig.findobj(Text) if t.get_gid() == "L/value"]
     assert L == pytest.approx([float(abc_jax.loss(p, x)) for p in (p0, p1)], rel=5e-3)
-
-
-def test_reproduce_seed_writes_graph_png_whole(tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-    try:
-        reproduce = importlib.import_module("reproduce_seed")
-    finally:
-        sys.path.pop(0)
-    p0, x = _problem(3, 3, 3)
-    p1 = abc_jax.train(p0, x[None, :], lr=0.01, epochs=3, progress=False).params
-    rec = {"params_start": p0, "params": p1, "x": x}
-    io.save_figure(tmp_path / "graph.png", reproduce.plot_graph(rec, epochs=3, lr=0.01))
-    assert [p.name for p in tmp_path.iterdir()] == ["graph.png"]
-    assert imread(tmp_path / "graph.png").shape[0] > 400
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

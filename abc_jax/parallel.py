@@ -32,6 +32,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from abc_jax import validation
 from abc_jax.model import Batch
 
 DATA_AXIS = "data"
@@ -101,12 +102,10 @@ def _check_mesh(mesh: Any) -> Mesh:
         raise ValueError(f"mesh must have a {DATA_AXIS!r} axis, got axes {mesh.axis_names}")
     axis_type = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))[DATA_AXIS]
     if axis_type != AxisType.Auto:
-        raise ValueError(
-            f"mesh axis {DATA_AXIS!r} must be AxisType.Auto, got {axis_type}: the contraction "
-            "over the sharded N axis has no unique output sharding under Explicit axes. "
-            "Build the mesh with abc_jax.data_mesh() or jax.make_mesh(..., "
-            "axis_types=(AxisType.Auto,))"
-        )
+        raise ValueError(f"mesh axis {DATA_AXIS!r} must be AxisType.Auto, got {axis_type}: the "
+                         "contraction over the sharded N axis has no unique output sharding under "
+                         "Explicit axes. Build the mesh with abc_jax.data_mesh() or "
+                         "jax.make_mesh(..., axis_types=(AxisType.Auto,))")
     return mesh
 
 
@@ -188,14 +187,8 @@ def _gather_counts(local: np.ndarray, problem: Exception | None,
 # --- several processes ------------------------------------------------------
 
 
-def initialize_distributed(
-    coordinator_address: str,
-    num_processes: int,
-    process_id: int,
-    *,
-    heartbeat_timeout: int = 10,
-    initialization_timeout: int = 300,
-) -> None:
+def initialize_distributed(coordinator_address: str, num_processes: int, process_id: int, *,
+                           heartbeat_timeout: int = 10, initialization_timeout: int = 300) -> None:
     """Join a job of ``num_processes`` processes on JAX's distributed runtime.
 
     Calls ``jax.distributed.initialize`` after choosing gloo for collectives
@@ -221,31 +214,22 @@ def initialize_distributed(
 
     Raises:
       ConnectionError: no coordinator answered within initialization_timeout.
-      ValueError: a malformed address or out-of-range number.
+      ValueError, TypeError: a malformed address or a number out of range, named.
     """
     host, port = _split_address(coordinator_address)
-    if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
-        raise ValueError(f"num_processes must be an int >= 1, got {num_processes!r}")
-    if (isinstance(process_id, bool) or not isinstance(process_id, int)
-            or not 0 <= process_id < num_processes):
-        raise ValueError(
-            f"process_id must be an int in [0, {num_processes}), got {process_id!r}"
-        )
-    for name, value in (("heartbeat_timeout", heartbeat_timeout),
-                        ("initialization_timeout", initialization_timeout)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a whole number of seconds >= 1, got {value!r}")
+    validation.check_positive_int(num_processes, "num_processes")
+    if validation.check_int(process_id, "process_id", minimum=0) >= num_processes:
+        raise ValueError(f"process_id must be < num_processes = {num_processes}, got {process_id}")
+    validation.check_positive_int(heartbeat_timeout, "heartbeat_timeout")
+    validation.check_positive_int(initialization_timeout, "initialization_timeout")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     deadline = time.monotonic() + initialization_timeout
     if process_id != 0:
         _wait_for_coordinator(host, port, coordinator_address, deadline, initialization_timeout)
     jax.distributed.initialize(
-        coordinator_address=coordinator_address,
-        num_processes=num_processes,
-        process_id=process_id,
-        initialization_timeout=max(1, math.ceil(deadline - time.monotonic())),
-        heartbeat_timeout_seconds=heartbeat_timeout,
-    )
+        coordinator_address=coordinator_address, num_processes=num_processes,
+        process_id=process_id, heartbeat_timeout_seconds=heartbeat_timeout,
+        initialization_timeout=max(1, math.ceil(deadline - time.monotonic())))
 
 
 def _split_address(address: Any) -> tuple[str, int]:
@@ -258,9 +242,8 @@ def _split_address(address: Any) -> tuple[str, int]:
     return host, int(port)
 
 
-def _wait_for_coordinator(
-    host: str, port: int, address: str, deadline: float, timeout: int
-) -> None:
+def _wait_for_coordinator(host: str, port: int, address: str, deadline: float,
+                          timeout: int) -> None:
     """Return once HOST:PORT accepts a TCP connection; ConnectionError at the deadline."""
     while True:
         try:
@@ -304,10 +287,8 @@ def check_same_on_all_processes(values: dict[str, Any], what: str) -> None:
         if others:
             differ.append(f"{k} (process {', '.join(others)})")
     if differ:
-        raise ValueError(
-            f"{what} must get the same arguments on every process; these differ from process "
-            f"0's: {', '.join(differ)}"
-        )
+        raise ValueError(f"{what} must get the same arguments on every process; these differ "
+                         f"from process 0's: {', '.join(differ)}")
 
 
 def failed_processes(ok: bool) -> list[int]:

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id,
                                             heartbeat_timeout=args.heartbeat_timeout,
                                             initialization_timeout=args.init_timeout)
-        except (ConnectionError, ValueError) as e:
+        except (ConnectionError, ValueError, TypeError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
     try:

@@ -96,11 +96,11 @@ def _strong(tree: Any) -> Any:
 
 
 @jax.jit
-def _data_summary(batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """(rows of non-zero weight, all-finite and weights valid) of a batch, on the devices."""
+def _data_summary(params: Params, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """(rows of non-zero weight, params and X finite and weights valid), on the devices."""
     r = batch.weights
     n = batch.X.shape[0] if r is None else jnp.sum(r > 0)
-    return n, validation.all_finite(batch.X) & validation.weights_ok(r)
+    return n, validation.all_finite((params, batch.X)) & validation.weights_ok(r)
 
 
 def _settings(params: Params, batch: Batch, opt_state: Any, n_rows: int, lr: Any, grad: str,
@@ -252,14 +252,16 @@ def train(params: Params, X: Any, *, lr: float | None = None, epochs: int,
     params = replicate_like(_strong(params), batch.X)
     state = replicate_like(_strong(State(params, optimizer.init(params), params,
                                           np.zeros((), bool))), batch.X)
-    n_rows, ok = (int(v) for v in _data_summary(batch))
+    n_rows, ok = (int(v) for v in _data_summary(params, batch))
     static |= dict(chunk_size=chunk, n_rows=n_rows if batch_size else 0)
     custom = static["update"] is not gd_update
-    settings = _settings(params, batch, state.opt_state, n_rows, lr, grad, batch_size, key,
-                         custom)
-    parallel.check_same_on_all_processes(
-        settings | {"epochs": epochs, "checkpoint": checkpoint_dir is not None}, "train")
-    if not (ok and bool(validation.all_finite(params))):
+    settings = None  # what identifies the run: for a checkpoint, or for several processes
+    if checkpoint_dir is not None or jax.process_count() > 1:
+        settings = _settings(params, batch, state.opt_state, n_rows, lr, grad, batch_size, key,
+                             custom)
+        parallel.check_same_on_all_processes(
+            settings | {"epochs": epochs, "checkpoint": checkpoint_dir is not None}, "train")
+    if not ok:
         validation.explain_nonfinite(params, batch, "X")
     hooks = [functools.partial(_guard, initial=params, batch=batch, lr=lr, custom=custom)]
     start, losses = 0, []

@@ -24,7 +24,7 @@ per-sample outer products, computed as ONE contraction over N::
 
 with the weight put in once, at the top: gw_i = 2 r_i w_i, so every cotangent
 below it carries r_i and a padding row (r_i = 0) contributes exactly nothing.
-Never N outer products followed by a mean (about 17x slower at K = 64,
+Never N outer products followed by a mean (about 20x slower at K = 64,
 N = 4096, and O(N H D) memory). ``batch_grad`` also uses the Gram form of the
 output side where it is cheaper, gZ = 2 (C^T C) Z, gC = 2 C (Z Z^T): it never
 forms W and costs 6 N K^2 multiply-adds against autodiff's 7 (see

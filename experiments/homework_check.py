@@ -1,9 +1,8 @@
 """The homework's printed gradient check, re-read from its numbers; one update simulated.
 
-The homework printed its manual gradients and loss to 16 digits, PyTorch's to four decimals,
-and called them "approximately same". Every sentence here is a pure function of those numbers
-and of the simulated update. No ``main``: ``reproduce_seed.py`` runs it as its part (e).
-"""
+The homework printed its manual gradients and loss to 16 digits, PyTorch's to four decimals, and
+called them "approximately same". Every sentence here is a pure function of those numbers and of
+the simulated update. No ``main``: ``reproduce_seed.py`` runs it as its part (e)."""
 
 from __future__ import annotations
 
@@ -94,18 +93,17 @@ def reread_homework_check(manual: dict[str, Any] = HOMEWORK_MANUAL_GRADS,
     steps = np.asarray(HOMEWORK_LOSSES[1:]) / np.asarray(HOMEWORK_LOSSES[:-1])
     iv = [(loss_torch - HALF_UNIT) / L0, (loss_torch + HALF_UNIT) / L0]
     step_range = [float(steps.min()), float(steps.max())]
-    return {
-        "matrices": mats, "sigmoid_slope_rows": slope.mean(axis=1),
-        "sigmoid_slope_row_spread": float(np.max(np.ptp(slope, axis=1) / slope.mean(axis=1))),
-        "rank_one": all(mm["rank_one"] for mm in mats.values()),
-        "cos_right_AB": float(abs(mats["A"]["right_vector"] @ mats["B"]["right_vector"])),
-        "loss_ratio": loss_torch / L0, "loss_ratio_interval": iv,
-        "listing_step_ratio_median": float(np.median(steps)), "listing_step_ratio_range": step_range,
-        "one_update_later": (_overlap(iv, step_range)
-                             and _overlap(mats["C"]["common_factor"], np.sqrt(iv).tolist())),
-        "n_entries": sum(mm["ratio"].size for mm in mats.values()),
-        "n_beyond_rounding": sum(mm["n_beyond_rounding"] for mm in mats.values()),
-    }
+    return {"matrices": mats, "sigmoid_slope_rows": slope.mean(axis=1),
+            "sigmoid_slope_row_spread": float(np.max(np.ptp(slope, axis=1) / slope.mean(axis=1))),
+            "rank_one": all(mm["rank_one"] for mm in mats.values()),
+            "cos_right_AB": float(abs(mats["A"]["right_vector"] @ mats["B"]["right_vector"])),
+            "loss_ratio": loss_torch / L0, "loss_ratio_interval": iv,
+            "listing_step_ratio_median": float(np.median(steps)),
+            "listing_step_ratio_range": step_range,
+            "one_update_later": (_overlap(iv, step_range)
+                                 and _overlap(mats["C"]["common_factor"], np.sqrt(iv).tolist())),
+            "n_entries": sum(mm["ratio"].size for mm in mats.values()),
+            "n_beyond_rounding": sum(mm["n_beyond_rounding"] for mm in mats.values())}
 
 
 def draw(k: int, seed: int) -> tuple[abc_jax.Params, jax.Array]:
@@ -129,11 +127,9 @@ def lr_for_loss_ratio(params: abc_jax.Params, x: jax.Array, target: float) -> fl
     lowers L that much, then 60 bisections of [0, upper]."""
     if not 0.0 < target < 1.0:
         raise ValueError(f"target must be in (0, 1), got {target}")
-
     def ratio(lr: float) -> float:  # L(p - lr g) / L(p)
         L0, L1, *_ = _one_update(params, x, lr)
         return float(L1 / L0)
-
     g = abc_jax.manual_grad(params, x)
     hi = (1.0 - target) * float(abc_jax.loss(params, x)) / float(sum(jnp.vdot(a, a) for a in g))
     for _ in range(60):
@@ -185,44 +181,42 @@ def findings(hc: dict[str, Any], sim: dict[str, Any], scan: Sequence[dict[str, A
     PyTorch's L against the manual L, one listed update and dL/dC's factor; what one simulated
     update did (``sim``, then over ``scan``'s seeds); last, the answer to 'Is the derivation
     right?' in one sentence."""
-    mats, C, n, iv = hc["matrices"], hc["matrices"]["C"], hc["n_beyond_rounding"], hc[
-        "loss_ratio_interval"]
+    mats, C, n, later = hc["matrices"], hc["matrices"]["C"], hc["n_beyond_rounding"], hc[
+        "one_update_later"]
+    iv, slopes, rank_one = hc["loss_ratio_interval"], hc["sigmoid_slope_rows"], hc["rank_one"]
     sv = max(m["singular_values"][1] / m["singular_values"][0] for m in mats.values())
-    slopes, rank_one, later = hc["sigmoid_slope_rows"], hc["rank_one"], hc["one_update_later"]
     obey = (rank_one and hc["cos_right_AB"] > 1 - 1e-9 and np.all(slopes <= 0.25)
             and hc["sigmoid_slope_row_spread"] < 1e-6)
-    derivation = (
-        f"The manual numbers {'obey' if obey else 'break'} the derivation: sigma_2 / sigma_1 "
-        f"<= {sv:.2g} (rank one: {'yes' if rank_one else 'no'}), dA and dB share x to "
-        f"|cos| = {hc['cos_right_AB']:.12f}, dA / dB per row "
-        + ", ".join(f"{q:.4f}" for q in slopes) + " (u(1 - u) <= 1/4).")
     head = "PyTorch's numbers are the manual ones rounded" if n == 0 else (
         f"PyTorch's numbers are not the manual ones rounded: {n} of {hc['n_entries']} differ ("
         + ", ".join(f"dL/d{k} {m['n_beyond_rounding']}" for k, m in mats.items()) + ")")
     fit = f"one factor, {_span(C['common_factor'])}," if C["common_factor"] else "no one factor"
-    rounding = (f"{head}; dL/dC's ratios are {_span([C['ratio_min'], C['ratio_max']])}: {fit} "
-                "reproduces every printed dL/dC entry.")
-    loss = (f"PyTorch's L is {hc['loss_ratio']:.3f} times the manual one ({_span(iv, '.3f')} "
-            f"given its digits); one listed update: {_span(hc['listing_step_ratio_range'])}."
-            + (" dL/dC's factor is not L's: not a rescaled loss."
-               if C["common_factor"] is not None and not _overlap(C["common_factor"], iv) else "")
-            + (f" dL/dC's factor is within sqrt of L's ({_span(np.sqrt(iv), '.3f')}): as one "
-               "update later (||w|| = sqrt(L) shrinks, z stays)." if later else ""))
     runs = [sim, *scan]
     like, shrink = (sum(r[key] for r in runs) for key in ("homework_like", "all_entries_shrink"))
-    simulation = (
-        f"One simulated update (lr = {sim['lr']:.3g}, L x {sim['loss_ratio']:.4f}) scales dL/dC "
-        f"by {sim['dC_ratio_min']:.4f}-{sim['dC_ratio_max']:.4f} against sqrt "
-        f"{sim['sqrt_loss_ratio']:.4f}: {'' if sim['homework_like'] else 'not '}the printed "
-        f"pattern; over {len(runs)} runs {like} show it and in {shrink} every entry shrinks.")
     diff = (f"differs from PyTorch by more than rounding ({n} of {hc['n_entries']} entries; "
             f"dL/dC {C['ratio_min']:.3f}-{C['ratio_max']:.3f}x, L {hc['loss_ratio']:.3f}x)"
             if n else "agrees with PyTorch to rounding")
-    rank = "rank one as derived" if rank_one else "not rank one, against the derivation"
-    why = ("consistent with PyTorch seeing the parameters one update later (not provable)"
-           if later else "not explained by one update later")
-    return [derivation, rounding, loss, simulation,
-            f"The homework's own check {diff}; its manual numbers are {rank}; {why}."]
+    return [
+        f"The manual numbers {'obey' if obey else 'break'} the derivation: sigma_2 / sigma_1 "
+        f"<= {sv:.2g} (rank one: {'yes' if rank_one else 'no'}), dA and dB share x to "
+        f"|cos| = {hc['cos_right_AB']:.12f}, dA / dB per row "
+        + ", ".join(f"{q:.4f}" for q in slopes) + " (u(1 - u) <= 1/4).",
+        f"{head}; dL/dC's ratios are {_span([C['ratio_min'], C['ratio_max']])}: {fit} "
+        "reproduces every printed dL/dC entry.",
+        f"PyTorch's L is {hc['loss_ratio']:.3f} times the manual one ({_span(iv, '.3f')} given "
+        f"its digits); one listed update: {_span(hc['listing_step_ratio_range'])}."
+        + (" dL/dC's factor is not L's: not a rescaled loss."
+           if C["common_factor"] is not None and not _overlap(C["common_factor"], iv) else "")
+        + (f" dL/dC's factor is within sqrt of L's ({_span(np.sqrt(iv), '.3f')}): as one update "
+           "later (||w|| = sqrt(L) shrinks, z stays)." if later else ""),
+        f"One simulated update (lr = {sim['lr']:.3g}, L x {sim['loss_ratio']:.4f}) scales dL/dC "
+        f"by {sim['dC_ratio_min']:.4f}-{sim['dC_ratio_max']:.4f} against sqrt "
+        f"{sim['sqrt_loss_ratio']:.4f}: {'' if sim['homework_like'] else 'not '}the printed "
+        f"pattern; over {len(runs)} runs {like} show it and in {shrink} every entry shrinks.",
+        f"The homework's own check {diff}; its manual numbers are "
+        + ("rank one as derived" if rank_one else "not rank one, against the derivation") + "; "
+        + ("consistent with PyTorch seeing the parameters one update later (not provable)"
+           if later else "not explained by one update later") + "."]
 
 
 def _tables(hc: dict[str, Any], runs: Sequence[dict[str, Any]]) -> dict[str, tuple]:

@@ -228,16 +228,13 @@ def _tables(hc: dict[str, Any], runs: Sequence[dict[str, Any]]) -> dict[str, tup
         for ij in np.ndindex(m["manual"].shape):
             man, *rest = (c[ij].item() for c in cols)
             entries.append([f"dL/d{n}[{ij[0]},{ij[1]}]", repr(man), *rest])
-    reread = [
-        ["ratio, min", *(f"{m['ratio_min']:.4f}" for m in mats.values())],
-        ["ratio, max", *(f"{m['ratio_max']:.4f}" for m in mats.values())],
-        ["one factor fitting all", *(_span(m["common_factor"]) for m in mats.values())],
-        ["least-squares factor", *(f"{m['fit_factor']:.4f}" for m in mats.values())],
-        ["beyond rounding", *(f"{m['n_beyond_rounding']} of {m['ratio'].size}"
-                              for m in mats.values())],
-        ["manual singular values", *(" ".join(f"{v:.2g}" for v in m["singular_values"])
-                                     for m in mats.values())]]
-    return {"reread": (["PyTorch vs manual", *(f"dL/d{n}" for n in mats)], reread),
+    reread = [[f"{m['ratio_min']:.4f}", f"{m['ratio_max']:.4f}", _span(m["common_factor"]),
+               f"{m['fit_factor']:.4f}", f"{m['n_beyond_rounding']} of {m['ratio'].size}",
+               " ".join(f"{v:.2g}" for v in m["singular_values"])] for m in mats.values()]
+    labels = ["ratio, min", "ratio, max", "one factor fitting all", "least-squares factor",
+              "beyond rounding", "manual singular values"]
+    return {"reread": (["PyTorch vs manual", *(f"dL/d{n}" for n in mats)],
+                       [list(row) for row in zip(labels, *reread, strict=True)]),
             "homework_check": (["entry", "manual", "pytorch", "manual_rounded", "ratio",
                                 "beyond_rounding", "ratio_lo", "ratio_hi"], entries),
             "homework_check_simulated": (

@@ -2,11 +2,9 @@
 
 The homework trained one copy of A, B, C per sample x_i, averaged the N copies, and found the
 average gave no low loss on a new x. ``run_generalization`` compares, on held-out samples at
-log-spaced epochs: the average of ``train_per_sample``'s copies (the homework), batch GD on the
-mean loss (the same rule, all samples at once) and optax.adam on it. Every sentence of
-``conclusion`` is a pure function of the numbers. No ``main``: ``generalization.py`` and
-``reproduce_seed.py`` use it.
-"""
+log-spaced epochs: that average (``train_per_sample``), batch GD on the mean loss (the same rule,
+all samples at once) and optax.adam on it. Every sentence of ``conclusion`` is a pure function
+of the numbers. No ``main``: ``generalization.py`` and ``reproduce_seed.py`` use it."""
 
 from __future__ import annotations
 
@@ -52,17 +50,16 @@ def _row(method: str, e: int, p: abc_jax.Params, Xtr: jax.Array, Xte: jax.Array)
 def run_generalization(k: int, n_train: int, n_test: int, epochs: int, *, lr: float = 0.01,
                        adam_lr: float = 0.01, seed: int = 0,
                        n_checkpoints: int = 24) -> dict[str, Any]:
-    """Train the three ways from one start (float64), each checkpoint afresh; X_train
-    (n_train, k) and X_heldout (n_test, k) standard normal. Returns ``curves`` (a row per method
-    and checkpoint), ``train_losses`` (method -> per-epoch objective; for the copies the mean
-    over i of copy i's loss on x_i), ``final`` (method -> last row), ``initial``, ``diverged``,
-    ``own_sample_loss``, ``single_copy_heldout`` (mean, median: the copies on their own x_i and
-    held out) and ``one_epoch_gap`` (max |average - batch GD| after one epoch, ~0: the mean of N
-    single steps is one step on the mean loss)."""
+    """Train the three ways from one start (float64; X_train (n_train, k), X_heldout (n_test, k)
+    standard normal), each checkpoint afresh. Returns ``curves`` (a row per method and
+    checkpoint), ``train_losses`` (method -> per-epoch objective; for the copies the mean of copy
+    i's loss on x_i), ``final`` (method -> last row), ``initial``, ``diverged``,
+    ``own_sample_loss``, ``single_copy_heldout`` (mean, median: the copies held out) and
+    ``one_epoch_gap`` (max |average - batch GD| after one epoch)."""
     kp, ktr, kte = jax.random.split(jax.random.key(seed), 3)
     params0 = abc_jax.init_params(kp, k, dtype=jnp.float64)
-    Xtr, Xte = (jax.random.normal(kk, (n, k), jnp.float64) for kk, n in ((ktr, n_train),
-                                                                       (kte, n_test)))
+    Xtr, Xte = (jax.random.normal(kk, (n, k), jnp.float64) for kk, n in [(ktr, n_train),
+                                                                       (kte, n_test)])
     initial = _row("initial", 0, params0, Xtr, Xte)
     trainers = {
         "average": lambda e: train_per_sample(params0, Xtr, lr=lr, epochs=e, progress=False),
@@ -86,8 +83,8 @@ def run_generalization(k: int, n_train: int, n_test: int, epochs: int, *, lr: fl
             if m == "average":
                 held = jax.vmap(abc_jax.batch_loss, in_axes=(0, None))(res.params, Xte)
                 train_losses[m] = train_losses[m].mean(axis=0)
-                out |= {"own_sample_loss": float(jnp.mean(jax.vmap(abc_jax.loss)(res.params,
-                                                                                  Xtr))),
+                own = jax.vmap(abc_jax.loss)(res.params, Xtr)
+                out |= {"own_sample_loss": float(jnp.mean(own)),
                         "single_copy_heldout": float(jnp.mean(held)),
                         "single_copy_heldout_median": float(jnp.median(held))}
     out |= {"config": dict(k=k, n_train=n_train, n_test=n_test, epochs=epochs, lr=lr,
@@ -127,26 +124,10 @@ def average_sentence(avg: float, gd: float, start: float) -> str:
             f"GD on the mean loss {gd:.4g}: the average has {vs_gd} batch GD.")
 
 
-def one_epoch_sentence(gap: float) -> str:
-    """After one epoch the average and batch GD coincide (mean of N steps = one mean step)."""
-    if gap <= SAME_POINT:
-        return (f"After one epoch the two are the same point (max difference {gap:.1e}): "
-                "the mean of N single steps is one step on the mean loss.")
-    return f"After one epoch the two already differ by {gap:.1e}."
-
-
-def norm_sentence(c0: float, c: float, measured: float, label: str) -> str:
-    """How much of the loss reduction (factor ``measured``) is ||C|| shrinking (c0 -> c)."""
-    scale_only = (c / c0) ** 2  # the loss factor if C had only been scaled
-    mostly = 0 < measured < 1 and scale_only < 1 and np.log(scale_only) / np.log(measured) > 0.5
-    return (f"The lowest held-out loss ({label}) has ||C|| = {c:.3g} (start {c0:.3g}); scaling "
-            f"C alone would multiply the loss by {scale_only:.2g}, against {measured:.2g}: "
-            + ("most of it is C shrinking towards the trivial minimiser C = 0." if mostly else
-               "most of it is not C shrinking but z(x) mapped towards C's null space."))
-
-
 def conclusion(res: dict[str, Any]) -> list[str]:
-    """The sentences above, for one ``run_generalization`` result."""
+    """The sentences above, for one ``run_generalization`` result; then whether the average and
+    batch GD coincide after one epoch (the mean of N single steps is one step on the mean loss),
+    and how much of the lowest held-out loss's fall is ||C|| shrinking (c0 -> c)."""
     init, fin = res["initial"], res["final"]
     lines = [f"{LABELS[m]} diverged: {err.splitlines()[0]}" for m, err in res["diverged"].items()]
     if "average" in fin and "batch_gd" in fin:
@@ -154,12 +135,22 @@ def conclusion(res: dict[str, Any]) -> list[str]:
                                       fin["batch_gd"]["heldout_loss"], init["heldout_loss"]))
     if "own_sample_loss" in res:
         lines.append(carry_over_sentence(res["own_sample_loss"], res["single_copy_heldout"]))
-    if "one_epoch_gap" in res:
-        lines.append(one_epoch_sentence(res["one_epoch_gap"]))
+    if (gap := res.get("one_epoch_gap")) is not None:
+        lines.append(f"After one epoch the two are the same point (max difference {gap:.1e}): "
+                     "the mean of N single steps is one step on the mean loss." if gap <= SAME_POINT
+                     else f"After one epoch the two already differ by {gap:.1e}.")
     if fin:
         best = fin[min(fin, key=lambda m: fin[m]["heldout_loss"])]
-        lines.append(norm_sentence(init["norm_C"], best["norm_C"], best["heldout_loss"]
-                                   / init["heldout_loss"], LABELS[best["method"]]))
+        c0, c = init["norm_C"], best["norm_C"]
+        measured = best["heldout_loss"] / init["heldout_loss"]
+        scale_only = (c / c0) ** 2  # the loss factor if C had only been scaled
+        mostly = 0 < measured < 1 and scale_only < 1 and np.log(scale_only) / np.log(measured) > 0.5
+        lines.append(
+            f"The lowest held-out loss ({LABELS[best['method']]}) has ||C|| = {c:.3g} (start "
+            f"{c0:.3g}); scaling C alone would multiply the loss by {scale_only:.2g}, against "
+            f"{measured:.2g}: " + ("most of it is C shrinking towards the trivial minimiser C = 0."
+                                   if mostly else "most of it is not C shrinking but z(x) mapped "
+                                   "towards C's null space."))
     return lines
 
 
@@ -191,16 +182,15 @@ def plot(res: dict[str, Any]) -> Any:
                 ax.plot([r["epoch"] for r in pts], [r[key] for r in pts], "o-", ms=3,
                         color=colors[m], label="average of copies, training set"
                         if key == "train_loss" else LABELS[m])
-    lines = [(1, res["initial"]["heldout_loss"], "gray", "--", "start"),
-             (2, res["initial"]["norm_C"], "gray", "--", "start")]
+    axes[1].axhline(res["initial"]["heldout_loss"], color="gray", ls="--", lw=1, label="start")
+    axes[2].axhline(res["initial"]["norm_C"], color="gray", ls="--", lw=1, label="start")
     if "single_copy_heldout" in res:
-        lines.append((1, res["single_copy_heldout"], "C3", ":", "single copies at the end (mean)"))
-    for i, y, color, ls, label in lines:
-        axes[i].axhline(y, color=color, ls=ls, lw=1, label=label)
-    for ax, ylabel, title in zip(axes, ("training loss [mean ||w||², log]",
-                                        "held-out loss [mean ||w||², log]", "||C||_F"),
-                                 ("Training objective", f"Held-out samples (N = {c['n_test']})",
-                                  "Norm of C (C = 0 is a trivial minimiser)"), strict=True):
+        axes[1].axhline(res["single_copy_heldout"], color="C3", ls=":", lw=1,
+                        label="single copies at the end (mean)")
+    for ax, ylabel, title in [
+            (axes[0], "training loss [mean ||w||², log]", "Training objective"),
+            (axes[1], "held-out loss [mean ||w||², log]", f"Held-out samples (N = {c['n_test']})"),
+            (axes[2], "||C||_F", "Norm of C (C = 0 is a trivial minimiser)")]:
         ax.set(xscale="log", yscale="linear" if ax is axes[2] else "log",
                xlabel="epoch (updates done, log)", ylabel=ylabel)
         ax.set_title(title, fontsize=10)
@@ -217,8 +207,7 @@ def metrics(res: dict[str, Any]) -> dict[str, Any]:
            **{key: {m: fin[m][key] for m in fin} for key in keys},
            "singular_values_C": {"initial": init["singular_values_C"],
                                  **{m: fin[m]["singular_values_C"] for m in fin}},
-           "heldout_reduction": {m: 1 - fin[m]["heldout_loss"] / init["heldout_loss"]
-                                 for m in fin},
+           "heldout_reduction": {m: 1 - fin[m]["heldout_loss"] / init["heldout_loss"] for m in fin},
            "diverged": res["diverged"]}
     if "average" in fin:
         out["average_better_than_start"] = fin["average"]["heldout_loss"] < init["heldout_loss"]

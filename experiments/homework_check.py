@@ -1,9 +1,8 @@
 """The homework's printed gradient check, re-read from its numbers; one update simulated.
 
-The homework printed its manual gradients and loss to 16 digits, PyTorch's to four decimals,
-and called them "approximately same". Every sentence here is a pure function of those numbers
-and of the simulated update. No ``main``: ``reproduce_seed.py`` runs it as its part (e).
-"""
+The homework printed its manual gradients and loss to 16 digits, PyTorch's to four decimals, and
+called them "approximately same". Every sentence here is a pure function of those numbers and of
+the simulated update. No ``main``: ``reproduce_seed.py`` runs it as its part (e)."""
 
 from __future__ import annotations
 
@@ -17,39 +16,35 @@ import numpy as np
 
 import abc_jax
 
-# The homework's first listing (its own random x, A, B, C and learning rate).
-HOMEWORK_LOSSES = (
-    0.6405446478366267, 0.6227243743152856, 0.6054711582958173, 0.5887633523891213,
-    0.5725803169288799, 0.556902363816204, 0.5417107039990863, 0.5269873983199291,
-    0.5127153114862452, 0.4988780689394727, 0.485460016414952, 0.47244618200257604,
-    0.45982224053267584, 0.4475744801254248, 0.43568977075459725, 0.42415553468797806,
-    0.4129597186772421, 0.40209076777970915, 0.3915376007032291, 0.38128958657351764,
-    0.3713365230306946, 0.3616686155686011, 0.3522764580367418, 0.3431510142304625,
-    0.3342836005002956, 0.32566586931628994, 0.3172897937276602, 0.30914765266224875,
-    0.3012320170141361, 0.2935357364712854, 0.2860519270383867, 0.2787739592130982,
-    0.2716954467766908,
-)
+# The homework's first listing (its own random x, A, B, C and learning rate), as printed.
+HOMEWORK_LOSSES = tuple(float(v) for v in """
+0.6405446478366267 0.6227243743152856 0.6054711582958173 0.5887633523891213 0.5725803169288799
+0.556902363816204 0.5417107039990863 0.5269873983199291 0.5127153114862452 0.4988780689394727
+0.485460016414952 0.47244618200257604 0.45982224053267584 0.4475744801254248 0.43568977075459725
+0.42415553468797806 0.4129597186772421 0.40209076777970915 0.3915376007032291 0.38128958657351764
+0.3713365230306946 0.3616686155686011 0.3522764580367418 0.3431510142304625 0.3342836005002956
+0.32566586931628994 0.3172897937276602 0.30914765266224875 0.3012320170141361 0.2935357364712854
+0.2860519270383867 0.2787739592130982 0.2716954467766908""".split())
 
-# Its gradient check as printed after that listing, copied exactly: manual gradients and loss in
-# full precision, PyTorch's ("Gradient calculated using autograd") to the four decimals printed.
+# Its gradient check as printed after that listing, copied exactly, one line per matrix row: the
+# manual gradient in full precision, then PyTorch's ("Gradient calculated using autograd") to the
+# four decimals printed.
+_PRINTED = [line.split() for line in """
+A -0.0006713625025565516 0.0013139067848766854 0.0018388094918960131   -0.0007 0.0013 0.0018
+A 0.0004449456167331362 -0.0008707919529324088 -0.0012186713143954573  0.0004 -0.0009 -0.0012
+A -0.0003845423355149779 0.0007525781999760953 0.0010532314418636164   -0.0004 0.0007 0.0010
+B -0.002701376393878583 0.005286796267153462 0.007398859089288121      -0.0027 0.0052 0.0073
+B 0.0017815141111817124 -0.003486556769437744 -0.004879428096018339    0.0018 -0.0035 -0.0048
+B -0.0015383229336941792 0.0030106133902554895 0.004213346442952265    -0.0015 0.0030 0.0041
+C -0.014336205554305061 -0.02904568811238444 -0.034179410889230925     -0.0142 -0.0287 -0.0338
+C 0.027282602131008832 0.055275571307192434 0.0650453328786807         0.0270 0.0546 0.0643
+C 0.009420241315296222 0.019085760883592165 0.0224591017038348         0.0093 0.0189 0.0222
+""".strip().splitlines()]
+HOMEWORK_MANUAL_GRADS, HOMEWORK_TORCH_GRADS = (
+    {n: tuple(tuple(float(v) for v in row[cols]) for row in _PRINTED if row[0] == n) for n in "ABC"}
+    for cols in (slice(1, 4), slice(4, 7)))
 HOMEWORK_MANUAL_LOSS = 0.0048365386124306535
-HOMEWORK_MANUAL_GRADS = {
-    "A": ((-0.0006713625025565516, 0.0013139067848766854, 0.0018388094918960131),
-          (0.0004449456167331362, -0.0008707919529324088, -0.0012186713143954573),
-          (-0.0003845423355149779, 0.0007525781999760953, 0.0010532314418636164)),
-    "B": ((-0.002701376393878583, 0.005286796267153462, 0.007398859089288121),
-          (0.0017815141111817124, -0.003486556769437744, -0.004879428096018339),
-          (-0.0015383229336941792, 0.0030106133902554895, 0.004213346442952265)),
-    "C": ((-0.014336205554305061, -0.02904568811238444, -0.034179410889230925),
-          (0.027282602131008832, 0.055275571307192434, 0.0650453328786807),
-          (0.009420241315296222, 0.019085760883592165, 0.0224591017038348)),
-}
 HOMEWORK_TORCH_LOSS = 0.0047  # "Autograd L = tensor(0.0047, grad_fn=<PowBackward0>)"
-HOMEWORK_TORCH_GRADS = {
-    "A": ((-0.0007, 0.0013, 0.0018), (0.0004, -0.0009, -0.0012), (-0.0004, 0.0007, 0.0010)),
-    "B": ((-0.0027, 0.0052, 0.0073), (0.0018, -0.0035, -0.0048), (-0.0015, 0.0030, 0.0041)),
-    "C": ((-0.0142, -0.0287, -0.0338), (0.0270, 0.0546, 0.0643), (0.0093, 0.0189, 0.0222)),
-}
 TORCH_DECIMALS = 4
 HALF_UNIT = 0.5 * 10.0**-TORCH_DECIMALS  # a 4-decimal print is within this of the value
 RANK_TOL = 1e-6  # sigma_2 / sigma_1 below this counts as rank one (4 decimals resolve ~1e-3)
@@ -71,13 +66,18 @@ def factor_interval(manual: Any, torch: Any) -> list[float] | None:
     return [float(lo.max()), float(hi.min())] if lo.max() <= hi.min() else None
 
 
+def _overlap(a: Sequence[float] | None, b: Sequence[float]) -> bool:
+    return a is not None and a[0] <= b[1] and b[0] <= a[1]
+
+
 def reread_homework_check(manual: dict[str, Any] = HOMEWORK_MANUAL_GRADS,
                           torch: dict[str, Any] = HOMEWORK_TORCH_GRADS,
                           loss_torch: float = HOMEWORK_TORCH_LOSS) -> dict[str, Any]:
     """Per matrix: PyTorch / manual per entry, the entries beyond rounding, one factor fitting
     all, the manual singular values (a one-sample gradient is rank one; dA = gy x^T and
     dB = gz x^T share x; dA = diag(u (1 - u)) dB). The loss: PyTorch / manual against the
-    listing's per-update ratio L[t+1] / L[t]."""
+    listing's per-update ratio L[t+1] / L[t]; ``one_update_later``: can that ratio be one listed
+    update, and dL/dC's factor its square root?"""
     mats = {}
     for n in abc_jax.Params._fields:
         m, t = np.asarray(manual[n], np.float64), np.asarray(torch[n], np.float64)
@@ -91,18 +91,19 @@ def reread_homework_check(manual: dict[str, Any] = HOMEWORK_MANUAL_GRADS,
                    "rank_one": bool(s[1] <= RANK_TOL * s[0]), "right_vector": vt[0]}
     slope, L0 = mats["A"]["manual"] / mats["B"]["manual"], HOMEWORK_MANUAL_LOSS
     steps = np.asarray(HOMEWORK_LOSSES[1:]) / np.asarray(HOMEWORK_LOSSES[:-1])
-    return {
-        "matrices": mats, "sigmoid_slope_rows": slope.mean(axis=1),
-        "sigmoid_slope_row_spread": float(np.max(np.ptp(slope, axis=1) / slope.mean(axis=1))),
-        "rank_one": all(mm["rank_one"] for mm in mats.values()),
-        "cos_right_AB": float(abs(mats["A"]["right_vector"] @ mats["B"]["right_vector"])),
-        "loss_ratio": loss_torch / L0,
-        "loss_ratio_interval": [(loss_torch - HALF_UNIT) / L0, (loss_torch + HALF_UNIT) / L0],
-        "listing_step_ratio_median": float(np.median(steps)),
-        "listing_step_ratio_range": [float(steps.min()), float(steps.max())],
-        "n_entries": sum(mm["ratio"].size for mm in mats.values()),
-        "n_beyond_rounding": sum(mm["n_beyond_rounding"] for mm in mats.values()),
-    }
+    iv = [(loss_torch - HALF_UNIT) / L0, (loss_torch + HALF_UNIT) / L0]
+    step_range = [float(steps.min()), float(steps.max())]
+    return {"matrices": mats, "sigmoid_slope_rows": slope.mean(axis=1),
+            "sigmoid_slope_row_spread": float(np.max(np.ptp(slope, axis=1) / slope.mean(axis=1))),
+            "rank_one": all(mm["rank_one"] for mm in mats.values()),
+            "cos_right_AB": float(abs(mats["A"]["right_vector"] @ mats["B"]["right_vector"])),
+            "loss_ratio": loss_torch / L0, "loss_ratio_interval": iv,
+            "listing_step_ratio_median": float(np.median(steps)),
+            "listing_step_ratio_range": step_range,
+            "one_update_later": (_overlap(iv, step_range)
+                                 and _overlap(mats["C"]["common_factor"], np.sqrt(iv).tolist())),
+            "n_entries": sum(mm["ratio"].size for mm in mats.values()),
+            "n_beyond_rounding": sum(mm["n_beyond_rounding"] for mm in mats.values())}
 
 
 def draw(k: int, seed: int) -> tuple[abc_jax.Params, jax.Array]:
@@ -126,11 +127,9 @@ def lr_for_loss_ratio(params: abc_jax.Params, x: jax.Array, target: float) -> fl
     lowers L that much, then 60 bisections of [0, upper]."""
     if not 0.0 < target < 1.0:
         raise ValueError(f"target must be in (0, 1), got {target}")
-
     def ratio(lr: float) -> float:  # L(p - lr g) / L(p)
         L0, L1, *_ = _one_update(params, x, lr)
         return float(L1 / L0)
-
     g = abc_jax.manual_grad(params, x)
     hi = (1.0 - target) * float(abc_jax.loss(params, x)) / float(sum(jnp.vdot(a, a) for a in g))
     for _ in range(60):
@@ -149,24 +148,20 @@ def lr_for_loss_ratio(params: abc_jax.Params, x: jax.Array, target: float) -> fl
 def simulate_one_update_later(params: abc_jax.Params, x: jax.Array,
                               target: float) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """One update with lr set so that L falls by ``target``: (summary, g_{t+1} / g_t per matrix).
-
-    Summary: lr, the loss ratio, its square root (the factor of ||w||, hence of dC = 2 w z^T if
-    z stood still), the factor of ||z||, each matrix's ratios' min/max/median, and
-    ``homework_like``: every dC ratio within SIGNATURE_BAND of that root, as printed.
-    """
+    Summary: lr, the loss ratio, its square root (the factor of ||w||, hence of dC = 2 w z^T if z
+    stood still), the factor of ||z||, each matrix's ratios' min/max/median, and
+    ``homework_like``: every dC ratio within SIGNATURE_BAND of that root, as printed."""
     L0, L1, g0, g1, z0, z1 = _one_update(params, x, lr := lr_for_loss_ratio(params, x, target))
     ratios = {n: np.asarray(b) / np.asarray(a)
               for n, a, b in zip(abc_jax.Params._fields, g0, g1, strict=True)}
     sqrt = np.sqrt(L1 / L0)
-    return {
-        "lr": lr, "loss": float(L0), "loss_next": float(L1), "loss_ratio": float(L1 / L0),
-        "sqrt_loss_ratio": float(sqrt),
-        "homework_like": bool(np.abs(ratios["C"] - sqrt).max() <= SIGNATURE_BAND),
-        "z_norm_ratio": float(jnp.linalg.norm(z1) / jnp.linalg.norm(z0)),
-        "all_entries_shrink": bool(all(np.all((r > 0) & (r < 1)) for r in ratios.values())),
-        **{f"d{n}_ratio_{f.__name__}": float(f(r)) for n, r in ratios.items()
-           for f in (np.min, np.max, np.median)},
-    }, ratios
+    return {"lr": lr, "loss": float(L0), "loss_next": float(L1), "loss_ratio": float(L1 / L0),
+            "sqrt_loss_ratio": float(sqrt),
+            "homework_like": bool(np.abs(ratios["C"] - sqrt).max() <= SIGNATURE_BAND),
+            "z_norm_ratio": float(jnp.linalg.norm(z1) / jnp.linalg.norm(z0)),
+            "all_entries_shrink": bool(all(np.all((r > 0) & (r < 1)) for r in ratios.values())),
+            **{f"d{n}_ratio_{f.__name__}": float(f(r)) for n, r in ratios.items()
+               for f in (np.min, np.max, np.median)}}, ratios
 
 
 def seed_scan(k: int, epochs: int, lr: float, seeds: Sequence[int],
@@ -180,77 +175,54 @@ def seed_scan(k: int, epochs: int, lr: float, seeds: Sequence[int],
     return rows
 
 
-def _overlap(a: Sequence[float] | None, b: Sequence[float]) -> bool:
-    return a is not None and a[0] <= b[1] and b[0] <= a[1]
-
-
-def one_update_later(hc: dict[str, Any]) -> bool:
-    """Can PyTorch's L / manual L be one listed update, and dL/dC's factor its square root?"""
-    iv = hc["loss_ratio_interval"]
-    return (_overlap(iv, hc["listing_step_ratio_range"])
-            and _overlap(hc["matrices"]["C"]["common_factor"], np.sqrt(iv).tolist()))
-
-
-def derivation_sentence(hc: dict[str, Any]) -> str:
-    """Do the manual numbers have the structure the derivation gives a one-sample gradient?"""
-    sv = max(m["singular_values"][1] / m["singular_values"][0] for m in hc["matrices"].values())
-    slopes = hc["sigmoid_slope_rows"]
-    ok = (hc["rank_one"] and hc["cos_right_AB"] > 1 - 1e-9 and np.all(slopes <= 0.25)
-          and hc["sigmoid_slope_row_spread"] < 1e-6)
-    return (f"The manual numbers {'obey' if ok else 'break'} the derivation: sigma_2 / sigma_1 "
-            f"<= {sv:.2g} (rank one: {'yes' if hc['rank_one'] else 'no'}), dA and dB share x to "
-            f"|cos| = {hc['cos_right_AB']:.12f}, dA / dB per row "
-            + ", ".join(f"{q:.4f}" for q in slopes) + " (u(1 - u) <= 1/4).")
-
-
-def rounding_sentence(hc: dict[str, Any]) -> str:
-    """Are PyTorch's printed numbers the manual ones rounded to four decimals?"""
-    n, C, mats = hc["n_beyond_rounding"], hc["matrices"]["C"], hc["matrices"].items()
+def findings(hc: dict[str, Any], sim: dict[str, Any], scan: Sequence[dict[str, Any]]) -> list[str]:
+    """The re-read ``hc`` in sentences: do the manual numbers have the structure the derivation
+    gives a one-sample gradient; are PyTorch's numbers the manual ones rounded to 4 decimals;
+    PyTorch's L against the manual L, one listed update and dL/dC's factor; what one simulated
+    update did (``sim``, then over ``scan``'s seeds); last, the answer to 'Is the derivation
+    right?' in one sentence."""
+    mats, C, n, later = hc["matrices"], hc["matrices"]["C"], hc["n_beyond_rounding"], hc[
+        "one_update_later"]
+    iv, slopes, rank_one = hc["loss_ratio_interval"], hc["sigmoid_slope_rows"], hc["rank_one"]
+    sv = max(m["singular_values"][1] / m["singular_values"][0] for m in mats.values())
+    obey = (rank_one and hc["cos_right_AB"] > 1 - 1e-9 and np.all(slopes <= 0.25)
+            and hc["sigmoid_slope_row_spread"] < 1e-6)
     head = "PyTorch's numbers are the manual ones rounded" if n == 0 else (
         f"PyTorch's numbers are not the manual ones rounded: {n} of {hc['n_entries']} differ ("
-        + ", ".join(f"dL/d{k} {m['n_beyond_rounding']}" for k, m in mats) + ")")
+        + ", ".join(f"dL/d{k} {m['n_beyond_rounding']}" for k, m in mats.items()) + ")")
     fit = f"one factor, {_span(C['common_factor'])}," if C["common_factor"] else "no one factor"
-    return (f"{head}; dL/dC's ratios are {_span([C['ratio_min'], C['ratio_max']])}: {fit} "
-            "reproduces every printed dL/dC entry.")
-
-
-def loss_sentence(hc: dict[str, Any]) -> str:
-    """PyTorch's L against the manual L, the listing's step, and dL/dC's factor."""
-    iv, rc = hc["loss_ratio_interval"], hc["matrices"]["C"]["common_factor"]
-    return (f"PyTorch's L is {hc['loss_ratio']:.3f} times the manual one ({_span(iv, '.3f')} "
-            f"given its digits); one listed update: {_span(hc['listing_step_ratio_range'])}."
-            + (" dL/dC's factor is not L's: not a rescaled loss."
-               if rc is not None and not _overlap(rc, iv) else "")
-            + (f" dL/dC's factor is within sqrt of L's ({_span(np.sqrt(iv), '.3f')}): as one "
-               "update later (||w|| = sqrt(L) shrinks, z stays)." if one_update_later(hc) else ""))
-
-
-def simulation_sentence(sim: dict[str, Any], scan: Sequence[dict[str, Any]]) -> str:
-    """What one simulated update did here, and over the scanned seeds."""
     runs = [sim, *scan]
     like, shrink = (sum(r[key] for r in runs) for key in ("homework_like", "all_entries_shrink"))
-    return (f"One simulated update (lr = {sim['lr']:.3g}, L x {sim['loss_ratio']:.4f}) scales "
-            f"dL/dC by {sim['dC_ratio_min']:.4f}-{sim['dC_ratio_max']:.4f} against sqrt "
-            f"{sim['sqrt_loss_ratio']:.4f}: {'' if sim['homework_like'] else 'not '}the printed "
-            f"pattern; over {len(runs)} runs {like} show it and in {shrink} every entry shrinks.")
-
-
-def homework_check_sentence(hc: dict[str, Any]) -> str:
-    """One sentence for the answer 'Is the derivation right?'."""
-    C, n = hc["matrices"]["C"], hc["n_beyond_rounding"]
     diff = (f"differs from PyTorch by more than rounding ({n} of {hc['n_entries']} entries; "
             f"dL/dC {C['ratio_min']:.3f}-{C['ratio_max']:.3f}x, L {hc['loss_ratio']:.3f}x)"
             if n else "agrees with PyTorch to rounding")
-    rank = "rank one as derived" if hc["rank_one"] else "not rank one, against the derivation"
-    later = ("consistent with PyTorch seeing the parameters one update later (not provable)"
-             if one_update_later(hc) else "not explained by one update later")
-    return f"The homework's own check {diff}; its manual numbers are {rank}; {later}."
+    return [
+        f"The manual numbers {'obey' if obey else 'break'} the derivation: sigma_2 / sigma_1 "
+        f"<= {sv:.2g} (rank one: {'yes' if rank_one else 'no'}), dA and dB share x to "
+        f"|cos| = {hc['cos_right_AB']:.12f}, dA / dB per row "
+        + ", ".join(f"{q:.4f}" for q in slopes) + " (u(1 - u) <= 1/4).",
+        f"{head}; dL/dC's ratios are {_span([C['ratio_min'], C['ratio_max']])}: {fit} "
+        "reproduces every printed dL/dC entry.",
+        f"PyTorch's L is {hc['loss_ratio']:.3f} times the manual one ({_span(iv, '.3f')} given "
+        f"its digits); one listed update: {_span(hc['listing_step_ratio_range'])}."
+        + (" dL/dC's factor is not L's: not a rescaled loss."
+           if C["common_factor"] is not None and not _overlap(C["common_factor"], iv) else "")
+        + (f" dL/dC's factor is within sqrt of L's ({_span(np.sqrt(iv), '.3f')}): as one update "
+           "later (||w|| = sqrt(L) shrinks, z stays)." if later else ""),
+        f"One simulated update (lr = {sim['lr']:.3g}, L x {sim['loss_ratio']:.4f}) scales dL/dC "
+        f"by {sim['dC_ratio_min']:.4f}-{sim['dC_ratio_max']:.4f} against sqrt "
+        f"{sim['sqrt_loss_ratio']:.4f}: {'' if sim['homework_like'] else 'not '}the printed "
+        f"pattern; over {len(runs)} runs {like} show it and in {shrink} every entry shrinks.",
+        f"The homework's own check {diff}; its manual numbers are "
+        + ("rank one as derived" if rank_one else "not rank one, against the derivation") + "; "
+        + ("consistent with PyTorch seeing the parameters one update later (not provable)"
+           if later else "not explained by one update later") + "."]
 
 
 def _tables(hc: dict[str, Any], runs: Sequence[dict[str, Any]]) -> dict[str, tuple]:
     """The re-read (printed only), every printed entry, and the simulated updates."""
-    yes, entries = {True: "yes", False: "no"}, []
-    for n, m in hc["matrices"].items():
+    yes, mats, entries = {True: "yes", False: "no"}, hc["matrices"], []
+    for n, m in mats.items():
         cols = (m["manual"], m["torch"], np.round(m["manual"], TORCH_DECIMALS), m["ratio"],
                 m["beyond_rounding"], *m["bounds"])
         for ij in np.ndindex(m["manual"].shape):
@@ -258,31 +230,28 @@ def _tables(hc: dict[str, Any], runs: Sequence[dict[str, Any]]) -> dict[str, tup
             entries.append([f"dL/d{n}[{ij[0]},{ij[1]}]", repr(man), *rest])
     reread = [[f"{m['ratio_min']:.4f}", f"{m['ratio_max']:.4f}", _span(m["common_factor"]),
                f"{m['fit_factor']:.4f}", f"{m['n_beyond_rounding']} of {m['ratio'].size}",
-               " ".join(f"{v:.2g}" for v in m["singular_values"])] for m in hc["matrices"].values()]
+               " ".join(f"{v:.2g}" for v in m["singular_values"])] for m in mats.values()]
     labels = ["ratio, min", "ratio, max", "one factor fitting all", "least-squares factor",
               "beyond rounding", "manual singular values"]
-    return {
-        "reread": (["PyTorch vs manual", *(f"dL/d{n}" for n in hc["matrices"])],
-                   [list(row) for row in zip(labels, *reread, strict=True)]),
-        "homework_check": (["entry", "manual", "pytorch", "manual_rounded", "ratio",
-                            "beyond_rounding", "ratio_lo", "ratio_hi"], entries),
-        "homework_check_simulated": (
-            ["seed", "L_t", "lr", "L ratio", "sqrt", "||z|| ratio", "dA ratios", "dB ratios",
-             "dC ratios", "all shrink", "like the homework"],
-            [[r["seed"], f"{r['loss']:.3g}", f"{r['lr']:.3g}", f"{r['loss_ratio']:.4f}",
-              f"{r['sqrt_loss_ratio']:.4f}", f"{r['z_norm_ratio']:.4f}",
-              *(_span([r[f"d{n}_ratio_min"], r[f"d{n}_ratio_max"]]) for n in "ABC"),
-              yes[r["all_entries_shrink"]], yes[r["homework_like"]]] for r in runs]),
-    }
+    return {"reread": (["PyTorch vs manual", *(f"dL/d{n}" for n in mats)],
+                       [list(row) for row in zip(labels, *reread, strict=True)]),
+            "homework_check": (["entry", "manual", "pytorch", "manual_rounded", "ratio",
+                                "beyond_rounding", "ratio_lo", "ratio_hi"], entries),
+            "homework_check_simulated": (
+                ["seed", "L_t", "lr", "L ratio", "sqrt", "||z|| ratio", "dA ratios", "dB ratios",
+                 "dC ratios", "all shrink", "like the homework"],
+                [[r["seed"], f"{r['loss']:.3g}", f"{r['lr']:.3g}", f"{r['loss_ratio']:.4f}",
+                  f"{r['sqrt_loss_ratio']:.4f}", f"{r['z_norm_ratio']:.4f}",
+                  *(_span([r[f"d{n}_ratio_min"], r[f"d{n}_ratio_max"]]) for n in "ABC"),
+                  yes[r["all_entries_shrink"]], yes[r["homework_like"]]] for r in runs])}
 
 
 def plot(hc: dict[str, Any], sim: dict[str, Any]) -> Any:
     """PyTorch / manual per entry (bars: 4-decimal rounding) against |manual|; lines at 1, dL/dC's
     one factor and sqrt of the listing's median update; band: the simulated dL/dC ratios."""
     fig, ax = _common.figure(width=7.0, height=4.8)
-    C = hc["matrices"]["C"]
+    C, r_w = hc["matrices"]["C"], float(np.sqrt(hc["listing_step_ratio_median"]))
     r_obs = float(np.mean(C["common_factor"] or [C["fit_factor"]]))
-    r_w = float(np.sqrt(hc["listing_step_ratio_median"]))
     for (name, m), mk in zip(hc["matrices"].items(), "os^", strict=True):
         r, lo, hi = np.ravel(m["ratio"]), *(np.ravel(b) for b in m["bounds"])
         ax.errorbar(np.abs(np.ravel(m["manual"])), r, yerr=[r - lo, hi - r], fmt=mk, ms=6,
@@ -308,20 +277,19 @@ def run(params: abc_jax.Params, x: jax.Array, *, k: int, epochs: int, lr: float,
     hc = reread_homework_check()
     sim, _ = simulate_one_update_later(params, x, hc["listing_step_ratio_median"])
     scan = seed_scan(k, epochs, lr, seeds, hc["listing_step_ratio_median"])
-    findings = [derivation_sentence(hc), rounding_sentence(hc), loss_sentence(hc),
-                simulation_sentence(sim, scan)]
+    *found, sentence = findings(hc, sim, scan)
     tables = _tables(hc, [{"seed": "this run", **sim}, *scan])
     _common.print_table(*tables.pop("reread"))
     print()
     _common.print_table(*tables["homework_check_simulated"])
-    print("\n" + "\n".join(findings))
+    print("\n" + "\n".join(found))
     C = hc["matrices"]["C"]
     metrics = {"autograd_over_manual_dC": [C["ratio_min"], C["ratio_max"]],
                "dC_common_factor": C["common_factor"], "loss_ratio_printed": hc["loss_ratio"],
                **{key: hc[key] for key in ("loss_ratio_interval", "listing_step_ratio_range",
                                            "n_beyond_rounding")},
-               "manual_rank_one": hc["rank_one"], "one_update_later": one_update_later(hc),
+               "manual_rank_one": hc["rank_one"], "one_update_later": hc["one_update_later"],
                "simulated": sim, "seeds_homework_like": sum(r["homework_like"] for r in scan),
-               "n_seeds": len(scan), "findings": findings}
-    return {"metrics": metrics, "sentence": homework_check_sentence(hc), "tables": tables,
+               "n_seeds": len(scan), "findings": found}
+    return {"metrics": metrics, "sentence": sentence, "tables": tables,
             "figures": {"homework_check": plot(hc, sim)}}

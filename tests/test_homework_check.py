@@ -1,7 +1,7 @@
 """homework_check (reproduce_seed's part (e)): the homework's printed gradient check re-read,
 and one update simulated. The printed numbers are fixed data, so their figures are pinned
 here, computed again with plain NumPy; the simulation is checked on fixed seeds; each
-sentence is checked on the printed numbers and on altered ones."""
+of the findings' sentences is checked on the printed numbers and on altered ones."""
 
 import importlib
 import sys
@@ -87,44 +87,45 @@ def test_factor_interval():
     assert repro.factor_interval(m, np.round(m * np.array([0.9, 1.0, 1.1]), 4)) is None
 
 
-def test_sentences_state_the_printed_numbers():
+SIM = {"lr": 0.01, "loss_ratio": 0.9736, "sqrt_loss_ratio": 0.9867, "homework_like": True,
+       "all_entries_shrink": True, "dC_ratio_min": 0.9866, "dC_ratio_max": 0.9868}
+OFF = {**SIM, "dC_ratio_min": 0.96, "all_entries_shrink": False, "homework_like": False}
+
+
+def test_findings_state_the_printed_numbers():
     hc = repro.reread_homework_check()
-    assert repro.one_update_later(hc)
-    sentence = repro.homework_check_sentence(hc)
+    assert hc["one_update_later"]
+    derivation, rounding, loss, simulation, sentence = repro.findings(hc, SIM, [OFF, OFF])
     assert "more than rounding (15 of 27" in sentence and "0.987-0.990" in sentence
     assert "0.972" in sentence and "rank one as derived" in sentence
     assert "consistent with PyTorch seeing the parameters one update later" in sentence
-    assert repro.derivation_sentence(hc).startswith("The manual numbers obey")
-    rounding = repro.rounding_sentence(hc)
+    assert derivation.startswith("The manual numbers obey")
     assert "15 of 27" in rounding and "dL/dC 9" in rounding and "0.9878-0.9887" in rounding
-    loss = repro.loss_sentence(hc)
     assert "not a rescaled loss" in loss and "one update later" in loss
+    assert ": the printed pattern" in simulation and "over 3 runs 1 show it and in 1" in simulation
 
 
-def test_sentences_turn_with_the_numbers():
+def test_findings_turn_with_the_numbers():
     # PyTorch's print exactly the manual numbers rounded, at the same loss
     same = {n: np.round(MANUAL[n], 4) for n in "ABC"}
     hc = repro.reread_homework_check(torch=same, loss_torch=round(repro.HOMEWORK_MANUAL_LOSS, 4))
-    assert hc["n_beyond_rounding"] == 0 and not repro.one_update_later(hc)
-    sentence = repro.homework_check_sentence(hc)
+    assert hc["n_beyond_rounding"] == 0 and not hc["one_update_later"]
+    _, rounding, loss, simulation, sentence = repro.findings(hc, OFF, [])
     assert "agrees with PyTorch to rounding" in sentence and "not explained by" in sentence
-    assert repro.rounding_sentence(hc).startswith("PyTorch's numbers are the manual ones rounded")
-    assert "one update later" not in repro.loss_sentence(hc)
+    assert rounding.startswith("PyTorch's numbers are the manual ones rounded")
+    assert "one update later" not in loss and "not a rescaled loss" not in loss
+    assert "not the printed pattern" in simulation and "over 1 runs 0 show it" in simulation
+    # no one factor reproduces dL/dC when its entries shrink by different factors
+    spread = {**TORCH, "C": np.round(MANUAL["C"] * np.array([0.9, 1.0, 1.1]), 4)}
+    hs = repro.reread_homework_check(torch=spread)
+    assert hs["matrices"]["C"]["common_factor"] is None and not hs["one_update_later"]
+    assert "no one factor reproduces" in repro.findings(hs, SIM, [])[1]
     # manual numbers that are not rank one break the derivation
     broken = {**repro.HOMEWORK_MANUAL_GRADS, "C": MANUAL["C"] + np.diag([0.0, 0.0, 0.01])}
     hb = repro.reread_homework_check(manual=broken)
-    assert not hb["rank_one"] and repro.derivation_sentence(hb).startswith(
-        "The manual numbers break")
-    assert "not rank one" in repro.homework_check_sentence(hb)
-
-
-def test_simulation_sentence_counts_the_runs():
-    sim = {"lr": 0.01, "loss_ratio": 0.9736, "sqrt_loss_ratio": 0.9867, "homework_like": True,
-           "all_entries_shrink": True, "dC_ratio_min": 0.9866, "dC_ratio_max": 0.9868}
-    off = {**sim, "dC_ratio_min": 0.96, "all_entries_shrink": False, "homework_like": False}
-    text = repro.simulation_sentence(sim, [off, off])
-    assert ": the printed pattern" in text and "over 3 runs 1 show it and in 1" in text
-    assert "not the printed pattern" in repro.simulation_sentence(off, [])
+    derivation, *_, sentence = repro.findings(hb, SIM, [])
+    assert not hb["rank_one"] and derivation.startswith("The manual numbers break")
+    assert "not rank one" in sentence
 
 
 # -- one update simulated ----------------------------------------------------------------

@@ -1,13 +1,10 @@
-"""What every experiment script (``import _common``) shares: flags, results folder, tables,
-plot style, where a number was measured, the one timing helper, compile time, the optimizers.
-"""
+"""What experiment scripts share: flags, results, tables, plots, environment, timing, optimizers."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import io
-import itertools
 import os
 import platform
 import statistics
@@ -19,6 +16,8 @@ from typing import Any, NamedTuple
 import jax
 import matplotlib
 import optax
+from PIL import Image
+from tqdm.auto import tqdm
 
 from abc_jax import files
 from abc_jax.validation import PRECISIONS
@@ -26,11 +25,11 @@ from abc_jax.validation import PRECISIONS
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
-from tqdm.auto import tqdm
+
+plt.rcParams.update({"axes.grid": True, "grid.alpha": 0.35})  # the house style
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
-                    argparse.RawDescriptionHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """The module docstring as written, and every flag's default (unless its help names it)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
@@ -40,18 +39,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
 
 
 def parser(name: str, doc: str | None, precision: bool = False) -> argparse.ArgumentParser:
-    """An ArgumentParser with the flags every script takes: --out, --seed, --quick, --docs;
-    and ``--precision`` (of the JAX matmuls) if ``precision``."""
-    lines = (doc or name).strip().splitlines()
-    ap = argparse.ArgumentParser(prog=f"{name}.py", description=lines[0],
-                                 epilog="\n".join(lines[1:]).strip() or None,
+    """An ArgumentParser with --out, --seed, --quick, --docs (and --precision if ``precision``)."""
+    head, _, rest = (doc or name).strip().partition("\n")
+    ap = argparse.ArgumentParser(prog=f"{name}.py", description=head, epilog=rest.strip() or None,
                                  formatter_class=HelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("results") / name, help="results folder")
     ap.add_argument("--seed", type=int, default=0, help="random seed")
-    ap.add_argument("--quick", action="store_true",
-                    help="tiny configuration that runs in seconds (tests)")
-    ap.add_argument("--docs", type=Path, default=None, metavar="DIR",
-                    help="also write a small (256-colour) copy of the key figure into DIR")
+    ap.add_argument("--quick", action="store_true", help="tiny configuration that runs in seconds")
+    ap.add_argument("--docs", type=Path, metavar="DIR", help="a 256-colour copy of the key figure")
     if precision:
         ap.add_argument("--precision", choices=PRECISIONS, default="highest", help="JAX matmul "
                         "precision ('highest': exact float32; 'default' lets a GPU use TF32)")
@@ -66,8 +61,6 @@ def out_dir(path: str | os.PathLike[str]) -> Path:
 
 def docs_copy(png: str | os.PathLike[str], docs_dir: str | os.PathLike[str]) -> Path:
     """Write a 256-colour copy of ``png`` (plots use few colours) under ``docs_dir``."""
-    from PIL import Image
-
     with Image.open(png) as im, io.BytesIO() as buf:
         im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT,
                                    dither=Image.Dither.NONE).save(buf, format="PNG", optimize=True)
@@ -105,18 +98,13 @@ class Timing(NamedTuple):
     rounds: int  # timed samples
     calls_per_round: int  # calls per sample (fast calls are looped to be long enough to time)
     output: Any = None  # the first call's result
-
-    @property
-    def compile_s(self) -> float:
-        """The first call minus a warm one: trace and compile time (about 0 for plain Python)."""
-        return max(self.first_call_s - self.median_s, 0.0)
+    compile_s: float = 0.0  # first_call_s - median_s, >= 0: trace and compile time (~0 for Python)
 
 
 def time_interleaved(fns: Mapping[str, Callable[[], Any]], *, rounds: int = 7,
                      min_time: float = 0.2, warmup: int = 1,
                      max_time: float | None = None) -> dict[str, Timing]:
     """The median seconds per call of each zero-argument call, each waited for on the device.
-
     First calls (trace + compile + run) are timed alone (``first_call_s``); after all compiled, a
     warm-up (>= ``warmup`` calls and ~``min_time / 4`` s); then ``rounds`` rounds run each in
     turn (a drift in speed hits all alike), a loop of >= 1 calls lasting ~``min_time / rounds``
@@ -124,30 +112,28 @@ def time_interleaved(fns: Mapping[str, Callable[[], Any]], *, rounds: int = 7,
     if rounds < 1 or warmup < 0 or min_time < 0:
         raise ValueError(f"need rounds >= 1, warmup >= 0, min_time >= 0; got {rounds=}, "
                          f"{warmup=}, {min_time=}")
-    first, outputs, inner, n_rounds = {}, {}, {}, {}
+    first, plan, samples = {}, {}, {n: [] for n in fns}  # (output, s); (calls, rounds); [s]
     for name, fn in fns.items():
         t0 = time.perf_counter()
-        outputs[name] = jax.block_until_ready(fn())
-        first[name] = time.perf_counter() - t0
+        first[name] = jax.block_until_ready(fn()), time.perf_counter() - t0
     for name, fn in fns.items():
         calls, t0 = 0, time.perf_counter()
         while warmup and (calls < warmup or time.perf_counter() - t0 < min_time / 4):
             jax.block_until_ready(fn())
             calls += 1
-        once = max((time.perf_counter() - t0) / calls if calls else first[name], 1e-9)
-        inner[name] = max(1, int(min_time / rounds / once))
-        n_rounds[name] = rounds if max_time is None else max(
-            1, min(rounds, int(max_time / (inner[name] * once))))
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for r, (name, fn) in itertools.product(range(rounds), fns.items()):
-        if r < n_rounds[name]:
-            t0 = time.perf_counter()
-            for _ in range(inner[name]):
-                out = fn()
-            jax.block_until_ready(out)
-            samples[name].append((time.perf_counter() - t0) / inner[name])
-    return {name: Timing(statistics.median(s), min(s), first[name], len(s), inner[name],
-                         outputs[name]) for name, s in samples.items()}
+        once = max((time.perf_counter() - t0) / calls if calls else first[name][1], 1e-9)
+        inner = max(1, int(min_time / rounds / once))
+        cap = rounds if max_time is None else max(1, int(max_time / (inner * once)))
+        plan[name] = inner, min(rounds, cap)
+    for name, fn in [(n, f) for r in range(rounds) for n, f in fns.items() if r < plan[n][1]]:
+        t0 = time.perf_counter()  # round r: each variant with rounds left, in turn
+        for _ in range(plan[name][0]):
+            out = fn()
+        jax.block_until_ready(out)
+        samples[name].append((time.perf_counter() - t0) / plan[name][0])
+    return {name: Timing(statistics.median(s), min(s), first[name][1], len(s), plan[name][0],
+                         first[name][0], max(first[name][1] - statistics.median(s), 0.0))
+            for name, s in samples.items()}
 
 
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_to_mlir_module_duration",  # lowering
@@ -162,8 +148,7 @@ def compile_clock() -> Iterator[list[float]]:
     clock = [0.0]
 
     def listen(event: str, seconds: float, **_: Any) -> None:
-        if event in _COMPILE_EVENTS:
-            clock[0] += seconds
+        clock[0] += seconds * (event in _COMPILE_EVENTS)
 
     jax.monitoring.register_event_duration_secs_listener(listen)
     try:
@@ -172,13 +157,10 @@ def compile_clock() -> Iterator[list[float]]:
         jax.monitoring.unregister_event_duration_listener(listen)
 
 
-# name -> (label, lr -> transformation); None: train's hand-rolled p <- p - lr g
-OPTIMIZERS: dict[str, tuple[str, Callable[[float], Any]]] = {
-    "gd": ("hand-rolled GD", lambda lr: None),
-    "sgd": ("optax.sgd", optax.sgd),
+OPTIMIZERS: dict[str, tuple[str, Callable[[float], Any]]] = {  # name -> (label, lr -> rule)
+    "gd": ("hand-rolled GD", lambda lr: None), "sgd": ("optax.sgd", optax.sgd),  # None: train's
     "momentum": ("optax.sgd momentum 0.9", lambda lr: optax.sgd(lr, momentum=0.9)),
-    "adam": ("optax.adam", optax.adam),
-}
+    "adam": ("optax.adam", optax.adam)}
 
 
 def make_optimizer(name: str, lr: float) -> optax.GradientTransformation | None:
@@ -195,8 +177,7 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence], floatfmt: str 
          for v in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
 
 
 def print_table(header: Sequence[str], rows: Sequence[Sequence], floatfmt: str = ".3g") -> None:
@@ -211,8 +192,4 @@ def progress(iterable: Any, **kwargs: Any) -> Any:
 
 def figure(ncols: int = 1, width: float = 5.5, height: float = 4.0) -> tuple[Any, Any]:
     """A figure with ``ncols`` side-by-side axes in the house style (grid, tight layout)."""
-    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), layout="constrained")
-    for ax in [axes] if ncols == 1 else axes:
-        ax.grid(True, which="major", alpha=0.35)
-        ax.grid(True, which="minor", alpha=0.12)
-    return fig, axes
+    return plt.subplots(1, ncols, figsize=(width * ncols, height), layout="constrained")

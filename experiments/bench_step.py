@@ -1,18 +1,14 @@
 """How close is the manual batch gradient to the machine's matmul limit, and what do calls cost?
 
 One process, float32, D = H = O = K, all on JAX's device:
-1. Speed per (K, N) and matmul precision ("highest", exact float32; on a GPU also "default",
-   TF32): interleaved median times of ``batch_grad`` as users call it, jitted ``jax.grad``
-   and one (N, K) x (K, K) matmul (the faster output layout); then, apart, the naive vmap of
-   outer products. A step is about 7 such matmuls (14 N K^2 flops): GFLOP/s and ratios.
-2. Per-call overhead at K = 3, N = 8: each public function as users call it (validated,
-   result checked) against a bare ``jax.jit`` of it, with the same arrays again and with new
-   params every call. The target: at most 2x.
+1. Speed per (K, N) and matmul precision ("highest": exact float32; on a GPU also "default",
+   TF32): interleaved median times of ``batch_grad`` as users call it, jitted ``jax.grad``, one
+   (N, K) x (K, K) matmul (the faster output layout) and, apart, the naive vmap of outer
+   products. A step is about 7 such matmuls (14 N K^2 flops): GFLOP/s and ratios.
+2. Per-call overhead at K = 3, N = 8: each public function as users call it (validated, result
+   checked) against a bare ``jax.jit`` of it, same arrays or new params each call; target <= 2x.
 3. Memory of the chunked gradient against the whole batch at once: XLA's compiled memory
-   analysis (``temp_size_in_bytes``, scratch only), and times.
-
-    python experiments/bench_step.py --sizes 64x4096,256x65536 --memory-n 0
-"""
+   analysis (``temp_size_in_bytes``, scratch only), and times. --memory-n 0 skips it."""
 
 from __future__ import annotations
 
@@ -40,18 +36,15 @@ PUBLIC = {f: getattr(abc_jax, f) for f in (  # the functions whose call overhead
 def problem(K: int, N: int, seed: int) -> tuple[abc_jax.Params, jax.Array]:
     """Params (K, K) and samples X (N, K), float32."""
     kp, kx = jax.random.split(jax.random.key(seed))
-    return (abc_jax.init_params(kp, K, dtype=jnp.float32),
-            jax.random.normal(kx, (N, K), jnp.float32))
+    return abc_jax.init_params(kp, K, dtype=jnp.float32), jax.random.normal(kx, (N, K), jnp.float32)
 
 
-def bench_size(K: int, N: int, precision: str, *, rounds: int, min_time: float,
-               seed: int) -> dict[str, Any]:
+def bench_size(K: int, N: int, precision: str, *, rounds: int, min_time: float, seed: int) -> dict:
     """One row: times (s), GFLOP/s and ratios of batch_grad at (K, N) and ``precision``."""
     params, X = problem(K, N, seed)
     jit = lambda f, *a: functools.partial(jax.jit(f), *a)  # noqa: E731
     naive = jit(lambda p, X: jax.tree.map(lambda g: g.mean(0), abc_jax.per_sample_grads(
         p, X, precision=precision)), params, X)
-    # one (N, K) x (K, K) product, output (N, K) or (K, N): the faster layout is the limit
     fns = {"batch_grad": lambda: abc_jax.batch_grad(params, X, precision=precision),
            "jax_grad": jit(functools.partial(abc_jax.oracle_grad, precision=precision), params, X),
            "matmul_nk": jit(lambda X, A: jnp.matmul(X, A.T, precision=precision), X, params.A),
@@ -59,38 +52,32 @@ def bench_size(K: int, N: int, precision: str, *, rounds: int, min_time: float,
     times = _common.time_interleaved(fns, rounds=rounds, min_time=min_time)
     if N * K * K * 4 <= 2**31:  # timed apart: it streams N (K, K) matrices through memory
         times |= _common.time_interleaved({"naive_vmap": naive}, rounds=rounds, min_time=min_time)
-    row = {"device": _common.device_label(), "precision": precision, "dtype": "float32",
-           "K": K, "N": N, "flops": 14 * N * K * K} | {
-        f"{name}_s": t.median_s for name, t in times.items()}
+    row = dict(device=_common.device_label(), precision=precision, dtype="float32", K=K, N=N,
+               flops=14 * N * K * K, **{f"{name}_s": t.median_s for name, t in times.items()})
     b, mm = row["batch_grad_s"], min(row["matmul_nk_s"], row["matmul_kn_s"])
     row |= {"batch_grad_compile_s": times["batch_grad"].compile_s, "matmul_s": mm,
             "gflops": row["flops"] / b / 1e9, "ratio_jax_grad": b / row["jax_grad_s"],
             "ratio_7_matmuls": b / (7 * mm)}
-    if "naive_vmap_s" in row:
-        row["naive_over_batch_grad"] = row["naive_vmap_s"] / b
-    return row
+    extra = {"naive_over_batch_grad": row["naive_vmap_s"] / b} if "naive_vmap_s" in row else {}
+    return row | extra
 
 
-def bench_overhead(K: int, N: int, *, rounds: int, min_time: float,
-                   seed: int) -> list[dict[str, Any]]:
-    """Per call, each public function as users call it against ``jax.jit`` of it (the
-    computation alone), waited for, in interleaved rounds: ``ratio`` of the fastest rounds (at
-    microseconds noise only adds time) and of medians; same arrays, then new params each call."""
+def bench_overhead(K: int, N: int, *, rounds: int, min_time: float, seed: int) -> list[dict]:
+    """Per call, each public function as users call it against ``jax.jit`` of it, waited for, in
+    interleaved rounds: ``ratio`` of the fastest rounds (noise only adds time) and of medians."""
     params, X = problem(K, N, seed)
-    steps = [jax.tree.map(lambda p, i=i: p * (1 + 1e-3 * i), params) for i in range(8)]
+    new = itertools.cycle([jax.tree.map(lambda p, i=i: p + p * i / 1e3, params) for i in range(8)])
     rows = []
-    for calling, given in (("same arrays", lambda: params),
-                           ("new params", itertools.cycle(steps).__next__)):
+    for calling, given in (("same arrays", lambda: params), ("new params", new.__next__)):
         fns = {f"{kind}{name}": lambda f=f, p=given: jax.block_until_ready(f(p(), X))
                for name, public in PUBLIC.items()
                for kind, f in (("", public), ("jit ", jax.jit(public)))}
         times = _common.time_interleaved(fns, rounds=rounds, min_time=min_time)
         for name in PUBLIC:
-            public, bare = times[name], times[f"jit {name}"]
-            rows.append({"device": _common.device_label(), "K": K, "N": N, "calling": calling,
-                         "function": name, "public_us": public.min_s * 1e6,
-                         "jit_us": bare.min_s * 1e6, "ratio": public.min_s / bare.min_s,
-                         "ratio_of_medians": public.median_s / bare.median_s})
+            p, j = times[name], times[f"jit {name}"]  # public, bare jit
+            rows.append(dict(device=_common.device_label(), K=K, N=N, calling=calling,
+                             function=name, public_us=p.min_s * 1e6, jit_us=j.min_s * 1e6,
+                             ratio=p.min_s / j.min_s, ratio_of_medians=p.median_s / j.median_s))
     return rows
 
 
@@ -102,27 +89,24 @@ def temp_bytes(params: abc_jax.Params, N: int, K: int, chunk_size: int) -> int:
 
 
 def bench_memory(N: int, K: int, chunk: int, seed: int) -> dict[str, Any]:
-    """Scratch memory and time of batch_grad over N rows in chunks of ``chunk`` rows and all
-    at once."""
+    """Scratch memory and time of batch_grad over N rows in chunks of ``chunk`` rows and at once."""
     params, X = problem(K, N, seed)
     sizes = {"chunked": chunk, "unchunked": N}
-    t = _common.time_interleaved(
-        {name: (lambda c=c: abc_jax.batch_grad(params, X, chunk_size=c))
-         for name, c in sizes.items()}, rounds=3, min_time=0.0)
+    t = _common.time_interleaved({name: lambda c=c: abc_jax.batch_grad(params, X, chunk_size=c)
+                                  for name, c in sizes.items()}, rounds=3, min_time=0.0)
     errs = abc_jax.grad_errors(t["chunked"].output, t["unchunked"].output)
+    c_s, u_s = t["chunked"].median_s, t["unchunked"].median_s  # chunked, unchunked
     return {"device": _common.device_label(), "precision": "highest", "N": N, "K": K,
             "chunk_size": chunk, "X_bytes": N * K * 4,
             "counter": "XLA compiled memory analysis, temp_size_in_bytes",
             **{f"{name}_temp_bytes": temp_bytes(params, N, K, c) for name, c in sizes.items()},
-            "chunked_s": t["chunked"].median_s, "unchunked_s": t["unchunked"].median_s,
-            "max_rel_diff": max(e["rel"] for e in errs.values()),
-            "time_ratio": t["chunked"].median_s / t["unchunked"].median_s}
+            "chunked_s": c_s, "unchunked_s": u_s, "time_ratio": c_s / u_s,
+            "max_rel_diff": max(e["rel"] for e in errs.values())}
 
 
 def _parse_sizes(text: str) -> list[tuple[int, int]]:
-    sizes = [tuple(s.lower().split("x")) for s in text.split(",") if s]
-    if not sizes or not all(len(s) == 2 and all(v.isdigit() and int(v) > 0 for v in s)
-                            for s in sizes):
+    sizes = [s.lower().split("x") for s in text.split(",") if s]
+    if not sizes or not all(len(s) == 2 and all(v.isdigit() and int(v) for v in s) for s in sizes):
         raise argparse.ArgumentTypeError(f"sizes must look like 64x4096,256x65536; got {text!r}")
     return [(int(k), int(n)) for k, n in sizes]
 
@@ -133,13 +117,11 @@ TABLE = [("batch_grad ms", "batch_grad_s", 1e3), ("jax.grad ms", "jax_grad_s", 1
          ("naive/bg", "naive_over_batch_grad", 1.0)]
 BARS = {"batch_grad_s": "batch_grad (manual)", "jax_grad_s": "jax.grad (jit)",
         "naive_vmap_s": "vmap outer products", "matmul_s": "7 x (N,K)@(K,K) matmul (faster layout)"}
-OVERHEAD = ["device", "K", "N", "calling", "function", "public_us", "jit_us", "ratio",
-            "ratio_of_medians"]
+OVERHEAD = "device K N calling function public_us jit_us ratio ratio_of_medians".split()
 
 
 def table_rows(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
-    """Header and cells of the speed table: device, precision, K, N, times in ms and the
-    ratios (batch_grad over the others); None where a method did not run."""
+    """Header and cells of the speed table (ms, ratios); None where a method did not run."""
     header = ["device", "precision", "K", "N", *(h for h, _, _ in TABLE)]
     return header, [[r["device"], r["precision"], r["K"], r["N"],
                      *(float(r[k] * s) if k in r else None for _, k, s in TABLE)] for r in rows]
@@ -151,10 +133,9 @@ def plot(rows: Sequence[dict[str, Any]]) -> Any:
     fig, ax = _common.figure(width=7.5, height=4.2)
     width, x = 0.8 / len(bars), np.arange(len(rows))
     for i, (key, label) in enumerate(bars.items()):
-        scale = 7e3 if key == "matmul_s" else 1e3
-        ax.bar(x + i * width, [r.get(key, np.nan) * scale for r in rows], width, label=label)
-    ax.set_xticks(x + width * (len(bars) - 1) / 2,
-                  [f"K={r['K']}\nN={r['N']}\n{r['precision']}" for r in rows])
+        ms = [r.get(key, np.nan) * (7e3 if key == "matmul_s" else 1e3) for r in rows]
+        ax.bar(x - 0.4 + i * width, ms, width, align="edge", label=label)  # centred on x
+    ax.set_xticks(x, [f"K={r['K']}\nN={r['N']}\n{r['precision']}" for r in rows])
     ax.set(yscale="log", ylabel="time per gradient (ms, log scale)",
            title=f"Batch gradient, float32, all on {rows[0]['device']}")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -163,18 +144,17 @@ def plot(rows: Sequence[dict[str, Any]]) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = _common.parser(NAME, __doc__)
-    ap.add_argument("--sizes", type=_parse_sizes, default="64x4096,256x65536,1024x8192",
-                    help="KxN list")
-    ap.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=None,
+    for flag, kind, default, text in (
+            ("--sizes", _parse_sizes, "64x4096,256x65536,1024x8192", "KxN list"),
+            ("--repeats", int, 7, "interleaved timing rounds"),
+            ("--min-time", float, 0.2, "timed s per method and size"),
+            ("--overhead", _parse_sizes, "3x8", "KxN list for the per-call overhead table"),
+            ("--memory-n", int, 1_000_000, "N for the chunked-memory measurement (0 skips it)"),
+            ("--memory-k", int, 256, "K for the memory measurement"),
+            ("--chunk-size", int, 65536, "rows per chunk there")):
+        ap.add_argument(flag, type=kind, default=default, help=text)
+    ap.add_argument("--precisions", nargs="+", choices=PRECISIONS,
                     help="matmul precisions (default: highest, and default on a GPU)")
-    ap.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds")
-    ap.add_argument("--min-time", type=float, default=0.2, help="timed s per method and size")
-    ap.add_argument("--overhead", type=_parse_sizes, default="3x8",
-                    help="KxN list for the per-call overhead table")
-    ap.add_argument("--memory-n", type=int, default=1_000_000,
-                    help="N for the chunked-memory measurement (0 skips it)")
-    ap.add_argument("--memory-k", type=int, default=256, help="K for the memory measurement")
-    ap.add_argument("--chunk-size", type=int, default=65536, help="rows per chunk there")
     args = ap.parse_args(argv)
     if args.quick:
         args.sizes, args.repeats, args.min_time = [(16, 256)], 3, 0.01
@@ -194,7 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         K, N, rounds=args.repeats, min_time=4 * args.min_time, seed=args.seed)]
     print("\nper-call overhead: the public function (validated, result checked) vs jax.jit "
           "of it, each waited for; us of the fastest round; target ratio <= 2")
-    _common.print_table(OVERHEAD, [[r[k] for k in OVERHEAD] for r in overhead])
+    over = (OVERHEAD, [[r[k] for k in OVERHEAD] for r in overhead])
+    _common.print_table(*over)
     metrics = {"environment": env, "precisions": precisions, "sizes": rows, "overhead": overhead}
     if args.memory_n:
         m = metrics["memory"] = bench_memory(args.memory_n, args.memory_k, args.chunk_size,
@@ -205,11 +186,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{m['unchunked_temp_bytes'] / 1e6:.3g} MB; time chunked/unchunked "
               f"{m['time_ratio']:.2f}; max rel diff {m['max_rel_diff']:.1e}")
     columns = list(dict.fromkeys(k for r in rows for k in r))
-    written = write_results(
-        args.out, config=vars(args) | {"precisions": precisions}, metrics=metrics,
-        figures={NAME: plot(rows)},
-        tables={NAME: (columns, [[r.get(k) for k in columns] for r in rows]),
-                "overhead": (OVERHEAD, [[r[k] for k in OVERHEAD] for r in overhead])})
+    written = write_results(args.out, config=vars(args) | {"precisions": precisions},
+                            metrics=metrics, figures={NAME: plot(rows)}, tables={
+                                NAME: (columns, [[r.get(k) for k in columns] for r in rows]),
+                                "overhead": over})
     if args.docs is not None:
         _common.docs_copy(written[f"{NAME}.png"], args.docs)
     print(f"wrote {args.out}/: {', '.join(written)}")

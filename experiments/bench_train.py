@@ -3,20 +3,14 @@
 Full-batch gradient descent p <- p - lr g, timed as users call it, in interleaved rounds
 (_common.time_interleaved; compile time apart from the warm median), each row naming its
 device and matmul precision, all in one process:
-
 (a) The homework's scale, K = D = H = O = 3, N = 100, float64, at 10 and 1000 epochs:
     train (abc_jax.train: epochs compiled into lax.while_loop chunks), jitted steps (a Python
     loop of one jitted (loss, update) step per epoch over the whole batch) and plain Python
     (the homework's lists, math.exp and loops, on the host CPU; --python-epochs epochs, time
     scaled linearly to the largest count). The three trajectories are checked to agree.
-(b) A large batch, K = 256, N = 65536, float32: train against the loop of jitted steps
-    at 10 epochs (and 1000 on a GPU; --large-epochs).
-
-The claim: train is as fast as the loop of jitted steps or faster, at few epochs and many.
-
-    python experiments/bench_train.py
-    python experiments/bench_train.py --large-k 512 --large-n 131072 --large-epochs 10 100
-"""
+(b) A large batch, K = 256, N = 65536, float32: train against the loop of jitted steps at 10
+    epochs (and 1000 on a GPU; --large-epochs).
+The claim: train is as fast as the loop of jitted steps or faster, at few epochs and many."""
 
 from __future__ import annotations
 
@@ -36,15 +30,13 @@ from abc_jax.files import write_results
 
 NAME = "bench_train"
 LOOPS = {"train": "train (compiled loop)", "loop": "Python loop of jitted steps"}
-FIELDS = ["method", "device", "precision", "epochs", "compile_s", "run_s", "epochs_per_s",
-          "times_train", "measured"]
+FIELDS = "method device precision epochs compile_s run_s epochs_per_s times_train measured".split()
 
 
 def compare_loops(params: Any, X: jax.Array, lr: float, epochs: int, precision: str, *,
                   rounds: int, min_time: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """train against a Python loop of one jitted step per epoch (train's loss and gradient:
-    ``batch_value_and_grad`` over the whole batch, then p - lr g; losses left on device), in
-    interleaved rounds. Returns the two rows and outputs (TrainResult, (losses, params))."""
+    """train against a Python loop of one jitted step per epoch (``batch_value_and_grad`` over
+    the whole batch, p - lr g), interleaved: two rows, outputs (TrainResult, (losses, params))."""
 
     @jax.jit
     def step(params: Any, X: jax.Array) -> tuple[jax.Array, Any]:
@@ -70,8 +62,7 @@ def compare_loops(params: Any, X: jax.Array, lr: float, epochs: int, precision: 
 
 
 def _rel_diff(a: Any, b: Any) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b) / np.abs(b), initial=0.0))
+    return float(np.max(np.abs(np.subtract(a, b, dtype=float) / np.asarray(b, float)), initial=0))
 
 
 def loop_ratios(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -90,27 +81,23 @@ def bench_part(epochs: Sequence[int], n: int, k: int, lr: float, seed: int, prec
     X = jax.random.normal(jax.random.key(seed + 1), (n, k), dtype)
     rows, agree, e = [], {}, max(epochs)
     for ep in epochs:
-        part, outputs = compare_loops(params, X, lr, ep, precision, rounds=rounds,
-                                      min_time=min_time)
+        part, outs = compare_loops(params, X, lr, ep, precision, rounds=rounds, min_time=min_time)
         rows += part
-        ours = np.asarray(outputs["train"].losses)  # at the end: over e epochs
-        agree[f"jitted_steps_vs_train_{ep}"] = _rel_diff(outputs["loop"][0], ours)
+        ours = np.asarray(outs["train"].losses)  # at the end: over e epochs
+        agree[f"jitted_steps_vs_train_{ep}"] = _rel_diff(outs["loop"][0], ours)
     train_s = next(r["run_s"] for r in rows if r["epochs"] == e and r["method"] == LOOPS["train"])
     out = {"K": k, "N": n, "epochs": list(epochs), "lr": lr, "dtype": jnp.dtype(dtype).name,
            "precision": precision, "rows": rows, "epochs_per_s": e / train_s,
-           "flops_per_epoch": 14 * n * k * k,  # 7 N K^2 multiply-adds
-           "max_rel_loss_difference": agree,
+           "flops_per_epoch": 14 * n * k * k, "max_rel_loss_difference": agree,  # 7 N K^2 FMA
            "initial_loss": float(ours[0]), "final_loss": float(ours[-1])}
     if python_epochs:
         py = _common.time_interleaved({"python": lambda: py_gradient_descent(
             *to_lists(params, X), lr, python_epochs)}, rounds=1, min_time=0.0, warmup=0)["python"]
-        m = min(python_epochs, e)
-        agree["plain_python_vs_train"] = _rel_diff(py.output[:m], ours[:m])
+        agree["plain_python_vs_train"] = _rel_diff(py.output[:e], ours[:python_epochs])
         py_s = py.median_s * e / python_epochs
         rows.append({"method": "plain Python (lists, math.exp)", "device": "host cpu (Python)",
-                     "precision": None, "epochs": e, "compile_s": None, "run_s": py_s,
-                     "measured": f"{python_epochs} epochs in {py.median_s:.3g} s, "
-                                 f"x{e / python_epochs:g}",
+                     "precision": None, "epochs": e, "compile_s": None, "run_s": py_s, "measured":
+                     f"{python_epochs} epochs in {py.median_s:.3g} s, x{e / python_epochs:g}",
                      "epochs_per_s": e / py_s, "times_train": py_s / train_s})
         out |= {"python_epochs_timed": python_epochs, "speedup_vs_plain_python": py_s / train_s}
     return out | {"loop_over_train": loop_ratios(rows)}
@@ -131,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, nargs="+", default=[10, 1000], help="(a) epochs")
     ap.add_argument("--n", type=int, default=100, help="(a) samples")
     ap.add_argument("--k", type=int, default=3, help="(a) K = D = H = O")
-    ap.add_argument("--python-epochs", type=int, default=100,
-                    help="(a) epochs plain Python runs, scaled to the largest --epochs")
+    ap.add_argument("--python-epochs", type=int, default=100, help="(a) epochs plain Python runs")
     ap.add_argument("--lr", type=float, default=0.1, help="(a) learning rate")
     ap.add_argument("--large-k", type=int, default=256, help="(b) K")
     ap.add_argument("--large-n", type=int, default=65536, help="(b) samples")
@@ -168,9 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                "(14 N K^2 flops per epoch)")
     rows = [[name, part["K"], part["N"], part["dtype"], *(r[f] for f in FIELDS)]
             for name, part in (("homework", small), ("large", large)) for r in part["rows"]]
-    written = write_results(args.out, config=vars(args),
-                            metrics={"environment": env, "homework_scale": small,
-                                     "large_batch": large},
+    metrics = {"environment": env, "homework_scale": small, "large_batch": large}
+    written = write_results(args.out, config=vars(args), metrics=metrics,
                             tables={NAME: (["part", "K", "N", "dtype", *FIELDS], rows)})
     print(f"wrote {args.out}/: {', '.join(written)}")
     return 0

@@ -3,12 +3,8 @@
 From one start, each at a few learning rates: gd (train's p <- p - lr g), sgd (optax.sgd(lr),
 the same rule: its curve must equal gd's), momentum (optax.sgd(lr, momentum=0.9)) and adam.
 Per run: the first epoch at or below the target loss (a fraction of the starting loss) and the
-seconds to get there (a run of that many epochs after compilation, timed in interleaved rounds
-on JAX's device at --precision). The best lr of each reaches the target in the fewest epochs
-(else has the lowest final loss).
-
-    python experiments/optimizers.py --k 16 --n 1024 --epochs 500 --target 0.001
-"""
+seconds to get there (that many epochs after compilation, in interleaved rounds on JAX's device
+at --precision). Each one's best lr: the fewest epochs to the target, else the lowest loss."""
 
 from __future__ import annotations
 
@@ -33,7 +29,6 @@ LRS = {"gd": (0.01, 0.03, 0.1, 0.3), "sgd": (0.01, 0.03, 0.1, 0.3),
 LABELS = {name: label for name, (label, _) in _common.OPTIMIZERS.items()}
 LINE = {"gd": dict(color="C0", lw=3.0, alpha=0.45), "sgd": dict(color="k", lw=1.0, ls="--"),
         "momentum": dict(color="C1"), "adam": dict(color="C2")}  # gd, sgd overlaid: both seen
-MARKER = {"gd": "o", "sgd": "x", "momentum": "s", "adam": "^"}
 RUN_FIELDS = ["optimizer", "lr", "device", "precision", "epochs", "final_loss",
               "epochs_to_target", "seconds_to_target", "wall_s", "compile_s", "diverged_at"]
 
@@ -46,14 +41,12 @@ def first_hit(losses: Sequence[float], target: float) -> int | None:
 
 def run_one(name: str, lr: float, params: abc_jax.Params, X: jax.Array, epochs: int,
             target: float, repeats: int, precision: str) -> dict[str, Any]:
-    """One (optimizer, lr) run: losses, epochs to the target, divergence, and ``wall_s``, the
-    median of ``repeats`` timed runs of all epochs after the compiling one. ``fit(epochs=e)``
-    (kept; the same optimizer object, so no recompilation) runs e epochs."""
+    """One (optimizer, lr) run: losses, epochs to the target, divergence; ``wall_s``, the median
+    of ``repeats`` runs after the compiling one; and ``fit(epochs=e)`` (no recompilation)."""
     fit = functools.partial(train, params, X, lr=lr, optimizer=_common.make_optimizer(name, lr),
                             progress=False, precision=precision)
-    rec = {"optimizer": name, "lr": lr, "epochs": epochs, "device": _common.device_label(),
-           "precision": precision, "fit": fit, "seconds_to_target": None} | dict.fromkeys(
-        ("diverged_at", "final_loss", "wall_s", "compile_s", "params"))
+    rec = dict(dict.fromkeys([*RUN_FIELDS, "params"]), optimizer=name, lr=lr, epochs=epochs,
+               device=_common.device_label(), precision=precision, fit=fit)
     try:
         t = _common.time_interleaved({"run": lambda: fit(epochs=epochs)}, rounds=repeats,
                                      min_time=0.0)["run"]
@@ -66,53 +59,43 @@ def run_one(name: str, lr: float, params: abc_jax.Params, X: jax.Array, epochs: 
     return rec | {"losses": losses, "epochs_to_target": first_hit(losses, target)}
 
 
-def run_sweep(args: Any, lrs: dict[str, Sequence[float]], repeats: int,
-              min_time: float) -> dict[str, Any]:
+def run_sweep(args: Any, lrs: dict[str, Sequence], repeats: int, min_time: float) -> dict:
     """Every optimizer at every lr from one start, target ``args.target`` * initial loss; then
-    ``seconds_to_target``: runs of exactly ``epochs_to_target`` epochs (losses[e] is the loss
-    after e updates) of all that got there undiverged, in interleaved rounds, after compiling."""
+    ``seconds_to_target``: interleaved runs of ``epochs_to_target`` epochs of the undiverged hits;
+    gd against sgd at each lr: max |loss difference| over epochs and max |param difference|."""
     kp, kx = jax.random.split(jax.random.key(args.seed))
     params = abc_jax.init_params(kp, args.k, dtype=jnp.dtype(args.dtype))
     X = jax.random.normal(kx, (args.n, args.k), args.dtype)
     L0 = float(abc_jax.batch_loss(params, X, precision=args.precision))
-    jobs = [(m, lr) for m, grid in lrs.items() for lr in grid]
     runs = [run_one(m, lr, params, X, args.epochs, args.target * L0, repeats, args.precision)
-            for m, lr in _common.progress(jobs, desc="sweep", unit="run")]
+            for m, lr in _common.progress([(m, lr) for m in lrs for lr in lrs[m]], desc="sweep")]
     hits = {f"{r['optimizer']}@{r['lr']:g}": r for r in runs
             if r["epochs_to_target"] is not None and r["diverged_at"] is None}
     times = _common.time_interleaved({k: lambda r=r: r["fit"](epochs=r["epochs_to_target"])
                                       for k, r in hits.items()}, rounds=repeats, min_time=min_time)
     for k, r in hits.items():
         r["seconds_to_target"] = times[k].median_s
-    d, best = gd_vs_sgd(runs), best_runs(runs)
-    return {"runs": runs, "best": best, "winner": winners(best, runs), "initial_loss": L0,
-            "target_loss": args.target * L0, "gd_vs_sgd": d} | {
-        f"gd_vs_sgd_max_abs_{k}_diff": max((v[f"max_abs_{k}_diff"] for v in d.values()
-                                            if v[f"max_abs_{k}_diff"] is not None),
-                                           default=float("nan")) for k in ("loss", "param")}
+    sgd = {r["lr"]: r for r in runs if r["optimizer"] == "sgd"}
+    pairs = [(g, sgd[g["lr"]]) for g in runs if g["optimizer"] == "gd" and g["lr"] in sgd
+             and len(g["losses"]) == len(sgd[g["lr"]]["losses"])]
+    d = {f"{g['lr']:g}": {  # param difference None where they diverged
+        "max_abs_param_diff": None if g["params"] is None or s["params"] is None else max(
+            e["max_abs"] for e in abc_jax.grad_errors(g["params"], s["params"]).values()),
+        "max_abs_loss_diff": float(np.max(np.abs(g["losses"] - s["losses"]), initial=0.0)),
+    } for g, s in pairs}
+    return {"runs": runs, "best": (best := best_runs(runs)), "winner": winners(best, runs),
+            "initial_loss": L0, "target_loss": args.target * L0, "gd_vs_sgd": d} | {
+        f"gd_vs_sgd_{k}": max([v[k] for v in d.values() if v[k] is not None], default=np.nan)
+        for k in ("max_abs_loss_diff", "max_abs_param_diff")}
 
 
 def best_runs(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per optimizer: the run reaching the target in the fewest epochs, else the lowest final
     loss. Diverged runs are never best unless every run of that optimizer diverged."""
-    by = {m: [r for r in runs if r["optimizer"] == m] for m in dict.fromkeys(
-        r["optimizer"] for r in runs)}
+    by = {r["optimizer"]: [q for q in runs if q["optimizer"] == r["optimizer"]] for r in runs}
     return {m: min([r for r in rs if r["diverged_at"] is None] or rs, key=lambda r: [
         float("inf") if r[k] is None else r[k] for k in ("epochs_to_target", "final_loss")])
         for m, rs in by.items()}
-
-
-def gd_vs_sgd(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
-    """At each lr run by both: max |loss_gd - loss_sgd| over epochs and max |param difference|
-    (None if they diverged)."""
-    sgd = {r["lr"]: r for r in runs if r["optimizer"] == "sgd"}
-    pairs = [(g, sgd[g["lr"]]) for g in runs if g["optimizer"] == "gd" and g["lr"] in sgd
-             and len(g["losses"]) == len(sgd[g["lr"]]["losses"])]
-    return {f"{g['lr']:g}": {
-        "max_abs_param_diff": None if g["params"] is None or s["params"] is None else max(
-            e["max_abs"] for e in abc_jax.grad_errors(g["params"], s["params"]).values()),
-        "max_abs_loss_diff": float(np.max(np.abs(g["losses"] - s["losses"]), initial=0.0)),
-    } for g, s in pairs}
 
 
 def winners(best: dict[str, dict[str, Any]], runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -134,56 +117,30 @@ def winners(best: dict[str, dict[str, Any]], runs: Sequence[dict[str, Any]]) -> 
 def plot(res: dict[str, Any], title: str) -> dict[str, Any]:
     """Loss against epoch at each optimizer's best lr (gd and sgd overlaid); and final loss
     and epochs to the target against the lr (diverged runs drawn at the initial loss)."""
-    fig, ax = _common.figure(width=6.5, height=4.3)
-    sweep, axes = _common.figure(ncols=2, width=5.0, height=4.0)
+    (fig, ax), (sweep, axes) = _common.figure(width=6.5), _common.figure(ncols=2, width=5.0)
     for m, best in res["best"].items():
         hit, div = best["epochs_to_target"], best["diverged_at"]
         note = (f"diverged at epoch {div}" if div is not None else "target not reached"
                 if hit is None else f"target at epoch {hit}")
-        ax.plot(best["losses"], **LINE[m], label=f"{LABELS[m]} (lr {best['lr']:g}, {note})")
-        mine = [r for r in res["runs"] if r["optimizer"] == m]
+        ax.semilogy(best["losses"], **LINE[m], label=f"{LABELS[m]} (lr {best['lr']:g}, {note})")
+        mine = [r for r in res["runs"] if r["optimizer"] == m and r["diverged_at"] is None]
         for a, key in zip(axes, ("final_loss", "epochs_to_target"), strict=True):
-            ok = [r for r in mine if r["final_loss"] is not None and r[key] is not None]
-            a.plot([r["lr"] for r in ok], [r[key] for r in ok], marker=MARKER[m], ms=7,
-                   color=LINE[m]["color"], ls=LINE[m].get("ls", "-"), label=LABELS[m])
-        div = [r["lr"] for r in mine if r["diverged_at"] is not None]
-        axes[0].plot(div, [res["initial_loss"]] * len(div), "X", color="red", ms=9,
-                     label=f"{LABELS[m]} diverged (at the initial loss)" if div else None)
+            ok = np.array([(r["lr"], r[key]) for r in mine if r[key] is not None]).reshape(-1, 2)
+            a.loglog(*ok.T, marker="o", **LINE[m], label=LABELS[m])  # value against lr
+    div = [r["lr"] for r in res["runs"] if r["diverged_at"] is not None]
+    axes[0].plot(div, [res["initial_loss"]] * len(div), "rX", ms=9, label="diverged" if div else "")
     for a in (ax, axes[0]):
-        a.axhline(res["target_loss"], color="gray", ls=":",
-                  label=f"target = {res['target_loss']:.3g}")
-    axes[0].axhline(res["initial_loss"], color="gray", ls="--", label="initial loss")
-    ax.set(xlabel="epoch (full-batch updates)", ylabel="training loss [mean ||w||², log]")
+        a.axhline(res["target_loss"], c="gray", ls=":", label=f"target = {res['target_loss']:.3g}")
+    axes[0].axhline(res["initial_loss"], c="gray", ls="--", label="initial loss")
+    ax.set(xlabel="epoch (full-batch updates)", ylabel="training loss [mean ||w||², log]",
+           title=title)
     axes[0].set(ylabel="final training loss [mean ||w||², log]", title="Loss after all epochs")
     axes[1].set(ylabel="epochs to the target [log]", title="Epochs to the target (if reached)")
     for a in (ax, *axes):
-        a.set(xscale="linear" if a is ax else "log", yscale="log")
         a.legend(fontsize=7)
     sweep.supxlabel("learning rate (log)")
-    ax.set_title(title, fontsize=9)
-    sweep.suptitle(title, fontsize=10)
+    sweep.suptitle(title)
     return {"optimizers": fig, "optimizers_sweep": sweep}
-
-
-def report(res: dict[str, Any], epochs: int) -> None:
-    """Print every run, gd against optax.sgd, the best lrs and the winners."""
-    _common.print_table(RUN_FIELDS, [[r[f] for f in RUN_FIELDS] for r in res["runs"]], ".4g")
-    print(f"\nhand-rolled GD vs optax.sgd at the same lr: max |loss difference| "
-          f"{res['gd_vs_sgd_max_abs_loss_diff']:.3g}, max |parameter difference| "
-          f"{res['gd_vs_sgd_max_abs_param_diff']:.3g} over {len(res['gd_vs_sgd'])} lrs")
-    print("best lr of each: " + ", ".join(
-        f"{m} {r['lr']:g} ({r['epochs_to_target']} epochs)" for m, r in res["best"].items()))
-    e, s, f = (res["winner"][k] for k in ("by_epochs", "by_seconds", "lowest_final_loss"))
-    if e:
-        who = [f"{LABELS[m]} (lr {lr:g})" for m, lr in zip(e["optimizers"], e["lrs"], strict=True)]
-        print(f"first to the target in epochs: {' = '.join(who)}, {e['epochs']} epochs\n"
-              f"first to the target in seconds: {LABELS[s['optimizer']]} (lr {s['lr']:g}), "
-              f"{s['seconds'] * 1e3:.2g} ms after compilation")
-    else:
-        print("no optimizer reached the target; raise --epochs or --target")
-    if f:
-        print(f"lowest loss after {epochs} epochs: {LABELS[f['optimizer']]} "
-              f"(lr {f['lr']:g}), {f['final_loss']:.3g}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -199,16 +156,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.k, args.n, args.epochs, args.target = 3, 16, 30, 0.5
     if not 0 < args.target < 1:
         ap.error("--target must be a fraction in (0, 1)")
-    if args.dtype == "float64":
-        jax.config.update("jax_enable_x64", True)
+    jax.config.update("jax_enable_x64", args.dtype == "float64" or jax.config.jax_enable_x64)
     env = _common.environment(args.dtype, args.precision)
-    res = run_sweep(args, lrs, repeats=1 if args.quick else 5,
-                    min_time=0.0 if args.quick else 0.05)
+    res = run_sweep(args, lrs, *((1, 0.0) if args.quick else (5, 0.05)))  # repeats, min_time
     desc = (f"K = {args.k}, N = {args.n}, {args.epochs} epochs, {env['dtype']}, "
             f"target = {args.target:g} x initial loss = {res['target_loss']:.4g}")
     print(f"{NAME}: {desc}; device {env['device_label']} ({env['cpu_count']} CPUs), "
           f"precision {args.precision}")
-    report(res, args.epochs)
+    _common.print_table(RUN_FIELDS, [[r[f] for f in RUN_FIELDS] for r in res["runs"]], ".4g")
+    print(f"\nhand-rolled GD vs optax.sgd at the same lr: max |loss difference| "
+          f"{res['gd_vs_sgd_max_abs_loss_diff']:.3g}, max |parameter difference| "
+          f"{res['gd_vs_sgd_max_abs_param_diff']:.3g} over {len(res['gd_vs_sgd'])} lrs")
+    print("best lr of each: " + ", ".join(
+        f"{m} {r['lr']:g} ({r['epochs_to_target']} epochs)" for m, r in res["best"].items()))
+    e, s, f = (res["winner"][k] for k in ("by_epochs", "by_seconds", "lowest_final_loss"))
+    if e:
+        who = [f"{LABELS[m]} (lr {lr:g})" for m, lr in zip(e["optimizers"], e["lrs"], strict=True)]
+        print(f"first to the target in epochs: {' = '.join(who)}, {e['epochs']} epochs\n"
+              f"first to the target in seconds: {LABELS[s['optimizer']]} (lr {s['lr']:g}), "
+              f"{s['seconds'] * 1e3:.2g} ms after compilation")
+    else:
+        print("no optimizer reached the target; raise --epochs or --target")
+    if f:
+        print(f"lowest loss after {args.epochs} epochs: {LABELS[f['optimizer']]} "
+              f"(lr {f['lr']:g}), {f['final_loss']:.3g}")
     runs, best = res["runs"], res["best"]
     curves = itertools.zip_longest(*(r["losses"].tolist() for r in best.values()))
     written = write_results(

@@ -16,8 +16,7 @@ of process 0; on CPUs set devices per process, e.g. JAX_NUM_CPU_DEVICES=2),
     python experiments/train.py --data X1.npy --coordinator H:P --num-processes 2 --process-id 1
 
 Process 0 writes --out and the checkpoint; a process whose peer dies exits non-zero within
-about --heartbeat-timeout seconds, and the same commands again resume from its checkpoint.
-"""
+about --heartbeat-timeout seconds, and the same commands again resume from its checkpoint."""
 
 from __future__ import annotations
 
@@ -38,10 +37,14 @@ from abc_jax import Batch, DataError, DivergenceError, init_params, load_data, p
 from abc_jax.checkpoint import checkpoint_epoch, checkpoint_path
 from abc_jax.files import write_npz, write_results
 
-QUICK = {"n": 32, "epochs": 40, "epochs_per_chunk": 20}  # --quick: flags left at the default
+QUICK = {"n": 32, "epochs": 40, "epochs_per_chunk": 20}  # --quick's settings
+SAVED = "dtype seed epochs lr optimizer grad batch_size chunk_size epochs_per_chunk quick".split()
 
 
-def _flags(p: argparse.ArgumentParser) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    head, _, rest = __doc__.strip().partition("\n")
+    p = argparse.ArgumentParser(prog="train.py", description=head, epilog=rest.strip(),
+                                formatter_class=_common.HelpFormatter)
     data = p.add_argument_group("data: a file, or synthetic samples ~ Normal(0, 1)")
     data.add_argument("--data", type=Path, help=".npy, .npz (its array X) or .csv (N, D)")
     data.add_argument("--n", type=int, default=256, help="synthetic samples N")
@@ -62,8 +65,7 @@ def _flags(p: argparse.ArgumentParser) -> None:
     t.add_argument("--epochs-per-chunk", type=int, default=100, help="epochs between checkpoints")
     m = p.add_argument_group("several processes: all three flags or none; each process reads "
                              "its own --data (synthetic: its own --n rows)")
-    m.add_argument("--coordinator", metavar="HOST:PORT",
-                   help="address of process 0, which runs the coordinator")
+    m.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0 (coordinator)")
     m.add_argument("--num-processes", type=int, metavar="P", help="processes")
     m.add_argument("--process-id", type=int, metavar="I", help="this process, 0 .. P-1")
     m.add_argument("--heartbeat-timeout", type=int, default=10, metavar="S",
@@ -75,20 +77,10 @@ def _flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a tiny run for a smoke test: "
                    "--n 32, --epochs 40, --epochs-per-chunk 20 unless given")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (none in a log)")
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    lines = __doc__.strip().splitlines()
-    p = argparse.ArgumentParser(prog="train.py", description=lines[0],
-                                epilog="\n".join(lines[1:]).strip(),
-                                formatter_class=_common.HelpFormatter)
-    _flags(p)
     args = p.parse_args(argv)
-    for name, value in QUICK.items() if args.quick else ():
-        if getattr(args, name) == p.get_default(name):
-            setattr(args, name, value)
-    several = (args.coordinator, args.num_processes, args.process_id)
-    if len({v is None for v in several}) > 1:
+    vars(args).update({k: v for k, v in QUICK.items()  # --quick: flags left at the default
+                       if args.quick and getattr(args, k) == p.get_default(k)})
+    if len({v is None for v in (args.coordinator, args.num_processes, args.process_id)}) > 1:
         p.error("--coordinator, --num-processes and --process-id go together: give all three "
                 "or none")
     if args.num_processes is not None and not 0 <= args.process_id < args.num_processes:
@@ -128,8 +120,7 @@ def load_batch(args: argparse.Namespace) -> tuple[np.ndarray | None, object]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.dtype == "float64":
-        jax.config.update("jax_enable_x64", True)
+    jax.config.update("jax_enable_x64", args.dtype == "float64" or jax.config.jax_enable_x64)
     if args.coordinator is not None:  # join the job of several processes
         try:
             parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id,
@@ -168,9 +159,7 @@ def run(args: argparse.Namespace) -> int:
     params = init_params(jax.random.fold_in(jax.random.key(args.seed), 1), D, args.hidden_dim,
                          args.out_dim, dtype=jnp.dtype(args.dtype))
     config = {"data": str(args.data) if args.data else "synthetic", "N": N, "D": D,
-              "H": params.A.shape[0], "O": params.C.shape[0], **{k: getattr(args, k) for k in (
-                  "dtype", "seed", "epochs", "lr", "optimizer", "grad", "batch_size",
-                  "chunk_size", "epochs_per_chunk", "quick")},
+              "H": params.A.shape[0], "O": params.C.shape[0], **{k: vars(args)[k] for k in SAVED},
               "processes": jax.process_count(), "devices": jax.device_count()}
     if args.coordinator is not None:
         config["data"] += f" (process 0's {len(X_local)} rows; each process its own)"
@@ -208,16 +197,14 @@ def save(args: argparse.Namespace, config: dict, result: object, resumed_from: i
          seconds: float, compile_seconds: float) -> None:
     """Write config, metrics, losses, the plot and the params; print one line of results."""
     losses, ran = np.asarray(result.losses), args.epochs - resumed_from
-    metrics = {
-        "final_loss": float(losses[-1]) if len(losses) else None,
-        "initial_loss": float(losses[0]) if len(losses) else None,
-        "epochs": args.epochs, "epochs_this_run": ran, "resumed_from_epoch": resumed_from,
-        "seconds": seconds, "compile_seconds": compile_seconds,  # compilation excluded:
-        "epochs_per_second": ran / max(seconds - compile_seconds, 1e-9) if ran else None,
-        "device": str(jax.devices()[0]), "device_count": jax.device_count(),
-        "process_count": jax.process_count(), "platform": jax.default_backend(),
-        "jax_version": jax.__version__,
-    }
+    metrics = {"final_loss": float(losses[-1]) if len(losses) else None,
+               "initial_loss": float(losses[0]) if len(losses) else None,
+               "epochs": args.epochs, "epochs_this_run": ran, "resumed_from_epoch": resumed_from,
+               "seconds": seconds, "compile_seconds": compile_seconds,  # compilation excluded:
+               "epochs_per_second": ran / max(seconds - compile_seconds, 1e-9) if ran else None,
+               "device": str(jax.devices()[0]), "device_count": jax.device_count(),
+               "process_count": jax.process_count(), "platform": jax.default_backend(),
+               "jax_version": jax.__version__}
     fig, ax = _common.figure(width=6, height=4)
     ax.plot(losses)
     ax.set(yscale="log", xlabel="epoch", ylabel="batch loss (mean over samples)",

@@ -25,10 +25,9 @@ per-sample outer products, computed as ONE contraction over N::
 with the weight put in once, at the top: gw_i = 2 r_i w_i, so every cotangent
 below it carries r_i and a padding row (r_i = 0) contributes exactly nothing.
 Never N outer products followed by a mean (about 20x slower at K = 64,
-N = 4096, and O(N H D) memory). ``batch_grad`` also uses the Gram form of the
-output side where it is cheaper, gZ = 2 (C^T C) Z, gC = 2 C (Z Z^T): it never
-forms W and costs 6 N K^2 multiply-adds against autodiff's 7 (see
-``_value_and_grad_sum``).
+N = 4096, and O(N H D) memory). ``batch_grad`` uses the Gram form of the output
+side where it is cheaper: W never formed, 6 N K^2 multiply-adds against autodiff's 7
+(``_value_and_grad_sum``).
 """
 from __future__ import annotations
 
@@ -39,16 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from abc_jax import validation
-from abc_jax.model import (
-    Batch,
-    Params,
-    Residuals,
-    _forward,
-    as_params,
-    as_sample,
-    prepare,
-    sigmoid,
-)
+from abc_jax.model import Batch, Params, Residuals, _forward, as_params, as_sample, prepare, sigmoid
 
 
 def _vjp(params: Params, res: Residuals, g: Any) -> tuple[Params, jax.Array]:
@@ -70,15 +60,11 @@ def _vjp(params: Params, res: Residuals, g: Any) -> tuple[Params, jax.Array]:
 def manual_vjp(params: Params, residuals: Residuals, g: Any = 1.0) -> Params:
     """The hand-derived backward pass for one sample.
 
-    Args:
-      params: ``Params(A (H, D), B (H, D), C (O, H))``.
-      residuals: from ``forward(params, x)``: x (D,), u (H,), z (H,), w (O,).
-      g: cotangent of the scalar loss, a scalar (1.0 gives the gradient).
-
-    Returns:
-      ``Params(gA (H, D), gB (H, D), gC (O, H))`` = g * dL/d(A, B, C), where
-      gC = gw z^T, gB = gz x^T, gA = (gz * u * (1 - u)) x^T, gw = 2 g w,
-      gz = C^T gw (derivation in the module docstring).
+    ``residuals`` come from ``forward(params, x)``: x (D,), u (H,), z (H,), w (O,);
+    ``g`` is the scalar cotangent of L (1.0 gives the gradient). Returns
+    ``Params(gA (H, D), gB (H, D), gC (O, H))`` = g * dL/d(A, B, C), where
+    gC = gw z^T, gB = gz x^T, gA = (gz * u * (1 - u)) x^T, gw = 2 g w,
+    gz = C^T gw (derivation in the module docstring).
     """
     if jnp.ndim(g) != 0:
         raise ValueError(f"g must be a scalar, the cotangent of the scalar loss L, got shape "
@@ -91,14 +77,13 @@ def _manual_grad(params: Params, x: jax.Array) -> Params:
 
 
 def manual_grad(params: Params, x: jax.Array, *, precision: str | None = None) -> Params:
-    """dL/d(A, B, C) for one sample x (D,): ``forward`` then ``manual_vjp``.
+    """dL/d(A, B, C) for one sample x (D,), as ``Params`` of A's, B's, C's shapes.
 
-    ``precision``: matmul precision, None for abc_jax's default ``"highest"``.
+    ``forward`` then ``manual_vjp``; ``precision`` as in ``batch_grad``.
     """
     params, D, _, _, dtype = as_params(params)
     x = as_sample(x, D, dtype)
-    return validation.run(_manual_grad, params, x, name="x",
-                          precision=validation.check_precision(precision))
+    return validation.run(_manual_grad, params, x, name="x", precision=precision)
 
 
 # --- a batch: contractions over N -------------------------------------------
@@ -142,9 +127,8 @@ def _value_and_grad_sum(params: Params, X: jax.Array, r: jax.Array | None,
 def _chunked_sum(fn: Any, X: jax.Array, r: jax.Array | None, chunk_size: int | None) -> Any:
     """sum over chunks of rows of ``fn(X_chunk, r_chunk)``, in one compiled loop.
 
-    ``lax.fori_loop`` with ``lax.dynamic_slice_in_dim`` (no reshaped copy of X)
-    over the full chunks, then the remainder as one static slice: working
-    memory is O(chunk_size) whatever N is.
+    ``lax.fori_loop`` over dynamic slices (no reshaped copy of X), then the
+    remainder as one static slice: working memory is O(chunk_size).
     """
     N = X.shape[0]
     if chunk_size is None or chunk_size >= N:
@@ -223,11 +207,10 @@ def batch_grad(params: Params, X: Any, *, chunk_size: int | None = None,
 
     Args:
       params: ``Params(A (H, D), B (H, D), C (O, H))``.
-      X: samples (N, D), or a ``Batch(X, weights)`` (e.g. from ``shard_batch``,
-        possibly sharded across devices).
-      chunk_size: accumulate over chunks of this many rows inside one compiled
-        loop, so working memory does not grow with N (same result to
-        rounding). None: ``default_chunk_size``'s choice.
+      X: samples (N, D), or a ``Batch(X, weights)`` (e.g. from ``shard_batch``).
+      chunk_size: accumulate over chunks of this many rows in one compiled loop,
+        so memory does not grow with N (same result to rounding). None:
+        ``default_chunk_size``'s choice.
       precision: matmul precision, None for abc_jax's default ``"highest"``
         (exact float32 on every device); ``"default"`` lets a GPU use TF32.
 
@@ -241,18 +224,18 @@ def batch_grad(params: Params, X: Any, *, chunk_size: int | None = None,
     """
     params, batch, chunk_size = _prepare_chunks(params, X, chunk_size)
     return validation.run(_batch_grad, params, batch, name="X", chunk_size=chunk_size,
-                          precision=validation.check_precision(precision))
+                          precision=precision)
 
 
 def batch_value_and_grad(params: Params, X: Any, *, chunk_size: int | None = None,
                          precision: str | None = None) -> tuple[jax.Array, Params]:
-    """``(batch_loss, batch_grad)`` in one pass of the manual derivation (direct form).
+    """``(loss (), Params of gradients)``: ``batch_loss`` and ``batch_grad`` in one pass.
 
-    Arguments as in ``batch_grad``. This is what one training step needs.
+    The direct form of the manual derivation; arguments as in ``batch_grad``.
     """
     params, batch, chunk_size = _prepare_chunks(params, X, chunk_size)
     return validation.run(_value_and_grad, params, batch, name="X", chunk_size=chunk_size,
-                          precision=validation.check_precision(precision))
+                          precision=precision)
 
 
 def _per_sample_grads(params: Params, batch: Batch) -> Params:
@@ -263,16 +246,13 @@ def _per_sample_grads(params: Params, batch: Batch) -> Params:
 
 
 def per_sample_grads(params: Params, X: Any, *, precision: str | None = None) -> Params:
-    """r_i dL_i/d(A, B, C) for every row of X (N, D): each field with a leading N axis.
+    """r_i dL_i/d(A, B, C) for every row of X (N, D): A, B (N, H, D), C (N, O, H).
 
-    ``vmap`` of ``manual_grad``, times the row's weight r_i (1 for a plain X;
-    0 for a padding row of ``shard_batch``), so ``batch_grad`` is their sum
-    over sum(r). Costs O(N H D) memory: use ``batch_grad`` when only the mean
-    is needed.
+    ``vmap`` of ``manual_grad`` times the row weight r_i (1 for a plain X, 0
+    for padding), so ``batch_grad`` is their sum over sum(r). O(N H D) memory.
     """
     params, batch = prepare(params, X)
-    return validation.run(_per_sample_grads, params, batch, name="X",
-                          precision=validation.check_precision(precision))
+    return validation.run(_per_sample_grads, params, batch, name="X", precision=precision)
 
 
 # --- the one-sample loss as a custom_vjp --------------------------------------
@@ -299,17 +279,14 @@ _abc_loss.defvjp(_abc_loss_fwd, _abc_loss_bwd)
 def abc_loss(params: Params, x: jax.Array) -> jax.Array:
     """L = ||C (sigmoid(A x) + B x)||^2 for one sample, differentiated by hand.
 
-    A ``jax.custom_vjp`` whose backward pass is ``manual_vjp`` plus the x
-    cotangent gx = A^T gy + B^T gz, so ``jax.grad``, ``jax.jit``, ``jax.vmap``,
-    Optax and grad-of-grad all run through the hand-written rule. Shapes are
-    checked (also on tracers). Under a transformation, values are not checked
-    and the products follow the caller's matmul precision, as in any JAX
-    function; called eagerly it is ``loss(params, x)``: values checked,
-    "highest" precision. Batch it with ``jax.vmap(abc_loss, in_axes=(None, 0))``.
-    Forward mode over it (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``) needs
-    ``abc_loss_jvp`` instead; asking this one raises a TypeError that says so.
-    (``jax.hessian``, forward over reverse, works: it pushes tangents through
-    the backward rule, plain jnp.)
+    x (D,) -> scalar. A ``jax.custom_vjp`` whose backward pass is ``manual_vjp``
+    plus gx = A^T gy + B^T gz, so ``jax.grad``, ``jax.jit``, ``jax.vmap``, Optax
+    and grad-of-grad run through the hand-written rule. Shapes are always
+    checked; under a transformation values are not, and the caller's matmul
+    precision applies; called eagerly it is ``loss(params, x)``. Batch it with
+    ``jax.vmap(abc_loss, in_axes=(None, 0))``. Forward mode (``jax.jvp``,
+    ``jax.jacfwd``, ``jax.linearize``) needs ``abc_loss_jvp``: asking this one
+    raises a TypeError that says so (``jax.hessian``, forward over reverse, works).
     """
     params, D, _, _, dtype = as_params(params)
     x = as_sample(x, D, dtype)

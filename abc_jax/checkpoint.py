@@ -7,15 +7,12 @@ A checkpoint holds what lets ``train`` continue exactly where it stopped::
     losses       (epoch,) the loss of every epoch so far
     settings     the run's settings as a JSON string
 
-It is written through ``files.write_npz`` (temporary file, then rename), so a
-run killed at any moment leaves the previous checkpoint or the new one, never
-half of one. Loading compares the stored settings with the caller's and
-raises ``ValueError`` naming each difference: a checkpoint is never loaded
-into a run it was not written for. The data and the initial parameters enter
-the settings through ``fingerprint``: their shape, dtype and a few moments
-computed on the devices, so data spread over devices or processes never
-travels to one host, and the same rows laid out differently still match.
-With several processes only process 0 reads the file and sends it to all.
+It is written whole (``files.write_npz``): a killed run leaves the previous
+checkpoint or the new one. Loading compares the stored settings with the
+caller's and raises ``ValueError`` naming each difference. The data and the
+initial parameters enter the settings through ``fingerprint``, moments computed
+on the devices: no data travels to one host, and the same rows laid out
+differently still match.
 """
 
 from __future__ import annotations
@@ -72,11 +69,10 @@ def save_checkpoint(directory: str | os.PathLike[str], *, state: Any, epoch: int
 
 def restore(directory: str | os.PathLike[str], *, like: Any,
             settings: dict[str, Any]) -> tuple[Any, int, np.ndarray] | None:
-    """``(state, epoch, losses)`` from the checkpoint in ``directory``; None if there is none.
+    """``(state, epoch, losses (epoch,))`` from the checkpoint in ``directory``, or None.
 
-    ``like`` is this run's state (tree structure, leaf shapes and dtypes to
-    match). Process 0 reads the file and sends its bytes to the others
-    (``parallel.broadcast_bytes``): all resume alike or all raise alike.
+    ``like`` is this run's state (structure, leaf shapes and dtypes to match).
+    Process 0 reads the file and sends it to the others: all resume or raise alike.
 
     Raises:
       ValueError: the file is unreadable, or was written for another run

@@ -1,10 +1,9 @@
 """Loading a user's samples from disk: .npy, .npz or .csv, checked, as an (N, D) array.
 
-Every problem with the file becomes a ``DataError`` (a ``ValueError``) with a
-one-line message naming the file and what is wrong, so a script can print it
-and exit instead of showing a traceback. Positions are 1-based everywhere: a
-text file's line numbers as an editor shows them (blank lines counted), an
-array's rows and columns counted from 1.
+Every problem becomes a one-line ``DataError`` (a ``ValueError``) naming the
+file, so a script can print it and exit. Positions are 1-based: a text file's
+line numbers as an editor shows them (blank lines counted), an array's rows
+and columns counted from 1.
 """
 
 from __future__ import annotations
@@ -125,9 +124,8 @@ def load_data(path: str | os.PathLike[str]) -> np.ndarray:
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     X, lines = _read(path)
-    if X.dtype == bool or not (
-        np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer)
-    ):
+    real = np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer)
+    if X.dtype == bool or not real:
         raise DataError(f"{path}: entries must be real numbers, got dtype {X.dtype}")
     if X.ndim != 2:
         raise DataError(f"{path}: samples must form a 2-D array (N, D), got shape {X.shape}")

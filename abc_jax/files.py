@@ -1,7 +1,7 @@
 """Results on disk, each file written whole: temporary file in the same folder, then rename.
 
-A crash never leaves a half-written JSON, CSV, PNG, .npz or checkpoint: readers
-see the old file or the new one (``os.replace`` is atomic on POSIX).
+A crash never leaves a half-written file: readers see the old one or the new
+one (``os.replace`` is atomic on POSIX).
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ def _umask() -> int:
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` via a temporary file and ``os.replace``.
 
-    The file gets the usual permissions (0o666 less the umask), not the
-    owner-only mode of the temporary file.
+    The file gets the usual permissions (0o666 less the umask), not mkstemp's.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,9 +67,8 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     return atomic_write_bytes(path, text.encode())
 
 
-def write_csv(
-    path: str | os.PathLike[str], header: Sequence[str], rows: Iterable[Sequence[Any]]
-) -> Path:
+def write_csv(path: str | os.PathLike[str], header: Sequence[str],
+              rows: Iterable[Sequence[Any]]) -> Path:
     """Write a CSV table with a header row."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -97,14 +95,9 @@ def save_figure(path: str | os.PathLike[str], fig: Any, *, dpi: int = 150) -> Pa
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def write_results(
-    out_dir: str | os.PathLike[str],
-    *,
-    config: Any = None,
-    metrics: Any = None,
-    tables: Mapping[str, tuple[Sequence[str], Iterable[Sequence[Any]]]] | None = None,
-    figures: Mapping[str, Any] | None = None,
-) -> dict[str, Path]:
+def write_results(out_dir: str | os.PathLike[str], *, config: Any = None, metrics: Any = None,
+                  tables: Mapping[str, tuple[Sequence[str], Iterable[Sequence[Any]]]] | None = None,
+                  figures: Mapping[str, Any] | None = None) -> dict[str, Path]:
     """Write an experiment's results into ``out_dir``, each file whole.
 
     ``config.json`` and ``metrics.json`` (if given), one ``<name>.csv`` per

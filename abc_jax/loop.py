@@ -19,10 +19,8 @@ each at the parameters before its own update. The permutation is over the real
 rows in their global order, so padding, devices and processes do not change
 which rows a batch holds.
 
-``run_chunk`` runs up to ``length`` epochs (the trip count is traced, so E
-epochs do E epochs of work) and stops at the first non-finite loss;
-``run_chunk_members`` is the same chunk vmapped over copies of the state.
-The host side (checks, checkpoints, hooks) is in ``training``.
+``run_chunk`` runs up to ``length`` epochs (``_chunk``); ``run_chunk_members``
+vmaps it over copies of the state. The host side is in ``training``.
 """
 
 from __future__ import annotations
@@ -55,8 +53,7 @@ def gradient_descent(lr: float) -> optax.GradientTransformation:
     """The homework's rule p <- p - lr * g, as an Optax transformation.
 
     ``init(params)`` puts lr into the state, in the params' dtype;
-    ``update(grads, state, params) -> (-lr * grads, state)``. Applied with
-    ``optax.apply_updates`` it gives p - lr * g, the arithmetic of
+    ``update(grads, state, params) -> (-lr * grads, state)``: the arithmetic of
     ``optax.sgd(lr)``. Every lr shares one ``update``, so one compiled loop.
     """
     lr = validation.check_finite_float(lr, "lr", positive=True)
@@ -122,9 +119,10 @@ def _chunk(state: State, batch: Batch, key: jax.Array | None, start: jax.Array,
            precision: str) -> tuple[State, jax.Array]:
     """Epochs start .. min(start + length, stop) - 1 in one ``lax.while_loop``.
 
-    Stops after the first epoch whose loss is not finite (that epoch's update
-    is not applied). Returns the state and the (length,) losses, NaN for
-    epochs not run. Traced at ``precision``, so it reaches autodiff's products.
+    The trip count is traced (E epochs do E epochs of work). Stops after the
+    first epoch whose loss is not finite (its update is not applied). Returns
+    the state and the (length,) losses, NaN for epochs not run. Traced at
+    ``precision``, so it reaches autodiff's products.
     """
     step = functools.partial(_step, update, extra, grad, chunk_size)
 

@@ -15,9 +15,8 @@ The batch objective is a weighted mean over rows: with X (N, D) and row
 weights w_i >= 0 (all 1 by default), ``batch_loss = sum_i w_i L_i / sum_i w_i``.
 With unit weights that is the plain mean. The homework minimised the sum over
 i; the minimiser is the same, and the mean keeps the learning rate independent
-of N. A weight is data, not a static count: padding rows (added to spread N
-over devices) weigh 0, and a user's per-sample importance weights use the
-same mechanism.
+of N. A weight is data, not a static count: padding rows weigh 0, and a user's
+importance weights use the same mechanism.
 """
 
 from __future__ import annotations
@@ -61,27 +60,19 @@ class Batch(NamedTuple):
 
 def init_params(key: jax.Array, in_dim: int, hidden_dim: int | None = None,
                 out_dim: int | None = None, *, dtype: Any = jnp.float32) -> Params:
-    """Random parameters, entries ~ Normal(0, 1 / fan_in).
+    """``Params(A (H, D), B (H, D), C (O, H))``, entries ~ Normal(0, 1 / fan_in).
 
-    Args:
-      key: a ``jax.random`` key.
-      in_dim: D. ``hidden_dim`` (H) and ``out_dim`` (O) default to D, the
-        homework's K x K matrices.
-      dtype: a floating dtype (float64 needs ``jax_enable_x64``).
-
-    Returns:
-      ``Params(A (H, D), B (H, D), C (O, H))``.
+    ``in_dim`` is D; ``hidden_dim`` (H) and ``out_dim`` (O) default to D, the
+    homework's K x K matrices. ``dtype``: floating (float64 needs x64 enabled).
     """
     D = validation.check_positive_int(in_dim, "in_dim")
     H = validation.check_positive_int(D if hidden_dim is None else hidden_dim, "hidden_dim")
     O = validation.check_positive_int(D if out_dim is None else out_dim, "out_dim")
     dtype = validation.check_dtype(dtype)
     ka, kb, kc = jax.random.split(validation.check_key(key), 3)
-    return Params(
-        A=jax.random.normal(ka, (H, D), dtype) / jnp.sqrt(D).astype(dtype),
-        B=jax.random.normal(kb, (H, D), dtype) / jnp.sqrt(D).astype(dtype),
-        C=jax.random.normal(kc, (O, H), dtype) / jnp.sqrt(H).astype(dtype),
-    )
+    return Params(A=jax.random.normal(ka, (H, D), dtype) / jnp.sqrt(D).astype(dtype),
+                  B=jax.random.normal(kb, (H, D), dtype) / jnp.sqrt(D).astype(dtype),
+                  C=jax.random.normal(kc, (O, H), dtype) / jnp.sqrt(H).astype(dtype))
 
 
 def sigmoid(y: jax.Array) -> jax.Array:
@@ -168,8 +159,8 @@ def as_batch(data: Any, D: int, dtype: Any, name: str = "X") -> Batch:
 def replicate_like(tree: Any, X: Any) -> Any:
     """``tree`` replicated over X's mesh when X is sharded over several devices.
 
-    Parameters on one device would clash with a sharded X in ``jit``; each device
-    holds its own copy instead (they are small). Keys are moved as key data.
+    Parameters on one device would clash with a sharded X in ``jit``. Keys move
+    as key data.
     """
     sharding = getattr(X, "sharding", None)
     if not (isinstance(sharding, NamedSharding) and sharding.mesh.size > 1):
@@ -196,17 +187,12 @@ def prepare(params: Any, data: Any, name: str = "X") -> tuple[Params, Batch]:
 
 def forward(params: Params, x: jax.Array, *,
             precision: str | None = None) -> tuple[jax.Array, Residuals]:
-    """Forward pass for one sample.
+    """Forward pass for one sample x (D,), params ``Params(A (H, D), B (H, D), C (O, H))``.
 
-    Args:
-      params: ``Params(A (H, D), B (H, D), C (O, H))``.
-      x: one sample, shape (D,).
-      precision: matmul precision, None for abc_jax's default ``"highest"``
-        (see ``validation.check_precision``).
-
-    Returns:
-      ``(L, residuals)``: the scalar loss ||C (sigmoid(A x) + B x)||^2 and the
-      ``Residuals(x, u, z, w)`` that ``manual_vjp`` consumes.
+    Returns ``(L, residuals)``: the scalar loss ||C (sigmoid(A x) + B x)||^2 and
+    the ``Residuals(x (D,), u (H,), z (H,), w (O,))`` that ``manual_vjp`` consumes.
+    ``precision``: matmul precision, None for abc_jax's default ``"highest"``
+    (``validation.check_precision``).
 
     Raises:
       ValueError, TypeError: bad shapes, dtypes or NaN/inf in params or x.
@@ -214,8 +200,7 @@ def forward(params: Params, x: jax.Array, *,
     """
     params, D, _, _, dtype = as_params(params)
     x = as_sample(x, D, dtype)
-    return validation.run(_forward, params, x, name="x",
-                          precision=validation.check_precision(precision))
+    return validation.run(_forward, params, x, name="x", precision=precision)
 
 
 def loss(params: Params, x: jax.Array, *, precision: str | None = None) -> jax.Array:
@@ -226,9 +211,7 @@ def loss(params: Params, x: jax.Array, *, precision: str | None = None) -> jax.A
 def batch_loss(params: Params, X: Any, *, precision: str | None = None) -> jax.Array:
     """sum_i w_i L(params, X[i]) / sum_i w_i for X (N, D) or a ``Batch`` (unit weights: the mean).
 
-    The homework minimised the sum; the mean has the same minimiser and keeps
-    the learning rate independent of N. ``precision`` as in ``forward``.
+    A scalar; ``precision`` as in ``forward``.
     """
     params, batch = prepare(params, X)
-    return validation.run(_batch_loss, params, batch, name="X",
-                          precision=validation.check_precision(precision))
+    return validation.run(_batch_loss, params, batch, name="X", precision=precision)

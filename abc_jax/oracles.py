@@ -21,15 +21,13 @@ _oracle = jax.grad(_batch_loss)
 
 
 def oracle_grad(params: Params, X: Any, *, precision: str | None = None) -> Params:
-    """``jax.grad(batch_loss)(params, X)``, jitted: the reference gradient.
+    """``jax.grad(batch_loss)(params, X)``, jitted: the reference gradient, as ``Params``.
 
-    X is (N, D) or a ``Batch``. ``precision``: matmul precision, None for
-    abc_jax's default ``"highest"``, so the reference is exact float32
+    X is (N, D) or a ``Batch``. ``precision`` None is ``"highest"``: exact float32
     arithmetic on a GPU too.
     """
     params, batch = prepare(params, X)
-    return validation.run(_oracle, params, batch, name="X",
-                          precision=validation.check_precision(precision))
+    return validation.run(_oracle, params, batch, name="X", precision=precision)
 
 
 # Bound on floats touched per lax.map step: 2 * directions * N * (D + H + O).
@@ -53,16 +51,13 @@ def fd_grad(params: Params, X: Any, eps: float | None = None, *,
     """Central finite differences of ``batch_loss``, one parameter at a time.
 
     dL/dp_j ~ (L(p + eps e_j) - L(p - eps e_j)) / (2 eps) for each of the P
-    flattened parameters (``ravel_pytree``), vmapped over directions in
-    batches (``lax.map``) and jitted: 2P evaluations of the batch loss.
+    flattened parameters, in batches (``lax.map``), jitted: 2P evaluations of
+    the batch loss on X (N, D) or a ``Batch``. Returns ``Params`` like params.
 
-    Args:
-      X: samples (N, D), or a ``Batch``.
-      eps: step; default ``finfo(dtype).eps ** (1/3)``, which balances the
-        O(eps^2) truncation error against the O(machine eps / eps) rounding
-        error (about 6e-6 in float64, 5e-3 in float32). Data, not a constant
-        of the compiled code.
-      precision: matmul precision, None for abc_jax's default ``"highest"``.
+    ``eps`` defaults to ``finfo(dtype).eps ** (1/3)``, which balances the
+    O(eps^2) truncation error against the O(machine eps / eps) rounding error
+    (about 6e-6 in float64, 5e-3 in float32); it is data, not a constant of the
+    compiled code. ``precision`` as in ``oracle_grad``.
     """
     params, batch = prepare(params, X)
     dtype = params.A.dtype
@@ -72,8 +67,7 @@ def fd_grad(params: Params, X: Any, eps: float | None = None, *,
     P = 2 * H * D + O * H
     batch_size = max(1, min(P, _FD_WORK // (2 * N * (D + H + O))))
     return validation.run(_fd_grad, params, batch, jnp.asarray(eps, dtype), name="X",
-                          batch_size=batch_size,
-                          precision=validation.check_precision(precision))
+                          batch_size=batch_size, precision=precision)
 
 
 def grad_errors(grads: Params, reference: Params) -> dict[str, dict[str, float]]:

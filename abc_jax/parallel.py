@@ -1,22 +1,14 @@
 """Data parallelism on JAX's own sharding: rows split along N, params replicated.
 
 ``shard_batch(X)`` places the rows of X across all devices (a ``Mesh`` with one
-``"data"`` axis, ``NamedSharding`` ``P("data", None)``) as a ``Batch``: when N
-does not divide by the device count, zero rows of weight 0 pad it. Every batch
-function computes sum_i r_i L_i / sum_i r_i, so padding changes nothing, and
-a ``Batch`` is a pytree: ``jax.jit(batch_loss)(params, shard_batch(X))`` works
-for any N and any device count. Each device runs the forward and backward
-pass on its rows and XLA inserts the all-reduce for the contractions over N.
+Auto ``"data"`` axis, ``P("data", None)``) as a ``Batch`` padded with zero rows of
+weight 0. Every batch function computes sum_i r_i L_i / sum_i r_i, so padding
+changes nothing: ``jax.jit(batch_loss)(params, shard_batch(X))`` works for any N
+and device count, and XLA inserts the all-reduce for the contractions over N.
 
-The mesh axis is ``AxisType.Auto`` (XLA chooses the output sharding of the
-contraction over the sharded N axis); with ``Explicit`` axes, the default of
-``jax.make_mesh``, that contraction is a sharding type error, so such a mesh
-is refused with a clear message.
-
-Several processes (one per host) run as one multi-controller job on JAX's
-distributed runtime: ``initialize_distributed`` joins it (gloo collectives on
-CPUs, NCCL on GPUs), and ``shard_local_batch`` builds the global batch from
-each process's own rows, each process padding its own share locally.
+Several processes (one per host) run as one job on JAX's distributed runtime:
+``initialize_distributed`` joins it, and ``shard_local_batch`` builds the global
+batch from each process's own rows, each process padding its share locally.
 """
 
 from __future__ import annotations
@@ -68,19 +60,12 @@ def _padded(X: Any, weights: Any, rows: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def shard_batch(X: Any, mesh: Mesh | None = None) -> Batch:
-    """Place X (N, D), or a ``Batch``, across the devices of ``mesh`` along N.
+    """Place X (N, D), N >= 1, or a ``Batch``, across the devices of ``mesh`` along N.
 
-    Args:
-      X: samples (N, D), N >= 1; or ``Batch(X, weights)``.
-      mesh: a ``jax.sharding.Mesh`` with a ``"data"`` axis of type Auto; by
-        default all devices (``data_mesh()``).
-
-    Returns:
-      ``Batch(X, weights)`` sharded ``P("data")`` along N, padded to a multiple
-      of the data axis's size with zero rows of weight 0.
-
-    With several processes, X here is the whole batch, the same on every
-    process; ``shard_local_batch`` takes each process's own rows instead.
+    ``mesh``: a ``Mesh`` with an Auto ``"data"`` axis, default ``data_mesh()``.
+    Returns ``Batch(X, weights)`` sharded ``P("data")`` along N, padded to a
+    multiple of the data axis's size with zero rows of weight 0. With several
+    processes X is the whole batch, the same on each (else ``shard_local_batch``).
     """
     mesh = _check_mesh(mesh)
     X, weights = _rows(X, "a batch")
@@ -93,7 +78,11 @@ def shard_batch(X: Any, mesh: Mesh | None = None) -> Batch:
 
 
 def _check_mesh(mesh: Any) -> Mesh:
-    """``mesh`` (default ``data_mesh()``), checked to have an Auto ``"data"`` axis."""
+    """``mesh`` (default ``data_mesh()``), checked to have an Auto ``"data"`` axis.
+
+    Under ``Explicit`` axes (``jax.make_mesh``'s default) the contraction over
+    the sharded N axis is a sharding type error, so such a mesh is refused.
+    """
     if mesh is None:
         mesh = data_mesh()
     if not isinstance(mesh, Mesh):
@@ -114,17 +103,12 @@ def shard_local_batch(X: Any, mesh: Mesh | None = None) -> Batch:
 
     Every process calls it with its rows (n_p, D), or a ``Batch`` of them; n_p
     may differ between processes (and be 0), D and the dtype may not. Each
-    process pads its rows with zero rows of weight 0 to the same count per
-    device and places them on its own devices
-    (``jax.make_array_from_process_local_data``): no row moves between hosts.
-    The real rows are, in global order, process 0's, then process 1's, ...;
-    ``batch_grad``, ``batch_loss``, ``oracle_grad`` and ``train`` (mini-batches
-    included) give the results of one process on all rows, to rounding.
-
-    Args:
-      X: this process's rows, shape (n_p, D), real numbers.
-      mesh: a 1-D mesh with an Auto ``"data"`` axis whose devices are grouped by
-        process in process order (default ``data_mesh()``: all devices).
+    process pads its rows with weight-0 rows to the same count per device, on
+    its own devices: no row moves between hosts. The real rows are, in global
+    order, process 0's, then process 1's, ...; batch functions and ``train``
+    give the results of one process on all rows, to rounding. ``mesh``: 1-D,
+    Auto ``"data"`` axis, devices grouped by process in process order (default
+    ``data_mesh()``). Returns a ``Batch`` as ``shard_batch`` does.
 
     Raises:
       ValueError, TypeError: on every process, if one process's rows are not a
@@ -143,13 +127,9 @@ def shard_local_batch(X: Any, mesh: Mesh | None = None) -> Batch:
     R = max(1, max(-(-c // d) for c, d in zip(counts, per_device, strict=True)))
     me = jax.process_index()
     Xp, wp = _padded(X, weights, per_device[me] * R)
-    rows = len(mesh.devices.reshape(-1)) * R
-    return Batch(
-        jax.make_array_from_process_local_data(
-            NamedSharding(mesh, PartitionSpec(DATA_AXIS, None)), Xp, (rows, Xp.shape[1])),
-        jax.make_array_from_process_local_data(
-            NamedSharding(mesh, PartitionSpec(DATA_AXIS)), wp, (rows,)),
-    )
+    rows, put = len(mesh.devices.reshape(-1)) * R, jax.make_array_from_process_local_data
+    return Batch(put(NamedSharding(mesh, PartitionSpec(DATA_AXIS, None)), Xp, (rows, Xp.shape[1])),
+                 put(NamedSharding(mesh, PartitionSpec(DATA_AXIS)), wp, (rows,)))
 
 
 def _gather_counts(local: np.ndarray, problem: Exception | None,
@@ -191,26 +171,15 @@ def initialize_distributed(coordinator_address: str, num_processes: int, process
                            heartbeat_timeout: int = 10, initialization_timeout: int = 300) -> None:
     """Join a job of ``num_processes`` processes on JAX's distributed runtime.
 
-    Calls ``jax.distributed.initialize`` after choosing gloo for collectives
-    between CPUs (``jax_cpu_collectives_implementation``; GPUs use NCCL
-    whatever it says). Process 0 runs the coordinator at
-    ``coordinator_address``; the others first wait, up to
-    ``initialization_timeout`` seconds, for its port to accept connections,
-    so a coordinator that is not there raises ``ConnectionError`` naming it
-    (JAX itself would abort the process with a stack trace). Call it before
-    any other JAX function. On SLURM and similar launchers
-    ``jax.distributed.initialize()`` with no arguments finds all three values
-    itself.
-
-    Args:
-      coordinator_address: ``"HOST:PORT"`` of process 0, reachable from every
-        process (``"[::1]:PORT"`` for an IPv6 address).
-      num_processes: P >= 1.
-      process_id: this process, 0 <= process_id < P.
-      heartbeat_timeout: seconds without a heartbeat after which JAX declares a
-        process dead and terminates the others (they exit non-zero; JAX's
-        default is 100).
-      initialization_timeout: seconds to wait for all processes to join.
+    ``jax.distributed.initialize`` with gloo for collectives between CPUs (GPUs
+    use NCCL). Process 0 runs the coordinator at ``coordinator_address``
+    (``"HOST:PORT"``, ``"[::1]:PORT"`` for IPv6); the others first wait up to
+    ``initialization_timeout`` seconds for its port, so a missing coordinator
+    raises ``ConnectionError`` instead of JAX aborting the process. Call it
+    before any other JAX function (on SLURM and similar launchers
+    ``jax.distributed.initialize()`` finds the values itself). 0 <= process_id
+    < num_processes. After ``heartbeat_timeout`` seconds without a heartbeat
+    JAX declares a process dead and terminates the others (JAX's default: 100).
 
     Raises:
       ConnectionError: no coordinator answered within initialization_timeout.
@@ -271,10 +240,8 @@ def _digest(value: Any) -> np.ndarray:
 def check_same_on_all_processes(values: dict[str, Any], what: str) -> None:
     """Raise ValueError on every process if any of ``values`` differs between processes.
 
-    Each process contributes an 8-byte digest of ``repr(value)`` per entry;
-    one all-gather compares them. Every process of a job must run the same
-    computations with the same arguments; a difference would otherwise hang
-    a collective or silently mix results.
+    One all-gather of an 8-byte digest of ``repr(value)`` per entry: a difference
+    would otherwise hang a collective or silently mix results.
     """
     if jax.process_count() == 1:
         return
@@ -294,9 +261,8 @@ def check_same_on_all_processes(values: dict[str, Any], what: str) -> None:
 def failed_processes(ok: bool) -> list[int]:
     """The processes that passed ``ok=False``, the same list on every process (one all-gather).
 
-    Lets every process stop together when one of them fails before a
-    collective (e.g. cannot read its data), instead of the others waiting in
-    that collective until the heartbeat timeout.
+    Lets every process stop together when one fails before a collective,
+    instead of the others waiting in it until the heartbeat timeout.
     """
     if jax.process_count() == 1:
         return [] if ok else [0]
@@ -307,8 +273,7 @@ def failed_processes(ok: bool) -> list[int]:
 def broadcast_bytes(data: bytes | None) -> bytes | None:
     """Process 0's ``data`` on every process (others pass anything, e.g. None).
 
-    Two ``multihost_utils.broadcast_one_to_all`` calls: the length, then the
-    bytes. With one process, ``data`` itself.
+    Two ``broadcast_one_to_all`` calls: the length, then the bytes.
     """
     if jax.process_count() == 1:
         return data

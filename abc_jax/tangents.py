@@ -23,13 +23,6 @@ directional derivative; the gradient needs one per parameter, P = 2HD + OH
 of them (``jvp_grad``), where one VJP gives all P at once. Forward mode wins
 the other way round: few inputs and many outputs (dw/dx for a small D and a
 large O is D JVPs against O VJPs).
-
-``abc_loss_jvp`` is ``abc_loss``'s twin with this rule as its ``jax.custom_jvp``:
-``jax.jvp``, ``jax.jacfwd``, ``jax.hessian`` and ``jax.linearize`` run through
-the hand-derived tangents, and JAX gets reverse mode (``jax.grad``) by
-transposing them. ``abc_loss`` itself is a ``jax.custom_vjp``, which JAX
-cannot push tangents through (``jax.hessian``, forward over its reverse rule,
-still works).
 """
 
 from __future__ import annotations
@@ -99,50 +92,40 @@ def _check_tangents(tangents: Any, params: Params, dtype: Any) -> Params:
 
 def manual_jvp(params: Params, x: Any, tangents: Params, x_tangent: Any = None, *,
                precision: str | None = None) -> tuple[jax.Array, jax.Array]:
-    """(L, dL): the loss of one sample and its derivative along a tangent, by hand.
+    """(L, dL), two scalars: the loss of one sample and its derivative along a tangent.
 
-    Args:
-      params: ``Params(A (H, D), B (H, D), C (O, H))``.
-      x: one sample (D,).
-      tangents: ``Params(dA (H, D), dB (H, D), dC (O, H))``, a direction.
-      x_tangent: dx (D,), or None for 0.
-      precision: matmul precision, None for abc_jax's ``"highest"``.
-
-    Returns:
-      ``(L, dL)`` with dL = <dL/d(A, B, C, x), (dA, dB, dC, dx)>, the same as
-      ``jax.jvp(loss, (params, x), (tangents, x_tangent))``.
+    x (D,); ``tangents`` = ``Params(dA (H, D), dB (H, D), dC (O, H))``, a
+    direction; ``x_tangent`` dx (D,) or None for 0. dL = <dL/d(A, B, C, x),
+    (dA, dB, dC, dx)>, as ``jax.jvp(loss, (params, x), (tangents, x_tangent))``.
+    ``precision``: matmul precision, None for abc_jax's ``"highest"``.
     """
     params, D, _, _, dtype = as_params(params)
     x = as_sample(x, D, dtype)
     dparams = _check_tangents(tangents, params, dtype)
     dx = jnp.zeros_like(x) if x_tangent is None else as_sample(x_tangent, D, dtype, "x_tangent")
-    return validation.run(_jvp, params, x, dparams, dx, name="x",
-                          precision=validation.check_precision(precision))
+    return validation.run(_jvp, params, x, dparams, dx, name="x", precision=precision)
 
 
 def batch_jvp(params: Params, X: Any, tangents: Params, *,
               precision: str | None = None) -> tuple[jax.Array, jax.Array]:
     """(batch_loss, its derivative along ``tangents``) for X (N, D) or a ``Batch``, by hand.
 
-    One forward pass with tangents alongside: about twice a forward pass, for
-    one directional derivative of the (weighted) mean loss.
+    Two scalars, for about twice the cost of a forward pass.
     """
     params, batch = prepare(params, X)
     dparams = _check_tangents(tangents, params, params.A.dtype)
-    return validation.run(_batch_jvp, params, batch, dparams, name="X",
-                          precision=validation.check_precision(precision))
+    return validation.run(_batch_jvp, params, batch, dparams, name="X", precision=precision)
 
 
 def jvp_grad(params: Params, X: Any, *, precision: str | None = None) -> Params:
-    """The gradient of batch_loss from P = 2HD + OH manual JVPs, one per parameter.
+    """The gradient of batch_loss (``Params``) from P = 2HD + OH manual JVPs.
 
-    Forward mode's way to a gradient, for comparison with one ``batch_grad``:
-    P directional derivatives along the basis tangents, vmapped (P^2 memory for
-    the basis, like ``jax.jacfwd``). Equal to ``batch_grad`` to rounding.
+    Forward mode's way to a gradient: P directional derivatives along the basis
+    tangents, vmapped (P^2 memory, like ``jax.jacfwd``). Equals ``batch_grad``
+    to rounding.
     """
     params, batch = prepare(params, X)
-    return validation.run(_jvp_grad, params, batch, name="X",
-                          precision=validation.check_precision(precision))
+    return validation.run(_jvp_grad, params, batch, name="X", precision=precision)
 
 
 @jax.custom_jvp
@@ -158,11 +141,11 @@ def _abc_loss_jvp_rule(primals: tuple[Params, jax.Array],
 
 
 def abc_loss_jvp(params: Params, x: jax.Array) -> jax.Array:
-    """L for one sample as a ``jax.custom_jvp`` whose tangent rule is ``manual_jvp``'s.
+    """L for one sample x (D,) as a ``jax.custom_jvp`` with ``manual_jvp``'s tangent rule.
 
-    ``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``, ``jax.linearize`` use the
-    hand-derived tangents; ``jax.grad`` transposes them. Shapes are checked;
-    values are checked when called eagerly (as ``abc_loss``).
+    ``abc_loss``'s twin: ``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``,
+    ``jax.linearize`` use the hand-derived tangents; ``jax.grad`` transposes
+    them. Shapes are checked; values when called eagerly (as ``abc_loss``).
     """
     params, D, _, _, dtype = as_params(params)
     x = as_sample(x, D, dtype)

@@ -1,12 +1,9 @@
 """Training on the host: check, build the state, restore, run compiled chunks, call hooks.
 
-``train`` is a short pipeline: check the configuration, build the initial
-state, restore a checkpoint, run compiled chunks of up to ``epochs_per_chunk``
-epochs (``loop.run_chunk``, where the update rule and the epochs are), call the
-hooks after each chunk (divergence guard, checkpoint, progress), return the
-result. ``losses[e]`` is the loss at the parameters BEFORE update e.
-``train_per_sample`` runs the same chunk vmapped over one copy of the state
-per sample (``loop.run_chunk_members``).
+``train`` runs compiled chunks of up to ``epochs_per_chunk`` epochs
+(``loop.run_chunk``: the update rule and the epochs) and after each calls the
+hooks (divergence guard, checkpoint, progress). ``train_per_sample`` runs the
+same chunk vmapped over one copy of the state per sample.
 """
 
 from __future__ import annotations
@@ -40,13 +37,11 @@ class TrainResult(NamedTuple):
 
 
 class DivergenceError(RuntimeError):
-    """The loss became NaN or inf. ``.result`` is the ``TrainResult`` up to the last finite epoch.
+    """The loss became NaN or inf.
 
-    Attributes:
-      result: params at the start of the last epoch whose loss was finite and
-        the losses of the epochs before the first non-finite one.
-      epoch: the first epoch whose loss is not finite.
-      lr: the learning rate of the run (None if the optimizer carries its own).
+    ``.result``: the ``TrainResult`` of params at the start of the last epoch
+    with a finite loss and the losses before the first non-finite one;
+    ``.epoch``: that first epoch; ``.lr``: the run's (None with an optimizer).
     """
 
     def __init__(self, message: str, result: TrainResult, epoch: int, lr: float | None):
@@ -108,7 +103,7 @@ def _settings(params: Params, batch: Batch, opt_state: Any, n_rows: int, lr: Any
     """What identifies a run, for its checkpoint and the processes' agreement.
 
     Speed and memory knobs (chunk_size, precision, epochs_per_chunk, devices,
-    processes) are left out: they may change across a resume.
+    processes) may change across a resume and are left out.
     """
     if key is not None and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.key_data(key)
@@ -213,24 +208,23 @@ def train(params: Params, X: Any, *, lr: float | None = None, epochs: int,
         process calls train alike, which is checked, and gets the same result).
       lr: learning rate of the default rule p <- p - lr * g (required without
         ``optimizer``; data, so every lr shares one compilation).
-      epochs: number of epochs, >= 0 (0 returns params unchanged, no losses).
+      epochs: >= 0 (0 returns params unchanged, no losses).
       optimizer: None for ``gradient_descent(lr)``, or any
         ``optax.GradientTransformation``; ``GradientTransformationExtraArgs``
         (e.g. ``optax.lbfgs()``) also get ``value``, ``grad`` and ``value_fn``.
       grad: "manual" (the hand-derived batch gradient) or "oracle" (``jax.grad``).
       batch_size: None trains on the full batch; b >= 1 on ceil(n / b)
-        mini-batches per epoch drawn with ``fold_in(key, epoch)``.
-      key: ``jax.random.key``; required with ``batch_size``, ignored without.
-      chunk_size: rows per step of the manual gradient's accumulation (memory).
+        mini-batches per epoch drawn with ``fold_in(key, epoch)`` (``key``
+        required then, ignored otherwise).
+      chunk_size, precision: as in ``batch_grad``; speed knobs that may change
+        across a resume.
       progress: a tqdm bar on a terminal or in a notebook, updated per chunk.
       checkpoint_dir: if given, ``checkpoint.npz`` there is written after every
         chunk (by process 0), and a call finding one continues from it. A
         checkpoint of another run (data, initial params, shapes, dtype, lr,
         grad, batch_size, key, optimizer state structure) is refused.
       epochs_per_chunk: epochs per compiled loop: how often the host checks,
-        checkpoints and shows progress. A chunk runs only the epochs left.
-      precision: matmul precision, None for abc_jax's ``"highest"``; like
-        chunk_size a speed knob that may change across a resume.
+        checkpoints and shows progress.
 
     Returns:
       ``TrainResult(params, losses)``, losses (epochs,): losses[e] is the batch
@@ -312,10 +306,8 @@ def train_per_sample(params: Params, X: Any, *, lr: float, epochs: int, progress
 
         jax.tree.map(lambda p: p.mean(0), result.params)
 
-    Args:
-      params: ``Params(A (H, D), B (H, D), C (O, H))``, the common start.
-      X: samples (N, D), finite (rows of weight 0 in a ``Batch`` are dropped).
-      lr, epochs, progress, epochs_per_chunk, precision: as in ``train``.
+    ``params`` is the common start; X (N, D) is finite (rows of weight 0 in a
+    ``Batch`` are dropped); the other arguments as in ``train``.
 
     Returns:
       ``TrainResult`` with params A (N, H, D), B (N, H, D), C (N, O, H) and

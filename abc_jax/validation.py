@@ -1,14 +1,9 @@
 """Input validation and the one checked run every public function goes through.
 
-Argument checks (types, ranks, shapes, dtypes, Python values) are plain Python:
-they read only ``.shape``, ``.dtype`` and numbers, so they raise before
-anything is traced and also work on tracers inside a caller's ``jax.jit``.
-
-Value checks are fused into the computation: ``run`` jits ``fn`` together with
-one all-finite flag of its outputs and the parameters, reads that flag, and
-only when it is false scans the inputs to explain it (the first NaN/inf entry,
-a bad row weight, or else an overflow of the dtype). Inside a caller's
-transformation the values are tracers: ``run`` then calls ``fn`` plainly.
+Argument checks are plain Python on ``.shape``, ``.dtype`` and numbers: they
+raise before anything is traced and also work on tracers. Value checks are
+fused into the computation: ``run`` jits ``fn`` with one all-finite flag and
+explains a false flag only afterwards (see ``run``).
 """
 
 from __future__ import annotations
@@ -22,8 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Matmul precision (see ``check_precision``): "highest" is exact float32 on every
-# backend; the others let a GPU use TF32 or bfloat16 passes.
 DEFAULT_PRECISION = "highest"
 PRECISIONS = ("highest", "high", "default", "float32", "tensorfloat32", "bfloat16")
 _FIELDS = ("A", "B", "C")
@@ -84,10 +77,9 @@ def as_array(a: Any, name: str, dtype: Any) -> jax.Array:
 
 
 def check_params(params: Any, name: str = "params") -> tuple[tuple[Any, Any, Any], np.dtype]:
-    """``(A, B, C)`` checked to chain, A, B (H, D) and C (O, H) of one floating dtype.
+    """``((A, B, C) unconverted, dtype)``: A, B (H, D), C (O, H), one floating dtype.
 
-    Returns the three arrays (unconverted) and their dtype; float64 only with x64
-    enabled (NumPy float64 params would otherwise become float32 silently).
+    float64 only with x64 enabled (it would otherwise become float32 silently).
     """
     if isinstance(params, dict):
         raise TypeError(f"{name} must be Params(A, B, C), got a dict: use abc_jax.Params(**d)")
@@ -150,9 +142,8 @@ def check_finite_float(value: Any, name: str, *, positive: bool = False) -> floa
     """A real number (Python, NumPy or a 0-d array; not a bool or a string), finite."""
     if isinstance(value, (jax.Array, np.ndarray)) and value.shape == () and not is_traced(value):
         value = value.item()
-    if isinstance(value, (bool, np.bool_)) or not isinstance(
-        value, (int, float, np.integer, np.floating)
-    ):
+    real = (int, float, np.integer, np.floating)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     v = float(value)
     if not math.isfinite(v) or (positive and v <= 0):
@@ -198,22 +189,19 @@ def _flagged(params: Any, data: Any, *args: Any, fn: Callable[..., Any], precisi
     return out, all_finite((params, out)) & weights_ok(weights)
 
 
-def run(fn: Callable[..., Any], params: Any, data: Any, *args: Any, name: str, precision: str,
-        **statics: Any) -> Any:
-    """``fn(params, data, *args, **statics)`` at ``precision``, jitted, its result checked.
+def run(fn: Callable[..., Any], params: Any, data: Any, *args: Any, name: str,
+        precision: str | None, **statics: Any) -> Any:
+    """``fn(params, data, *args, **statics)`` at ``check_precision(precision)``, checked.
 
-    Args:
-      fn: a pure function of arrays; ``statics`` are hashable (shapes, counts).
-      params, data: already validated and cast (``data`` an array or a pytree
-        with ``X`` and optionally ``weights``).
-      args: further array arguments (data, not constants of the compiled code).
-      name: the data argument's name in messages (``"X"`` or ``"x"``).
-
-    Returns ``fn``'s output. Under a caller's transformation, ``fn`` traced
-    plainly. Otherwise one compiled call that also returns an all-finite flag;
-    a false flag raises ValueError (a NaN/inf input or a bad weight, named) or
-    FloatingPointError (finite inputs overflowed the dtype).
+    ``params`` and ``data`` (an array or a pytree with ``X`` and optionally
+    ``weights``) are already validated and cast; ``args`` are further arrays,
+    ``statics`` hashable; ``name`` is the data argument's name in messages.
+    Under a caller's transformation ``fn`` is traced plainly. Otherwise one
+    compiled call also returns an all-finite flag; a false flag raises
+    ValueError (a NaN/inf input or a bad weight, named) or FloatingPointError
+    (finite inputs overflowed the dtype).
     """
+    precision = check_precision(precision)
     if is_traced(params, data, args):
         with jax.default_matmul_precision(precision):
             return fn(params, data, *args, **statics)
@@ -234,8 +222,7 @@ def _first_nonfinite(a: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
 def raise_if_nonfinite(a: Any, name: str) -> None:
     """ValueError naming the count and the first NaN/inf entry of ``a``, if any.
 
-    Computed on the device (three numbers come back), so it also works for an
-    array spread over several processes.
+    Computed on the device, so it also works for an array spread over processes.
     """
     if a is None or not jnp.issubdtype(a.dtype, jnp.inexact) or a.size == 0:
         return

@@ -120,8 +120,9 @@ def _settings(params: Params, batch: Batch, opt_state: Any, n_rows: int, lr: Any
 
 def _progress_bar(progress: bool, total: int, initial: int, desc: str) -> Any:
     """A tqdm bar on a terminal or in a notebook, in process 0; none in a redirected log."""
-    shown = progress and parallel.is_main_process() and (
-        sys.stderr.isatty() or "ipykernel" in sys.modules)
+    ipython = sys.modules.get("IPython")  # a notebook: IPython's kernel shell is running
+    notebook = type(ipython and ipython.get_ipython()).__name__ == "ZMQInteractiveShell"
+    shown = progress and parallel.is_main_process() and (sys.stderr.isatty() or notebook)
     return tqdm(total=total, initial=initial, desc=desc, unit="epoch", leave=False,
                 disable=not shown)
 

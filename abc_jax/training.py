@@ -322,7 +322,7 @@ def train_per_sample(params: Params, X: Any, *, lr: float, epochs: int, progress
     optimizer, static = _configure(lr, epochs, None, "manual", None, None, epochs_per_chunk,
                                    precision)
     params, batch = prepare(params, X)
-    if not (bool(validation.all_finite((params, batch.X)) & validation.weights_ok(batch.weights))):
+    if not int(_data_summary(params, batch)[1]):
         validation.explain_nonfinite(params, batch, "X")
     X = np.asarray(batch.X) if batch.weights is None else np.asarray(batch.X)[
         np.asarray(batch.weights) > 0]

@@ -26,9 +26,8 @@ HOMEWORK_LOSSES = tuple(float(v) for v in """
 0.32566586931628994 0.3172897937276602 0.30914765266224875 0.3012320170141361 0.2935357364712854
 0.2860519270383867 0.2787739592130982 0.2716954467766908""".split())
 
-# Its gradient check as printed after that listing, copied exactly, one line per matrix row: the
-# manual gradient in full precision, then PyTorch's ("Gradient calculated using autograd") to the
-# four decimals printed.
+# Its gradient check as printed, one line per matrix row: the manual gradient in full precision,
+# then PyTorch's ("Gradient calculated using autograd") to the four decimals printed.
 _PRINTED = [line.split() for line in """
 A -0.0006713625025565516 0.0013139067848766854 0.0018388094918960131   -0.0007 0.0013 0.0018
 A 0.0004449456167331362 -0.0008707919529324088 -0.0012186713143954573  0.0004 -0.0009 -0.0012
@@ -73,11 +72,9 @@ def _overlap(a: Sequence[float] | None, b: Sequence[float]) -> bool:
 def reread_homework_check(manual: dict[str, Any] = HOMEWORK_MANUAL_GRADS,
                           torch: dict[str, Any] = HOMEWORK_TORCH_GRADS,
                           loss_torch: float = HOMEWORK_TORCH_LOSS) -> dict[str, Any]:
-    """Per matrix: PyTorch / manual per entry, the entries beyond rounding, one factor fitting
-    all, the manual singular values (a one-sample gradient is rank one; dA = gy x^T and
-    dB = gz x^T share x; dA = diag(u (1 - u)) dB). The loss: PyTorch / manual against the
-    listing's per-update ratio L[t+1] / L[t]; ``one_update_later``: can that ratio be one listed
-    update, and dL/dC's factor its square root?"""
+    """Per matrix: PyTorch / manual, entries beyond rounding, one factor fitting all, singular
+    values (rank one: dA = gy x^T, dB = gz x^T, dA = diag(u (1 - u)) dB). ``one_update_later``:
+    is PyTorch / manual for L one listed update L[t+1] / L[t], and dL/dC's its square root?"""
     mats = {}
     for n in abc_jax.Params._fields:
         m, t = np.asarray(manual[n], np.float64), np.asarray(torch[n], np.float64)
@@ -122,9 +119,8 @@ def _one_update(params: abc_jax.Params, x: jax.Array, lr: Any) -> tuple[Any, ...
 
 
 def lr_for_loss_ratio(params: abc_jax.Params, x: jax.Array, target: float) -> float:
-    """The lr at which one update p <- p - lr g multiplies L by ``target`` (0 < target < 1):
-    from (1 - target) L / ||g||^2 the upper end doubles (at most 60 times) until one update
-    lowers L that much, then 60 bisections of [0, upper]."""
+    """The lr at which one update p <- p - lr g multiplies L by ``target`` in (0, 1): from
+    (1 - target) L / ||g||^2 doubled (<= 60 times) until it does, 60 bisections of [0, upper]."""
     if not 0.0 < target < 1.0:
         raise ValueError(f"target must be in (0, 1), got {target}")
     def ratio(lr: float) -> float:  # L(p - lr g) / L(p)
@@ -147,10 +143,10 @@ def lr_for_loss_ratio(params: abc_jax.Params, x: jax.Array, target: float) -> fl
 
 def simulate_one_update_later(params: abc_jax.Params, x: jax.Array,
                               target: float) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """One update with lr set so that L falls by ``target``: (summary, g_{t+1} / g_t per matrix).
-    Summary: lr, the loss ratio, its square root (the factor of ||w||, hence of dC = 2 w z^T if z
-    stood still), the factor of ||z||, each matrix's ratios' min/max/median, and
-    ``homework_like``: every dC ratio within SIGNATURE_BAND of that root, as printed."""
+    """One update with L falling by ``target``: (summary, g_{t+1} / g_t per matrix). Summary: lr,
+    the loss ratio, its root (the factor of ||w||, so of dC = 2 w z^T if z stood still), ||z||'s
+    factor, ratios' min/max/median; ``homework_like``: every dC ratio within SIGNATURE_BAND of
+    the root, as printed."""
     L0, L1, g0, g1, z0, z1 = _one_update(params, x, lr := lr_for_loss_ratio(params, x, target))
     ratios = {n: np.asarray(b) / np.asarray(a)
               for n, a, b in zip(abc_jax.Params._fields, g0, g1, strict=True)}
@@ -167,19 +163,14 @@ def simulate_one_update_later(params: abc_jax.Params, x: jax.Array,
 def seed_scan(k: int, epochs: int, lr: float, seeds: Sequence[int],
               target: float) -> list[dict[str, Any]]:
     """The simulation's summary at the end of each seed's run (``draw``, then ``train``)."""
-    rows = []
-    for seed in seeds:
-        p0, x = draw(k, seed)
-        end = abc_jax.train(p0, x[None, :], lr=lr, epochs=epochs, progress=False).params
-        rows.append({"seed": seed, **simulate_one_update_later(end, x, target)[0]})
-    return rows
+    ends = ((seed, x, abc_jax.train(p0, x[None, :], lr=lr, epochs=epochs, progress=False).params)
+            for seed, (p0, x) in ((seed, draw(k, seed)) for seed in seeds))
+    return [{"seed": seed, **simulate_one_update_later(end, x, target)[0]} for seed, x, end in ends]
 
 
 def findings(hc: dict[str, Any], sim: dict[str, Any], scan: Sequence[dict[str, Any]]) -> list[str]:
-    """The re-read ``hc`` in sentences: do the manual numbers have the structure the derivation
-    gives a one-sample gradient; are PyTorch's numbers the manual ones rounded to 4 decimals;
-    PyTorch's L against the manual L, one listed update and dL/dC's factor; what one simulated
-    update did (``sim``, then over ``scan``'s seeds); last, the answer to 'Is the derivation
+    """``hc`` in sentences: the manual numbers' structure; PyTorch's as them rounded; PyTorch's L
+    against one listed update; the simulated update (``sim``, ``scan``); 'Is the derivation
     right?' in one sentence."""
     mats, C, n, later = hc["matrices"], hc["matrices"]["C"], hc["n_beyond_rounding"], hc[
         "one_update_later"]
@@ -219,33 +210,6 @@ def findings(hc: dict[str, Any], sim: dict[str, Any], scan: Sequence[dict[str, A
            if later else "not explained by one update later") + "."]
 
 
-def _tables(hc: dict[str, Any], runs: Sequence[dict[str, Any]]) -> dict[str, tuple]:
-    """The re-read (printed only), every printed entry, and the simulated updates."""
-    yes, mats, entries = {True: "yes", False: "no"}, hc["matrices"], []
-    for n, m in mats.items():
-        cols = (m["manual"], m["torch"], np.round(m["manual"], TORCH_DECIMALS), m["ratio"],
-                m["beyond_rounding"], *m["bounds"])
-        for ij in np.ndindex(m["manual"].shape):
-            man, *rest = (c[ij].item() for c in cols)
-            entries.append([f"dL/d{n}[{ij[0]},{ij[1]}]", repr(man), *rest])
-    reread = [[f"{m['ratio_min']:.4f}", f"{m['ratio_max']:.4f}", _span(m["common_factor"]),
-               f"{m['fit_factor']:.4f}", f"{m['n_beyond_rounding']} of {m['ratio'].size}",
-               " ".join(f"{v:.2g}" for v in m["singular_values"])] for m in mats.values()]
-    labels = ["ratio, min", "ratio, max", "one factor fitting all", "least-squares factor",
-              "beyond rounding", "manual singular values"]
-    return {"reread": (["PyTorch vs manual", *(f"dL/d{n}" for n in mats)],
-                       [list(row) for row in zip(labels, *reread, strict=True)]),
-            "homework_check": (["entry", "manual", "pytorch", "manual_rounded", "ratio",
-                                "beyond_rounding", "ratio_lo", "ratio_hi"], entries),
-            "homework_check_simulated": (
-                ["seed", "L_t", "lr", "L ratio", "sqrt", "||z|| ratio", "dA ratios", "dB ratios",
-                 "dC ratios", "all shrink", "like the homework"],
-                [[r["seed"], f"{r['loss']:.3g}", f"{r['lr']:.3g}", f"{r['loss_ratio']:.4f}",
-                  f"{r['sqrt_loss_ratio']:.4f}", f"{r['z_norm_ratio']:.4f}",
-                  *(_span([r[f"d{n}_ratio_min"], r[f"d{n}_ratio_max"]]) for n in "ABC"),
-                  yes[r["all_entries_shrink"]], yes[r["homework_like"]]] for r in runs])}
-
-
 def plot(hc: dict[str, Any], sim: dict[str, Any]) -> Any:
     """PyTorch / manual per entry (bars: 4-decimal rounding) against |manual|; lines at 1, dL/dC's
     one factor and sqrt of the listing's median update; band: the simulated dL/dC ratios."""
@@ -272,18 +236,37 @@ def plot(hc: dict[str, Any], sim: dict[str, Any]) -> Any:
 
 def run(params: abc_jax.Params, x: jax.Array, *, k: int, epochs: int, lr: float,
         seeds: Sequence[int]) -> dict[str, Any]:
-    """Re-read, simulate one update at (params, x) and at the end of ``seeds``' runs, print;
-    return ``metrics``, ``sentence``, ``tables`` (name -> (header, rows)) and ``figures``."""
+    """Re-read, simulate one update at (params, x) and at the end of ``seeds``' runs, print the
+    re-read and the simulated updates; return ``metrics``, ``sentence``, ``tables`` (every printed
+    entry, the simulated updates: name -> (header, rows)) and ``figures``."""
     hc = reread_homework_check()
     sim, _ = simulate_one_update_later(params, x, hc["listing_step_ratio_median"])
     scan = seed_scan(k, epochs, lr, seeds, hc["listing_step_ratio_median"])
     *found, sentence = findings(hc, sim, scan)
-    tables = _tables(hc, [{"seed": "this run", **sim}, *scan])
-    _common.print_table(*tables.pop("reread"))
+    yes, mats, C, entries = {True: "yes", False: "no"}, hc["matrices"], hc["matrices"]["C"], []
+    for n, m in mats.items():
+        cols = (m["manual"], m["torch"], np.round(m["manual"], TORCH_DECIMALS), m["ratio"],
+                m["beyond_rounding"], *m["bounds"])
+        for ij in np.ndindex(m["manual"].shape):
+            man, *rest = (c[ij].item() for c in cols)
+            entries.append([f"dL/d{n}[{ij[0]},{ij[1]}]", repr(man), *rest])
+    reread = [[f"{m['ratio_min']:.4f}", f"{m['ratio_max']:.4f}", _span(m["common_factor"]),
+               f"{m['fit_factor']:.4f}", f"{m['n_beyond_rounding']} of {m['ratio'].size}",
+               " ".join(f"{v:.2g}" for v in m["singular_values"])] for m in mats.values()]
+    labels = ["ratio, min", "ratio, max", "one factor fitting all", "least-squares factor",
+              "beyond rounding", "manual singular values"]
+    _common.print_table(["PyTorch vs manual", *(f"dL/d{n}" for n in mats)],
+                        [list(row) for row in zip(labels, *reread, strict=True)])
+    simulated = (["seed", "L_t", "lr", "L ratio", "sqrt", "||z|| ratio", "dA ratios", "dB ratios",
+                  "dC ratios", "all shrink", "like the homework"],
+                 [[r["seed"], f"{r['loss']:.3g}", f"{r['lr']:.3g}", f"{r['loss_ratio']:.4f}",
+                   f"{r['sqrt_loss_ratio']:.4f}", f"{r['z_norm_ratio']:.4f}",
+                   *(_span([r[f"d{n}_ratio_min"], r[f"d{n}_ratio_max"]]) for n in "ABC"),
+                   yes[r["all_entries_shrink"]], yes[r["homework_like"]]]
+                  for r in [{"seed": "this run", **sim}, *scan]])
     print()
-    _common.print_table(*tables["homework_check_simulated"])
+    _common.print_table(*simulated)
     print("\n" + "\n".join(found))
-    C = hc["matrices"]["C"]
     metrics = {"autograd_over_manual_dC": [C["ratio_min"], C["ratio_max"]],
                "dC_common_factor": C["common_factor"], "loss_ratio_printed": hc["loss_ratio"],
                **{key: hc[key] for key in ("loss_ratio_interval", "listing_step_ratio_range",
@@ -291,5 +274,8 @@ def run(params: abc_jax.Params, x: jax.Array, *, k: int, epochs: int, lr: float,
                "manual_rank_one": hc["rank_one"], "one_update_later": hc["one_update_later"],
                "simulated": sim, "seeds_homework_like": sum(r["homework_like"] for r in scan),
                "n_seeds": len(scan), "findings": found}
+    tables = {"homework_check": (["entry", "manual", "pytorch", "manual_rounded", "ratio",
+                                  "beyond_rounding", "ratio_lo", "ratio_hi"], entries),
+              "homework_check_simulated": simulated}
     return {"metrics": metrics, "sentence": sentence, "tables": tables,
             "figures": {"homework_check": plot(hc, sim)}}

@@ -1,8 +1,6 @@
-"""The homework's printed gradient check, re-read from its numbers; one update simulated.
-
-The homework printed its manual gradients and loss to 16 digits, PyTorch's to four decimals, and
-called them "approximately same". Every sentence here is a pure function of those numbers and of
-the simulated update. No ``main``: ``reproduce_seed.py`` runs it as its part (e)."""
+"""The homework's printed gradient check (manual gradients and loss to 16 digits, PyTorch's to 4
+decimals: "approximately same") re-read from its numbers, and one update simulated. Every sentence
+is a pure function of those numbers and the simulation; ``reproduce_seed.py`` runs it as (e)."""
 
 from __future__ import annotations
 
@@ -78,13 +76,12 @@ def reread_homework_check(manual: dict[str, Any] = HOMEWORK_MANUAL_GRADS,
     mats = {}
     for n in abc_jax.Params._fields:
         m, t = np.asarray(manual[n], np.float64), np.asarray(torch[n], np.float64)
-        beyond = np.abs(t - np.round(m, TORCH_DECIMALS)) > HALF_UNIT + 1e-12
+        r, beyond = t / m, np.abs(t - np.round(m, TORCH_DECIMALS)) > HALF_UNIT + 1e-12
         _, s, vt = np.linalg.svd(m)
-        mats[n] = {"manual": m, "torch": t, "ratio": t / m, "ratio_min": float((t / m).min()),
-                   "ratio_max": float((t / m).max()), "bounds": _bounds(m, t),
-                   "beyond_rounding": beyond, "n_beyond_rounding": int(beyond.sum()),
-                   "fit_factor": float(np.sum(t * m) / np.sum(m * m)),
-                   "common_factor": factor_interval(m, t), "singular_values": s,
+        mats[n] = {"manual": m, "torch": t, "ratio": r, "ratio_min": float(r.min()),
+                   "ratio_max": float(r.max()), "bounds": _bounds(m, t), "beyond_rounding": beyond,
+                   "n_beyond_rounding": int(beyond.sum()), "common_factor": factor_interval(m, t),
+                   "fit_factor": float(np.sum(t * m) / np.sum(m * m)), "singular_values": s,
                    "rank_one": bool(s[1] <= RANK_TOL * s[0]), "right_vector": vt[0]}
     slope, L0 = mats["A"]["manual"] / mats["B"]["manual"], HOMEWORK_MANUAL_LOSS
     steps = np.asarray(HOMEWORK_LOSSES[1:]) / np.asarray(HOMEWORK_LOSSES[:-1])
@@ -94,9 +91,8 @@ def reread_homework_check(manual: dict[str, Any] = HOMEWORK_MANUAL_GRADS,
             "sigmoid_slope_row_spread": float(np.max(np.ptp(slope, axis=1) / slope.mean(axis=1))),
             "rank_one": all(mm["rank_one"] for mm in mats.values()),
             "cos_right_AB": float(abs(mats["A"]["right_vector"] @ mats["B"]["right_vector"])),
-            "loss_ratio": loss_torch / L0, "loss_ratio_interval": iv,
-            "listing_step_ratio_median": float(np.median(steps)),
-            "listing_step_ratio_range": step_range,
+            "loss_ratio": loss_torch / L0, "listing_step_ratio_median": float(np.median(steps)),
+            "loss_ratio_interval": iv, "listing_step_ratio_range": step_range,
             "one_update_later": (_overlap(iv, step_range)
                                  and _overlap(mats["C"]["common_factor"], np.sqrt(iv).tolist())),
             "n_entries": sum(mm["ratio"].size for mm in mats.values()),
@@ -112,8 +108,7 @@ def draw(k: int, seed: int) -> tuple[abc_jax.Params, jax.Array]:
 @jax.jit
 def _one_update(params: abc_jax.Params, x: jax.Array, lr: Any) -> tuple[Any, ...]:
     """p1 = p - lr g(p): returns L(p), L(p1), g(p), g(p1) (manual gradients), z(p), z(p1)."""
-    g = abc_jax.manual_grad(params, x)
-    new = jax.tree.map(lambda p, gp: p - lr * gp, params, g)
+    new = jax.tree.map(lambda p, gp: p - lr * gp, params, g := abc_jax.manual_grad(params, x))
     (L0, r0), (L1, r1) = abc_jax.forward(params, x), abc_jax.forward(new, x)
     return L0, L1, g, abc_jax.manual_grad(new, x), r0.z, r1.z
 
@@ -143,10 +138,8 @@ def lr_for_loss_ratio(params: abc_jax.Params, x: jax.Array, target: float) -> fl
 
 def simulate_one_update_later(params: abc_jax.Params, x: jax.Array,
                               target: float) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """One update with L falling by ``target``: (summary, g_{t+1} / g_t per matrix). Summary: lr,
-    the loss ratio, its root (the factor of ||w||, so of dC = 2 w z^T if z stood still), ||z||'s
-    factor, ratios' min/max/median; ``homework_like``: every dC ratio within SIGNATURE_BAND of
-    the root, as printed."""
+    """One update with L falling by ``target``: (summary, g_{t+1} / g_t per matrix). In summary,
+    ``homework_like``: all dC ratios within SIGNATURE_BAND of sqrt(L ratio), dC = 2 w z^T's."""
     L0, L1, g0, g1, z0, z1 = _one_update(params, x, lr := lr_for_loss_ratio(params, x, target))
     ratios = {n: np.asarray(b) / np.asarray(a)
               for n, a, b in zip(abc_jax.Params._fields, g0, g1, strict=True)}
@@ -160,8 +153,7 @@ def simulate_one_update_later(params: abc_jax.Params, x: jax.Array,
                for f in (np.min, np.max, np.median)}}, ratios
 
 
-def seed_scan(k: int, epochs: int, lr: float, seeds: Sequence[int],
-              target: float) -> list[dict[str, Any]]:
+def seed_scan(k: int, epochs: int, lr: float, seeds: Sequence[int], target: float) -> list[dict]:
     """The simulation's summary at the end of each seed's run (``draw``, then ``train``)."""
     ends = ((seed, x, abc_jax.train(p0, x[None, :], lr=lr, epochs=epochs, progress=False).params)
             for seed, (p0, x) in ((seed, draw(k, seed)) for seed in seeds))
@@ -169,11 +161,9 @@ def seed_scan(k: int, epochs: int, lr: float, seeds: Sequence[int],
 
 
 def findings(hc: dict[str, Any], sim: dict[str, Any], scan: Sequence[dict[str, Any]]) -> list[str]:
-    """``hc`` in sentences: the manual numbers' structure; PyTorch's as them rounded; PyTorch's L
-    against one listed update; the simulated update (``sim``, ``scan``); 'Is the derivation
-    right?' in one sentence."""
-    mats, C, n, later = hc["matrices"], hc["matrices"]["C"], hc["n_beyond_rounding"], hc[
-        "one_update_later"]
+    """``hc`` in sentences: the manual numbers' structure; PyTorch's as them rounded; L against one
+    listed update; the simulated updates (``sim``, ``scan``); the verdict in one sentence."""
+    mats, C, n = hc["matrices"], hc["matrices"]["C"], hc["n_beyond_rounding"]
     iv, slopes, rank_one = hc["loss_ratio_interval"], hc["sigmoid_slope_rows"], hc["rank_one"]
     sv = max(m["singular_values"][1] / m["singular_values"][0] for m in mats.values())
     obey = (rank_one and hc["cos_right_AB"] > 1 - 1e-9 and np.all(slopes <= 0.25)
@@ -199,7 +189,7 @@ def findings(hc: dict[str, Any], sim: dict[str, Any], scan: Sequence[dict[str, A
         + (" dL/dC's factor is not L's: not a rescaled loss."
            if C["common_factor"] is not None and not _overlap(C["common_factor"], iv) else "")
         + (f" dL/dC's factor is within sqrt of L's ({_span(np.sqrt(iv), '.3f')}): as one update "
-           "later (||w|| = sqrt(L) shrinks, z stays)." if later else ""),
+           "later (||w|| = sqrt(L) shrinks, z stays)." if hc["one_update_later"] else ""),
         f"One simulated update (lr = {sim['lr']:.3g}, L x {sim['loss_ratio']:.4f}) scales dL/dC "
         f"by {sim['dC_ratio_min']:.4f}-{sim['dC_ratio_max']:.4f} against sqrt "
         f"{sim['sqrt_loss_ratio']:.4f}: {'' if sim['homework_like'] else 'not '}the printed "
@@ -207,7 +197,7 @@ def findings(hc: dict[str, Any], sim: dict[str, Any], scan: Sequence[dict[str, A
         f"The homework's own check {diff}; its manual numbers are "
         + ("rank one as derived" if rank_one else "not rank one, against the derivation") + "; "
         + ("consistent with PyTorch seeing the parameters one update later (not provable)"
-           if later else "not explained by one update later") + "."]
+           if hc["one_update_later"] else "not explained by one update later") + "."]
 
 
 def plot(hc: dict[str, Any], sim: dict[str, Any]) -> Any:
@@ -236,27 +226,22 @@ def plot(hc: dict[str, Any], sim: dict[str, Any]) -> Any:
 
 def run(params: abc_jax.Params, x: jax.Array, *, k: int, epochs: int, lr: float,
         seeds: Sequence[int]) -> dict[str, Any]:
-    """Re-read, simulate one update at (params, x) and at the end of ``seeds``' runs, print the
-    re-read and the simulated updates; return ``metrics``, ``sentence``, ``tables`` (every printed
-    entry, the simulated updates: name -> (header, rows)) and ``figures``."""
+    """Re-read, simulate one update at (params, x) and after ``seeds``' runs, print; return
+    ``metrics``, ``sentence``, ``tables`` (name -> (header, rows)) and ``figures``."""
     hc = reread_homework_check()
     sim, _ = simulate_one_update_later(params, x, hc["listing_step_ratio_median"])
     scan = seed_scan(k, epochs, lr, seeds, hc["listing_step_ratio_median"])
     *found, sentence = findings(hc, sim, scan)
-    yes, mats, C, entries = {True: "yes", False: "no"}, hc["matrices"], hc["matrices"]["C"], []
-    for n, m in mats.items():
-        cols = (m["manual"], m["torch"], np.round(m["manual"], TORCH_DECIMALS), m["ratio"],
-                m["beyond_rounding"], *m["bounds"])
-        for ij in np.ndindex(m["manual"].shape):
-            man, *rest = (c[ij].item() for c in cols)
-            entries.append([f"dL/d{n}[{ij[0]},{ij[1]}]", repr(man), *rest])
+    yes, mats, C = {True: "yes", False: "no"}, hc["matrices"], hc["matrices"]["C"]
+    entries = [[f"dL/d{n}[{i},{j}]", repr(m["manual"][i, j].item()),
+                *(c[i, j].item() for c in (m["torch"], np.round(m["manual"], TORCH_DECIMALS),
+                                           m["ratio"], m["beyond_rounding"], *m["bounds"]))]
+               for n, m in mats.items() for i, j in np.ndindex(m["manual"].shape)]
     reread = [[f"{m['ratio_min']:.4f}", f"{m['ratio_max']:.4f}", _span(m["common_factor"]),
                f"{m['fit_factor']:.4f}", f"{m['n_beyond_rounding']} of {m['ratio'].size}",
                " ".join(f"{v:.2g}" for v in m["singular_values"])] for m in mats.values()]
     labels = ["ratio, min", "ratio, max", "one factor fitting all", "least-squares factor",
               "beyond rounding", "manual singular values"]
-    _common.print_table(["PyTorch vs manual", *(f"dL/d{n}" for n in mats)],
-                        [list(row) for row in zip(labels, *reread, strict=True)])
     simulated = (["seed", "L_t", "lr", "L ratio", "sqrt", "||z|| ratio", "dA ratios", "dB ratios",
                   "dC ratios", "all shrink", "like the homework"],
                  [[r["seed"], f"{r['loss']:.3g}", f"{r['lr']:.3g}", f"{r['loss_ratio']:.4f}",
@@ -264,9 +249,9 @@ def run(params: abc_jax.Params, x: jax.Array, *, k: int, epochs: int, lr: float,
                    *(_span([r[f"d{n}_ratio_min"], r[f"d{n}_ratio_max"]]) for n in "ABC"),
                    yes[r["all_entries_shrink"]], yes[r["homework_like"]]]
                   for r in [{"seed": "this run", **sim}, *scan]])
-    print()
-    _common.print_table(*simulated)
-    print("\n" + "\n".join(found))
+    print(_common.format_table(["PyTorch vs manual", *(f"dL/d{n}" for n in mats)],
+                               [list(row) for row in zip(labels, *reread, strict=True)]),
+          _common.format_table(*simulated), "\n".join(found), sep="\n\n")
     metrics = {"autograd_over_manual_dC": [C["ratio_min"], C["ratio_max"]],
                "dC_common_factor": C["common_factor"], "loss_ratio_printed": hc["loss_ratio"],
                **{key: hc[key] for key in ("loss_ratio_interval", "listing_step_ratio_range",
@@ -274,8 +259,7 @@ def run(params: abc_jax.Params, x: jax.Array, *, k: int, epochs: int, lr: float,
                "manual_rank_one": hc["rank_one"], "one_update_later": hc["one_update_later"],
                "simulated": sim, "seeds_homework_like": sum(r["homework_like"] for r in scan),
                "n_seeds": len(scan), "findings": found}
-    tables = {"homework_check": (["entry", "manual", "pytorch", "manual_rounded", "ratio",
-                                  "beyond_rounding", "ratio_lo", "ratio_hi"], entries),
-              "homework_check_simulated": simulated}
-    return {"metrics": metrics, "sentence": sentence, "tables": tables,
-            "figures": {"homework_check": plot(hc, sim)}}
+    header = ["entry", "manual", "pytorch", "manual_rounded", "ratio", "beyond_rounding",
+              "ratio_lo", "ratio_hi"]
+    return {"metrics": metrics, "sentence": sentence, "figures": {"homework_check": plot(hc, sim)},
+            "tables": {"homework_check": (header, entries), "homework_check_simulated": simulated}}

@@ -1,10 +1,7 @@
-"""Averaging per-sample solutions vs training on the mean loss: the comparison and its sentences.
-
-The homework trained one copy of A, B, C per sample x_i, averaged the N copies, and found the
-average gave no low loss on a new x. ``run_generalization`` compares, on held-out samples at
-log-spaced epochs: that average (``train_per_sample``), batch GD on the mean loss (the same rule,
-all samples at once) and optax.adam on it. Every sentence of ``conclusion`` is a pure function
-of the numbers. No ``main``: ``generalization.py`` and ``reproduce_seed.py`` use it."""
+"""The homework's average of per-sample copies of A, B, C (no low loss on a new x) against batch
+GD (the same rule, all samples at once) and optax.adam on the mean loss, on held-out samples at
+log-spaced epochs; sentences that are pure functions of the numbers. Used by ``generalization.py``
+and ``reproduce_seed.py``."""
 
 from __future__ import annotations
 
@@ -48,14 +45,12 @@ def _row(method: str, e: int, p: abc_jax.Params, Xtr: jax.Array, Xte: jax.Array)
 
 
 def run_generalization(k: int, n_train: int, n_test: int, epochs: int, *, lr: float = 0.01,
-                       adam_lr: float = 0.01, seed: int = 0,
-                       n_checkpoints: int = 24) -> dict[str, Any]:
+                       adam_lr: float = 0.01, seed: int = 0, n_checkpoints: int = 24) -> dict:
     """Train the three ways from one start (float64; X_train (n_train, k), X_heldout (n_test, k)
-    standard normal), each checkpoint afresh. Returns ``curves`` (a row per method and
-    checkpoint), ``train_losses`` (method -> per-epoch objective; for the copies the mean of copy
-    i's loss on x_i), ``final`` (method -> last row), ``initial``, ``diverged``,
-    ``own_sample_loss``, ``single_copy_heldout`` (mean, median: the copies held out) and
-    ``one_epoch_gap`` (max |average - batch GD| after one epoch)."""
+    standard normal), each checkpoint afresh: ``curves`` (a row per method and checkpoint),
+    ``train_losses`` (per epoch; the copies: mean of copy i's loss on x_i), ``final`` (method ->
+    last row), ``initial``, ``diverged``, ``own_sample_loss``, ``single_copy_heldout`` (mean,
+    median) and ``one_epoch_gap`` (max |average - batch GD| after one epoch)."""
     kp, ktr, kte = jax.random.split(jax.random.key(seed), 3)
     params0 = abc_jax.init_params(kp, k, dtype=jnp.float64)
     Xtr, Xte = (jax.random.normal(kk, (n, k), jnp.float64) for kk, n in [(ktr, n_train),
@@ -79,13 +74,12 @@ def run_generalization(k: int, n_train: int, n_test: int, epochs: int, *, lr: fl
             curves.append(_row(m, e, average_params(res.params) if m == "average" else res.params,
                                Xtr, Xte))
         else:  # res: the run over all epochs
-            train_losses[m] = np.asarray(res.losses)
+            losses = np.asarray(res.losses)
+            train_losses[m] = losses.mean(axis=0) if m == "average" else losses
             if m == "average":
                 held = jax.vmap(abc_jax.batch_loss, in_axes=(0, None))(res.params, Xte)
-                train_losses[m] = train_losses[m].mean(axis=0)
-                own = jax.vmap(abc_jax.loss)(res.params, Xtr)
-                out |= {"own_sample_loss": float(jnp.mean(own)),
-                        "single_copy_heldout": float(jnp.mean(held)),
+                own = float(jnp.mean(jax.vmap(abc_jax.loss)(res.params, Xtr)))
+                out |= {"own_sample_loss": own, "single_copy_heldout": float(jnp.mean(held)),
                         "single_copy_heldout_median": float(jnp.median(held))}
     out |= {"config": dict(k=k, n_train=n_train, n_test=n_test, epochs=epochs, lr=lr,
                            adam_lr=adam_lr, seed=seed, dtype="float64"),
@@ -101,9 +95,8 @@ def run_generalization(k: int, n_train: int, n_test: int, epochs: int, *, lr: fl
 
 def change(new: float, old: float) -> str:
     """'12.3% reduction' or '4.5% increase' from old to new."""
-    frac = 1 - new / old if old else None
-    return ("n/a" if frac is None else f"{100 * frac:.1f}% reduction" if frac >= 0
-            else f"{100 * -frac:.1f}% increase")
+    frac = 1 - new / old if old else 0.0
+    return f"{100 * abs(frac):.1f}% {'reduction' if frac >= 0 else 'increase'}" if old else "n/a"
 
 
 def carry_over_sentence(own: float, single: float) -> str:
@@ -125,9 +118,8 @@ def average_sentence(avg: float, gd: float, start: float) -> str:
 
 
 def conclusion(res: dict[str, Any]) -> list[str]:
-    """The sentences above, for one ``run_generalization`` result; then whether the average and
-    batch GD coincide after one epoch (the mean of N single steps is one step on the mean loss),
-    and how much of the lowest held-out loss's fall is ||C|| shrinking (c0 -> c)."""
+    """The sentences above for one ``run_generalization`` result; whether the average and batch
+    GD coincide after one epoch; how much of the lowest held-out loss's fall is ||C|| shrinking."""
     init, fin = res["initial"], res["final"]
     lines = [f"{LABELS[m]} diverged: {err.splitlines()[0]}" for m, err in res["diverged"].items()]
     if "average" in fin and "batch_gd" in fin:
@@ -140,7 +132,7 @@ def conclusion(res: dict[str, Any]) -> list[str]:
                      "the mean of N single steps is one step on the mean loss." if gap <= SAME_POINT
                      else f"After one epoch the two already differ by {gap:.1e}.")
     if fin:
-        best = fin[min(fin, key=lambda m: fin[m]["heldout_loss"])]
+        best = min(fin.values(), key=lambda f: f["heldout_loss"])
         c0, c = init["norm_C"], best["norm_C"]
         measured = best["heldout_loss"] / init["heldout_loss"]
         scale_only = (c / c0) ** 2  # the loss factor if C had only been scaled
@@ -156,10 +148,9 @@ def conclusion(res: dict[str, Any]) -> list[str]:
 
 def summary_rows(res: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     """One row per method (and the start): train loss, held-out loss and its change, ||C||."""
-    L0 = res["initial"]["heldout_loss"]
     return ["method", "train loss", "held-out loss", "held-out change", "||C||"], [
         [m, f["train_loss"], f["heldout_loss"], "-" if f is res["initial"] else
-         change(f["heldout_loss"], L0), f["norm_C"]]
+         change(f["heldout_loss"], res["initial"]["heldout_loss"]), f["norm_C"]]
         for m, f in [("starting point", res["initial"]), *res["final"].items()]]
 
 
@@ -205,8 +196,8 @@ def metrics(res: dict[str, Any]) -> dict[str, Any]:
     init, fin, keys = res["initial"], res["final"], ("heldout_loss", "train_loss", "norm_C")
     out = {**{f"initial_{key}": init[key] for key in keys},
            **{key: {m: fin[m][key] for m in fin} for key in keys},
-           "singular_values_C": {"initial": init["singular_values_C"],
-                                 **{m: fin[m]["singular_values_C"] for m in fin}},
+           "singular_values_C": {m: f["singular_values_C"] for m, f in [("initial", init),
+                                                                          *fin.items()]},
            "heldout_reduction": {m: 1 - fin[m]["heldout_loss"] / init["heldout_loss"] for m in fin},
            "diverged": res["diverged"]}
     if "average" in fin:

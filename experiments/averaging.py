@@ -1,7 +1,6 @@
 """The homework's average of per-sample copies of A, B, C (no low loss on a new x) against batch
 GD (the same rule, all samples at once) and optax.adam on the mean loss, on held-out samples at
-log-spaced epochs; sentences that are pure functions of the numbers. Used by ``generalization.py``
-and ``reproduce_seed.py``."""
+log-spaced epochs; sentences that are pure functions of the numbers (for ``generalization.py``)."""
 
 from __future__ import annotations
 
@@ -26,9 +25,8 @@ SAME_POINT = 1e-10  # one epoch: max |average - batch GD| below this is the same
 
 def checkpoints(epochs: int, n: int = 24) -> list[int]:
     """About n epoch counts from 0 to ``epochs``, log-spaced, always including 0, 1 and epochs."""
-    if epochs <= 0:
-        return [0]
-    return [0, *(int(e) for e in np.unique(np.round(np.geomspace(1, epochs, max(n, 2)))))]
+    grid = np.unique(np.round(np.geomspace(1, max(epochs, 1), max(n, 2))))
+    return [0, *(int(e) for e in grid if epochs > 0)]
 
 
 def average_params(stacked: abc_jax.Params) -> abc_jax.Params:
@@ -46,22 +44,19 @@ def _row(method: str, e: int, p: abc_jax.Params, Xtr: jax.Array, Xte: jax.Array)
 
 def run_generalization(k: int, n_train: int, n_test: int, epochs: int, *, lr: float = 0.01,
                        adam_lr: float = 0.01, seed: int = 0, n_checkpoints: int = 24) -> dict:
-    """Train the three ways from one start (float64; X_train (n_train, k), X_heldout (n_test, k)
-    standard normal), each checkpoint afresh: ``curves`` (a row per method and checkpoint),
-    ``train_losses`` (per epoch; the copies: mean of copy i's loss on x_i), ``final`` (method ->
-    last row), ``initial``, ``diverged``, ``own_sample_loss``, ``single_copy_heldout`` (mean,
-    median) and ``one_epoch_gap`` (max |average - batch GD| after one epoch)."""
+    """The three ways from one start, each checkpoint afresh (float64; X_train (n_train, k),
+    X_heldout (n_test, k) standard normal): ``curves``, ``train_losses`` (the copies': mean over i
+    of L(copy i, x_i)), ``final`` (last rows), ``initial``, ``diverged``, ``own_sample_loss``,
+    ``single_copy_heldout(_median)``, ``one_epoch_gap`` (max |average - batch GD| after 1 epoch)."""
     kp, ktr, kte = jax.random.split(jax.random.key(seed), 3)
-    params0 = abc_jax.init_params(kp, k, dtype=jnp.float64)
+    p0 = abc_jax.init_params(kp, k, dtype=jnp.float64)
     Xtr, Xte = (jax.random.normal(kk, (n, k), jnp.float64) for kk, n in [(ktr, n_train),
                                                                        (kte, n_test)])
-    initial = _row("initial", 0, params0, Xtr, Xte)
-    trainers = {
-        "average": lambda e: train_per_sample(params0, Xtr, lr=lr, epochs=e, progress=False),
-        "batch_gd": lambda e: train(params0, Xtr, lr=lr, epochs=e, progress=False),
-        "adam": lambda e: train(params0, Xtr, lr=adam_lr, epochs=e,
-                                optimizer=optax.adam(adam_lr), progress=False),
-    }
+    initial = _row("initial", 0, p0, Xtr, Xte)
+    trainers = {"average": lambda e: train_per_sample(p0, Xtr, lr=lr, epochs=e, progress=False),
+                "batch_gd": lambda e: train(p0, Xtr, lr=lr, epochs=e, progress=False),
+                "adam": lambda e: train(p0, Xtr, lr=adam_lr, epochs=e,
+                                        optimizer=optax.adam(adam_lr), progress=False)}
     curves, train_losses, diverged, out = [], {}, {}, {}
     for m in METHODS:
         curves.append({**initial, "method": m})
@@ -74,8 +69,7 @@ def run_generalization(k: int, n_train: int, n_test: int, epochs: int, *, lr: fl
             curves.append(_row(m, e, average_params(res.params) if m == "average" else res.params,
                                Xtr, Xte))
         else:  # res: the run over all epochs
-            losses = np.asarray(res.losses)
-            train_losses[m] = losses.mean(axis=0) if m == "average" else losses
+            train_losses[m] = np.atleast_2d(res.losses).mean(axis=0)  # copies: (N, epochs)
             if m == "average":
                 held = jax.vmap(abc_jax.batch_loss, in_axes=(0, None))(res.params, Xte)
                 own = float(jnp.mean(jax.vmap(abc_jax.loss)(res.params, Xtr)))
@@ -84,8 +78,8 @@ def run_generalization(k: int, n_train: int, n_test: int, epochs: int, *, lr: fl
     out |= {"config": dict(k=k, n_train=n_train, n_test=n_test, epochs=epochs, lr=lr,
                            adam_lr=adam_lr, seed=seed, dtype="float64"),
             "initial": initial, "curves": curves, "train_losses": train_losses,
-            "diverged": diverged, "final": {m: [r for r in curves if r["method"] == m][-1]
-                                            for m in METHODS if m not in diverged}}
+            "diverged": diverged, "final": {r["method"]: r for r in curves
+                                            if r["method"] not in diverged}}
     if epochs >= 1 and not {"average", "batch_gd"} & set(diverged):
         out["one_epoch_gap"] = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
             average_params(trainers["average"](1).params), trainers["batch_gd"](1).params,
@@ -133,16 +127,14 @@ def conclusion(res: dict[str, Any]) -> list[str]:
                      else f"After one epoch the two already differ by {gap:.1e}.")
     if fin:
         best = min(fin.values(), key=lambda f: f["heldout_loss"])
-        c0, c = init["norm_C"], best["norm_C"]
-        measured = best["heldout_loss"] / init["heldout_loss"]
+        c0, c, actual = init["norm_C"], best["norm_C"], best["heldout_loss"] / init["heldout_loss"]
         scale_only = (c / c0) ** 2  # the loss factor if C had only been scaled
-        mostly = 0 < measured < 1 and scale_only < 1 and np.log(scale_only) / np.log(measured) > 0.5
-        lines.append(
-            f"The lowest held-out loss ({LABELS[best['method']]}) has ||C|| = {c:.3g} (start "
-            f"{c0:.3g}); scaling C alone would multiply the loss by {scale_only:.2g}, against "
-            f"{measured:.2g}: " + ("most of it is C shrinking towards the trivial minimiser C = 0."
-                                   if mostly else "most of it is not C shrinking but z(x) mapped "
-                                   "towards C's null space."))
+        mostly = 0 < actual < 1 and scale_only < 1 and np.log(scale_only) / np.log(actual) > 0.5
+        lines.append(f"The lowest held-out loss ({LABELS[best['method']]}) has ||C|| = {c:.3g} "
+                     f"(start {c0:.3g}); scaling C alone would multiply the loss by "
+                     f"{scale_only:.2g}, against {actual:.2g}: most of it is "
+                     + ("C shrinking towards the trivial minimiser C = 0." if mostly
+                        else "not C shrinking but z(x) mapped towards C's null space."))
     return lines
 
 
@@ -194,17 +186,15 @@ def plot(res: dict[str, Any]) -> Any:
 def metrics(res: dict[str, Any]) -> dict[str, Any]:
     """The numbers a README quotes."""
     init, fin, keys = res["initial"], res["final"], ("heldout_loss", "train_loss", "norm_C")
+    h0, h = init["heldout_loss"], {m: f["heldout_loss"] for m, f in fin.items()}
     out = {**{f"initial_{key}": init[key] for key in keys},
            **{key: {m: fin[m][key] for m in fin} for key in keys},
            "singular_values_C": {m: f["singular_values_C"] for m, f in [("initial", init),
                                                                           *fin.items()]},
-           "heldout_reduction": {m: 1 - fin[m]["heldout_loss"] / init["heldout_loss"] for m in fin},
-           "diverged": res["diverged"]}
-    if "average" in fin:
-        out["average_better_than_start"] = fin["average"]["heldout_loss"] < init["heldout_loss"]
-    if "average" in fin and "batch_gd" in fin:
-        out["average_over_batch_gd_heldout"] = (fin["average"]["heldout_loss"]
-                                                / fin["batch_gd"]["heldout_loss"])
-    return out | {key: res[key] for key in ("own_sample_loss", "single_copy_heldout",
-                                            "single_copy_heldout_median", "one_epoch_gap")
-                  if key in res}
+           "heldout_reduction": {m: 1 - v / h0 for m, v in h.items()}, "diverged": res["diverged"]}
+    if "average" in h:
+        out["average_better_than_start"] = h["average"] < h0
+    if "average" in h and "batch_gd" in h:
+        out["average_over_batch_gd_heldout"] = h["average"] / h["batch_gd"]
+    rest = ("own_sample_loss", "single_copy_heldout", "single_copy_heldout_median", "one_epoch_gap")
+    return out | {key: res[key] for key in rest if key in res}

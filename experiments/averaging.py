@@ -1,6 +1,5 @@
-"""The homework's average of per-sample copies of A, B, C (no low loss on a new x) against batch
-GD (the same rule, all samples at once) and optax.adam on the mean loss, on held-out samples at
-log-spaced epochs; sentences that are pure functions of the numbers (for ``generalization.py``)."""
+"""The homework's average of per-sample copies (no low loss on a new x) against batch GD and adam
+on the mean loss, on held-out samples at log-spaced epochs; sentences from the numbers alone."""
 
 from __future__ import annotations
 

@@ -44,9 +44,8 @@ def _row(method: str, e: int, p: abc_jax.Params, Xtr: jax.Array, Xte: jax.Array)
 def run_generalization(k: int, n_train: int, n_test: int, epochs: int, *, lr: float = 0.01,
                        adam_lr: float = 0.01, seed: int = 0, n_checkpoints: int = 24) -> dict:
     """The three ways from one start, each checkpoint afresh (float64; X_train (n_train, k),
-    X_heldout (n_test, k) standard normal): ``curves``, ``train_losses`` (the copies': mean over i
-    of L(copy i, x_i)), ``final`` (last rows), ``initial``, ``diverged``, ``own_sample_loss``,
-    ``single_copy_heldout(_median)``, ``one_epoch_gap`` (max |average - batch GD| after 1 epoch)."""
+    X_heldout (n_test, k) standard normal): ``curves``, ``train_losses``, ``final``, ``initial``,
+    ``diverged``, ``own_sample_loss``, ``single_copy_heldout(_median)``, ``one_epoch_gap``."""
     kp, ktr, kte = jax.random.split(jax.random.key(seed), 3)
     p0 = abc_jax.init_params(kp, k, dtype=jnp.float64)
     Xtr, Xte = (jax.random.normal(kk, (n, k), jnp.float64) for kk, n in [(ktr, n_train),
@@ -80,9 +79,8 @@ def run_generalization(k: int, n_train: int, n_test: int, epochs: int, *, lr: fl
             "diverged": diverged, "final": {r["method"]: r for r in curves
                                             if r["method"] not in diverged}}
     if epochs >= 1 and not {"average", "batch_gd"} & set(diverged):
-        out["one_epoch_gap"] = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
-            average_params(trainers["average"](1).params), trainers["batch_gd"](1).params,
-            strict=True))
+        avg, gd = average_params(trainers["average"](1).params), trainers["batch_gd"](1).params
+        out["one_epoch_gap"] = max(float(abs(a - b).max()) for a, b in zip(avg, gd, strict=True))
     return out
 
 

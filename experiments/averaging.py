@@ -1,10 +1,5 @@
-"""Averaging per-sample solutions vs training on the mean loss: the comparison and its sentences.
-
-The homework trained one copy of A, B, C per sample x_i, averaged the N copies, and found the
-average gave no low loss on a new x. ``run_generalization`` compares, on held-out samples at
-log-spaced epochs: that average (``train_per_sample``), batch GD on the mean loss (the same rule,
-all samples at once) and optax.adam on it. Every sentence of ``conclusion`` is a pure function
-of the numbers. No ``main``: ``generalization.py`` and ``reproduce_seed.py`` use it."""
+"""The homework's average of per-sample copies (no low loss on a new x) against batch GD and adam
+on the mean loss, on held-out samples at log-spaced epochs; sentences from the numbers alone."""
 
 from __future__ import annotations
 
@@ -29,9 +24,8 @@ SAME_POINT = 1e-10  # one epoch: max |average - batch GD| below this is the same
 
 def checkpoints(epochs: int, n: int = 24) -> list[int]:
     """About n epoch counts from 0 to ``epochs``, log-spaced, always including 0, 1 and epochs."""
-    if epochs <= 0:
-        return [0]
-    return [0, *(int(e) for e in np.unique(np.round(np.geomspace(1, epochs, max(n, 2)))))]
+    grid = np.unique(np.round(np.geomspace(1, max(epochs, 1), max(n, 2))))
+    return [0, *(int(e) for e in grid if epochs > 0)]
 
 
 def average_params(stacked: abc_jax.Params) -> abc_jax.Params:
@@ -48,25 +42,19 @@ def _row(method: str, e: int, p: abc_jax.Params, Xtr: jax.Array, Xte: jax.Array)
 
 
 def run_generalization(k: int, n_train: int, n_test: int, epochs: int, *, lr: float = 0.01,
-                       adam_lr: float = 0.01, seed: int = 0,
-                       n_checkpoints: int = 24) -> dict[str, Any]:
-    """Train the three ways from one start (float64; X_train (n_train, k), X_heldout (n_test, k)
-    standard normal), each checkpoint afresh. Returns ``curves`` (a row per method and
-    checkpoint), ``train_losses`` (method -> per-epoch objective; for the copies the mean of copy
-    i's loss on x_i), ``final`` (method -> last row), ``initial``, ``diverged``,
-    ``own_sample_loss``, ``single_copy_heldout`` (mean, median: the copies held out) and
-    ``one_epoch_gap`` (max |average - batch GD| after one epoch)."""
+                       adam_lr: float = 0.01, seed: int = 0, n_checkpoints: int = 24) -> dict:
+    """The three ways from one start, each checkpoint afresh (float64; X_train (n_train, k),
+    X_heldout (n_test, k) standard normal): ``curves``, ``train_losses``, ``final``, ``initial``,
+    ``diverged``, ``own_sample_loss``, ``single_copy_heldout(_median)``, ``one_epoch_gap``."""
     kp, ktr, kte = jax.random.split(jax.random.key(seed), 3)
-    params0 = abc_jax.init_params(kp, k, dtype=jnp.float64)
+    p0 = abc_jax.init_params(kp, k, dtype=jnp.float64)
     Xtr, Xte = (jax.random.normal(kk, (n, k), jnp.float64) for kk, n in [(ktr, n_train),
                                                                        (kte, n_test)])
-    initial = _row("initial", 0, params0, Xtr, Xte)
-    trainers = {
-        "average": lambda e: train_per_sample(params0, Xtr, lr=lr, epochs=e, progress=False),
-        "batch_gd": lambda e: train(params0, Xtr, lr=lr, epochs=e, progress=False),
-        "adam": lambda e: train(params0, Xtr, lr=adam_lr, epochs=e,
-                                optimizer=optax.adam(adam_lr), progress=False),
-    }
+    initial = _row("initial", 0, p0, Xtr, Xte)
+    trainers = {"average": lambda e: train_per_sample(p0, Xtr, lr=lr, epochs=e, progress=False),
+                "batch_gd": lambda e: train(p0, Xtr, lr=lr, epochs=e, progress=False),
+                "adam": lambda e: train(p0, Xtr, lr=adam_lr, epochs=e,
+                                        optimizer=optax.adam(adam_lr), progress=False)}
     curves, train_losses, diverged, out = [], {}, {}, {}
     for m in METHODS:
         curves.append({**initial, "method": m})
@@ -79,31 +67,27 @@ def run_generalization(k: int, n_train: int, n_test: int, epochs: int, *, lr: fl
             curves.append(_row(m, e, average_params(res.params) if m == "average" else res.params,
                                Xtr, Xte))
         else:  # res: the run over all epochs
-            train_losses[m] = np.asarray(res.losses)
+            train_losses[m] = np.atleast_2d(res.losses).mean(axis=0)  # copies: (N, epochs)
             if m == "average":
                 held = jax.vmap(abc_jax.batch_loss, in_axes=(0, None))(res.params, Xte)
-                train_losses[m] = train_losses[m].mean(axis=0)
-                own = jax.vmap(abc_jax.loss)(res.params, Xtr)
-                out |= {"own_sample_loss": float(jnp.mean(own)),
-                        "single_copy_heldout": float(jnp.mean(held)),
+                own = float(jnp.mean(jax.vmap(abc_jax.loss)(res.params, Xtr)))
+                out |= {"own_sample_loss": own, "single_copy_heldout": float(jnp.mean(held)),
                         "single_copy_heldout_median": float(jnp.median(held))}
     out |= {"config": dict(k=k, n_train=n_train, n_test=n_test, epochs=epochs, lr=lr,
                            adam_lr=adam_lr, seed=seed, dtype="float64"),
             "initial": initial, "curves": curves, "train_losses": train_losses,
-            "diverged": diverged, "final": {m: [r for r in curves if r["method"] == m][-1]
-                                            for m in METHODS if m not in diverged}}
+            "diverged": diverged, "final": {r["method"]: r for r in curves
+                                            if r["method"] not in diverged}}
     if epochs >= 1 and not {"average", "batch_gd"} & set(diverged):
-        out["one_epoch_gap"] = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
-            average_params(trainers["average"](1).params), trainers["batch_gd"](1).params,
-            strict=True))
+        avg, gd = average_params(trainers["average"](1).params), trainers["batch_gd"](1).params
+        out["one_epoch_gap"] = max(float(abs(a - b).max()) for a, b in zip(avg, gd, strict=True))
     return out
 
 
 def change(new: float, old: float) -> str:
     """'12.3% reduction' or '4.5% increase' from old to new."""
-    frac = 1 - new / old if old else None
-    return ("n/a" if frac is None else f"{100 * frac:.1f}% reduction" if frac >= 0
-            else f"{100 * -frac:.1f}% increase")
+    frac = 1 - new / old if old else 0.0
+    return f"{100 * abs(frac):.1f}% {'reduction' if frac >= 0 else 'increase'}" if old else "n/a"
 
 
 def carry_over_sentence(own: float, single: float) -> str:
@@ -125,9 +109,8 @@ def average_sentence(avg: float, gd: float, start: float) -> str:
 
 
 def conclusion(res: dict[str, Any]) -> list[str]:
-    """The sentences above, for one ``run_generalization`` result; then whether the average and
-    batch GD coincide after one epoch (the mean of N single steps is one step on the mean loss),
-    and how much of the lowest held-out loss's fall is ||C|| shrinking (c0 -> c)."""
+    """The sentences above for one ``run_generalization`` result; whether the average and batch
+    GD coincide after one epoch; how much of the lowest held-out loss's fall is ||C|| shrinking."""
     init, fin = res["initial"], res["final"]
     lines = [f"{LABELS[m]} diverged: {err.splitlines()[0]}" for m, err in res["diverged"].items()]
     if "average" in fin and "batch_gd" in fin:
@@ -140,26 +123,23 @@ def conclusion(res: dict[str, Any]) -> list[str]:
                      "the mean of N single steps is one step on the mean loss." if gap <= SAME_POINT
                      else f"After one epoch the two already differ by {gap:.1e}.")
     if fin:
-        best = fin[min(fin, key=lambda m: fin[m]["heldout_loss"])]
-        c0, c = init["norm_C"], best["norm_C"]
-        measured = best["heldout_loss"] / init["heldout_loss"]
+        best = min(fin.values(), key=lambda f: f["heldout_loss"])
+        c0, c, actual = init["norm_C"], best["norm_C"], best["heldout_loss"] / init["heldout_loss"]
         scale_only = (c / c0) ** 2  # the loss factor if C had only been scaled
-        mostly = 0 < measured < 1 and scale_only < 1 and np.log(scale_only) / np.log(measured) > 0.5
-        lines.append(
-            f"The lowest held-out loss ({LABELS[best['method']]}) has ||C|| = {c:.3g} (start "
-            f"{c0:.3g}); scaling C alone would multiply the loss by {scale_only:.2g}, against "
-            f"{measured:.2g}: " + ("most of it is C shrinking towards the trivial minimiser C = 0."
-                                   if mostly else "most of it is not C shrinking but z(x) mapped "
-                                   "towards C's null space."))
+        mostly = 0 < actual < 1 and scale_only < 1 and np.log(scale_only) / np.log(actual) > 0.5
+        lines.append(f"The lowest held-out loss ({LABELS[best['method']]}) has ||C|| = {c:.3g} "
+                     f"(start {c0:.3g}); scaling C alone would multiply the loss by "
+                     f"{scale_only:.2g}, against {actual:.2g}: most of it is "
+                     + ("C shrinking towards the trivial minimiser C = 0." if mostly
+                        else "not C shrinking but z(x) mapped towards C's null space."))
     return lines
 
 
 def summary_rows(res: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     """One row per method (and the start): train loss, held-out loss and its change, ||C||."""
-    L0 = res["initial"]["heldout_loss"]
     return ["method", "train loss", "held-out loss", "held-out change", "||C||"], [
         [m, f["train_loss"], f["heldout_loss"], "-" if f is res["initial"] else
-         change(f["heldout_loss"], L0), f["norm_C"]]
+         change(f["heldout_loss"], res["initial"]["heldout_loss"]), f["norm_C"]]
         for m, f in [("starting point", res["initial"]), *res["final"].items()]]
 
 
@@ -203,17 +183,15 @@ def plot(res: dict[str, Any]) -> Any:
 def metrics(res: dict[str, Any]) -> dict[str, Any]:
     """The numbers a README quotes."""
     init, fin, keys = res["initial"], res["final"], ("heldout_loss", "train_loss", "norm_C")
+    h0, h = init["heldout_loss"], {m: f["heldout_loss"] for m, f in fin.items()}
     out = {**{f"initial_{key}": init[key] for key in keys},
            **{key: {m: fin[m][key] for m in fin} for key in keys},
-           "singular_values_C": {"initial": init["singular_values_C"],
-                                 **{m: fin[m]["singular_values_C"] for m in fin}},
-           "heldout_reduction": {m: 1 - fin[m]["heldout_loss"] / init["heldout_loss"] for m in fin},
-           "diverged": res["diverged"]}
-    if "average" in fin:
-        out["average_better_than_start"] = fin["average"]["heldout_loss"] < init["heldout_loss"]
-    if "average" in fin and "batch_gd" in fin:
-        out["average_over_batch_gd_heldout"] = (fin["average"]["heldout_loss"]
-                                                / fin["batch_gd"]["heldout_loss"])
-    return out | {key: res[key] for key in ("own_sample_loss", "single_copy_heldout",
-                                            "single_copy_heldout_median", "one_epoch_gap")
-                  if key in res}
+           "singular_values_C": {m: f["singular_values_C"] for m, f in [("initial", init),
+                                                                          *fin.items()]},
+           "heldout_reduction": {m: 1 - v / h0 for m, v in h.items()}, "diverged": res["diverged"]}
+    if "average" in h:
+        out["average_better_than_start"] = h["average"] < h0
+    if "average" in h and "batch_gd" in h:
+        out["average_over_batch_gd_heldout"] = h["average"] / h["batch_gd"]
+    rest = ("own_sample_loss", "single_copy_heldout", "single_copy_heldout_median", "one_epoch_gap")
+    return out | {key: res[key] for key in rest if key in res}

@@ -37,17 +37,15 @@ from abc_jax.files import write_results  # noqa: E402
 NAME = "bench_gradients"
 # kind: "jax" (jitted; given params, X, precision) or "python" (given lists); time ~ P^exponent
 Method = collections.namedtuple("Method", "label kind exponent fn")
-METHODS = {
-    "batch_grad": Method("batch_grad (manual)", "jax", 1, abc_jax.batch_grad),
-    "jax_grad": Method("jax.grad (reverse)", "jax", 1, abc_jax.oracle_grad),
-    "jvp_grad": Method("jvp_grad (manual forward)", "jax", 2, abc_jax.jvp_grad),
-    "jacfwd": Method("jax.jacfwd (forward)", "jax", 2, lambda p, X, precision: jax.jacfwd(
-        lambda q: abc_jax.batch_loss(q, X, precision=precision))(p)),
-    "fd_grad": Method("fd_grad (finite diff.)", "jax", 2, abc_jax.fd_grad),
-    "python_backprop": Method("Python backprop", "python", 1,
-                              lambda *lists: homework.py_loss_and_grad(*lists)[1]),
-    "python_fd": Method("Python finite diff.", "python", 2, homework.py_fd_grad),
-}
+METHODS = {"batch_grad": Method("batch_grad (manual)", "jax", 1, abc_jax.batch_grad),
+           "jax_grad": Method("jax.grad (reverse)", "jax", 1, abc_jax.oracle_grad),
+           "jvp_grad": Method("jvp_grad (manual forward)", "jax", 2, abc_jax.jvp_grad),
+           "jacfwd": Method("jax.jacfwd (forward)", "jax", 2, lambda p, X, precision: jax.jacfwd(
+               lambda q: abc_jax.batch_loss(q, X, precision=precision))(p)),
+           "fd_grad": Method("fd_grad (finite diff.)", "jax", 2, abc_jax.fd_grad),
+           "python_backprop": Method("Python backprop", "python", 1,
+                                     lambda *lists: homework.py_loss_and_grad(*lists)[1]),
+           "python_fd": Method("Python finite diff.", "python", 2, homework.py_fd_grad)}
 TIMING = ["median_s", "min_s", "first_call_s", "compile_s", "rounds", "calls_per_round"]
 CSV_FIELDS = ["K", "P", "N", "method", "kind", "device", "dtype", "precision", "status",
               *TIMING, "ratio_to_batch_grad", "rel_err_vs_float64"]
@@ -62,9 +60,8 @@ def rel_error(grads: Any, reference: abc_jax.Params) -> float:
 
 def _time_at(K: int, n: int, todo: Sequence[str], *, dtype: Any, precision: str, seed: int,
              budget_s: float, min_time: float, rounds: int) -> tuple[dict, abc_jax.Params]:
-    """(method -> Timing, jax.grad in float64 on the same rounded inputs) at one K. JAX: one
-    jax.jit of each public function (the same dispatch cost for all, validation at trace
-    time); Python: the homework's lists of lists, no warm-up, <= ``budget_s`` s of rounds."""
+    """(method -> Timing, jax.grad in float64 on the same rounded inputs) at one K. JAX: a jit of
+    each public function (one dispatch cost); Python: the lists, no warm-up, <= ``budget_s`` s."""
     kp, kx = jax.random.split(jax.random.fold_in(jax.random.key(seed), K))
     params = abc_jax.init_params(kp, K, dtype=dtype)
     X = jax.random.normal(kx, (n, K), dtype)
@@ -83,10 +80,9 @@ def run_bench(ks: Sequence[int], n: int, methods: Sequence[str] = tuple(METHODS)
               dtype: Any = jnp.float32, precision: str = "highest", seed: int = 0,
               budget_s: float = 2.0, min_time: float = 0.2, rounds: int = 5,
               mem_limit: float = 1 << 30) -> list[dict[str, Any]]:
-    """One row per (K, method), skipped ones included (``status`` says why: a call took over
-    ``budget_s``, the time predicted from the last K, ``t * (P_new / P_old) ** exponent``, is
-    over it, or a forward mode's memory would exceed ``mem_limit`` bytes); each row names its
-    device and matmul precision (None for Python, which has no matmuls to set)."""
+    """One row per (K, method), skipped ones with a ``status`` saying why: a call took over
+    ``budget_s``, or ``t * (P_new / P_old) ** exponent`` from the last K is over it, or a forward
+    mode needs over ``mem_limit`` bytes; rows name device and precision (None for Python)."""
     if unknown := set(methods) - set(METHODS):
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {sorted(unknown)}")
     last, stopped, rows = {}, {}, []  # last: method -> (P, median s); stopped: method -> why
@@ -124,11 +120,9 @@ def run_bench(ks: Sequence[int], n: int, methods: Sequence[str] = tuple(METHODS)
 
 
 def fit_slope(P: Sequence[float], t: Sequence[float]) -> tuple[float, float]:
-    """(slope, intercept) of the least-squares line log t = slope log P + intercept; NaN if
-    fewer than two distinct P."""
-    slope, intercept = np.polyfit(np.log(P), np.log(t), 1) if np.unique(P).size > 1 else (
-        np.nan, np.nan)
-    return float(slope), float(intercept)
+    """(slope, intercept) of the least-squares log t = slope log P + intercept; NaN if one P."""
+    fit = np.polyfit(np.log(P), np.log(t), 1) if np.unique(P).size > 1 else (np.nan, np.nan)
+    return float(fit[0]), float(fit[1])
 
 
 def slopes(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -139,9 +133,8 @@ def slopes(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
 
 
 def ratio_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
-    """Header and rows: K, P, device, precision, batch_grad time, then each method's time /
-    batch_grad's. Methods that ran elsewhere than batch_grad (the plain-Python ones when JAX
-    is not on the CPU) say where in their column's name."""
+    """Header and rows: K, P, device, precision, batch_grad's time, each method's time / its; a
+    column run elsewhere than batch_grad (Python, when JAX is not on the CPU) names where."""
     methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "batch_grad"]
     by = {(r["K"], r["method"]): r for r in rows}
     device = next((r["device"] for r in rows if r["method"] == "batch_grad" and r.get("device")),
@@ -180,9 +173,8 @@ def figure(rows: Sequence[dict[str, Any]], title: str) -> Any:
                xlabel="parameter count P = 2HD + OH = 3K² (D=H=O=K)")
         top = ax.secondary_xaxis("top", functions=(
             lambda P: np.sqrt(np.maximum(P, 1e-12) / 3), lambda K: 3 * K**2))
-        top.set_xticks(ks, [str(k) for k in ks])
         top.set_xticks([], minor=True)
-        top.set_xlabel("K")
+        top.set(xlabel="K", xticks=ks, xticklabels=[str(k) for k in ks])
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=3,
                fontsize=8)
     fig.suptitle(f"{title}\nlegend: fitted log-log slope of time against P", fontsize=10)
@@ -207,8 +199,7 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "largest_k_measured": {m: max((r["K"] for r in rs if r["median_s"]), default=None)
                                for m, rs in mine.items()},
         "rel_err_vs_float64": errs,
-        "max_rel_err_vs_float64": max((e for e in errs.values() if e is not None), default=None),
-    }
+        "max_rel_err_vs_float64": max((e for e in errs.values() if e is not None), default=None)}
 
 
 def main(argv: list[str] | None = None) -> int:

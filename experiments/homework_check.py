@@ -1,8 +1,6 @@
-"""The homework's printed gradient check, re-read from its numbers; one update simulated.
-
-The homework printed its manual gradients and loss to 16 digits, PyTorch's to four decimals, and
-called them "approximately same". Every sentence here is a pure function of those numbers and of
-the simulated update. No ``main``: ``reproduce_seed.py`` runs it as its part (e)."""
+"""The homework's printed gradient check (manual gradients and loss to 16 digits, PyTorch's to 4
+decimals: "approximately same") re-read from its numbers, and one update simulated. Every sentence
+is a pure function of those numbers and the simulation; ``reproduce_seed.py`` runs it as (e)."""
 
 from __future__ import annotations
 
@@ -26,9 +24,8 @@ HOMEWORK_LOSSES = tuple(float(v) for v in """
 0.32566586931628994 0.3172897937276602 0.30914765266224875 0.3012320170141361 0.2935357364712854
 0.2860519270383867 0.2787739592130982 0.2716954467766908""".split())
 
-# Its gradient check as printed after that listing, copied exactly, one line per matrix row: the
-# manual gradient in full precision, then PyTorch's ("Gradient calculated using autograd") to the
-# four decimals printed.
+# Its gradient check as printed, one line per matrix row: the manual gradient in full precision,
+# then PyTorch's ("Gradient calculated using autograd") to the four decimals printed.
 _PRINTED = [line.split() for line in """
 A -0.0006713625025565516 0.0013139067848766854 0.0018388094918960131   -0.0007 0.0013 0.0018
 A 0.0004449456167331362 -0.0008707919529324088 -0.0012186713143954573  0.0004 -0.0009 -0.0012
@@ -73,21 +70,18 @@ def _overlap(a: Sequence[float] | None, b: Sequence[float]) -> bool:
 def reread_homework_check(manual: dict[str, Any] = HOMEWORK_MANUAL_GRADS,
                           torch: dict[str, Any] = HOMEWORK_TORCH_GRADS,
                           loss_torch: float = HOMEWORK_TORCH_LOSS) -> dict[str, Any]:
-    """Per matrix: PyTorch / manual per entry, the entries beyond rounding, one factor fitting
-    all, the manual singular values (a one-sample gradient is rank one; dA = gy x^T and
-    dB = gz x^T share x; dA = diag(u (1 - u)) dB). The loss: PyTorch / manual against the
-    listing's per-update ratio L[t+1] / L[t]; ``one_update_later``: can that ratio be one listed
-    update, and dL/dC's factor its square root?"""
+    """Per matrix: PyTorch / manual, entries beyond rounding, one factor fitting all, singular
+    values (rank one: dA = gy x^T, dB = gz x^T, dA = diag(u (1 - u)) dB). ``one_update_later``:
+    is PyTorch / manual for L one listed update L[t+1] / L[t], and dL/dC's its square root?"""
     mats = {}
     for n in abc_jax.Params._fields:
         m, t = np.asarray(manual[n], np.float64), np.asarray(torch[n], np.float64)
-        beyond = np.abs(t - np.round(m, TORCH_DECIMALS)) > HALF_UNIT + 1e-12
+        r, beyond = t / m, np.abs(t - np.round(m, TORCH_DECIMALS)) > HALF_UNIT + 1e-12
         _, s, vt = np.linalg.svd(m)
-        mats[n] = {"manual": m, "torch": t, "ratio": t / m, "ratio_min": float((t / m).min()),
-                   "ratio_max": float((t / m).max()), "bounds": _bounds(m, t),
-                   "beyond_rounding": beyond, "n_beyond_rounding": int(beyond.sum()),
-                   "fit_factor": float(np.sum(t * m) / np.sum(m * m)),
-                   "common_factor": factor_interval(m, t), "singular_values": s,
+        mats[n] = {"manual": m, "torch": t, "ratio": r, "ratio_min": float(r.min()),
+                   "ratio_max": float(r.max()), "bounds": _bounds(m, t), "beyond_rounding": beyond,
+                   "n_beyond_rounding": int(beyond.sum()), "common_factor": factor_interval(m, t),
+                   "fit_factor": float(np.sum(t * m) / np.sum(m * m)), "singular_values": s,
                    "rank_one": bool(s[1] <= RANK_TOL * s[0]), "right_vector": vt[0]}
     slope, L0 = mats["A"]["manual"] / mats["B"]["manual"], HOMEWORK_MANUAL_LOSS
     steps = np.asarray(HOMEWORK_LOSSES[1:]) / np.asarray(HOMEWORK_LOSSES[:-1])
@@ -97,9 +91,8 @@ def reread_homework_check(manual: dict[str, Any] = HOMEWORK_MANUAL_GRADS,
             "sigmoid_slope_row_spread": float(np.max(np.ptp(slope, axis=1) / slope.mean(axis=1))),
             "rank_one": all(mm["rank_one"] for mm in mats.values()),
             "cos_right_AB": float(abs(mats["A"]["right_vector"] @ mats["B"]["right_vector"])),
-            "loss_ratio": loss_torch / L0, "loss_ratio_interval": iv,
-            "listing_step_ratio_median": float(np.median(steps)),
-            "listing_step_ratio_range": step_range,
+            "loss_ratio": loss_torch / L0, "listing_step_ratio_median": float(np.median(steps)),
+            "loss_ratio_interval": iv, "listing_step_ratio_range": step_range,
             "one_update_later": (_overlap(iv, step_range)
                                  and _overlap(mats["C"]["common_factor"], np.sqrt(iv).tolist())),
             "n_entries": sum(mm["ratio"].size for mm in mats.values()),
@@ -115,16 +108,14 @@ def draw(k: int, seed: int) -> tuple[abc_jax.Params, jax.Array]:
 @jax.jit
 def _one_update(params: abc_jax.Params, x: jax.Array, lr: Any) -> tuple[Any, ...]:
     """p1 = p - lr g(p): returns L(p), L(p1), g(p), g(p1) (manual gradients), z(p), z(p1)."""
-    g = abc_jax.manual_grad(params, x)
-    new = jax.tree.map(lambda p, gp: p - lr * gp, params, g)
+    new = jax.tree.map(lambda p, gp: p - lr * gp, params, g := abc_jax.manual_grad(params, x))
     (L0, r0), (L1, r1) = abc_jax.forward(params, x), abc_jax.forward(new, x)
     return L0, L1, g, abc_jax.manual_grad(new, x), r0.z, r1.z
 
 
 def lr_for_loss_ratio(params: abc_jax.Params, x: jax.Array, target: float) -> float:
-    """The lr at which one update p <- p - lr g multiplies L by ``target`` (0 < target < 1):
-    from (1 - target) L / ||g||^2 the upper end doubles (at most 60 times) until one update
-    lowers L that much, then 60 bisections of [0, upper]."""
+    """The lr at which one update p <- p - lr g multiplies L by ``target`` in (0, 1): from
+    (1 - target) L / ||g||^2 doubled (<= 60 times) until it does, 60 bisections of [0, upper]."""
     if not 0.0 < target < 1.0:
         raise ValueError(f"target must be in (0, 1), got {target}")
     def ratio(lr: float) -> float:  # L(p - lr g) / L(p)
@@ -147,10 +138,8 @@ def lr_for_loss_ratio(params: abc_jax.Params, x: jax.Array, target: float) -> fl
 
 def simulate_one_update_later(params: abc_jax.Params, x: jax.Array,
                               target: float) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """One update with lr set so that L falls by ``target``: (summary, g_{t+1} / g_t per matrix).
-    Summary: lr, the loss ratio, its square root (the factor of ||w||, hence of dC = 2 w z^T if z
-    stood still), the factor of ||z||, each matrix's ratios' min/max/median, and
-    ``homework_like``: every dC ratio within SIGNATURE_BAND of that root, as printed."""
+    """One update with L falling by ``target``: (summary, g_{t+1} / g_t per matrix). In summary,
+    ``homework_like``: all dC ratios within SIGNATURE_BAND of sqrt(L ratio), dC = 2 w z^T's."""
     L0, L1, g0, g1, z0, z1 = _one_update(params, x, lr := lr_for_loss_ratio(params, x, target))
     ratios = {n: np.asarray(b) / np.asarray(a)
               for n, a, b in zip(abc_jax.Params._fields, g0, g1, strict=True)}
@@ -164,25 +153,17 @@ def simulate_one_update_later(params: abc_jax.Params, x: jax.Array,
                for f in (np.min, np.max, np.median)}}, ratios
 
 
-def seed_scan(k: int, epochs: int, lr: float, seeds: Sequence[int],
-              target: float) -> list[dict[str, Any]]:
+def seed_scan(k: int, epochs: int, lr: float, seeds: Sequence[int], target: float) -> list[dict]:
     """The simulation's summary at the end of each seed's run (``draw``, then ``train``)."""
-    rows = []
-    for seed in seeds:
-        p0, x = draw(k, seed)
-        end = abc_jax.train(p0, x[None, :], lr=lr, epochs=epochs, progress=False).params
-        rows.append({"seed": seed, **simulate_one_update_later(end, x, target)[0]})
-    return rows
+    ends = ((seed, x, abc_jax.train(p0, x[None, :], lr=lr, epochs=epochs, progress=False).params)
+            for seed, (p0, x) in ((seed, draw(k, seed)) for seed in seeds))
+    return [{"seed": seed, **simulate_one_update_later(end, x, target)[0]} for seed, x, end in ends]
 
 
 def findings(hc: dict[str, Any], sim: dict[str, Any], scan: Sequence[dict[str, Any]]) -> list[str]:
-    """The re-read ``hc`` in sentences: do the manual numbers have the structure the derivation
-    gives a one-sample gradient; are PyTorch's numbers the manual ones rounded to 4 decimals;
-    PyTorch's L against the manual L, one listed update and dL/dC's factor; what one simulated
-    update did (``sim``, then over ``scan``'s seeds); last, the answer to 'Is the derivation
-    right?' in one sentence."""
-    mats, C, n, later = hc["matrices"], hc["matrices"]["C"], hc["n_beyond_rounding"], hc[
-        "one_update_later"]
+    """``hc`` in sentences: the manual numbers' structure; PyTorch's as them rounded; L against one
+    listed update; the simulated updates (``sim``, ``scan``); the verdict in one sentence."""
+    mats, C, n = hc["matrices"], hc["matrices"]["C"], hc["n_beyond_rounding"]
     iv, slopes, rank_one = hc["loss_ratio_interval"], hc["sigmoid_slope_rows"], hc["rank_one"]
     sv = max(m["singular_values"][1] / m["singular_values"][0] for m in mats.values())
     obey = (rank_one and hc["cos_right_AB"] > 1 - 1e-9 and np.all(slopes <= 0.25)
@@ -208,7 +189,7 @@ def findings(hc: dict[str, Any], sim: dict[str, Any], scan: Sequence[dict[str, A
         + (" dL/dC's factor is not L's: not a rescaled loss."
            if C["common_factor"] is not None and not _overlap(C["common_factor"], iv) else "")
         + (f" dL/dC's factor is within sqrt of L's ({_span(np.sqrt(iv), '.3f')}): as one update "
-           "later (||w|| = sqrt(L) shrinks, z stays)." if later else ""),
+           "later (||w|| = sqrt(L) shrinks, z stays)." if hc["one_update_later"] else ""),
         f"One simulated update (lr = {sim['lr']:.3g}, L x {sim['loss_ratio']:.4f}) scales dL/dC "
         f"by {sim['dC_ratio_min']:.4f}-{sim['dC_ratio_max']:.4f} against sqrt "
         f"{sim['sqrt_loss_ratio']:.4f}: {'' if sim['homework_like'] else 'not '}the printed "
@@ -216,34 +197,7 @@ def findings(hc: dict[str, Any], sim: dict[str, Any], scan: Sequence[dict[str, A
         f"The homework's own check {diff}; its manual numbers are "
         + ("rank one as derived" if rank_one else "not rank one, against the derivation") + "; "
         + ("consistent with PyTorch seeing the parameters one update later (not provable)"
-           if later else "not explained by one update later") + "."]
-
-
-def _tables(hc: dict[str, Any], runs: Sequence[dict[str, Any]]) -> dict[str, tuple]:
-    """The re-read (printed only), every printed entry, and the simulated updates."""
-    yes, mats, entries = {True: "yes", False: "no"}, hc["matrices"], []
-    for n, m in mats.items():
-        cols = (m["manual"], m["torch"], np.round(m["manual"], TORCH_DECIMALS), m["ratio"],
-                m["beyond_rounding"], *m["bounds"])
-        for ij in np.ndindex(m["manual"].shape):
-            man, *rest = (c[ij].item() for c in cols)
-            entries.append([f"dL/d{n}[{ij[0]},{ij[1]}]", repr(man), *rest])
-    reread = [[f"{m['ratio_min']:.4f}", f"{m['ratio_max']:.4f}", _span(m["common_factor"]),
-               f"{m['fit_factor']:.4f}", f"{m['n_beyond_rounding']} of {m['ratio'].size}",
-               " ".join(f"{v:.2g}" for v in m["singular_values"])] for m in mats.values()]
-    labels = ["ratio, min", "ratio, max", "one factor fitting all", "least-squares factor",
-              "beyond rounding", "manual singular values"]
-    return {"reread": (["PyTorch vs manual", *(f"dL/d{n}" for n in mats)],
-                       [list(row) for row in zip(labels, *reread, strict=True)]),
-            "homework_check": (["entry", "manual", "pytorch", "manual_rounded", "ratio",
-                                "beyond_rounding", "ratio_lo", "ratio_hi"], entries),
-            "homework_check_simulated": (
-                ["seed", "L_t", "lr", "L ratio", "sqrt", "||z|| ratio", "dA ratios", "dB ratios",
-                 "dC ratios", "all shrink", "like the homework"],
-                [[r["seed"], f"{r['loss']:.3g}", f"{r['lr']:.3g}", f"{r['loss_ratio']:.4f}",
-                  f"{r['sqrt_loss_ratio']:.4f}", f"{r['z_norm_ratio']:.4f}",
-                  *(_span([r[f"d{n}_ratio_min"], r[f"d{n}_ratio_max"]]) for n in "ABC"),
-                  yes[r["all_entries_shrink"]], yes[r["homework_like"]]] for r in runs])}
+           if hc["one_update_later"] else "not explained by one update later") + "."]
 
 
 def plot(hc: dict[str, Any], sim: dict[str, Any]) -> Any:
@@ -272,18 +226,32 @@ def plot(hc: dict[str, Any], sim: dict[str, Any]) -> Any:
 
 def run(params: abc_jax.Params, x: jax.Array, *, k: int, epochs: int, lr: float,
         seeds: Sequence[int]) -> dict[str, Any]:
-    """Re-read, simulate one update at (params, x) and at the end of ``seeds``' runs, print;
-    return ``metrics``, ``sentence``, ``tables`` (name -> (header, rows)) and ``figures``."""
+    """Re-read, simulate one update at (params, x) and after ``seeds``' runs, print; return
+    ``metrics``, ``sentence``, ``tables`` (name -> (header, rows)) and ``figures``."""
     hc = reread_homework_check()
     sim, _ = simulate_one_update_later(params, x, hc["listing_step_ratio_median"])
     scan = seed_scan(k, epochs, lr, seeds, hc["listing_step_ratio_median"])
     *found, sentence = findings(hc, sim, scan)
-    tables = _tables(hc, [{"seed": "this run", **sim}, *scan])
-    _common.print_table(*tables.pop("reread"))
-    print()
-    _common.print_table(*tables["homework_check_simulated"])
-    print("\n" + "\n".join(found))
-    C = hc["matrices"]["C"]
+    yes, mats, C = {True: "yes", False: "no"}, hc["matrices"], hc["matrices"]["C"]
+    entries = [[f"dL/d{n}[{i},{j}]", repr(m["manual"][i, j].item()),
+                *(c[i, j].item() for c in (m["torch"], np.round(m["manual"], TORCH_DECIMALS),
+                                           m["ratio"], m["beyond_rounding"], *m["bounds"]))]
+               for n, m in mats.items() for i, j in np.ndindex(m["manual"].shape)]
+    reread = [[f"{m['ratio_min']:.4f}", f"{m['ratio_max']:.4f}", _span(m["common_factor"]),
+               f"{m['fit_factor']:.4f}", f"{m['n_beyond_rounding']} of {m['ratio'].size}",
+               " ".join(f"{v:.2g}" for v in m["singular_values"])] for m in mats.values()]
+    labels = ["ratio, min", "ratio, max", "one factor fitting all", "least-squares factor",
+              "beyond rounding", "manual singular values"]
+    simulated = (["seed", "L_t", "lr", "L ratio", "sqrt", "||z|| ratio", "dA ratios", "dB ratios",
+                  "dC ratios", "all shrink", "like the homework"],
+                 [[r["seed"], f"{r['loss']:.3g}", f"{r['lr']:.3g}", f"{r['loss_ratio']:.4f}",
+                   f"{r['sqrt_loss_ratio']:.4f}", f"{r['z_norm_ratio']:.4f}",
+                   *(_span([r[f"d{n}_ratio_min"], r[f"d{n}_ratio_max"]]) for n in "ABC"),
+                   yes[r["all_entries_shrink"]], yes[r["homework_like"]]]
+                  for r in [{"seed": "this run", **sim}, *scan]])
+    print(_common.format_table(["PyTorch vs manual", *(f"dL/d{n}" for n in mats)],
+                               [list(row) for row in zip(labels, *reread, strict=True)]),
+          _common.format_table(*simulated), "\n".join(found), sep="\n\n")
     metrics = {"autograd_over_manual_dC": [C["ratio_min"], C["ratio_max"]],
                "dC_common_factor": C["common_factor"], "loss_ratio_printed": hc["loss_ratio"],
                **{key: hc[key] for key in ("loss_ratio_interval", "listing_step_ratio_range",
@@ -291,5 +259,7 @@ def run(params: abc_jax.Params, x: jax.Array, *, k: int, epochs: int, lr: float,
                "manual_rank_one": hc["rank_one"], "one_update_later": hc["one_update_later"],
                "simulated": sim, "seeds_homework_like": sum(r["homework_like"] for r in scan),
                "n_seeds": len(scan), "findings": found}
-    return {"metrics": metrics, "sentence": sentence, "tables": tables,
-            "figures": {"homework_check": plot(hc, sim)}}
+    header = ["entry", "manual", "pytorch", "manual_rounded", "ratio", "beyond_rounding",
+              "ratio_lo", "ratio_hi"]
+    return {"metrics": metrics, "sentence": sentence, "figures": {"homework_check": plot(hc, sim)},
+            "tables": {"homework_check": (header, entries), "homework_check_simulated": simulated}}

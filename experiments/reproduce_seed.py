@@ -41,8 +41,7 @@ def loss_listing(args: Any) -> tuple[abc_jax.Params, jax.Array, dict[str, Any]]:
     lists; ``losses[e]``: the loss before update e, as printed. Returns params, x, the part."""
     params0, x = homework_check.draw(args.k, args.seed)
     res = abc_jax.train(params0, x[None, :], lr=args.lr, epochs=args.epochs, progress=False)
-    py = homework.py_gradient_descent(*homework.to_lists(params0, x[None, :]), args.lr,
-                                      args.epochs)
+    py = homework.py_gradient_descent(*homework.to_lists(params0, x[None, :]), args.lr, args.epochs)
     losses = np.asarray(res.losses, np.float64).tolist()
     met = {"initial_loss": losses[0], "final_loss": float(abc_jax.loss(res.params, x)),
            "max_abs_diff_python": float(np.max(np.abs(np.asarray(losses) - py)))}
@@ -77,7 +76,7 @@ def gradient_check(params: abc_jax.Params, x: jax.Array) -> dict[str, Any]:
     _, py = homework.py_loss_and_grad(*homework.to_lists(params, X))
     grads = {"manual": abc_jax.manual_grad(params, x), "jax_grad": abc_jax.oracle_grad(params, X),
              "finite_diff": abc_jax.fd_grad(params, X),
-             "python": abc_jax.Params(*(jnp.asarray(g) for g in py))}
+             "python": abc_jax.Params(*map(jnp.asarray, py))}
     errors = {m: abc_jax.grad_errors(g, grads["jax_grad"]) for m, g in grads.items()
               if m != "jax_grad"}
     worst = {m: max(e["rel"] for e in errs.values()) for m, errs in errors.items()}
@@ -93,12 +92,10 @@ def gradient_check(params: abc_jax.Params, x: jax.Array) -> dict[str, Any]:
             "tables": {"gradcheck": table}, "figures": {}}
 
 
-def timing(ks: Sequence[int], n: int, seed: int, budget_s: float,
-           min_time: float) -> list[dict[str, Any]]:
-    """Median seconds per gradient over N = n samples, float64: a row per (K, method), timed
-    against each other (``_common.time_interleaved``, rounds <= budget_s / 2); a method whose
-    previous-K time times (K / K_prev)^SCALING passes ``budget_s`` is skipped (None), never
-    batch_grad, the reference of ``ratio``. Repeated K are timed once."""
+def timing(ks: Sequence[int], n: int, seed: int, budget_s: float, min_time: float) -> list[dict]:
+    """Median seconds per gradient over N = n samples, float64, a row per (K, method), timed
+    against each other (rounds <= budget_s / 2); skipped (None) where the previous K's time x
+    (K / K_prev)^SCALING passes ``budget_s``, never batch_grad (``ratio``'s reference)."""
     rows, last = [], {}
     jitted = {"batch_grad": jax.jit(abc_jax.batch_grad), "jax_grad": jax.jit(abc_jax.oracle_grad),
               "fd_grad": jax.jit(abc_jax.fd_grad)}
@@ -112,8 +109,7 @@ def timing(ks: Sequence[int], n: int, seed: int, budget_s: float,
                  "python_fd": lambda lists=lists: homework.py_fd_grad(*lists)}
         calls = {m: f for m, f in calls.items() if m == "batch_grad" or m not in last
                  or last[m] * (K / last["K"]) ** SCALING.get(m, 2) <= budget_s}
-        times = _common.time_interleaved(calls, min_time=min_time, max_time=budget_s / 2,
-                                         rounds=5)
+        times = _common.time_interleaved(calls, min_time=min_time, max_time=budget_s / 2, rounds=5)
         med = {m: times[m].median_s if m in times else None for m in METHODS}
         last = {"K": K, **{m: np.inf if t is None else t for m, t in med.items()}}
         rows += [{"K": K, "P": 3 * K * K, "N": n, "method": m, "median_s": t,

@@ -25,7 +25,6 @@ generalization = importlib.import_module("generalization")
 homework = importlib.import_module("homework")
 repro = importlib.import_module("reproduce_seed")
 
-SCRIPTS = {"reproduce_seed": repro, "generalization": generalization, "gradcheck": gradcheck}
 
 
 def _main(module, argv):

@@ -177,9 +177,14 @@ def _guard(state: State, epoch: int, losses: list[np.ndarray], *, initial: Param
         TrainResult(state.last_good, jnp.asarray(kept)), e, lr)
 
 
-def _resume(checkpoint_dir: Any, state: State, batch: Batch, settings: dict[str, Any],
-            epochs: int) -> tuple[State, int, list[np.ndarray]]:
-    """The state, epoch and losses of the checkpoint in ``checkpoint_dir``, if one is there."""
+def _checkpointed(checkpoint_dir: Any, state: State, batch: Batch, settings: dict[str, Any],
+                  epochs: int, hooks: list[Any]) -> tuple[State, int, list[np.ndarray]]:
+    """(state, epoch, losses) of the checkpoint in ``checkpoint_dir`` if there is one, else
+    the start; in process 0, a hook that writes the checkpoint after every chunk."""
+    if parallel.is_main_process():
+        hooks.append(lambda s, e, ls: save_checkpoint(
+            checkpoint_dir, state=(s.params, s.opt_state), epoch=e,
+            losses=np.concatenate(ls), settings=settings))
     found = restore(checkpoint_dir, like=(state.params, state.opt_state), settings=settings)
     if found is None:
         return state, 0, []
@@ -191,52 +196,44 @@ def _resume(checkpoint_dir: Any, state: State, batch: Batch, settings: dict[str,
     return State(p, o, p, state.bad), start, [old]
 
 
+def _initial_state(optimizer: Any, params: Params) -> State:
+    """The loop's carry before epoch 0, as committed arrays (so one compilation serves all)."""
+    return _strong(State(params, optimizer.init(params), params, np.zeros((), bool)))
+
+
+def _result(state: State, losses: list[np.ndarray], dtype: Any, empty: tuple) -> TrainResult:
+    """The final params and the losses of every chunk joined along epochs, on the device."""
+    out = np.concatenate(losses, axis=-1) if losses else np.zeros(empty, dtype)
+    return TrainResult(state.params, jax.device_put(out.astype(dtype)))
+
+
 def train(params: Params, X: Any, *, lr: float | None = None, epochs: int,
           optimizer: Any = None, grad: str = "manual", batch_size: int | None = None,
           key: jax.Array | None = None, chunk_size: int | None = None, progress: bool = True,
           checkpoint_dir: str | os.PathLike[str] | None = None,
           epochs_per_chunk: int = EPOCHS_PER_CHUNK, precision: str | None = None) -> TrainResult:
-    """Minimise ``batch_loss(params, X)`` for ``epochs`` epochs.
+    """Minimise ``batch_loss(params, X)``: per epoch (u, s) = optimizer.update(g, s, p), p += u.
 
-    Each epoch: L_e, g_e = batch_loss and its gradient at p_e, then
-    (u_e, s_{e+1}) = optimizer.update(g_e, s_e, p_e) and p_{e+1} = p_e + u_e.
+    params: ``Params(A (H, D), B (H, D), C (O, H))``, whose dtype the result and X take.
+    X: samples (N, D) or a ``Batch`` (row weights; from ``shard_batch`` or, with every
+    process calling alike, ``shard_local_batch``). lr: of the default rule p <- p - lr g
+    (data: every lr shares one compilation); needed only without ``optimizer``, any
+    ``optax.GradientTransformation`` (``GradientTransformationExtraArgs`` such as
+    ``optax.lbfgs()`` also get value, grad and value_fn). epochs >= 0. grad: "manual" or
+    "oracle" (``jax.grad``). batch_size: None for the full batch, else ceil(n / b)
+    mini-batches per epoch shuffled with ``fold_in(key, epoch)``. chunk_size, precision:
+    as in ``batch_grad`` (speed knobs, free to change across a resume). progress: a bar on
+    a terminal or in a notebook. checkpoint_dir: process 0 writes ``checkpoint.npz`` after
+    every chunk of ``epochs_per_chunk`` epochs, and a later call continues from it; one of
+    another run (data, initial params, shapes, dtype, lr, grad, batch_size, key, optimizer
+    state) is refused.
 
-    Args:
-      params: ``Params(A (H, D), B (H, D), C (O, H))``; their dtype is that of
-        the result and the losses (X is cast to it).
-      X: samples (N, D), finite, or a ``Batch`` (row weights; ``shard_batch``
-        across devices, ``shard_local_batch`` across processes: then every
-        process calls train alike, which is checked, and gets the same result).
-      lr: learning rate of the default rule p <- p - lr * g (required without
-        ``optimizer``; data, so every lr shares one compilation).
-      epochs: >= 0 (0 returns params unchanged, no losses).
-      optimizer: None for ``gradient_descent(lr)``, or any
-        ``optax.GradientTransformation``; ``GradientTransformationExtraArgs``
-        (e.g. ``optax.lbfgs()``) also get ``value``, ``grad`` and ``value_fn``.
-      grad: "manual" (the hand-derived batch gradient) or "oracle" (``jax.grad``).
-      batch_size: None trains on the full batch; b >= 1 on ceil(n / b)
-        mini-batches per epoch drawn with ``fold_in(key, epoch)`` (``key``
-        required then, ignored otherwise).
-      chunk_size, precision: as in ``batch_grad``; speed knobs that may change
-        across a resume.
-      progress: a tqdm bar on a terminal or in a notebook, updated per chunk.
-      checkpoint_dir: if given, ``checkpoint.npz`` there is written after every
-        chunk (by process 0), and a call finding one continues from it. A
-        checkpoint of another run (data, initial params, shapes, dtype, lr,
-        grad, batch_size, key, optimizer state structure) is refused.
-      epochs_per_chunk: epochs per compiled loop: how often the host checks,
-        checkpoints and shows progress.
+    Returns ``TrainResult(params, losses)``, losses (epochs,): losses[e] the batch loss
+    before update e (mini-batches: the weighted mean of epoch e's).
 
-    Returns:
-      ``TrainResult(params, losses)``, losses (epochs,): losses[e] is the batch
-      loss before update e (mini-batches: the weighted mean of epoch e's).
-
-    Raises:
-      DivergenceError: a loss became NaN or inf; names the epoch and the knob.
-      FloatingPointError: the loss or gradient at the initial params overflows
-        the dtype although X and params are finite: no learning rate helps.
-      ValueError, TypeError: a bad argument, named, before any tracing; or a
-        checkpoint that does not match this run.
+    Raises DivergenceError (a non-finite loss; names the epoch and the knob to turn),
+    FloatingPointError (the loss or gradient overflows at the initial params: no lr helps),
+    ValueError or TypeError (a bad argument, before any tracing; a checkpoint of another run).
     """
     if validation.is_traced(params, X, key):
         raise TypeError("train runs its own compiled loop: call it outside jax.jit/vmap/grad")
@@ -245,8 +242,7 @@ def train(params: Params, X: Any, *, lr: float | None = None, epochs: int,
     params, batch = prepare(params, X)
     chunk = validation.check_positive_int(chunk_size, "chunk_size", allow_none=True)
     params = replicate_like(_strong(params), batch.X)
-    state = replicate_like(_strong(State(params, optimizer.init(params), params,
-                                          np.zeros((), bool))), batch.X)
+    state = replicate_like(_initial_state(optimizer, params), batch.X)
     n_rows, ok = (int(v) for v in _data_summary(params, batch))
     static |= dict(chunk_size=chunk, n_rows=n_rows if batch_size else 0)
     custom = static["update"] is not gd_update
@@ -261,18 +257,14 @@ def train(params: Params, X: Any, *, lr: float | None = None, epochs: int,
     hooks = [functools.partial(_guard, initial=params, batch=batch, lr=lr, custom=custom)]
     start, losses = 0, []
     if checkpoint_dir is not None:
-        state, start, losses = _resume(checkpoint_dir, state, batch, settings, epochs)
-        if parallel.is_main_process():
-            hooks.append(lambda s, e, ls: save_checkpoint(
-                checkpoint_dir, state=(s.params, s.opt_state), epoch=e,
-                losses=np.concatenate(ls), settings=settings))
+        state, start, losses = _checkpointed(checkpoint_dir, state, batch, settings, epochs,
+                                             hooks)
     with _progress_bar(progress, epochs, start, "train") as bar:
         hooks.append(lambda s, e, ls: (bar.update(ls[-1].shape[-1]),
                                        bar.set_postfix(loss=f"{ls[-1][-1]:.6g}")))
         state, losses = _run_chunks(run_chunk, state, batch, replicate_like(key, batch.X),
                                     start, epochs, losses, static, hooks)
-    out = np.concatenate(losses) if losses else np.zeros((0,), params.A.dtype)
-    return TrainResult(state.params, jax.device_put(out.astype(params.A.dtype)))
+    return _result(state, losses, params.A.dtype, (0,))
 
 
 def _guard_members(state: State, epoch: int, losses: list[np.ndarray], *, initial: Params,
@@ -327,7 +319,7 @@ def train_per_sample(params: Params, X: Any, *, lr: float, epochs: int, progress
     X = np.asarray(batch.X) if batch.weights is None else np.asarray(batch.X)[
         np.asarray(batch.weights) > 0]
     N = X.shape[0]
-    one = State(params, optimizer.init(params), params, np.zeros((), bool))
+    one = _initial_state(optimizer, params)
     state = _strong(jax.tree.map(lambda a: jnp.broadcast_to(a, (N, *np.shape(a))), one))
     static |= dict(chunk_size=None, n_rows=0)
     with _progress_bar(progress, epochs, 0, "train_per_sample") as bar:
@@ -335,5 +327,4 @@ def train_per_sample(params: Params, X: Any, *, lr: float, epochs: int, progress
                  lambda s, e, ls: bar.update(ls[-1].shape[-1])]
         state, losses = _run_chunks(run_chunk_members, state, Batch(jnp.asarray(X)[:, None]),
                                     None, 0, epochs, [], static, hooks)
-    out = np.concatenate(losses, axis=1) if losses else np.zeros((N, 0), params.A.dtype)
-    return TrainResult(state.params, jax.device_put(out.astype(params.A.dtype)))
+    return _result(state, losses, params.A.dtype, (N, 0))

@@ -1,9 +1,10 @@
 """The hand-derived backward pass: one sample, a batch, and as a custom_vjp.
 
 Reverse mode through y = A x, u = sigmoid(y), v = B x, z = u + v, w = C z,
-L = ||w||^2, with g the cotangent of L (g = 1 for a gradient)::
+L = ||w - t||^2 (t the target, 0 in the homework), with g the cotangent of L
+(g = 1 for a gradient)::
 
-    gw = 2 g w                (O,)     dL/dw = 2 w
+    gw = 2 g (w - t)          (O,)     dL/dw = 2 (w - t)
     gC = gw z^T               (O, H)   outer product
     gz = C^T gw               (H,)
     gu = gv = gz              (H,)     z = u + v passes gz to both
@@ -11,6 +12,7 @@ L = ||w||^2, with g the cotangent of L (g = 1 for a gradient)::
     gy = gu * u * (1 - u)     (H,)     sigmoid'(y) from the saved u
     gA = gy x^T               (H, D)
     gx = A^T gy + B^T gv      (D,)     only needed by the custom_vjp
+    gt = -gw                  (O,)     likewise
 
 The homework wrote "2w * C" for C^T gw (a vector, (H,)) and "2w * z" for the
 outer product gw z^T (a matrix, (O, H)).
@@ -22,7 +24,7 @@ per-sample outer products, computed as ONE contraction over N::
     gA = sum_i r_i gy_i x_i^T / sum_i r_i = GY^T X / sum(r)      (H, D)
     gB = GZ^T X / sum(r),   gC = GW^T Z / sum(r)
 
-with the weight put in once, at the top: gw_i = 2 r_i w_i, so every cotangent
+with the weight put in once, at the top: gw_i = 2 r_i (w_i - t_i), so every cotangent
 below it carries r_i and a padding row (r_i = 0) contributes exactly nothing.
 Never N outer products followed by a mean (about 20x slower at K = 64,
 N = 4096, and O(N H D) memory). ``batch_grad`` uses the Gram form of the output
@@ -38,15 +40,25 @@ import jax.numpy as jnp
 from jax import lax
 
 from abc_jax import validation
-from abc_jax.model import Batch, Params, Residuals, _forward, as_params, as_sample, prepare, sigmoid
+from abc_jax.model import (
+    Batch,
+    Params,
+    Residuals,
+    _forward,
+    as_params,
+    as_sample_and_target,
+    prepare,
+    sigmoid,
+)
 
 
-def _vjp(params: Params, res: Residuals, g: Any) -> tuple[Params, jax.Array]:
-    """Manual VJP of one sample: (parameter cotangents, x cotangent)."""
+def _vjp(params: Params, res: Residuals, g: Any) -> tuple[Params, jax.Array, Any]:
+    """Manual VJP of one sample: (parameter cotangents, x cotangent, t cotangent)."""
     A, B, C = params
-    x, u, z, w = res
+    x, u, z, w, t = res
     g = jnp.asarray(g, dtype=w.dtype)
-    gw = 2 * g * w  # (O,)    L = ||w||^2       dL/dw = 2 w
+    e = w if t is None else w - t  # (O,)  the residual w - t (t = 0: w)
+    gw = 2 * g * e  # (O,)    L = ||w - t||^2   dL/dw = 2 (w - t)
     gC = jnp.outer(gw, z)  # (O, H)  w = C z          gw z^T
     gz = C.T @ gw  # (H,)                        C^T gw
     gu = gv = gz  # (H,)    z = u + v          the sum passes gz to both
@@ -54,16 +66,17 @@ def _vjp(params: Params, res: Residuals, g: Any) -> tuple[Params, jax.Array]:
     gy = gu * u * (1 - u)  # (H,)    u = sigmoid(y)   sigmoid'(y) = u (1 - u)
     gA = jnp.outer(gy, x)  # (H, D)  y = A x          gy x^T
     gx = A.T @ gy + B.T @ gv  # (D,)  x feeds A x and B x
-    return Params(gA, gB, gC), gx
+    gt = None if t is None else -gw  # (O,)  dL/dt = -2 (w - t)
+    return Params(gA, gB, gC), gx, gt
 
 
 def manual_vjp(params: Params, residuals: Residuals, g: Any = 1.0) -> Params:
     """The hand-derived backward pass for one sample.
 
-    ``residuals`` come from ``forward(params, x)``: x (D,), u (H,), z (H,), w (O,);
-    ``g`` is the scalar cotangent of L (1.0 gives the gradient). Returns
-    ``Params(gA (H, D), gB (H, D), gC (O, H))`` = g * dL/d(A, B, C), where
-    gC = gw z^T, gB = gz x^T, gA = (gz * u * (1 - u)) x^T, gw = 2 g w,
+    ``residuals`` come from ``forward(params, x, t)``: x (D,), u (H,), z (H,),
+    w (O,), t (O,) or None; ``g`` is the scalar cotangent of L (1.0 gives the
+    gradient). Returns ``Params(gA (H, D), gB (H, D), gC (O, H))`` = g * dL/d(A, B, C),
+    where gC = gw z^T, gB = gz x^T, gA = (gz * u * (1 - u)) x^T, gw = 2 g (w - t),
     gz = C^T gw (derivation in the module docstring).
     """
     if jnp.ndim(g) != 0:
@@ -72,49 +85,60 @@ def manual_vjp(params: Params, residuals: Residuals, g: Any = 1.0) -> Params:
     return _vjp(params, residuals, g)[0]
 
 
-def _manual_grad(params: Params, x: jax.Array) -> Params:
-    return _vjp(params, _forward(params, x)[1], 1.0)[0]
+def _manual_grad(params: Params, x: jax.Array, t: jax.Array | None = None) -> Params:
+    return _vjp(params, _forward(params, x, t)[1], 1.0)[0]
 
 
-def manual_grad(params: Params, x: jax.Array, *, precision: str | None = None) -> Params:
-    """dL/d(A, B, C) for one sample x (D,), as ``Params`` of A's, B's, C's shapes.
+def manual_grad(params: Params, x: jax.Array, t: jax.Array | None = None, *,
+                precision: str | None = None) -> Params:
+    """dL/d(A, B, C) for one sample x (D,) and target t (O,) (None: 0), as ``Params``.
 
     ``forward`` then ``manual_vjp``; ``precision`` as in ``batch_grad``.
     """
-    params, D, _, _, dtype = as_params(params)
-    x = as_sample(x, D, dtype)
-    return validation.run(_manual_grad, params, x, name="x", precision=precision)
+    params, x, t = as_sample_and_target(params, x, t)
+    return validation.run(_manual_grad, params, x, t, name=("x", "t"), precision=precision)
 
 
 # --- a batch: contractions over N -------------------------------------------
 
 
-def _value_and_grad_sum(params: Params, X: jax.Array, r: jax.Array | None,
+def _value_and_grad_sum(params: Params, batch: Batch,
                         gram: bool) -> tuple[jax.Array, Params, jax.Array]:
     """(sum_i r_i L_i, sum_i r_i dL_i/dparams, sum_i r_i) over rows X (N, D), by hand.
 
     Activations are feature-major, (H, N), so every contraction over N is a
     plain matmul. The output side has two exact forms, chosen by shape:
 
-    - direct: W = C Z, GW = 2 W r, gC = GW Z^T, GZ = C^T GW: 3 N O H multiply-adds.
-    - Gram (``gram``): with M = C^T C (H, H), GZ = 2 M (Z r) and gC = 2 C (Z r) Z^T:
-      2 N H^2 multiply-adds and W is never formed; cheaper when 2H < 3O. Its
-      loss, sum_i r_i z_i^T M z_i, has an absolute error of order eps ||C||^2 ||z||^2,
-      large relative to L near a minimum where C z ~ 0: so ``batch_grad`` (no
-      loss) uses it, and training, which reports the loss, the direct form.
+    - direct: W = C Z, GW = 2 (W - T^T) r, gC = GW Z^T, GZ = C^T GW: 3 N O H
+      multiply-adds.
+    - Gram (``gram``): with M = C^T C (H, H), GZ = 2 (M Z - C^T T^T) r and
+      gC = 2 (C Z - T^T) r Z^T = 2 C (Z r Z^T) - 2 (T^T r) Z^T: W is never formed,
+      2 N H^2 multiply-adds, plus 2 N O H for targets; cheaper when 2H < 3O
+      (targets: 2H < O). Its loss, sum_i r_i (z_i^T M z_i - 2 t_i^T C z_i + ||t_i||^2),
+      has an absolute error of order eps ||C||^2 ||z||^2, large relative to L near
+      a minimum where C z ~ t: so ``batch_grad`` (no loss) uses it, and training,
+      which reports the loss, the direct form.
     """
     A, B, C = params
+    X, r, T = batch
     U = sigmoid(A @ X.T)  # (H, N)  u_i = sigmoid(A x_i)
     Z = U + B @ X.T  # (H, N)  z_i = u_i + B x_i
     if gram:
         Zr = Z if r is None else Z * r[None, :]  # (H, N)  r_i z_i
-        GZ = 2 * (C.T @ C) @ Zr  # (H, N)  gz_i = C^T gw_i = 2 r_i C^T C z_i
+        GZ = 2 * (C.T @ C) @ Zr  # (H, N)  2 r_i C^T C z_i
         total = jnp.sum(Z * GZ) / 2  # sum_i r_i ||C z_i||^2
-        gC = 2 * (C @ (Zr @ Z.T))  # (O, H)  sum_i gw_i z_i^T = 2 C sum_i r_i z_i z_i^T
+        gC = 2 * (C @ (Zr @ Z.T))  # (O, H)  2 C sum_i r_i z_i z_i^T
+        if T is not None:
+            Tr = T.T if r is None else T.T * r[None, :]  # (O, N)  r_i t_i
+            TZ = Tr @ Z.T  # (O, H)  sum_i r_i t_i z_i^T
+            GZ = GZ - 2 * (C.T @ Tr)  # gz_i = 2 r_i C^T (C z_i - t_i)
+            gC = gC - 2 * TZ  # sum_i gw_i z_i^T, gw_i = 2 r_i (C z_i - t_i)
+            total = total - 2 * jnp.sum(C * TZ) + jnp.sum(Tr * T.T)
     else:
         W = C @ Z  # (O, N)  w_i = C z_i
-        GW = 2 * W if r is None else 2 * W * r[None, :]  # (O, N)  gw_i = 2 r_i w_i
-        total = jnp.sum(W * GW) / 2  # sum_i r_i ||w_i||^2
+        E = W if T is None else W - T.T  # (O, N)  w_i - t_i
+        GW = 2 * E if r is None else 2 * E * r[None, :]  # (O, N)  gw_i = 2 r_i (w_i - t_i)
+        total = jnp.sum(E * GW) / 2  # sum_i r_i ||w_i - t_i||^2
         gC = GW @ Z.T  # (O, H)  sum_i gw_i z_i^T
         GZ = C.T @ GW  # (H, N)  gz_i = C^T gw_i
     GY = GZ * U * (1 - U)  # (H, N)  gy_i = gz_i * sigmoid'(y_i), from the saved u_i
@@ -124,28 +148,26 @@ def _value_and_grad_sum(params: Params, X: jax.Array, r: jax.Array | None,
     return total, Params(gA, gB, gC), weight
 
 
-def _chunked_sum(fn: Any, X: jax.Array, r: jax.Array | None, chunk_size: int | None) -> Any:
-    """sum over chunks of rows of ``fn(X_chunk, r_chunk)``, in one compiled loop.
+def _chunked_sum(fn: Any, batch: Batch, chunk_size: int | None) -> Any:
+    """sum over chunks of rows of ``fn(batch_chunk)``, in one compiled loop.
 
-    ``lax.fori_loop`` over dynamic slices (no reshaped copy of X), then the
-    remainder as one static slice: working memory is O(chunk_size).
+    ``lax.fori_loop`` over dynamic slices of every row array (no reshaped copy
+    of X), then the remainder as one static slice: working memory is O(chunk_size).
     """
-    N = X.shape[0]
+    N = batch.X.shape[0]
     if chunk_size is None or chunk_size >= N:
-        return fn(X, r)
+        return fn(batch)
     n_full, rem = divmod(N, chunk_size)
 
-    def rows(a: Any, start: Any) -> Any:
-        return None if a is None else lax.dynamic_slice_in_dim(a, start, chunk_size)
-
     def body(i: Any, acc: Any) -> Any:
-        part = fn(rows(X, i * chunk_size), rows(r, i * chunk_size))
-        return jax.tree.map(jnp.add, acc, part)
+        rows = jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, i * chunk_size, chunk_size),
+                            batch)
+        return jax.tree.map(jnp.add, acc, fn(rows))
 
-    shapes = jax.eval_shape(fn, X[:chunk_size], None if r is None else r[:chunk_size])
+    shapes = jax.eval_shape(fn, jax.tree.map(lambda a: a[:chunk_size], batch))
     acc = lax.fori_loop(0, n_full, body, jax.tree.map(jnp.zeros_like, shapes))
     if rem:
-        tail = fn(X[n_full * chunk_size:], None if r is None else r[n_full * chunk_size:])
+        tail = fn(jax.tree.map(lambda a: a[n_full * chunk_size:], batch))
         acc = jax.tree.map(jnp.add, acc, tail)
     return acc
 
@@ -153,16 +175,15 @@ def _chunked_sum(fn: Any, X: jax.Array, r: jax.Array | None, chunk_size: int | N
 def _value_and_grad(params: Params, batch: Batch, chunk_size: int | None = None,
                     gram: bool = False) -> tuple[jax.Array, Params]:
     """(batch_loss, its gradient) by the manual rule: weighted sums, then one division."""
-    def fn(X: jax.Array, r: jax.Array | None) -> Any:
-        return _value_and_grad_sum(params, X, r, gram)
-
-    total, gsum, weight = _chunked_sum(fn, batch.X, batch.weights, chunk_size)
+    total, gsum, weight = _chunked_sum(lambda b: _value_and_grad_sum(params, b, gram), batch,
+                                       chunk_size)
     return total / weight, jax.tree.map(lambda g: g / weight, gsum)
 
 
 def _batch_grad(params: Params, batch: Batch, chunk_size: int | None = None) -> Params:
     H, O = params.A.shape[0], params.C.shape[0]
-    return _value_and_grad(params, batch, chunk_size, gram=2 * H < 3 * O)[1]
+    gram = 2 * H < (3 * O if batch.T is None else O)  # the cheaper form (_value_and_grad_sum)
+    return _value_and_grad(params, batch, chunk_size, gram)[1]
 
 
 # Working set per chunk that stays in a CPU core's cache share, and the fewest
@@ -239,7 +260,7 @@ def batch_value_and_grad(params: Params, X: Any, *, chunk_size: int | None = Non
 
 
 def _per_sample_grads(params: Params, batch: Batch) -> Params:
-    grads = jax.vmap(_manual_grad, in_axes=(None, 0))(params, batch.X)
+    grads = jax.vmap(_manual_grad, in_axes=(None, 0, 0))(params, batch.X, batch.T)
     if batch.weights is None:
         return grads
     return jax.tree.map(lambda g: g * batch.weights[:, None, None], grads)
@@ -259,16 +280,17 @@ def per_sample_grads(params: Params, X: Any, *, precision: str | None = None) ->
 
 
 @jax.custom_vjp
-def _abc_loss(params: Params, x: jax.Array) -> jax.Array:
-    return _forward(params, x)[0]
+def _abc_loss(params: Params, x: jax.Array, t: jax.Array | None) -> jax.Array:
+    return _forward(params, x, t)[0]
 
 
-def _abc_loss_fwd(params: Params, x: jax.Array) -> tuple[jax.Array, tuple[Params, Residuals]]:
-    L, res = _forward(params, x)
+def _abc_loss_fwd(params: Params, x: jax.Array,
+                  t: jax.Array | None) -> tuple[jax.Array, tuple[Params, Residuals]]:
+    L, res = _forward(params, x, t)
     return L, (params, res)
 
 
-def _abc_loss_bwd(saved: tuple[Params, Residuals], g: jax.Array) -> tuple[Params, jax.Array]:
+def _abc_loss_bwd(saved: tuple[Params, Residuals], g: jax.Array) -> tuple[Params, jax.Array, Any]:
     params, res = saved
     return _vjp(params, res, g)
 
@@ -276,25 +298,26 @@ def _abc_loss_bwd(saved: tuple[Params, Residuals], g: jax.Array) -> tuple[Params
 _abc_loss.defvjp(_abc_loss_fwd, _abc_loss_bwd)
 
 
-def abc_loss(params: Params, x: jax.Array) -> jax.Array:
-    """L = ||C (sigmoid(A x) + B x)||^2 for one sample, differentiated by hand.
+def abc_loss(params: Params, x: jax.Array, t: jax.Array | None = None) -> jax.Array:
+    """L = ||C (sigmoid(A x) + B x) - t||^2 for one sample, differentiated by hand.
 
-    x (D,) -> scalar. A ``jax.custom_vjp`` whose backward pass is ``manual_vjp``
-    plus gx = A^T gy + B^T gz, so ``jax.grad``, ``jax.jit``, ``jax.vmap``, Optax
-    and grad-of-grad run through the hand-written rule. Shapes are always
-    checked; under a transformation values are not, and the caller's matmul
-    precision applies; called eagerly it is ``loss(params, x)``. Batch it with
-    ``jax.vmap(abc_loss, in_axes=(None, 0))``. Forward mode (``jax.jvp``,
-    ``jax.jacfwd``, ``jax.linearize``) needs ``abc_loss_jvp``: asking this one
-    raises a TypeError that says so (``jax.hessian``, forward over reverse, works).
+    x (D,), t (O,) or None (0) -> scalar. A ``jax.custom_vjp`` whose backward
+    pass is ``manual_vjp`` plus gx = A^T gy + B^T gz and gt = -gw (t is an
+    input like x: ``jax.grad(abc_loss, argnums=2)`` is dL/dt), so ``jax.grad``,
+    ``jax.jit``, ``jax.vmap``, Optax and grad-of-grad run through the
+    hand-written rule. Shapes are always checked; under a transformation values
+    are not, and the caller's matmul precision applies; called eagerly it is
+    ``loss(params, x, t)``. Batch it with ``jax.vmap(abc_loss, in_axes=(None, 0, 0))``.
+    Forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``) needs
+    ``abc_loss_jvp``: asking this one raises a TypeError that says so
+    (``jax.hessian``, forward over reverse, works).
     """
-    params, D, _, _, dtype = as_params(params)
-    x = as_sample(x, D, dtype)
-    if not validation.is_traced(params, x):
-        return validation.run(_abc_loss, params, x, name="x",
+    params, x, t = as_sample_and_target(params, x, t)
+    if not validation.is_traced(params, x, t):
+        return validation.run(_abc_loss, params, x, t, name=("x", "t"),
                               precision=validation.DEFAULT_PRECISION)
     try:
-        return _abc_loss(params, x)
+        return _abc_loss(params, x, t)
     except TypeError as e:
         if "forward-mode" not in str(e):
             raise

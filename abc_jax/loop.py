@@ -91,18 +91,18 @@ def _step(update: Any, extra: bool, grad: str, chunk_size: int | None, params: P
 def _minibatch_epoch(step: Any, batch_size: int, n_rows: int, params: Params, opt_state: Any,
                      batch: Batch, key: jax.Array) -> tuple[jax.Array, Params, Any]:
     """One pass over a permutation of the n_rows rows of non-zero weight, b rows a step."""
-    X, r = batch
-    rows = jnp.arange(X.shape[0]) if r is None else jnp.nonzero(r > 0, size=n_rows)[0]
+    r = batch.weights
+    rows = jnp.arange(batch.X.shape[0]) if r is None else jnp.nonzero(r > 0, size=n_rows)[0]
     perm = rows[jax.random.permutation(key, n_rows)]  # (n_rows,) positions in X
     n_full, rem = divmod(n_rows, batch_size)
 
     def one_batch(carry: Any, idx: jax.Array) -> tuple[Any, jax.Array]:
-        sub = Batch(jnp.take(X, idx, axis=0), None if r is None else jnp.take(r, idx))
+        sub = jax.tree.map(lambda a: jnp.take(a, idx, axis=0), batch)  # X, weights, T rows
         loss, p, s = step(*carry, sub)
         weight = len(idx) if r is None else jnp.sum(sub.weights)
         return (p, s), jnp.stack([loss * weight, weight])
 
-    carry, total = (params, opt_state), jnp.zeros(2, X.dtype)
+    carry, total = (params, opt_state), jnp.zeros(2, batch.X.dtype)
     if n_full:
         idx = perm[: n_full * batch_size].reshape(n_full, batch_size)
         carry, sums = lax.scan(one_batch, carry, idx)

@@ -7,7 +7,7 @@ For one sample x (shape (D,)) and parameters A (H, D), B (H, D), C (O, H)::
     v = B x          (H,)
     z = u + v        (H,)
     w = C z          (O,)
-    L = ||w||^2      scalar
+    L = ||w - t||^2  scalar, t (O,) the target (t = 0: the homework's ||w||^2)
 
 Functions here take ONE sample; batch them with ``jax.vmap(f, in_axes=(None, 0))``.
 
@@ -45,17 +45,20 @@ class Residuals(NamedTuple):
     u: jax.Array  # (H,)  sigmoid(A x): sigmoid'(y) = u (1 - u), nothing recomputed
     z: jax.Array  # (H,)  u + B x
     w: jax.Array  # (O,)  C z
+    t: jax.Array | None = None  # (O,) the target; None: t = 0, the homework's loss
 
 
 class Batch(NamedTuple):
-    """Rows of samples and their weights (a pytree: it passes through jit, vmap, grad).
+    """Rows of samples, their weights and targets (a pytree: it passes through jit, vmap, grad).
 
-    Every batch function takes either a plain X (N, D), meaning unit weights,
-    or a ``Batch``. ``shard_batch`` returns one whose padding rows weigh 0.
+    Every batch function takes either a plain X (N, D), meaning unit weights
+    and zero targets (the homework), or a ``Batch``. ``shard_batch`` returns
+    one whose padding rows weigh 0.
     """
 
     X: jax.Array  # (N, D) samples
     weights: jax.Array | None = None  # (N,) w_i >= 0, sum > 0; None: every row weighs 1
+    T: jax.Array | None = None  # (N, O) targets, row i the t of X[i]; None: all 0
 
 
 def init_params(key: jax.Array, in_dim: int, hidden_dim: int | None = None,
@@ -86,15 +89,17 @@ def sigmoid(y: jax.Array) -> jax.Array:
     return jax.nn.sigmoid(y)
 
 
-def _forward(params: Params, x: jax.Array) -> tuple[jax.Array, Residuals]:
+def _forward(params: Params, x: jax.Array,
+             t: jax.Array | None = None) -> tuple[jax.Array, Residuals]:
     A, B, C = params
     y = A @ x  # (H,)
     u = sigmoid(y)  # (H,)
     v = B @ x  # (H,)
     z = u + v  # (H,)
     w = C @ z  # (O,)
-    L = jnp.sum(w * w)  # scalar, ||w||^2
-    return L, Residuals(x, u, z, w)
+    e = w if t is None else w - t  # (O,)
+    L = jnp.sum(e * e)  # scalar, ||w - t||^2
+    return L, Residuals(x, u, z, w, t)
 
 
 def weighted_mean(values: jax.Array, weights: jax.Array | None) -> jax.Array:
@@ -106,8 +111,9 @@ def weighted_mean(values: jax.Array, weights: jax.Array | None) -> jax.Array:
 
 
 def _batch_loss(params: Params, batch: Batch) -> jax.Array:
-    """sum_i w_i L(params, X[i]) / sum_i w_i: the plain definition ``jax.grad`` differentiates."""
-    losses = jax.vmap(_forward, in_axes=(None, 0))(params, batch.X)[0]  # (N,)
+    """sum_i r_i L(params, X[i], T[i]) / sum_i r_i: the plain definition ``jax.grad``
+    differentiates."""
+    losses = jax.vmap(_forward, in_axes=(None, 0, 0))(params, batch.X, batch.T)[0]  # (N,)
     return weighted_mean(losses, batch.weights)
 
 
@@ -123,21 +129,23 @@ def as_params(params: Any) -> tuple[Params, int, int, int, Any]:
     return Params(*arrays), D, H, O, dtype
 
 
-def as_sample(x: Any, D: int, dtype: Any, name: str = "x") -> jax.Array:
-    """One sample of shape (D,), cast to ``dtype``."""
+def as_sample(x: Any, D: int, dtype: Any, name: str = "x",
+              what: tuple[str, str, str] = ("one sample", "D", "columns of A")) -> jax.Array:
+    """One sample of shape (D,) (or one target of shape (O,), per ``what``), cast to ``dtype``."""
+    kind, dim, of = what
     if isinstance(x, (list, tuple)):
         x = jnp.asarray(x)
     s = validation.shape_of(x, name)
     if len(s) != 1:
-        raise ValueError(f"{name} must be one sample of shape (D,) = ({D},), got shape {s}")
+        raise ValueError(f"{name} must be {kind} of shape ({dim},) = ({D},), got shape {s}")
     if s[0] != D:
-        raise ValueError(f"{name} must have D = {D} entries (columns of A), got shape {s}")
+        raise ValueError(f"{name} must have {dim} = {D} entries ({of}), got shape {s}")
     return validation.as_array(x, name, dtype)
 
 
-def as_batch(data: Any, D: int, dtype: Any, name: str = "X") -> Batch:
-    """X (N, D) or ``Batch(X, weights)``, checked and cast to ``dtype``, as a ``Batch``."""
-    X, weights = (data.X, data.weights) if isinstance(data, Batch) else (data, None)
+def as_batch(data: Any, D: int, O: int, dtype: Any, name: str = "X") -> Batch:
+    """X (N, D) or ``Batch(X, weights, T)``, checked and cast to ``dtype``, as a ``Batch``."""
+    X, weights, T = data if isinstance(data, Batch) else (data, None, None)
     if isinstance(X, (list, tuple)):
         X = jnp.asarray(X)
     s = validation.shape_of(X, name)
@@ -153,7 +161,22 @@ def as_batch(data: Any, D: int, dtype: Any, name: str = "X") -> Batch:
         if weights.shape != (s[0],):
             raise ValueError(f"weights must have shape (N,) = ({s[0]},), one per row of "
                              f"{name}, got {weights.shape}")
-    return Batch(X, weights)
+    if T is not None:
+        T = validation.as_array(jnp.asarray(T) if isinstance(T, (list, tuple)) else T, "T",
+                                dtype)
+        if T.shape != (s[0], O):
+            raise ValueError(f"T must have shape (N, O) = ({s[0]}, {O}), one target of C's "
+                             f"O = {O} rows per row of {name}, got {T.shape}")
+    return Batch(X, weights, T)
+
+
+def as_sample_and_target(params: Any, x: Any, t: Any) -> tuple[Params, jax.Array, Any]:
+    """Validated ``(Params, x (D,), t (O,) or None)``, cast to the params' dtype."""
+    params, D, _, O, dtype = as_params(params)
+    x = as_sample(x, D, dtype)
+    if t is not None:
+        t = as_sample(t, O, dtype, "t", ("one target", "O", "rows of C"))
+    return params, x, t
 
 
 def replicate_like(tree: Any, X: Any) -> Any:
@@ -178,19 +201,20 @@ def replicate_like(tree: Any, X: Any) -> Any:
 
 def prepare(params: Any, data: Any, name: str = "X") -> tuple[Params, Batch]:
     """Validated ``(Params, Batch)``; params replicated where a sharded X lives."""
-    params, D, _, _, dtype = as_params(params)
-    batch = as_batch(data, D, dtype, name)
+    params, D, _, O, dtype = as_params(params)
+    batch = as_batch(data, D, O, dtype, name)
     if not validation.is_traced(params, batch):
         params = replicate_like(params, batch.X)
     return params, batch
 
 
-def forward(params: Params, x: jax.Array, *,
+def forward(params: Params, x: jax.Array, t: jax.Array | None = None, *,
             precision: str | None = None) -> tuple[jax.Array, Residuals]:
     """Forward pass for one sample x (D,), params ``Params(A (H, D), B (H, D), C (O, H))``.
 
-    Returns ``(L, residuals)``: the scalar loss ||C (sigmoid(A x) + B x)||^2 and
-    the ``Residuals(x (D,), u (H,), z (H,), w (O,))`` that ``manual_vjp`` consumes.
+    Returns ``(L, residuals)``: the scalar loss ||C (sigmoid(A x) + B x) - t||^2
+    (t (O,) the target, None for 0) and the ``Residuals(x (D,), u (H,), z (H,),
+    w (O,), t)`` that ``manual_vjp`` consumes.
     ``precision``: matmul precision, None for abc_jax's default ``"highest"``
     (``validation.check_precision``).
 
@@ -198,18 +222,20 @@ def forward(params: Params, x: jax.Array, *,
       ValueError, TypeError: bad shapes, dtypes or NaN/inf in params or x.
       FloatingPointError: finite inputs whose loss overflows the dtype.
     """
-    params, D, _, _, dtype = as_params(params)
-    x = as_sample(x, D, dtype)
-    return validation.run(_forward, params, x, name="x", precision=precision)
+    params, x, t = as_sample_and_target(params, x, t)
+    return validation.run(_forward, params, x, t, name=("x", "t"), precision=precision)
 
 
-def loss(params: Params, x: jax.Array, *, precision: str | None = None) -> jax.Array:
-    """L = ||w||^2 for one sample x of shape (D,)."""
-    return forward(params, x, precision=precision)[0]
+def loss(params: Params, x: jax.Array, t: jax.Array | None = None, *,
+         precision: str | None = None) -> jax.Array:
+    """L = ||w - t||^2 for one sample x of shape (D,) (t (O,), None for 0: ||w||^2)."""
+    return forward(params, x, t, precision=precision)[0]
 
 
 def batch_loss(params: Params, X: Any, *, precision: str | None = None) -> jax.Array:
-    """sum_i w_i L(params, X[i]) / sum_i w_i for X (N, D) or a ``Batch`` (unit weights: the mean).
+    """sum_i r_i L(params, X[i], T[i]) / sum_i r_i for X (N, D) or a ``Batch``.
+
+    Unit weights and no targets: the mean of ||w_i||^2, the homework's loss.
 
     A scalar; ``precision`` as in ``forward``.
     """

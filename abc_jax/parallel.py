@@ -36,9 +36,9 @@ def data_mesh(devices: Any = None) -> Mesh:
     return Mesh(devices.reshape(-1), (DATA_AXIS,), axis_types=(AxisType.Auto,))
 
 
-def _rows(X: Any, what: str) -> tuple[Any, Any]:
-    """(X, weights) of an (N, D) array or a ``Batch``, checked to be a batch of real numbers."""
-    X, weights = (X.X, X.weights) if isinstance(X, Batch) else (X, None)
+def _rows(X: Any, what: str) -> tuple[Any, Any, Any]:
+    """(X, weights, T) of an (N, D) array or a ``Batch``, checked to be a batch of real numbers."""
+    X, weights, T = X if isinstance(X, Batch) else (X, None, None)
     shape = np.shape(X)
     dtype = np.dtype(X.dtype) if hasattr(X, "dtype") else np.asarray(X).dtype
     if len(shape) != 2:
@@ -47,34 +47,38 @@ def _rows(X: Any, what: str) -> tuple[Any, Any]:
         raise TypeError(f"X must hold real numbers, got dtype {dtype}")
     if weights is not None and np.shape(weights) != shape[:1]:
         raise ValueError(f"weights must have shape (N,) = {shape[:1]}, got {np.shape(weights)}")
-    return X, weights
+    if T is not None and (np.ndim(T) != 2 or np.shape(T)[0] != shape[0]):
+        raise ValueError(f"T must have shape (N, O) = ({shape[0]}, O), got {np.shape(T)}")
+    return X, weights, T
 
 
-def _padded(X: Any, weights: Any, rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """X and its weights (ones if None) padded with zero rows of weight 0 to ``rows`` rows."""
+def _padded(X: Any, weights: Any, T: Any, rows: int) -> tuple[np.ndarray, np.ndarray, Any]:
+    """X, its weights (ones if None) and targets padded with zero rows of weight 0 to ``rows``."""
     X = np.asarray(X)
     wdtype = X.dtype if np.issubdtype(X.dtype, np.floating) else np.float32
     w = np.ones(len(X), wdtype) if weights is None else np.asarray(weights, wdtype)
     pad = rows - len(X)
-    return np.pad(X, ((0, pad), (0, 0))), np.pad(w, (0, pad))
+    T = None if T is None else np.pad(np.asarray(T), ((0, pad), (0, 0)))
+    return np.pad(X, ((0, pad), (0, 0))), np.pad(w, (0, pad)), T
 
 
 def shard_batch(X: Any, mesh: Mesh | None = None) -> Batch:
     """Place X (N, D), N >= 1, or a ``Batch``, across the devices of ``mesh`` along N.
 
     ``mesh``: a ``Mesh`` with an Auto ``"data"`` axis, default ``data_mesh()``.
-    Returns ``Batch(X, weights)`` sharded ``P("data")`` along N, padded to a
+    Returns ``Batch(X, weights, T)`` sharded ``P("data")`` along N, padded to a
     multiple of the data axis's size with zero rows of weight 0. With several
     processes X is the whole batch, the same on each (else ``shard_local_batch``).
     """
     mesh = _check_mesh(mesh)
-    X, weights = _rows(X, "a batch")
+    X, weights, T = _rows(X, "a batch")
     if np.shape(X)[0] == 0:
         raise ValueError(f"X must hold at least one sample (N >= 1), got shape {np.shape(X)}")
     ndev = mesh.shape[DATA_AXIS]
-    Xp, wp = _padded(X, weights, -(-np.shape(X)[0] // ndev) * ndev)
-    return Batch(jax.device_put(Xp, NamedSharding(mesh, PartitionSpec(DATA_AXIS, None))),
-                 jax.device_put(wp, NamedSharding(mesh, PartitionSpec(DATA_AXIS))))
+    Xp, wp, Tp = _padded(X, weights, T, -(-np.shape(X)[0] // ndev) * ndev)
+    rows, per_row = (NamedSharding(mesh, PartitionSpec(DATA_AXIS, *s)) for s in ((None,), ()))
+    return Batch(jax.device_put(Xp, rows), jax.device_put(wp, per_row),
+                 None if Tp is None else jax.device_put(Tp, rows))
 
 
 def _check_mesh(mesh: Any) -> Mesh:
@@ -119,17 +123,18 @@ def shard_local_batch(X: Any, mesh: Mesh | None = None) -> Batch:
     if jax.process_count() == 1:
         return shard_batch(X, mesh)
     try:
-        X, weights = _rows(X, "this process's rows")
+        X, weights, T = _rows(X, "this process's rows")
         problem = None
     except (TypeError, ValueError) as e:
-        X, weights, problem = np.zeros((0, 1)), None, e
+        X, weights, T, problem = np.zeros((0, 1)), None, None, e
     counts, per_device = _gather_counts(np.asarray(X), problem, mesh)
     R = max(1, max(-(-c // d) for c, d in zip(counts, per_device, strict=True)))
     me = jax.process_index()
-    Xp, wp = _padded(X, weights, per_device[me] * R)
-    rows, put = len(mesh.devices.reshape(-1)) * R, jax.make_array_from_process_local_data
-    return Batch(put(NamedSharding(mesh, PartitionSpec(DATA_AXIS, None)), Xp, (rows, Xp.shape[1])),
-                 put(NamedSharding(mesh, PartitionSpec(DATA_AXIS)), wp, (rows,)))
+    Xp, wp, Tp = _padded(X, weights, T, per_device[me] * R)
+    n, put = len(mesh.devices.reshape(-1)) * R, jax.make_array_from_process_local_data
+    rows, per_row = (NamedSharding(mesh, PartitionSpec(DATA_AXIS, *s)) for s in ((None,), ()))
+    return Batch(put(rows, Xp, (n, Xp.shape[1])), put(per_row, wp, (n,)),
+                 None if Tp is None else put(rows, Tp, (n, Tp.shape[1])))
 
 
 def _gather_counts(local: np.ndarray, problem: Exception | None,

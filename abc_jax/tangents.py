@@ -55,7 +55,7 @@ def _batch_jvp(params: Params, batch: Batch, dparams: Params) -> tuple[jax.Array
     """(batch_loss, its derivative along dparams) over rows X (N, D), as contractions.
 
     Feature-major like the backward pass: dY = dA X^T (H, N), dW = dC Z + C dZ
-    (O, N); the row losses ||w_i||^2 and their derivatives 2 w_i . dw_i are
+    (O, N); the row losses ||w_i - t_i||^2 and their derivatives 2 (w_i - t_i) . dw_i are
     then weighted by r_i and divided by sum(r).
     """
     (A, B, C), (dA, dB, dC) = params, dparams
@@ -64,7 +64,8 @@ def _batch_jvp(params: Params, batch: Batch, dparams: Params) -> tuple[jax.Array
     dU = U * (1 - U) * (dA @ Xt)  # (H, N)
     Z, dZ = U + B @ Xt, dU + dB @ Xt  # (H, N)
     W, dW = C @ Z, dC @ Z + C @ dZ  # (O, N)
-    L, dL = jnp.sum(W * W, axis=0), 2 * jnp.sum(W * dW, axis=0)  # (N,)
+    E = W if batch.T is None else W - batch.T.T  # (O, N)  w_i - t_i
+    L, dL = jnp.sum(E * E, axis=0), 2 * jnp.sum(E * dW, axis=0)  # (N,)
     r = batch.weights
     if r is None:
         return jnp.mean(L), jnp.mean(dL)

@@ -95,7 +95,7 @@ def _data_summary(params: Params, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """(rows of non-zero weight, params and X finite and weights valid), on the devices."""
     r = batch.weights
     n = batch.X.shape[0] if r is None else jnp.sum(r > 0)
-    return n, validation.all_finite((params, batch.X)) & validation.weights_ok(r)
+    return n, validation.all_finite((params, batch.X, batch.T)) & validation.weights_ok(r)
 
 
 def _settings(params: Params, batch: Batch, opt_state: Any, n_rows: int, lr: Any, grad: str,
@@ -114,6 +114,7 @@ def _settings(params: Params, batch: Batch, opt_state: Any, n_rows: int, lr: Any
         "optimizer": "optax" if custom else "gradient_descent",
         "opt_state": str(jax.tree.structure(opt_state)),
         "data_fingerprint": fingerprint(batch.X, batch.weights),
+        "targets_fingerprint": None if batch.T is None else fingerprint(batch.T, batch.weights),
         "params_fingerprint": [v for p in params for v in fingerprint(p)],
     }
 

@@ -195,7 +195,8 @@ def run(fn: Callable[..., Any], params: Any, data: Any, *args: Any, name: str,
 
     ``params`` and ``data`` (an array or a pytree with ``X`` and optionally
     ``weights``) are already validated and cast; ``args`` are further arrays,
-    ``statics`` hashable; ``name`` is the data argument's name in messages.
+    ``statics`` hashable; ``name`` is the data argument's name in messages (a
+    tuple: then the names of data and of the args after it, e.g. ``("x", "t")``).
     Under a caller's transformation ``fn`` is traced plainly. Otherwise one
     compiled call also returns an all-finite flag; a false flag raises
     ValueError (a NaN/inf input or a bad weight, named) or FloatingPointError
@@ -208,7 +209,10 @@ def run(fn: Callable[..., Any], params: Any, data: Any, *args: Any, name: str,
     out, ok = _flagged(params, data, *args, fn=fn, precision=precision,
                        statics=tuple(sorted(statics.items())))
     if not np.asarray(ok):  # reads the flag: about 10 us cheaper than bool(ok) on a CPU
-        explain_nonfinite(params, data, name)
+        names = (name,) if isinstance(name, str) else name
+        for arg, arg_name in zip(args, names[1:], strict=False):
+            raise_if_nonfinite(arg, arg_name)
+        explain_nonfinite(params, data, names[0])
     return out
 
 
@@ -239,6 +243,7 @@ def explain_nonfinite(params: Any, data: Any, name: str) -> None:
         raise_if_nonfinite(p, f"params.{field}")
     X = getattr(data, "X", data)
     raise_if_nonfinite(X, name)
+    raise_if_nonfinite(getattr(data, "T", None), "T")
     weights = getattr(data, "weights", None)
     if weights is not None:
         raise_if_nonfinite(weights, "weights")

@@ -18,20 +18,21 @@ def ref_sigmoid(y):
     return 0.5 * (1 + jnp.tanh(0.5 * y))
 
 
-def ref_loss(params, x):
-    """||C (sigmoid(A x) + B x)||^2 for one sample, in plain jnp."""
+def ref_loss(params, x, t=0.0):
+    """||C (sigmoid(A x) + B x) - t||^2 for one sample, in plain jnp."""
     A, B, C = params
     z = ref_sigmoid(jnp.einsum("hd,d->h", A, x)) + jnp.einsum("hd,d->h", B, x)
     w = jnp.einsum("oh,h->o", C, z)
-    return jnp.sum(w**2)
+    return jnp.sum((w - t) ** 2)
 
 
-def ref_batch_loss(params, X):
-    """mean_i ||C (sigmoid(A x_i) + B x_i)||^2, in plain jnp."""
+def ref_batch_loss(params, X, T=0.0, r=None):
+    """sum_i r_i ||C (sigmoid(A x_i) + B x_i) - t_i||^2 / sum_i r_i (r None: the mean)."""
     A, B, C = params
     Z = ref_sigmoid(jnp.einsum("hd,nd->nh", A, X)) + jnp.einsum("hd,nd->nh", B, X)
     W = jnp.einsum("oh,nh->no", C, Z)
-    return jnp.mean(jnp.sum(W**2, axis=1))
+    losses = jnp.sum((W - T) ** 2, axis=1)
+    return jnp.mean(losses) if r is None else jnp.sum(r * losses) / jnp.sum(r)
 
 
 def make_problem(seed, D, H, O, N, dtype=jnp.float64):

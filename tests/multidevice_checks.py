@@ -40,7 +40,9 @@ def _close(a, b, rtol=1e-12):
 
 def _mean_of_per_sample(params, X):
     """sum_i r_i dL_i / sum_i r_i from per_sample_grads (which weighs each row by r_i)."""
-    n = jnp.sum(X.weights) if isinstance(X, abc_jax.Batch) else X.shape[0]
+    if not isinstance(X, abc_jax.Batch):
+        X = abc_jax.Batch(X)
+    n = X.X.shape[0] if X.weights is None else jnp.sum(X.weights)
     return jax.tree.map(lambda g: jnp.sum(g, axis=0) / n, abc_jax.per_sample_grads(params, X))
 
 
@@ -187,3 +189,17 @@ def test_fingerprint_of_a_sharded_batch_is_that_of_the_rows():
     _, X = _problem(10)
     Xs = abc_jax.shard_batch(X)
     np.testing.assert_allclose(fingerprint(Xs.X, Xs.weights), fingerprint(X), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["batch_grad", "batch_grad_chunked", "batch_value_and_grad",
+                                  "oracle_grad", "mean_of_per_sample_grads"])
+def test_targets_are_sharded_and_padded_with_the_rows(name):
+    # 103 rows of targets over 4 devices: the padding row's target is 0 and weighs 0.
+    params, X = _problem(103)
+    T = jnp.asarray(np.random.default_rng(2).standard_normal((103, O)))
+    Bs = abc_jax.shard_batch(abc_jax.Batch(X, T=T))
+    assert Bs.T.shape == (104, O) and len(Bs.T.sharding.device_set) == 4
+    np.testing.assert_array_equal(np.asarray(Bs.T[103:]), 0)
+    fn, want = BATCH_FNS[name], BATCH_FNS[name](params, abc_jax.Batch(X, T=T))
+    _close(fn(params, Bs), want)
+    _close(jax.jit(fn)(params, Bs), want)

@@ -45,7 +45,6 @@ from abc_jax.model import (
     Params,
     Residuals,
     _forward,
-    as_params,
     as_sample_and_target,
     prepare,
     sigmoid,

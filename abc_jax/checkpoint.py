@@ -6,6 +6,7 @@ A checkpoint holds what lets ``train`` continue exactly where it stopped::
     epoch        () int, epochs completed
     losses       (epoch,) the loss of every epoch so far
     settings     the run's settings as a JSON string
+    extra_<k>    further arrays of the run's history (held-out losses), if any
 
 It is written whole (``files.write_npz``): a killed run leaves the previous
 checkpoint or the new one. Loading compares the stored settings with the
@@ -59,17 +60,19 @@ def fingerprint(a: jax.Array, weights: jax.Array | None = None) -> list[float]:
 
 
 def save_checkpoint(directory: str | os.PathLike[str], *, state: Any, epoch: int,
-                    losses: Any, settings: dict[str, Any]) -> Path:
+                    losses: Any, settings: dict[str, Any],
+                    extra: dict[str, Any] | None = None) -> Path:
     """Write the checkpoint of ``epoch`` completed epochs, atomically."""
     arrays = {f"state_{i}": np.asarray(a) for i, a in enumerate(jax.tree.leaves(state))}
+    arrays |= {f"extra_{k}": np.asarray(v) for k, v in (extra or {}).items()}
     arrays |= {"epoch": np.int64(epoch), "losses": np.asarray(losses),
                "settings": np.array(json.dumps(settings | {"format": FORMAT}))}
     return files.write_npz(checkpoint_path(directory), **arrays)
 
 
 def restore(directory: str | os.PathLike[str], *, like: Any,
-            settings: dict[str, Any]) -> tuple[Any, int, np.ndarray] | None:
-    """``(state, epoch, losses (epoch,))`` from the checkpoint in ``directory``, or None.
+            settings: dict[str, Any]) -> tuple[Any, int, np.ndarray, dict[str, Any]] | None:
+    """``(state, epoch, losses (epoch,), extra)`` from the checkpoint in ``directory``, or None.
 
     ``like`` is this run's state (structure, leaf shapes and dtypes to match).
     Process 0 reads the file and sends it to the others: all resume or raise alike.
@@ -94,6 +97,7 @@ def restore(directory: str | os.PathLike[str], *, like: Any,
             epoch, losses = int(f["epoch"]), np.asarray(f["losses"])
             count = sum(k.startswith("state_") for k in f.files)
             leaves = [np.asarray(f[f"state_{i}"]) for i in range(count)]
+            extra = {k[6:]: np.asarray(f[k]) for k in f.files if k.startswith("extra_")}
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"unreadable checkpoint {path} ({e or 'empty'}): delete it to start "
                          "over, or write this run's checkpoints elsewhere") from None
@@ -108,7 +112,7 @@ def restore(directory: str | os.PathLike[str], *, like: Any,
                          f"loaded ({'; '.join(diffs)}): write this run's checkpoints elsewhere, "
                          "or delete it to start over")
     state = jax.tree.unflatten(jax.tree.structure(like), [jnp.asarray(a) for a in leaves])
-    return state, epoch, losses
+    return state, epoch, losses, extra
 
 
 def _differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:

@@ -189,7 +189,7 @@ def _checkpointed(checkpoint_dir: Any, state: State, batch: Batch, settings: dic
     found = restore(checkpoint_dir, like=(state.params, state.opt_state), settings=settings)
     if found is None:
         return state, 0, []
-    (p, o), start, old = found
+    (p, o), start, old, _ = found
     if start > epochs:
         raise ValueError(f"epochs = {epochs} is fewer than the {start} epochs the "
                          f"checkpoint in {checkpoint_dir} already ran")

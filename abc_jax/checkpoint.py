@@ -4,7 +4,7 @@ A checkpoint holds what lets ``train`` continue exactly where it stopped::
 
     state_<i>    the leaves of (params, optimizer state) after ``epoch`` epochs
     epoch        () int, epochs completed
-    losses       (epoch,) the loss of every epoch so far
+    losses       (epoch,) the loss of every epoch so far; (M, epoch) for M members
     settings     the run's settings as a JSON string
     extra_<k>    further arrays of the run's history (held-out losses), if any
 
@@ -72,7 +72,9 @@ def save_checkpoint(directory: str | os.PathLike[str], *, state: Any, epoch: int
 
 def restore(directory: str | os.PathLike[str], *, like: Any,
             settings: dict[str, Any]) -> tuple[Any, int, np.ndarray, dict[str, Any]] | None:
-    """``(state, epoch, losses (epoch,), extra)`` from the checkpoint in ``directory``, or None.
+    """``(state, epoch, losses, extra)`` from the checkpoint in ``directory``, or None.
+
+    losses: (epoch,), or (M, epoch) for the M members of ``train_many``.
 
     ``like`` is this run's state (structure, leaf shapes and dtypes to match).
     Process 0 reads the file and sends it to the others: all resume or raise alike.
@@ -105,7 +107,7 @@ def restore(directory: str | os.PathLike[str], *, like: Any,
     like_leaves = jax.tree.leaves(like)
     if [(a.shape, a.dtype) for a in leaves] != [(a.shape, a.dtype) for a in like_leaves]:
         diffs.append("state: the stored arrays differ in number, shape or dtype")
-    if losses.shape != (epoch,):
+    if losses.ndim not in (1, 2) or losses.shape[-1] != epoch:
         diffs.append(f"losses: shape {losses.shape} does not match epoch = {epoch}")
     if diffs:
         raise ValueError(f"checkpoint {path} was written for a different run and is not "

@@ -20,7 +20,8 @@ rows in their global order, so padding, devices and processes do not change
 which rows a batch holds.
 
 ``run_chunk`` runs up to ``length`` epochs (``_chunk``); ``run_chunk_members``
-vmaps it over copies of the state. The host side is in ``training``.
+vmaps it over members (copies of the state, keys, data). The host side is in
+``training`` and ``population``.
 """
 
 from __future__ import annotations
@@ -158,8 +159,19 @@ _STATIC = ("update", "extra", "grad", "length", "batch_size", "n_rows", "chunk_s
 run_chunk = jax.jit(_chunk, static_argnames=_STATIC)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def run_chunk_members(state: State, batch: Batch, key: Any, start: jax.Array,
-                       stop: jax.Array, **static: Any) -> tuple[State, jax.Array]:
-    """``_chunk`` vmapped over members: state leaves and batch with a leading axis."""
-    return jax.vmap(lambda s, b: _chunk(s, b, key, start, stop, **static))(state, batch)
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "batch_axes"))
+def run_chunk_members(state: State, batch: Batch, keys: Any, start: jax.Array, stop: jax.Array,
+                      *, batch_axes: Any = 0, **static: Any) -> tuple[State, jax.Array]:
+    """``_chunk`` vmapped over M members: (state (M, ...), losses (M, length)).
+
+    The state's leaves and ``keys`` (M,) (or None) carry a leading member axis;
+    ``batch_axes`` says which batch fields do (a ``Batch`` of 0 for a field per
+    member, None for one shared, e.g. ``Batch(None, 0, None)``: one X, weights
+    per member; or 0: all). Under vmap the ``while_loop`` goes on while any
+    member runs, and a member that stopped (its loss was not finite) keeps its
+    carry: its state is frozen, its later losses stay NaN.
+    """
+    def one(s: State, b: Batch, k: Any) -> tuple[State, jax.Array]:
+        return _chunk(s, b, k, start, stop, **static)
+
+    return jax.vmap(one, in_axes=(0, batch_axes, None if keys is None else 0))(state, batch, keys)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from abc_jax import parallel, validation
 from abc_jax.backward import batch_value_and_grad
 from abc_jax.checkpoint import fingerprint, restore, save_checkpoint
-from abc_jax.loop import State, gd_update, gradient_descent, run_chunk, run_chunk_members
+from abc_jax.loop import State, gd_update, gradient_descent, run_chunk
 from abc_jax.model import Batch, Params, prepare, replicate_like
 
 GRADS = ("manual", "oracle")
@@ -266,66 +266,3 @@ def train(params: Params, X: Any, *, lr: float | None = None, epochs: int,
         state, losses = _run_chunks(run_chunk, state, batch, replicate_like(key, batch.X),
                                     start, epochs, losses, static, hooks)
     return _result(state, losses, params.A.dtype, (0,))
-
-
-def _guard_members(state: State, epoch: int, losses: list[np.ndarray], *, initial: Params,
-                   X: np.ndarray, lr: float) -> None:
-    """Per-sample training: DivergenceError naming the first sample that diverged."""
-    L = losses[-1]  # (N, chunk)
-    bad = ~np.isfinite(L)
-    if not bad.any():
-        return
-    j = int(np.argmax(bad.any(axis=0)))
-    i, e = int(np.argmax(bad[:, j])), epoch - L.shape[1] + j
-    if e <= 1:  # a sample's loss or gradient overflows at the initial params
-        _raise_if_overflow(initial, X)
-    params = jax.tree.map(lambda a, b: jnp.where(state.bad.reshape((-1,) + (1,) * (a.ndim - 1)),
-                                                 a, b), state.last_good, state.params)
-    raise DivergenceError(
-        f"training diverged: sample {i}'s loss is {L[i, j]} at epoch {e} (lr={lr:g}); "
-        f"{int(bad.any(axis=1).sum())} of {L.shape[0]} copies diverged in this chunk; "
-        f"{_advice(lr, False)}. The error's .result holds every copy's last finite params and "
-        "all losses so far, NaN from a copy's divergence on",
-        TrainResult(params, jnp.asarray(np.concatenate(losses, axis=1))), e, lr)
-
-
-def train_per_sample(params: Params, X: Any, *, lr: float, epochs: int, progress: bool = True,
-                     epochs_per_chunk: int = EPOCHS_PER_CHUNK,
-                     precision: str | None = None) -> TrainResult:
-    """The homework's first experiment: one copy of the params trained on each sample.
-
-    Copy i follows p <- p - lr * dL(p, X[i])/dp for ``epochs`` epochs, exactly
-    ``train(params, X[i:i+1], lr=lr, epochs=epochs)``: the same compiled chunk,
-    vmapped over the copies. The homework then averaged the matrices::
-
-        jax.tree.map(lambda p: p.mean(0), result.params)
-
-    ``params`` is the common start; X (N, D) is finite (rows of weight 0 in a
-    ``Batch`` are dropped); the other arguments as in ``train``.
-
-    Returns:
-      ``TrainResult`` with params A (N, H, D), B (N, H, D), C (N, O, H) and
-      losses (N, epochs): losses[i, e] = L(p_i,e, X[i]), before update e.
-
-    Raises:
-      DivergenceError: a copy's loss became NaN or inf; names the sample.
-    """
-    if validation.is_traced(params, X):
-        raise TypeError("train_per_sample runs its own compiled loop: call it outside jax.jit")
-    optimizer, static = _configure(lr, epochs, None, "manual", None, None, epochs_per_chunk,
-                                   precision)
-    params, batch = prepare(params, X)
-    if not int(_data_summary(params, batch)[1]):
-        validation.explain_nonfinite(params, batch, "X")
-    X = np.asarray(batch.X) if batch.weights is None else np.asarray(batch.X)[
-        np.asarray(batch.weights) > 0]
-    N = X.shape[0]
-    one = _initial_state(optimizer, params)
-    state = _strong(jax.tree.map(lambda a: jnp.broadcast_to(a, (N, *np.shape(a))), one))
-    static |= dict(chunk_size=None, n_rows=0)
-    with _progress_bar(progress, epochs, 0, "train_per_sample") as bar:
-        hooks = [functools.partial(_guard_members, initial=params, X=X, lr=lr),
-                 lambda s, e, ls: bar.update(ls[-1].shape[-1])]
-        state, losses = _run_chunks(run_chunk_members, state, Batch(jnp.asarray(X)[:, None]),
-                                    None, 0, epochs, [], static, hooks)
-    return _result(state, losses, params.A.dtype, (N, 0))

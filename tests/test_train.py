@@ -24,7 +24,8 @@ import abc_jax.loop as loop_mod
 import abc_jax.training as train_mod
 from abc_jax.checkpoint import checkpoint_epoch, checkpoint_path
 from abc_jax.model import Params, init_params
-from abc_jax.training import DivergenceError, TrainResult, gradient_descent, train, train_per_sample
+from abc_jax.population import train_per_sample
+from abc_jax.training import DivergenceError, TrainResult, gradient_descent, train
 
 D, H, O, N = 4, 6, 3, 10  # all different: a transposed gradient cannot hide
 LR = 0.05

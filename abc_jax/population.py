@@ -1,0 +1,413 @@
+"""Many models in one compiled loop: seeds, learning rates, per-member data.
+
+``train_many`` trains M members at once: the compiled chunk of ``train``
+(``loop._chunk``) vmapped over a leading member axis of the loop's state, the
+mini-batch keys and, where given per member, the data. Member m follows exactly
+``train(params[m], data[m], lr=lr[m], key=keys[m], ...)``: the same epochs, the
+same mini-batches, the same updates (to rounding: a batched product sums in
+another order). Per member, with everything else shared:
+
+    params   Params with a leading M axis (e.g. one ``init_params`` per seed), or one
+             Params broadcast to every member
+    lr       an array (M,) or one number (the hand-rolled rule keeps lr in its state
+             as data, so per-member lr is a stacked ``GDState``); with an Optax
+             optimizer, lr sets ``optax.inject_hyperparams``'s learning_rate per member
+    key      one key, member m shuffling with ``fold_in(key, m)``, or keys (M,)
+    data     X (M, N, D), weights (M, N), targets T (M, N, O) in a ``Batch``; each
+             field shared or per member on its own
+
+A member whose loss becomes NaN or inf is frozen there (vmap of the loop's
+``while_loop``: the loop goes on while any member runs, a stopped member keeps
+its carry) and reported in ``diverged``/``diverged_at``; the others finish.
+
+Devices: the members and their rows live on ONE device (a sharded X is refused);
+for many members on several devices, split the members and call once per device.
+``train_per_sample`` (the homework's one copy per sample) is the case of one
+member per row.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from abc_jax import validation
+from abc_jax.checkpoint import fingerprint, restore, save_checkpoint
+from abc_jax.loop import GDState, State, gd_update, run_chunk_members
+from abc_jax.model import Batch, Params, as_batch, as_params, prepare
+from abc_jax.training import (
+    EPOCHS_PER_CHUNK,
+    GRADS,
+    DivergenceError,
+    TrainResult,
+    _advice,
+    _progress_bar,
+    _raise_if_overflow,
+    _strong,
+)
+
+
+class TrainManyResult(NamedTuple):
+    """What ``train_many`` returns; M members, E epochs."""
+
+    params: Params  # A (M, H, D), B (M, H, D), C (M, O, H); a diverged member's last finite
+    losses: jax.Array  # (M, E): losses[m, e] before update e; NaN/inf from a divergence on
+    diverged: jax.Array  # (M,) bool
+    diverged_at: jax.Array  # (M,) int: the first epoch with a non-finite loss, -1 if none
+
+
+def _stacked(a: Any, rank: int) -> int | None:
+    """The member count of ``a`` if it has one more axis than ``rank``, else None."""
+    return None if a is None or np.ndim(a) != rank + 1 else int(np.shape(a)[0])
+
+
+def _member_params(params: Any) -> tuple[Params, int | None]:
+    """(Params, M or None for shared); shapes checked on member 0, every member's dtype."""
+    if isinstance(params, tuple) and len(params) == 3 and all(np.ndim(a) == 3 for a in params):
+        sizes = {f: np.shape(a)[0] for f, a in zip("ABC", params, strict=True)}
+        if len(set(sizes.values())) != 1 or 0 in sizes.values():
+            raise ValueError(f"params: A, B, C need one leading (member) axis of one size "
+                             f">= 1, got {sizes}")
+        as_params(tuple(a[0] for a in params))  # the shapes chain, one floating dtype
+        arrays = tuple(jnp.asarray(a) for a in params)
+        return Params(*arrays), sizes["A"]
+    return as_params(params)[0], None
+
+
+def _member_data(data: Any, D: int, O: int, dtype: Any) -> tuple[Batch, Batch, dict]:
+    """(Batch cast to ``dtype``, its in_axes, {field: M}) for shared or per-member fields."""
+    X, w, T = data if isinstance(data, Batch) else (data, None, None)
+    X, w, T = (np.asarray(a) if isinstance(a, (list, tuple)) else a for a in (X, w, T))
+    for name, a, ranks in (("X", X, (2, 3)), ("weights", w, (1, 2)), ("T", T, (2, 3))):
+        if a is not None and len(validation.shape_of(a, name)) not in ranks:
+            raise ValueError(f"{name} must have rank {ranks[0]} (shared) or {ranks[1]} (a "
+                             f"leading member axis), got shape {np.shape(a)}")
+    sizes = {n: m for n, m in (("X", _stacked(X, 2)), ("weights", _stacked(w, 1)),
+                               ("T", _stacked(T, 2))) if m is not None}
+    if 0 in sizes.values():
+        raise ValueError(f"the member axis must hold at least one member, got {sizes}")
+    first = Batch(*(a if a is None or n not in sizes else a[0]
+                    for n, a in zip(("X", "weights", "T"), (X, w, T), strict=True)))
+    as_batch(first, D, O, dtype)  # shapes against the params, named
+    N = first.X.shape[0]
+    for name, a, tail in (("X", X, (N, D)), ("weights", w, (N,)), ("T", T, (N, O))):
+        if a is not None and tuple(np.shape(a)[-len(tail):]) != tail:
+            raise ValueError(f"{name} must have shape {tail} per member (N = {N} rows of X), "
+                             f"got {np.shape(a)}")
+    batch = Batch(*(None if a is None else validation.as_array(a, n, dtype)
+                    for n, a in zip(("X", "weights", "T"), (X, w, T), strict=True)))
+    for a in batch:
+        devices = getattr(getattr(a, "sharding", None), "device_set", ())
+        if len(devices) > 1:
+            raise ValueError("train_many keeps its members and rows on one device: pass X "
+                             "as one array, not sharded (shard_batch is for train)")
+    axes = Batch(*(None if a is None else 0 if n in sizes else None
+                   for n, a in zip(("X", "weights", "T"), batch, strict=True)))
+    return batch, axes, sizes
+
+
+def _member_lr(lr: Any, optimizer: Any) -> tuple[Any, int | None]:
+    """(lr as a float or an (M,) float64 array, M or None); None only with an optimizer."""
+    if lr is None:
+        if optimizer is None:
+            raise TypeError("lr is required without an optimizer (the rule p <- p - lr * g)")
+        return None, None
+    if isinstance(lr, (list, tuple)) or np.ndim(lr) == 1:
+        a = np.asarray(lr)
+        if a.dtype.kind not in "iuf" or a.size == 0:
+            raise TypeError(f"lr must be a number or an array (M,) of numbers, got {a.dtype} "
+                            f"of shape {a.shape}")
+        if not np.all(np.isfinite(a) & (a > 0)):
+            raise ValueError(f"lr must be finite and > 0 for every member, got {a.tolist()}")
+        return a.astype(np.float64), a.shape[0]
+    if np.ndim(lr) > 1:
+        raise ValueError(f"lr must be a number or an array (M,), got shape {np.shape(lr)}")
+    return validation.check_finite_float(lr, "lr", positive=True), None
+
+
+def _key_members(key: Any) -> int | None:
+    """M for keys (M,) (typed) or (M, 2) (legacy uint32); None for one key or no key."""
+    if key is None or not isinstance(key, jax.Array):
+        return None
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    if (typed and key.ndim == 1) or (key.dtype == jnp.uint32 and key.ndim == 2):
+        return key.shape[0]
+    return None
+
+
+def _member_keys(key: Any, M: int) -> Any:
+    """Keys (M,): the stacked ones as given, else fold_in(key, m) per member."""
+    if key is None or _key_members(key) is not None:
+        return key
+    validation.check_key(key)
+    return jax.vmap(lambda m: jax.random.fold_in(key, m))(jnp.arange(M))
+
+
+def _count(sizes: dict[str, int], members: Any) -> int:
+    """The one member count all per-member arguments agree on."""
+    if members is not None:
+        sizes = sizes | {"members": validation.check_positive_int(members, "members")}
+    if not sizes:
+        raise ValueError("train_many needs the number of members: give stacked params (M, ...), "
+                         "an lr array (M,), keys (M,), per-member data, or members=M")
+    if len(set(sizes.values())) != 1:
+        raise ValueError("the leading (member) axes disagree: " + ", ".join(
+            f"{k} has {v}" for k, v in sizes.items()))
+    return next(iter(sizes.values()))
+
+
+def _initial(optimizer: Any, params: Params, lr: Any, M: int) -> State:
+    """The loop's carry before epoch 0 for every member: stacked params and optimizer state."""
+    dtype = params.A.dtype
+    P = Params(*(jnp.broadcast_to(a, (M, *a.shape[-2:])) for a in params))
+    if optimizer is None:
+        opt = GDState(jnp.broadcast_to(jnp.asarray(lr, dtype), (M,)))
+    else:
+        opt = jax.vmap(optimizer.init)(P)
+        if lr is not None:
+            hyper = getattr(opt, "hyperparams", None)
+            if not isinstance(hyper, dict) or "learning_rate" not in hyper:
+                raise TypeError("lr with an optimizer sets its learning rate per member: give "
+                                "an optax.inject_hyperparams optimizer, e.g. optax."
+                                "inject_hyperparams(optax.adam)(learning_rate=1e-3), or lr=None")
+            rate = jnp.broadcast_to(jnp.asarray(lr, hyper["learning_rate"].dtype), (M,))
+            opt = opt._replace(hyperparams=hyper | {"learning_rate": rate})
+    return _strong(State(P, opt, P, np.zeros((M,), bool)))
+
+
+@jax.jit
+def _values_ok(params: Params, batch: Batch) -> jax.Array:
+    """Params, X and T finite; every member's weights finite, >= 0 and not all 0."""
+    r = batch.weights
+    ok = validation.all_finite((params, batch.X, batch.T))
+    if r is None:
+        return ok
+    return ok & jnp.all(jnp.isfinite(r) & (r >= 0)) & jnp.all(jnp.sum(r, axis=-1) > 0)
+
+
+def _check_values(params: Params, batch: Batch) -> None:
+    """ValueError naming the first NaN/inf entry or a member's bad weights, if any."""
+    if bool(_values_ok(params, batch)):
+        return
+    for field, p in zip("ABC", params, strict=True):
+        validation.raise_if_nonfinite(p, f"params.{field}")
+    for name, a in zip(("X", "weights", "T"), batch, strict=True):
+        validation.raise_if_nonfinite(a, name)
+    r = np.asarray(batch.weights)
+    if np.any(r < 0):
+        raise ValueError(f"weights must be >= 0, got min {r.min()}")
+    empty = np.flatnonzero(np.atleast_2d(r).sum(axis=-1) <= 0).tolist()
+    raise ValueError(f"weights must not all be 0 for a member (the weighted mean needs "
+                     f"sum(w) > 0): members {empty}")
+
+
+def _rows(batch: Batch) -> int:
+    """Rows of non-zero weight, one count for every member (mini-batches need it static)."""
+    if batch.weights is None:
+        return batch.X.shape[-2]
+    counts = set(np.atleast_2d(np.asarray(batch.weights) > 0).sum(axis=-1).tolist())
+    if len(counts) != 1:
+        raise ValueError(f"weights: with batch_size every member needs the same number of rows "
+                         f"of non-zero weight (one mini-batch schedule), got {sorted(counts)}")
+    return counts.pop()
+
+
+def _settings(params: Params, batch: Batch, opt_state: Any, lr: Any, grad: str,
+              batch_size: Any, keys: Any, M: int) -> dict[str, Any]:
+    """What identifies a run of members, for its checkpoint (speed knobs left out)."""
+    if keys is not None and jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key):
+        keys = jax.random.key_data(keys)
+
+    def rows(a: Any) -> list[float] | None:  # moments of the rows of every member
+        return None if a is None else fingerprint(a.reshape(-1, a.shape[-1]) if a.ndim > 1
+                                                  else a[:, None])
+
+    return {"M": M, "D": params.A.shape[-1], "H": params.A.shape[-2], "O": params.C.shape[-2],
+            "dtype": str(params.A.dtype), "lr": None if lr is None else np.asarray(lr).tolist(),
+            "grad": grad, "batch_size": batch_size,
+            "key": None if keys is None else np.asarray(keys).tolist(),
+            "opt_state": str(jax.tree.structure(opt_state)),
+            "data_shapes": [None if a is None else list(a.shape) for a in batch],
+            "data_fingerprint": [rows(a) for a in batch],
+            "params_fingerprint": [v for p in params for v in rows(p)]}
+
+
+def _configure(optimizer: Any, epochs: Any, grad: Any, batch_size: Any, key: Any,
+               epochs_per_chunk: Any, precision: Any, chunk_size: Any) -> dict[str, Any]:
+    """Check train_many's knobs; return the chunk's static arguments."""
+    if optimizer is not None and not all(callable(getattr(optimizer, f, None))
+                                         for f in ("init", "update")):
+        raise TypeError("optimizer must be an optax.GradientTransformation (init and update), "
+                        f"got {type(optimizer).__name__}")
+    validation.check_int(epochs, "epochs", minimum=0)
+    if grad not in GRADS:
+        raise ValueError(f"grad must be one of {GRADS}, got {grad!r}")
+    batch_size = validation.check_positive_int(batch_size, "batch_size", allow_none=True)
+    if batch_size is not None and key is None:
+        raise ValueError("key is required with batch_size: mini-batches are shuffled from it")
+    if key is not None and _key_members(key) is None:
+        validation.check_key(key)
+    return dict(update=gd_update if optimizer is None else optimizer.update,
+                extra=isinstance(optimizer, optax.GradientTransformationExtraArgs), grad=grad,
+                batch_size=batch_size,
+                length=validation.check_positive_int(epochs_per_chunk, "epochs_per_chunk"),
+                precision=validation.check_precision(precision),
+                chunk_size=validation.check_positive_int(chunk_size, "chunk_size",
+                                                         allow_none=True))
+
+
+def _restored(checkpoint_dir: Any, state: State, settings: dict[str, Any],
+              epochs: int) -> tuple[State, int, list[np.ndarray]]:
+    """(state, epoch, [losses (M, epoch)]) from the checkpoint, or the start. Diverged
+    members stay frozen: the checkpoint holds every member's last finite params and flag."""
+    found = restore(checkpoint_dir, like=tuple(state), settings=settings)
+    if found is None:
+        return state, 0, []
+    stored, start, old, _ = found
+    if start > epochs:
+        raise ValueError(f"epochs = {epochs} is fewer than the {start} epochs the "
+                         f"checkpoint in {checkpoint_dir} already ran")
+    return State(*_strong(stored)), start, [old]
+
+
+def _run(state: State, batch: Batch, axes: Batch, keys: Any, static: dict[str, Any],
+         start: int, epochs: int, losses: list[np.ndarray], save: Any,
+         bar: Any) -> tuple[State, list[np.ndarray]]:
+    """Compiled chunks of every member from epoch ``start`` to ``epochs``; after each, the
+    checkpoint (``save``) and the bar; stops early once every member has diverged."""
+    while start < epochs and not np.all(np.asarray(state.bad)):
+        state, chunk = run_chunk_members(state, batch, keys, np.int32(start), np.int32(epochs),
+                                         batch_axes=axes, **static)
+        done = min(static["length"], epochs - start)
+        losses.append(np.asarray(chunk)[:, :done])
+        start += done
+        if save is not None:
+            save(state, start, np.concatenate(losses, axis=1))
+        bar.update(done)
+    return state, losses
+
+
+def _result(state: State, losses: list[np.ndarray], M: int, epochs: int) -> TrainManyResult:
+    """Every member's params (a diverged one's last finite), its losses, NaN-padded to
+    ``epochs`` if all diverged early, and where each diverged."""
+    dtype = state.params.A.dtype
+    L = np.concatenate(losses, axis=1) if losses else np.zeros((M, 0), dtype)
+    L = np.pad(L, ((0, 0), (0, epochs - L.shape[1])), constant_values=np.nan).astype(dtype)
+    bad = ~np.isfinite(L)
+    at = np.where(bad.any(axis=1), np.argmax(np.pad(bad, ((0, 0), (0, 1))), axis=1), -1)
+    frozen = jnp.asarray(at >= 0)
+    params = jax.tree.map(lambda g, p: jnp.where(frozen[:, None, None], g, p),
+                          state.last_good, state.params)
+    return TrainManyResult(params, jnp.asarray(L), frozen, jnp.asarray(at))
+
+
+def train_many(params: Params, X: Any, *, lr: Any = None, epochs: int, optimizer: Any = None,
+               grad: str = "manual", batch_size: int | None = None, key: Any = None,
+               members: int | None = None, chunk_size: int | None = None,
+               progress: bool = True, checkpoint_dir: str | os.PathLike[str] | None = None,
+               epochs_per_chunk: int = EPOCHS_PER_CHUNK,
+               precision: str | None = None) -> TrainManyResult:
+    """Train M members in one compiled loop; member m is ``train`` on its own arguments.
+
+    params: ``Params`` A (M, H, D), B (M, H, D), C (M, O, H), or (H, D), (H, D), (O, H)
+    shared. X: (N, D) shared, (M, N, D), or a ``Batch`` whose X, weights ((N,) or
+    (M, N)) and T ((N, O) or (M, N, O)) are each shared or per member. lr: a number or
+    (M,); with ``optimizer`` None, or the per-member learning_rate of an
+    ``optax.inject_hyperparams`` optimizer. key: one key (member m: ``fold_in(key, m)``)
+    or keys (M,). members: M, needed only when no argument carries it. The rest as in
+    ``train``: epochs, grad, batch_size (with per-member weights, every member needs the
+    same count of non-zero weights), chunk_size, precision (speed knobs), progress,
+    epochs_per_chunk; checkpoint_dir holds every member's state after each chunk, a later
+    call continues from it (another run's is refused).
+
+    Returns ``TrainManyResult(params, losses (M, epochs), diverged (M,), diverged_at (M,))``:
+    a member whose loss became NaN/inf at epoch e is frozen there: its params are those
+    before epoch e - 1's update (as ``DivergenceError.result``), losses[m, e] the
+    non-finite loss, NaN after. A loss that overflows at the initial params is a
+    divergence at epoch 0 here (``train`` raises FloatingPointError).
+
+    Raises ValueError or TypeError (a bad argument, named, before any tracing; sizes of
+    member axes that disagree; a sharded X: members and rows stay on one device).
+    """
+    if validation.is_traced(params, X, lr, key):
+        raise TypeError("train_many runs its own compiled loop: call it outside jax.jit/vmap")
+    static = _configure(optimizer, epochs, grad, batch_size, key, epochs_per_chunk, precision,
+                        chunk_size)
+    params, m_params = _member_params(params)
+    batch, axes, sizes = _member_data(X, params.A.shape[-1], params.C.shape[-2],
+                                      params.A.dtype)
+    lr, m_lr = _member_lr(lr, optimizer)
+    sizes |= {k: v for k, v in (("params", m_params), ("lr", m_lr), ("key", _key_members(key)))
+              if v is not None}
+    M = _count(sizes, members)
+    if jax.process_count() > 1:
+        raise ValueError("train_many runs in one process: call it in each with its own members")
+    _check_values(params, batch)
+    static["n_rows"] = _rows(batch) if batch_size else 0
+    state, keys = _initial(optimizer, params, lr, M), _member_keys(key, M)
+    start, losses, save = 0, [], None
+    if checkpoint_dir is not None:
+        settings = _settings(params, batch, state.opt_state, lr, grad, batch_size, keys, M)
+        state, start, losses = _restored(checkpoint_dir, state, settings, epochs)
+
+        def save(s: State, e: int, ls: np.ndarray) -> None:
+            save_checkpoint(checkpoint_dir, state=tuple(s), epoch=e, losses=ls,
+                            settings=settings)
+
+    with _progress_bar(progress, epochs, start, f"train_many ({M} members)") as bar:
+        state, losses = _run(state, batch, axes, keys, static, start, epochs, losses, save, bar)
+    return _result(state, losses, M, epochs)
+
+
+def train_per_sample(params: Params, X: Any, *, lr: float, epochs: int, progress: bool = True,
+                     epochs_per_chunk: int = EPOCHS_PER_CHUNK,
+                     precision: str | None = None) -> TrainResult:
+    """The homework's first experiment: one copy of the params trained on each sample.
+
+    Copy i follows p <- p - lr * dL(p, X[i])/dp for ``epochs`` epochs, exactly
+    ``train(params, X[i:i+1], lr=lr, epochs=epochs)``: ``train_many`` with one member per
+    row. The homework then averaged the matrices::
+
+        jax.tree.map(lambda p: p.mean(0), result.params)
+
+    ``params`` is the common start; X (N, D) is finite (rows of weight 0 in a ``Batch``
+    are dropped); the other arguments as in ``train``.
+
+    Returns:
+      ``TrainResult`` with params A (N, H, D), B (N, H, D), C (N, O, H) and
+      losses (N, epochs): losses[i, e] = L(p_i,e, X[i]), before update e.
+
+    Raises:
+      DivergenceError: a copy's loss became NaN or inf; names the sample that diverged
+        first. Every other copy has run all epochs: ``.result`` holds every copy's last
+        finite params and all losses, NaN/inf from a copy's divergence on.
+    """
+    if validation.is_traced(params, X):
+        raise TypeError("train_per_sample runs its own compiled loop: call it outside jax.jit")
+    lr = validation.check_finite_float(lr, "lr", positive=True) if lr is not None else lr
+    validation.check_int(epochs, "epochs", minimum=0)
+    validation.check_positive_int(epochs_per_chunk, "epochs_per_chunk")
+    params, batch = prepare(params, X)
+    _check_values(params, batch)
+    rows = np.asarray(batch.X) if batch.weights is None else np.asarray(batch.X)[
+        np.asarray(batch.weights) > 0]
+    r = train_many(params, rows[:, None], lr=lr, epochs=epochs, progress=progress,
+                   epochs_per_chunk=epochs_per_chunk, precision=precision)
+    at = np.asarray(r.diverged_at)
+    if (at >= 0).any():
+        e = int(at[at >= 0].min())
+        i = int(np.flatnonzero(at == e)[0])
+        if e <= 1:  # a sample's loss or gradient overflows at the initial params
+            _raise_if_overflow(params, jnp.asarray(rows))
+        raise DivergenceError(
+            f"training diverged: sample {i}'s loss is {r.losses[i, e]} at epoch {e} "
+            f"(lr={lr:g}); {int((at >= 0).sum())} of {len(at)} copies diverged; "
+            f"{_advice(lr, False)}. The error's .result holds every copy's last finite params "
+            "and all losses, NaN from a copy's divergence on",
+            TrainResult(r.params, r.losses), e, lr)
+    return TrainResult(r.params, r.losses)

@@ -233,7 +233,7 @@ def _settings(params: Params, batch: Batch, opt_state: Any, lr: Any, grad: str,
             "key": None if keys is None else np.asarray(keys).tolist(),
             "opt_state": str(jax.tree.structure(opt_state)),
             "data_shapes": [None if a is None else list(a.shape) for a in batch],
-            "data_fingerprint": [rows(a) for a in batch],
+            "data_fingerprint": [v for a in batch if a is not None for v in rows(a)],
             "params_fingerprint": [v for p in params for v in rows(p)]}
 
 

@@ -115,6 +115,23 @@ def test_optimizers_quick(tmp_path, capsys):
     assert "optax.sgd" in printed
 
 
+
+def test_sweep_quick(tmp_path, capsys):
+    m, printed = _run_quick("sweep", tmp_path, capsys)
+    assert len(m["lrs"]) == 3 and np.shape(m["final_loss"]) == (3, 2)
+    assert np.shape(m["diverged_at"]) == (3, 2)
+    for part in ("sweep", "bench"):
+        t = m["timing"][part]
+        assert t["train_many_s"] > 0 and t["ratio"] == pytest.approx(
+            t["train_loop_s"] / t["train_many_s"])
+        assert t["max_rel_diff_final_loss"] < 1e-4  # float32: the same members, both ways
+        assert f"{part}: train_many of {t['members']} members is" in printed
+    lines = (tmp_path / "sweep" / "final_loss.csv").read_text().splitlines()
+    assert lines[0] == "lr,seed,final_loss,diverged_at" and len(lines) == 1 + 6
+    assert m["best"]["final_loss"] == min(v for row in m["final_loss"] for v in row
+                                          if v is not None)
+
+
 # -- benchmark logic -----------------------------------------------------------------------
 
 
@@ -236,7 +253,7 @@ def test_compile_clock_counts_compilation_inside_its_block_only():
 
 # Every script: a file of experiments/ with a main (the others are modules they import).
 SCRIPTS = ["bench_gradients", "bench_step", "bench_train", "generalization", "gradcheck",
-           "optimizers", "reproduce_seed", "train"]
+           "optimizers", "reproduce_seed", "sweep", "train"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

@@ -1,0 +1,212 @@
+"""A learning-rate x seed sweep in one compiled loop (train_many), and what that saves.
+
+Every (lr, seed) pair is one member of ONE train_many call: seed s draws the initial
+params (init_params(key(s))), the lrs are log-spaced. Written: a heat map of the final
+loss over lr x seed, the loss curves per lr with a band over the seeds (median, min-max),
+diverged members marked. Timed (interleaved rounds, every call waited for): train_many
+on the grid against a Python loop of train calls on the same grid; and the benchmark of
+--bench-members members at K = --bench-k, N = --bench-n, --bench-epochs epochs (float32)
+against as many train calls, printed as a ratio.
+
+    python experiments/sweep.py --lrs 16 --seeds 8 --k 16 --n 1024
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import _common
+import jax
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+
+import abc_jax
+from abc_jax import DivergenceError, train, train_many
+from abc_jax.files import write_results
+
+NAME = "sweep"
+
+
+def problem(k: int, n: int, seeds: int, dtype: Any, data_seed: int) -> tuple[Any, Any]:
+    """Params stacked over seeds (seeds, ...) from init_params(key(s)), and X (n, k)."""
+    ps = [abc_jax.init_params(jax.random.key(s), k, dtype=dtype) for s in range(seeds)]
+    X = jax.random.normal(jax.random.key(10_000 + data_seed), (n, k), dtype)
+    return jax.tree.map(lambda *a: jnp.stack(a), *ps), X
+
+
+def grid(params: Any, lrs: np.ndarray) -> tuple[Any, np.ndarray]:
+    """Members (lr i, seed s) at index i * S + s: params repeated per lr, lr per member."""
+    S = params.A.shape[0]
+    return jax.tree.map(lambda a: jnp.tile(a, (len(lrs), 1, 1)), params), np.repeat(lrs, S)
+
+
+def loop_of_train(params: Any, X: Any, lrs: np.ndarray, epochs: int) -> list[Any]:
+    """The same members one train call at a time (a diverged one: its error's result)."""
+    out = []
+    for m, lr in enumerate(lrs):
+        try:
+            out.append(train(jax.tree.map(lambda a, m=m: a[m], params), X, lr=float(lr),
+                             epochs=epochs, progress=False))
+        except DivergenceError as err:
+            out.append(err.result)
+    return out
+
+
+def timed(params: Any, X: Any, lrs: np.ndarray, epochs: int, rounds: int) -> dict[str, Any]:
+    """train_many against the loop of train calls, interleaved; seconds, ratio and the largest
+    relative difference of their final losses over the members that did not diverge."""
+    t = _common.time_interleaved(
+        {"train_many": lambda: train_many(params, X, lr=lrs, epochs=epochs, progress=False),
+         "train_loop": lambda: loop_of_train(params, X, lrs, epochs)},
+        rounds=rounds, min_time=0.0)
+    many, alone = t["train_many"].output, t["train_loop"].output
+    ok = [m for m, r in enumerate(alone) if len(r.losses) == epochs and not many.diverged[m]]
+    diff = max((abs(float(many.losses[m, -1]) / float(alone[m].losses[-1]) - 1) for m in ok),
+               default=float("nan"))
+    return {"members": len(lrs), "epochs": epochs, "train_many_s": t["train_many"].median_s,
+            "train_loop_s": t["train_loop"].median_s, "rounds": t["train_many"].rounds,
+            "ratio": t["train_loop"].median_s / t["train_many"].median_s,
+            "train_many_compile_s": t["train_many"].compile_s, "max_rel_diff_final_loss": diff}
+
+
+def bands(losses: np.ndarray, n_lr: int) -> np.ndarray:
+    """(n_lr, 3, epochs): median, min and max over the seeds of each lr (NaN-aware)."""
+    L = losses.reshape(n_lr, -1, losses.shape[-1])
+    L = np.where(np.isfinite(L), L, np.nan)
+    with warnings.catch_warnings():  # an lr whose every seed diverged: NaN, no warning
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.stack([np.nanmedian(L, 1), np.nanmin(L, 1), np.nanmax(L, 1)], axis=1)
+
+
+def plot(final: np.ndarray, band: np.ndarray, lrs: np.ndarray, title: str) -> Any:
+    """Heat map of log10 final loss (lr x seed, diverged: x) and curves with seed bands."""
+    fig, (hm, ax) = _common.figure(ncols=2, width=5.5)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        img = hm.imshow(np.log10(final), aspect="auto", origin="lower", cmap="viridis")
+    fig.colorbar(img, ax=hm, label="log10 final training loss")
+    for i, s in zip(*np.nonzero(~np.isfinite(final)), strict=True):
+        hm.text(s, i, "x", ha="center", va="center", color="red", fontsize=9)
+    hm.set(xlabel="seed (initial params)", ylabel="learning rate", title="Final loss (x: diverged)",
+           xticks=range(final.shape[1]), yticks=range(len(lrs)),
+           yticklabels=[f"{v:.3g}" for v in lrs])
+    hm.grid(False)
+    colors = matplotlib.colormaps["plasma"](np.linspace(0, 0.9, len(lrs)))
+    for lr, b, c in zip(lrs, band, colors, strict=True):
+        ax.semilogy(b[0], color=c, lw=1.2, label=f"lr {lr:.3g}")
+        ax.fill_between(np.arange(b.shape[1]), b[1], b[2], color=c, alpha=0.2, lw=0)
+    start = band[:, 2, 0][np.isfinite(band[:, 2, 0])]
+    low = band[:, 1][np.isfinite(band[:, 1])]
+    if start.size and low.size:  # diverging curves leave the frame upwards
+        ax.set_ylim(low.min() / 2, start.max() * 10)
+    ax.set(xlabel="epoch", ylabel="training loss (median, band: min-max over seeds)",
+           title="Loss curves per lr (diverged: leave the top)")
+    ax.legend(fontsize=6, ncols=2)
+    fig.suptitle(title)
+    return fig
+
+
+def run(args: Any) -> dict[str, Any]:
+    """The sweep in one train_many call (a bar on a terminal), then the timings."""
+    dtype, env = jnp.dtype(args.dtype), _common.environment(args.dtype)
+    lrs = np.geomspace(args.lr_min, args.lr_max, args.lrs)
+    params, X = problem(args.k, args.n, args.seeds, dtype, args.seed)
+    members, member_lr = grid(params, lrs)
+    res = train_many(members, X, lr=member_lr, epochs=args.epochs)
+    L, at = np.asarray(res.losses, np.float64), np.asarray(res.diverged_at)
+    timings = {"sweep": timed(members, X, member_lr, args.epochs, args.rounds)}
+    if args.bench_members:
+        bp, bX = problem(args.bench_k, args.bench_n, args.bench_members, jnp.float32, args.seed)
+        timings["bench"] = timed(bp, bX, np.full(args.bench_members, 0.05), args.bench_epochs,
+                                 args.rounds)
+    final = np.where(at < 0, L[:, -1], np.nan).reshape(args.lrs, args.seeds)
+    desc = (f"{args.lrs} lrs x {args.seeds} seeds = {len(member_lr)} members, K = {args.k}, "
+            f"N = {args.n}, {args.epochs} epochs, {env['dtype']}")
+    return {"env": env, "lrs": lrs, "member_lr": member_lr, "losses": L, "diverged_at": at,
+            "final": final, "band": bands(L, args.lrs), "timings": timings, "desc": desc}
+
+
+FIELDS = ["members", "epochs", "train_many_s", "train_loop_s", "ratio", "rounds",
+          "max_rel_diff_final_loss"]
+
+
+def report(res: dict[str, Any]) -> None:
+    """The final-loss table (lr x seed, "-": diverged) and the timings, with their ratios."""
+    env, final = res["env"], res["final"]
+    print(f"{NAME}: {res['desc']}; device {env['device_label']} ({env['cpu_count']} CPUs)")
+    rows = [[f"{lr:.3g}", *(None if np.isnan(v) else float(v) for v in row)]
+            for lr, row in zip(res["lrs"], final, strict=True)]
+    _common.print_table(["lr", *(f"seed {s}" for s in range(final.shape[1]))], rows, ".3g")
+    print()
+    timings = res["timings"]
+    _common.print_table(["part", *FIELDS], [[p, *(t[f] for f in FIELDS)]
+                                            for p, t in timings.items()], ".4g")
+    for part, t in timings.items():
+        print(f"{part}: train_many of {t['members']} members is {t['ratio']:.1f}x faster than "
+              f"{t['members']} train calls ({t['train_many_s'] * 1e3:.1f} ms vs "
+              f"{t['train_loop_s'] * 1e3:.1f} ms, median of {t['rounds']} interleaved rounds)")
+
+
+def write(args: Any, res: dict[str, Any]) -> dict[str, Any]:
+    """config.json, metrics.json, final_loss.csv, curves.csv, timing.csv and sweep.png."""
+    lrs, member_lr, final, band = res["lrs"], res["member_lr"], res["final"], res["band"]
+    L, at, S = res["losses"], res["diverged_at"], args.seeds
+    finite = np.where(np.isnan(final), np.inf, final)
+    best = np.unravel_index(np.argmin(finite), final.shape)
+    return write_results(
+        _common.out_dir(args.out), config=vars(args) | {"lr_values": lrs.tolist()},
+        figures={"sweep": plot(final, band, lrs, res["desc"])},
+        metrics={"environment": res["env"], "lrs": lrs.tolist(),
+                 "final_loss": [[None if np.isnan(v) else float(v) for v in r] for r in final],
+                 "diverged_at": at.reshape(len(lrs), S).tolist(), "timing": res["timings"],
+                 "best": None if np.isinf(finite[best]) else {
+                     "lr": float(lrs[best[0]]), "seed": int(best[1]),
+                     "final_loss": float(final[best])}},
+        tables={"final_loss": (["lr", "seed", "final_loss", "diverged_at"],
+                               [[float(member_lr[m]), m % S, None if at[m] >= 0 else
+                                 float(L[m, -1]), int(at[m])] for m in range(len(member_lr))]),
+                "curves": (["epoch", *(f"lr{lr:.3g}_{q}" for lr in lrs
+                                       for q in ("median", "min", "max"))],
+                           [[e, *band[:, :, e].ravel().tolist()] for e in range(L.shape[1])]),
+                "timing": (["part", *FIELDS], [[p, *(t[f] for f in FIELDS)]
+                                               for p, t in res["timings"].items()])})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = _common.parser(NAME, __doc__)
+    ap.add_argument("--k", type=int, default=8, help="K = D = H = O")
+    ap.add_argument("--n", type=int, default=256, help="training samples N (shared by all)")
+    ap.add_argument("--epochs", type=int, default=300, help="epochs per member")
+    ap.add_argument("--lrs", type=int, default=8, help="learning rates, log-spaced")
+    ap.add_argument("--lr-min", type=float, default=0.01, help="smallest learning rate")
+    ap.add_argument("--lr-max", type=float, default=1.0, help="largest learning rate")
+    ap.add_argument("--seeds", type=int, default=4, help="seeds (initial params) per lr")
+    ap.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="dtype")
+    ap.add_argument("--rounds", type=int, default=5, help="timed rounds of each variant")
+    ap.add_argument("--bench-members", type=int, default=64, help="benchmark members (0: skip)")
+    ap.add_argument("--bench-k", type=int, default=3, help="benchmark K")
+    ap.add_argument("--bench-n", type=int, default=256, help="benchmark N")
+    ap.add_argument("--bench-epochs", type=int, default=500, help="benchmark epochs")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.k, args.n, args.epochs, args.lrs, args.seeds, args.rounds = 3, 16, 20, 3, 2, 1
+        args.bench_members, args.bench_n, args.bench_epochs = 4, 16, 20
+    if min(args.k, args.n, args.epochs, args.lrs, args.seeds, args.rounds) < 1 or not (
+            0 < args.lr_min <= args.lr_max) or min(args.bench_k, args.bench_n,
+                                                    args.bench_epochs, args.bench_members + 1) < 1:
+        ap.error("sizes must be >= 1 (--bench-members >= 0) and 0 < --lr-min <= --lr-max")
+    jax.config.update("jax_enable_x64", args.dtype == "float64" or jax.config.jax_enable_x64)
+    res = run(args)
+    report(res)
+    written = write(args, res)
+    if args.docs is not None:
+        _common.docs_copy(written["sweep.png"], args.docs)
+    print(f"wrote {args.out}/: {', '.join(written)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,12 +18,10 @@ another order). Per member, with everything else shared:
 
 A member whose loss becomes NaN or inf is frozen there (vmap of the loop's
 ``while_loop``: the loop goes on while any member runs, a stopped member keeps
-its carry) and reported in ``diverged``/``diverged_at``; the others finish.
-
-Devices: the members and their rows live on ONE device (a sharded X is refused);
-for many members on several devices, split the members and call once per device.
-``train_per_sample`` (the homework's one copy per sample) is the case of one
-member per row.
+its carry, and still costs its share of each epoch) and reported in
+``diverged``/``diverged_at``; the others finish. Members and rows live on ONE
+device (a sharded X is refused): for several, split the members, one call per
+device. ``train_per_sample`` is the case of one member per row.
 """
 
 from __future__ import annotations
@@ -61,9 +59,7 @@ class TrainManyResult(NamedTuple):
     diverged_at: jax.Array  # (M,) int: the first epoch with a non-finite loss, -1 if none
 
 
-def _stacked(a: Any, rank: int) -> int | None:
-    """The member count of ``a`` if it has one more axis than ``rank``, else None."""
-    return None if a is None or np.ndim(a) != rank + 1 else int(np.shape(a)[0])
+_FIELDS = ("X", "weights", "T")  # a Batch's fields, as named in messages
 
 
 def _member_params(params: Any) -> tuple[Params, int | None]:
@@ -81,34 +77,31 @@ def _member_params(params: Any) -> tuple[Params, int | None]:
 
 def _member_data(data: Any, D: int, O: int, dtype: Any) -> tuple[Batch, Batch, dict]:
     """(Batch cast to ``dtype``, its in_axes, {field: M}) for shared or per-member fields."""
-    X, w, T = data if isinstance(data, Batch) else (data, None, None)
-    X, w, T = (np.asarray(a) if isinstance(a, (list, tuple)) else a for a in (X, w, T))
-    for name, a, ranks in (("X", X, (2, 3)), ("weights", w, (1, 2)), ("T", T, (2, 3))):
-        if a is not None and len(validation.shape_of(a, name)) not in ranks:
-            raise ValueError(f"{name} must have rank {ranks[0]} (shared) or {ranks[1]} (a "
-                             f"leading member axis), got shape {np.shape(a)}")
-    sizes = {n: m for n, m in (("X", _stacked(X, 2)), ("weights", _stacked(w, 1)),
-                               ("T", _stacked(T, 2))) if m is not None}
+    fields = dict(zip(_FIELDS, data if isinstance(data, Batch) else (data, None, None),
+                      strict=True))
+    fields = {n: np.asarray(a) if isinstance(a, (list, tuple)) else a for n, a in fields.items()}
+    sizes = {}
+    for (n, a), rank in zip(fields.items(), (2, 1, 2), strict=True):
+        if a is not None and len(validation.shape_of(a, n)) not in (rank, rank + 1):
+            raise ValueError(f"{n} must have rank {rank} (shared) or {rank + 1} (a leading "
+                             f"member axis), got shape {np.shape(a)}")
+        if a is not None and np.ndim(a) == rank + 1:
+            sizes[n] = np.shape(a)[0]
     if 0 in sizes.values():
         raise ValueError(f"the member axis must hold at least one member, got {sizes}")
-    first = Batch(*(a if a is None or n not in sizes else a[0]
-                    for n, a in zip(("X", "weights", "T"), (X, w, T), strict=True)))
-    as_batch(first, D, O, dtype)  # shapes against the params, named
+    first = as_batch(Batch(*(a[0] if n in sizes else a for n, a in fields.items())), D, O,
+                     dtype)  # shapes against the params, named
     N = first.X.shape[0]
-    for name, a, tail in (("X", X, (N, D)), ("weights", w, (N,)), ("T", T, (N, O))):
+    for (n, a), tail in zip(fields.items(), ((N, D), (N,), (N, O)), strict=True):
         if a is not None and tuple(np.shape(a)[-len(tail):]) != tail:
-            raise ValueError(f"{name} must have shape {tail} per member (N = {N} rows of X), "
+            raise ValueError(f"{n} must have shape {tail} per member (N = {N} rows of X), "
                              f"got {np.shape(a)}")
     batch = Batch(*(None if a is None else validation.as_array(a, n, dtype)
-                    for n, a in zip(("X", "weights", "T"), (X, w, T), strict=True)))
-    for a in batch:
-        devices = getattr(getattr(a, "sharding", None), "device_set", ())
-        if len(devices) > 1:
-            raise ValueError("train_many keeps its members and rows on one device: pass X "
-                             "as one array, not sharded (shard_batch is for train)")
-    axes = Batch(*(None if a is None else 0 if n in sizes else None
-                   for n, a in zip(("X", "weights", "T"), batch, strict=True)))
-    return batch, axes, sizes
+                    for n, a in fields.items()))
+    if any(len(getattr(getattr(a, "sharding", None), "device_set", ())) > 1 for a in batch):
+        raise ValueError("train_many keeps its members and rows on one device: pass X as one "
+                         "array, not sharded (shard_batch is for train)")
+    return batch, Batch(*(0 if n in sizes else None for n in _FIELDS)), sizes
 
 
 def _member_lr(lr: Any, optimizer: Any) -> tuple[Any, int | None]:
@@ -132,12 +125,11 @@ def _member_lr(lr: Any, optimizer: Any) -> tuple[Any, int | None]:
 
 def _key_members(key: Any) -> int | None:
     """M for keys (M,) (typed) or (M, 2) (legacy uint32); None for one key or no key."""
-    if key is None or not isinstance(key, jax.Array):
+    if not isinstance(key, jax.Array):
         return None
     typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
-    if (typed and key.ndim == 1) or (key.dtype == jnp.uint32 and key.ndim == 2):
-        return key.shape[0]
-    return None
+    stacked = (typed and key.ndim == 1) or (key.dtype == jnp.uint32 and key.ndim == 2)
+    return key.shape[0] if stacked else None
 
 
 def _member_keys(key: Any, M: int) -> Any:
@@ -194,9 +186,8 @@ def _check_values(params: Params, batch: Batch) -> None:
     """ValueError naming the first NaN/inf entry or a member's bad weights, if any."""
     if bool(_values_ok(params, batch)):
         return
-    for field, p in zip("ABC", params, strict=True):
-        validation.raise_if_nonfinite(p, f"params.{field}")
-    for name, a in zip(("X", "weights", "T"), batch, strict=True):
+    names = ("params.A", "params.B", "params.C", *_FIELDS)
+    for name, a in zip(names, (*params, *batch), strict=True):
         validation.raise_if_nonfinite(a, name)
     r = np.asarray(batch.weights)
     if np.any(r < 0):
@@ -223,9 +214,8 @@ def _settings(params: Params, batch: Batch, opt_state: Any, lr: Any, grad: str,
     if keys is not None and jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key):
         keys = jax.random.key_data(keys)
 
-    def rows(a: Any) -> list[float] | None:  # moments of the rows of every member
-        return None if a is None else fingerprint(a.reshape(-1, a.shape[-1]) if a.ndim > 1
-                                                  else a[:, None])
+    def rows(a: Any) -> list[float]:  # moments of the rows of every member
+        return fingerprint(a.reshape(-1, a.shape[-1]) if a.ndim > 1 else a[:, None])
 
     return {"M": M, "D": params.A.shape[-1], "H": params.A.shape[-2], "O": params.C.shape[-2],
             "dtype": str(params.A.dtype), "lr": None if lr is None else np.asarray(lr).tolist(),
@@ -263,8 +253,7 @@ def _configure(optimizer: Any, epochs: Any, grad: Any, batch_size: Any, key: Any
 
 def _restored(checkpoint_dir: Any, state: State, settings: dict[str, Any],
               epochs: int) -> tuple[State, int, list[np.ndarray]]:
-    """(state, epoch, [losses (M, epoch)]) from the checkpoint, or the start. Diverged
-    members stay frozen: the checkpoint holds every member's last finite params and flag."""
+    """(state, epoch, [losses (M, epoch)]) from the checkpoint (all of State), or the start."""
     found = restore(checkpoint_dir, like=tuple(state), settings=settings)
     if found is None:
         return state, 0, []
@@ -293,17 +282,15 @@ def _run(state: State, batch: Batch, axes: Batch, keys: Any, static: dict[str, A
 
 
 def _result(state: State, losses: list[np.ndarray], M: int, epochs: int) -> TrainManyResult:
-    """Every member's params (a diverged one's last finite), its losses, NaN-padded to
-    ``epochs`` if all diverged early, and where each diverged."""
-    dtype = state.params.A.dtype
-    L = np.concatenate(losses, axis=1) if losses else np.zeros((M, 0), dtype)
-    L = np.pad(L, ((0, 0), (0, epochs - L.shape[1])), constant_values=np.nan).astype(dtype)
+    """Params (a diverged member's last finite), losses NaN-padded to ``epochs``, where."""
+    L = np.concatenate([np.zeros((M, 0)), *losses], axis=1)
+    L = np.pad(L, ((0, 0), (0, epochs - L.shape[1])), constant_values=np.nan)
     bad = ~np.isfinite(L)
     at = np.where(bad.any(axis=1), np.argmax(np.pad(bad, ((0, 0), (0, 1))), axis=1), -1)
     frozen = jnp.asarray(at >= 0)
     params = jax.tree.map(lambda g, p: jnp.where(frozen[:, None, None], g, p),
                           state.last_good, state.params)
-    return TrainManyResult(params, jnp.asarray(L), frozen, jnp.asarray(at))
+    return TrainManyResult(params, jnp.asarray(L, state.params.A.dtype), frozen, jnp.asarray(at))
 
 
 def train_many(params: Params, X: Any, *, lr: Any = None, epochs: int, optimizer: Any = None,
@@ -345,7 +332,7 @@ def train_many(params: Params, X: Any, *, lr: Any = None, epochs: int, optimizer
     sizes |= {k: v for k, v in (("params", m_params), ("lr", m_lr), ("key", _key_members(key)))
               if v is not None}
     M = _count(sizes, members)
-    if jax.process_count() > 1:
+    if jax.process_count() > 1:  # one device: members split over processes are calls apart
         raise ValueError("train_many runs in one process: call it in each with its own members")
     _check_values(params, batch)
     static["n_rows"] = _rows(batch) if batch_size else 0
@@ -389,9 +376,9 @@ def train_per_sample(params: Params, X: Any, *, lr: float, epochs: int, progress
     """
     if validation.is_traced(params, X):
         raise TypeError("train_per_sample runs its own compiled loop: call it outside jax.jit")
-    lr = validation.check_finite_float(lr, "lr", positive=True) if lr is not None else lr
-    validation.check_int(epochs, "epochs", minimum=0)
-    validation.check_positive_int(epochs_per_chunk, "epochs_per_chunk")
+    lr = _member_lr(lr, None)[0] if lr is None else validation.check_finite_float(  # one lr
+        lr, "lr", positive=True)
+    _configure(None, epochs, "manual", None, None, epochs_per_chunk, precision, None)
     params, batch = prepare(params, X)
     _check_values(params, batch)
     rows = np.asarray(batch.X) if batch.weights is None else np.asarray(batch.X)[

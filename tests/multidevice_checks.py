@@ -203,3 +203,11 @@ def test_targets_are_sharded_and_padded_with_the_rows(name):
     fn, want = BATCH_FNS[name], BATCH_FNS[name](params, abc_jax.Batch(X, T=T))
     _close(fn(params, Bs), want)
     _close(jax.jit(fn)(params, Bs), want)
+
+
+def test_train_many_refuses_a_sharded_x():
+    """train_many keeps its members and rows on one device, and says so."""
+    params, X = _problem(8)
+    with pytest.raises(ValueError, match="one device"):
+        abc_jax.train_many(params, abc_jax.shard_batch(X), lr=[0.1, 0.2], epochs=2,
+                           progress=False)

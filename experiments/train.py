@@ -35,7 +35,7 @@ import numpy as np
 
 from abc_jax import Batch, DataError, DivergenceError, init_params, load_data, parallel, train
 from abc_jax.checkpoint import checkpoint_epoch, checkpoint_path
-from abc_jax.files import write_npz, write_results
+from abc_jax.files import save_params, write_results
 
 QUICK = {"n": 32, "epochs": 40, "epochs_per_chunk": 20}  # --quick's settings
 SAVED = "dtype seed epochs lr optimizer grad batch_size chunk_size epochs_per_chunk quick".split()
@@ -212,7 +212,7 @@ def save(args: argparse.Namespace, config: dict, result: object, resumed_from: i
                  f"H={config['H']}, O={config['O']}, {args.dtype}")
     write_results(args.out, config=config, metrics=metrics, figures={"loss": fig},
                   tables={"losses": (["epoch", "loss"], enumerate(losses.tolist()))})
-    write_npz(args.out / "params.npz", **{k: np.asarray(getattr(result.params, k)) for k in "ABC"})
+    save_params(args.out / "params.npz", result.params)
     devices = (metrics["device"] if jax.device_count() == 1 else
                f"{jax.device_count()} devices, {jax.process_count()} process(es)")
     _common.print_table(["epochs", "initial loss", "final loss", "epochs/s", "compile s", "device"],

@@ -149,7 +149,7 @@ def _run_chunks(run: Any, state: State, batch: Batch, key: Any, start: int, stop
         done = min(static["length"], stop - start)
         losses.append(np.asarray(chunk)[..., :done])
         start += done
-        if any([hook(state, start, losses) for hook in hooks]):  # a list: every hook runs
+        if True in [hook(state, start, losses) is True for hook in hooks]:  # every hook runs
             break
     return state, losses
 
@@ -350,8 +350,8 @@ def train(params: Params, X: Any, *, lr: float | None = None, epochs: int,
         held.record(params, 0)
     stop = start if held is not None and held.done() else epochs  # stopped before the resume
     with _progress_bar(progress, epochs, start, "train") as bar:
-        hooks.append(lambda s, e, ls: bar.update(ls[-1].shape[-1]) or bar.set_postfix(
-            loss=f"{ls[-1][-1]:.6g}", **({} if held is None else {"held_out": held.losses[-1]})))
+        hooks.append(lambda s, e, ls: (bar.update(ls[-1].shape[-1]), bar.set_postfix(
+            loss=f"{ls[-1][-1]:.6g}", **({} if held is None else {"held_out": held.losses[-1]}))))
         state, losses = _run_chunks(run_chunk, state, batch, replicate_like(key, batch.X),
                                     start, stop, losses, static, hooks)
     return _result(state, losses, params.A.dtype, (0,), held)

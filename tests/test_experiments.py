@@ -115,6 +115,47 @@ def test_optimizers_quick(tmp_path, capsys):
     assert "optax.sgd" in printed
 
 
+def test_real_data_quick(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    real_data = importlib.import_module("real_data")
+    m, printed = _run_quick("real_data", tmp_path, capsys)
+    assert m["split"] == {"fit": 274, "val": 68, "train": 342, "test": 100}
+    assert set(m["summary"]) == set(real_data.MODELS)
+    runs = m["runs"]
+    assert [r["model"] for r in runs].count("ABC + constant") == 2  # --quick: 2 seeds
+    for r in runs:
+        assert r["mse"] > 0 and r["r2"] < 1
+        if r["model"].startswith("ABC"):
+            assert 0 <= r["best_epoch"] <= r["epochs_run"] <= 100
+    ridge = next(r for r in runs if r["model"] == "Ridge")
+    assert 0.3 < ridge["r2"] < 0.7 and ridge["alpha"] in real_data.ALPHAS  # the data are real
+    abc = [r for r in runs if r["model"] == "ABC + constant"]
+    assert abc[0]["n_params"] == 2 * 8 * 11 + 8  # A, B (H, D + 1), C (1, H)
+    assert m["summary"]["ABC"]["r2"]["mean"] == pytest.approx(
+        np.mean([r["r2"] for r in runs if r["model"] == "ABC"]))
+    assert "test R^2" in printed and "ABC + constant" in printed
+
+
+def test_real_data_split_and_scaling_use_the_training_rows_only():
+    pytest.importorskip("sklearn")
+    real_data = importlib.import_module("real_data")
+    d = real_data.load(100, 0.2, seed=3)
+    assert sorted(np.r_[d["fit"], d["val"], d["test"]].tolist()) == list(range(442))
+    np.testing.assert_allclose(d["X"][d["train"]].mean(0), 0, atol=1e-12)
+    np.testing.assert_allclose(d["y"][d["train"]].std(), 1)
+    assert abs(d["y"][d["test"]].mean()) > 1e-6  # test rows: scaled, not refitted
+    again = real_data.load(100, 0.2, seed=3)
+    np.testing.assert_array_equal(again["test"], d["test"])
+
+
+def test_real_data_without_sklearn_names_the_extra(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn raises ImportError
+    real_data = importlib.import_module("real_data")
+    assert real_data.main(["--quick", "--out", str(tmp_path / "o")]) == 2
+    assert 'pip install -e ".[data]"' in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 # -- benchmark logic -----------------------------------------------------------------------
 
 
@@ -236,7 +277,7 @@ def test_compile_clock_counts_compilation_inside_its_block_only():
 
 # Every script: a file of experiments/ with a main (the others are modules they import).
 SCRIPTS = ["bench_gradients", "bench_step", "bench_train", "generalization", "gradcheck",
-           "optimizers", "reproduce_seed", "train"]
+           "optimizers", "real_data", "reproduce_seed", "train"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

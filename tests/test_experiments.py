@@ -156,6 +156,46 @@ def test_real_data_without_sklearn_names_the_extra(monkeypatch, capsys, tmp_path
     assert not (tmp_path / "o").exists()
 
 
+def test_teacher_noise_floor_is_the_teachers_own_loss():
+    teacher = importlib.import_module("teacher")
+    task = teacher.make_task((4, 6, 2), sigma=0.3, gain=2.0, n_train=8, n_test=20000, seed=1)
+    assert task["floor"] == pytest.approx(2 * 0.3**2) == teacher.noise_floor(2, 0.3)
+    own = float(abc_jax.batch_loss(task["teacher"], task["test"]))  # mean of ||noise||^2
+    assert own == pytest.approx(task["floor"], rel=0.03)  # its sampling std: 0.7%
+    assert task["test"].T.shape == (20000, 2) and task["train"].X.shape == (8, 4)
+    pure = abc_jax.Batch(task["test"].X, T=abc_jax.predict(task["teacher"], task["test"].X))
+    assert float(abc_jax.batch_loss(task["teacher"], pure)) == 0.0  # targets: f_T(x) + noise
+
+
+def test_teacher_task_gd_beats_the_average_of_copies():
+    teacher = importlib.import_module("teacher")
+    res = teacher.run_teacher((3, 4, 2), sigma=0.1, gain=3.0, n_train=24, n_test=256,
+                              epochs=300, lr=0.1, adam_lr=0.01, ps_lr=0.01, ps_epochs=30,
+                              n_evals=10)
+    r = res["ratio"]
+    assert r["batch_gd"] < r["average"] and res["heldout"]["batch_gd"] < res["start_heldout"]
+    assert res["curves"]["batch_gd"]["epochs"] == list(range(0, 301, 30))
+    assert res["heldout"]["batch_gd"] == res["curves"]["batch_gd"]["heldout"][-1]
+    for m, v in res["heldout"].items():
+        assert r[m] == pytest.approx(v / res["noise_floor"])
+    assert "GD on the mean loss: held-out / noise floor" in teacher.conclusion(res)
+
+
+def test_per_sample_average_trains_each_copy_on_its_own_target():
+    teacher = importlib.import_module("teacher")
+    task = teacher.make_task((3, 4, 2), sigma=0.1, gain=1.0, n_train=3, n_test=4, seed=0)
+    data, start = task["train"], task["start"]
+    avg = teacher.per_sample_average(start, data, lr=0.05, epochs=5)
+    copies = [abc_jax.train(start, abc_jax.Batch(data.X[i:i + 1], T=data.T[i:i + 1]), lr=0.05,
+                            epochs=5, progress=False).params for i in range(3)]
+    for got, *each in zip(avg, *copies, strict=True):
+        np.testing.assert_allclose(got, np.mean(each, axis=0), rtol=1e-12)
+    one_epoch = teacher.per_sample_average(start, data, lr=0.05, epochs=1)
+    gd = abc_jax.train(start, data, lr=0.05, epochs=1, progress=False).params  # the mean of
+    for a, b in zip(one_epoch, gd, strict=True):  # N single steps is one step on the mean loss
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+
+
 # -- benchmark logic -----------------------------------------------------------------------
 
 

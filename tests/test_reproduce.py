@@ -101,14 +101,19 @@ def test_generalization_quick(tmp_path):
     assert code == 0
     files = _files(out)
     assert set(files) == {"config.json", "metrics.json", "curves.csv", "train_losses.csv",
-                          "generalization.png"}
+                          "teacher_curves.csv", "generalization.png", "teacher.png"}
     assert files["train_losses.csv"].read_text().count("\n") == 1 + 20
     m = json.loads(files["metrics.json"].read_text())
     for key in ("heldout_loss", "train_loss", "norm_C", "heldout_reduction"):
         assert set(m[key]) == {"average", "batch_gd", "adam"}
     assert m["one_epoch_gap"] < 1e-12  # mean of N single steps == one step on the mean loss
     assert m["conclusion"] and all(line in printed for line in m["conclusion"])
-    assert (tmp_path / "docs" / "generalization.png").exists()
+    assert {p.name for p in (tmp_path / "docs").iterdir()} == {"generalization.png",
+                                                                 "teacher.png"}
+    taught = m["teacher"]  # the learnable task, in its quick configuration
+    assert taught["noise_floor"] == pytest.approx(3 * 0.1**2)
+    assert set(taught["ratio"]) == {"batch_gd", "adam", "average", "linear"}
+    assert taught["conclusion"] in printed and "/ noise floor" in printed
 
 
 def test_gradcheck_quick_and_rectangular(tmp_path):

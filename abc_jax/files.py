@@ -16,7 +16,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
+
+from abc_jax.model import Params
+from abc_jax.validation import check_params
 
 
 def _umask() -> int:
@@ -114,3 +118,28 @@ def write_results(out_dir: str | os.PathLike[str], *, config: Any = None, metric
     for name, fig in (figures or {}).items():
         written[f"{name}.png"] = save_figure(out / f"{name}.png", fig)
     return written
+
+
+def save_params(path: str | os.PathLike[str], params: Any) -> Path:
+    """Write ``Params(A, B, C)`` to an .npz with arrays A, B, C (what train.py writes)."""
+    A, B, C = check_params(params)[0]
+    return write_npz(path, A=A, B=B, C=C)
+
+
+def load_params(path: str | os.PathLike[str]) -> Any:
+    """``Params(A (H, D), B (H, D), C (O, H))`` from an .npz of ``save_params`` or train.py.
+
+    Raises ValueError naming the file if it is unreadable, lacks A, B or C, or holds
+    shapes that do not chain; TypeError for a non-floating dtype (or float64 without x64).
+    """
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(f"cannot read params from {path}: {e}") from None
+    missing = [k for k in "ABC" if k not in arrays]
+    if missing:
+        raise ValueError(f"{path} must hold arrays A, B and C (an .npz of save_params), "
+                         f"missing {', '.join(missing)}; it has {sorted(arrays)}")
+    check_params(Params(*(arrays[k] for k in "ABC")), f"the params in {path}")
+    return Params(*(jnp.asarray(arrays[k]) for k in "ABC"))

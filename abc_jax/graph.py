@@ -31,7 +31,7 @@ import numpy as np
 
 from abc_jax import validation
 from abc_jax.backward import abc_loss, manual_vjp
-from abc_jax.model import as_params, as_sample, forward
+from abc_jax.model import as_params, as_sample_and_target, forward
 
 # name: (title, kind, (column, row)); the layout reads left to right, rows top down.
 NODES: dict[str, tuple[str, str, tuple[int, int]]] = {
@@ -61,6 +61,13 @@ EDGES: tuple[tuple[str, str, str], ...] = (
     ("w", "L", "gw = 2 g w"),
 )
 
+def _with_target(text: str, target: bool) -> str:
+    """The loss's label and its rule with a target: ||w - t||^2 and gw = 2 g (w - t)."""
+    if not target:
+        return text
+    return text.replace("‖w‖²", "‖w − t‖²").replace("2 g w", "2 g (w − t)")  # noqa: RUF001
+
+
 _SHAPES = {"A": "(H, D)", "B": "(H, D)", "C": "(O, H)", "x": "(D,)", "y": "(H,)",
            "u": "(H,)", "v": "(H,)", "z": "(H,)", "w": "(O,)", "L": "scalar"}
 _FILL = {"param": "#fdebd3", "input": "#e8e8e8", "op": "#ddeaf7", "loss": "#dcefdc"}
@@ -70,25 +77,27 @@ _TITLE_PT, _LABEL_PT, _DATA_PT, _EDGE_PT, _MAP_PT, _STRIP_PT = 8.0, 6.5, 7.5, 7.
 _GAP_X, _GAP_Y, _HEAD, _FOOT = 0.3, 0.36, 0.45, 0.3  # inches; head: title, foot: key
 
 
-def node_values(params: Any, x: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def node_values(params: Any, x: Any,
+                t: Any = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Value and gradient dL/d(node) of every node of the graph for one sample.
 
     Args:
       params: ``Params(A (H, D), B (H, D), C (O, H))``.
       x: one sample, shape (D,).
+      t: its target, shape (O,); None for 0 (the homework's L = ||w||^2).
 
     Returns:
       ``{name: (value, gradient)}`` for the names in ``NODES``, NumPy arrays of the
       node's shape (L: shape ()); where each comes from: the module docstring.
     """
-    params, D, H, _, dtype = as_params(params)
-    x = as_sample(x, D, dtype)
-    L, res = forward(params, x)
+    params, x, t = as_sample_and_target(params, x, t)
+    D, H, dtype = params.A.shape[1], params.A.shape[0], params.A.dtype
+    L, res = forward(params, x, t)
     g = manual_vjp(params, res)
     unit_x, unit_z = (jnp.zeros(n, dtype).at[0].set(1) for n in (D, H))  # e_0 in R^D, R^H
     probe = manual_vjp(params, res._replace(x=unit_x, z=unit_z))
     gy, gz, gw = probe.A[:, 0], probe.B[:, 0], probe.C[:, 0]
-    gx = jax.grad(abc_loss, argnums=1)(params, x)
+    gx = jax.grad(abc_loss, argnums=1)(params, x, t)
     y = jnp.matmul(params.A, x, precision="highest")
     pairs = {
         "x": (res.x, gx), "A": (params.A, g.A), "B": (params.B, g.B), "C": (params.C, g.C),
@@ -122,7 +131,8 @@ def format_array(a: np.ndarray, digits: int = 3) -> tuple[str, list[str]]:
     return scale, ["  ".join(c.rjust(width) for c in row) for row in rows]
 
 
-def _node_box(name: str, value: np.ndarray, grad: np.ndarray, numbers: bool, digits: int) -> Any:
+def _node_box(name: str, value: np.ndarray, grad: np.ndarray, numbers: bool, digits: int,
+              target: bool = False) -> Any:
     """Node ``name`` as a box that matplotlib sizes around its title, value and gradient."""
     from matplotlib.colors import CenteredNorm
     from matplotlib.image import BboxImage
@@ -151,7 +161,7 @@ def _node_box(name: str, value: np.ndarray, grad: np.ndarray, numbers: bool, dig
                                            "gid": f"{gid}/label"})
         parts.append(VPacker(children=[label, body], sep=2))
     shape = "" if value.ndim == 0 else f" = {value.shape}"
-    title = TextArea(f"{NODES[name][0]}   {_SHAPES[name]}{shape}", textprops={
+    title = TextArea(f"{_with_target(NODES[name][0], target)}   {_SHAPES[name]}{shape}", textprops={
         "size": _TITLE_PT, "weight": "bold", "gid": f"{name}/title"})
     # Numbers (and scalars) stacked, heat maps side by side.
     columns = VPacker(children=parts, sep=4) if stacked else HPacker(children=parts, sep=9)
@@ -206,7 +216,7 @@ def _midway(r0: tuple, r1: tuple) -> np.ndarray:
     return c0 + (s0 + 1 - s1) / 2 * (c1 - c0)
 
 
-def draw_graph(params: Any, x: Any, *, title: str | None = None, digits: int = 3,
+def draw_graph(params: Any, x: Any, t: Any = None, *, title: str | None = None, digits: int = 3,
                numbers: bool | None = None, fig: Any = None) -> Any:
     """The graph of one sample as a matplotlib figure, each node with its value and gradient.
 
@@ -217,6 +227,7 @@ def draw_graph(params: Any, x: Any, *, title: str | None = None, digits: int = 3
     Args:
       params: ``Params(A (H, D), B (H, D), C (O, H))``.
       x: one sample, shape (D,).
+      t: its target (O,), None for 0; with one, L = ||w - t||^2 and gw = 2 g (w - t).
       title: the figure's title; default: the loss.
       digits: significant digits of the largest entry of each array.
       numbers: print every entry (default when D, H, O <= 3); False: norms and heat maps
@@ -242,12 +253,14 @@ def draw_graph(params: Any, x: Any, *, title: str | None = None, digits: int = 3
         if value is not None and not isinstance(value, kind):
             raise TypeError(f"{arg} must be None or {what}, got {type(value).__name__}")
     numbers = max(D, H, O) <= 3 if numbers is None else numbers
-    vals = node_values(params, x)
+    vals = node_values(params, x, t)
     grow_only, fig = fig is not None, plt.figure() if fig is None else fig
     canvas = fig.add_axes((0, 0, 1, 1), frame_on=False, xticks=[], yticks=[])  # unseen, all fig
-    boxes = {n: canvas.add_artist(_node_box(n, *vals[n], numbers, digits)) for n in NODES}
-    labels = [canvas.text(0, 0, rule, fontsize=_EDGE_PT, color="#24529b", va="center", zorder=4,
-                          gid=f"edge/{a}/{b}", bbox={"boxstyle": "round,pad=0.15", "color": "w"})
+    boxes = {n: canvas.add_artist(_node_box(n, *vals[n], numbers, digits, t is not None))
+             for n in NODES}
+    labels = [canvas.text(0, 0, _with_target(rule, t is not None), fontsize=_EDGE_PT,
+                          color="#24529b", va="center", zorder=4, gid=f"edge/{a}/{b}",
+                          bbox={"boxstyle": "round,pad=0.15", "color": "w"})
               for a, b, rule in EDGES]
     rects = _layout(canvas, grow_only, boxes, labels)
     for (src, dst, _), label in zip(EDGES, labels, strict=True):

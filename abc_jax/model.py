@@ -241,3 +241,25 @@ def batch_loss(params: Params, X: Any, *, precision: str | None = None) -> jax.A
     """
     params, batch = prepare(params, X)
     return validation.run(_batch_loss, params, batch, name="X", precision=precision)
+
+
+def _outputs(params: Params, X: jax.Array, chunk_size: int | None = None) -> jax.Array:
+    """W (N, O), row i the output w = C z of X[i]; ``chunk_size`` rows at a time."""
+    def one(x: jax.Array) -> jax.Array:
+        return _forward(params, x)[1].w
+
+    return jax.lax.map(one, X, batch_size=chunk_size) if chunk_size else jax.vmap(one)(X)
+
+
+def predict(params: Params, X: Any, *, chunk_size: int | None = None,
+            precision: str | None = None) -> jax.Array:
+    """The network's outputs W (N, O), W[i] = C (sigmoid(A X[i]) + B X[i]), for X (N, D).
+
+    X may be a ``Batch`` (its weights and targets are ignored) or sharded.
+    ``chunk_size``: rows per step of a ``lax.map`` (memory O(chunk_size)), None for all
+    at once; ``precision`` as in ``forward``.
+    """
+    params, batch = prepare(params, X.X if isinstance(X, Batch) else X)
+    chunk = validation.check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    return validation.run(_outputs, params, batch.X, name="X", precision=precision,
+                          chunk_size=chunk)

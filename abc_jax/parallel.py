@@ -106,7 +106,8 @@ def shard_local_batch(X: Any, mesh: Mesh | None = None) -> Batch:
     """The global batch of a multi-process job, each process giving only its own rows.
 
     Every process calls it with its rows (n_p, D), or a ``Batch`` of them; n_p
-    may differ between processes (and be 0), D and the dtype may not. Each
+    may differ between processes (and be 0), D, the dtype and whether rows have
+    targets T (and their O) may not. Each
     process pads its rows with weight-0 rows to the same count per device, on
     its own devices: no row moves between hosts. The real rows are, in global
     order, process 0's, then process 1's, ...; batch functions and ``train``
@@ -127,7 +128,7 @@ def shard_local_batch(X: Any, mesh: Mesh | None = None) -> Batch:
         problem = None
     except (TypeError, ValueError) as e:
         X, weights, T, problem = np.zeros((0, 1)), None, None, e
-    counts, per_device = _gather_counts(np.asarray(X), problem, mesh)
+    counts, per_device = _gather_counts(np.asarray(X), T, problem, mesh)
     R = max(1, max(-(-c // d) for c, d in zip(counts, per_device, strict=True)))
     me = jax.process_index()
     Xp, wp, Tp = _padded(X, weights, T, per_device[me] * R)
@@ -137,7 +138,7 @@ def shard_local_batch(X: Any, mesh: Mesh | None = None) -> Batch:
                  None if Tp is None else put(rows, Tp, (n, Tp.shape[1])))
 
 
-def _gather_counts(local: np.ndarray, problem: Exception | None,
+def _gather_counts(local: np.ndarray, T: Any, problem: Exception | None,
                    mesh: Mesh) -> tuple[list[int], list[int]]:
     """Every process's row count and device count, checked (one all-gather).
 
@@ -145,9 +146,10 @@ def _gather_counts(local: np.ndarray, problem: Exception | None,
     raises instead of the others waiting in a collective.
     """
     dt = np.dtype(local.dtype)
-    mine = np.array([problem is None, local.shape[0], local.shape[1], dt.itemsize, ord(dt.kind)],
-                    np.int32)
-    every = np.asarray(multihost_utils.process_allgather(mine))  # (P, 5)
+    O = -1 if T is None else np.shape(T)[1]  # -1: no targets
+    mine = np.array([problem is None, local.shape[0], local.shape[1], dt.itemsize, ord(dt.kind),
+                     O], np.int32)
+    every = np.asarray(multihost_utils.process_allgather(mine))  # (P, 6)
     if problem is not None:
         raise problem
     bad = [str(p) for p, ok in enumerate(every[:, 0]) if not ok]
@@ -161,9 +163,10 @@ def _gather_counts(local: np.ndarray, problem: Exception | None,
                          f"order, with at least one device of each of the {P} processes; got "
                          f"axes {mesh.axis_names} and processes {owners} (data_mesh() is)")
     if len({tuple(row) for row in every[:, 2:].tolist()}) > 1:
-        shown = ", ".join(f"process {p}: D={r[2]}, {np.dtype(chr(r[4]) + str(r[3]))}"
+        shown = ", ".join(f"process {p}: D={r[2]}, {np.dtype(chr(r[4]) + str(r[3]))}, "
+                          f"{f'T with O={r[5]}' if r[5] >= 0 else 'no T'}"
                           for p, r in enumerate(every))
-        raise ValueError(f"the processes' rows must share D and dtype; got {shown}")
+        raise ValueError(f"the processes' rows must share D, dtype and targets; got {shown}")
     if every[:, 1].sum() == 0:
         raise ValueError("the processes hold no rows at all: the batch needs N >= 1")
     return [int(c) for c in every[:, 1]], [owners.count(p) for p in range(P)]

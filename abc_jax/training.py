@@ -8,6 +8,7 @@ same chunk vmapped over one copy of the state per sample.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -23,7 +24,7 @@ from abc_jax import parallel, validation
 from abc_jax.backward import batch_value_and_grad
 from abc_jax.checkpoint import fingerprint, restore, save_checkpoint
 from abc_jax.loop import State, gd_update, gradient_descent, run_chunk
-from abc_jax.model import Batch, Params, prepare, replicate_like
+from abc_jax.model import Batch, Params, _batch_loss, prepare, replicate_like
 
 GRADS = ("manual", "oracle")
 EPOCHS_PER_CHUNK = 100
@@ -34,6 +35,9 @@ class TrainResult(NamedTuple):
 
     params: Params  # A (H, D), B (H, D), C (O, H); train_per_sample: leading N axis
     losses: jax.Array  # (epochs,); train_per_sample: (N, epochs)
+    eval_losses: jax.Array | None = None  # (k,) held-out loss at eval_epochs; no eval_data: None
+    eval_epochs: jax.Array | None = None  # (k,) int, epochs done when each was measured
+    best_epoch: int | None = None  # the eval epoch of the lowest held-out loss
 
 
 class DivergenceError(RuntimeError):
@@ -99,12 +103,17 @@ def _data_summary(params: Params, batch: Batch) -> tuple[jax.Array, jax.Array]:
 
 
 def _settings(params: Params, batch: Batch, opt_state: Any, n_rows: int, lr: Any, grad: str,
-              batch_size: Any, key: Any, custom: bool) -> dict[str, Any]:
+              batch_size: Any, key: Any, custom: bool, held: HeldOut | None = None,
+              every: int | None = None) -> dict[str, Any]:
     """What identifies a run, for its checkpoint and the processes' agreement.
 
-    Speed and memory knobs (chunk_size, precision, epochs_per_chunk, devices,
-    processes) may change across a resume and are left out.
+    Speed and memory knobs (chunk_size, precision, devices, processes, and
+    epochs_per_chunk unless it sets when to evaluate) may change across a resume
+    and are left out.
     """
+    evaluation = None if held is None else {
+        "every": every, "patience": held.patience,
+        "fingerprint": [v for a in held.batch if a is not None for v in fingerprint(a)]}
     if key is not None and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.key_data(key)
     return {
@@ -116,6 +125,7 @@ def _settings(params: Params, batch: Batch, opt_state: Any, n_rows: int, lr: Any
         "data_fingerprint": fingerprint(batch.X, batch.weights),
         "targets_fingerprint": None if batch.T is None else fingerprint(batch.T, batch.weights),
         "params_fingerprint": [v for p in params for v in fingerprint(p)],
+        "evaluation": evaluation,
     }
 
 
@@ -132,15 +142,66 @@ def _run_chunks(run: Any, state: State, batch: Batch, key: Any, start: int, stop
                 losses: list[np.ndarray], static: dict[str, Any],
                 hooks: list[Any]) -> tuple[State, list[np.ndarray]]:
     """Compiled chunks from epoch ``start`` to ``stop``; after each, every ``hook(state,
-    epochs done, losses so far as a list of chunks)`` in order."""
+    epochs done, losses so far as a list of chunks)`` in order; stops early after a chunk
+    where a hook returned True (early stopping)."""
     while start < stop:
         state, chunk = run(state, batch, key, np.int32(start), np.int32(stop), **static)
         done = min(static["length"], stop - start)
         losses.append(np.asarray(chunk)[..., :done])
         start += done
-        for hook in hooks:
-            hook(state, start, losses)
+        if True in [hook(state, start, losses) is True for hook in hooks]:  # every hook runs
+            break
     return state, losses
+
+
+@dataclasses.dataclass
+class HeldOut:
+    """The held-out loss ``batch_loss(params, batch)`` after every chunk (a hook).
+
+    ``epochs[k]``, ``losses[k]``: epochs done and the loss there; ``best``: the
+    params of the lowest loss (the first, on ties). With ``patience`` = p the
+    hook asks to stop once p evaluations in a row did not improve on the best.
+    """
+
+    batch: Batch
+    patience: int | None
+    precision: str
+    best: Params
+    epochs: list[int] = dataclasses.field(default_factory=list)
+    losses: list[float] = dataclasses.field(default_factory=list)
+
+    def record(self, params: Params, epoch: int) -> None:
+        loss = float(validation.run(_batch_loss, params, self.batch, name="eval_data",
+                                    precision=self.precision))
+        if not self.losses or loss < min(self.losses):
+            self.best = params
+        self.epochs.append(epoch)
+        self.losses.append(loss)
+
+    def done(self) -> bool:
+        """Patience is spent: ``patience`` evaluations since the best one."""
+        return (self.patience is not None and
+                len(self.losses) - 1 - int(np.argmin(self.losses)) >= self.patience)
+
+    def __call__(self, state: State, epoch: int, losses: list[np.ndarray]) -> bool:
+        self.record(state.params, epoch)
+        return self.done()
+
+    def history(self) -> dict[str, np.ndarray]:
+        return {"eval_epochs": np.asarray(self.epochs, np.int64),
+                "eval_losses": np.asarray(self.losses, np.float64)}
+
+
+def _held_out(eval_data: Any, patience: Any, params: Params, batch: Batch,
+              precision: str) -> HeldOut | None:
+    """``eval_data`` (X or a ``Batch`` with targets) checked, on the training's devices."""
+    patience = validation.check_int(patience, "patience", minimum=1, allow_none=True)
+    if eval_data is None:
+        if patience is not None:
+            raise ValueError("patience needs eval_data: early stopping watches the held-out loss")
+        return None
+    _, held = prepare(params, eval_data, "eval_data")
+    return HeldOut(replicate_like(held, batch.X), patience, precision, params)
 
 
 def _advice(lr: Any, custom: bool) -> str:
@@ -179,21 +240,29 @@ def _guard(state: State, epoch: int, losses: list[np.ndarray], *, initial: Param
 
 
 def _checkpointed(checkpoint_dir: Any, state: State, batch: Batch, settings: dict[str, Any],
-                  epochs: int, hooks: list[Any]) -> tuple[State, int, list[np.ndarray]]:
+                  epochs: int, hooks: list[Any],
+                  held: HeldOut | None) -> tuple[State, int, list[np.ndarray]]:
     """(state, epoch, losses) of the checkpoint in ``checkpoint_dir`` if there is one, else
-    the start; in process 0, a hook that writes the checkpoint after every chunk."""
+    the start; in process 0, a hook that writes the checkpoint after every chunk. With
+    evaluation the checkpoint also holds the best params and the held-out history."""
+    def saved(s: State) -> tuple[Any, ...]:
+        return (s.params, s.opt_state) + (() if held is None else (held.best,))
+
     if parallel.is_main_process():
         hooks.append(lambda s, e, ls: save_checkpoint(
-            checkpoint_dir, state=(s.params, s.opt_state), epoch=e,
-            losses=np.concatenate(ls), settings=settings))
-    found = restore(checkpoint_dir, like=(state.params, state.opt_state), settings=settings)
+            checkpoint_dir, state=saved(s), epoch=e, losses=np.concatenate(ls),
+            settings=settings, extra=held and held.history()))
+    found = restore(checkpoint_dir, like=saved(state), settings=settings)
     if found is None:
         return state, 0, []
-    (p, o), start, old, _ = found
+    stored, start, old, extra = found
     if start > epochs:
         raise ValueError(f"epochs = {epochs} is fewer than the {start} epochs the "
                          f"checkpoint in {checkpoint_dir} already ran")
-    p, o = replicate_like(_strong((p, o)), batch.X)
+    p, o, *best = replicate_like(_strong(stored), batch.X)
+    if held is not None:
+        held.best, held.epochs, held.losses = best[0], extra["eval_epochs"].tolist(), \
+            extra["eval_losses"].tolist()
     return State(p, o, p, state.bad), start, [old]
 
 
@@ -202,47 +271,63 @@ def _initial_state(optimizer: Any, params: Params) -> State:
     return _strong(State(params, optimizer.init(params), params, np.zeros((), bool)))
 
 
-def _result(state: State, losses: list[np.ndarray], dtype: Any, empty: tuple) -> TrainResult:
-    """The final params and the losses of every chunk joined along epochs, on the device."""
-    out = np.concatenate(losses, axis=-1) if losses else np.zeros(empty, dtype)
-    return TrainResult(state.params, jax.device_put(out.astype(dtype)))
+def _result(state: State, losses: list[np.ndarray], dtype: Any, empty: tuple,
+            held: HeldOut | None = None) -> TrainResult:
+    """The final params (the best held-out ones with patience) and the losses of every chunk
+    joined along epochs, on the device; the held-out history if there is one."""
+    out = jax.device_put((np.concatenate(losses, axis=-1) if losses else
+                          np.zeros(empty, dtype)).astype(dtype))
+    if held is None:
+        return TrainResult(state.params, out)
+    history = held.history()
+    return TrainResult(state.params if held.patience is None else held.best, out,
+                       jnp.asarray(history["eval_losses"].astype(dtype)),
+                       jnp.asarray(history["eval_epochs"]),
+                       held.epochs[int(np.argmin(held.losses))])
 
 
 def train(params: Params, X: Any, *, lr: float | None = None, epochs: int,
           optimizer: Any = None, grad: str = "manual", batch_size: int | None = None,
           key: jax.Array | None = None, chunk_size: int | None = None, progress: bool = True,
           checkpoint_dir: str | os.PathLike[str] | None = None,
-          epochs_per_chunk: int = EPOCHS_PER_CHUNK, precision: str | None = None) -> TrainResult:
+          epochs_per_chunk: int = EPOCHS_PER_CHUNK, precision: str | None = None,
+          eval_data: Any = None, patience: int | None = None) -> TrainResult:
     """Minimise ``batch_loss(params, X)``: per epoch (u, s) = optimizer.update(g, s, p), p += u.
 
     params: ``Params(A (H, D), B (H, D), C (O, H))``, whose dtype the result and X take.
-    X: samples (N, D) or a ``Batch`` (row weights; from ``shard_batch`` or, with every
-    process calling alike, ``shard_local_batch``). lr: of the default rule p <- p - lr g
-    (data: every lr shares one compilation); needed only without ``optimizer``, any
-    ``optax.GradientTransformation`` (``GradientTransformationExtraArgs`` such as
-    ``optax.lbfgs()`` also get value, grad and value_fn). epochs >= 0. grad: "manual" or
-    "oracle" (``jax.grad``). batch_size: None for the full batch, else ceil(n / b)
-    mini-batches per epoch shuffled with ``fold_in(key, epoch)``. chunk_size, precision:
-    as in ``batch_grad`` (speed knobs, free to change across a resume). progress: a bar on
-    a terminal or in a notebook. checkpoint_dir: process 0 writes ``checkpoint.npz`` after
-    every chunk of ``epochs_per_chunk`` epochs, and a later call continues from it; one of
-    another run (data, initial params, shapes, dtype, lr, grad, batch_size, key, optimizer
-    state) is refused.
+    X: samples (N, D) or a ``Batch`` (row weights, targets T (N, O); from ``shard_batch``
+    or, with every process calling alike, ``shard_local_batch``). lr: of the default rule
+    p <- p - lr g (data: every lr shares one compilation); needed only without
+    ``optimizer``, any ``optax.GradientTransformation`` (``GradientTransformationExtraArgs``
+    such as ``optax.lbfgs()`` also get value, grad and value_fn). epochs >= 0. grad:
+    "manual" or "oracle" (``jax.grad``). batch_size: None for the full batch, else
+    ceil(n / b) mini-batches per epoch shuffled with ``fold_in(key, epoch)``. chunk_size,
+    precision: as in ``batch_grad`` (speed knobs, free to change across a resume). progress:
+    a bar on a terminal or in a notebook. checkpoint_dir: process 0 writes
+    ``checkpoint.npz`` after every chunk of ``epochs_per_chunk`` epochs, and a later call
+    continues from it; one of another run (data, initial params, shapes, dtype, lr, grad,
+    batch_size, key, optimizer state, evaluation) is refused.
+    eval_data: held-out X (N', D) or ``Batch``: its loss at the initial params and after
+    every chunk (every ``epochs_per_chunk`` epochs), replicated onto X's devices.
+    patience: stop once that many evaluations in a row did not lower the held-out loss,
+    and return the params of the lowest one (needs eval_data).
 
-    Returns ``TrainResult(params, losses)``, losses (epochs,): losses[e] the batch loss
-    before update e (mini-batches: the weighted mean of epoch e's).
+    Returns ``TrainResult(params, losses, eval_losses, eval_epochs, best_epoch)``, losses
+    (epochs,) (fewer after an early stop): losses[e] the batch loss before update e
+    (mini-batches: the weighted mean of epoch e's); the eval fields None without eval_data.
 
     Raises DivergenceError (a non-finite loss; names the epoch and the knob to turn),
     FloatingPointError (the loss or gradient overflows at the initial params: no lr helps),
     ValueError or TypeError (a bad argument, before any tracing; a checkpoint of another run).
     """
-    if validation.is_traced(params, X, key):
+    if validation.is_traced(params, X, key, eval_data):
         raise TypeError("train runs its own compiled loop: call it outside jax.jit/vmap/grad")
     optimizer, static = _configure(lr, epochs, optimizer, grad, batch_size, key,
                                    epochs_per_chunk, precision)
     params, batch = prepare(params, X)
     chunk = validation.check_positive_int(chunk_size, "chunk_size", allow_none=True)
     params = replicate_like(_strong(params), batch.X)
+    held = _held_out(eval_data, patience, params, batch, static["precision"])
     state = replicate_like(_initial_state(optimizer, params), batch.X)
     n_rows, ok = (int(v) for v in _data_summary(params, batch))
     static |= dict(chunk_size=chunk, n_rows=n_rows if batch_size else 0)
@@ -250,19 +335,24 @@ def train(params: Params, X: Any, *, lr: float | None = None, epochs: int,
     settings = None  # what identifies the run: for a checkpoint, or for several processes
     if checkpoint_dir is not None or jax.process_count() > 1:
         settings = _settings(params, batch, state.opt_state, n_rows, lr, grad, batch_size, key,
-                             custom)
+                             custom, held, epochs_per_chunk)
         parallel.check_same_on_all_processes(
             settings | {"epochs": epochs, "checkpoint": checkpoint_dir is not None}, "train")
     if not ok:
         validation.explain_nonfinite(params, batch, "X")
     hooks = [functools.partial(_guard, initial=params, batch=batch, lr=lr, custom=custom)]
+    hooks += [] if held is None else [held]
     start, losses = 0, []
     if checkpoint_dir is not None:
         state, start, losses = _checkpointed(checkpoint_dir, state, batch, settings, epochs,
-                                             hooks)
+                                             hooks, held)
+    if held is not None and not held.losses:
+        held.record(params, 0)
+    stop = start if held is not None and held.done() else epochs  # stopped before the resume
     with _progress_bar(progress, epochs, start, "train") as bar:
-        hooks.append(lambda s, e, ls: (bar.update(ls[-1].shape[-1]),
-                                       bar.set_postfix(loss=f"{ls[-1][-1]:.6g}")))
+        hooks.append(lambda s, e, ls: (bar.update(ls[-1].shape[-1]), bar.set_postfix(
+            loss=f"{ls[-1][-1]:.6g}", **({} if held is None else {"held_out": held.losses[-1]}))))
         state, losses = _run_chunks(run_chunk, state, batch, replicate_like(key, batch.X),
-                                    start, epochs, losses, static, hooks)
-    return _result(state, losses, params.A.dtype, (0,))
+                                    start, stop, losses, static, hooks)
+    return _result(state, losses, params.A.dtype, (0,), held)
+

@@ -1,9 +1,12 @@
-"""What experiment scripts share: flags, results, tables, plots, environment, timing, optimizers."""
+"""What experiment scripts share: flags, problems, results, tables, plots, environment, timing
+(one helper, and the gradient methods timed against each other), optimizers."""
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
+import functools
 import io
 import os
 import platform
@@ -13,12 +16,16 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import homework
 import jax
+import jax.numpy as jnp
 import matplotlib
+import numpy as np
 import optax
 from PIL import Image
 from tqdm.auto import tqdm
 
+import abc_jax
 from abc_jax import files
 from abc_jax.validation import PRECISIONS
 
@@ -53,6 +60,15 @@ def parser(name: str, doc: str | None, precision: bool = False) -> argparse.Argu
     return ap
 
 
+def problem(key: jax.Array, n: int, in_dim: int, hidden_dim: int | None = None,
+            out_dim: int | None = None, *, dtype: Any = jnp.float32) -> tuple[abc_jax.Params, Any]:
+    """``init_params(kp, in_dim, hidden_dim, out_dim)`` and X (n, in_dim) ~ Normal(0, 1), where
+    ``kp, kx = split(key)``."""
+    kp, kx = jax.random.split(key)
+    params = abc_jax.init_params(kp, in_dim, hidden_dim, out_dim, dtype=dtype)
+    return params, jax.random.normal(kx, (n, in_dim), dtype)
+
+
 def out_dir(path: str | os.PathLike[str]) -> Path:
     """Create the results folder and return it."""
     Path(path).mkdir(parents=True, exist_ok=True)
@@ -65,6 +81,17 @@ def docs_copy(png: str | os.PathLike[str], docs_dir: str | os.PathLike[str]) -> 
         im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT,
                                    dither=Image.Dither.NONE).save(buf, format="PNG", optimize=True)
         return files.atomic_write_bytes(Path(docs_dir) / Path(png).name, buf.getvalue())
+
+
+def write_and_report(out: Path, docs: Path | None, key_figures: Sequence[str] = (),
+                     **results: Any) -> dict[str, Path]:
+    """``files.write_results(out, **results)``; with ``docs``, a ``docs_copy`` of each figure
+    named in ``key_figures`` there; prints one line naming the files. Returns name -> path."""
+    written = files.write_results(out, **results)
+    for name in key_figures if docs is not None else ():
+        docs_copy(written[f"{name}.png"], docs)
+    print(f"wrote {out}/: {', '.join(written)}")
+    return written
 
 
 def device_label() -> str:
@@ -155,6 +182,95 @@ def compile_clock() -> Iterator[list[float]]:
         yield clock
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
+
+
+# The gradient methods timed against each other (bench_gradients, reproduce_seed): kind "jax"
+# (jitted; given params, X, precision) or "python" (given lists); time ~ P^exponent.
+Method = collections.namedtuple("Method", "label kind exponent fn")
+GRADIENT_METHODS = {
+    "batch_grad": Method("batch_grad (manual)", "jax", 1, abc_jax.batch_grad),
+    "jax_grad": Method("jax.grad (reverse)", "jax", 1, abc_jax.oracle_grad),
+    "jvp_grad": Method("jvp_grad (manual forward)", "jax", 2, abc_jax.jvp_grad),
+    "jacfwd": Method("jax.jacfwd (forward)", "jax", 2, lambda p, X, precision: jax.jacfwd(
+        lambda q: abc_jax.batch_loss(q, X, precision=precision))(p)),
+    "fd_grad": Method("fd_grad (finite diff.)", "jax", 2, abc_jax.fd_grad),
+    "python_backprop": Method("Python backprop", "python", 1,
+                              lambda *lists: homework.py_loss_and_grad(*lists)[1]),
+    "python_fd": Method("Python finite diff.", "python", 2, homework.py_fd_grad)}
+TIMING_FIELDS = ["median_s", "min_s", "first_call_s", "compile_s", "rounds", "calls_per_round"]
+
+
+def rel_error(grads: Any, reference: abc_jax.Params) -> float:
+    """max |grads - reference| / max |reference| over all three matrices."""
+    g, r = (np.concatenate([np.asarray(a, np.float64).ravel() for a in x])
+            for x in (grads, reference))
+    return float(np.max(np.abs(g - r)) / np.max(np.abs(r)))
+
+
+def _time_gradients_at(K: int, n: int, todo: Sequence[str], *, dtype: Any, precision: str,
+                       seed: int, budget_s: float, min_time: float,
+                       rounds: int) -> tuple[dict, abc_jax.Params]:
+    """(method -> Timing, jax.grad in float64 on the same rounded inputs) at one K. JAX: a jit of
+    each public function (one dispatch cost); Python: the lists, no warm-up, <= ``budget_s`` s."""
+    params, X = problem(jax.random.fold_in(jax.random.key(seed), K), n, K, dtype=dtype)
+    ref = abc_jax.oracle_grad(*jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), (params, X)),
+                              precision="highest")
+    lists, times = homework.to_lists(params, X), {}
+    for kind, extra in (("jax", {}), ("python", {"warmup": 0, "max_time": budget_s})):
+        fns = {m: functools.partial(jax.jit(functools.partial(M.fn, precision=precision)),
+                                    params, X) if kind == "jax" else functools.partial(M.fn, *lists)
+               for m, M in GRADIENT_METHODS.items() if m in todo and M.kind == kind}
+        times |= time_interleaved(fns, rounds=rounds, min_time=min_time, **extra)
+    return times, ref
+
+
+def time_gradients(ks: Sequence[int], n: int, methods: Sequence[str] = tuple(GRADIENT_METHODS),
+                   *, dtype: Any = jnp.float32, precision: str = "highest", seed: int = 0,
+                   budget_s: float = 2.0, min_time: float = 0.2, rounds: int = 5,
+                   mem_limit: float = 1 << 30) -> list[dict[str, Any]]:
+    """One row per (K, method) of ``GRADIENT_METHODS``, skipped ones with a ``status`` saying why:
+    a call took over ``budget_s``, or ``t * (P_new / P_old) ** exponent`` from the last K is over
+    it, or a forward mode needs over ``mem_limit`` bytes (never batch_grad, the reference of
+    each time's ``ratio_to_batch_grad`` at its K); rows name device and precision (None for
+    Python)."""
+    if unknown := set(methods) - set(GRADIENT_METHODS):
+        raise ValueError(f"method must be one of {sorted(GRADIENT_METHODS)}, got {sorted(unknown)}")
+    last, stopped, rows = {}, {}, []  # last: method -> (P, median s); stopped: method -> why
+    for K in progress(ks, desc="bench", unit="K"):
+        P = 3 * K * K  # 2HD + OH with D = H = O = K
+        predicted = {m: t * (P / P0) ** GRADIENT_METHODS[m].exponent
+                     for m, (P0, t) in last.items()}
+        mem = 2 * P * n * 3 * K * jnp.dtype(dtype).itemsize  # P tangents of (N, 2H + O), twice
+        status = {m: stopped.get(m) or (
+            f"skipped: predicted {predicted[m]:.3g} s > budget {budget_s:g} s"
+            if predicted.get(m, 0.0) > budget_s else f"skipped: memory ~{mem / 2**30:.2g} GiB"
+            if m in ("jacfwd", "jvp_grad") and mem > mem_limit else None)
+            for m in methods if m != "batch_grad"} | {"batch_grad": None}
+        times, ref = _time_gradients_at(K, n, [m for m in methods if status.get(m) is None],
+                                        dtype=dtype, precision=precision, seed=seed,
+                                        budget_s=budget_s, min_time=min_time, rounds=rounds)
+        for m in methods:
+            kind, t = GRADIENT_METHODS[m].kind, times.get(m)
+            rows.append(row := {
+                "K": K, "P": P, "N": n, "method": m, "kind": kind,
+                "device": device_label() if kind == "jax" else "host cpu (Python)",
+                "dtype": jnp.dtype(dtype).name if kind == "jax" else "float64",
+                "precision": precision if kind == "jax" else None, "median_s": None,
+                "status": status[m]})
+            if t is None:
+                continue
+            row |= {"status": "ok", **{f: getattr(t, f) for f in TIMING_FIELDS},
+                    "compile_s": t.compile_s if kind == "jax" else None,
+                    "rel_err_vs_float64": rel_error(t.output, ref)}
+            last[m] = (P, t.median_s)
+            slowest = t.median_s if kind == "jax" else max(t.median_s, t.first_call_s)
+            if slowest > budget_s:
+                stopped[m] = f"skipped: a call took {slowest:.3g} s > budget {budget_s:g} s"
+    base = {r["K"]: r["median_s"] for r in rows if r["method"] == "batch_grad" and r["median_s"]}
+    for r in rows:
+        b = base.get(r["K"])
+        r["ratio_to_batch_grad"] = r["median_s"] / b if (b and r["median_s"]) else None
+    return rows
 
 
 OPTIMIZERS: dict[str, tuple[str, Callable[[float], Any]]] = {  # name -> (label, lr -> rule)

@@ -16,8 +16,6 @@ checked against jax.grad in float64.
 
 from __future__ import annotations
 
-import collections
-import functools
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -27,96 +25,13 @@ import jax
 jax.config.update("jax_enable_x64", True)  # float64 runs and the Python (float64) baselines
 
 import _common  # noqa: E402
-import homework  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import abc_jax  # noqa: E402
-from abc_jax.files import write_results  # noqa: E402
-
 NAME = "bench_gradients"
-# kind: "jax" (jitted; given params, X, precision) or "python" (given lists); time ~ P^exponent
-Method = collections.namedtuple("Method", "label kind exponent fn")
-METHODS = {"batch_grad": Method("batch_grad (manual)", "jax", 1, abc_jax.batch_grad),
-           "jax_grad": Method("jax.grad (reverse)", "jax", 1, abc_jax.oracle_grad),
-           "jvp_grad": Method("jvp_grad (manual forward)", "jax", 2, abc_jax.jvp_grad),
-           "jacfwd": Method("jax.jacfwd (forward)", "jax", 2, lambda p, X, precision: jax.jacfwd(
-               lambda q: abc_jax.batch_loss(q, X, precision=precision))(p)),
-           "fd_grad": Method("fd_grad (finite diff.)", "jax", 2, abc_jax.fd_grad),
-           "python_backprop": Method("Python backprop", "python", 1,
-                                     lambda *lists: homework.py_loss_and_grad(*lists)[1]),
-           "python_fd": Method("Python finite diff.", "python", 2, homework.py_fd_grad)}
-TIMING = ["median_s", "min_s", "first_call_s", "compile_s", "rounds", "calls_per_round"]
+METHODS = _common.GRADIENT_METHODS  # name -> (label, kind "jax" or "python", exponent, fn)
 CSV_FIELDS = ["K", "P", "N", "method", "kind", "device", "dtype", "precision", "status",
-              *TIMING, "ratio_to_batch_grad", "rel_err_vs_float64"]
-
-
-def rel_error(grads: Any, reference: abc_jax.Params) -> float:
-    """max |grads - reference| / max |reference| over all three matrices."""
-    g, r = (np.concatenate([np.asarray(a, np.float64).ravel() for a in x])
-            for x in (grads, reference))
-    return float(np.max(np.abs(g - r)) / np.max(np.abs(r)))
-
-
-def _time_at(K: int, n: int, todo: Sequence[str], *, dtype: Any, precision: str, seed: int,
-             budget_s: float, min_time: float, rounds: int) -> tuple[dict, abc_jax.Params]:
-    """(method -> Timing, jax.grad in float64 on the same rounded inputs) at one K. JAX: a jit of
-    each public function (one dispatch cost); Python: the lists, no warm-up, <= ``budget_s`` s."""
-    kp, kx = jax.random.split(jax.random.fold_in(jax.random.key(seed), K))
-    params = abc_jax.init_params(kp, K, dtype=dtype)
-    X = jax.random.normal(kx, (n, K), dtype)
-    ref = abc_jax.oracle_grad(*jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), (params, X)),
-                              precision="highest")
-    lists, times = homework.to_lists(params, X), {}
-    for kind, extra in (("jax", {}), ("python", {"warmup": 0, "max_time": budget_s})):
-        fns = {m: functools.partial(jax.jit(functools.partial(M.fn, precision=precision)),
-                                    params, X) if kind == "jax" else functools.partial(M.fn, *lists)
-               for m, M in METHODS.items() if m in todo and M.kind == kind}
-        times |= _common.time_interleaved(fns, rounds=rounds, min_time=min_time, **extra)
-    return times, ref
-
-
-def run_bench(ks: Sequence[int], n: int, methods: Sequence[str] = tuple(METHODS), *,
-              dtype: Any = jnp.float32, precision: str = "highest", seed: int = 0,
-              budget_s: float = 2.0, min_time: float = 0.2, rounds: int = 5,
-              mem_limit: float = 1 << 30) -> list[dict[str, Any]]:
-    """One row per (K, method), skipped ones with a ``status`` saying why: a call took over
-    ``budget_s``, or ``t * (P_new / P_old) ** exponent`` from the last K is over it, or a forward
-    mode needs over ``mem_limit`` bytes; rows name device and precision (None for Python)."""
-    if unknown := set(methods) - set(METHODS):
-        raise ValueError(f"method must be one of {sorted(METHODS)}, got {sorted(unknown)}")
-    last, stopped, rows = {}, {}, []  # last: method -> (P, median s); stopped: method -> why
-    for K in _common.progress(ks, desc="bench", unit="K"):
-        P = 3 * K * K  # 2HD + OH with D = H = O = K
-        predicted = {m: t * (P / P0) ** METHODS[m].exponent for m, (P0, t) in last.items()}
-        mem = 2 * P * n * 3 * K * jnp.dtype(dtype).itemsize  # P tangents of (N, 2H + O), twice
-        status = {m: stopped.get(m) or (
-            f"skipped: predicted {predicted[m]:.3g} s > budget {budget_s:g} s"
-            if predicted.get(m, 0.0) > budget_s else f"skipped: memory ~{mem / 2**30:.2g} GiB"
-            if m in ("jacfwd", "jvp_grad") and mem > mem_limit else None) for m in methods}
-        times, ref = _time_at(K, n, [m for m in methods if status[m] is None], dtype=dtype,
-                              precision=precision, seed=seed, budget_s=budget_s,
-                              min_time=min_time, rounds=rounds)
-        for m in methods:
-            jx, t = METHODS[m].kind == "jax", times.get(m)
-            rows.append(row := {
-                "K": K, "P": P, "N": n, "method": m, "kind": METHODS[m].kind,
-                "device": _common.device_label() if jx else "host cpu (Python)",
-                "dtype": jnp.dtype(dtype).name if jx else "float64",
-                "precision": precision if jx else None, "median_s": None, "status": status[m]})
-            if t is None:
-                continue
-            row |= {"status": "ok", **{f: getattr(t, f) for f in TIMING},
-                    "compile_s": t.compile_s if jx else None,
-                    "rel_err_vs_float64": rel_error(t.output, ref)}
-            last[m] = (P, t.median_s)
-            if (slowest := t.median_s if jx else max(t.median_s, t.first_call_s)) > budget_s:
-                stopped[m] = f"skipped: a call took {slowest:.3g} s > budget {budget_s:g} s"
-    base = {r["K"]: r["median_s"] for r in rows if r["method"] == "batch_grad" and r["median_s"]}
-    for r in rows:
-        b = base.get(r["K"])
-        r["ratio_to_batch_grad"] = r["median_s"] / b if (b and r["median_s"]) else None
-    return rows
+              *_common.TIMING_FIELDS, "ratio_to_batch_grad", "rel_err_vs_float64"]
 
 
 def fit_slope(P: Sequence[float], t: Sequence[float]) -> tuple[float, float]:
@@ -223,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     desc = (f"N = {args.n}, {env['dtype']}, precision {args.precision}, "
             f"{env['device_label']} ({env['cpu_count']} CPUs)")
     print(f"{NAME}: {desc}, jax {env['jax_version']}")
-    rows = run_bench(args.ks, args.n, args.methods, dtype=jnp.dtype(args.dtype),
+    rows = _common.time_gradients(args.ks, args.n, args.methods, dtype=jnp.dtype(args.dtype),
                      precision=args.precision, seed=args.seed, budget_s=args.budget,
                      min_time=args.min_time, rounds=args.rounds)
     summary = summarize(rows)
@@ -236,14 +151,11 @@ def main(argv: list[str] | None = None) -> int:
                                    for r in rows if r["status"] != "ok") or "none"))
     print("largest relative error against jax.grad in float64: " + ", ".join(
         f"{m} {e:.1e}" for m, e in summary["rel_err_vs_float64"].items() if e is not None))
-    written = write_results(
-        args.out, config=vars(args), metrics={"environment": env, **summary},
+    _common.write_and_report(
+        args.out, args.docs, [NAME], config=vars(args), metrics={"environment": env, **summary},
         tables={"timings": (CSV_FIELDS, [[r.get(f) for f in CSV_FIELDS] for r in rows]),
                 "ratios": (header, table)},
         figures={NAME: figure(rows, f"{desc}; Python on the host CPU")})
-    if args.docs is not None:
-        _common.docs_copy(written[f"{NAME}.png"], args.docs)
-    print(f"wrote {args.out}/: {', '.join(written)}")
     return 0
 
 

@@ -25,7 +25,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import abc_jax
-from abc_jax.files import write_results
 from abc_jax.validation import PRECISIONS
 
 NAME = "bench_step"
@@ -33,15 +32,9 @@ PUBLIC = {f: getattr(abc_jax, f) for f in (  # the functions whose call overhead
     "batch_grad", "batch_value_and_grad", "oracle_grad", "batch_loss", "per_sample_grads")}
 
 
-def problem(K: int, N: int, seed: int) -> tuple[abc_jax.Params, jax.Array]:
-    """Params (K, K) and samples X (N, K), float32."""
-    kp, kx = jax.random.split(jax.random.key(seed))
-    return abc_jax.init_params(kp, K, dtype=jnp.float32), jax.random.normal(kx, (N, K), jnp.float32)
-
-
 def bench_size(K: int, N: int, precision: str, *, rounds: int, min_time: float, seed: int) -> dict:
     """One row: times (s), GFLOP/s and ratios of batch_grad at (K, N) and ``precision``."""
-    params, X = problem(K, N, seed)
+    params, X = _common.problem(jax.random.key(seed), N, K)
     jit = lambda f, *a: functools.partial(jax.jit(f), *a)  # noqa: E731
     naive = jit(lambda p, X: jax.tree.map(lambda g: g.mean(0), abc_jax.per_sample_grads(
         p, X, precision=precision)), params, X)
@@ -65,7 +58,7 @@ def bench_size(K: int, N: int, precision: str, *, rounds: int, min_time: float, 
 def bench_overhead(K: int, N: int, *, rounds: int, min_time: float, seed: int) -> list[dict]:
     """Per call, each public function as users call it against ``jax.jit`` of it, waited for, in
     interleaved rounds: ``ratio`` of the fastest rounds (noise only adds time) and of medians."""
-    params, X = problem(K, N, seed)
+    params, X = _common.problem(jax.random.key(seed), N, K)
     new = itertools.cycle([jax.tree.map(lambda p, i=i: p + p * i / 1e3, params) for i in range(8)])
     rows = []
     for calling, given in (("same arrays", lambda: params), ("new params", new.__next__)):
@@ -90,7 +83,7 @@ def temp_bytes(params: abc_jax.Params, N: int, K: int, chunk_size: int) -> int:
 
 def bench_memory(N: int, K: int, chunk: int, seed: int) -> dict[str, Any]:
     """Scratch memory and time of batch_grad over N rows in chunks of ``chunk`` rows and at once."""
-    params, X = problem(K, N, seed)
+    params, X = _common.problem(jax.random.key(seed), N, K)
     sizes = {"chunked": chunk, "unchunked": N}
     t = _common.time_interleaved({name: lambda c=c: abc_jax.batch_grad(params, X, chunk_size=c)
                                   for name, c in sizes.items()}, rounds=3, min_time=0.0)
@@ -186,13 +179,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{m['unchunked_temp_bytes'] / 1e6:.3g} MB; time chunked/unchunked "
               f"{m['time_ratio']:.2f}; max rel diff {m['max_rel_diff']:.1e}")
     columns = list(dict.fromkeys(k for r in rows for k in r))
-    written = write_results(args.out, config=vars(args) | {"precisions": precisions},
-                            metrics=metrics, figures={NAME: plot(rows)}, tables={
-                                NAME: (columns, [[r.get(k) for k in columns] for r in rows]),
-                                "overhead": over})
-    if args.docs is not None:
-        _common.docs_copy(written[f"{NAME}.png"], args.docs)
-    print(f"wrote {args.out}/: {', '.join(written)}")
+    _common.write_and_report(
+        args.out, args.docs, [NAME], config=vars(args) | {"precisions": precisions},
+        metrics=metrics, figures={NAME: plot(rows)},
+        tables={NAME: (columns, [[r.get(k) for k in columns] for r in rows]), "overhead": over})
     return 0
 
 

@@ -25,8 +25,7 @@ import numpy as np
 from homework import py_gradient_descent, to_lists
 
 import abc_jax
-from abc_jax import init_params, train
-from abc_jax.files import write_results
+from abc_jax import train
 
 NAME = "bench_train"
 LOOPS = {"train": "train (compiled loop)", "loop": "Python loop of jitted steps"}
@@ -77,8 +76,7 @@ def bench_part(epochs: Sequence[int], n: int, k: int, lr: float, seed: int, prec
     """train vs the loop of jitted steps at each epoch count, both trajectories compared; and
     with ``python_epochs`` the homework's plain Python for that many epochs, its time scaled
     linearly to the largest count (each epoch does the same work)."""
-    params = init_params(jax.random.key(seed), k, dtype=dtype)
-    X = jax.random.normal(jax.random.key(seed + 1), (n, k), dtype)
+    params, X = _common.problem(jax.random.key(seed), n, k, dtype=dtype)
     rows, agree, e = [], {}, max(epochs)
     for ep in epochs:
         part, outs = compare_loops(params, X, lr, ep, precision, rounds=rounds, min_time=min_time)
@@ -155,9 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [[name, part["K"], part["N"], part["dtype"], *(r[f] for f in FIELDS)]
             for name, part in (("homework", small), ("large", large)) for r in part["rows"]]
     metrics = {"environment": env, "homework_scale": small, "large_batch": large}
-    written = write_results(args.out, config=vars(args), metrics=metrics,
-                            tables={NAME: (["part", "K", "N", "dtype", *FIELDS], rows)})
-    print(f"wrote {args.out}/: {', '.join(written)}")
+    _common.write_and_report(args.out, None, config=vars(args), metrics=metrics,
+                             tables={NAME: (["part", "K", "N", "dtype", *FIELDS], rows)})
     return 0
 
 

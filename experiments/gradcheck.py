@@ -20,7 +20,6 @@ import _common  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import abc_jax  # noqa: E402
-from abc_jax.files import write_results  # noqa: E402
 
 NAME = "gradcheck"
 FIELDS = ["dtype", "param", "comparison", "max_abs", "rel"]
@@ -34,10 +33,9 @@ def run(in_dim: int, hidden_dim: int, out_dim: int, n: int, seed: int) -> list[d
     standard normal; errors are ``grad_errors`` against ``oracle_grad``.
     """
     rows = []
-    kp, kx = jax.random.split(jax.random.key(seed))
     for dtype in (jnp.float32, jnp.float64):
-        params = abc_jax.init_params(kp, in_dim, hidden_dim, out_dim, dtype=dtype)
-        X = jax.random.normal(kx, (n, in_dim), dtype)
+        params, X = _common.problem(jax.random.key(seed), n, in_dim, hidden_dim, out_dim,
+                                    dtype=dtype)
         oracle = abc_jax.oracle_grad(params, X)
         for cmp, grad in zip(COMPARISONS, (abc_jax.batch_grad, abc_jax.fd_grad), strict=True):
             rows += [dict(dtype=jnp.dtype(dtype).name, param=name, comparison=cmp, **e)
@@ -70,11 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"D={args.in_dim} H={H} O={O} N={args.n} seed={args.seed}  (device {jax.devices()[0]})")
     table = (FIELDS, [[r[k] for k in FIELDS] for r in rows])
     _common.print_table(*table, floatfmt=".2e")
-    written = write_results(
-        _common.out_dir(args.out), config=vars(args) | {"hidden_dim": H, "out_dim": O},
+    _common.write_and_report(
+        args.out, None, config=vars(args) | {"hidden_dim": H, "out_dim": O},
         metrics={"environment": _common.environment(), "worst_rel": worst(rows), "rows": rows},
         tables={NAME: table})
-    print(f"wrote {args.out}/: " + ", ".join(written))
     return 0
 
 

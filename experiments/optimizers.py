@@ -21,7 +21,6 @@ import numpy as np
 
 import abc_jax
 from abc_jax import DivergenceError, train
-from abc_jax.files import write_results
 
 NAME = "optimizers"
 LRS = {"gd": (0.01, 0.03, 0.1, 0.3), "sgd": (0.01, 0.03, 0.1, 0.3),
@@ -63,9 +62,8 @@ def run_sweep(args: Any, lrs: dict[str, Sequence], repeats: int, min_time: float
     """Every optimizer at every lr from one start, target ``args.target`` * initial loss; then
     ``seconds_to_target``: interleaved runs of ``epochs_to_target`` epochs of the undiverged hits;
     gd against sgd at each lr: max |loss difference| over epochs and max |param difference|."""
-    kp, kx = jax.random.split(jax.random.key(args.seed))
-    params = abc_jax.init_params(kp, args.k, dtype=jnp.dtype(args.dtype))
-    X = jax.random.normal(kx, (args.n, args.k), args.dtype)
+    params, X = _common.problem(jax.random.key(args.seed), args.n, args.k,
+                                dtype=jnp.dtype(args.dtype))
     L0 = float(abc_jax.batch_loss(params, X, precision=args.precision))
     runs = [run_one(m, lr, params, X, args.epochs, args.target * L0, repeats, args.precision)
             for m, lr in _common.progress([(m, lr) for m in lrs for lr in lrs[m]], desc="sweep")]
@@ -163,35 +161,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"target = {args.target:g} x initial loss = {res['target_loss']:.4g}")
     print(f"{NAME}: {desc}; device {env['device_label']} ({env['cpu_count']} CPUs), "
           f"precision {args.precision}")
-    _common.print_table(RUN_FIELDS, [[r[f] for f in RUN_FIELDS] for r in res["runs"]], ".4g")
+    runs, best, table = res["runs"], res["best"], [[r[f] for f in RUN_FIELDS] for r in res["runs"]]
+    _common.print_table(RUN_FIELDS, table, ".4g")
     print(f"\nhand-rolled GD vs optax.sgd at the same lr: max |loss difference| "
           f"{res['gd_vs_sgd_max_abs_loss_diff']:.3g}, max |parameter difference| "
-          f"{res['gd_vs_sgd_max_abs_param_diff']:.3g} over {len(res['gd_vs_sgd'])} lrs")
-    print("best lr of each: " + ", ".join(
-        f"{m} {r['lr']:g} ({r['epochs_to_target']} epochs)" for m, r in res["best"].items()))
+          f"{res['gd_vs_sgd_max_abs_param_diff']:.3g} over {len(res['gd_vs_sgd'])} lrs\n")
+    _common.print_table(["best run of each", "lr", "epochs to target", "s to target (compiled)",
+                         f"loss after {args.epochs} epochs"], [
+        [LABELS[m], r["lr"], r["epochs_to_target"], r["seconds_to_target"], r["final_loss"]]
+        for m, r in best.items()], ".3g")
     e, s, f = (res["winner"][k] for k in ("by_epochs", "by_seconds", "lowest_final_loss"))
-    if e:
-        who = [f"{LABELS[m]} (lr {lr:g})" for m, lr in zip(e["optimizers"], e["lrs"], strict=True)]
-        print(f"first to the target in epochs: {' = '.join(who)}, {e['epochs']} epochs\n"
-              f"first to the target in seconds: {LABELS[s['optimizer']]} (lr {s['lr']:g}), "
-              f"{s['seconds'] * 1e3:.2g} ms after compilation")
-    else:
-        print("no optimizer reached the target; raise --epochs or --target")
+    print(f"first to the target: in epochs {' = '.join(e['optimizers'])}, in seconds "
+          f"{s['optimizer']}" if e else "no run reached the target; raise --epochs or --target")
     if f:
-        print(f"lowest loss after {args.epochs} epochs: {LABELS[f['optimizer']]} "
-              f"(lr {f['lr']:g}), {f['final_loss']:.3g}")
-    runs, best = res["runs"], res["best"]
+        print(f"lowest loss of all runs: {f['optimizer']} (lr {f['lr']:g}), {f['final_loss']:.3g}")
     curves = itertools.zip_longest(*(r["losses"].tolist() for r in best.values()))
-    written = write_results(
-        args.out, config=vars(args) | {"lrs": lrs}, figures=plot(res, desc),
+    _common.write_and_report(
+        args.out, args.docs, [NAME], config=vars(args) | {"lrs": lrs}, figures=plot(res, desc),
         metrics={"environment": env, **res, "runs": [{f: r[f] for f in RUN_FIELDS} for r in runs],
                  "best": {m: {f: r[f] for f in RUN_FIELDS} for m, r in best.items()}},
-        tables={"runs": (RUN_FIELDS, [[r[f] for f in RUN_FIELDS] for r in runs]),
+        tables={"runs": (RUN_FIELDS, table),
                 "best_curves": (["epoch", *(f"{m}_lr{r['lr']:g}" for m, r in best.items())],
                                 [[e, *c] for e, c in enumerate(curves)])})
-    if args.docs is not None:
-        _common.docs_copy(written["optimizers.png"], args.docs)
-    print(f"wrote {args.out}/: {', '.join(written)}")
     return 0
 
 

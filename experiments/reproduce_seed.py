@@ -28,12 +28,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 import abc_jax  # noqa: E402
-from abc_jax.files import write_results  # noqa: E402
 
 NAME = "reproduce_seed"
 METHODS = ("batch_grad", "jax_grad", "fd_grad", "python_backprop", "python_fd")
 EXACT = 1e-12  # float64: a relative error at or below this is the same gradient
-SCALING = {"fd_grad": 4, "python_fd": 4}  # time ~ K^this (2P losses of N K^2); others K^2
 
 
 def loss_listing(args: Any) -> tuple[abc_jax.Params, jax.Array, dict[str, Any]]:
@@ -92,36 +90,14 @@ def gradient_check(params: abc_jax.Params, x: jax.Array) -> dict[str, Any]:
             "tables": {"gradcheck": table}, "figures": {}}
 
 
-def timing(ks: Sequence[int], n: int, seed: int, budget_s: float, min_time: float) -> list[dict]:
-    """Median seconds per gradient over N = n samples, float64, a row per (K, method), timed
-    against each other (rounds <= budget_s / 2); skipped (None) where the previous K's time x
-    (K / K_prev)^SCALING passes ``budget_s``, never batch_grad (``ratio``'s reference)."""
-    rows, last = [], {}
-    jitted = {"batch_grad": jax.jit(abc_jax.batch_grad), "jax_grad": jax.jit(abc_jax.oracle_grad),
-              "fd_grad": jax.jit(abc_jax.fd_grad)}
-    for K in dict.fromkeys(ks):
-        kp, kx = jax.random.split(jax.random.fold_in(jax.random.key(seed), K))
-        params = abc_jax.init_params(kp, K, dtype=jnp.float64)
-        X = jax.random.normal(kx, (n, K), jnp.float64)
-        lists = homework.to_lists(params, X)
-        calls = {**{m: (lambda f=f, p=params, X=X: f(p, X)) for m, f in jitted.items()},
-                 "python_backprop": lambda lists=lists: homework.py_loss_and_grad(*lists)[1],
-                 "python_fd": lambda lists=lists: homework.py_fd_grad(*lists)}
-        calls = {m: f for m, f in calls.items() if m == "batch_grad" or m not in last
-                 or last[m] * (K / last["K"]) ** SCALING.get(m, 2) <= budget_s}
-        times = _common.time_interleaved(calls, min_time=min_time, max_time=budget_s / 2, rounds=5)
-        med = {m: times[m].median_s if m in times else None for m in METHODS}
-        last = {"K": K, **{m: np.inf if t is None else t for m, t in med.items()}}
-        rows += [{"K": K, "P": 3 * K * K, "N": n, "method": m, "median_s": t,
-                  "ratio": None if t is None else t / med["batch_grad"]} for m, t in med.items()]
-    return rows
-
-
 def timing_part(args: Any, bench_kw: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """(c) ``timing`` at K and the larger K: printed, with its figure and per-K ratios."""
+    """(c) Median seconds per gradient at K and the larger K over N samples, float64, timed
+    against each other (``_common.time_gradients``: a method is skipped where its predicted or
+    measured time passes the budget): printed, with its figure and per-K ratios to batch_grad."""
     print(f"\n(c) time per gradient, N = {args.n}, float64:")
-    rows = timing([args.k, args.bench_k], args.n, args.seed, **bench_kw)
-    cols = ["K", "P", "N", "method", "median_s", "ratio"]
+    rows = _common.time_gradients(list(dict.fromkeys([args.k, args.bench_k])), args.n, METHODS,
+                                  dtype=jnp.float64, seed=args.seed, rounds=5, **bench_kw)
+    cols = ["K", "P", "N", "method", "median_s", "ratio_to_batch_grad", "status"]
     table = (cols, [[r[c] for c in cols] for r in rows])
     _common.print_table(*table)
     fig, ax = _common.figure(width=6.0, height=4.0)
@@ -131,7 +107,8 @@ def timing_part(args: Any, bench_kw: dict[str, Any]) -> tuple[list[dict[str, Any
     ax.set(xscale="log", yscale="log", xlabel="parameters P = 3K² [log]",
            ylabel="seconds per gradient [log]", title=f"One gradient over N = {args.n}, float64")
     ax.legend(fontsize=8)
-    ratios = {m: {str(r["K"]): r["ratio"] for r in rows if r["method"] == m} for m in METHODS[1:]}
+    ratios = {m: {str(r["K"]): r["ratio_to_batch_grad"] for r in rows if r["method"] == m}
+              for m in METHODS[1:]}
     return rows, {"metrics": {"rows": rows, "ratio_to_batch_grad": ratios},
                   "tables": {"timing": table}, "figures": {"reproduce_timing": fig}}
 
@@ -151,8 +128,8 @@ def speed_answer(rows: Sequence[dict[str, Any]]) -> str:
     for K in dict.fromkeys(r["K"] for r in rows):
         at = {r["method"]: r for r in rows if r["K"] == K}
         parts.append(f"at K = {K} batch_grad takes {at['batch_grad']['median_s'] * 1e6:.3g} us, "
-                     + ", ".join(f"{m} {at[m]['ratio']:.3g}x" for m in METHODS[1:]
-                                 if at[m]["ratio"] is not None) + " as long")
+                     + ", ".join(f"{m} {at[m]['ratio_to_batch_grad']:.3g}x" for m in METHODS[1:]
+                                 if at[m]["ratio_to_batch_grad"] is not None) + " as long")
     return (f"2. How much faster is backprop? Per gradient over N = {rows[0]['N']}: "
             + "; ".join(parts) + ".")
 
@@ -208,17 +185,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     answers = [derivation_answer(parts["gradient_check"]["metrics"]["worst_rel"]) + " "
                + hc["sentence"], speed_answer(bench), averaging_answer(gen)]
     print("\nAnswers:\n" + "\n".join(answers))
-    written = write_results(
-        _common.out_dir(args.out),
+    print()
+    _common.write_and_report(  # a quick run copies only the key figure to --docs
+        args.out, args.docs, ["reproduce_loss", "graph", "homework_check"][:1 if args.quick else 3],
         config=vars(args) | {"generalization": gen_kw, "bench": bench_kw},
         metrics={"environment": env, **{n: p["metrics"] for n, p in parts.items()},
                  "answers": answers},
         tables={n: t for p in parts.values() for n, t in p["tables"].items()},
         figures={n: f for p in parts.values() for n, f in p["figures"].items()})
-    if args.docs is not None:  # a quick run copies only the key figure
-        for name in ["reproduce_loss", "graph", "homework_check"][:1 if args.quick else 3]:
-            _common.docs_copy(written[f"{name}.png"], args.docs)
-    print(f"\nwrote {args.out}/: " + ", ".join(written))
     return 0
 
 

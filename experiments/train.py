@@ -2,11 +2,21 @@
 
     python experiments/train.py --data X.csv --epochs 2000 --lr 0.05 --optimizer adam
     python experiments/train.py --n 4096 --in-dim 16 --hidden-dim 32 --out-dim 8
+    python experiments/train.py --data XY.csv --target-cols -1 --eval-fraction 0.2 --patience 5
 
-Writes config.json, metrics.json (compile_seconds apart from epochs_per_second), losses.csv,
-loss.png and params.npz (arrays A, B, C) into --out; its checkpoint/ makes the same command
-resume (a finished run returns at once) and refuses other settings there (give another --out,
-or --restart to discard it). A bad data file: one line on stderr, exit 2.
+Targets t (L = ||C z - t||^2 per row; none: t = 0, the homework's loss) come from
+--targets T.npy (N, O), or from --target-cols, columns of the --data file (the rest are X).
+Held-out data: --eval-data (its targets: the same --target-cols, or --eval-targets) or
+--eval-fraction, a fixed split of the rows drawn from --seed; its loss is measured at epoch
+0 and every --epochs-per-chunk epochs, and --patience stops after that many evaluations
+without a new best, keeping the best params.
+
+Writes config.json, metrics.json (compile_seconds apart from epochs_per_second; held-out
+losses with their epochs and the best epoch), losses.csv, loss.png (training and held-out
+curves) and params.npz (arrays A, B, C; abc_jax.load_params reads it) into --out; its
+checkpoint/ makes the same command resume (a finished run returns at once) and refuses other
+settings there (give another --out, or --restart to discard it). A bad data file: one line
+on stderr, exit 2.
 
 Several processes (JAX's multi-controller runtime) train on the rows they each read: one
 process per host with the same flags and its own --process-id and --data (H:P: host and port
@@ -27,18 +37,33 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 import _common
+import _data
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from abc_jax import Batch, DataError, DivergenceError, init_params, load_data, parallel, train
+from abc_jax import Batch, DataError, DivergenceError, init_params, parallel, train
 from abc_jax.checkpoint import checkpoint_epoch, checkpoint_path
-from abc_jax.files import write_npz, write_results
+from abc_jax.files import save_params, write_results
 
 QUICK = {"n": 32, "epochs": 40, "epochs_per_chunk": 20}  # --quick's settings
-SAVED = "dtype seed epochs lr optimizer grad batch_size chunk_size epochs_per_chunk quick".split()
+SAVED = ("dtype seed epochs lr optimizer grad batch_size chunk_size epochs_per_chunk quick "
+         "eval_fraction patience").split()
+
+
+def _columns(text: str) -> tuple[int, ...]:
+    """--target-cols: comma-separated 1-based column numbers, negative ones from the end."""
+    try:
+        cols = tuple(int(c) for c in text.split(","))
+    except ValueError:
+        cols = ()
+    if not cols or 0 in cols:
+        raise argparse.ArgumentTypeError(
+            f"expected column numbers like 11 or 9,10 (1-based; -1 the last), got {text!r}")
+    return cols
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,6 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--hidden-dim", type=int, help="H (default D)")
     data.add_argument("--out-dim", type=int, help="O (default D)")
     data.add_argument("--seed", type=int, default=0, help="seed for the data and the params")
+    _target_flags(p)
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, default=1000, help="epochs")
     t.add_argument("--lr", type=float, default=0.05, help="learning rate")
@@ -92,30 +118,68 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.epochs < 0 or not (np.isfinite(args.lr) and args.lr > 0):
         p.error("--epochs must be >= 0 and --lr must be a finite number > 0, got "
                 f"{args.epochs} and {args.lr}")
+    _check_target_flags(p, args)
     return args
 
 
-def load_batch(args: argparse.Namespace) -> tuple[np.ndarray | None, object]:
-    """(this process's rows, the batch to train on), from --data or synthetic (--n rows of
-    --in-dim, or 3, columns ~ Normal(0, 1), drawn from (seed, process id) with several
-    processes); (None, None) if any process failed to load its rows."""
+def _target_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("targets and held-out data (no targets: t = 0, the homework)")
+    g.add_argument("--targets", type=Path, metavar="FILE",
+                   help="targets T (N, O) of --data's rows: .npy, .npz or .csv")
+    g.add_argument("--target-cols", type=_columns, metavar="COLS",
+                   help="columns of --data that are targets, the rest X: 1-based, negative from "
+                   "the end, e.g. 11, 9,10 or -1 (the last)")
+    g.add_argument("--eval-data", type=Path, metavar="FILE", help="held-out samples, as --data "
+                   "(with --target-cols its targets are the same columns)")
+    g.add_argument("--eval-targets", type=Path, metavar="FILE",
+                   help="targets of --eval-data's rows (with --targets)")
+    g.add_argument("--eval-fraction", type=float, metavar="F", help="hold out this fraction "
+                   "of the rows instead (a fixed split drawn from --seed)")
+    g.add_argument("--patience", type=int, metavar="P", help="stop after P held-out evaluations "
+                   "(one every --epochs-per-chunk epochs) without a new best; keep the best")
+
+
+def _check_target_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors for the targets' and held-out flags that do not go together."""
+    if args.targets is not None and args.target_cols is not None:
+        p.error("--targets and --target-cols are two ways to give targets: give one")
+    for flag in ("targets", "target_cols"):
+        if getattr(args, flag) is not None and args.data is None:
+            p.error(f"--{flag.replace('_', '-')} needs --data (targets of the data's rows)")
+    if args.eval_data is not None and args.eval_fraction is not None:
+        p.error("--eval-data and --eval-fraction are two ways to hold out data: give one")
+    if args.eval_targets is not None and (args.targets is None or args.eval_data is None):
+        p.error("--eval-targets goes with --targets and --eval-data (the targets of its rows)")
+    if args.targets is not None and args.eval_data is not None and args.eval_targets is None:
+        p.error("--eval-data with --targets needs --eval-targets (the held-out rows' targets)")
+    if args.eval_fraction is not None and not 0 < args.eval_fraction < 1:
+        p.error(f"--eval-fraction must be between 0 and 1, got {args.eval_fraction}")
+    if args.eval_fraction is not None and args.coordinator is not None:
+        p.error("--eval-fraction splits one process's rows; with several processes give "
+                "every process the same --eval-data")
+    if args.patience is not None and args.patience < 1:
+        p.error(f"--patience must be >= 1, got {args.patience}")
+    if args.patience is not None and args.eval_data is None and args.eval_fraction is None:
+        p.error("--patience needs held-out data: --eval-data or --eval-fraction")
+
+
+def load_batch(args: argparse.Namespace) -> _data.Data | None:
+    """This process's rows and the batches to train and evaluate on, from --data (and its
+    targets) or synthetic (--n rows of --in-dim, or 3, columns ~ Normal(0, 1), drawn from
+    (seed, process id) with several processes); None if any process failed to load."""
     try:
-        if args.data is None:
-            seed = args.seed if args.coordinator is None else [args.seed, args.process_id]
-            X = np.random.default_rng(seed).standard_normal((args.n, args.in_dim or 3))
-        else:
-            X = load_data(args.data)
-            if args.in_dim is not None and args.in_dim != X.shape[1]:
-                raise DataError(f"{args.data}: --in-dim {args.in_dim} but the data have "
-                                f"D = {X.shape[1]}")
+        (X, T), held = _data.read_data(args)
         error = None
     except DataError as e:
-        X, error = None, e
+        X, T, held, error = None, None, None, e
     if failed := parallel.failed_processes(error is None):  # all processes stop together
         print(f"error: {error}" if error else f"error: process {', '.join(map(str, failed))} "
               "could not load its data; see its message", file=sys.stderr)
-        return None, None
-    return X, X if args.coordinator is None else parallel.shard_local_batch(X)
+        return None
+    batch = X if T is None else Batch(X, T=T)
+    held = None if held is None else held[0] if held[1] is None else Batch(held[0], T=held[1])
+    batch = batch if args.coordinator is None else parallel.shard_local_batch(batch)
+    return _data.Data(X, T, batch, held)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,19 +214,34 @@ def main(argv: list[str] | None = None) -> int:
         os._exit(code)
 
 
-def run(args: argparse.Namespace) -> int:
-    X_local, X = load_batch(args)
-    if X is None:
-        return 2
-    D = X_local.shape[1]  # the global batch's real rows: the weighted ones, counted on the devices
-    N = int(jnp.sum(X.weights > 0)) if isinstance(X, Batch) else X.shape[0]
-    params = init_params(jax.random.fold_in(jax.random.key(args.seed), 1), D, args.hidden_dim,
-                         args.out_dim, dtype=jnp.dtype(args.dtype))
-    config = {"data": str(args.data) if args.data else "synthetic", "N": N, "D": D,
-              "H": params.A.shape[0], "O": params.C.shape[0], **{k: vars(args)[k] for k in SAVED},
+def describe(args: argparse.Namespace, data: _data.Data, params: Any) -> dict[str, Any]:
+    """config.json: the data, targets, held-out data, shapes and the flags that set the run."""
+    X = data.batch  # the global batch's real rows: the weighted ones, counted on the devices
+    sharded = isinstance(X, Batch) and X.weights is not None
+    N = int(jnp.sum(X.weights > 0)) if sharded else len(data.X)
+    held = data.eval_data
+    targets = (None if data.T is None else str(args.targets) if args.targets is not None else
+               f"columns {','.join(map(str, args.target_cols))} of the data")
+    config = {"data": str(args.data) if args.data else "synthetic", "N": N,
+              "D": params.A.shape[1], "H": params.A.shape[0], "O": params.C.shape[0],
+              "targets": targets or "none (t = 0)",
+              "eval_data": None if held is None else str(args.eval_data or "--eval-fraction"),
+              "N_eval": None if held is None else len(held.X if isinstance(held, Batch) else held),
+              **{k: vars(args)[k] for k in SAVED},
               "processes": jax.process_count(), "devices": jax.device_count()}
     if args.coordinator is not None:
-        config["data"] += f" (process 0's {len(X_local)} rows; each process its own)"
+        config["data"] += f" (process 0's {len(data.X)} rows; each process its own)"
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    data = load_batch(args)
+    if data is None:
+        return 2
+    O = args.out_dim if data.T is None else data.T.shape[1]
+    params = init_params(jax.random.fold_in(jax.random.key(args.seed), 1), data.X.shape[1],
+                         args.hidden_dim, O, dtype=jnp.dtype(args.dtype))
+    config = describe(args, data, params)
     ckpt = checkpoint_path(args.out / "checkpoint")
     if args.restart and parallel.is_main_process():
         ckpt.unlink(missing_ok=True)
@@ -171,12 +250,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         with _common.compile_clock() as compiling:
             result = jax.block_until_ready(train(
-                params, X, lr=args.lr, epochs=args.epochs,
+                params, data.batch, lr=args.lr, epochs=args.epochs,
                 optimizer=_common.make_optimizer(args.optimizer, args.lr), grad=args.grad,
                 batch_size=args.batch_size, chunk_size=args.chunk_size,
                 key=jax.random.fold_in(jax.random.key(args.seed), 2), checkpoint_dir=ckpt.parent,
                 progress=not args.no_progress and sys.stdout.isatty(),  # no bar in a log
-                epochs_per_chunk=args.epochs_per_chunk))
+                epochs_per_chunk=args.epochs_per_chunk, eval_data=data.eval_data,
+                patience=args.patience))
     except (DivergenceError, FloatingPointError, ValueError) as e:
         message = str(e)
         if "different run" in message or "unreadable checkpoint" in message:  # say what differs
@@ -193,31 +273,60 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def save(args: argparse.Namespace, config: dict, result: object, resumed_from: int,
+def held_out_metrics(result: Any, epochs: int) -> dict[str, Any]:
+    """The held-out losses with their epochs, the best one, and whether patience stopped the
+    run; empty without held-out data."""
+    if result.eval_losses is None:
+        return {}
+    held = np.asarray(result.eval_losses).tolist()
+    return {"eval_epochs": np.asarray(result.eval_epochs).tolist(), "eval_losses": held,
+            "best_epoch": result.best_epoch, "best_eval_loss": min(held),
+            "final_eval_loss": held[-1], "stopped_early": len(result.losses) < epochs}
+
+
+def plot_losses(args: argparse.Namespace, config: dict, losses: np.ndarray,
+                held: dict[str, Any]) -> Any:
+    """The training loss per epoch and, if there is one, the held-out loss at its epochs."""
+    fig, ax = _common.figure(width=6, height=4)
+    ax.plot(losses, label="training (mean over its rows)")
+    if held:
+        ax.plot(held["eval_epochs"], held["eval_losses"], "o-", ms=3, label="held-out")
+        ax.axvline(held["best_epoch"], color="gray", ls=":", lw=1, label="best held-out")
+        ax.legend(fontsize=8)
+    ax.set(yscale="log", xlabel="epoch", ylabel="batch loss (mean over samples)",
+           title=f"{args.optimizer}, lr={args.lr:g}, N={config['N']}, D={config['D']}, "
+                 f"H={config['H']}, O={config['O']}, {args.dtype}")
+    return fig
+
+
+def save(args: argparse.Namespace, config: dict, result: Any, resumed_from: int,
          seconds: float, compile_seconds: float) -> None:
     """Write config, metrics, losses, the plot and the params; print one line of results."""
-    losses, ran = np.asarray(result.losses), args.epochs - resumed_from
+    losses = np.asarray(result.losses)
+    ran = len(losses) - resumed_from if len(losses) > resumed_from else 0
+    held = held_out_metrics(result, args.epochs)
     metrics = {"final_loss": float(losses[-1]) if len(losses) else None,
                "initial_loss": float(losses[0]) if len(losses) else None,
                "epochs": args.epochs, "epochs_this_run": ran, "resumed_from_epoch": resumed_from,
                "seconds": seconds, "compile_seconds": compile_seconds,  # compilation excluded:
                "epochs_per_second": ran / max(seconds - compile_seconds, 1e-9) if ran else None,
+               **held,
                "device": str(jax.devices()[0]), "device_count": jax.device_count(),
                "process_count": jax.process_count(), "platform": jax.default_backend(),
                "jax_version": jax.__version__}
-    fig, ax = _common.figure(width=6, height=4)
-    ax.plot(losses)
-    ax.set(yscale="log", xlabel="epoch", ylabel="batch loss (mean over samples)",
-           title=f"{args.optimizer}, lr={args.lr:g}, N={config['N']}, D={config['D']}, "
-                 f"H={config['H']}, O={config['O']}, {args.dtype}")
-    write_results(args.out, config=config, metrics=metrics, figures={"loss": fig},
+    write_results(args.out, config=config, metrics=metrics,
+                  figures={"loss": plot_losses(args, config, losses, held)},
                   tables={"losses": (["epoch", "loss"], enumerate(losses.tolist()))})
-    write_npz(args.out / "params.npz", **{k: np.asarray(getattr(result.params, k)) for k in "ABC"})
+    save_params(args.out / "params.npz", result.params)
     devices = (metrics["device"] if jax.device_count() == 1 else
                f"{jax.device_count()} devices, {jax.process_count()} process(es)")
-    _common.print_table(["epochs", "initial loss", "final loss", "epochs/s", "compile s", "device"],
-                        [[args.epochs, metrics["initial_loss"], metrics["final_loss"],
-                          metrics["epochs_per_second"], compile_seconds, devices]], ".6g")
+    header = ["epochs", "initial loss", "final loss", "epochs/s", "compile s", "device"]
+    row = [len(losses), metrics["initial_loss"], metrics["final_loss"],
+           metrics["epochs_per_second"], compile_seconds, devices]
+    if held:
+        header[3:3], row[3:3] = ["best held-out", "best epoch"], [min(held["eval_losses"]),
+                                                                  held["best_epoch"]]
+    _common.print_table(header, [row], ".6g")
     print(f"results in {args.out}/")
 
 

@@ -44,6 +44,7 @@ D, H, O = 5, 7, 3
 PER_DEVICE = 300  # max(ceil(600 / 2), ceil(401 / 2)) rows on each of the 4 devices
 X = np.random.default_rng(0).standard_normal((sum(ROWS), D))
 W = np.random.default_rng(1).uniform(0.5, 2.0, sum(ROWS))  # importance weights, all > 0
+T = np.random.default_rng(2).standard_normal((sum(ROWS), O))  # targets
 first = sum(ROWS[:PROCESS_ID])
 mine = X[first : first + ROWS[PROCESS_ID]]
 params = init_params(jax.random.key(0), D, H, O, dtype=jnp.float64)
@@ -86,6 +87,7 @@ for xs, ws in zip(Xg.X.addressable_shards, Xg.weights.addressable_shards, strict
 whole = parallel.shard_batch(X)  # the whole batch given to every process also works
 weighted = parallel.shard_local_batch(Batch(mine, W[first : first + len(mine)]))
 only_first = parallel.shard_local_batch(mine if PROCESS_ID == 0 else mine[:0])
+targeted = parallel.shard_local_batch(Batch(mine, T=T[first : first + len(mine)]))
 differences = {
     "batch_grad": rel(batch_grad(params, Xg), batch_grad(params, X)),
     "batch_grad, whole X on every process": rel(batch_grad(params, whole),
@@ -93,6 +95,7 @@ differences = {
     "batch_grad chunked": rel(batch_grad(params, Xg, chunk_size=64), batch_grad(params, X)),
     "batch_grad, importance weights": rel(batch_grad(params, weighted),
                                           batch_grad(params, Batch(X, W))),
+    "batch_grad, targets": rel(batch_grad(params, targeted), batch_grad(params, Batch(X, T=T))),
     "batch_grad, process 1 without rows": rel(batch_grad(params, only_first),
                                               batch_grad(params, X[: ROWS[0]])),
     "batch_value_and_grad": rel(batch_value_and_grad(params, Xg), batch_value_and_grad(params, X)),
@@ -125,7 +128,10 @@ differences["train resumed at epoch 20: params"] = rel(resumed.params, many.para
 expect_error(lambda: train(params, Xg, **full | dict(lr=0.05 + 0.01 * PROCESS_ID)),
              ValueError, "lr (process 1)", "different lr on the two processes")
 expect_error(lambda: parallel.shard_local_batch(mine[:, : D - PROCESS_ID]),
-             ValueError, "must share D and dtype", "different D on the two processes")
+             ValueError, "must share D, dtype and targets", "different D on the two processes")
+expect_error(lambda: parallel.shard_local_batch(
+                 Batch(mine, T=T[first : first + len(mine)] if PROCESS_ID == 0 else None)),
+             ValueError, "process 1: D=5, float64, no T", "targets on process 0 only")
 expect_error(lambda: parallel.shard_local_batch(mine if PROCESS_ID == 0 else mine[0]),
              ValueError, "rows of process 1" if PROCESS_ID == 0 else "shape (N, D)",
              "a 1-D X on process 1")

@@ -162,8 +162,8 @@ def test_slopes_and_ratio_table_from_rows():
     assert header[-1] == "python_fd x (host cpu)" and table[0][2:4] == ["gpu H100", "default"]
 
 
-def test_run_bench_applies_the_time_budget():
-    rows = bench.run_bench([2, 3], 4, ["batch_grad", "python_fd"], budget_s=1e-9, min_time=0)
+def test_time_gradients_applies_the_time_budget():
+    rows = _common.time_gradients([2, 3], 4, ["batch_grad", "python_fd"], budget_s=1e-9, min_time=0)
     by = {(r["K"], r["method"]): r for r in rows}
     assert by[(2, "python_fd")]["status"] == "ok"
     assert by[(3, "python_fd")]["status"].startswith("skipped")
@@ -171,7 +171,7 @@ def test_run_bench_applies_the_time_budget():
     assert by[(2, "python_fd")]["rel_err_vs_float64"] < 1e-7
     assert by[(2, "batch_grad")]["ratio_to_batch_grad"] == 1.0
     with pytest.raises(ValueError, match="method"):
-        bench.run_bench([2], 4, ["backprop"])
+        _common.time_gradients([2], 4, ["backprop"])
 
 
 def test_bench_train_loop_ratios():
@@ -253,7 +253,7 @@ def test_compile_clock_counts_compilation_inside_its_block_only():
 
 # Every script: a file of experiments/ with a main (the others are modules they import).
 SCRIPTS = ["bench_gradients", "bench_step", "bench_train", "generalization", "gradcheck",
-           "optimizers", "reproduce_seed", "sweep", "train"]
+           "optimizers", "real_data", "reproduce_seed", "sweep", "train"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

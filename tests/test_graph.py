@@ -31,7 +31,7 @@ def _problem(D, H, O, dtype=jnp.float64, seed=0):
     return params, X[0]
 
 
-def _expected(params, x):
+def _expected(params, x, t=None):
     """{node: (value, dL/dnode)}: forward and manual_vjp where they return it, else jax.grad.
 
     y, v and the node cotangents gx, gy, gu, gv, gz, gw are not returned by the
@@ -39,19 +39,20 @@ def _expected(params, x):
     loss written as a function of that node.
     """
     A, B, C = params
-    L, res = abc_jax.forward(params, x)
+    L, res = abc_jax.forward(params, x, t)
     g = abc_jax.manual_vjp(params, res)
+    t0 = 0.0 if t is None else t
     y, v = jnp.einsum("hd,d->h", A, x), jnp.einsum("hd,d->h", B, x)
     u = ref_sigmoid(y)
 
     def through_w(w):
-        return jnp.sum(w**2)
+        return jnp.sum((w - t0) ** 2)
 
     def through_z(z):
         return through_w(jnp.einsum("oh,h->o", C, z))
 
     vals = {
-        "x": (res.x, jax.grad(ref_loss, argnums=1)(params, x)),
+        "x": (res.x, jax.grad(ref_loss, argnums=1)(params, x, t0)),
         "A": (A, g.A), "B": (B, g.B), "C": (C, g.C),
         "y": (y, jax.grad(lambda y: through_z(ref_sigmoid(y) + v))(y)),
         "u": (res.u, jax.grad(lambda u: through_z(u + v))(u)),
@@ -110,6 +111,21 @@ def test_node_values_match_the_oracles_to_rounding():
     for name, (value, grad) in _expected(params, x).items():
         np.testing.assert_allclose(got[name][0], value, rtol=1e-13, atol=1e-15, err_msg=name)
         np.testing.assert_allclose(got[name][1], grad, rtol=1e-12, atol=1e-15, err_msg=name)
+
+
+def test_with_a_target_the_values_gradients_and_rules_follow_it():
+    params, x = _problem(4, 3, 2)
+    t = jnp.asarray([0.7, -1.3])
+    got = graph.node_values(params, x, t)
+    for name, (value, grad) in _expected(params, x, t).items():
+        np.testing.assert_allclose(got[name][0], value, rtol=1e-13, atol=1e-15, err_msg=name)
+        np.testing.assert_allclose(got[name][1], grad, rtol=1e-12, atol=1e-15, err_msg=name)
+    assert not np.allclose(got["w"][1], graph.node_values(params, x)["w"][1])
+    texts = _texts(abc_jax.draw_graph(params, x, t))
+    assert texts["edge/w/L"] == "gw = 2 g (w − t)"  # noqa: RUF001
+    assert texts["L/title"].startswith("L = ‖w − t‖²")  # noqa: RUF001
+    with pytest.raises(ValueError, match=r"t must have O = 2 entries"):
+        graph.node_values(params, x, jnp.ones(3))
 
 
 def test_heat_maps_carry_the_arrays_and_their_norms():

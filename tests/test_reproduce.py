@@ -19,6 +19,7 @@ import abc_jax
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 sys.path.insert(0, str(EXPERIMENTS))
 
+_common = importlib.import_module("_common")
 averaging = importlib.import_module("averaging")
 gradcheck = importlib.import_module("gradcheck")
 generalization = importlib.import_module("generalization")
@@ -101,14 +102,19 @@ def test_generalization_quick(tmp_path):
     assert code == 0
     files = _files(out)
     assert set(files) == {"config.json", "metrics.json", "curves.csv", "train_losses.csv",
-                          "generalization.png"}
+                          "teacher_curves.csv", "generalization.png", "teacher.png"}
     assert files["train_losses.csv"].read_text().count("\n") == 1 + 20
     m = json.loads(files["metrics.json"].read_text())
     for key in ("heldout_loss", "train_loss", "norm_C", "heldout_reduction"):
         assert set(m[key]) == {"average", "batch_gd", "adam"}
     assert m["one_epoch_gap"] < 1e-12  # mean of N single steps == one step on the mean loss
     assert m["conclusion"] and all(line in printed for line in m["conclusion"])
-    assert (tmp_path / "docs" / "generalization.png").exists()
+    assert {p.name for p in (tmp_path / "docs").iterdir()} == {"generalization.png",
+                                                                 "teacher.png"}
+    taught = m["teacher"]  # the learnable task, in its quick configuration
+    assert taught["noise_floor"] == pytest.approx(3 * 0.1**2)
+    assert set(taught["ratio"]) == {"batch_gd", "adam", "average", "linear"}
+    assert taught["conclusion"] in printed and "/ noise floor" in printed
 
 
 def test_gradcheck_quick_and_rectangular(tmp_path):
@@ -177,13 +183,15 @@ def test_python_gradient_descent_matches_train(key):
 
 
 def test_timing_skips_what_would_pass_the_budget():
-    rows = repro.timing([2, 3], 4, 0, budget_s=1e-9, min_time=0)
+    rows = _common.time_gradients([2, 3], 4, repro.METHODS, dtype=jnp.float64, budget_s=1e-9,
+                                  min_time=0)
     by = {(r["K"], r["method"]): r for r in rows}
     assert [r["method"] for r in rows] == list(repro.METHODS) * 2
     assert all(by[(2, m)]["median_s"] > 0 for m in repro.METHODS)  # the first K: all timed
-    assert by[(2, "batch_grad")]["ratio"] == 1.0
-    assert by[(3, "python_fd")]["median_s"] is None and by[(3, "python_fd")]["ratio"] is None
-    assert by[(3, "batch_grad")]["ratio"] == 1.0  # batch_grad is the reference: always timed
+    assert by[(2, "batch_grad")]["ratio_to_batch_grad"] == 1.0
+    assert by[(3, "python_fd")]["median_s"] is None
+    assert by[(3, "python_fd")]["ratio_to_batch_grad"] is None
+    assert by[(3, "batch_grad")]["ratio_to_batch_grad"] == 1.0  # the reference: always timed
 
 
 def test_derivation_answer_follows_the_errors():
@@ -194,11 +202,12 @@ def test_derivation_answer_follows_the_errors():
 
 
 def test_speed_answer_states_each_ratio():
-    rows = [{"K": K, "N": 8, "method": m, "median_s": t, "ratio": r}
+    rows = [{"K": K, "N": 8, "method": m, "median_s": t, "ratio_to_batch_grad": r}
             for K, m, t, r in ((3, "batch_grad", 5e-5, 1.0), (3, "python_fd", 5e-3, 100.0),
                                (3, "jax_grad", 4e-5, 0.8), (3, "fd_grad", 1e-4, 2.0),
                                (3, "python_backprop", 2e-3, 40.0))]
-    rows += [{**rows[0], "K": 9}, {**rows[1], "K": 9, "median_s": None, "ratio": None}]
+    rows += [{**rows[0], "K": 9},
+             {**rows[1], "K": 9, "median_s": None, "ratio_to_batch_grad": None}]
     rows += [{**r, "K": 9} for r in rows[2:5]]
     text = repro.speed_answer(rows)
     assert "at K = 3 batch_grad takes 50 us" in text and "python_fd 100x" in text

@@ -77,7 +77,7 @@ def test_table_marks_missing_methods():
 
 
 def test_temp_bytes_grow_with_the_chunk():
-    params = bench_step.problem(8, 16, 0)[0]
+    params = _common.problem(jax.random.key(0), 16, 8)[0]
     small, whole = (bench_step.temp_bytes(params, 4096, 8, c) for c in (256, 4096))
     assert 0 < small < whole
 

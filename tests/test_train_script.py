@@ -152,3 +152,106 @@ def test_a_bad_coordinator_address_is_one_line(tmp_path, capsys):
                               "--process-id", "1", "--out", str(tmp_path / "out")]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "HOST:PORT" in line and not (tmp_path / "out").exists()
+
+
+# -- targets, held-out data, early stopping -------------------------------------------------
+
+
+def _xy(tmp_path, n=30, D=4, O=2):
+    """A CSV of n rows: D columns of X then O of targets T = f(X) (a learnable task)."""
+    X = np.random.default_rng(1).standard_normal((n, D))
+    T = np.c_[np.tanh(X[:, :1]), 0.5 * X[:, 1:2]][:, :O]
+    np.savetxt(tmp_path / "xy.csv", np.c_[X, T], delimiter=",", header="a,b,c,d,t1,t2",
+               comments="")
+    return tmp_path / "xy.csv", X, T
+
+
+def test_target_columns_held_out_fraction_patience_and_the_saved_params(tmp_path, monkeypatch):
+    import abc_jax
+
+    path, X, T = _xy(tmp_path)
+    returned = []
+    monkeypatch.setattr(train_script, "train", lambda *a, **k: returned.append(
+        abc_jax.train(*a, **k)) or returned[-1])
+    out = tmp_path / "run"
+    assert train_script.main([
+        "--data", str(path), "--target-cols", "5,-1", "--eval-fraction", "0.3", "--patience",
+        "2", "--optimizer", "adam", "--lr", "0.05", "--epochs", "400", "--epochs-per-chunk", "20",
+        "--hidden-dim", "6", "--dtype", "float64", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["N"], config["N_eval"], config["D"], config["O"]) == (21, 9, 4, 2)
+    assert config["targets"] == "columns 5,-1 of the data" and config["patience"] == 2
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["eval_epochs"][0] == 0 and np.all(np.diff(m["eval_epochs"]) == 20)
+    assert m["best_eval_loss"] == min(m["eval_losses"]) < m["eval_losses"][0]
+    assert m["best_epoch"] == m["eval_epochs"][int(np.argmin(m["eval_losses"]))]
+    assert m["stopped_early"] and m["eval_epochs"][-1] < 400  # 21 rows: it overfits
+    assert m["eval_epochs"][-1] - m["best_epoch"] == 2 * 20  # patience: 2 evaluations
+    (result,) = returned
+    saved = abc_jax.load_params(out / "params.npz")
+    for got, want in zip(saved, result.params, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # the params written are the best held-out ones: their loss on the held-out rows is the best
+    _, (Xe, Te) = train_script._data.hold_out(X, T, 0.3, 0)
+    held = abc_jax.batch_loss(saved, abc_jax.Batch(Xe, T=Te))
+    assert float(held) == pytest.approx(m["best_eval_loss"], rel=1e-12)
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_targets_file_and_held_out_files(tmp_path, capsys):
+    _, X, T = _xy(tmp_path, O=1)
+    for name, a in (("x.npy", X), ("t.npy", T), ("xe.npy", X[:7]), ("te.npy", T[:7])):
+        np.save(tmp_path / name, a)
+    out = tmp_path / "run"
+    assert train_script.main([
+        "--quick", "--data", str(tmp_path / "x.npy"), "--targets", str(tmp_path / "t.npy"),
+        "--eval-data", str(tmp_path / "xe.npy"), "--eval-targets", str(tmp_path / "te.npy"),
+        "--hidden-dim", "6", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["N"], config["N_eval"], config["O"]) == (30, 7, 1)  # O from the targets
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["eval_epochs"] == [0, 20, 40] and not m["stopped_early"]
+    assert "best held-out" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--targets", "t.npy", "--target-cols", "1"], "give one"),
+        (["--target-cols", "1"], "--target-cols needs --data"),
+        (["--eval-data", "x.npy", "--eval-fraction", "0.2"], "give one"),
+        (["--eval-targets", "t.npy"], "--eval-targets goes with --targets and --eval-data"),
+        (["--data", "x.npy", "--targets", "t.npy", "--eval-data", "x.npy"], "needs --eval-targets"),
+        (["--eval-fraction", "1"], "--eval-fraction must be between 0 and 1"),
+        (["--patience", "3"], "--patience needs held-out data"),
+        (["--eval-fraction", "0.2", "--patience", "0"], "--patience must be >= 1"),
+        (["--data", "x.npy", "--target-cols", "2,x"], "--target-cols: expected column numbers"),
+    ],
+    ids=["two-targets", "cols-no-data", "two-held-out", "eval-targets-alone", "no-eval-targets",
+         "fraction", "patience-alone", "patience-0", "cols-text"],
+)
+def test_bad_target_flags_are_usage_errors(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exc:
+        train_script.main([*flags, "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--target-cols", "7"], "--target-cols 7 is out of range: the file has 6 columns"),
+        (["--target-cols", "5,-2"], "names a column twice"),
+        (["--target-cols", "5,6", "--out-dim", "3"], "--out-dim 3 but the targets have O = 2"),
+        (["--target-cols", "6", "--eval-fraction", "0.01"], "holds out 0"),
+        (["--targets", "short.npy"], "--targets has 3 rows"),
+    ],
+    ids=["out-of-range", "twice", "out-dim", "fraction-empty", "rows"],
+)
+def test_bad_targets_are_one_line_and_exit_code_2(tmp_path, capsys, flags, message):
+    path, _, _ = _xy(tmp_path)
+    np.save(tmp_path / "short.npy", np.zeros((3, 2)))
+    flags = [str(tmp_path / f) if f.endswith(".npy") else f for f in flags]
+    assert train_script.main(["--data", str(path), *flags, "--out", str(tmp_path / "o")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: ") and message in line, line
+    assert not (tmp_path / "o").exists()

@@ -362,8 +362,8 @@ def train_per_sample(params: Params, X: Any, *, lr: float, epochs: int, progress
 
         jax.tree.map(lambda p: p.mean(0), result.params)
 
-    ``params`` is the common start; X (N, D) is finite (rows of weight 0 in a ``Batch``
-    are dropped); the other arguments as in ``train``.
+    ``params`` is the common start; X (N, D) or a ``Batch`` (rows of weight 0 are dropped;
+    copy i learns its row's target T[i]); the other arguments as in ``train``.
 
     Returns:
       ``TrainResult`` with params A (N, H, D), B (N, H, D), C (N, O, H) and
@@ -376,21 +376,21 @@ def train_per_sample(params: Params, X: Any, *, lr: float, epochs: int, progress
     """
     if validation.is_traced(params, X):
         raise TypeError("train_per_sample runs its own compiled loop: call it outside jax.jit")
-    lr = _member_lr(lr, None)[0] if lr is None else validation.check_finite_float(  # one lr
-        lr, "lr", positive=True)
+    lr = validation.check_finite_float(lr, "lr", positive=True)  # one lr for every copy
     _configure(None, epochs, "manual", None, None, epochs_per_chunk, precision, None)
     params, batch = prepare(params, X)
     _check_values(params, batch)
-    rows = np.asarray(batch.X) if batch.weights is None else np.asarray(batch.X)[
-        np.asarray(batch.weights) > 0]
-    r = train_many(params, rows[:, None], lr=lr, epochs=epochs, progress=progress,
-                   epochs_per_chunk=epochs_per_chunk, precision=precision)
+    keep = slice(None) if batch.weights is None else np.asarray(batch.weights) > 0
+    rows = Batch(jnp.asarray(batch.X)[keep], None, None if batch.T is None else batch.T[keep])
+    r = train_many(params, Batch(*(None if a is None else a[:, None] for a in rows)), lr=lr,
+                   epochs=epochs, progress=progress, epochs_per_chunk=epochs_per_chunk,
+                   precision=precision)  # member i: the one row X[i] and its target T[i]
     at = np.asarray(r.diverged_at)
     if (at >= 0).any():
         e = int(at[at >= 0].min())
         i = int(np.flatnonzero(at == e)[0])
         if e <= 1:  # a sample's loss or gradient overflows at the initial params
-            _raise_if_overflow(params, jnp.asarray(rows))
+            _raise_if_overflow(params, rows)
         raise DivergenceError(
             f"training diverged: sample {i}'s loss is {r.losses[i, e]} at epoch {e} "
             f"(lr={lr:g}); {int((at >= 0).sum())} of {len(at)} copies diverged; "

@@ -59,15 +59,9 @@ def make_task(dims: tuple[int, int, int], sigma: float, gain: float, n_train: in
 
 def per_sample_average(start: abc_jax.Params, data: abc_jax.Batch, lr: float,
                        epochs: int) -> abc_jax.Params:
-    """The homework's average: copy i trained by GD on (X[i], T[i]) alone, then the mean.
-
-    Each copy is ``train`` on one row with its target (one compilation serves them all):
-    ``train_per_sample`` trains every copy on t = 0 whatever T a ``Batch`` holds.
-    """
-    copies = [abc_jax.train(start, abc_jax.Batch(data.X[i:i + 1], T=data.T[i:i + 1]), lr=lr,
-                            epochs=epochs, progress=False).params
-              for i in _common.progress(range(data.X.shape[0]), desc="copies")]
-    return abc_jax.Params(*(jnp.mean(jnp.stack(p), axis=0) for p in zip(*copies, strict=True)))
+    """The homework's average: copy i trained by GD on (X[i], T[i]) alone, then the mean."""
+    copies = abc_jax.train_per_sample(start, data, lr=lr, epochs=epochs, progress=False)
+    return abc_jax.Params(*(jnp.mean(p, axis=0) for p in copies.params))
 
 
 def linear_loss(task: dict[str, Any]) -> float:

@@ -439,6 +439,20 @@ def test_per_sample_training_equals_training_on_each_sample_alone():
     assert isinstance(averaged, Params) and averaged.A.shape == (H, D)
 
 
+def test_per_sample_training_with_targets_and_weights_learns_each_rows_target():
+    params, X = make_problem()
+    T = jnp.asarray(np.random.default_rng(5).standard_normal((N, O)))
+    weights = jnp.ones(N).at[2].set(0.0)  # row 2 is dropped
+    r = train_per_sample(params, abc_jax.Batch(X, weights, T), lr=0.01, epochs=30,
+                         progress=False)
+    assert r.losses.shape == (N - 1, 30)
+    for i, row in ((0, 0), (2, 3)):  # copy 2 is row 3: row 2 weighs 0
+        alone = train(params, abc_jax.Batch(X[row : row + 1], T=T[row : row + 1]), lr=0.01,
+                      epochs=30, progress=False)
+        mine = TrainResult(jax.tree.map(lambda p, i=i: p[i], r.params), r.losses[i])
+        assert_results_close(mine, alone, rtol=1e-12)
+
+
 # --- checkpoints ------------------------------------------------------------
 
 

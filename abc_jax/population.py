@@ -16,11 +16,10 @@ another order). Per member, with everything else shared:
     data     X (M, N, D), weights (M, N), targets T (M, N, O) in a ``Batch``; each
              field shared or per member on its own
 
-A member whose loss becomes NaN or inf is frozen there (vmap of the loop's
-``while_loop``: the loop goes on while any member runs, a stopped member keeps
-its carry, and still costs its share of each epoch) and reported in
-``diverged``/``diverged_at``; the others finish. Members and rows live on ONE
-device (a sharded X is refused): for several, split the members, one call per
+A member whose loss becomes NaN or inf is frozen there (the vmapped ``while_loop``
+goes on while any member runs; a stopped member keeps its carry and still costs
+its share of each epoch) and reported in ``diverged``/``diverged_at``. Members
+and rows live on ONE device (a sharded X is refused): for several, one call per
 device. ``train_per_sample`` is the case of one member per row.
 """
 
@@ -332,7 +331,7 @@ def train_many(params: Params, X: Any, *, lr: Any = None, epochs: int, optimizer
     sizes |= {k: v for k, v in (("params", m_params), ("lr", m_lr), ("key", _key_members(key)))
               if v is not None}
     M = _count(sizes, members)
-    if jax.process_count() > 1:  # one device: members split over processes are calls apart
+    if jax.process_count() > 1:
         raise ValueError("train_many runs in one process: call it in each with its own members")
     _check_values(params, batch)
     static["n_rows"] = _rows(batch) if batch_size else 0

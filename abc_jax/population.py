@@ -1,11 +1,9 @@
 """Many models in one compiled loop: seeds, learning rates, per-member data.
 
-``train_many`` trains M members at once: the compiled chunk of ``train``
-(``loop._chunk``) vmapped over a leading member axis of the loop's state, the
-mini-batch keys and, where given per member, the data. Member m follows exactly
-``train(params[m], data[m], lr=lr[m], key=keys[m], ...)``: the same epochs, the
-same mini-batches, the same updates (to rounding: a batched product sums in
-another order). Per member, with everything else shared:
+``train_many`` trains M members at once: ``train``'s compiled chunk vmapped over a
+leading member axis of the loop's state, the mini-batch keys and any per-member
+data. Member m follows ``train(params[m], data[m], lr=lr[m], key=keys[m], ...)``:
+the same mini-batches and updates, to rounding. Per member, the rest shared:
 
     params   Params with a leading M axis (e.g. one ``init_params`` per seed), or one
              Params broadcast to every member
@@ -375,6 +373,8 @@ def train_per_sample(params: Params, X: Any, *, lr: float, epochs: int, progress
     """
     if validation.is_traced(params, X):
         raise TypeError("train_per_sample runs its own compiled loop: call it outside jax.jit")
+    if lr is None:
+        raise TypeError("lr is required without an optimizer (the rule p <- p - lr * g)")
     lr = validation.check_finite_float(lr, "lr", positive=True)  # one lr for every copy
     _configure(None, epochs, "manual", None, None, epochs_per_chunk, precision, None)
     params, batch = prepare(params, X)

@@ -2,8 +2,9 @@
 
 ``train`` runs compiled chunks of up to ``epochs_per_chunk`` epochs
 (``loop.run_chunk``: the update rule and the epochs) and after each calls the
-hooks (divergence guard, checkpoint, progress). ``train_per_sample`` runs the
-same chunk vmapped over one copy of the state per sample.
+hooks (divergence guard, held-out evaluation, checkpoint, progress); a hook
+that returns True stops the run (early stopping). ``population`` vmaps the
+same chunk over many members.
 """
 
 from __future__ import annotations

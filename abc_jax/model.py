@@ -255,7 +255,8 @@ def predict(params: Params, X: Any, *, chunk_size: int | None = None,
             precision: str | None = None) -> jax.Array:
     """The network's outputs W (N, O), W[i] = C (sigmoid(A X[i]) + B X[i]), for X (N, D).
 
-    X may be a ``Batch`` (its weights and targets are ignored) or sharded.
+    X may be a ``Batch`` (its weights and targets are ignored) or sharded; a batch from
+    ``shard_batch`` gets outputs for its padding rows too (keep W[:N]).
     ``chunk_size``: rows per step of a ``lax.map`` (memory O(chunk_size)), None for all
     at once; ``precision`` as in ``forward``.
     """

@@ -149,6 +149,19 @@ def test_train_on_a_sharded_batch_equals_one_device(batch_size):
     assert many.params.A.sharding.is_fully_replicated
 
 
+def test_held_out_evaluation_and_predict_on_a_sharded_batch():
+    params, X = _problem(103)
+    held = abc_jax.Batch(X[:20], T=jnp.ones((20, O)))  # on one device; train replicates it
+    kw = dict(lr=0.05, epochs=6, progress=False, epochs_per_chunk=3, eval_data=held)
+    many = abc_jax.train(params, abc_jax.shard_batch(X), **kw)
+    one = abc_jax.train(params, X, **kw)
+    _close(many.eval_losses, one.eval_losses)
+    for chunk in (None, 8):
+        W = abc_jax.predict(params, abc_jax.shard_batch(X), chunk_size=chunk)
+        assert W.shape == (104, O)  # padding rows get outputs too
+        _close(W[:103], abc_jax.predict(params, X))
+
+
 def test_gradient_is_replicated_and_params_placed_on_one_device_work():
     params, X = _problem(12)
     params = jax.device_put(params, jax.devices()[0])  # committed to one device

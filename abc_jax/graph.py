@@ -220,9 +220,8 @@ def draw_graph(params: Any, x: Any, t: Any = None, *, title: str | None = None, 
                numbers: bool | None = None, fig: Any = None) -> Any:
     """The graph of one sample as a matplotlib figure, each node with its value and gradient.
 
-    Each node of ``NODES`` shows its shape, its value and dL/d(node) (``node_values``);
-    the arrows (``EDGES``) point the forward way, each labelled with the local rule
-    that sends the gradient back along it, g• = dL/d•.
+    Each node of ``NODES`` shows its shape, its value and dL/d(node) (``node_values``); the
+    arrows (``EDGES``) point forward, each labelled with its backward rule (g• = dL/d•).
 
     Args:
       params: ``Params(A (H, D), B (H, D), C (O, H))``.
@@ -232,9 +231,8 @@ def draw_graph(params: Any, x: Any, t: Any = None, *, title: str | None = None, 
       digits: significant digits of the largest entry of each array.
       numbers: print every entry (default when D, H, O <= 3); False: norms and heat maps
         instead (red > 0, blue < 0, each array scaled to its own largest |entry|).
-      fig: a matplotlib ``Figure`` or ``SubFigure`` (e.g. one of
-        ``fig.subfigures(2, 1)``, to show two states) to draw into; the root figure
-        is enlarged if the graph does not fit. Default: a new figure of the graph's size.
+      fig: a ``Figure`` or ``SubFigure`` (e.g. of ``fig.subfigures(2, 1)``, to show two
+        states) to draw into, enlarged to fit; default: a new one of the graph's size.
 
     Returns:
       The figure drawn into; gids: "x/box", "x/title", "x/value", "x/grad" (a text, or
@@ -256,9 +254,9 @@ def draw_graph(params: Any, x: Any, t: Any = None, *, title: str | None = None, 
     vals = node_values(params, x, t)
     grow_only, fig = fig is not None, plt.figure() if fig is None else fig
     canvas = fig.add_axes((0, 0, 1, 1), frame_on=False, xticks=[], yticks=[])  # unseen, all fig
-    boxes = {n: canvas.add_artist(_node_box(n, *vals[n], numbers, digits, t is not None))
-             for n in NODES}
-    labels = [canvas.text(0, 0, _with_target(rule, t is not None), fontsize=_EDGE_PT,
+    target = t is not None
+    boxes = {n: canvas.add_artist(_node_box(n, *vals[n], numbers, digits, target)) for n in NODES}
+    labels = [canvas.text(0, 0, _with_target(rule, target), fontsize=_EDGE_PT,
                           color="#24529b", va="center", zorder=4, gid=f"edge/{a}/{b}",
                           bbox={"boxstyle": "round,pad=0.15", "color": "w"})
               for a, b, rule in EDGES]

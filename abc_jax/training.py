@@ -61,7 +61,8 @@ class DivergenceError(RuntimeError):
 
 
 def _configure(lr: Any, epochs: Any, optimizer: Any, grad: Any, batch_size: Any, key: Any,
-               epochs_per_chunk: Any, precision: Any) -> tuple[Any, dict[str, Any]]:
+               epochs_per_chunk: Any, precision: Any,
+               chunk_size: Any = None) -> tuple[Any, dict[str, Any]]:
     """Check train's arguments; return (optimizer, the chunk's static arguments)."""
     if optimizer is None:
         if lr is None:
@@ -85,7 +86,8 @@ def _configure(lr: Any, epochs: Any, optimizer: Any, grad: Any, batch_size: Any,
     return optimizer, dict(
         update=optimizer.update, extra=extra, grad=grad, batch_size=batch_size,
         length=validation.check_positive_int(epochs_per_chunk, "epochs_per_chunk"),
-        precision=validation.check_precision(precision))
+        precision=validation.check_precision(precision),
+        chunk_size=validation.check_positive_int(chunk_size, "chunk_size", allow_none=True))
 
 
 @jax.jit
@@ -205,6 +207,14 @@ def _held_out(eval_data: Any, patience: Any, params: Params, batch: Batch,
     return HeldOut(replicate_like(held, batch.X), patience, precision, params)
 
 
+def _show(state: State, epoch: int, losses: list[np.ndarray], *, bar: Any,
+          held: HeldOut | None) -> None:
+    """The progress hook: the bar moves by the chunk's epochs and shows the last losses."""
+    shown = {"loss": f"{losses[-1][-1]:.6g}"}
+    bar.update(losses[-1].shape[-1])
+    bar.set_postfix(shown if held is None else shown | {"held_out": f"{held.losses[-1]:.6g}"})
+
+
 def _advice(lr: Any, custom: bool) -> str:
     if custom:
         return "lower the optimizer's own learning rate (e.g. optax.adam(1e-3) -> optax.adam(1e-4))"
@@ -267,6 +277,20 @@ def _checkpointed(checkpoint_dir: Any, state: State, batch: Batch, settings: dic
     return State(p, o, p, state.bad), start, [old]
 
 
+def _start(checkpoint_dir: Any, state: State, batch: Batch, settings: Any, epochs: int,
+           hooks: list[Any], held: HeldOut | None) -> tuple[State, int, list[np.ndarray], int]:
+    """(state, first epoch, losses so far, last epoch): the checkpoint's, if there is one,
+    else epoch 0 (with the held-out loss of the initial params); the last epoch is the
+    first if the checkpoint's run had already spent its patience."""
+    start, losses = 0, []
+    if checkpoint_dir is not None:
+        state, start, losses = _checkpointed(checkpoint_dir, state, batch, settings, epochs,
+                                             hooks, held)
+    if held is not None and not held.losses:
+        held.record(state.params, 0)
+    return state, start, losses, start if held is not None and held.done() else epochs
+
+
 def _initial_state(optimizer: Any, params: Params) -> State:
     """The loop's carry before epoch 0, as committed arrays (so one compilation serves all)."""
     return _strong(State(params, optimizer.init(params), params, np.zeros((), bool)))
@@ -303,18 +327,16 @@ def train(params: Params, X: Any, *, lr: float | None = None, epochs: int,
     such as ``optax.lbfgs()`` also get value, grad and value_fn). epochs >= 0. grad:
     "manual" or "oracle" (``jax.grad``). batch_size: None for the full batch, else
     ceil(n / b) mini-batches per epoch shuffled with ``fold_in(key, epoch)``. chunk_size,
-    precision: as in ``batch_grad`` (speed knobs, free to change across a resume). progress:
-    a bar on a terminal or in a notebook. checkpoint_dir: process 0 writes
-    ``checkpoint.npz`` after every chunk of ``epochs_per_chunk`` epochs, and a later call
-    continues from it; one of another run (data, initial params, shapes, dtype, lr, grad,
-    batch_size, key, optimizer state, evaluation) is refused.
-    eval_data: held-out X (N', D) or ``Batch``: its loss at the initial params and after
-    every chunk (every ``epochs_per_chunk`` epochs), replicated onto X's devices.
+    precision: as in ``batch_grad`` (speed knobs, free to change across a resume).
+    checkpoint_dir: process 0 writes ``checkpoint.npz`` after every chunk of
+    ``epochs_per_chunk`` epochs, and a later call continues from it; one of another run
+    (data, params, shapes, dtype, lr, grad, batch_size, key, optimizer, evaluation) is refused.
+    eval_data: held-out X (N', D) or ``Batch``: its loss at epoch 0 and after every chunk.
     patience: stop once that many evaluations in a row did not lower the held-out loss,
     and return the params of the lowest one (needs eval_data).
 
-    Returns ``TrainResult(params, losses, eval_losses, eval_epochs, best_epoch)``, losses
-    (epochs,) (fewer after an early stop): losses[e] the batch loss before update e
+    Returns ``TrainResult(params, losses, eval_losses, eval_epochs, best_epoch)``: losses
+    (epochs,) (fewer after an early stop), losses[e] the batch loss before update e
     (mini-batches: the weighted mean of epoch e's); the eval fields None without eval_data.
 
     Raises DivergenceError (a non-finite loss; names the epoch and the knob to turn),
@@ -324,14 +346,13 @@ def train(params: Params, X: Any, *, lr: float | None = None, epochs: int,
     if validation.is_traced(params, X, key, eval_data):
         raise TypeError("train runs its own compiled loop: call it outside jax.jit/vmap/grad")
     optimizer, static = _configure(lr, epochs, optimizer, grad, batch_size, key,
-                                   epochs_per_chunk, precision)
+                                   epochs_per_chunk, precision, chunk_size)
     params, batch = prepare(params, X)
-    chunk = validation.check_positive_int(chunk_size, "chunk_size", allow_none=True)
     params = replicate_like(_strong(params), batch.X)
     held = _held_out(eval_data, patience, params, batch, static["precision"])
     state = replicate_like(_initial_state(optimizer, params), batch.X)
     n_rows, ok = (int(v) for v in _data_summary(params, batch))
-    static |= dict(chunk_size=chunk, n_rows=n_rows if batch_size else 0)
+    static["n_rows"] = n_rows if batch_size else 0
     custom = static["update"] is not gd_update
     settings = None  # what identifies the run: for a checkpoint, or for several processes
     if checkpoint_dir is not None or jax.process_count() > 1:
@@ -343,16 +364,10 @@ def train(params: Params, X: Any, *, lr: float | None = None, epochs: int,
         validation.explain_nonfinite(params, batch, "X")
     hooks = [functools.partial(_guard, initial=params, batch=batch, lr=lr, custom=custom)]
     hooks += [] if held is None else [held]
-    start, losses = 0, []
-    if checkpoint_dir is not None:
-        state, start, losses = _checkpointed(checkpoint_dir, state, batch, settings, epochs,
-                                             hooks, held)
-    if held is not None and not held.losses:
-        held.record(params, 0)
-    stop = start if held is not None and held.done() else epochs  # stopped before the resume
+    state, start, losses, stop = _start(checkpoint_dir, state, batch, settings, epochs, hooks,
+                                        held)
     with _progress_bar(progress, epochs, start, "train") as bar:
-        hooks.append(lambda s, e, ls: (bar.update(ls[-1].shape[-1]), bar.set_postfix(
-            loss=f"{ls[-1][-1]:.6g}", **({} if held is None else {"held_out": held.losses[-1]}))))
+        hooks.append(functools.partial(_show, bar=bar, held=held))
         state, losses = _run_chunks(run_chunk, state, batch, replicate_like(key, batch.X),
                                     start, stop, losses, static, hooks)
     return _result(state, losses, params.A.dtype, (0,), held)

@@ -69,12 +69,6 @@ def problem(key: jax.Array, n: int, in_dim: int, hidden_dim: int | None = None,
     return params, jax.random.normal(kx, (n, in_dim), dtype)
 
 
-def out_dir(path: str | os.PathLike[str]) -> Path:
-    """Create the results folder and return it."""
-    Path(path).mkdir(parents=True, exist_ok=True)
-    return Path(path)
-
-
 def docs_copy(png: str | os.PathLike[str], docs_dir: str | os.PathLike[str]) -> Path:
     """Write a 256-colour copy of ``png`` (plots use few colours) under ``docs_dir``."""
     with Image.open(png) as im, io.BytesIO() as buf:

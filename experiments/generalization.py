@@ -32,8 +32,6 @@ import averaging  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import teacher  # noqa: E402
 
-from abc_jax.files import write_results  # noqa: E402
-
 NAME = "generalization"
 QUICK_TEACHER = dict(teacher_n_train=64, teacher_n_test=256, teacher_epochs=400,
                      per_sample_epochs=50)
@@ -91,8 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n" + "\n".join(text))
     taught = run_teacher(args)
     tl = res["train_losses"]
-    written = write_results(
-        _common.out_dir(args.out),
+    _common.write_and_report(
+        args.out, args.docs, [NAME, "teacher"],
         config=vars(args),
         metrics={"environment": _common.environment(jnp.float64), **averaging.metrics(res),
                  "conclusion": text,
@@ -104,10 +102,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "teacher_curves": teacher.curve_rows(taught)},
         figures={NAME: averaging.plot(res), "teacher": teacher.plot(taught)},
     )
-    if args.docs is not None:
-        for name in (NAME, "teacher"):
-            _common.docs_copy(written[f"{name}.png"], args.docs)
-    print(f"\nwrote {args.out}/: " + ", ".join(written))
     return 0
 
 

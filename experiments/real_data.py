@@ -40,7 +40,6 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import abc_jax  # noqa: E402
-from abc_jax.files import write_results  # noqa: E402
 
 NAME = "real_data"
 MISSING = 'real_data.py needs scikit-learn: pip install -e ".[data]"'
@@ -215,13 +214,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                for v in [[r[k] for r in runs if r["model"] == m]]}
                            for m in MODELS},
                "runs": [{k: r.get(k) for k in per_run} for r in runs]}
-    written = write_results(
-        _common.out_dir(args.out), config=vars(args), metrics=metrics,
+    _common.write_and_report(
+        args.out, args.docs, [NAME], config=vars(args), metrics=metrics,
         tables={NAME: (per_run, [[r.get(k) for k in per_run] for r in runs])},
         figures={NAME: plot(d, runs)})
-    if args.docs is not None:
-        _common.docs_copy(written[f"{NAME}.png"], args.docs)
-    print(f"\nwrote {args.out}/: " + ", ".join(written))
     return 0
 
 

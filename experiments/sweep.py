@@ -26,7 +26,6 @@ import numpy as np
 
 import abc_jax
 from abc_jax import DivergenceError, train, train_many
-from abc_jax.files import write_results
 
 NAME = "sweep"
 
@@ -151,13 +150,14 @@ def report(res: dict[str, Any]) -> None:
 
 
 def write(args: Any, res: dict[str, Any]) -> dict[str, Any]:
-    """config.json, metrics.json, final_loss.csv, curves.csv, timing.csv and sweep.png."""
+    """config.json, metrics.json, final_loss.csv, curves.csv, timing.csv and sweep.png (and
+    its --docs copy)."""
     lrs, member_lr, final, band = res["lrs"], res["member_lr"], res["final"], res["band"]
     L, at, S = res["losses"], res["diverged_at"], args.seeds
     finite = np.where(np.isnan(final), np.inf, final)
     best = np.unravel_index(np.argmin(finite), final.shape)
-    return write_results(
-        _common.out_dir(args.out), config=vars(args) | {"lr_values": lrs.tolist()},
+    return _common.write_and_report(
+        args.out, args.docs, ["sweep"], config=vars(args) | {"lr_values": lrs.tolist()},
         figures={"sweep": plot(final, band, lrs, res["desc"])},
         metrics={"environment": res["env"], "lrs": lrs.tolist(),
                  "final_loss": [[None if np.isnan(v) else float(v) for v in r] for r in final],
@@ -201,10 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     jax.config.update("jax_enable_x64", args.dtype == "float64" or jax.config.jax_enable_x64)
     res = run(args)
     report(res)
-    written = write(args, res)
-    if args.docs is not None:
-        _common.docs_copy(written["sweep.png"], args.docs)
-    print(f"wrote {args.out}/: {', '.join(written)}")
+    write(args, res)
     return 0
 
 

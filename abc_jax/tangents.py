@@ -10,13 +10,13 @@ way, one line per forward equation::
     dv = dB x + B dx          (H,)     v = B x
     dz = du + dv              (H,)     z = u + v
     dw = dC z + C dz          (O,)     w = C z
-    dL = 2 w . dw             ()       L = ||w||^2
+    dL = 2 (w - t) . (dw - dt)  ()     L = ||w - t||^2  (the homework, t = 0: 2 w . dw)
 
-dL is the directional derivative <dL/d(A, B, C, x), (dA, dB, dC, dx)>. It is
+dL is the directional derivative <dL/d(A, B, C, x, t), (dA, dB, dC, dx, dt)>. It is
 linear in the tangent, and its transpose is the backward pass: transposing
-dL = 2 w . dw gives gw = 2 g w, transposing dw = dC z + C dz gives gC = gw z^T
-and gz = C^T gw, and so on up to gA = gy x^T (a test checks it with
-``jax.linear_transpose``).
+dL = 2 (w - t) . (dw - dt) gives gw = 2 g (w - t) and gt = -gw, transposing
+dw = dC z + C dz gives gC = gw z^T and gz = C^T gw, and so on up to
+gA = gy x^T (a test checks it with ``jax.linear_transpose``).
 
 The cost is the point. One JVP costs about one forward pass and gives ONE
 directional derivative; the gradient needs one per parameter, P = 2HD + OH
@@ -34,12 +34,20 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from abc_jax import validation
-from abc_jax.model import Batch, Params, _forward, as_params, as_sample, prepare, sigmoid
+from abc_jax.model import (
+    Batch,
+    Params,
+    _forward,
+    as_sample,
+    as_sample_and_target,
+    prepare,
+    sigmoid,
+)
 
 
-def _jvp(params: Params, x: jax.Array, dparams: Params,
-         dx: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(L, dL) for one sample x (D,) along the tangent (dparams, dx) (D,)."""
+def _jvp(params: Params, x: jax.Array, dparams: Params, dx: jax.Array, t: Any = None,
+         dt: Any = None) -> tuple[jax.Array, jax.Array]:
+    """(L, dL) for one sample x (D,), target t (O,) or None, along (dparams, dx, dt)."""
     A, B, C = params
     dA, dB, dC = dparams
     y, dy = A @ x, dA @ x + A @ dx  # (H,)
@@ -48,7 +56,9 @@ def _jvp(params: Params, x: jax.Array, dparams: Params,
     v, dv = B @ x, dB @ x + B @ dx  # (H,)
     z, dz = u + v, du + dv  # (H,)
     w, dw = C @ z, dC @ z + C @ dz  # (O,)
-    return w @ w, 2 * (w @ dw)
+    e = w if t is None else w - t  # (O,)
+    de = dw if dt is None else dw - dt  # (O,)
+    return e @ e, 2 * (e @ de)
 
 
 def _batch_jvp(params: Params, batch: Batch, dparams: Params) -> tuple[jax.Array, jax.Array]:
@@ -92,19 +102,27 @@ def _check_tangents(tangents: Any, params: Params, dtype: Any) -> Params:
 
 
 def manual_jvp(params: Params, x: Any, tangents: Params, x_tangent: Any = None, *,
+               t: Any = None, t_tangent: Any = None,
                precision: str | None = None) -> tuple[jax.Array, jax.Array]:
     """(L, dL), two scalars: the loss of one sample and its derivative along a tangent.
 
     x (D,); ``tangents`` = ``Params(dA (H, D), dB (H, D), dC (O, H))``, a
-    direction; ``x_tangent`` dx (D,) or None for 0. dL = <dL/d(A, B, C, x),
-    (dA, dB, dC, dx)>, as ``jax.jvp(loss, (params, x), (tangents, x_tangent))``.
+    direction; ``x_tangent`` dx (D,) or None for 0; t (O,) the target (None: 0) and
+    ``t_tangent`` dt (O,) (None: 0). dL = <dL/d(A, B, C, x, t), (dA, dB, dC, dx, dt)>, as
+    ``jax.jvp(loss, (params, x, t), (tangents, x_tangent, t_tangent))``.
     ``precision``: matmul precision, None for abc_jax's ``"highest"``.
     """
-    params, D, _, _, dtype = as_params(params)
-    x = as_sample(x, D, dtype)
+    params, x, t = as_sample_and_target(params, x, t)
+    D, O, dtype = x.shape[0], params.C.shape[0], x.dtype
     dparams = _check_tangents(tangents, params, dtype)
     dx = jnp.zeros_like(x) if x_tangent is None else as_sample(x_tangent, D, dtype, "x_tangent")
-    return validation.run(_jvp, params, x, dparams, dx, name="x", precision=precision)
+    if t_tangent is not None:
+        if t is None:
+            raise ValueError("t_tangent needs t: it is the direction the target moves in")
+        t_tangent = as_sample(t_tangent, O, dtype, "t_tangent", ("one target", "O", "rows of C"))
+    return validation.run(_jvp, params, x, dparams, dx, t, t_tangent,
+                          name=("x", "tangents", "x_tangent", "t", "t_tangent"),
+                          precision=precision)
 
 
 def batch_jvp(params: Params, X: Any, tangents: Params, *,
@@ -130,27 +148,27 @@ def jvp_grad(params: Params, X: Any, *, precision: str | None = None) -> Params:
 
 
 @jax.custom_jvp
-def _abc_loss_jvp(params: Params, x: jax.Array) -> jax.Array:
-    return _forward(params, x)[0]
+def _abc_loss_jvp(params: Params, x: jax.Array, t: Any = None) -> jax.Array:
+    return _forward(params, x, t)[0]
 
 
 @_abc_loss_jvp.defjvp
-def _abc_loss_jvp_rule(primals: tuple[Params, jax.Array],
-                       tangents: tuple[Params, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    (params, x), (dparams, dx) = primals, tangents
-    return _jvp(params, x, dparams, dx)
+def _abc_loss_jvp_rule(primals: tuple[Params, jax.Array, Any],
+                       tangents: tuple[Params, jax.Array, Any]) -> tuple[jax.Array, jax.Array]:
+    (params, x, t), (dparams, dx, dt) = primals, tangents
+    return _jvp(params, x, dparams, dx, t, dt)
 
 
-def abc_loss_jvp(params: Params, x: jax.Array) -> jax.Array:
-    """L for one sample x (D,) as a ``jax.custom_jvp`` with ``manual_jvp``'s tangent rule.
+def abc_loss_jvp(params: Params, x: jax.Array, t: jax.Array | None = None) -> jax.Array:
+    """L for one sample x (D,) (target t (O,), None: 0) as a ``jax.custom_jvp`` with
+    ``manual_jvp``'s tangent rule.
 
     ``abc_loss``'s twin: ``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``,
-    ``jax.linearize`` use the hand-derived tangents; ``jax.grad`` transposes
-    them. Shapes are checked; values when called eagerly (as ``abc_loss``).
+    ``jax.linearize`` use the hand-derived tangents (t's too); ``jax.grad``
+    transposes them. Shapes are checked; values when called eagerly (as ``abc_loss``).
     """
-    params, D, _, _, dtype = as_params(params)
-    x = as_sample(x, D, dtype)
-    if validation.is_traced(params, x):
-        return _abc_loss_jvp(params, x)
-    return validation.run(_abc_loss_jvp, params, x, name="x",
+    params, x, t = as_sample_and_target(params, x, t)
+    if validation.is_traced(params, x, t):
+        return _abc_loss_jvp(params, x, t)
+    return validation.run(_abc_loss_jvp, params, x, t, name=("x", "t"),
                           precision=validation.DEFAULT_PRECISION)

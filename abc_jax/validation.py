@@ -211,7 +211,9 @@ def run(fn: Callable[..., Any], params: Any, data: Any, *args: Any, name: str,
     if not np.asarray(ok):  # reads the flag: about 10 us cheaper than bool(ok) on a CPU
         names = (name,) if isinstance(name, str) else name
         for arg, arg_name in zip(args, names[1:], strict=False):
-            raise_if_nonfinite(arg, arg_name)
+            fields = getattr(arg, "_fields", None)  # a NamedTuple (tangents): per field
+            for f, leaf in zip(fields, arg, strict=True) if fields else [(None, arg)]:
+                raise_if_nonfinite(leaf, arg_name if f is None else f"{arg_name}.{f}")
         explain_nonfinite(params, data, names[0])
     return out
 

@@ -121,3 +121,40 @@ def test_bad_tangents_are_named():
         abc_jax.manual_jvp(params, X[0], t, jnp.ones(5))
     with pytest.raises(ValueError, match=r"X\[1, 2\]"):
         abc_jax.batch_jvp(params, X.at[1, 2].set(jnp.nan), t)
+
+
+@pytest.mark.parametrize("D,H,O", SHAPES)
+@pytest.mark.parametrize(("dtype", "tol"), [(jnp.float64, 1e-12), (jnp.float32, 1e-5)],
+                         ids=["float64", "float32"])
+def test_forward_mode_with_a_target(D, H, O, dtype, tol):
+    params, X = make_problem(7, D, H, O, N=1, dtype=dtype)
+    x, rng = X[0], np.random.default_rng(8)
+    t, dt = (jnp.asarray(rng.standard_normal(O), dtype) for _ in range(2))
+    dp, dx = tangent_like(params, 9), jnp.asarray(rng.standard_normal(D), dtype)
+    L, dL = abc_jax.manual_jvp(params, x, dp, dx, t=t, t_tangent=dt)
+    ref_L, ref_dL = jax.jvp(ref_loss, (params, x, t), (dp, dx, dt))
+    assert rel(L, ref_L) <= tol and rel(dL, ref_dL) <= tol
+    _, dL_fixed_t = abc_jax.manual_jvp(params, x, dp, dx, t=t)  # t as data: dt = 0
+    assert rel(dL_fixed_t, jax.jvp(ref_loss, (params, x, t), (dp, dx, 0 * dt))[1]) <= tol
+    if dtype == jnp.float64:  # the custom JVP: both modes, second order, through t too
+        check_grads(abc_jax.abc_loss_jvp, (params, x, t), order=2, modes=["fwd", "rev"],
+                    eps=1e-5)
+        got = jax.jacfwd(abc_jax.abc_loss_jvp, argnums=2)(params, x, t)
+        np.testing.assert_allclose(got, jax.grad(ref_loss, argnums=2)(params, x, t), rtol=tol)
+        assert_rel_close(jax.grad(abc_jax.abc_loss_jvp)(params, x, t),
+                         jax.grad(ref_loss)(params, x, t), tol)
+
+
+def test_bad_targets_in_forward_mode_are_named():
+    params, X = make_problem(6, 4, 3, 2, N=1)
+    dp = tangent_like(params, 0)
+    with pytest.raises(ValueError, match="t_tangent needs t"):
+        abc_jax.manual_jvp(params, X[0], dp, t_tangent=jnp.ones(2))
+    with pytest.raises(ValueError, match=r"t_tangent must have O = 2 entries"):
+        abc_jax.manual_jvp(params, X[0], dp, t=jnp.ones(2), t_tangent=jnp.ones(3))
+    with pytest.raises(ValueError, match=r"t must have O = 2 entries"):
+        abc_jax.abc_loss_jvp(params, X[0], jnp.ones(4))
+    with pytest.raises(ValueError, match=r"tangents\.B must be finite"):
+        abc_jax.manual_jvp(params, X[0], dp._replace(B=dp.B.at[0, 0].set(jnp.nan)))
+    with pytest.raises(ValueError, match=r"t_tangent must be finite"):
+        abc_jax.manual_jvp(params, X[0], dp, t=jnp.ones(2), t_tangent=jnp.array([0, jnp.inf]))

@@ -2,14 +2,14 @@
 
 The graph (one sample x (D,), A, B (H, D), C (O, H))::
 
-    y = A x,  u = sigmoid(y),  v = B x,  z = u + v,  w = C z,  L = ||w||^2
+    y = A x,  u = sigmoid(y),  v = B x,  z = u + v,  w = C z,  L = ||w - t||^2
 
 Layers, each a module: ``model`` (params, batch, forward, loss) -> ``backward``
 (the hand-derived VJP and its batch contraction; ``tangents``, the hand-derived
 JVP beside it) -> ``oracles`` (jax.grad and finite differences) -> ``loop``
 (the compiled epochs and the update rule) -> ``training`` (the host pipeline:
-checks, checkpoints, hooks; ``population``: many models in one loop) -> ``parallel``
-(devices and processes);
+checks, checkpoints, hooks; ``population``: many models in one loop, ``members``
+its arguments' member axis) -> ``parallel`` (devices and processes);
 ``validation``, ``checkpoint``, ``files``, ``data`` and ``graph`` serve them.
 """
 

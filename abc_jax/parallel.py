@@ -70,7 +70,7 @@ def shard_batch(X: Any, mesh: Mesh | None = None) -> Batch:
     multiple of the data axis's size with zero rows of weight 0. With several
     processes X is the whole batch, the same on each (else ``shard_local_batch``).
     """
-    mesh = _check_mesh(mesh)
+    mesh = check_mesh(mesh)
     X, weights, T = _rows(X, "a batch")
     if np.shape(X)[0] == 0:
         raise ValueError(f"X must hold at least one sample (N >= 1), got shape {np.shape(X)}")
@@ -81,7 +81,7 @@ def shard_batch(X: Any, mesh: Mesh | None = None) -> Batch:
                  None if Tp is None else jax.device_put(Tp, rows))
 
 
-def _check_mesh(mesh: Any) -> Mesh:
+def check_mesh(mesh: Any) -> Mesh:
     """``mesh`` (default ``data_mesh()``), checked to have an Auto ``"data"`` axis.
 
     Under ``Explicit`` axes (``jax.make_mesh``'s default) the contraction over
@@ -120,7 +120,7 @@ def shard_local_batch(X: Any, mesh: Mesh | None = None) -> Batch:
         batch (n, D) of real numbers (that process names the problem), the
         processes disagree on D or dtype, N is 0, or the mesh does not fit.
     """
-    mesh = _check_mesh(mesh)
+    mesh = check_mesh(mesh)
     if jax.process_count() == 1:
         return shard_batch(X, mesh)
     try:

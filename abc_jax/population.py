@@ -16,9 +16,10 @@ the same mini-batches and updates, to rounding. Per member, the rest shared:
 
 A member whose loss becomes NaN or inf is frozen there (the vmapped ``while_loop``
 goes on while any member runs; a stopped member keeps its carry and still costs
-its share of each epoch) and reported in ``diverged``/``diverged_at``. Members
-and rows live on ONE device (a sharded X is refused): for several, one call per
-device. ``train_per_sample`` is the case of one member per row.
+its share of each epoch) and reported in ``diverged``/``diverged_at``. Several
+devices split the MEMBERS (``mesh=``): each computes its share, shared data on
+every device; a member's rows stay on its device (a sharded X is refused).
+``train_per_sample`` is the case of one member per row.
 """
 
 from __future__ import annotations
@@ -34,7 +35,19 @@ import optax
 from abc_jax import validation
 from abc_jax.checkpoint import fingerprint, restore, save_checkpoint
 from abc_jax.loop import GDState, State, gd_update, run_chunk_members
-from abc_jax.model import Batch, Params, as_batch, as_params, prepare
+from abc_jax.members import (
+    check_mesh,
+    check_values,
+    count_members,
+    key_members,
+    member_data,
+    member_keys,
+    member_lr,
+    member_params,
+    on_devices,
+    rows_per_member,
+)
+from abc_jax.model import Batch, Params, prepare
 from abc_jax.training import (
     EPOCHS_PER_CHUNK,
     GRADS,
@@ -56,100 +69,6 @@ class TrainManyResult(NamedTuple):
     diverged_at: jax.Array  # (M,) int: the first epoch with a non-finite loss, -1 if none
 
 
-_FIELDS = ("X", "weights", "T")  # a Batch's fields, as named in messages
-
-
-def _member_params(params: Any) -> tuple[Params, int | None]:
-    """(Params, M or None for shared); shapes checked on member 0, every member's dtype."""
-    if isinstance(params, tuple) and len(params) == 3 and all(np.ndim(a) == 3 for a in params):
-        sizes = {f: np.shape(a)[0] for f, a in zip("ABC", params, strict=True)}
-        if len(set(sizes.values())) != 1 or 0 in sizes.values():
-            raise ValueError(f"params: A, B, C need one leading (member) axis of one size "
-                             f">= 1, got {sizes}")
-        as_params(tuple(a[0] for a in params))  # the shapes chain, one floating dtype
-        arrays = tuple(jnp.asarray(a) for a in params)
-        return Params(*arrays), sizes["A"]
-    return as_params(params)[0], None
-
-
-def _member_data(data: Any, D: int, O: int, dtype: Any) -> tuple[Batch, Batch, dict]:
-    """(Batch cast to ``dtype``, its in_axes, {field: M}) for shared or per-member fields."""
-    fields = dict(zip(_FIELDS, data if isinstance(data, Batch) else (data, None, None),
-                      strict=True))
-    fields = {n: np.asarray(a) if isinstance(a, (list, tuple)) else a for n, a in fields.items()}
-    sizes = {}
-    for (n, a), rank in zip(fields.items(), (2, 1, 2), strict=True):
-        if a is not None and len(validation.shape_of(a, n)) not in (rank, rank + 1):
-            raise ValueError(f"{n} must have rank {rank} (shared) or {rank + 1} (a leading "
-                             f"member axis), got shape {np.shape(a)}")
-        if a is not None and np.ndim(a) == rank + 1:
-            sizes[n] = np.shape(a)[0]
-    if 0 in sizes.values():
-        raise ValueError(f"the member axis must hold at least one member, got {sizes}")
-    first = as_batch(Batch(*(a[0] if n in sizes else a for n, a in fields.items())), D, O,
-                     dtype)  # shapes against the params, named
-    N = first.X.shape[0]
-    for (n, a), tail in zip(fields.items(), ((N, D), (N,), (N, O)), strict=True):
-        if a is not None and tuple(np.shape(a)[-len(tail):]) != tail:
-            raise ValueError(f"{n} must have shape {tail} per member (N = {N} rows of X), "
-                             f"got {np.shape(a)}")
-    batch = Batch(*(None if a is None else validation.as_array(a, n, dtype)
-                    for n, a in fields.items()))
-    if any(len(getattr(getattr(a, "sharding", None), "device_set", ())) > 1 for a in batch):
-        raise ValueError("train_many keeps its members and rows on one device: pass X as one "
-                         "array, not sharded (shard_batch is for train)")
-    return batch, Batch(*(0 if n in sizes else None for n in _FIELDS)), sizes
-
-
-def _member_lr(lr: Any, optimizer: Any) -> tuple[Any, int | None]:
-    """(lr as a float or an (M,) float64 array, M or None); None only with an optimizer."""
-    if lr is None:
-        if optimizer is None:
-            raise TypeError("lr is required without an optimizer (the rule p <- p - lr * g)")
-        return None, None
-    if isinstance(lr, (list, tuple)) or np.ndim(lr) == 1:
-        a = np.asarray(lr)
-        if a.dtype.kind not in "iuf" or a.size == 0:
-            raise TypeError(f"lr must be a number or an array (M,) of numbers, got {a.dtype} "
-                            f"of shape {a.shape}")
-        if not np.all(np.isfinite(a) & (a > 0)):
-            raise ValueError(f"lr must be finite and > 0 for every member, got {a.tolist()}")
-        return a.astype(np.float64), a.shape[0]
-    if np.ndim(lr) > 1:
-        raise ValueError(f"lr must be a number or an array (M,), got shape {np.shape(lr)}")
-    return validation.check_finite_float(lr, "lr", positive=True), None
-
-
-def _key_members(key: Any) -> int | None:
-    """M for keys (M,) (typed) or (M, 2) (legacy uint32); None for one key or no key."""
-    if not isinstance(key, jax.Array):
-        return None
-    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
-    stacked = (typed and key.ndim == 1) or (key.dtype == jnp.uint32 and key.ndim == 2)
-    return key.shape[0] if stacked else None
-
-
-def _member_keys(key: Any, M: int) -> Any:
-    """Keys (M,): the stacked ones as given, else fold_in(key, m) per member."""
-    if key is None or _key_members(key) is not None:
-        return key
-    validation.check_key(key)
-    return jax.vmap(lambda m: jax.random.fold_in(key, m))(jnp.arange(M))
-
-
-def _count(sizes: dict[str, int], members: Any) -> int:
-    """The one member count all per-member arguments agree on."""
-    if members is not None:
-        sizes = sizes | {"members": validation.check_positive_int(members, "members")}
-    if not sizes:
-        raise ValueError("train_many needs the number of members: give stacked params (M, ...), "
-                         "an lr array (M,), keys (M,), per-member data, or members=M")
-    if len(set(sizes.values())) != 1:
-        raise ValueError("the leading (member) axes disagree: " + ", ".join(
-            f"{k} has {v}" for k, v in sizes.items()))
-    return next(iter(sizes.values()))
-
-
 def _initial(optimizer: Any, params: Params, lr: Any, M: int) -> State:
     """The loop's carry before epoch 0 for every member: stacked params and optimizer state."""
     dtype = params.A.dtype
@@ -167,42 +86,6 @@ def _initial(optimizer: Any, params: Params, lr: Any, M: int) -> State:
             rate = jnp.broadcast_to(jnp.asarray(lr, hyper["learning_rate"].dtype), (M,))
             opt = opt._replace(hyperparams=hyper | {"learning_rate": rate})
     return _strong(State(P, opt, P, np.zeros((M,), bool)))
-
-
-@jax.jit
-def _values_ok(params: Params, batch: Batch) -> jax.Array:
-    """Params, X and T finite; every member's weights finite, >= 0 and not all 0."""
-    r = batch.weights
-    ok = validation.all_finite((params, batch.X, batch.T))
-    if r is None:
-        return ok
-    return ok & jnp.all(jnp.isfinite(r) & (r >= 0)) & jnp.all(jnp.sum(r, axis=-1) > 0)
-
-
-def _check_values(params: Params, batch: Batch) -> None:
-    """ValueError naming the first NaN/inf entry or a member's bad weights, if any."""
-    if bool(_values_ok(params, batch)):
-        return
-    names = ("params.A", "params.B", "params.C", *_FIELDS)
-    for name, a in zip(names, (*params, *batch), strict=True):
-        validation.raise_if_nonfinite(a, name)
-    r = np.asarray(batch.weights)
-    if np.any(r < 0):
-        raise ValueError(f"weights must be >= 0, got min {r.min()}")
-    empty = np.flatnonzero(np.atleast_2d(r).sum(axis=-1) <= 0).tolist()
-    raise ValueError(f"weights must not all be 0 for a member (the weighted mean needs "
-                     f"sum(w) > 0): members {empty}")
-
-
-def _rows(batch: Batch) -> int:
-    """Rows of non-zero weight, one count for every member (mini-batches need it static)."""
-    if batch.weights is None:
-        return batch.X.shape[-2]
-    counts = set(np.atleast_2d(np.asarray(batch.weights) > 0).sum(axis=-1).tolist())
-    if len(counts) != 1:
-        raise ValueError(f"weights: with batch_size every member needs the same number of rows "
-                         f"of non-zero weight (one mini-batch schedule), got {sorted(counts)}")
-    return counts.pop()
 
 
 def _settings(params: Params, batch: Batch, opt_state: Any, lr: Any, grad: str,
@@ -237,7 +120,7 @@ def _configure(optimizer: Any, epochs: Any, grad: Any, batch_size: Any, key: Any
     batch_size = validation.check_positive_int(batch_size, "batch_size", allow_none=True)
     if batch_size is not None and key is None:
         raise ValueError("key is required with batch_size: mini-batches are shuffled from it")
-    if key is not None and _key_members(key) is None:
+    if key is not None and key_members(key) is None:
         validation.check_key(key)
     return dict(update=gd_update if optimizer is None else optimizer.update,
                 extra=isinstance(optimizer, optax.GradientTransformationExtraArgs), grad=grad,
@@ -294,8 +177,8 @@ def train_many(params: Params, X: Any, *, lr: Any = None, epochs: int, optimizer
                grad: str = "manual", batch_size: int | None = None, key: Any = None,
                members: int | None = None, chunk_size: int | None = None,
                progress: bool = True, checkpoint_dir: str | os.PathLike[str] | None = None,
-               epochs_per_chunk: int = EPOCHS_PER_CHUNK,
-               precision: str | None = None) -> TrainManyResult:
+               epochs_per_chunk: int = EPOCHS_PER_CHUNK, precision: str | None = None,
+               mesh: Any = None) -> TrainManyResult:
     """Train M members in one compiled loop; member m is ``train`` on its own arguments.
 
     params: ``Params`` A (M, H, D), B (M, H, D), C (M, O, H), or (H, D), (H, D), (O, H)
@@ -307,7 +190,8 @@ def train_many(params: Params, X: Any, *, lr: Any = None, epochs: int, optimizer
     ``train``: epochs, grad, batch_size (with per-member weights, every member needs the
     same count of non-zero weights), chunk_size, precision (speed knobs), progress,
     epochs_per_chunk; checkpoint_dir holds every member's state after each chunk, a later
-    call continues from it (another run's is refused).
+    call continues from it (another run's is refused). mesh: a ``data_mesh()`` whose
+    devices split the members evenly (the same results as on one device), None: one device.
 
     Returns ``TrainManyResult(params, losses (M, epochs), diverged (M,), diverged_at (M,))``:
     a member whose loss became NaN/inf at epoch e is frozen there: its params are those
@@ -316,24 +200,25 @@ def train_many(params: Params, X: Any, *, lr: Any = None, epochs: int, optimizer
     divergence at epoch 0 here (``train`` raises FloatingPointError).
 
     Raises ValueError or TypeError (a bad argument, named, before any tracing; sizes of
-    member axes that disagree; a sharded X: members and rows stay on one device).
+    member axes that disagree; a sharded X: devices split members, not rows).
     """
     if validation.is_traced(params, X, lr, key):
         raise TypeError("train_many runs its own compiled loop: call it outside jax.jit/vmap")
     static = _configure(optimizer, epochs, grad, batch_size, key, epochs_per_chunk, precision,
                         chunk_size)
-    params, m_params = _member_params(params)
-    batch, axes, sizes = _member_data(X, params.A.shape[-1], params.C.shape[-2],
+    params, m_params = member_params(params)
+    batch, axes, sizes = member_data(X, params.A.shape[-1], params.C.shape[-2],
                                       params.A.dtype)
-    lr, m_lr = _member_lr(lr, optimizer)
-    sizes |= {k: v for k, v in (("params", m_params), ("lr", m_lr), ("key", _key_members(key)))
+    lr, m_lr = member_lr(lr, optimizer)
+    sizes |= {k: v for k, v in (("params", m_params), ("lr", m_lr), ("key", key_members(key)))
               if v is not None}
-    M = _count(sizes, members)
+    M = count_members(sizes, members)
+    mesh = check_mesh(mesh, M)
     if jax.process_count() > 1:
         raise ValueError("train_many runs in one process: call it in each with its own members")
-    _check_values(params, batch)
-    static["n_rows"] = _rows(batch) if batch_size else 0
-    state, keys = _initial(optimizer, params, lr, M), _member_keys(key, M)
+    check_values(params, batch)
+    static["n_rows"] = rows_per_member(batch) if batch_size else 0
+    state, keys = _initial(optimizer, params, lr, M), member_keys(key, M)
     start, losses, save = 0, [], None
     if checkpoint_dir is not None:
         settings = _settings(params, batch, state.opt_state, lr, grad, batch_size, keys, M)
@@ -343,6 +228,7 @@ def train_many(params: Params, X: Any, *, lr: Any = None, epochs: int, optimizer
             save_checkpoint(checkpoint_dir, state=tuple(s), epoch=e, losses=ls,
                             settings=settings)
 
+    state, keys, batch = on_devices(mesh, state, keys, batch, axes)
     with _progress_bar(progress, epochs, start, f"train_many ({M} members)") as bar:
         state, losses = _run(state, batch, axes, keys, static, start, epochs, losses, save, bar)
     return _result(state, losses, M, epochs)
@@ -378,7 +264,7 @@ def train_per_sample(params: Params, X: Any, *, lr: float, epochs: int, progress
     lr = validation.check_finite_float(lr, "lr", positive=True)  # one lr for every copy
     _configure(None, epochs, "manual", None, None, epochs_per_chunk, precision, None)
     params, batch = prepare(params, X)
-    _check_values(params, batch)
+    check_values(params, batch)
     keep = slice(None) if batch.weights is None else np.asarray(batch.weights) > 0
     rows = Batch(jnp.asarray(batch.X)[keep], None, None if batch.T is None else batch.T[keep])
     r = train_many(params, Batch(*(None if a is None else a[:, None] for a in rows)), lr=lr,

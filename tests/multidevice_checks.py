@@ -219,8 +219,32 @@ def test_targets_are_sharded_and_padded_with_the_rows(name):
 
 
 def test_train_many_refuses_a_sharded_x():
-    """train_many keeps its members and rows on one device, and says so."""
+    """train_many splits members, not rows, over devices, and says so."""
     params, X = _problem(8)
-    with pytest.raises(ValueError, match="one device"):
+    with pytest.raises(ValueError, match="splits members, not rows"):
         abc_jax.train_many(params, abc_jax.shard_batch(X), lr=[0.1, 0.2], epochs=2,
                            progress=False)
+
+
+@pytest.mark.parametrize("per_member", [False, True], ids=["shared-X", "per-member-T"])
+def test_train_many_splits_its_members_over_the_devices(tmp_path, per_member):
+    params, X = _problem(16)
+    M, mesh = 8, abc_jax.data_mesh()
+    T = jnp.asarray(np.random.default_rng(0).standard_normal((M, 16, O))) if per_member else None
+    data = abc_jax.Batch(X, T=T) if per_member else X
+    kw = dict(lr=np.geomspace(0.01, 20.0, M), epochs=30, batch_size=5, key=jax.random.key(1),
+              progress=False, epochs_per_chunk=10)
+    one = abc_jax.train_many(params, data, **kw)
+    many = abc_jax.train_many(params, data, mesh=mesh, checkpoint_dir=tmp_path, **kw)
+    assert many.params.A.sharding.spec[0] == "data"  # each device holds its members
+    assert len(many.params.A.sharding.device_set) == 4
+    assert np.asarray(one.diverged).any() and not np.asarray(one.diverged).all()
+    np.testing.assert_array_equal(many.diverged, one.diverged)
+    finite = np.isfinite(np.asarray(one.losses))
+    _close(np.asarray(many.losses)[finite], np.asarray(one.losses)[finite])
+    _close(many.params, one.params)
+    resumed = abc_jax.train_many(params, data, mesh=mesh, checkpoint_dir=tmp_path,
+                                 **kw | dict(epochs=40))
+    assert resumed.losses.shape == (M, 40)
+    with pytest.raises(ValueError, match="must split the M = 6 members evenly"):
+        abc_jax.train_many(params, X, lr=np.ones(6), epochs=2, mesh=mesh, progress=False)

@@ -296,12 +296,11 @@ def _initial_state(optimizer: Any, params: Params) -> State:
     return _strong(State(params, optimizer.init(params), params, np.zeros((), bool)))
 
 
-def _result(state: State, losses: list[np.ndarray], dtype: Any, empty: tuple,
-            held: HeldOut | None = None) -> TrainResult:
+def _result(state: State, losses: list[np.ndarray], dtype: Any,
+            held: HeldOut | None) -> TrainResult:
     """The final params (the best held-out ones with patience) and the losses of every chunk
     joined along epochs, on the device; the held-out history if there is one."""
-    out = jax.device_put((np.concatenate(losses, axis=-1) if losses else
-                          np.zeros(empty, dtype)).astype(dtype))
+    out = jax.device_put(np.concatenate([np.zeros(0), *losses]).astype(dtype))
     if held is None:
         return TrainResult(state.params, out)
     history = held.history()
@@ -370,5 +369,5 @@ def train(params: Params, X: Any, *, lr: float | None = None, epochs: int,
         hooks.append(functools.partial(_show, bar=bar, held=held))
         state, losses = _run_chunks(run_chunk, state, batch, replicate_like(key, batch.X),
                                     start, stop, losses, static, hooks)
-    return _result(state, losses, params.A.dtype, (0,), held)
+    return _result(state, losses, params.A.dtype, held)
 

@@ -161,7 +161,7 @@ def check_mesh(mesh: Any, M: int) -> Any:
 
 
 def on_devices(mesh: Any, state: State, keys: Any, batch: Batch,
-                axes: Batch) -> tuple[State, Any, Batch]:
+               axes: Batch) -> tuple[State, Any, Batch]:
     """With a mesh, the member axis of the state, the keys and per-member data split over
     its devices, shared data on every one; XLA then runs each device's members there."""
     if mesh is None:
@@ -169,5 +169,5 @@ def on_devices(mesh: Any, state: State, keys: Any, batch: Batch,
     split, whole = (NamedSharding(mesh, PartitionSpec(*s)) for s in ((parallel.DATA_AXIS,), ()))
     batch = Batch(*(None if a is None else jax.device_put(a, split if ax == 0 else whole)
                     for a, ax in zip(batch, axes, strict=True)))
-    return jax.device_put(state, split), keys if keys is None else jax.device_put(keys, split), \
-        batch
+    keys = None if keys is None else jax.device_put(keys, split)
+    return jax.device_put(state, split), keys, batch

@@ -70,8 +70,8 @@ def save_checkpoint(directory: str | os.PathLike[str], *, state: Any, epoch: int
     return files.write_npz(checkpoint_path(directory), **arrays)
 
 
-def restore(directory: str | os.PathLike[str], *, like: Any,
-            settings: dict[str, Any]) -> tuple[Any, int, np.ndarray, dict[str, Any]] | None:
+def restore(directory: str | os.PathLike[str], *, like: Any, settings: dict[str, Any],
+            epochs: int) -> tuple[Any, int, np.ndarray, dict[str, Any]] | None:
     """``(state, epoch, losses, extra)`` from the checkpoint in ``directory``, or None.
 
     losses: (epoch,), or (M, epoch) for the M members of ``train_many``.
@@ -81,7 +81,7 @@ def restore(directory: str | os.PathLike[str], *, like: Any,
 
     Raises:
       ValueError: the file is unreadable, or was written for another run
-        (the message names each difference).
+        (the message names each difference), or ran more than this run's ``epochs``.
     """
     path = checkpoint_path(directory)
     raw = None
@@ -113,6 +113,9 @@ def restore(directory: str | os.PathLike[str], *, like: Any,
         raise ValueError(f"checkpoint {path} was written for a different run and is not "
                          f"loaded ({'; '.join(diffs)}): write this run's checkpoints elsewhere, "
                          "or delete it to start over")
+    if epoch > epochs:
+        raise ValueError(f"epochs = {epochs} is fewer than the {epoch} epochs the "
+                         f"checkpoint in {directory} already ran")
     state = jax.tree.unflatten(jax.tree.structure(like), [jnp.asarray(a) for a in leaves])
     return state, epoch, losses, extra
 

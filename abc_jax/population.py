@@ -134,13 +134,10 @@ def _configure(optimizer: Any, epochs: Any, grad: Any, batch_size: Any, key: Any
 def _restored(checkpoint_dir: Any, state: State, settings: dict[str, Any],
               epochs: int) -> tuple[State, int, list[np.ndarray]]:
     """(state, epoch, [losses (M, epoch)]) from the checkpoint (all of State), or the start."""
-    found = restore(checkpoint_dir, like=tuple(state), settings=settings)
+    found = restore(checkpoint_dir, like=tuple(state), settings=settings, epochs=epochs)
     if found is None:
         return state, 0, []
     stored, start, old, _ = found
-    if start > epochs:
-        raise ValueError(f"epochs = {epochs} is fewer than the {start} epochs the "
-                         f"checkpoint in {checkpoint_dir} already ran")
     return State(*_strong(stored)), start, [old]
 
 

@@ -263,13 +263,10 @@ def _checkpointed(checkpoint_dir: Any, state: State, batch: Batch, settings: dic
         hooks.append(lambda s, e, ls: save_checkpoint(
             checkpoint_dir, state=saved(s), epoch=e, losses=np.concatenate(ls),
             settings=settings, extra=held and held.history()))
-    found = restore(checkpoint_dir, like=saved(state), settings=settings)
+    found = restore(checkpoint_dir, like=saved(state), settings=settings, epochs=epochs)
     if found is None:
         return state, 0, []
     stored, start, old, extra = found
-    if start > epochs:
-        raise ValueError(f"epochs = {epochs} is fewer than the {start} epochs the "
-                         f"checkpoint in {checkpoint_dir} already ran")
     p, o, *best = replicate_like(_strong(stored), batch.X)
     if held is not None:
         held.best, held.epochs, held.losses = best[0], extra["eval_epochs"].tolist(), \

@@ -24,6 +24,7 @@ every device; a member's rows stay on its device (a sharded X is refused).
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, NamedTuple
 
@@ -56,6 +57,7 @@ from abc_jax.training import (
     _advice,
     _progress_bar,
     _raise_if_overflow,
+    _run_chunks,
     _strong,
 )
 
@@ -141,23 +143,6 @@ def _restored(checkpoint_dir: Any, state: State, settings: dict[str, Any],
     return State(*_strong(stored)), start, [old]
 
 
-def _run(state: State, batch: Batch, axes: Batch, keys: Any, static: dict[str, Any],
-         start: int, epochs: int, losses: list[np.ndarray], save: Any,
-         bar: Any) -> tuple[State, list[np.ndarray]]:
-    """Compiled chunks of every member from epoch ``start`` to ``epochs``; after each, the
-    checkpoint (``save``) and the bar; stops early once every member has diverged."""
-    while start < epochs and not np.all(np.asarray(state.bad)):
-        state, chunk = run_chunk_members(state, batch, keys, np.int32(start), np.int32(epochs),
-                                         batch_axes=axes, **static)
-        done = min(static["length"], epochs - start)
-        losses.append(np.asarray(chunk)[:, :done])
-        start += done
-        if save is not None:
-            save(state, start, np.concatenate(losses, axis=1))
-        bar.update(done)
-    return state, losses
-
-
 def _result(state: State, losses: list[np.ndarray], M: int, epochs: int) -> TrainManyResult:
     """Params (a diverged member's last finite), losses NaN-padded to ``epochs``, where."""
     L = np.concatenate([np.zeros((M, 0)), *losses], axis=1)
@@ -216,18 +201,23 @@ def train_many(params: Params, X: Any, *, lr: Any = None, epochs: int, optimizer
     check_values(params, batch)
     static["n_rows"] = rows_per_member(batch) if batch_size else 0
     state, keys = _initial(optimizer, params, lr, M), member_keys(key, M)
-    start, losses, save = 0, [], None
-    if checkpoint_dir is not None:
+    start, losses, hooks = 0, [], [lambda s, e, ls: bool(np.all(np.asarray(s.bad)))]
+    if checkpoint_dir is not None:  # hooks: all diverged (stop), checkpoint, progress
         settings = _settings(params, batch, state.opt_state, lr, grad, batch_size, keys, M)
         state, start, losses = _restored(checkpoint_dir, state, settings, epochs)
-
-        def save(s: State, e: int, ls: np.ndarray) -> None:
-            save_checkpoint(checkpoint_dir, state=tuple(s), epoch=e, losses=ls,
-                            settings=settings)
-
+        hooks.append(lambda s, e, ls: save_checkpoint(
+            checkpoint_dir, state=tuple(s), epoch=e, losses=np.concatenate(ls, axis=1),
+            settings=settings))
     state, keys, batch = on_devices(mesh, state, keys, batch, axes)
+    run = functools.partial(run_chunk_members, batch_axes=axes)
     with _progress_bar(progress, epochs, start, f"train_many ({M} members)") as bar:
-        state, losses = _run(state, batch, axes, keys, static, start, epochs, losses, save, bar)
+
+        def advance(s: State, e: int, ls: list[np.ndarray]) -> None:  # None: never stops
+            bar.update(ls[-1].shape[-1])
+
+        hooks.append(advance)
+        stop = start if np.all(np.asarray(state.bad)) else epochs  # resumed, all diverged
+        state, losses = _run_chunks(run, state, batch, keys, start, stop, losses, static, hooks)
     return _result(state, losses, M, epochs)
 
 

@@ -31,11 +31,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from abc_jax import validation
 from abc_jax.checkpoint import fingerprint, restore, save_checkpoint
-from abc_jax.loop import GDState, State, gd_update, run_chunk_members
+from abc_jax.loop import GDState, State, run_chunk_members
 from abc_jax.members import (
     check_mesh,
     check_values,
@@ -51,7 +50,6 @@ from abc_jax.members import (
 from abc_jax.model import Batch, Params, prepare
 from abc_jax.training import (
     EPOCHS_PER_CHUNK,
-    GRADS,
     DivergenceError,
     TrainResult,
     _advice,
@@ -59,6 +57,7 @@ from abc_jax.training import (
     _raise_if_overflow,
     _run_chunks,
     _strong,
+    chunk_static,
 )
 
 
@@ -107,30 +106,6 @@ def _settings(params: Params, batch: Batch, opt_state: Any, lr: Any, grad: str,
             "data_shapes": [None if a is None else list(a.shape) for a in batch],
             "data_fingerprint": [v for a in batch if a is not None for v in rows(a)],
             "params_fingerprint": [v for p in params for v in rows(p)]}
-
-
-def _configure(optimizer: Any, epochs: Any, grad: Any, batch_size: Any, key: Any,
-               epochs_per_chunk: Any, precision: Any, chunk_size: Any) -> dict[str, Any]:
-    """Check train_many's knobs; return the chunk's static arguments."""
-    if optimizer is not None and not all(callable(getattr(optimizer, f, None))
-                                         for f in ("init", "update")):
-        raise TypeError("optimizer must be an optax.GradientTransformation (init and update), "
-                        f"got {type(optimizer).__name__}")
-    validation.check_int(epochs, "epochs", minimum=0)
-    if grad not in GRADS:
-        raise ValueError(f"grad must be one of {GRADS}, got {grad!r}")
-    batch_size = validation.check_positive_int(batch_size, "batch_size", allow_none=True)
-    if batch_size is not None and key is None:
-        raise ValueError("key is required with batch_size: mini-batches are shuffled from it")
-    if key is not None and key_members(key) is None:
-        validation.check_key(key)
-    return dict(update=gd_update if optimizer is None else optimizer.update,
-                extra=isinstance(optimizer, optax.GradientTransformationExtraArgs), grad=grad,
-                batch_size=batch_size,
-                length=validation.check_positive_int(epochs_per_chunk, "epochs_per_chunk"),
-                precision=validation.check_precision(precision),
-                chunk_size=validation.check_positive_int(chunk_size, "chunk_size",
-                                                         allow_none=True))
 
 
 def _restored(checkpoint_dir: Any, state: State, settings: dict[str, Any],
@@ -186,8 +161,10 @@ def train_many(params: Params, X: Any, *, lr: Any = None, epochs: int, optimizer
     """
     if validation.is_traced(params, X, lr, key):
         raise TypeError("train_many runs its own compiled loop: call it outside jax.jit/vmap")
-    static = _configure(optimizer, epochs, grad, batch_size, key, epochs_per_chunk, precision,
-                        chunk_size)
+    static = chunk_static(optimizer, epochs, grad, batch_size, key, epochs_per_chunk,
+                          precision, chunk_size)
+    if key is not None and key_members(key) is None:
+        validation.check_key(key)
     params, m_params = member_params(params)
     batch, axes, sizes = member_data(X, params.A.shape[-1], params.C.shape[-2],
                                       params.A.dtype)
@@ -249,7 +226,7 @@ def train_per_sample(params: Params, X: Any, *, lr: float, epochs: int, progress
     if lr is None:
         raise TypeError("lr is required without an optimizer (the rule p <- p - lr * g)")
     lr = validation.check_finite_float(lr, "lr", positive=True)  # one lr for every copy
-    _configure(None, epochs, "manual", None, None, epochs_per_chunk, precision, None)
+    chunk_static(None, epochs, "manual", None, None, epochs_per_chunk, precision, None)
     params, batch = prepare(params, X)
     check_values(params, batch)
     keep = slice(None) if batch.weights is None else np.asarray(batch.weights) > 0

@@ -60,34 +60,42 @@ class DivergenceError(RuntimeError):
 # --- the host side: configuration, state, hooks -------------------------------
 
 
-def _configure(lr: Any, epochs: Any, optimizer: Any, grad: Any, batch_size: Any, key: Any,
-               epochs_per_chunk: Any, precision: Any,
-               chunk_size: Any = None) -> tuple[Any, dict[str, Any]]:
-    """Check train's arguments; return (optimizer, the chunk's static arguments)."""
-    if optimizer is None:
-        if lr is None:
-            raise TypeError("lr is required without an optimizer (the rule p <- p - lr * g)")
-        optimizer = gradient_descent(lr)
-    else:
-        if lr is not None:
-            validation.check_finite_float(lr, "lr", positive=True)
-        if not all(callable(getattr(optimizer, f, None)) for f in ("init", "update")):
-            raise TypeError("optimizer must be an optax.GradientTransformation (init and "
-                            f"update), got {type(optimizer).__name__}")
+def chunk_static(optimizer: Any, epochs: Any, grad: Any, batch_size: Any, key: Any,
+                 epochs_per_chunk: Any, precision: Any, chunk_size: Any) -> dict[str, Any]:
+    """Check the knobs ``train`` and ``train_many`` share; return the chunk's static
+    arguments (``optimizer`` None: the hand-rolled rule's update)."""
+    if optimizer is not None and not all(callable(getattr(optimizer, f, None))
+                                         for f in ("init", "update")):
+        raise TypeError("optimizer must be an optax.GradientTransformation (init and update), "
+                        f"got {type(optimizer).__name__}")
     validation.check_int(epochs, "epochs", minimum=0)
     if grad not in GRADS:
         raise ValueError(f"grad must be one of {GRADS}, got {grad!r}")
     batch_size = validation.check_positive_int(batch_size, "batch_size", allow_none=True)
-    if batch_size is not None:
-        if key is None:
-            raise ValueError("key is required with batch_size: mini-batches are shuffled from it")
-        validation.check_key(key)
-    extra = isinstance(optimizer, optax.GradientTransformationExtraArgs)
-    return optimizer, dict(
-        update=optimizer.update, extra=extra, grad=grad, batch_size=batch_size,
+    if batch_size is not None and key is None:
+        raise ValueError("key is required with batch_size: mini-batches are shuffled from it")
+    return dict(
+        update=gd_update if optimizer is None else optimizer.update,
+        extra=isinstance(optimizer, optax.GradientTransformationExtraArgs), grad=grad,
+        batch_size=batch_size,
         length=validation.check_positive_int(epochs_per_chunk, "epochs_per_chunk"),
         precision=validation.check_precision(precision),
         chunk_size=validation.check_positive_int(chunk_size, "chunk_size", allow_none=True))
+
+
+def _configure(lr: Any, epochs: Any, optimizer: Any, grad: Any, batch_size: Any, key: Any,
+               epochs_per_chunk: Any, precision: Any,
+               chunk_size: Any = None) -> tuple[Any, dict[str, Any]]:
+    """Check train's arguments; return (optimizer, the chunk's static arguments)."""
+    if optimizer is None and lr is None:
+        raise TypeError("lr is required without an optimizer (the rule p <- p - lr * g)")
+    if optimizer is not None and lr is not None:
+        validation.check_finite_float(lr, "lr", positive=True)
+    static = chunk_static(optimizer, epochs, grad, batch_size, key, epochs_per_chunk,
+                          precision, chunk_size)
+    if batch_size is not None:
+        validation.check_key(key)
+    return gradient_descent(lr) if optimizer is None else optimizer, static
 
 
 @jax.jit

@@ -108,14 +108,28 @@ def _settings(params: Params, batch: Batch, opt_state: Any, lr: Any, grad: str,
             "params_fingerprint": [v for p in params for v in rows(p)]}
 
 
-def _restored(checkpoint_dir: Any, state: State, settings: dict[str, Any],
-              epochs: int) -> tuple[State, int, list[np.ndarray]]:
-    """(state, epoch, [losses (M, epoch)]) from the checkpoint (all of State), or the start."""
+def _checkpointed(checkpoint_dir: Any, state: State, settings: dict[str, Any], epochs: int,
+                  hooks: list[Any]) -> tuple[State, int, list[np.ndarray]]:
+    """(state, epoch, [losses (M, epoch)]) from the checkpoint (all of State), or the start;
+    a hook that writes the checkpoint after every chunk."""
+    hooks.append(lambda s, e, ls: save_checkpoint(
+        checkpoint_dir, state=tuple(s), epoch=e, losses=np.concatenate(ls, axis=1),
+        settings=settings))
     found = restore(checkpoint_dir, like=tuple(state), settings=settings, epochs=epochs)
     if found is None:
         return state, 0, []
     stored, start, old, _ = found
     return State(*_strong(stored)), start, [old]
+
+
+def _all_diverged(state: State, epoch: int, losses: list[np.ndarray]) -> bool:
+    """A hook: stop once every member has diverged."""
+    return bool(np.all(np.asarray(state.bad)))
+
+
+def _advance(state: State, epoch: int, losses: list[np.ndarray], *, bar: Any) -> None:
+    """The progress hook (returns None: never stops the run)."""
+    bar.update(losses[-1].shape[-1])
 
 
 def _result(state: State, losses: list[np.ndarray], M: int, epochs: int) -> TrainManyResult:
@@ -178,22 +192,15 @@ def train_many(params: Params, X: Any, *, lr: Any = None, epochs: int, optimizer
     check_values(params, batch)
     static["n_rows"] = rows_per_member(batch) if batch_size else 0
     state, keys = _initial(optimizer, params, lr, M), member_keys(key, M)
-    start, losses, hooks = 0, [], [lambda s, e, ls: bool(np.all(np.asarray(s.bad)))]
-    if checkpoint_dir is not None:  # hooks: all diverged (stop), checkpoint, progress
+    start, losses, hooks = 0, [], [_all_diverged]
+    if checkpoint_dir is not None:
         settings = _settings(params, batch, state.opt_state, lr, grad, batch_size, keys, M)
-        state, start, losses = _restored(checkpoint_dir, state, settings, epochs)
-        hooks.append(lambda s, e, ls: save_checkpoint(
-            checkpoint_dir, state=tuple(s), epoch=e, losses=np.concatenate(ls, axis=1),
-            settings=settings))
+        state, start, losses = _checkpointed(checkpoint_dir, state, settings, epochs, hooks)
     state, keys, batch = on_devices(mesh, state, keys, batch, axes)
     run = functools.partial(run_chunk_members, batch_axes=axes)
     with _progress_bar(progress, epochs, start, f"train_many ({M} members)") as bar:
-
-        def advance(s: State, e: int, ls: list[np.ndarray]) -> None:  # None: never stops
-            bar.update(ls[-1].shape[-1])
-
-        hooks.append(advance)
-        stop = start if np.all(np.asarray(state.bad)) else epochs  # resumed, all diverged
+        hooks.append(functools.partial(_advance, bar=bar))
+        stop = start if _all_diverged(state, start, losses) else epochs  # a resumed run
         state, losses = _run_chunks(run, state, batch, keys, start, stop, losses, static, hooks)
     return _result(state, losses, M, epochs)
 

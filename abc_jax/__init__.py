@@ -4,50 +4,66 @@ The graph (one sample x (D,), A, B (H, D), C (O, H))::
 
     y = A x,  u = sigmoid(y),  v = B x,  z = u + v,  w = C z,  L = ||w - t||^2
 
-Layers, each a module: ``model`` (params, batch, forward, loss) -> ``backward``
-(the hand-derived VJP and its batch contraction; ``tangents``, the hand-derived
-JVP beside it) -> ``oracles`` (jax.grad and finite differences) -> ``loop``
-(the compiled epochs and the update rule) -> ``training`` (the host pipeline:
-checks, checkpoints, hooks; ``population``: many models in one loop, ``members``
-its arguments' member axis) -> ``parallel`` (devices and processes);
-``validation``, ``checkpoint``, ``files``, ``data`` and ``graph`` serve them.
+The package, by responsibility:
+
+- ``core``: the mathematics, pure JAX with no checks, devices or files:
+  ``model`` (forward, loss), ``backward`` (the hand-derived VJP and its batch
+  contraction), ``tangents`` (the hand-derived JVP), ``norms`` (per-sample
+  gradient norms, clipping), ``oracles`` (jax.grad, finite differences),
+  ``update`` (the hand-rolled rule as an Optax transformation).
+- ``edge``: what a user passes, checked once; values only on request
+  (``value_checks()``).
+- ``api``: the public array functions, each the edge plus one ``jax.jit``.
+- ``engine``: the one training engine (``train_many``; ``train`` is one member).
+- ``parallel`` (devices and processes), ``checkpoint``, ``files``, ``data``
+  (results, params and data on disk) and ``graph`` (the picture) beside them.
 """
 
-from abc_jax.backward import (
+from abc_jax.api import (
     abc_loss,
+    abc_loss_jvp,
     batch_grad,
+    batch_jvp,
+    batch_loss,
     batch_value_and_grad,
+    fd_grad,
+    forward,
+    grad_errors,
+    init_params,
+    jvp_grad,
+    loss,
     manual_grad,
+    manual_jvp,
     manual_vjp,
+    oracle_grad,
     per_sample_grads,
+    predict,
 )
+from abc_jax.core.model import Batch, Params, Residuals, sigmoid
+from abc_jax.core.update import gradient_descent
 from abc_jax.data import DataError, load_data
+from abc_jax.edge import value_checks
+from abc_jax.engine.config import TrainConfig
+from abc_jax.engine.train import (
+    DivergenceError,
+    TrainManyResult,
+    TrainResult,
+    cross_validate,
+    train,
+    train_many,
+    train_per_sample,
+)
 from abc_jax.files import load_params, save_params
 from abc_jax.graph import draw_graph
-from abc_jax.loop import gradient_descent
-from abc_jax.model import (
-    Batch,
-    Params,
-    Residuals,
-    batch_loss,
-    forward,
-    init_params,
-    loss,
-    predict,
-    sigmoid,
-)
-from abc_jax.oracles import fd_grad, grad_errors, oracle_grad
 from abc_jax.parallel import data_mesh, initialize_distributed, shard_batch, shard_local_batch
-from abc_jax.population import TrainManyResult, train_many, train_per_sample
-from abc_jax.tangents import abc_loss_jvp, batch_jvp, jvp_grad, manual_jvp
-from abc_jax.training import DivergenceError, TrainResult, train
 
 __all__ = [
-    "Batch", "DataError", "DivergenceError", "Params", "Residuals", "TrainManyResult",
-    "TrainResult", "abc_loss", "abc_loss_jvp", "batch_grad", "batch_jvp", "batch_loss",
-    "batch_value_and_grad", "data_mesh", "draw_graph", "fd_grad", "forward", "grad_errors",
-    "gradient_descent", "init_params", "initialize_distributed", "jvp_grad", "load_data",
-    "load_params", "loss", "manual_grad", "manual_jvp", "manual_vjp", "oracle_grad",
-    "per_sample_grads", "predict", "save_params", "shard_batch", "shard_local_batch", "sigmoid",
-    "train", "train_many", "train_per_sample",
+    "Batch", "DataError", "DivergenceError", "Params", "Residuals", "TrainConfig",
+    "TrainManyResult", "TrainResult", "abc_loss", "abc_loss_jvp", "batch_grad", "batch_jvp",
+    "batch_loss", "batch_value_and_grad", "cross_validate", "data_mesh", "draw_graph",
+    "fd_grad", "forward", "grad_errors", "gradient_descent", "init_params",
+    "initialize_distributed", "jvp_grad", "load_data", "load_params", "loss", "manual_grad",
+    "manual_jvp", "manual_vjp", "oracle_grad", "per_sample_grads", "predict", "save_params",
+    "shard_batch", "shard_local_batch", "sigmoid", "train", "train_many", "train_per_sample",
+    "value_checks",
 ]

@@ -121,7 +121,8 @@ def restore(directory: str | os.PathLike[str], *, like: Any, settings: dict[str,
 
 
 def _differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    """One short line per setting that differs (fingerprints: beyond rounding)."""
+    """One entry per setting that differs, ``name: saved -> now`` (fingerprints, beyond
+    rounding: ``name: other values``)."""
     out = []
     for k in sorted(set(stored) | set(wanted)):
         a, b = stored.get(k), wanted.get(k)
@@ -129,8 +130,8 @@ def _differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
                 np.shape(b) and np.allclose(a, b, rtol=_RTOL, atol=1e-6):
             continue
         if a != b:
-            what = "other values" if k.endswith("fingerprint") else f"{a} vs this run's {b}"
-            out.append(f"{k}: {what}"[:120])
+            what = "other values" if k.endswith("fingerprint") else f"{a} -> {b}"
+            out.append(f"{k}: {what}")
     return out
 
 

@@ -19,8 +19,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from abc_jax.model import Params
-from abc_jax.validation import check_params
+from abc_jax import edge
+from abc_jax.core.model import Params
 
 
 def _umask() -> int:
@@ -121,25 +121,72 @@ def write_results(out_dir: str | os.PathLike[str], *, config: Any = None, metric
 
 
 def save_params(path: str | os.PathLike[str], params: Any) -> Path:
-    """Write ``Params(A, B, C)`` to an .npz with arrays A, B, C (what train.py writes)."""
-    A, B, C = check_params(params)[0]
-    return write_npz(path, A=A, B=B, C=C)
+    """Write ``Params(A, B, C)`` to an .npz with arrays A, B, C (what train.py writes).
 
-
-def load_params(path: str | os.PathLike[str]) -> Any:
-    """``Params(A (H, D), B (H, D), C (O, H))`` from an .npz of ``save_params`` or train.py.
-
-    Raises ValueError naming the file if it is unreadable, lacks A, B or C, or holds
-    shapes that do not chain; TypeError for a non-floating dtype (or float64 without x64).
+    A dtype NumPy cannot store (bfloat16) is written as float32, exactly, with its name
+    in an array ``dtype``, so ``load_params`` gives it back as it was.
     """
+    params = edge.params(edge.params_input(params))
+    dtype = np.dtype(params.A.dtype)
+    stored = {k: np.asarray(a, np.float32 if dtype.kind == "V" or dtype.name == "bfloat16"
+                            else dtype) for k, a in zip("ABC", params, strict=True)}
+    return write_npz(path, **stored, dtype=np.array(dtype.name))
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError) as e:
+            if not hasattr(f, "files"):
+                raise ValueError(f"{path} is a .npy array, not an .npz archive of A, B and C")
+            return {k: f[k] for k in f.files}
+    except (OSError, EOFError) as e:
         raise ValueError(f"cannot read params from {path}: {e}") from None
+    except ValueError as e:
+        if "pickle" in str(e):
+            raise ValueError(f"{path} is not an array file (.npz): cannot read params from "
+                             "it") from None
+        raise ValueError(f"cannot read params from {path}: {e}") from None
+
+
+def _from_checkpoint(path: Path, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A, B, C of a training checkpoint: its best params where evaluation ran, else its last."""
+    settings = json.loads(str(arrays["settings"]))
+    leaves = [arrays[f"state_{i}"] for i in range(sum(k.startswith("state_") for k in arrays))]
+    if settings.get("M", 1) != 1:
+        raise ValueError(f"{path} is a checkpoint of {settings['M']} members (train_many): "
+                         "load_params reads one model's params")
+    chosen = leaves[-3:] if settings.get("evaluation") else leaves[:3]
+    return {k: a[0] if a.ndim == 3 else a for k, a in zip("ABC", chosen, strict=True)}
+
+
+def load_params(path: str | os.PathLike[str]) -> Params:
+    """``Params(A (H, D), B (H, D), C (O, H))`` from what ``save_params`` or train.py wrote.
+
+    ``path``: an .npz of ``save_params`` (train.py's params.npz), a training checkpoint
+    (``checkpoint.npz``: its best params where evaluation ran, else its last), or a run
+    folder holding params.npz or checkpoint/checkpoint.npz.
+
+    Raises ValueError naming the file if it is missing, unreadable or not an array file,
+    lacks A, B or C, or holds shapes that do not chain; TypeError for a non-floating
+    dtype (or float64 without x64).
+    """
+    path = Path(path)
+    if path.is_dir():
+        found = [p for p in (path / "params.npz", path / "checkpoint" / "checkpoint.npz",
+                             path / "checkpoint.npz") if p.is_file()]
+        if not found:
+            raise ValueError(f"{path} is a folder without params.npz or a checkpoint "
+                             "(checkpoint/checkpoint.npz): not a training run's folder")
+        path = found[0]
+    if not path.is_file():
+        raise ValueError(f"cannot read params from {path}: no such file")
+    arrays = _read_npz(path)
+    if "settings" in arrays and "state_0" in arrays:
+        arrays = _from_checkpoint(path, arrays)
     missing = [k for k in "ABC" if k not in arrays]
     if missing:
         raise ValueError(f"{path} must hold arrays A, B and C (an .npz of save_params), "
                          f"missing {', '.join(missing)}; it has {sorted(arrays)}")
-    check_params(Params(*(arrays[k] for k in "ABC")), f"the params in {path}")
-    return Params(*(jnp.asarray(arrays[k]) for k in "ABC"))
+    dtype = str(arrays["dtype"]) if "dtype" in arrays else None
+    params = Params(*(jnp.asarray(arrays[k], dtype) for k in "ABC"))
+    return edge.params(params, f"the params in {path}")

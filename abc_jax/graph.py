@@ -29,9 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from abc_jax import validation
-from abc_jax.backward import abc_loss, manual_vjp
-from abc_jax.model import as_params, as_sample_and_target, forward
+from abc_jax import edge
+from abc_jax.api import abc_loss, forward, manual_vjp
 
 # name: (title, kind, (column, row)); the layout reads left to right, rows top down.
 NODES: dict[str, tuple[str, str, tuple[int, int]]] = {
@@ -90,7 +89,10 @@ def node_values(params: Any, x: Any,
       ``{name: (value, gradient)}`` for the names in ``NODES``, NumPy arrays of the
       node's shape (L: shape ()); where each comes from: the module docstring.
     """
-    params, x, t = as_sample_and_target(params, x, t)
+    params, x, t = edge.params_and_sample(
+        edge.params_input(params), edge.data_input(x, "x"),
+        edge.optional_input(t, "t", "one target array of shape (O,)"))
+    edge.check_values(None, params, {"x": x, "t": t})  # a picture reads its values anyway
     D, H, dtype = params.A.shape[1], params.A.shape[0], params.A.dtype
     L, res = forward(params, x, t)
     g = manual_vjp(params, res)
@@ -238,8 +240,9 @@ def draw_graph(params: Any, x: Any, t: Any = None, *, title: str | None = None, 
       The figure drawn into; gids: "x/box", "x/title", "x/value", "x/grad" (a text, or
       a heat map's BboxImage), "x/value/label" ..., "edge/x/y" ..., "title", "key".
     """
-    params, D, H, O, _ = as_params(params)
-    digits = validation.check_positive_int(digits, "digits")
+    params = edge.params(edge.params_input(params))
+    (H, D), O = params.A.shape, params.C.shape[0]
+    digits = edge.check_positive_int(digits, "digits")
     if digits > 15:
         raise ValueError(f"digits must be between 1 and 15, got {digits}")
     import matplotlib.pyplot as plt

@@ -24,8 +24,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from abc_jax import validation
-from abc_jax.model import Batch
+from abc_jax import edge
+from abc_jax.core.model import Batch
 
 DATA_AXIS = "data"
 
@@ -38,7 +38,7 @@ def data_mesh(devices: Any = None) -> Mesh:
 
 def _rows(X: Any, what: str) -> tuple[Any, Any, Any]:
     """(X, weights, T) of an (N, D) array or a ``Batch``, checked to be a batch of real numbers."""
-    X, weights, T = X if isinstance(X, Batch) else (X, None, None)
+    X, weights, T = edge.data_input(X) if isinstance(X, Batch) else (edge.array(X, "X"), None, None)
     shape = np.shape(X)
     dtype = np.dtype(X.dtype) if hasattr(X, "dtype") else np.asarray(X).dtype
     if len(shape) != 2:
@@ -79,6 +79,28 @@ def shard_batch(X: Any, mesh: Mesh | None = None) -> Batch:
     rows, per_row = (NamedSharding(mesh, PartitionSpec(DATA_AXIS, *s)) for s in ((None,), ()))
     return Batch(jax.device_put(Xp, rows), jax.device_put(wp, per_row),
                  None if Tp is None else jax.device_put(Tp, rows))
+
+
+def replicate_like(tree: Any, X: Any) -> Any:
+    """``tree`` replicated over X's mesh when X is sharded over several devices.
+
+    Parameters on one device would clash with a sharded X in ``jit``. Keys move
+    as key data.
+    """
+    sharding = getattr(X, "sharding", None)
+    if not (isinstance(sharding, NamedSharding) and sharding.mesh.size > 1):
+        return tree
+    replicated = NamedSharding(sharding.mesh, PartitionSpec())
+
+    def put(leaf: Any) -> Any:
+        if leaf is None:
+            return None
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            data = jax.device_put(jax.random.key_data(leaf), replicated)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
+        return jax.device_put(leaf, replicated)
+
+    return jax.tree.map(put, tree)
 
 
 def check_mesh(mesh: Any) -> Mesh:
@@ -194,11 +216,11 @@ def initialize_distributed(coordinator_address: str, num_processes: int, process
       ValueError, TypeError: a malformed address or a number out of range, named.
     """
     host, port = _split_address(coordinator_address)
-    validation.check_positive_int(num_processes, "num_processes")
-    if validation.check_int(process_id, "process_id", minimum=0) >= num_processes:
+    edge.check_positive_int(num_processes, "num_processes")
+    if edge.check_int(process_id, "process_id", minimum=0) >= num_processes:
         raise ValueError(f"process_id must be < num_processes = {num_processes}, got {process_id}")
-    validation.check_positive_int(heartbeat_timeout, "heartbeat_timeout")
-    validation.check_positive_int(initialization_timeout, "initialization_timeout")
+    edge.check_positive_int(heartbeat_timeout, "heartbeat_timeout")
+    edge.check_positive_int(initialization_timeout, "initialization_timeout")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     deadline = time.monotonic() + initialization_timeout
     if process_id != 0:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 import abc_jax
 from abc_jax import files
-from abc_jax.validation import PRECISIONS
+from abc_jax.edge import PRECISIONS
 
 matplotlib.use("Agg")
 
@@ -278,6 +278,13 @@ def make_optimizer(name: str, lr: float) -> optax.GradientTransformation | None:
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}, got {name!r}")
     return OPTIMIZERS[name][1](lr)
+
+
+def rate_kwargs(name: str, lr: float) -> dict[str, Any]:
+    """``train``'s keywords for optimizer ``name`` at rate ``lr``: ``lr=`` for the hand-rolled
+    rule ("gd"), else ``optimizer=`` carrying the rate."""
+    optimizer = make_optimizer(name, lr)
+    return {"lr": lr} if optimizer is None else {"optimizer": optimizer}
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence], floatfmt: str = ".3g") -> str:

@@ -53,8 +53,8 @@ def run_generalization(k: int, n_train: int, n_test: int, epochs: int, *, lr: fl
     initial = _row("initial", 0, p0, Xtr, Xte)
     trainers = {"average": lambda e: train_per_sample(p0, Xtr, lr=lr, epochs=e, progress=False),
                 "batch_gd": lambda e: train(p0, Xtr, lr=lr, epochs=e, progress=False),
-                "adam": lambda e: train(p0, Xtr, lr=adam_lr, epochs=e,
-                                        optimizer=optax.adam(adam_lr), progress=False)}
+                "adam": lambda e: train(p0, Xtr, epochs=e, optimizer=optax.adam(adam_lr),
+                                        progress=False)}
     curves, train_losses, diverged, out = [], {}, {}, {}
     for m in METHODS:
         curves.append({**initial, "method": m})

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import abc_jax
-from abc_jax.validation import PRECISIONS
+from abc_jax.edge import PRECISIONS
 
 NAME = "bench_step"
 PUBLIC = {f: getattr(abc_jax, f) for f in (  # the functions whose call overhead is measured

@@ -42,7 +42,7 @@ def run_one(name: str, lr: float, params: abc_jax.Params, X: jax.Array, epochs: 
             target: float, repeats: int, precision: str) -> dict[str, Any]:
     """One (optimizer, lr) run: losses, epochs to the target, divergence; ``wall_s``, the median
     of ``repeats`` runs after the compiling one; and ``fit(epochs=e)`` (no recompilation)."""
-    fit = functools.partial(train, params, X, lr=lr, optimizer=_common.make_optimizer(name, lr),
+    fit = functools.partial(train, params, X, **_common.rate_kwargs(name, lr),
                             progress=False, precision=precision)
     rec = dict(dict.fromkeys([*RUN_FIELDS, "params"]), optimizer=name, lr=lr, epochs=epochs,
                device=_common.device_label(), precision=precision, fit=fit)

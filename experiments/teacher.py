@@ -83,7 +83,7 @@ def run_teacher(dims: tuple[int, int, int], sigma: float, gain: float, n_train: 
     curves, final = {}, {}
     for m, opt in (("batch_gd", None), ("adam", optax.adam(adam_lr))):
         res = abc_jax.train(task["start"], task["train"], lr=lr if opt is None else None,
-                            optimizer=opt, epochs=epochs, epochs_per_chunk=every,
+                            optimizer=opt, epochs=epochs, epochs_per_chunk=every, eval_every=every,
                             eval_data=task["test"], progress=False)
         curves[m] = {"epochs": np.asarray(res.eval_epochs).tolist(),
                      "heldout": np.asarray(res.eval_losses).tolist(),

@@ -8,7 +8,7 @@ Targets t (L = ||C z - t||^2 per row; none: t = 0, the homework's loss) come fro
 --targets T.npy (N, O), or from --target-cols, columns of the --data file (the rest are X).
 Held-out data: --eval-data (its targets: the same --target-cols, or --eval-targets) or
 --eval-fraction, a fixed split of the rows drawn from --seed; its loss is measured at epoch
-0 and every --epochs-per-chunk epochs, and --patience stops after that many evaluations
+0 and every --eval-every epochs, and --patience stops after that many evaluations
 without a new best, keeping the best params.
 
 Writes config.json, metrics.json (compile_seconds apart from epochs_per_second; held-out
@@ -49,8 +49,10 @@ from abc_jax import Batch, DataError, DivergenceError, init_params, parallel, tr
 from abc_jax.checkpoint import checkpoint_epoch, checkpoint_path
 from abc_jax.files import save_params, write_results
 
-QUICK = {"n": 32, "epochs": 40, "epochs_per_chunk": 20}  # --quick's settings
-SAVED = ("dtype seed epochs lr optimizer grad batch_size chunk_size epochs_per_chunk quick "
+QUICK = {"n": 32, "epochs": 40, "epochs_per_chunk": 20, "eval_every": 20,  # --quick's settings
+         "checkpoint_every": 20}
+SAVED = ("dtype seed epochs lr optimizer grad batch_size chunk_size epochs_per_chunk eval_every "
+         "checkpoint_every quick "
          "eval_fraction patience").split()
 
 
@@ -88,7 +90,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--batch-size", type=int, help="mini-batch size (default: full batch)")
     t.add_argument("--chunk-size", type=int, help="rows per gradient chunk (bounds memory)")
     t.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="dtype")
-    t.add_argument("--epochs-per-chunk", type=int, default=100, help="epochs between checkpoints")
+    t.add_argument("--epochs-per-chunk", type=int, default=100,
+                   help="epochs per compiled call between returns to the host")
+    t.add_argument("--eval-every", type=int, default=100,
+                   help="epochs between held-out evaluations (and one at the end)")
+    t.add_argument("--checkpoint-every", type=int, default=100,
+                   help="epochs between checkpoints (and one at the end)")
     m = p.add_argument_group("several processes: all three flags or none; each process reads "
                              "its own --data (synthetic: its own --n rows)")
     m.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0 (coordinator)")
@@ -101,7 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("results/train"), help="results folder")
     p.add_argument("--restart", action="store_true", help="discard the checkpoint in --out")
     p.add_argument("--quick", action="store_true", help="a tiny run for a smoke test: "
-                   "--n 32, --epochs 40, --epochs-per-chunk 20 unless given")
+                   "--n 32, --epochs 40, --epochs-per-chunk/--eval-every/--checkpoint-every 20 "
+                   "unless given")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (none in a log)")
     args = p.parse_args(argv)
     vars(args).update({k: v for k, v in QUICK.items()  # --quick: flags left at the default
@@ -111,8 +119,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 "or none")
     if args.num_processes is not None and not 0 <= args.process_id < args.num_processes:
         p.error(f"--process-id must be in 0 .. {args.num_processes - 1}, got {args.process_id}")
-    for name in ("epochs_per_chunk", "num_processes", "heartbeat_timeout", "init_timeout", "n",
-                 "in_dim", "hidden_dim", "out_dim", "batch_size", "chunk_size"):
+    for name in ("epochs_per_chunk", "eval_every", "checkpoint_every", "num_processes",
+                 "heartbeat_timeout", "init_timeout", "n", "in_dim", "hidden_dim", "out_dim",
+                 "batch_size", "chunk_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.epochs < 0 or not (np.isfinite(args.lr) and args.lr > 0):
@@ -136,7 +145,7 @@ def _target_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-fraction", type=float, metavar="F", help="hold out this fraction "
                    "of the rows instead (a fixed split drawn from --seed)")
     g.add_argument("--patience", type=int, metavar="P", help="stop after P held-out evaluations "
-                   "(one every --epochs-per-chunk epochs) without a new best; keep the best")
+                   "(one every --eval-every epochs) without a new best; keep the best")
 
 
 def _check_target_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -250,12 +259,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         with _common.compile_clock() as compiling:
             result = jax.block_until_ready(train(
-                params, data.batch, lr=args.lr, epochs=args.epochs,
-                optimizer=_common.make_optimizer(args.optimizer, args.lr), grad=args.grad,
+                params, data.batch, epochs=args.epochs,
+                **_common.rate_kwargs(args.optimizer, args.lr), grad=args.grad,
                 batch_size=args.batch_size, chunk_size=args.chunk_size,
                 key=jax.random.fold_in(jax.random.key(args.seed), 2), checkpoint_dir=ckpt.parent,
                 progress=not args.no_progress and sys.stdout.isatty(),  # no bar in a log
-                epochs_per_chunk=args.epochs_per_chunk, eval_data=data.eval_data,
+                epochs_per_chunk=args.epochs_per_chunk, eval_every=args.eval_every,
+                checkpoint_every=args.checkpoint_every, eval_data=data.eval_data,
                 patience=args.patience))
     except (DivergenceError, FloatingPointError, ValueError) as e:
         message = str(e)

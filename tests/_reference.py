@@ -6,6 +6,8 @@ package's forward pass and its ``oracle_grad`` cannot hide. Errors are
 relative per parameter: max |got - ref| / max |ref| (DESIGN.md section 5).
 """
 
+import contextlib
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -71,3 +73,19 @@ def assert_rel_close(got, ref, tol):
     errs = rel_errors(got, ref)
     # NaN compares False, so a NaN anywhere fails here too.
     assert all(e <= tol for e in errs), f"relative errors {errs} exceed {tol}"
+
+
+@contextlib.contextmanager
+def compilations():
+    """The names of the functions JAX compiles inside the block (JAX's monitoring events)."""
+    seen = []
+
+    def listener(event, duration, **kwargs):
+        if event.startswith("/jax/core/compile/backend_compile"):
+            seen.append(kwargs.get("fun_name", event))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield seen
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

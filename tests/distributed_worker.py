@@ -111,7 +111,7 @@ differences["train 40 epochs: losses"] = rel(many.losses, one.losses)
 
 # Mini-batches: a permutation of the 1001 real rows (7 batches of 128 and one of 105),
 # the very batches one process draws, so a stateful optimizer follows the same path.
-mini = dict(lr=0.01, epochs=3, batch_size=128, key=jax.random.key(3),
+mini = dict(epochs=3, batch_size=128, key=jax.random.key(3),
             optimizer=optax.adam(0.01), progress=False)
 many_mini, one_mini = train(params, Xg, **mini), train(params, X, **mini)
 differences["mini-batches, adam: params"] = rel(many_mini.params, one_mini.params)

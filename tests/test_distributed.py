@@ -74,7 +74,8 @@ def test_two_processes_give_the_results_of_one(tmp_path):
 
 ROWS = (600, 401)
 EPOCHS = 60
-TRAIN = ["--dtype", "float64", "--epochs", str(EPOCHS), "--epochs-per-chunk", "5", "--lr", "0.05",
+TRAIN = ["--dtype", "float64", "--epochs", str(EPOCHS), "--epochs-per-chunk", "5",
+         "--checkpoint-every", "5", "--lr", "0.05",
          "--hidden-dim", "6", "--out-dim", "5", "--no-progress"]
 
 

@@ -252,7 +252,8 @@ def test_compile_clock_counts_compilation_inside_its_block_only():
 
 
 # Every script: a file of experiments/ with a main (the others are modules they import).
-SCRIPTS = ["bench_gradients", "bench_step", "bench_train", "generalization", "gradcheck",
+SCRIPTS = ["bench_clipping", "bench_gradients", "bench_step", "bench_train", "generalization",
+           "gradcheck",
            "optimizers", "real_data", "reproduce_seed", "sweep", "train"]
 
 

@@ -17,7 +17,7 @@ from abc_jax import Batch, Params
 from abc_jax.checkpoint import checkpoint_epoch
 
 D, H, O = 4, 5, 3  # all different
-EVERY = 10  # epochs_per_chunk: the evaluation period
+EVERY = 10  # eval_every (and epochs_per_chunk): the evaluation period
 
 
 def teacher_problem(n_train=12, n_eval=40, noise=0.3):
@@ -31,7 +31,7 @@ def teacher_problem(n_train=12, n_eval=40, noise=0.3):
 
 def run(params, train_set, epochs, **kw):
     return abc_jax.train(params, train_set, lr=0.05, epochs=epochs, progress=False,
-                         epochs_per_chunk=EVERY, **kw)
+                         epochs_per_chunk=EVERY, eval_every=EVERY, **kw)
 
 
 def test_the_held_out_loss_is_measured_at_every_chunk_boundary():
@@ -98,7 +98,13 @@ def test_bad_evaluation_arguments_are_named():
     with pytest.raises(ValueError, match=r"T must have shape \(N, O\)"):
         run(params, train_set, 5, eval_data=Batch(held.X, T=held.T[:, :2]))
     with pytest.raises(ValueError, match="eval_data must be finite"):
-        run(params, train_set, 5, eval_data=held.X.at[1, 1].set(jnp.nan))
+        run(params, train_set, 5, eval_data=held._replace(X=held.X.at[1, 1].set(jnp.nan)))
+    with pytest.raises(ValueError, match="eval_data: the training batch has targets T and "
+                                         "eval_data has none"):
+        run(params, train_set, 5, eval_data=held.X)
+    with pytest.raises(ValueError, match="eval_data: eval_data has targets T and the training "
+                                         "batch has none"):
+        run(params, train_set.X, 5, eval_data=held)
 
 
 # --- predict -------------------------------------------------------------------
@@ -133,7 +139,7 @@ def test_predict_rejects_bad_input():
         abc_jax.predict(params, train_set.X[:, :3])
     with pytest.raises(ValueError, match="chunk_size"):
         abc_jax.predict(params, train_set.X, chunk_size=0)
-    with pytest.raises(ValueError, match="X must be finite"):
+    with abc_jax.value_checks(), pytest.raises(ValueError, match="X must be finite"):
         abc_jax.predict(params, train_set.X.at[0, 0].set(jnp.inf))
 
 

@@ -10,9 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from abc_jax import Batch, TrainManyResult, init_params, train, train_many
+from abc_jax import Batch, Params, TrainManyResult, init_params, train, train_many
 from abc_jax.checkpoint import checkpoint_epoch
-from abc_jax.model import Params
 
 D, H, O, N, M = 3, 4, 2, 12, 3  # rectangular: a transposed gradient cannot hide
 LR = 0.05
@@ -85,13 +84,15 @@ def test_optax_optimizer_and_per_member_learning_rate():
         assert_member_equals(r, m, train(member(params, m), X, epochs=12,
                                          optimizer=optax.adam(0.01), **KW))
     lrs = [0.001, 0.01, 0.03]
-    r = train_many(params, X, lr=lrs, epochs=12, grad="oracle",
-                   optimizer=optax.inject_hyperparams(optax.adam)(learning_rate=1.0), **KW)
+    per_member = optax.inject_hyperparams(optax.adam)(learning_rate=jnp.asarray(lrs))
+    r = train_many(params, X, epochs=12, grad="oracle", optimizer=per_member, **KW)
     for m in (0, 2):
         own = optax.inject_hyperparams(optax.adam)(learning_rate=lrs[m])
         assert_member_equals(r, m, train(member(params, m), X, epochs=12, optimizer=own, **KW))
-    with pytest.raises(TypeError, match="inject_hyperparams"):
+    with pytest.raises(TypeError, match=r"an optimizer carries its own rate.*inject_hyperparams"):
         train_many(params, X, lr=lrs, epochs=2, optimizer=optax.adam(0.01), **KW)
+    with pytest.raises(TypeError, match="an optimizer carries its own rate"):
+        train(member(params, 0), X, lr=0.1, epochs=2, optimizer=optax.adam(0.01), **KW)
 
 
 def test_one_member_diverges_the_others_finish():

@@ -2,9 +2,9 @@
 
 On a CPU every precision computes the same float32 products, so the policy is
 checked where it is decided: in the lowered computation, whose dot products
-carry the precision a GPU would honour. Both ways a public function runs are
-lowered: traced inside the caller's ``jax.jit``, and eagerly, through the one
-checked jit of ``validation.run``. On a GPU the TF32 error itself is checked
+carry the precision a GPU would honour. A public function is one ``jax.jit``
+whether it is called eagerly or inside the caller's ``jax.jit``, so lowering it
+under ``jax.jit`` shows what both run. On a GPU the TF32 error itself is checked
 against what a 10-bit mantissa predicts.
 """
 
@@ -18,7 +18,7 @@ import pytest
 from _reference import make_problem, max_rel_err, ref_batch_loss
 
 import abc_jax
-from abc_jax import validation
+from abc_jax import edge
 
 BATCH_FNS = {
     "batch_grad": abc_jax.batch_grad,
@@ -64,46 +64,28 @@ def _traced(name, precision):
     return jax.jit(fn).lower(params, X).as_text()
 
 
-def _eager(name, precision, monkeypatch):
-    """The HLO of the checked jit the public function runs when called eagerly."""
-    real, texts = validation._flagged, []
-
-    def spy(*args, **kwargs):
-        texts.append(real.lower(*args, **kwargs).as_text())
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(validation, "_flagged", spy)
-    params, X = _problem(name)
-    _fn(name)(params, X, precision=precision)
-    assert len(texts) == 1, "one checked computation per call"
-    return texts[0]
-
-
 ALL = list(BATCH_FNS) + list(SAMPLE_FNS)
 
 
 @pytest.mark.smoke
 @pytest.mark.parametrize("name", ALL)
-def test_every_product_is_highest_by_default_whatever_the_global_setting(name, monkeypatch):
+def test_every_product_is_highest_by_default_whatever_the_global_setting(name):
     with jax.default_matmul_precision("bfloat16"):
         traced = _traced(name, None)
-        eager = _eager(name, None, monkeypatch)
     assert _dot_precisions(traced) == {("HIGHEST", "HIGHEST")}
-    assert _dot_precisions(eager) == {("HIGHEST", "HIGHEST")}
 
 
-@pytest.mark.parametrize("precision", validation.PRECISIONS)
-def test_every_named_precision_reaches_every_product(precision, monkeypatch):
+@pytest.mark.parametrize("precision", edge.PRECISIONS)
+def test_every_named_precision_reaches_every_product(precision):
     want = {(HLO[precision], HLO[precision])}
     assert _dot_precisions(_traced("batch_grad", precision)) == want
-    assert _dot_precisions(_eager("batch_grad", precision, monkeypatch)) == want
 
 
 @pytest.mark.parametrize("name", ["oracle_grad", "per_sample_grads", "manual_grad"])
-def test_a_faster_precision_is_the_callers_choice(name, monkeypatch):
+def test_a_faster_precision_is_the_callers_choice(name):
     # Autodiff's products (oracle_grad) and the vmapped ones follow the choice too.
     assert _dot_precisions(_traced(name, "default")) == {("DEFAULT", "DEFAULT")}
-    assert _dot_precisions(_eager(name, "high", monkeypatch)) == {("HIGH", "HIGH")}
+    assert _dot_precisions(_traced(name, "high")) == {("HIGH", "HIGH")}
 
 
 def test_precision_is_validated_before_tracing():
@@ -118,7 +100,7 @@ def test_precision_is_validated_before_tracing():
         if fn is not abc_jax.train:  # inside a trace as well (train refuses to be traced)
             with pytest.raises(ValueError, match="precision"):
                 jax.jit(functools.partial(fn, precision="fast")).lower(params, x)
-    assert validation.check_precision(None) == "highest"
+    assert edge.check_precision(None) == "highest"
 
 
 @pytest.mark.smoke
@@ -128,7 +110,7 @@ def test_precision_argument_does_not_change_results_on_the_cpu_or_at_highest():
     assert max_rel_err(abc_jax.batch_grad(params, X), want) <= 1e-5
     assert max_rel_err(abc_jax.batch_grad(params, X, precision="highest"), want) <= 1e-5
     if jax.default_backend() == "cpu":
-        for p in validation.PRECISIONS:
+        for p in edge.PRECISIONS:
             np.testing.assert_array_equal(abc_jax.batch_loss(params, X, precision=p),
                                           abc_jax.batch_loss(params, X))
 

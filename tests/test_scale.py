@@ -1,6 +1,6 @@
 """The batch gradient's two exact output forms (direct and Gram), and chunking.
 
-``backward._value_and_grad(params, batch, chunk_size, gram)`` computes the
+``backward.value_and_grad(params, batch, chunk_size, gram)`` computes the
 batch loss and its gradient as contractions over N; its output side has a
 direct form (W = C Z) and a Gram form (C^T C, W never formed). Both must equal
 autodiff at every shape and with row weights; chunking the rows must not
@@ -16,10 +16,11 @@ import pytest
 from _reference import make_problem, max_rel_err, ref_batch_loss
 
 import abc_jax
-from abc_jax import Batch, backward
+from abc_jax import Batch
+from abc_jax.core import backward
 
-# backward._value_and_grad jitted, with chunk_size and gram static as in the library.
-value_and_grad = jax.jit(backward._value_and_grad, static_argnums=(2, 3))
+# backward.value_and_grad jitted, with chunk_size and gram static as in the library.
+value_and_grad = jax.jit(backward.value_and_grad, static_argnums=(2, 3))
 
 
 def weights_allowed():

@@ -64,7 +64,7 @@ def test_batch_grad_with_targets(D, H, O, dtype, tol, chunk_size):
 @pytest.mark.parametrize("D,H,O", SHAPES)
 def test_weighted_targets_and_the_gram_form_loss(D, H, O):
     # Weights and targets together, in both forms; the Gram form's own loss too.
-    from abc_jax.backward import _value_and_grad
+    from abc_jax.core.backward import value_and_grad
 
     params, X = make_problem(2, D, H, O, N=9)
     T, r = targets(9, O), jnp.linspace(0.0, 2.0, 9)
@@ -72,7 +72,7 @@ def test_weighted_targets_and_the_gram_form_loss(D, H, O):
     batch = Batch(X, r, T)
     assert_rel_close(abc_jax.batch_grad(params, batch, chunk_size=4), want, F64_TOL)
     for gram in (False, True):
-        value, grads = _value_and_grad(params, batch, 4, gram)
+        value, grads = value_and_grad(params, batch, 4, gram)
         assert_rel_close(grads, want, F64_TOL)
         np.testing.assert_allclose(value, ref_batch_loss(params, X, T, r), rtol=1e-12)
 
@@ -135,7 +135,7 @@ def test_train_learns_a_target():
 ])
 def test_bad_targets_are_named(bad, err, match):
     params, X = make_problem(8, 5, 4, 3, N=4)
-    with pytest.raises(err, match=match):
+    with abc_jax.value_checks(), pytest.raises(err, match=match):
         abc_jax.batch_grad(params, Batch(X, T=bad(targets(4, 3))))
 
 
@@ -143,5 +143,5 @@ def test_bad_one_sample_target_is_named():
     params, X = make_problem(8, 5, 4, 3, N=1)
     with pytest.raises(ValueError, match=r"t must have O = 3 entries \(rows of C\)"):
         abc_jax.loss(params, X[0], jnp.zeros(4))
-    with pytest.raises(ValueError, match=r"t must be finite"):
+    with abc_jax.value_checks(), pytest.raises(ValueError, match=r"t must be finite"):
         abc_jax.manual_grad(params, X[0], jnp.array([0.0, jnp.inf, 0.0]))

@@ -17,15 +17,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _reference import ref_batch_loss
+from _reference import compilations, ref_batch_loss
 
 import abc_jax
-import abc_jax.loop as loop_mod
-import abc_jax.training as train_mod
+from abc_jax import (
+    DivergenceError,
+    Params,
+    TrainResult,
+    gradient_descent,
+    init_params,
+    train,
+    train_per_sample,
+)
 from abc_jax.checkpoint import checkpoint_epoch, checkpoint_path
-from abc_jax.model import Params, init_params
-from abc_jax.population import train_per_sample
-from abc_jax.training import DivergenceError, TrainResult, gradient_descent, train
+from abc_jax.engine import loop, pipeline
 
 D, H, O, N = 4, 6, 3, 10  # all different: a transposed gradient cannot hide
 LR = 0.05
@@ -71,7 +76,7 @@ def test_losses_are_the_loss_before_each_update():
 def test_hand_rolled_rule_equals_optax_sgd(dtype, rtol):
     params, X = make_problem(dtype)
     ours = train(params, X, lr=LR, epochs=130, progress=False, epochs_per_chunk=50)
-    sgd = train(params, X, lr=LR, epochs=130, optimizer=optax.sgd(LR), progress=False,
+    sgd = train(params, X, epochs=130, optimizer=optax.sgd(LR), progress=False,
                 epochs_per_chunk=50)
     assert_results_close(ours, sgd, rtol=rtol)
     assert ours.losses[-1] < 0.1 * ours.losses[0]
@@ -138,7 +143,7 @@ def test_lr_is_any_real_scalar_and_optional_with_an_optimizer():
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_optax_optimizers_reduce_the_loss(name):
     params, X = make_problem()
-    r = train(params, X, lr=0.05, epochs=60, optimizer=OPTIMIZERS[name], progress=False,
+    r = train(params, X, epochs=60, optimizer=OPTIMIZERS[name], progress=False,
               epochs_per_chunk=25)
     losses = np.asarray(r.losses)
     assert losses.shape == (60,)
@@ -205,8 +210,8 @@ def test_an_overflow_at_the_initial_params_is_not_a_divergence(dtype, scale):
 def test_divergence_with_an_optax_optimizer_mentions_its_own_learning_rate():
     params, X = make_problem()
     with pytest.raises(DivergenceError, match="lower the optimizer's own learning rate") as info:
-        train(params, X, lr=1.0, epochs=400, optimizer=optax.sgd(1e3), progress=False)
-    assert "lr=" not in str(info.value).split(";")[0] and info.value.lr == 1.0
+        train(params, X, epochs=400, optimizer=optax.sgd(1e3), progress=False)
+    assert "lr=" not in str(info.value).split(";")[0] and info.value.lr is None
 
 
 def test_per_sample_divergence_names_the_sample():
@@ -225,7 +230,7 @@ def test_per_sample_divergence_names_the_sample():
 @pytest.mark.parametrize("batch_size", [None, 4])
 def test_same_inputs_same_bits(batch_size):
     params, X = make_problem()
-    kw = dict(lr=LR, epochs=70, batch_size=batch_size, key=jax.random.key(3), progress=False,
+    kw = dict(epochs=70, batch_size=batch_size, key=jax.random.key(3), progress=False,
               epochs_per_chunk=30, optimizer=optax.adam(0.01))
     assert_results_equal(train(params, X, **kw), train(params, X, **kw))
 
@@ -235,7 +240,7 @@ def test_float32_in_float32_out():
     r = train(params, np.asarray(X, np.float64), lr=LR, epochs=5, progress=False)
     assert r.losses.dtype == jnp.float32
     assert all(p.dtype == jnp.float32 for p in r.params)
-    r = train(params, X, lr=LR, epochs=5, batch_size=3, key=jax.random.key(0),
+    r = train(params, X, epochs=5, batch_size=3, key=jax.random.key(0),
               optimizer=optax.adam(1e-2), progress=False)
     assert r.losses.dtype == jnp.float32 and r.params.C.dtype == jnp.float32
 
@@ -316,27 +321,28 @@ def test_a_run_does_exactly_its_epochs_of_work():
     params, X = make_problem()
     calls = []
     optimizer = counting(optax.sgd(LR), calls)
-    r = train(params, X, lr=LR, epochs=10, optimizer=optimizer, progress=False,
+    r = train(params, X, epochs=10, optimizer=optimizer, progress=False,
               epochs_per_chunk=100)
     assert r.losses.shape == (10,) and len(calls) == 10  # not 100
     calls.clear()
-    train(params, X, lr=LR, epochs=230, optimizer=optimizer, progress=False,
+    train(params, X, epochs=230, optimizer=optimizer, progress=False,
           epochs_per_chunk=100)
     assert len(calls) == 230
     calls.clear()  # a divergence stops the loop at the first non-finite loss
     with pytest.raises(DivergenceError) as info:
-        train(params, X, lr=1e3, epochs=100, optimizer=counting(optax.sgd(1e3), calls),
+        train(params, X, epochs=100, optimizer=counting(optax.sgd(1e3), calls),
               progress=False, epochs_per_chunk=100)
     assert len(calls) == info.value.epoch + 1  # the epochs up to and with the bad one
     # the epochs of a chunk are one while_loop with a traced trip count, not a scan
     sgd = optax.sgd(LR)
     static = dict(update=sgd.update, extra=False, grad="manual", length=100, batch_size=None,
                   n_rows=0, chunk_size=None, precision="highest")
-    state = loop_mod.State(params, sgd.init(params), params, jnp.zeros((), bool))
-    jaxpr = jax.make_jaxpr(lambda c, b, s, e: loop_mod._chunk(c, b, None, s, e, **static))(
-        state, abc_jax.Batch(X), jnp.int32(0), jnp.int32(10))
-    loops = [eqn.primitive.name for eqn in jaxpr.eqns if eqn.primitive.name in ("while", "scan")]
-    assert loops == ["while"], loops
+    one = jax.tree.map(lambda a: a[None], (params, sgd.init(params), params))
+    state = loop.State(*one, jnp.zeros(1, bool), jnp.zeros(1, bool))
+    jaxpr = str(jax.make_jaxpr(lambda c, b, s, e: loop.run_chunk(
+        c, b, None, s, e, batch_axes=abc_jax.Batch(None), **static))(
+        state, abc_jax.Batch(X), jnp.int32(0), jnp.int32(10)))
+    assert "while[" in jaxpr and "scan[" not in jaxpr
 
 
 def test_precision_is_a_speed_knob_not_part_of_the_run(tmp_path):
@@ -353,18 +359,18 @@ def test_precision_is_a_speed_knob_not_part_of_the_run(tmp_path):
 def test_one_compilation_serves_every_chunk():
     params, X = make_problem()
     optimizer = optax.sgd(0.01)  # a fresh transformation: a fresh cache entry
-    before = loop_mod.run_chunk._cache_size()
-    train(params, X, epochs=85, optimizer=optimizer, progress=False, epochs_per_chunk=20)
-    assert loop_mod.run_chunk._cache_size() == before + 1  # 5 chunks, last one partial
-    # another length, another start: still the same compiled chunk
-    train(params, X, epochs=33, optimizer=optimizer, progress=False, epochs_per_chunk=20)
-    assert loop_mod.run_chunk._cache_size() == before + 1
+    with compilations() as seen:
+        train(params, X, epochs=85, optimizer=optimizer, progress=False, epochs_per_chunk=20)
+    assert seen.count("jit(run_chunk)") == 1  # 5 chunks, last one partial
+    with compilations() as seen:  # another length, another start: the same compiled chunk
+        train(params, X, epochs=33, optimizer=optimizer, progress=False, epochs_per_chunk=20)
+    assert "jit(run_chunk)" not in seen
     # the learning rate of the default rule is data: every lr shares one compilation
     train(params, X, lr=0.0123, epochs=25, progress=False, epochs_per_chunk=20)
-    after_first = loop_mod.run_chunk._cache_size()
-    for lr in (0.0123, 0.02, 0.1):
-        train(params, X, lr=lr, epochs=45, progress=False, epochs_per_chunk=20)
-    assert loop_mod.run_chunk._cache_size() == after_first
+    with compilations() as seen:
+        for lr in (0.0123, 0.02, 0.1):
+            train(params, X, lr=lr, epochs=45, progress=False, epochs_per_chunk=20)
+    assert "jit(run_chunk)" not in seen
 
 
 # --- mini-batches -----------------------------------------------------------
@@ -466,7 +472,7 @@ def test_per_sample_training_with_targets_and_weights_learns_each_rows_target():
 )
 def test_checkpoint_round_trip_continues_the_same_trajectory(tmp_path, kw):
     params, X = make_problem()
-    common = dict(lr=LR, progress=False, epochs_per_chunk=20) | kw
+    common = dict(progress=False, epochs_per_chunk=20) | (kw or dict(lr=LR))
     whole = train(params, X, epochs=90, **common)
     first = train(params, X, epochs=50, checkpoint_dir=tmp_path, **common)
     assert checkpoint_epoch(tmp_path) == 50
@@ -485,7 +491,7 @@ def test_a_finished_run_returns_at_once(tmp_path, monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished run compiled or ran epochs")
 
-    monkeypatch.setattr(train_mod, "run_chunk", must_not_run)
+    monkeypatch.setattr(pipeline, "run_chunk", must_not_run)
     assert_results_equal(train(params, X, **kw), done)
     with pytest.raises(ValueError, match="fewer than the 30 epochs"):
         train(params, X, **kw | dict(epochs=20))
@@ -520,8 +526,26 @@ def test_a_checkpoint_for_another_run_is_refused(tmp_path, change, named):
         params, X = make_problem(change.pop("dtype"))
     saved = checkpoint_path(tmp_path).read_bytes()
     with pytest.raises(ValueError, match=rf"different run and is not loaded \((.*; )?{named}: "):
-        train(params, X, **kw | change | dict(epochs=40))
+        train(params, X, **kw | change | dict(epochs=40, lr=None if "optimizer" in change else
+                                              change.get("lr", LR)))
     assert checkpoint_path(tmp_path).read_bytes() == saved  # untouched
+
+
+def test_a_refused_checkpoint_names_every_difference_in_full(tmp_path):
+    params, X = make_problem()
+    kw = dict(epochs=20, progress=False, checkpoint_dir=tmp_path, epochs_per_chunk=10)
+    train(params, X, lr=LR, **kw)
+    with pytest.raises(ValueError) as info:
+        train(params, X, lr=0.01, grad="oracle", **kw)
+    assert "grad: manual -> oracle" in str(info.value) and f"lr: {LR} -> 0.01" in str(info.value)
+
+
+def test_a_checkpoint_dir_that_is_a_file_is_refused_before_compiling(tmp_path):
+    params, X = make_problem()
+    (tmp_path / "f").write_text("")
+    with compilations() as seen, pytest.raises(ValueError, match="checkpoint_dir must be a "):
+        train(params, X, lr=LR, epochs=2, progress=False, checkpoint_dir=tmp_path / "f")
+    assert "jit(run_chunk)" not in seen
 
 
 def test_an_unreadable_checkpoint_is_refused(tmp_path):
@@ -568,10 +592,7 @@ def test_a_run_killed_midway_resumes_to_the_same_params(tmp_path):
 SHARDED_SCRIPT = """
 import jax, jax.numpy as jnp, numpy as np, optax, tempfile
 jax.config.update("jax_enable_x64", True)
-from abc_jax.model import init_params
-from abc_jax.model import Batch
-from abc_jax.parallel import shard_batch
-from abc_jax.training import train
+from abc_jax import Batch, init_params, shard_batch, train
 assert jax.device_count() == 4
 params = init_params(jax.random.key(0), 4, 6, 3, dtype=jnp.float64)
 X = jax.random.normal(jax.random.key(1), (10, 4), jnp.float64)
@@ -579,13 +600,13 @@ Xs = shard_batch(X)
 # 10 rows on 4 devices: padded to 12, the padding weighted 0
 assert isinstance(Xs, Batch) and Xs.X.shape == (12, 4)
 assert np.asarray(Xs.weights).tolist() == [1.0] * 10 + [0.0] * 2
-for kw in [{}, {"grad": "oracle", "optimizer": optax.adam(0.02)},
-           {"batch_size": 4, "key": jax.random.key(2)}]:
-    one = train(params, X, lr=0.05, epochs=40, progress=False, epochs_per_chunk=15, **kw)
+for kw in [{"lr": 0.05}, {"grad": "oracle", "optimizer": optax.adam(0.02)},
+           {"lr": 0.05, "batch_size": 4, "key": jax.random.key(2)}]:
+    one = train(params, X, epochs=40, progress=False, epochs_per_chunk=15, **kw)
     with tempfile.TemporaryDirectory() as d:  # resumed on the sharded batch
-        train(params, Xs, lr=0.05, epochs=20, progress=False, epochs_per_chunk=15,
+        train(params, Xs, epochs=20, progress=False, epochs_per_chunk=15,
               checkpoint_dir=d, **kw)
-        many = train(params, Xs, lr=0.05, epochs=40, progress=False, epochs_per_chunk=15,
+        many = train(params, Xs, epochs=40, progress=False, epochs_per_chunk=15,
                      checkpoint_dir=d, **kw)
     np.testing.assert_allclose(many.losses, one.losses, rtol=1e-12)
     for a, b in zip(many.params, one.params):

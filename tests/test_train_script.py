@@ -35,7 +35,8 @@ def test_help_shows_every_default(capsys):
 def test_writes_every_output_then_resumes_refuses_and_restarts(tmp_path, capsys):
     out = tmp_path / "run"
     # a chunk length no other test uses: this process compiles the loop here, whatever ran before
-    args = [*SMALL, "--lr", "0.05", "--epochs-per-chunk", "17", "--out", str(out)]
+    args = [*SMALL, "--lr", "0.05", "--epochs-per-chunk", "17", "--checkpoint-every", "17",
+            "--out", str(out)]
     assert train_script.main(args) == 0
     for name in ("config.json", "metrics.json", "losses.csv", "loss.png", "params.npz",
                  "checkpoint/checkpoint.npz"):
@@ -177,6 +178,7 @@ def test_target_columns_held_out_fraction_patience_and_the_saved_params(tmp_path
     assert train_script.main([
         "--data", str(path), "--target-cols", "5,-1", "--eval-fraction", "0.3", "--patience",
         "2", "--optimizer", "adam", "--lr", "0.05", "--epochs", "400", "--epochs-per-chunk", "20",
+        "--eval-every", "20",
         "--hidden-dim", "6", "--dtype", "float64", "--out", str(out)]) == 0
     config = json.loads((out / "config.json").read_text())
     assert (config["N"], config["N_eval"], config["D"], config["O"]) == (21, 9, 4, 2)

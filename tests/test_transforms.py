@@ -9,6 +9,9 @@ equal those of a plain-jnp loss.
 """
 
 import functools
+import os
+import subprocess
+import sys
 
 import _reference
 import chex
@@ -17,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _reference import max_rel_err, ref_batch_loss, ref_loss
+from _reference import compilations, max_rel_err, ref_batch_loss, ref_loss
 
 import abc_jax
-from abc_jax import Batch, Params, validation
+from abc_jax import Batch, Params
 
 D, H, O = 5, 4, 3  # all different
 
@@ -163,21 +166,22 @@ EAGER_FNS = ["batch_grad", "batch_grad_chunked", "batch_value_and_grad", "batch_
 @pytest.mark.smoke
 @pytest.mark.parametrize("name", EAGER_FNS)
 def test_eager_call_does_not_recompile(name):
-    # Every eager call runs through validation.run's one jit; a shape no other test
-    # uses compiles once, then new values (a NumPy array too) reuse that executable.
+    # Every eager call is one jit; a shape no other test uses compiles once, then new
+    # values (a NumPy array too) reuse that executable.
     fn = BATCH_FNS.get(name, abc_jax.batch_loss)
     params, X = make_problem(7, N=11, shape=(13, 2, 9))
-    before = validation._flagged._cache_size()
-    fn(params, X)
-    after_first = validation._flagged._cache_size()
-    assert after_first == before + 1
-    fn(params, X * 2.0)
-    fn(params, np.asarray(X))
-    fn(params, Batch(X, jnp.ones(11)))  # weights are data: a new signature, compiled once
-    after_weights = validation._flagged._cache_size()
-    fn(params, Batch(X, jnp.arange(11.0) + 1))
-    assert after_weights == after_first + 1
-    assert validation._flagged._cache_size() == after_weights
+    X2, w1, w2 = X * 2.0, jnp.ones(11), jnp.arange(11.0) + 1
+    with compilations() as first:
+        fn(params, X)
+    assert len(first) == 1, first
+    with compilations() as again:
+        fn(params, X2)
+        fn(params, np.asarray(X))
+    assert again == []
+    with compilations() as weighted:
+        fn(params, Batch(X, w1))  # weights are data: a new signature, compiled once
+        fn(params, Batch(X, w2))
+    assert len(weighted) == 1, weighted
 
 
 # ---------------------------------------------------------------- Batch under transformations
@@ -243,17 +247,31 @@ def test_argument_checks_run_inside_a_trace():
         jax.jit(functools.partial(abc_jax.batch_grad, chunk_size=0))(params, X)
 
 
-def test_value_checks_are_left_to_eager_calls():
-    # Inside a trace the values are unknown: NaN flows through as in any JAX function.
+def test_value_checks_are_opt_in_and_left_to_eager_calls():
+    # By default a NaN flows through as in any JAX function (the call does not wait for
+    # the device); abc_jax.value_checks() names it; inside a trace values are unknown.
     params, X = make_problem(24, N=5)
     X = X.at[3, 1].set(jnp.nan)
-    with pytest.raises(ValueError, match=r"X\[3, 1\]"):
+    assert np.isnan(np.asarray(abc_jax.batch_grad(params, X).A)).any()
+    with abc_jax.value_checks(), pytest.raises(ValueError, match=r"X\[3, 1\]"):
         abc_jax.batch_grad(params, X)
-    assert np.isnan(np.asarray(jax.jit(abc_jax.batch_grad)(params, X).A)).any()
-    with pytest.raises(ValueError, match="weights must be >= 0"):
-        abc_jax.batch_loss(params, Batch(jnp.nan_to_num(X), -jnp.ones(5)))
-    assert np.isfinite(jax.jit(abc_jax.batch_loss)(params, Batch(jnp.nan_to_num(X),
-                                                                 -jnp.ones(5))))
+    with abc_jax.value_checks():
+        assert np.isnan(np.asarray(jax.jit(abc_jax.batch_grad)(params, X).A)).any()
+        with pytest.raises(ValueError, match="weights must be >= 0"):
+            abc_jax.batch_loss(params, Batch(jnp.nan_to_num(X), -jnp.ones(5)))
+        assert np.isfinite(jax.jit(abc_jax.batch_loss)(params, Batch(jnp.nan_to_num(X),
+                                                                     -jnp.ones(5))))
+
+
+def test_the_environment_variable_turns_value_checks_on(tmp_path):
+    code = ("import jax.numpy as jnp, abc_jax\n"
+            "p = abc_jax.init_params(abc_jax_key := __import__('jax').random.key(0), 3)\n"
+            "try:\n    abc_jax.batch_loss(p, jnp.full((2, 3), jnp.nan))\n"
+            "except ValueError as e:\n    print('named:', e)\n")
+    env = dict(os.environ, ABC_JAX_VALUE_CHECKS="1", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert "named: X must be finite" in out
 
 
 # ---------------------------------------------------------------- dtypes

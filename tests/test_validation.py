@@ -1,68 +1,50 @@
-"""Bad input at every public function: a clear error of abc_jax's own, never a silent NaN.
+"""What a user passes meets one edge: the tests mirror its contracts, not every input x function.
 
-One test per contract, each run over every public function it applies to:
-
-1. Bad input (a rank, a shape, a dtype, a type, a Python value) raises
-   ``ValueError``/``TypeError`` from abc_jax's own code, naming the argument
-   and what was expected, before anything is traced or compiled.
-2. A NaN/inf in an input is a ``ValueError`` naming the argument, the count and
-   the position of the first one.
-3. Finite inputs whose result overflows the dtype raise ``FloatingPointError``
-   with the one overflow message, which suggests the next wider dtype.
-4. Inside a caller's ``jax.jit``/``vmap``/``grad`` the shape checks still run
-   and the value checks are skipped: a NaN flows through to the result.
+1. One case per rule of the edge (``abc_jax.edge``) and of the training engine's
+   argument checks (``engine.config``, ``engine.arguments``, ``engine.train``), each on
+   one representative public function: a ``ValueError``/``TypeError`` raised by
+   abc_jax's own code, its message starting with the argument's name and saying
+   what was expected, before anything compiles (at most the tiny conversions of
+   an input to a JAX array).
+2. One routing case per public function: a bad X (or x, or residuals) raises the
+   edge's named message, so the function goes through the edge.
+3. Values: opt-in for the array functions (``abc_jax.value_checks()``), which then
+   name a NaN/inf and its position, bad weights, an overflow; without the switch a
+   NaN flows through and nothing waits for the device; training always checks.
+4. Inside a caller's ``jax.jit``/``vmap`` the shape checks still raise named errors.
 """
 
-import contextlib
-import functools
 import os
+import re
 import traceback
 
+import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _reference import compilations
+from hypothesis import given, settings
 
 import abc_jax
-from abc_jax import Batch, Params, validation
+from abc_jax import Batch, Params, Residuals, edge
 
 D, H, O, N = 5, 4, 3, 6  # all different
 PACKAGE = os.path.dirname(abc_jax.__file__)
-
-FNS = {
-    "forward": abc_jax.forward,
-    "loss": abc_jax.loss,
-    "abc_loss": abc_jax.abc_loss,
-    "manual_grad": abc_jax.manual_grad,
-    "batch_loss": abc_jax.batch_loss,
-    "batch_grad": abc_jax.batch_grad,
-    "batch_value_and_grad": abc_jax.batch_value_and_grad,
-    "per_sample_grads": abc_jax.per_sample_grads,
-    "oracle_grad": abc_jax.oracle_grad,
-    "fd_grad": abc_jax.fd_grad,
-    "train": functools.partial(abc_jax.train, lr=0.1, epochs=2, progress=False),
-    "train_per_sample": functools.partial(abc_jax.train_per_sample, lr=0.1, epochs=2,
-                                          progress=False),
-}
-SAMPLE_FNS = ("forward", "loss", "abc_loss", "manual_grad")  # one sample x (D,)
-TRAIN_FNS = ("train", "train_per_sample")  # they run their own compiled loop
-BATCH_FNS = tuple(f for f in FNS if f not in SAMPLE_FNS)  # X (N, D) or a Batch
+# What turning a NumPy input into a JAX array may compile (once per shape and dtype):
+# anything else seen before a bad input's error means the check came too late.
+CONVERSIONS = {"jit(stage)", "jit(convert_element_type)"}
 
 
-def make_problem(dtype=np.float64, seed=0):
-    """Params and X (N, D) as NumPy arrays: building them compiles nothing."""
+def problem(dtype=np.float64, seed=0):
+    """Params (JAX arrays) and X (N, D) (a NumPy array), made without compiling anything."""
     rng = np.random.default_rng(seed)
 
     def normal(*shape):
         return (rng.standard_normal(shape) / 2).astype(dtype)
 
-    return Params(normal(H, D), normal(H, D), normal(O, H)), normal(N, D)
-
-
-def data_for(fn, X):
-    """(the data argument of ``fn``, its name): one sample x or the batch X."""
-    return (X[0], "x") if fn in SAMPLE_FNS else (X, "X")
+    return Params(*(jnp.asarray(normal(*s)) for s in [(H, D), (H, D), (O, H)])), normal(N, D)
 
 
 def with_value(a, index, value):
@@ -71,292 +53,419 @@ def with_value(a, index, value):
     return a
 
 
-@contextlib.contextmanager
-def compilations():
-    """The names of the functions JAX traces or compiles inside the block."""
-    # JAX compiles its transfer of a NumPy scalar once per process: done here, before
-    # watching, so that only what the call itself compiles is seen.
-    jnp.asarray(np.float64(0), np.float64)
-    seen = []
-
-    def listener(event, duration, **kwargs):
-        if event.startswith("/jax/core/compile/"):
-            seen.append(kwargs.get("fun_name", event))
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield seen
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-
-
-# --------------------------------------------------------------- 1. bad input
-
-# (id, bad data from the good one, error, message). The messages name the
-# argument and what was expected.
-BATCH_DATA = [
-    ("rank-1", lambda X: X[0], ValueError,
-     rf"X must be a batch of shape \(N, D\) = \(N, {D}\), got shape \({D},\)"),
-    ("rank-3", lambda X: X[None], ValueError, rf"X must .*\(N, D\).*got shape \(1, {N}, {D}\)"),
-    ("width", lambda X: X[:, 1:], ValueError,
-     rf"X must have D = {D} columns .*got shape \({N}, {D - 1}\)"),
-    ("empty", lambda X: X[:0], ValueError, r"X must hold at least one sample \(N >= 1\)"),
-    ("bool", lambda X: X > 0, TypeError, r"X must hold real numbers, got dtype bool"),
-    ("complex", lambda X: X + 1j, TypeError, r"X must hold real numbers, got dtype complex"),
-    ("str", lambda X: "1 2 3", TypeError, r"X must be an array, got str"),
-    ("weights-shape", lambda X: Batch(X, np.ones(N + 1)), ValueError,
-     rf"weights must have shape \(N,\) = \({N},\).*got \({N + 1},\)"),
-]
-SAMPLE_DATA = [
-    ("rank-2", lambda x: np.stack([x, x]), ValueError,
-     rf"x must be one sample of shape \(D,\) = \({D},\), got shape \(2, {D}\)"),
-    ("rank-0", lambda x: x[0], ValueError, r"x must be one sample of shape \(D,\).*got shape \(\)"),
-    ("width", lambda x: x[1:], ValueError,
-     rf"x must have D = {D} entries .*got shape \({D - 1},\)"),
-    ("bool", lambda x: x > 0, TypeError, r"x must hold real numbers, got dtype bool"),
-    ("str", lambda x: "1 2 3", TypeError, r"x must be an array, got str"),
-]
-PARAMS = [
-    ("dict", lambda p: p._asdict(), TypeError, r"params must be Params.*dict.*Params\(\*\*d\)"),
-    ("2-tuple", lambda p: p[:2], TypeError, r"params must be Params\(A, B, C\) \(a 3-tuple"),
-    ("C-wrong-H", lambda p: p._replace(C=np.ones((O, H + 1))), ValueError,
-     rf"params\.C must be \(O, H\) with H = {H}.*do not chain"),
-    ("B-not-A", lambda p: p._replace(B=np.ones((H, D + 1))), ValueError,
-     rf"params\.B must have the shape of A, \(H, D\) = \({H}, {D}\), got \({H}, {D + 1}\)"),
-    ("A-rank-1", lambda p: p._replace(A=p.A.ravel()), ValueError,
-     rf"params\.A must be a matrix \(rank 2\), got shape \({H * D},\)"),
-    ("int", lambda p: Params(*(a.astype(np.int32) for a in p)), TypeError,
-     r"params\.A must have a floating dtype, got int32"),
-    ("mixed", lambda p: p._replace(C=p.C.astype(np.float32)), TypeError,
-     r"params\.A, \.B, \.C must share one dtype"),
-    ("empty", lambda p: Params(np.ones((0, D)), np.ones((0, D)), np.ones((O, 0))), ValueError,
-     r"params dimensions must be >= 1"),
-]
-X64 = r"float64 needs x64 enabled: call jax\.config\.update\('jax_enable_x64', True\)"
-INT_TYPE, INT_MIN = r" must be an int, got", r" must be >= "
-REAL, POSITIVE = r" must be a real number", r" must be a finite number > 0"
-# (function, keyword, [(id, value, error, message)]): the message follows the keyword.
-ARGUMENTS = [
-    *[(f, "precision", [("name", "fast", ValueError, r" must be None or one of \('highest'"),
-                        ("int", 1, TypeError, r" must be None or one of")])
-      for f in FNS if f != "abc_loss"],
-    *[(f, "chunk_size", [("0", 0, ValueError, INT_MIN + "1, got 0"),
-                         ("-2", -2, ValueError, INT_MIN + "1, got -2"),
-                         ("float", 2.5, TypeError, INT_TYPE + " float"),
-                         ("bool", True, TypeError, INT_TYPE + " bool"),
-                         ("str", "4", TypeError, INT_TYPE + " str")])
-      for f in ("batch_grad", "batch_value_and_grad", "train")],
-    *[(f, "epochs", [("-1", -1, ValueError, INT_MIN + "0, got -1"),
-                     ("float", 3.0, TypeError, INT_TYPE + " float"),
-                     ("str", "3", TypeError, INT_TYPE + " str"),
-                     ("None", None, TypeError, INT_TYPE + " NoneType")]) for f in TRAIN_FNS],
-    *[(f, "lr", [("0", 0, ValueError, POSITIVE), ("-1", -1.0, ValueError, POSITIVE),
-                 ("nan", float("nan"), ValueError, POSITIVE),
-                 ("inf", float("inf"), ValueError, POSITIVE),
-                 ("str", "0.1", TypeError, REAL), ("bool", True, TypeError, REAL),
-                 ("list", [0.1], TypeError, REAL)]) for f in TRAIN_FNS],
-    *[(f, "lr", [("None", None, TypeError, r" is required without an optimizer")])
-      for f in TRAIN_FNS],
-    *[(f, "epochs_per_chunk", [("0", 0, ValueError, INT_MIN + "1"),
-                               ("float", 2.5, TypeError, INT_TYPE + " float")])
-      for f in TRAIN_FNS],
-    ("train", "batch_size", [("0", 0, ValueError, INT_MIN + "1, got 0"),
-                             ("float", 2.5, TypeError, INT_TYPE + " float"),
-                             ("str", "2", TypeError, INT_TYPE + " str"),
-                             ("bool", True, TypeError, INT_TYPE + " bool")]),
-    ("train", "optimizer", [("str", "adam", TypeError, r" must be an optax\.GradientTransf"),
-                            ("factory", optax.adam, TypeError, r" must be an optax\.Gradient")]),
-    ("train", "grad", [("autodiff", "autodiff", ValueError, r" must be one of \('manual'")]),
-    ("fd_grad", "eps", [("0", 0.0, ValueError, POSITIVE), ("-1e-3", -1e-3, ValueError, POSITIVE),
-                        ("nan", float("nan"), ValueError, POSITIVE),
-                        ("inf", float("inf"), ValueError, POSITIVE),
-                        ("str", "1e-3", TypeError, REAL), ("bool", True, TypeError, REAL)]),
-]
-KEY = r" must be (a|one) jax\.random key, e\.g\. jax\.random\.key\(0\)"
-_KEY = jax.random.key(0)
-_X13 = jnp.ones((13, D), jnp.float32)  # a shape and dtype no other test converts
-
-
 def without_x64(call):
     """``call`` with x64 disabled (the tests' conftest enables it)."""
-    def run(params, X):
+    def run():
         with jax.enable_x64(False):
-            return call(params, X)
+            return call()
     return run
 
 
-# Calls of their own: (id, call, error, message).
-OTHERS = [
-    *[(f"train-key-{i}", lambda p, X, k=k: FNS["train"](p, X, batch_size=2, key=k), TypeError,
-       "key" + KEY) for i, k in [("int", 0), ("str", "key"), ("numpy", np.zeros(2, np.uint32)),
-                                 ("floats", jnp.ones(3))]],
-    ("train-key-None", lambda p, X: FNS["train"](p, X, batch_size=2), ValueError,
-     r"key is required with batch_size"),
-    *[(f"init_params-key-{i}", lambda p, X, k=k: abc_jax.init_params(k, 3), TypeError, "key" + KEY)
-      for i, k in [("int", 0), ("str", "0"), ("numpy", np.zeros(2, np.uint32)), ("None", None)]],
-    *[(f"init_params-{kw}-{i}", lambda p, X, kw=kw, v=v: abc_jax.init_params(
-        _KEY, **({"in_dim": 3} | {kw: v})), err, kw + msg)
-      for kw, i, v, err, msg in [
-          ("in_dim", "0", 0, ValueError, " must be >= 1, got 0"),
-          ("in_dim", "float", 3.0, TypeError, " must be an int, got float"),
-          ("in_dim", "bool", True, TypeError, " must be an int, got bool"),
-          ("in_dim", "str", "3", TypeError, " must be an int, got str"),
-          ("hidden_dim", "0", 0, ValueError, " must be >= 1, got 0"),
-          ("out_dim", "-1", -1, ValueError, " must be >= 1, got -1"),
-          ("dtype", "int32", jnp.int32, TypeError, " must be a floating dtype, got int32"),
-          ("dtype", "name", "fast", TypeError, " must be a floating dtype, got 'fast'")]],
-    ("init_params-float64-without-x64", without_x64(lambda p, X: abc_jax.init_params(
-        _KEY, 3, dtype=jnp.float64)), ValueError, "dtype " + X64),
-    ("batch_grad-float64-params-without-x64", without_x64(abc_jax.batch_grad), ValueError,
-     "params dtype " + X64),
-    ("shard_batch-str", lambda p, X: abc_jax.shard_batch("abc"), ValueError,
-     r"X must be a batch of shape \(N, D\), got shape \(\)"),
-    ("shard_batch-rank-1", lambda p, X: abc_jax.shard_batch(X[0]), ValueError,
-     rf"X must be a batch of shape \(N, D\), got shape \({D},\)"),
-    ("forward-data-rank-2-float32", lambda p, X: abc_jax.forward(p, _X13), ValueError,
-     rf"x must be one sample of shape \(D,\) = \({D},\), got shape \(13, {D}\)"),
-    ("shard_batch-mesh-str", lambda p, X: abc_jax.shard_batch(X, mesh="data"), TypeError,
-     r"mesh must be a jax\.sharding\.Mesh, got str"),
-]
+def exactly(message):
+    """A ``match`` pattern: the error's message starts with ``message``, character for
+    character (and ends there, if ``message`` ends with ``$``)."""
+    end = message.endswith("$")
+    return "^" + re.escape(message.removesuffix("$")) + ("$" if end else "")
 
 
-def _bad_input_cases():
-    """pytest params (build, error, message), deterministic ids: ``build(params, X)``
-    makes the bad input and returns the call to make with it."""
-    cases = []
-    for f in FNS:
-        data, params = SAMPLE_DATA if f in SAMPLE_FNS else BATCH_DATA, PARAMS
-        cases += [(f"{f}-data-{i}", lambda p, X, f=f, bad=bad: functools.partial(
-            FNS[f], p, bad(data_for(f, X)[0])), err, msg) for i, bad, err, msg in data]
-        cases += [(f"{f}-params-{i}", lambda p, X, f=f, bad=bad: functools.partial(
-            FNS[f], bad(p), data_for(f, X)[0]), err, msg) for i, bad, err, msg in params]
-    for f, kw, values in ARGUMENTS:
-        cases += [(f"{f}-{kw}-{i}", lambda p, X, f=f, kw=kw, v=v: functools.partial(
-            FNS[f], p, data_for(f, X)[0], **{kw: v}), err, kw + msg)
-                  for i, v, err, msg in values]
-    cases += [(i, lambda p, X, call=call: functools.partial(call, p, X), err, msg)
-              for i, call, err, msg in OTHERS]
-    return [pytest.param(*c[1:], id=c[0]) for c in cases]
-
-
-@pytest.mark.parametrize("build,error,message", _bad_input_cases())
-def test_bad_input_raises_a_named_error_before_compiling(build, error, message):
-    params, X = make_problem()
-    call = build(Params(*map(jnp.asarray, params)), X)  # NumPy params would be converted
-    with compilations() as compiled:
-        with pytest.raises(error, match=message) as info:
-            call()
-    assert compiled == [], f"compiled {compiled} before raising {info.value!r}"
+def raises_before_compiling(call, error, message):
+    """``call()`` raises ``error`` from abc_jax's code, its message starting with ``message``,
+    having compiled nothing but input conversions."""
+    with compilations() as compiled, pytest.raises(error, match=exactly(message)) as info:
+        call()
+    assert set(compiled) <= CONVERSIONS, f"compiled {compiled} before raising {info.value!r}"
     innermost = traceback.extract_tb(info.value.__traceback__)[-1].filename
     assert innermost.startswith(PACKAGE), f"raised from {innermost}, not by abc_jax"
 
 
-@pytest.mark.parametrize("fn", FNS)
-def test_the_compile_monitor_sees_a_valid_call_compile(fn):
-    # The control for "compiled == []" above: a D no other call uses (loss calls forward).
-    rng, d = np.random.default_rng(1), 7 + list(FNS).index(fn)
-    params = Params(*(rng.normal(size=s) / 3 for s in [(2, d), (2, d), (9, 2)]))
-    X = rng.normal(size=(3, d))
+P, X = problem()
+x = X[0]
+KEY = jax.random.key(0)
+FLOATS = jnp.ones(3)  # an array that is not a key
+X_BOOL = jnp.asarray(X) > 0  # a jax.Array of bools
+STACKED = Params(*(np.stack([a, a]) for a in P))  # two members (NumPy arrays)
+STACKED_JAX = Params(*(jnp.stack([a] * 7) for a in P))  # seven members, a shape of its own
+TRAIN = {"lr": 0.1, "epochs": 2, "progress": False}
+
+
+def train_with(**kw):
+    """A call of ``train`` on the good problem with ``kw`` changed."""
+    return lambda: abc_jax.train(P, X, **(TRAIN | kw))
+
+
+def case(id_, call, error, message, xfail=None):
+    marks = [pytest.mark.xfail(reason=xfail, strict=True)] if xfail else []
+    return pytest.param(call, error, message, id=id_, marks=marks)
+
+
+# --------------------------------------------------------------- 1. one case per rule
+
+X64 = "needs x64 enabled: call jax.config.update('jax_enable_x64', True) before creating arrays"
+PRECISIONS = "('highest', 'high', 'default', 'float32', 'tensorfloat32', 'bfloat16')"
+KEY_MSG = "key must be a jax.random key, e.g. jax.random.key(0), got "
+
+DATA_RULES = [  # X, weights, T on batch_grad / batch_loss; x and t on loss
+    case("X-rank", lambda: abc_jax.batch_grad(P, x), ValueError,
+         f"X must be a batch of shape (N, D) = (N, {D}), got shape ({D},)"),
+    case("X-width", lambda: abc_jax.batch_grad(P, X[:, 1:]), ValueError,
+         f"X must have D = {D} columns (columns of A), got shape ({N}, {D - 1})"),
+    case("X-empty", lambda: abc_jax.batch_grad(P, X[:0]), ValueError,
+         f"X must hold at least one sample (N >= 1), got shape (0, {D})"),
+    case("X-bool", lambda: abc_jax.batch_grad(P, X > 0), TypeError,
+         "X must hold real numbers, got dtype bool"),
+    case("X-complex", lambda: abc_jax.batch_grad(P, X + 1j), TypeError,
+         "X must hold real numbers, got dtype complex128"),
+    case("X-jax-bool", lambda: abc_jax.batch_grad(P, X_BOOL), TypeError,
+         "X must hold real numbers, got dtype bool"),
+    case("X-str", lambda: abc_jax.batch_grad(P, "1 2 3"), TypeError, "X must be an array, got str"),
+    case("X-ragged-list", lambda: abc_jax.batch_grad(P, [[1.0] * D, [1.0] * (D - 1)]), TypeError,
+         "X must be an array; its nested lists are ragged"),
+    case("weights-shape", lambda: abc_jax.batch_loss(P, Batch(X, np.ones(N + 1))), ValueError,
+         f"weights must have shape (N,) = ({N},), one per row of X, got ({N + 1},)"),
+    case("T-shape", lambda: abc_jax.batch_loss(P, Batch(X, None, np.ones((N, O - 1)))),
+         ValueError, f"T must have shape (N, O) = ({N}, {O}), one target of C's O = {O} rows "
+                     f"per row of X, got ({N}, {O - 1})"),
+    case("x-rank", lambda: abc_jax.loss(P, X[:2]), ValueError,
+         f"x must be one sample of shape (D,) = ({D},), got shape (2, {D})"),
+    case("x-width", lambda: abc_jax.loss(P, x[1:]), ValueError,
+         f"x must have D = {D} entries (columns of A), got shape ({D - 1},)"),
+    case("t-float", lambda: abc_jax.loss(P, x, 0.5), TypeError,
+         "t must be one target array of shape (O,) or None, got float 0.5"),
+    case("t-width", lambda: abc_jax.loss(P, x, np.ones(O + 1)), ValueError,
+         f"t must have O = {O} entries (rows of C), got shape ({O + 1},)"),
+]
+
+PARAMS_RULES = [  # on batch_loss (train_many for a list of Params)
+    case("dict", lambda: abc_jax.batch_loss(P._asdict(), X), TypeError,
+         "params must be Params(A, B, C), got a dict: use abc_jax.Params(**d)"),
+    case("2-tuple", lambda: abc_jax.batch_loss(P[:2], X), TypeError,
+         "params must be Params(A, B, C) (a 3-tuple of arrays), got tuple"),
+    case("list-of-Params", lambda: abc_jax.train_many([P, P], X, **TRAIN), TypeError,
+         "params must be one Params(A, B, C), got a list of 2: stack them into one Params "
+         "with a leading axis, jax.tree.map(lambda *a: jnp.stack(a), *params)"),
+    case("C-not-chaining", lambda: abc_jax.batch_loss(P._replace(C=np.ones((O, H + 1))), X),
+         ValueError, f"params.C must be (O, H) with H = {H} (rows of A), got shape "
+                     f"({O}, {H + 1}): the shapes of A, B, C do not chain"),
+    case("B-not-A", lambda: abc_jax.batch_loss(P._replace(B=np.ones((H, D + 1))), X),
+         ValueError, f"params.B must have the shape of A, (H, D) = ({H}, {D}), got ({H}, {D + 1})"),
+    case("rank-1", lambda: abc_jax.batch_loss(P._replace(A=np.ones(H * D)), X), ValueError,
+         f"params.A must be a matrix (rank 2), got shape ({H * D},)"),
+    case("int", lambda: abc_jax.batch_loss(Params(*(np.ones(a.shape, np.int32) for a in P)), X),
+         TypeError, "params.A must have a floating dtype, got int32"),
+    case("mixed-dtypes", lambda: abc_jax.batch_loss(P._replace(C=np.ones((O, H), np.float32)), X),
+         TypeError, "params.A, .B, .C must share one dtype, got "),
+    case("empty", lambda: abc_jax.batch_loss(Params(np.ones((0, D)), np.ones((0, D)),
+                                                    np.ones((O, 0))), X),
+         ValueError, f"params dimensions must be >= 1, got D={D}, H=0, O={O}"),
+    case("float64-without-x64", without_x64(lambda: abc_jax.batch_loss(P, X)), ValueError,
+         "params dtype float64 " + X64),
+]
+
+NUMBER_RULES = [  # precision, chunk_size and eps of the array functions; init_params
+    case("precision-name", lambda: abc_jax.batch_grad(P, X, precision="fast"), ValueError,
+         f"precision must be None or one of {PRECISIONS}, got 'fast'"),
+    case("precision-type", lambda: abc_jax.batch_grad(P, X, precision=1), TypeError,
+         f"precision must be None or one of {PRECISIONS}, got int"),
+    *[case(f"chunk_size-{i}", lambda v=v: abc_jax.batch_grad(P, X, chunk_size=v), err, msg)
+      for i, v, err, msg in [("0", 0, ValueError, "chunk_size must be >= 1, got 0"),
+                             ("-2", -2, ValueError, "chunk_size must be >= 1, got -2"),
+                             ("float", 2.5, TypeError, "chunk_size must be an int, got float"),
+                             ("bool", True, TypeError, "chunk_size must be an int, got bool"),
+                             ("str", "4", TypeError, "chunk_size must be an int, got str")]],
+    *[case(f"eps-{i}", lambda v=v: abc_jax.fd_grad(P, X, v), err, msg)
+      for i, v, err, msg in [
+          ("0", 0.0, ValueError, "eps must be a finite number > 0, got 0.0"),
+          ("nan", np.nan, ValueError, "eps must be a finite number > 0, got nan"),
+          ("str", "1e-3", TypeError, "eps must be a real number, got str '1e-3'"),
+          ("bool", True, TypeError, "eps must be a real number, got bool True")]],
+    *[case(f"init_params-{i}", lambda kw=kw: abc_jax.init_params(**({"key": KEY, "in_dim": 3}
+                                                                     | kw)), err, msg)
+      for i, kw, err, msg in [
+          ("in_dim-0", {"in_dim": 0}, ValueError, "in_dim must be >= 1, got 0"),
+          ("in_dim-str", {"in_dim": "3"}, TypeError, "in_dim must be an int, got str"),
+          ("hidden_dim-bool", {"hidden_dim": True}, TypeError,
+           "hidden_dim must be an int, got bool"),
+          ("out_dim--1", {"out_dim": -1}, ValueError, "out_dim must be >= 1, got -1"),
+          ("key-int", {"key": 0}, TypeError, KEY_MSG + "int"),
+          ("key-None", {"key": None}, TypeError, KEY_MSG + "NoneType"),
+          ("dtype-int32", {"dtype": jnp.int32}, TypeError,
+           "dtype must be a floating dtype, got int32"),
+          ("dtype-name", {"dtype": "fast"}, TypeError,
+           "dtype must be a floating dtype, got 'fast'")]],
+    case("init_params-float64-without-x64",
+         without_x64(lambda: abc_jax.init_params(KEY, 3, dtype=jnp.float64)), ValueError,
+         "dtype float64 " + X64),
+]
+
+TRAIN_RULES = [  # on train (train_many where it differs)
+    *[case(f"epochs-{i}", train_with(epochs=v), err, msg)
+      for i, v, err, msg in [("-1", -1, ValueError, "epochs must be >= 0, got -1"),
+                             ("float", 3.0, TypeError, "epochs must be an int, got float"),
+                             ("None", None, TypeError, "epochs must be an int, got NoneType")]],
+    *[case(f"lr-{i}", train_with(lr=v), err, msg)
+      for i, v, err, msg in [("0", 0, ValueError, "lr must be a finite number > 0, got 0"),
+                             ("nan", np.nan, ValueError, "lr must be a finite number > 0, got nan"),
+                             ("str", "0.1", TypeError, "lr must be a real number, got str '0.1'"),
+                             ("bool", True, TypeError, "lr must be a real number, got bool True"),
+                             ("list", [0.1], TypeError, "lr must be a real number, got list [0.1]"),
+                             ("missing", None, TypeError, "lr is required without an optimizer "
+                                                          "(the rule p <- p - lr * g)")]],
+    case("lr-with-optimizer", train_with(optimizer=optax.adam(1e-3)), TypeError,
+         "lr goes with the hand-rolled rule (optimizer=None); an optimizer carries its own "
+         "rate, e.g. optimizer=optax.adam(1e-3).$"),
+    case("train_many-lr-with-optimizer",
+         lambda: abc_jax.train_many(P, X, optimizer=optax.adam(1e-3), members=2, **TRAIN),
+         TypeError,
+         "lr goes with the hand-rolled rule (optimizer=None); an optimizer carries its own "
+         "rate, e.g. optimizer=optax.adam(1e-3). For one rate per member give "
+         "optax.inject_hyperparams(optax.adam)(learning_rate=rates) with rates an array (M,)."),
+    *[case(f"{kw}-{i}", train_with(**{kw: v}), err, msg)
+      for kw, i, v, err, msg in [
+          ("epochs_per_chunk", "0", 0, ValueError, "epochs_per_chunk must be >= 1, got 0"),
+          ("eval_every", "float", 2.5, TypeError, "eval_every must be an int, got float"),
+          ("checkpoint_every", "-1", -1, ValueError, "checkpoint_every must be >= 1, got -1"),
+          ("patience", "str", "3", TypeError, "patience must be an int, got str"),
+          ("batch_size", "0", 0, ValueError, "batch_size must be >= 1, got 0"),
+          ("batch_size", "bool", True, TypeError, "batch_size must be an int, got bool"),
+          ("optimizer", "str", "adam", TypeError,
+           "optimizer must be an optax.GradientTransformation (init and update), got str"),
+          ("optimizer", "factory", optax.adam, TypeError,
+           "optimizer must be an optax.GradientTransformation (init and update), got function"),
+          ("grad", "name", "autodiff", ValueError,
+           "grad must be one of ('manual', 'oracle'), got 'autodiff'")]],
+    *[case(f"key-{i}", train_with(batch_size=2, key=k), TypeError, msg)
+      for i, k, msg in [("int", 0, KEY_MSG + "int"),
+                        ("numpy", np.zeros(2, np.uint32), KEY_MSG + "ndarray"),
+                        ("floats", FLOATS, "key must be one jax.random key, e.g. "
+                                           "jax.random.key(0), got dtype float64 and shape (3,)")]],
+    case("key-missing", train_with(batch_size=2), ValueError,
+         "key is required with batch_size: mini-batches are shuffled from it"),
+    case("patience-without-eval_data", train_with(patience=2), ValueError,
+         "patience needs eval_data: early stopping watches the held-out loss"),
+    case("eval_data-without-targets", lambda: abc_jax.train(
+        P, Batch(X, None, np.zeros((N, O))), eval_data=X, **TRAIN), ValueError,
+         "eval_data: the training batch has targets T and eval_data has none"),
+    case("eval_data-with-targets", train_with(eval_data=Batch(X, None, np.zeros((N, O)))),
+         ValueError,
+         "eval_data: eval_data has targets T and the training batch has none"),
+    case("train_many-member-axes-disagree",
+         lambda: abc_jax.train_many(STACKED, X, **(TRAIN | {"lr": np.array([0.1, 0.2, 0.3])})),
+         ValueError, "the leading (member) axes disagree: params has 2, lr has 3"),
+    case("train_many-stacked-jax-params",
+         lambda: abc_jax.train_many(STACKED_JAX, X, **(TRAIN | {"lr": np.array([0.1, 0.2])})),
+         ValueError, "the leading (member) axes disagree: params has 7, lr has 2"),
+]
+
+OTHER_RULES = [  # manual_vjp's residuals and g; shard_batch's own checks
+    case("residuals-u-shape", lambda: abc_jax.manual_vjp(P, Residuals(
+        x, np.ones(H + 1), np.ones(H), np.ones(O), None)), ValueError,
+         f"residuals.u must have H = {H} entries (params), got shape ({H + 1},)"),
+    case("residuals-a-tuple", lambda: abc_jax.manual_vjp(P, (x, np.ones(H), np.ones(H),
+                                                              np.ones(O), None)), TypeError,
+         "residuals must be the Residuals that forward returns, got tuple"),
+    case("g-not-scalar", lambda: abc_jax.manual_vjp(P, Residuals(
+        x, np.ones(H), np.ones(H), np.ones(O), None), np.ones(2)), ValueError,
+         "g must be a scalar, the cotangent of the scalar loss L, got shape (2,)"),
+    case("g-str", lambda: abc_jax.manual_vjp(P, Residuals(
+        x, np.ones(H), np.ones(H), np.ones(O), None), "1.0"), TypeError, "g must be"),
+    case("shard_batch-rank", lambda: abc_jax.shard_batch(x), ValueError,
+         f"X must be a batch of shape (N, D), got shape ({D},)"),
+    case("shard_batch-mesh", lambda: abc_jax.shard_batch(X, mesh="data"), TypeError,
+         "mesh must be a jax.sharding.Mesh, got str"),
+    case("shard_batch-str", lambda: abc_jax.shard_batch("1 2 3"), TypeError,
+         "X must be an array, got str"),
+    case("shard_batch-ragged-list", lambda: abc_jax.shard_batch([[1.0, 2.0], [3.0]]), TypeError,
+         "X must be an array; its nested lists are ragged"),
+]
+
+
+@pytest.mark.parametrize("call,error,message", DATA_RULES)
+def test_a_bad_batch_or_sample_is_named(call, error, message):
+    raises_before_compiling(call, error, message)
+
+
+@pytest.mark.parametrize("call,error,message", PARAMS_RULES)
+def test_bad_params_are_named(call, error, message):
+    raises_before_compiling(call, error, message)
+
+
+@pytest.mark.parametrize("call,error,message", NUMBER_RULES)
+def test_a_bad_number_argument_is_named(call, error, message):
+    raises_before_compiling(call, error, message)
+
+
+@pytest.mark.parametrize("call,error,message", TRAIN_RULES)
+def test_a_bad_training_argument_is_named(call, error, message):
+    raises_before_compiling(call, error, message)
+
+
+@pytest.mark.parametrize("call,error,message", OTHER_RULES)
+def test_bad_residuals_cotangent_or_sharded_batch_are_named(call, error, message):
+    raises_before_compiling(call, error, message)
+
+
+def test_one_dimensional_targets_are_one_output():
+    params = P._replace(C=P.C[:1])  # O = 1
+    T = np.linspace(-1.0, 1.0, N)
+    got = abc_jax.batch_loss(params, Batch(X, None, T))
+    assert got == abc_jax.batch_loss(params, Batch(X, None, T[:, None]))
+
+
+@settings(deadline=None, max_examples=20, database=None)
+@given(dims=st.tuples(*[st.integers(1, 6)] * 4), off=st.integers(1, 3))
+def test_shape_messages_name_the_dimensions(dims, off):
+    # Any D, H, O: a width D + off and a C of H + off columns are named with their
+    # numbers; tracing stops at the check, so no shape here compiles anything.
+    d, h, o, n = dims
+    params = Params(np.ones((h, d)), np.ones((h, d)), np.ones((o, h)))
+    raises_before_compiling(lambda: abc_jax.batch_grad(params, np.ones((n, d + off))),
+                            ValueError, f"X must have D = {d} columns (columns of A), "
+                                        f"got shape ({n}, {d + off})")
+    raises_before_compiling(lambda: abc_jax.loss(params._replace(C=np.ones((o, h + off))),
+                                                 np.ones(d)),
+                            ValueError, f"params.C must be (O, H) with H = {h} (rows of A), got "
+                                        f"shape ({o}, {h + off})")
+
+
+def test_the_compile_monitor_sees_a_valid_call_compile():
+    # The control for "nothing compiled" above: shapes no other call uses.
+    rng = np.random.default_rng(1)
+    params = Params(*(rng.normal(size=s) for s in [(2, 11), (2, 11), (7, 2)]))
     with compilations() as compiled:
-        out = FNS[fn](params, data_for(fn, X)[0])
-    assert compiled, "a first call at new shapes compiled nothing the monitor saw"
-    assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(out))
+        out = abc_jax.batch_grad(params, rng.normal(size=(3, 11)))
+    assert set(compiled) - CONVERSIONS, f"a first call at new shapes compiled only {compiled}"
+    assert all(np.isfinite(np.asarray(leaf)).all() for leaf in out)
 
 
-# --------------------------------------------------------------- 2. NaN/inf inputs
+# --------------------------------------------------------------- 2. routing
 
-# (id, where, value): X and x hold a second bad entry after the first.
-NONFINITE = [("X-nan", "data", np.nan), ("A-inf", "params.A", np.inf),
-             ("C-neg-inf", "params.C", -np.inf), ("weights-nan", "weights", np.nan)]
+X_WIDTH = f"X must have D = {D} columns (columns of A), got shape ({N}, {D - 1})"
+x_WIDTH = f"x must have D = {D} entries (columns of A), got shape ({D - 1},)"
+BAD_X, BAD_x = X[:, 1:], x[1:]
+SAMPLE_ROUTES = {
+    "forward": lambda: abc_jax.forward(P, BAD_x),
+    "loss": lambda: abc_jax.loss(P, BAD_x),
+    "abc_loss": lambda: abc_jax.abc_loss(P, BAD_x),
+    "abc_loss_jvp": lambda: abc_jax.abc_loss_jvp(P, BAD_x),
+    "manual_grad": lambda: abc_jax.manual_grad(P, BAD_x),
+    "manual_jvp": lambda: abc_jax.manual_jvp(P, BAD_x, P),
+    "draw_graph": lambda: abc_jax.draw_graph(P, BAD_x),
+}
+BATCH_ROUTES = {
+    "batch_loss": lambda: abc_jax.batch_loss(P, BAD_X),
+    "batch_grad": lambda: abc_jax.batch_grad(P, BAD_X),
+    "batch_value_and_grad": lambda: abc_jax.batch_value_and_grad(P, BAD_X),
+    "per_sample_grads": lambda: abc_jax.per_sample_grads(P, BAD_X),
+    "predict": lambda: abc_jax.predict(P, BAD_X),
+    "oracle_grad": lambda: abc_jax.oracle_grad(P, BAD_X),
+    "fd_grad": lambda: abc_jax.fd_grad(P, BAD_X),
+    "batch_jvp": lambda: abc_jax.batch_jvp(P, BAD_X, P),
+    "jvp_grad": lambda: abc_jax.jvp_grad(P, BAD_X),
+    "train": lambda: abc_jax.train(P, BAD_X, **TRAIN),
+    "train_many": lambda: abc_jax.train_many(P, BAD_X, members=2, **TRAIN),
+    "train_per_sample": lambda: abc_jax.train_per_sample(P, BAD_X, **TRAIN),
+    "cross_validate": lambda: abc_jax.cross_validate(P, BAD_X, **TRAIN),
+}
+ROUTES = [
+    *[pytest.param(call, x_WIDTH, id=f) for f, call in SAMPLE_ROUTES.items()],
+    *[pytest.param(call, X_WIDTH, id=f) for f, call in BATCH_ROUTES.items()],
+    pytest.param(lambda: abc_jax.manual_vjp(P, Residuals(BAD_x, np.ones(H), np.ones(H),
+                                                         np.ones(O), None)),
+                 f"residuals.x must have D = {D} entries (params), got shape ({D - 1},)",
+                 id="manual_vjp"),
+]
 
 
-def _nonfinite_cases():
-    return [pytest.param(f, where, value, id=f"{f}-{i}")
-            for f in FNS for i, where, value in NONFINITE
-            if not (where == "weights" and f in SAMPLE_FNS)]
+@pytest.mark.parametrize("call,message", ROUTES)
+def test_every_public_function_goes_through_the_edge(call, message):
+    raises_before_compiling(call, ValueError, message)
 
 
-@pytest.mark.parametrize("fn,where,value", _nonfinite_cases())
-def test_nonfinite_input_is_named_with_its_position(fn, where, value):
-    params, X = make_problem()
-    data, name = data_for(fn, X)
-    if where == "data":
-        index = (2,) if fn in SAMPLE_FNS else (2, 3)
-        data = with_value(with_value(data, index, value), (-1,) * data.ndim, np.inf)
-        count = 2
-    elif where == "weights":
-        index, name, count = (4,), "weights", 1
-        data = Batch(data, with_value(np.ones(N), index, value))
-    else:
-        field = where[-1]
-        index, name, count = (1, 2), where, 1
-        params = params._replace(**{field: with_value(getattr(params, field), index, value)})
-    where_ = rf"{name}\[{', '.join(map(str, index))}\]".replace(".", r"\.")
-    message = (rf"^{name.replace('.', r'[.]')} must be finite: it holds {count} NaN/inf "
-               rf"value\(s\), first {where_} is {value}$")
-    with pytest.raises(ValueError, match=message):
-        FNS[fn](params, data)
+# --------------------------------------------------------------- 3. values
+
+# (function, where the NaN is, its index): X and x hold a second bad entry (an inf) after it.
+NAN_AT = [("batch_grad", "params.A", (1, 2)), ("batch_grad", "X", (2, 3)),
+          ("batch_grad", "T", (0, 1)), ("batch_grad", "weights", (4,)),
+          ("loss", "params.C", (1, 2)), ("loss", "x", (2,)), ("loss", "t", (1,))]
 
 
-# --------------------------------------------------------------- 3. overflow
+@pytest.mark.parametrize("fn,where,index", NAN_AT, ids=[f"{f}-{w}" for f, w, _ in NAN_AT])
+def test_with_value_checks_a_nan_is_named_with_its_position(fn, where, index):
+    arrays = {"params.A": P.A, "params.C": P.C, "X": X, "T": np.zeros((N, O)),
+              "weights": np.ones(N), "x": x, "t": np.zeros(O)}
+    bad = with_value(arrays[where], index, np.nan)
+    count = 1
+    if where in ("X", "x"):
+        bad, count = with_value(bad, (-1,) * bad.ndim, np.inf), 2
+    arrays[where] = bad
+    params = Params(arrays["params.A"], P.B, arrays["params.C"])
+    first = f"{where}[{', '.join(map(str, index))}]"
+    message = f"{where} must be finite: it holds {count} NaN/inf value(s), first {first} is nan"
+    with abc_jax.value_checks(), pytest.raises(ValueError, match=exactly(message) + "$"):
+        if fn == "batch_grad":
+            abc_jax.batch_grad(params, Batch(arrays["X"], arrays["weights"], arrays["T"]))
+        else:
+            abc_jax.loss(params, arrays["x"], arrays["t"])
 
-# (id, dtype, what is scaled, by how much, the advice it must give, and must not)
-OVERFLOW = [("float16-X", np.float16, "X", 3000.0, "or use float32 params", "float64"),
-            ("float32-params", np.float32, "params", 1e15, "or use float64 (", "use float32"),
-            ("float64-X", np.float64, "X", 1e200, ")", "use float")]
-@pytest.mark.parametrize("fn", list(FNS))
-@pytest.mark.parametrize("dtype,scaled,scale,advice,wrong", [c[1:] for c in OVERFLOW],
-                         ids=[c[0] for c in OVERFLOW])
-def test_overflow_raises_the_one_floating_point_error(fn, dtype, scaled, scale, advice, wrong):
-    params, X = make_problem(dtype)
-    if scaled == "X":
-        X = X * dtype(scale)
-    else:
-        params = Params(*(p * dtype(scale) for p in params))
-    data, name = data_for(fn, X)
-    with pytest.raises(FloatingPointError) as expected:
-        validation.raise_overflow(Params(*map(jnp.asarray, params)), jnp.asarray(data), name)
-    one = str(expected.value)
-    assert f"overflows {np.dtype(dtype).name}" in one and f"max |{name}| = " in one, one
-    assert one.endswith(f"Rescale {name} (or the params)") == (advice == ")"), one
-    assert advice in one and wrong not in one, one
-    with pytest.raises(FloatingPointError) as info:
-        FNS[fn](params, data)
+
+def test_with_value_checks_negative_or_all_zero_weights_are_named():
+    with abc_jax.value_checks():
+        with pytest.raises(ValueError, match=exactly("weights must be >= 0, got min -1.0")):
+            abc_jax.batch_loss(P, Batch(X, with_value(np.ones(N), 2, -1.0)))
+        with pytest.raises(ValueError, match=exactly(
+                "weights must not all be 0: the weighted mean needs sum(w) > 0")):
+            abc_jax.batch_loss(P, Batch(X, np.zeros(N)))
+
+
+def overflowing():
+    """Finite float32 params and X whose loss overflows float32 (|w| ~ 1e20, L ~ 1e40)."""
+    params, X32 = problem(np.float32)
+    return params, X32 * np.float32(1e20)
+
+
+def test_with_value_checks_an_overflow_suggests_float64():
+    params, X32 = overflowing()
+    with abc_jax.value_checks(), pytest.raises(FloatingPointError) as info:
+        abc_jax.batch_loss(params, X32)
     message = str(info.value)
-    assert one in message, message
-    assert "smaller learning rate" not in message, message
+    assert message.startswith("the result is not finite although params and X are: it "
+                              "overflows float32"), message
+    assert message.endswith("Rescale X (or the params), or use float64 (jax.config.update("
+                            "'jax_enable_x64', True) and float64 params)"), message
 
 
-# --------------------------------------------------------------- 4. under jit, vmap, grad
+def test_without_the_switch_nothing_waits_and_a_nan_flows_through(monkeypatch):
+    def waited(*args, **kwargs):
+        raise AssertionError("an eager call without value_checks() checked values")
+
+    monkeypatch.setattr(edge, "check_values", waited)
+    assert not edge.values_checked()
+    grads = abc_jax.batch_grad(P, with_value(X, (2, 3), np.nan))
+    assert all(np.isnan(np.asarray(g)).any() for g in grads)
+    assert np.isnan(abc_jax.loss(P, with_value(x, 2, np.nan)))
+    assert np.isnan(abc_jax.batch_loss(P, Batch(X, np.zeros(N))))  # 0 / 0
+    assert not np.isfinite(abc_jax.batch_loss(*overflowing()))
 
 
-def _transform(kind, fn):
-    """``fn`` under a caller's jit, vmap (over a leading axis of the data) or grad."""
-    f = FNS[fn]
-    if kind == "jit":
-        return jax.jit(f)
-    if kind == "vmap":
-        return lambda p, d: jax.vmap(f, in_axes=(None, 0))(p, jnp.stack([d, d]))
-
-    def total(p, d):  # a scalar of every output, differentiated with respect to params
-        return sum(jnp.sum(leaf) for leaf in jax.tree.leaves(f(p, d)))
-
-    return jax.grad(total)
+def test_training_always_checks_values():
+    assert not edge.values_checked()
+    with pytest.raises(ValueError, match=exactly(
+            "X must be finite: it holds 1 NaN/inf value(s), first X[2, 3] is nan") + "$"):
+        abc_jax.train(P, with_value(X, (2, 3), np.nan), **TRAIN)
 
 
-@pytest.mark.parametrize("fn", FNS)
-@pytest.mark.parametrize("kind", ["jit", "vmap", "grad"])
-def test_under_transformations_shapes_are_checked_values_are_not(fn, kind):
-    params, X = map(lambda t: jax.tree.map(jnp.asarray, t), make_problem())
-    data, name = data_for(fn, X)
-    call = _transform(kind, fn)
-    if fn in TRAIN_FNS:  # they refuse to be transformed, and say so
-        with pytest.raises(TypeError, match=r"runs its own compiled loop: call it outside"):
-            call(params, data)
-        return
-    with pytest.raises(ValueError, match=rf"{name} must have D = {D} "):
-        call(params, data[..., 1:])
-    with pytest.raises(ValueError, match=rf"params\.C must be \(O, H\) with H = {H}"):
-        call(params._replace(C=jnp.ones((O, H + 1))), data)
-    out = call(params, data.at[(0,) * data.ndim].set(jnp.nan))  # no error: values unknown
-    assert any(np.isnan(np.asarray(leaf)).any() for leaf in jax.tree.leaves(out))
+# --------------------------------------------------------------- 4. inside jit and vmap
+
+
+def test_inside_a_callers_jit_or_vmap_shapes_are_still_checked():
+    with pytest.raises(ValueError, match=exactly(X_WIDTH)):
+        jax.jit(abc_jax.batch_grad)(P, BAD_X)
+    with pytest.raises(ValueError, match=exactly(x_WIDTH)):
+        jax.vmap(abc_jax.loss, in_axes=(None, 0))(P, X[:, 1:])
+    with pytest.raises(ValueError, match=exactly(f"params.C must be (O, H) with H = {H}")):
+        jax.jit(abc_jax.manual_grad)(P._replace(C=jnp.ones((O, H + 1))), x)
+    with pytest.raises(TypeError, match=exactly("train runs its own compiled loop: call it "
+                                                "outside jax.jit/vmap/grad")):
+        jax.jit(lambda X: abc_jax.train(P, X, **TRAIN))(X)
+    with abc_jax.value_checks():  # values are unknown while tracing: a NaN flows through
+        assert np.isnan(jax.jit(abc_jax.batch_loss)(P, with_value(X, (0, 0), np.nan)))

@@ -16,8 +16,7 @@ import optax
 
 jax.config.update("jax_enable_x64", True)
 
-from abc_jax.model import init_params  # noqa: E402
-from abc_jax.training import TrainResult, train  # noqa: E402
+from abc_jax import TrainResult, init_params, train  # noqa: E402
 
 EPOCHS = 3000
 EPOCHS_PER_CHUNK = 10
@@ -28,7 +27,7 @@ def run(checkpoint_dir: str | None) -> TrainResult:
     params = init_params(jax.random.key(0), 4, 6, 3, dtype=jnp.float64)
     X = jax.random.normal(jax.random.key(1), (10, 4), jnp.float64)
     return train(
-        params, X, lr=0.02, epochs=EPOCHS, optimizer=optax.sgd(0.02, momentum=0.9),
+        params, X, epochs=EPOCHS, optimizer=optax.sgd(0.02, momentum=0.9),
         batch_size=4, key=jax.random.key(7), progress=False, checkpoint_dir=checkpoint_dir,
         epochs_per_chunk=EPOCHS_PER_CHUNK,
     )

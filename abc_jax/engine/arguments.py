@@ -1,9 +1,11 @@
-"""What a member axis means for each argument of ``train_many``.
+"""What a training run's arguments mean, checked once: shared, or one per member.
 
-Each argument is shared by all M members or carries a leading member axis:
-params (M, H, D)..., lr (M,), keys (M,), X (M, N, D), weights (M, N), T (M, N, O).
-These functions tell which, check that the sizes agree, check the values per
-member, and place the members on the devices of a mesh.
+Each array argument of ``train_many`` is shared by all M members or carries a
+leading member axis: params (M, H, D)..., lr (M,), keys (M,), X (M, N, D),
+weights (M, N), T (M, N, O), and the same for held-out data. These functions
+tell which, check that the sizes agree, check the values (training always
+does: it reads its losses anyway) and place the members on a mesh's devices.
+``train`` is the case M = 1 with everything shared.
 """
 
 from __future__ import annotations
@@ -15,62 +17,70 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from abc_jax import parallel, validation
-from abc_jax.loop import State
-from abc_jax.model import Batch, Params, as_batch, as_params
+from abc_jax import edge, parallel
+from abc_jax.core.model import Batch, Params
 
-_FIELDS = ("X", "weights", "T")  # a Batch's fields, as named in messages
+FIELDS = ("X", "weights", "T")  # a Batch's fields, as named in messages
 
 
 def member_params(params: Any) -> tuple[Params, int | None]:
     """(Params, M or None for shared); shapes checked on member 0, every member's dtype."""
-    if isinstance(params, tuple) and len(params) == 3 and all(np.ndim(a) == 3 for a in params):
+    params = edge.params_input(params)
+    if all(np.ndim(a) == 3 for a in params):
         sizes = {f: np.shape(a)[0] for f, a in zip("ABC", params, strict=True)}
         if len(set(sizes.values())) != 1 or 0 in sizes.values():
             raise ValueError(f"params: A, B, C need one leading (member) axis of one size "
                              f">= 1, got {sizes}")
-        as_params(tuple(a[0] for a in params))  # the shapes chain, one floating dtype
-        arrays = tuple(jnp.asarray(a) for a in params)
-        return Params(*arrays), sizes["A"]
-    return as_params(params)[0], None
+        edge.check_params(Params(*(jax.ShapeDtypeStruct(np.shape(a)[1:], a.dtype)
+                                   for a in params)))  # member 0's shapes chain, one dtype
+        return Params(*(jnp.asarray(a) for a in params)), sizes["A"]
+    return edge.params(params), None
 
 
-def member_data(data: Any, D: int, O: int, dtype: Any) -> tuple[Batch, Batch, dict]:
+def member_data(data: Any, D: int, O: int, dtype: Any,
+                name: str = "X") -> tuple[Batch, Batch, dict[str, int]]:
     """(Batch cast to ``dtype``, its in_axes, {field: M}) for shared or per-member fields."""
-    fields = dict(zip(_FIELDS, data if isinstance(data, Batch) else (data, None, None),
+    data = edge.data_input(data, name)
+    names = (name, *(f"{name}.{f}" if name != "X" else f for f in FIELDS[1:]))
+    fields = dict(zip(names, data if isinstance(data, Batch) else (data, None, None),
                       strict=True))
-    fields = {n: np.asarray(a) if isinstance(a, (list, tuple)) else a for n, a in fields.items()}
     sizes = {}
     for (n, a), rank in zip(fields.items(), (2, 1, 2), strict=True):
-        if a is not None and len(validation.shape_of(a, n)) not in (rank, rank + 1):
+        if a is None:
+            continue
+        if n.endswith("T") and a.ndim in (1, 2) and O == 1 and a.ndim == np.ndim(data[0]) - 1:
+            a = fields[n] = a[..., None]  # 1-D targets (N,) or (M, N) for O = 1
+        if a.ndim not in (rank, rank + 1):
             raise ValueError(f"{n} must have rank {rank} (shared) or {rank + 1} (a leading "
                              f"member axis), got shape {np.shape(a)}")
-        if a is not None and np.ndim(a) == rank + 1:
+        if a.ndim == rank + 1:
             sizes[n] = np.shape(a)[0]
     if 0 in sizes.values():
         raise ValueError(f"the member axis must hold at least one member, got {sizes}")
-    first = as_batch(Batch(*(a[0] if n in sizes else a for n, a in fields.items())), D, O,
-                     dtype)  # shapes against the params, named
+    first = edge.batch(Batch(*(a[0] if n in sizes else a for n, a in fields.items())), D, O,
+                       dtype, name)  # shapes against the params, named
     N = first.X.shape[0]
     for (n, a), tail in zip(fields.items(), ((N, D), (N,), (N, O)), strict=True):
         if a is not None and tuple(np.shape(a)[-len(tail):]) != tail:
-            raise ValueError(f"{n} must have shape {tail} per member (N = {N} rows of X), "
-                             f"got {np.shape(a)}")
-    batch = Batch(*(None if a is None else validation.as_array(a, n, dtype)
-                    for n, a in fields.items()))
-    if any(len(getattr(getattr(a, "sharding", None), "device_set", ())) > 1 for a in batch):
-        raise ValueError("train_many splits members, not rows, over devices: pass X as one "
-                         "array, not sharded (shard_batch is for train), and mesh=")
-    return batch, Batch(*(0 if n in sizes else None for n in _FIELDS)), sizes
+            raise ValueError(f"{n} must have shape {tail} per member (N = {N} rows of "
+                             f"{name}), got {np.shape(a)}")
+    batch = Batch(*(None if a is None else edge.cast(a, dtype) for a in fields.values()))
+    return batch, Batch(*(0 if n in sizes else None for n in names)), sizes
 
 
-def member_lr(lr: Any, optimizer: Any) -> tuple[Any, int | None]:
-    """(lr as a float or an (M,) float64 array, M or None); None only with an optimizer."""
-    if lr is None:
-        if optimizer is None:
-            raise TypeError("lr is required without an optimizer (the rule p <- p - lr * g)")
+def member_lr(lr: Any, optimizer: Any, many: bool) -> tuple[Any, int | None]:
+    """(lr as a float or an (M,) float64 array, M or None). The rate belongs to the
+    optimizer when there is one."""
+    if optimizer is not None:
+        if lr is not None:
+            per_member = (" For one rate per member give optax.inject_hyperparams(optax.adam)("
+                          "learning_rate=rates) with rates an array (M,)." if many else "")
+            raise TypeError("lr goes with the hand-rolled rule (optimizer=None); an optimizer "
+                            "carries its own rate, e.g. optimizer=optax.adam(1e-3)." + per_member)
         return None, None
-    if isinstance(lr, (list, tuple)) or np.ndim(lr) == 1:
+    if lr is None:
+        raise TypeError("lr is required without an optimizer (the rule p <- p - lr * g)")
+    if many and (isinstance(lr, (list, tuple)) or np.ndim(lr) == 1):
         a = np.asarray(lr)
         if a.dtype.kind not in "iuf" or a.size == 0:
             raise TypeError(f"lr must be a number or an array (M,) of numbers, got {a.dtype} "
@@ -78,9 +88,9 @@ def member_lr(lr: Any, optimizer: Any) -> tuple[Any, int | None]:
         if not np.all(np.isfinite(a) & (a > 0)):
             raise ValueError(f"lr must be finite and > 0 for every member, got {a.tolist()}")
         return a.astype(np.float64), a.shape[0]
-    if np.ndim(lr) > 1:
+    if many and np.ndim(lr) > 1:
         raise ValueError(f"lr must be a number or an array (M,), got shape {np.shape(lr)}")
-    return validation.check_finite_float(lr, "lr", positive=True), None
+    return edge.check_finite_float(lr, "lr", positive=True), None
 
 
 def key_members(key: Any) -> int | None:
@@ -96,14 +106,14 @@ def member_keys(key: Any, M: int) -> Any:
     """Keys (M,): the stacked ones as given, else fold_in(key, m) per member."""
     if key is None or key_members(key) is not None:
         return key
-    validation.check_key(key)
+    edge.check_key(key)
     return jax.vmap(lambda m: jax.random.fold_in(key, m))(jnp.arange(M))
 
 
 def count_members(sizes: dict[str, int], members: Any) -> int:
     """The one member count all per-member arguments agree on."""
     if members is not None:
-        sizes = sizes | {"members": validation.check_positive_int(members, "members")}
+        sizes = sizes | {"members": edge.check_positive_int(members, "members")}
     if not sizes:
         raise ValueError("train_many needs the number of members: give stacked params (M, ...), "
                          "an lr array (M,), keys (M,), per-member data, or members=M")
@@ -117,23 +127,26 @@ def count_members(sizes: dict[str, int], members: Any) -> int:
 def _values_ok(params: Params, batch: Batch) -> jax.Array:
     """Params, X and T finite; every member's weights finite, >= 0 and not all 0."""
     r = batch.weights
-    ok = validation.all_finite((params, batch.X, batch.T))
+    ok = edge.all_finite((params, batch.X, batch.T))
     if r is None:
         return ok
     return ok & jnp.all(jnp.isfinite(r) & (r >= 0)) & jnp.all(jnp.sum(r, axis=-1) > 0)
 
 
-def check_values(params: Params, batch: Batch) -> None:
+def check_values(params: Params, batch: Batch, name: str = "X") -> None:
     """ValueError naming the first NaN/inf entry or a member's bad weights, if any."""
     if bool(_values_ok(params, batch)):
         return
-    names = ("params.A", "params.B", "params.C", *_FIELDS)
-    for name, a in zip(names, (*params, *batch), strict=True):
-        validation.raise_if_nonfinite(a, name)
+    names = ("params.A", "params.B", "params.C", name,
+             *(f"{name}.{f}" if name != "X" else f for f in FIELDS[1:]))
+    for n, a in zip(names, (*params, *batch), strict=True):
+        edge.raise_if_nonfinite(a, n)
     r = np.asarray(batch.weights)
     if np.any(r < 0):
         raise ValueError(f"weights must be >= 0, got min {r.min()}")
-    empty = np.flatnonzero(np.atleast_2d(r).sum(axis=-1) <= 0).tolist()
+    if r.ndim == 1:
+        raise ValueError("weights must not all be 0: the weighted mean needs sum(w) > 0")
+    empty = np.flatnonzero(r.sum(axis=-1) <= 0).tolist()
     raise ValueError(f"weights must not all be 0 for a member (the weighted mean needs "
                      f"sum(w) > 0): members {empty}")
 
@@ -160,14 +173,20 @@ def check_mesh(mesh: Any, M: int) -> Any:
     return mesh
 
 
-def on_devices(mesh: Any, state: State, keys: Any, batch: Batch,
-               axes: Batch) -> tuple[State, Any, Batch]:
-    """With a mesh, the member axis of the state, the keys and per-member data split over
-    its devices, shared data on every one; XLA then runs each device's members there."""
-    if mesh is None:
-        return state, keys, batch
-    split, whole = (NamedSharding(mesh, PartitionSpec(*s)) for s in ((parallel.DATA_AXIS,), ()))
-    batch = Batch(*(None if a is None else jax.device_put(a, split if ax == 0 else whole)
-                    for a, ax in zip(batch, axes, strict=True)))
-    keys = None if keys is None else jax.device_put(keys, split)
-    return jax.device_put(state, split), keys, batch
+def not_sharded(batch: Batch) -> None:
+    """A ValueError for rows sharded over devices: ``train_many`` splits members instead."""
+    if any(len(getattr(getattr(a, "sharding", None), "device_set", ())) > 1 for a in batch):
+        raise ValueError("train_many splits members, not rows, over devices: pass X as one "
+                         "array, not sharded (shard_batch is for train), and mesh=")
+
+
+def on_devices(mesh: Any, tree: Any, axes: Any = 0) -> Any:
+    """With a mesh, ``tree``'s member axis split over its devices (``axes`` 0) or the tree
+    on every device (None); for a ``Batch``, ``axes`` is a ``Batch`` of 0/None per field.
+    Without a mesh, ``tree`` as it is."""
+    if mesh is None or tree is None:
+        return tree
+    if isinstance(tree, Batch):
+        return Batch(*(on_devices(mesh, a, ax) for a, ax in zip(tree, axes, strict=True)))
+    spec = PartitionSpec(parallel.DATA_AXIS) if axes == 0 else PartitionSpec()
+    return jax.device_put(tree, NamedSharding(mesh, spec))

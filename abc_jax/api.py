@@ -25,7 +25,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from abc_jax import edge, parallel
-from abc_jax.core import backward, model, oracles, tangents
+from abc_jax.core import backward, model, norms, oracles, tangents
 from abc_jax.core.model import Batch, Params, Residuals
 
 _precision = functools.partial(jax.jit, static_argnames=("precision",))
@@ -169,7 +169,7 @@ def abc_loss(params: Params, x: jax.Array, t: jax.Array | None = None) -> jax.Ar
 
 def _batch_args(params: Any, X: Any, precision: Any) -> tuple[Params, Any, str]:
     params, X = edge.params_input(params), edge.data_input(X)
-    rows = X.X if isinstance(X, Batch) else X
+    rows = X.X if type(X) is Batch else X
     if type(getattr(rows, "sharding", None)) is NamedSharding:  # rows over several devices:
         params = parallel.replicate_like(params, rows)  # params on one would clash in jit
     return params, X, edge.check_precision(precision)
@@ -460,3 +460,57 @@ def abc_loss_jvp(params: Params, x: jax.Array, t: jax.Array | None = None) -> ja
     """
     params, x, t = _sample_args(params, x, t)
     return _done(_abc_loss_jvp(params, x, t), params, {"x": x, "t": t})
+
+
+# --- per-sample gradient norms ----------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size", "precision"))
+def _per_sample_grad_norms(params: Params, X: Any, chunk_size: int | None,
+                           precision: str) -> jax.Array:
+    params, batch = edge.params_and_batch(params, X)
+    with jax.default_matmul_precision(precision):
+        return norms.per_sample_grad_norms(params, batch, chunk_size)
+
+
+def per_sample_grad_norms(params: Params, X: Any, *, chunk_size: int | None = None,
+                          precision: str | None = None) -> jax.Array:
+    """(N, 3): row i's Frobenius norms ||r_i dL_i/dA||, ||r_i dL_i/dB||, ||r_i dL_i/dC||.
+
+    Exact products of vector norms (||gy_i|| ||x_i||, ||gz_i|| ||x_i||, ||gw_i|| ||z_i||)
+    from the rows the batch contraction forms: O(N (D + H + O)) memory, no per-sample
+    matrices. The total norm of row i's gradient is ``sqrt(sum(norms[i] ** 2))``.
+    X (N, D) or a ``Batch`` (weights and targets included); arguments as in ``batch_grad``.
+    """
+    params, X, precision = _batch_args(params, X, precision)
+    chunk_size = edge.check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    out = _per_sample_grad_norms(params, X, chunk_size, precision)
+    return _done(out, params, {"X": X})
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size", "precision"))
+def _clipped_batch_grad(params: Params, X: Any, clip_norm: jax.Array, chunk_size: int | None,
+                        precision: str) -> Params:
+    params, batch = edge.params_and_batch(params, X)
+    with jax.default_matmul_precision(precision):
+        return norms.clipped_batch_grad(params, batch, clip_norm.astype(params.A.dtype),
+                                        chunk_size)
+
+
+def clipped_batch_grad(params: Params, X: Any, clip_norm: float, *,
+                       chunk_size: int | None = None, precision: str | None = None) -> Params:
+    """(1 / sum r) sum_i min(1, c / ||g_i||) g_i, g_i = r_i dL_i/d(A, B, C): DP-SGD's clipping.
+
+    One pass: the clip factors come from ``per_sample_grad_norms``' rows and scale them
+    (as row weights) before the three contractions. ``clip_norm`` c > 0 (inf: no
+    clipping; traced under a caller's jit); arguments as in ``batch_grad``; with c larger
+    than every norm it equals ``batch_grad``.
+    """
+    params, X, precision = _batch_args(params, X, precision)
+    clip = clip_norm
+    if not edge.is_traced(clip_norm):
+        clip = np.inf if clip_norm == np.inf else edge.check_finite_float(
+            clip_norm, "clip_norm", positive=True)
+    chunk_size = edge.check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    out = _clipped_batch_grad(params, X, jnp.asarray(clip), chunk_size, precision)
+    return _done(out, params, {"X": X})

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import itertools
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -55,22 +54,40 @@ def bench_size(K: int, N: int, precision: str, *, rounds: int, min_time: float, 
     return row | extra
 
 
-def bench_overhead(K: int, N: int, *, rounds: int, min_time: float, seed: int) -> list[dict]:
-    """Per call, each public function as users call it against ``jax.jit`` of it, waited for, in
-    interleaved rounds: ``ratio`` of the fastest rounds (noise only adds time) and of medians."""
+def _plain_loss(params: abc_jax.Params, X: jax.Array) -> jax.Array:
+    """The homework's batch loss in plain jnp: what a bare ``jax.jit(jax.grad(...))`` runs."""
+    Z = jax.nn.sigmoid(X @ params.A.T) + X @ params.B.T
+    return jnp.mean(jnp.sum((Z @ params.C.T) ** 2, axis=1))
+
+
+def _loop(fn: Any, params: Any, X: Any, calls: int, wait_each: bool) -> Any:
+    out = None
+    for _ in range(calls):
+        out = fn(params, X)
+        if wait_each:
+            jax.block_until_ready(out)
+    return jax.block_until_ready(out)
+
+
+def bench_overhead(K: int, N: int, *, rounds: int, calls: int, seed: int) -> list[dict]:
+    """Loops of ``calls`` eager calls of the public function against the same loop of a bare
+    ``jax.jit(jax.grad(plain loss))`` (``value_and_grad`` for batch_value_and_grad), waited
+    for at the end (JAX's async dispatch) or after every call; interleaved rounds, medians."""
     params, X = _common.problem(jax.random.key(seed), N, K)
-    new = itertools.cycle([jax.tree.map(lambda p, i=i: p + p * i / 1e3, params) for i in range(8)])
+    bare = {"batch_grad": jax.jit(jax.grad(_plain_loss)),
+            "batch_value_and_grad": jax.jit(jax.value_and_grad(_plain_loss))}
     rows = []
-    for calling, given in (("same arrays", lambda: params), ("new params", new.__next__)):
-        fns = {f"{kind}{name}": lambda f=f, p=given: jax.block_until_ready(f(p(), X))
-               for name, public in PUBLIC.items()
-               for kind, f in (("", public), ("jit ", jax.jit(public)))}
-        times = _common.time_interleaved(fns, rounds=rounds, min_time=min_time)
-        for name in PUBLIC:
-            p, j = times[name], times[f"jit {name}"]  # public, bare jit
-            rows.append(dict(device=_common.device_label(), K=K, N=N, calling=calling,
-                             function=name, public_us=p.min_s * 1e6, jit_us=j.min_s * 1e6,
-                             ratio=p.min_s / j.min_s, ratio_of_medians=p.median_s / j.median_s))
+    for wait_each in (False, True):
+        fns = {f"{kind}{name}": lambda f=f, w=wait_each: _loop(f, params, X, calls, w)
+               for name, b in bare.items()
+               for kind, f in (("", getattr(abc_jax, name)), ("bare ", b))}
+        times = _common.time_interleaved(fns, rounds=rounds, min_time=0.0, warmup=1)
+        for name in bare:
+            p, j = times[name].median_s, times[f"bare {name}"].median_s
+            rows.append(dict(device=_common.device_label(), K=K, N=N, calls=calls,
+                             waited="every call" if wait_each else "at the end",
+                             function=name, public_us=p / calls * 1e6, bare_us=j / calls * 1e6,
+                             ratio=p / j))
     return rows
 
 
@@ -110,7 +127,7 @@ TABLE = [("batch_grad ms", "batch_grad_s", 1e3), ("jax.grad ms", "jax_grad_s", 1
          ("naive/bg", "naive_over_batch_grad", 1.0)]
 BARS = {"batch_grad_s": "batch_grad (manual)", "jax_grad_s": "jax.grad (jit)",
         "naive_vmap_s": "vmap outer products", "matmul_s": "7 x (N,K)@(K,K) matmul (faster layout)"}
-OVERHEAD = "device K N calling function public_us jit_us ratio ratio_of_medians".split()
+OVERHEAD = "device K N calls waited function public_us bare_us ratio".split()
 
 
 def table_rows(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
@@ -164,9 +181,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for K, N in _common.progress(args.sizes, desc="sizes") for p in precisions]
     _common.print_table(*table_rows(rows), floatfmt=".3g")
     overhead = [r for K, N in args.overhead for r in bench_overhead(
-        K, N, rounds=args.repeats, min_time=4 * args.min_time, seed=args.seed)]
-    print("\nper-call overhead: the public function (validated, result checked) vs jax.jit "
-          "of it, each waited for; us of the fastest round; target ratio <= 2")
+        K, N, rounds=args.repeats, calls=200 if args.quick else 2000, seed=args.seed)]
+    print("\nper-call cost: a loop of eager calls of the public function vs the same loop of a "
+          "bare jax.jit(jax.grad(plain-jnp loss)), us per call, median of rounds; target <= 1.3x"
+          + ("\n(--quick: a smoke run of few rounds, not a measurement)" if args.quick else ""))
     over = (OVERHEAD, [[r[k] for k in OVERHEAD] for r in overhead])
     _common.print_table(*over)
     metrics = {"environment": env, "precisions": precisions, "sizes": rows, "overhead": overhead}

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from _reference import assert_rel_close, make_problem, ref_loss
 
-from abc_jax.core.backward import batch_grad
-from abc_jax.core.model import Batch, Params
-from abc_jax.core.norms import clip_factors, clipped_batch_grad, per_sample_grad_norms
+from abc_jax import Batch, Params, batch_grad, clipped_batch_grad, per_sample_grad_norms
+from abc_jax.core.norms import clip_factors
 
 SHAPES = [(5, 4, 3), (3, 2, 7)]  # (D, H, O), all different
 TOL = {jnp.float64: 1e-12, jnp.float32: 1e-5}
@@ -73,10 +72,10 @@ def test_norms_and_clipping_match_vmap_grad(shape, dtype, weighted):
 def test_chunked_equals_unchunked():
     chunk_size = 4  # 9 rows: two chunks in the loop, then a remainder of 1
     params, batch, _ = problem(SHAPES[0], jnp.float64, weighted=True)
-    assert_rel_close(per_sample_grad_norms(params, batch, chunk_size),
+    assert_rel_close(per_sample_grad_norms(params, batch, chunk_size=chunk_size),
                      per_sample_grad_norms(params, batch), 1e-14)
     whole = clipped_batch_grad(params, batch, 0.5)
-    assert_rel_close(clipped_batch_grad(params, batch, 0.5, chunk_size), whole, 1e-13)
+    assert_rel_close(clipped_batch_grad(params, batch, 0.5, chunk_size=chunk_size), whole, 1e-13)
 
 
 def test_jit_equals_eager():

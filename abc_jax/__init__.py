@@ -62,10 +62,10 @@ from abc_jax.parallel import data_mesh, initialize_distributed, shard_batch, sha
 __all__ = [
     "Batch", "DataError", "DivergenceError", "Params", "Residuals", "TrainConfig",
     "TrainManyResult", "TrainResult", "abc_loss", "abc_loss_jvp", "batch_grad", "batch_jvp",
-    "batch_loss", "batch_value_and_grad", "clipped_batch_grad", "cross_validate", "data_mesh", "draw_graph",
-    "fd_grad", "forward", "grad_errors", "gradient_descent", "init_params",
+    "batch_loss", "batch_value_and_grad", "clipped_batch_grad", "cross_validate", "data_mesh",
+    "draw_graph", "fd_grad", "forward", "grad_errors", "gradient_descent", "init_params",
     "initialize_distributed", "jvp_grad", "load_data", "load_params", "loss", "manual_grad",
-    "manual_jvp", "manual_vjp", "oracle_grad", "per_sample_grad_norms", "per_sample_grads", "predict", "save_params",
-    "shard_batch", "shard_local_batch", "sigmoid", "train", "train_many", "train_per_sample",
-    "value_checks",
+    "manual_jvp", "manual_vjp", "oracle_grad", "per_sample_grad_norms", "per_sample_grads",
+    "predict", "save_params", "shard_batch", "shard_local_batch", "sigmoid", "train",
+    "train_many", "train_per_sample", "value_checks",
 ]

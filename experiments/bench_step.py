@@ -27,8 +27,6 @@ import abc_jax
 from abc_jax.edge import PRECISIONS
 
 NAME = "bench_step"
-PUBLIC = {f: getattr(abc_jax, f) for f in (  # the functions whose call overhead is measured
-    "batch_grad", "batch_value_and_grad", "oracle_grad", "batch_loss", "per_sample_grads")}
 
 
 def bench_size(K: int, N: int, precision: str, *, rounds: int, min_time: float, seed: int) -> dict:
@@ -54,7 +52,7 @@ def bench_size(K: int, N: int, precision: str, *, rounds: int, min_time: float, 
     return row | extra
 
 
-def _plain_loss(params: abc_jax.Params, X: jax.Array) -> jax.Array:
+def plain_loss(params: abc_jax.Params, X: jax.Array) -> jax.Array:
     """The homework's batch loss in plain jnp: what a bare ``jax.jit(jax.grad(...))`` runs."""
     Z = jax.nn.sigmoid(X @ params.A.T) + X @ params.B.T
     return jnp.mean(jnp.sum((Z @ params.C.T) ** 2, axis=1))
@@ -74,8 +72,8 @@ def bench_overhead(K: int, N: int, *, rounds: int, calls: int, seed: int) -> lis
     ``jax.jit(jax.grad(plain loss))`` (``value_and_grad`` for batch_value_and_grad), waited
     for at the end (JAX's async dispatch) or after every call; interleaved rounds, medians."""
     params, X = _common.problem(jax.random.key(seed), N, K)
-    bare = {"batch_grad": jax.jit(jax.grad(_plain_loss)),
-            "batch_value_and_grad": jax.jit(jax.value_and_grad(_plain_loss))}
+    bare = {"batch_grad": jax.jit(jax.grad(plain_loss)),
+            "batch_value_and_grad": jax.jit(jax.value_and_grad(plain_loss))}
     rows = []
     for wait_each in (False, True):
         fns = {f"{kind}{name}": lambda f=f, w=wait_each: _loop(f, params, X, calls, w)

@@ -33,7 +33,7 @@ side where it is cheaper: W never formed, 6 N K^2 multiply-adds against autodiff
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +72,32 @@ def manual_grad(params: Params, x: jax.Array, t: jax.Array | None = None) -> Par
 # --- a batch: contractions over N -------------------------------------------
 
 
+class Rows(NamedTuple):
+    """The per-row vectors of a batch pass, feature-major (column i is row i)."""
+
+    X: jax.Array  # (N, D)  x_i, as given (row-major)
+    Z: jax.Array  # (H, N)  z_i = sigmoid(A x_i) + B x_i
+    E: jax.Array  # (O, N)  w_i - t_i
+    GW: jax.Array  # (O, N)  gw_i = 2 r_i (w_i - t_i)
+    GZ: jax.Array  # (H, N)  gz_i = C^T gw_i  (= gv_i = gu_i)
+    GY: jax.Array  # (H, N)  gy_i = gz_i * u_i (1 - u_i)
+
+
+def rows(params: Params, batch: Batch) -> Rows:
+    """The forward and backward rows of every sample at once (the direct form), the row
+    weight r_i put in at the top, in gw_i, so every cotangent below carries it."""
+    A, B, C = params
+    X, r, T = batch
+    U = sigmoid(A @ X.T)  # (H, N)  u_i = sigmoid(A x_i)
+    Z = U + B @ X.T  # (H, N)  z_i = u_i + B x_i
+    W = C @ Z  # (O, N)  w_i = C z_i
+    E = W if T is None else W - T.T  # (O, N)  w_i - t_i
+    GW = 2 * E if r is None else 2 * E * r[None, :]  # (O, N)  gw_i = 2 r_i (w_i - t_i)
+    GZ = C.T @ GW  # (H, N)  gz_i = C^T gw_i
+    GY = GZ * U * (1 - U)  # (H, N)  gy_i = gz_i * sigmoid'(y_i), from the saved u_i
+    return Rows(X, Z, E, GW, GZ, GY)
+
+
 def value_and_grad_sum(params: Params, batch: Batch,
                        gram: bool) -> tuple[jax.Array, Params, jax.Array]:
     """(sum_i r_i L_i, sum_i r_i dL_i/dparams, sum_i r_i) over rows X (N, D), by hand.
@@ -89,33 +115,28 @@ def value_and_grad_sum(params: Params, batch: Batch,
       a minimum where C z ~ t: so ``batch_grad`` (no loss) uses it, and training,
       which reports the loss, the direct form.
     """
-    A, B, C = params
     X, r, T = batch
+    weight = jnp.asarray(X.shape[0], X.dtype) if r is None else jnp.sum(r)
+    if not gram:
+        R = rows(params, batch)
+        total = jnp.sum(R.E * R.GW) / 2  # sum_i r_i ||w_i - t_i||^2
+        # sum_i gy_i x_i^T, sum_i gz_i x_i^T (gv_i = gz_i), sum_i gw_i z_i^T
+        return total, Params(R.GY @ X, R.GZ @ X, R.GW @ R.Z.T), weight
+    A, B, C = params
     U = sigmoid(A @ X.T)  # (H, N)  u_i = sigmoid(A x_i)
     Z = U + B @ X.T  # (H, N)  z_i = u_i + B x_i
-    if gram:
-        Zr = Z if r is None else Z * r[None, :]  # (H, N)  r_i z_i
-        GZ = 2 * (C.T @ C) @ Zr  # (H, N)  2 r_i C^T C z_i
-        total = jnp.sum(Z * GZ) / 2  # sum_i r_i ||C z_i||^2
-        gC = 2 * (C @ (Zr @ Z.T))  # (O, H)  2 C sum_i r_i z_i z_i^T
-        if T is not None:
-            Tr = T.T if r is None else T.T * r[None, :]  # (O, N)  r_i t_i
-            TZ = Tr @ Z.T  # (O, H)  sum_i r_i t_i z_i^T
-            GZ = GZ - 2 * (C.T @ Tr)  # gz_i = 2 r_i C^T (C z_i - t_i)
-            gC = gC - 2 * TZ  # sum_i gw_i z_i^T, gw_i = 2 r_i (C z_i - t_i)
-            total = total - 2 * jnp.sum(C * TZ) + jnp.sum(Tr * T.T)
-    else:
-        W = C @ Z  # (O, N)  w_i = C z_i
-        E = W if T is None else W - T.T  # (O, N)  w_i - t_i
-        GW = 2 * E if r is None else 2 * E * r[None, :]  # (O, N)  gw_i = 2 r_i (w_i - t_i)
-        total = jnp.sum(E * GW) / 2  # sum_i r_i ||w_i - t_i||^2
-        gC = GW @ Z.T  # (O, H)  sum_i gw_i z_i^T
-        GZ = C.T @ GW  # (H, N)  gz_i = C^T gw_i
+    Zr = Z if r is None else Z * r[None, :]  # (H, N)  r_i z_i
+    GZ = 2 * (C.T @ C) @ Zr  # (H, N)  2 r_i C^T C z_i
+    total = jnp.sum(Z * GZ) / 2  # sum_i r_i ||C z_i||^2
+    gC = 2 * (C @ (Zr @ Z.T))  # (O, H)  2 C sum_i r_i z_i z_i^T
+    if T is not None:
+        Tr = T.T if r is None else T.T * r[None, :]  # (O, N)  r_i t_i
+        TZ = Tr @ Z.T  # (O, H)  sum_i r_i t_i z_i^T
+        GZ = GZ - 2 * (C.T @ Tr)  # gz_i = 2 r_i C^T (C z_i - t_i)
+        gC = gC - 2 * TZ  # sum_i gw_i z_i^T, gw_i = 2 r_i (C z_i - t_i)
+        total = total - 2 * jnp.sum(C * TZ) + jnp.sum(Tr * T.T)
     GY = GZ * U * (1 - U)  # (H, N)  gy_i = gz_i * sigmoid'(y_i), from the saved u_i
-    gA = GY @ X  # (H, D)  sum_i gy_i x_i^T
-    gB = GZ @ X  # (H, D)  sum_i gz_i x_i^T  (gv_i = gz_i)
-    weight = jnp.asarray(X.shape[0], X.dtype) if r is None else jnp.sum(r)
-    return total, Params(gA, gB, gC), weight
+    return total, Params(GY @ X, GZ @ X, gC), weight
 
 
 def chunked_sum(fn: Any, batch: Batch, chunk_size: int | None) -> Any:

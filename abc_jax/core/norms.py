@@ -14,7 +14,7 @@ and the Frobenius norm of an outer product is the product of the vector norms,
     ||dL_i/dC||_F = ||gw_i|| ||z_i||
 
 The rows gy_i, gz_i, gw_i, x_i, z_i are what the batch contraction of
-``backward.value_and_grad_sum`` forms anyway (feature-major, (H, N) and (O, N)),
+``backward.rows`` forms for the batch gradient anyway (feature-major, (H, N) and (O, N)),
 so all N norms cost O(N (D + H + O)) memory and no more time than one batch
 gradient; no per-sample matrix (N x P, P = 2HD + OH) is ever formed. Autodiff
 cannot use this: ``vmap(grad)`` materialises the N per-sample gradients and
@@ -31,47 +31,14 @@ over N with the factors acting as extra row weights (``clipped_batch_grad``).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from abc_jax.core.backward import chunked_sum
-from abc_jax.core.model import Batch, Params, sigmoid
-
-
-class Rows(NamedTuple):
-    """The per-row vectors of a batch pass, feature-major (column i is row i)."""
-
-    X: jax.Array  # (N, D)  x_i, as given (row-major)
-    Z: jax.Array  # (H, N)  z_i = sigmoid(A x_i) + B x_i
-    GW: jax.Array  # (O, N)  gw_i = 2 r_i (w_i - t_i)
-    GZ: jax.Array  # (H, N)  gz_i = C^T gw_i  (= gv_i = gu_i)
-    GY: jax.Array  # (H, N)  gy_i = gz_i * u_i (1 - u_i)
-
-
-def rows(params: Params, batch: Batch) -> Rows:
-    """The rows X, Z, GW, GZ, GY of ``batch`` (the direct form of ``value_and_grad_sum``).
-
-    Args:
-        params: A (H, D), B (H, D), C (O, H).
-        batch: X (N, D), weights (N,) or None (all 1), T (N, O) or None (all 0).
-
-    Returns:
-        ``Rows`` with X (N, D), Z (H, N), GW (O, N), GZ (H, N), GY (H, N); the
-        row weight r_i is in GW, GZ and GY.
-    """
-    A, B, C = params
-    X, r, T = batch
-    U = sigmoid(A @ X.T)  # (H, N)  u_i = sigmoid(A x_i)
-    Z = U + B @ X.T  # (H, N)  z_i = u_i + B x_i
-    W = C @ Z  # (O, N)  w_i = C z_i
-    E = W if T is None else W - T.T  # (O, N)  w_i - t_i
-    GW = 2 * E if r is None else 2 * E * r[None, :]  # (O, N)  gw_i = 2 r_i (w_i - t_i)
-    GZ = C.T @ GW  # (H, N)  gz_i = C^T gw_i
-    GY = GZ * U * (1 - U)  # (H, N)  gy_i = gz_i * sigmoid'(y_i)
-    return Rows(X, Z, GW, GZ, GY)
+from abc_jax.core.backward import Rows, chunked_sum, rows
+from abc_jax.core.model import Batch, Params
 
 
 def column_norms(G: jax.Array) -> jax.Array:
@@ -86,11 +53,11 @@ def column_norms(G: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.matmul(ones, G * G, precision=lax.Precision.HIGHEST))
 
 
-def row_norms(rows: Rows) -> jax.Array:
+def row_norms(rw: Rows) -> jax.Array:
     """(N, 3): ||gy_i|| ||x_i||, ||gz_i|| ||x_i||, ||gw_i|| ||z_i||, the norms of row i's
     gradient w.r.t. A, B, C (outer products: the Frobenius norm is the product)."""
-    x = jnp.linalg.norm(rows.X, axis=1)  # (N,)  a reduction over the trailing axis: fast
-    z, gy, gz, gw = (column_norms(G) for G in (rows.Z, rows.GY, rows.GZ, rows.GW))  # (N,)
+    x = jnp.linalg.norm(rw.X, axis=1)  # (N,)  a reduction over the trailing axis: fast
+    z, gy, gz, gw = (column_norms(G) for G in (rw.Z, rw.GY, rw.GZ, rw.GW))  # (N,)
     return jnp.stack([gy * x, gz * x, gw * z], axis=1)
 
 
@@ -161,7 +128,7 @@ def clipped_grad_sum(params: Params, batch: Batch, clip_norm: Any) -> tuple[Para
     products and run them as loops (DESIGN.md section 3: ~30x slower); with
     JAX 0.10.2 on the CPU it does not, and the barrier costs nothing.
     """
-    X, Z, GW, GZ, GY = rw = rows(params, batch)
+    X, Z, _, GW, GZ, GY = rw = rows(params, batch)
     norms = jnp.linalg.norm(row_norms(rw), axis=1)  # (N,)  ||g_i|| over A, B, C
     f = clip_factors(norms, jnp.asarray(clip_norm, norms.dtype))[None, :]  # (1, N)
     GY, GZ, GW = lax.optimization_barrier((GY * f, GZ * f, GW * f))

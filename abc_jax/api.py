@@ -31,6 +31,18 @@ from abc_jax.core.model import Batch, Params, Residuals
 _precision = functools.partial(jax.jit, static_argnames=("precision",))
 
 
+def _on_batch(core: Any) -> Any:
+    """The compiled body of a public batch function: the edge's shape checks, then
+    ``core(params, batch)`` at the requested matmul precision."""
+    def body(params: Params, X: Any, precision: str) -> Any:
+        params, batch = edge.params_and_batch(params, X)
+        with jax.default_matmul_precision(precision):
+            return core(params, batch)
+
+    body.__name__ = body.__qualname__ = getattr(core, "__name__", "batch_function")
+    return _precision(body)
+
+
 def _done(out: Any, params: Params, inputs: dict[str, Any]) -> Any:
     """``out``, after the opt-in value checks."""
     if edge.values_checked() and not edge.is_traced(out):
@@ -175,11 +187,7 @@ def _batch_args(params: Any, X: Any, precision: Any) -> tuple[Params, Any, str]:
     return params, X, edge.check_precision(precision)
 
 
-@_precision
-def _batch_loss(params: Params, X: Any, precision: str) -> jax.Array:
-    params, batch = edge.params_and_batch(params, X)
-    with jax.default_matmul_precision(precision):
-        return model.batch_loss(params, batch)
+_batch_loss = _on_batch(model.batch_loss)
 
 
 def batch_loss(params: Params, X: Any, *, precision: str | None = None) -> jax.Array:
@@ -241,11 +249,7 @@ def batch_value_and_grad(params: Params, X: Any, *, chunk_size: int | None = Non
     return _done(out, params, {"X": X})
 
 
-@_precision
-def _per_sample_grads(params: Params, X: Any, precision: str) -> Params:
-    params, batch = edge.params_and_batch(params, X)
-    with jax.default_matmul_precision(precision):
-        return backward.per_sample_grads(params, batch)
+_per_sample_grads = _on_batch(backward.per_sample_grads)
 
 
 def per_sample_grads(params: Params, X: Any, *, precision: str | None = None) -> Params:
@@ -290,11 +294,7 @@ def predict(params: Params, X: Any, *, chunk_size: int | None = None,
 # --- the references -----------------------------------------------------------------
 
 
-@_precision
-def _oracle_grad(params: Params, X: Any, precision: str) -> Params:
-    params, batch = edge.params_and_batch(params, X)
-    with jax.default_matmul_precision(precision):
-        return oracles.oracle_grad(params, batch)
+_oracle_grad = _on_batch(oracles.oracle_grad)
 
 
 def oracle_grad(params: Params, X: Any, *, precision: str | None = None) -> Params:
@@ -426,11 +426,7 @@ def batch_jvp(params: Params, X: Any, tangents: Params, *,
     return _done(out, params, {"X": X, "tangents": dparams})
 
 
-@_precision
-def _jvp_grad(params: Params, X: Any, precision: str) -> Params:
-    params, batch = edge.params_and_batch(params, X)
-    with jax.default_matmul_precision(precision):
-        return tangents.jvp_grad(params, batch)
+_jvp_grad = _on_batch(tangents.jvp_grad)
 
 
 def jvp_grad(params: Params, X: Any, *, precision: str | None = None) -> Params:

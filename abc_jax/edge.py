@@ -414,7 +414,7 @@ def raise_if_nonfinite(a: Any, name: str) -> None:
 def raise_overflow(p: Params, X: Any, name: str, what: str = "the result") -> None:
     """FloatingPointError: finite inputs gave a non-finite result; the scales and a fix."""
     dtype = np.dtype(p[0].dtype)
-    scale_x = float(jnp.max(jnp.abs(jnp.asarray(X))))
+    scale_x = max((float(jnp.max(jnp.abs(a))) for a in jax.tree.leaves(X)), default=0.0)
     scale_p = max(float(jnp.max(jnp.abs(a))) for a in p)
     wider = {2: ", or use float32 params",
              4: ", or use float64 (jax.config.update('jax_enable_x64', True) and float64 params)"}

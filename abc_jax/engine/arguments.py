@@ -151,11 +151,19 @@ def check_values(params: Params, batch: Batch, name: str = "X") -> None:
                      f"sum(w) > 0): members {empty}")
 
 
+@jax.jit
+def _rows(weights: jax.Array) -> jax.Array:
+    return jnp.sum(weights > 0, axis=-1)
+
+
 def rows_per_member(batch: Batch) -> int:
-    """Rows of non-zero weight, one count for every member (mini-batches need it static)."""
+    """Rows of non-zero weight, one count for every member (mini-batches need it static).
+
+    Counted on the devices, so it also works for rows spread over processes.
+    """
     if batch.weights is None:
         return batch.X.shape[-2]
-    counts = set(np.atleast_2d(np.asarray(batch.weights) > 0).sum(axis=-1).tolist())
+    counts = set(np.atleast_1d(np.asarray(_rows(batch.weights))).tolist())
     if len(counts) != 1:
         raise ValueError(f"weights: with batch_size every member needs the same number of rows "
                          f"of non-zero weight (one mini-batch schedule), got {sorted(counts)}")

@@ -117,22 +117,6 @@ def _initial_state(optimizer: Any, params: Params, lr: Any, M: int) -> State:
     return strong(State(P, opt, P, np.zeros((M,), bool), np.zeros((M,), bool)))
 
 
-@jax.jit
-def _rows(weights: jax.Array) -> jax.Array:
-    return jnp.sum(weights > 0, axis=-1)
-
-
-def _n_rows(batch: Batch) -> int:
-    """Rows of non-zero weight, the same for every member (mini-batches need it static)."""
-    if batch.weights is None:
-        return batch.X.shape[-2]
-    counts = set(np.atleast_1d(np.asarray(_rows(batch.weights))).tolist())
-    if len(counts) != 1:
-        raise ValueError(f"weights: with batch_size every member needs the same number of rows "
-                         f"of non-zero weight (one mini-batch schedule), got {sorted(counts)}")
-    return counts.pop()
-
-
 def _settings(params: Params, batch: Batch, held: Any, state: State, lr: Any,
               config: TrainConfig, keys: Any, n_rows: int) -> dict[str, Any]:
     """What identifies a run, for its checkpoint and the processes' agreement. Speed knobs
@@ -169,11 +153,8 @@ def _settings(params: Params, batch: Batch, held: Any, state: State, lr: Any,
 def _launch(params: Params, lr: Any, batch: Batch, axes: Batch, keys: Any, config: TrainConfig,
             epochs: int, M: int, held: Any, callbacks: Sequence[Any],
             checkpoint_dir: Any, progress: bool, desc: str, mesh: Any = None) -> Run:
-    """Check the values, build the state, resume, fit: the run every function shares."""
-    arguments.check_values(params, batch)
-    if held is not None:
-        arguments.check_values(params, held[0], "eval_data")
-    n_rows = _n_rows(batch) if config.batch_size else 0
+    """Build the state, resume, fit: the run every function shares (values checked)."""
+    n_rows = arguments.rows_per_member(batch) if config.batch_size else 0
     state = _initial_state(config.optimizer, params, lr, M)
     settings = None
     if checkpoint_dir is not None or jax.process_count() > 1:  # before any collective
@@ -192,6 +173,14 @@ def _launch(params: Params, lr: Any, batch: Batch, axes: Batch, keys: Any, confi
     run.state = arguments.on_devices(mesh, run.state)
     with progress_bar(progress, epochs, run.epoch, desc) as bar:
         return fit(run, plan, bar)
+
+
+def _check_values(params: Params, batch: Batch, held: Any) -> None:
+    """Training always checks its inputs' values: a named ValueError for a NaN/inf entry
+    or bad weights, in the training batch or the held-out one."""
+    arguments.check_values(params, batch)
+    if held is not None:
+        arguments.check_values(params, held[0], "eval_data")
 
 
 def _held(eval_data: Any, batch: Batch, D: int, O: int, dtype: Any,
@@ -271,6 +260,7 @@ def train(params: Params, X: Any, *, lr: float | None = None, epochs: int,
     D, O, dtype = params.A.shape[1], params.C.shape[0], params.A.dtype
     batch = edge.batch(edge.data_input(X), D, O, dtype)
     held = _held(eval_data, batch, D, O, dtype, many=False)
+    _check_values(params, batch, held)
     run = _launch(params, lr, batch, Batch(None, None, None), keys, config, epochs, 1, held,
                   user, _checkpoint_dir(checkpoint_dir), progress, "train")
     result = _member(run, 0, held is not None, config.patience, dtype)
@@ -385,6 +375,7 @@ def train_many(params: Params, X: Any, *, lr: Any = None, epochs: int, optimizer
                   if ax == 0}
     M = arguments.count_members(sizes, members)
     mesh = arguments.check_mesh(mesh, M)
+    _check_values(params, batch, held)
     if jax.process_count() > 1:
         raise ValueError("train_many runs in one process: call it in each with its own members")
     run = _launch(params, lr, batch, axes, arguments.member_keys(key, M), config, epochs, M,

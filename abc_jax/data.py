@@ -66,8 +66,11 @@ def _load_csv(path: Path) -> tuple[np.ndarray, list[int]]:
         values = [_number(cell) for cell in cells]
         if None in values:
             j = values.index(None)
+            comma = _number(cells[j].replace(",", ".")) is not None
+            hint = (f"; decimal commas are not read: write {cells[j].replace(',', '.')} for "
+                    f"{cells[j]}" if comma else "")
             raise DataError(f"{path}: line {i}, column {j + 1} is not a number: {cells[j]!r} "
-                            f"(delimiter: {DELIMITERS[delimiter]})")
+                            f"(delimiter: {DELIMITERS[delimiter]}){hint}")
         if len(values) != len(table[0] if table else values):
             raise DataError(f"{path}: line {i} has {len(values)} columns, line {rows[0][0]} "
                             f"has {len(table[0])} (delimiter: {DELIMITERS[delimiter]})")
@@ -75,62 +78,82 @@ def _load_csv(path: Path) -> tuple[np.ndarray, list[int]]:
     return np.asarray(table, dtype=np.float64), [i for i, _ in rows]
 
 
-def _load_npz(path: Path) -> np.ndarray:
-    """The archive's one array, or the one named ``X`` among several."""
+def _load_npz(path: Path, name: str, named: bool) -> np.ndarray:
+    """The array ``name`` of the archive; with ``name`` only a default (not ``named``), the
+    archive's one array if it holds one."""
     with np.load(path, allow_pickle=False) as f:
         names = list(f.files)
         if not names:
             raise DataError(f"{path}: the archive holds no arrays")
-        if len(names) > 1 and "X" not in names:
-            raise DataError(f"{path}: the archive holds several arrays {names} and none is "
-                            "named 'X': name the samples array X, e.g. np.savez(path, X=X)")
-        return np.asarray(f["X" if "X" in names else names[0]])
+        if name in names:
+            return np.asarray(f[name])
+        if len(names) == 1 and not named:
+            return np.asarray(f[names[0]])
+        raise DataError(f"{path}: the archive holds no array named {name!r}; it has {names}: "
+                        f"name one as {path}:NAME")
 
 
-def _read(path: Path) -> tuple[np.ndarray, list[int] | None]:
+def _read(path: Path, name: str, named: bool) -> tuple[np.ndarray, list[int] | None]:
     """(the array in the file, a text file's line number of each row or None)."""
     try:
         if path.suffix.lower() == ".csv":
             return _load_csv(path)
         if path.suffix.lower() == ".npz":
-            return _load_npz(path), None
+            return _load_npz(path, name, named), None
         return np.load(path, allow_pickle=False), None
     except DataError:
         raise
-    except (OSError, ValueError, EOFError, csv.Error, zipfile.BadZipFile) as e:
+    except ValueError as e:
+        if "pickle" in str(e):  # NumPy's words for a file that is not an array file
+            raise DataError(f"{path}: not a NumPy array file ({path.suffix} expected: "
+                            "written by np.save or np.savez)") from None
+        raise DataError(f"{path}: cannot read it as {path.suffix} ({str(e).splitlines()[0]})"
+                        ) from None
+    except (OSError, EOFError, csv.Error, zipfile.BadZipFile) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"{path}: cannot read it as {path.suffix} ({reason})") from None
 
 
-def load_data(path: str | os.PathLike[str]) -> np.ndarray:
-    """Samples X of shape (N, D) from a .npy, .npz or .csv file, as float64.
+def load_data(path: str | os.PathLike[str], *, name: str = "X",
+              what: str = "samples") -> np.ndarray:
+    """Rows of a .npy, .npz or .csv file, (N, D) as float64: samples X, or targets T.
 
-    .npy: the array. .npz: its only array, or the one named ``X``. .csv: one
-    sample per line, the delimiter (comma, semicolon, tab or whitespace)
-    sniffed from the first line, with an optional header line (no cell of it
-    a number); blank lines are skipped.
+    .npy: the array. .npz: the array named ``name`` ("X"; "T" for targets), or
+    the archive's only array; ``FILE.npz:NAME`` picks the array NAME. .csv: one
+    row per line, the delimiter (comma, semicolon, tab or whitespace) sniffed
+    from the first line, with an optional header line (no cell of it a number);
+    blank lines are skipped. ``what``: "samples", or "targets", which may also
+    be 1-D (N,): one target per row, O = 1.
 
     Returns:
-      X, float64, shape (N, D) with N, D >= 1, every entry finite.
+      float64, shape (N, D) with N, D >= 1, every entry finite.
 
     Raises:
-      DataError: missing or unreadable file, unknown suffix, an array that is
-        not 2-D or is empty, non-numeric entries, NaN or inf; in one line that
-        names the file and, for a bad entry, its 1-based line (or row) and column.
+      DataError: missing or unreadable file, not an array file, unknown suffix,
+        an array of the wrong rank or empty, non-numeric entries (a decimal
+        comma named as such), NaN or inf; in one line that names the file and,
+        for a bad entry, its 1-based line (or row) and column.
     """
-    path = Path(path)
+    path, named = Path(path), False
+    if ".npz:" in path.name:  # FILE.npz:NAME
+        stem, _, name = str(path).rpartition(":")
+        path, named = Path(stem), True
     if path.suffix.lower() not in SUFFIXES:
         raise DataError(f"{path}: unknown suffix {path.suffix!r}, expected one of {SUFFIXES}")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    X, lines = _read(path)
+    X, lines = _read(path, name, named)
     real = np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer)
     if X.dtype == bool or not real:
         raise DataError(f"{path}: entries must be real numbers, got dtype {X.dtype}")
+    if what == "targets" and X.ndim == 1:
+        X = X[:, None]  # one target per row: O = 1
     if X.ndim != 2:
-        raise DataError(f"{path}: samples must form a 2-D array (N, D), got shape {X.shape}")
+        shape = "(N, O) or (N,)" if what == "targets" else "(N, D)"
+        raise DataError(f"{path}: {what} must form a 2-D array {shape}, got shape {X.shape}")
     if X.shape[0] == 0 or X.shape[1] == 0:
-        raise DataError(f"{path}: need at least one sample and one feature, got shape {X.shape}")
+        one = "one sample and one feature" if what == "samples" else "one row and one target"
+        raise DataError(f"{path}: need at least {one}, got shape {X.shape}")
     X = X.astype(np.float64)
     bad = ~np.isfinite(X)
     if bad.any():

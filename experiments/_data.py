@@ -47,7 +47,7 @@ def read_rows(args: argparse.Namespace, data: Path, targets: Path | None,
         return split_columns(A, args.target_cols, data)
     if targets is None:
         return A, None
-    T = load_data(targets)
+    T = load_data(targets, name="T", what="targets")
     if T.shape[0] != A.shape[0]:
         raise DataError(f"{targets}: {flag} has {T.shape[0]} rows and {data} {A.shape[0]}: "
                         "one row of targets per sample")

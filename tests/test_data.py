@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
+import json
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -74,7 +79,8 @@ def test_positions_are_the_files_line_numbers(tmp_path):
 def test_npz_with_several_arrays_and_no_X_names_them(tmp_path):
     path = tmp_path / "two.npz"
     np.savez(path, a=X, b=X)
-    with pytest.raises(DataError, match=r"\['a', 'b'\].*name the samples array X"):
+    with pytest.raises(DataError, match=r"no array named 'X'; it has \['a', 'b'\]: name one as "
+                                        r".*two\.npz:NAME"):
         load_data(path)
 
 
@@ -89,8 +95,8 @@ def test_npz_with_several_arrays_and_no_X_names_them(tmp_path):
         ("inf.csv", "1,2\n3,inf\n", "finite"),
         ("blank.csv", "\n \n", "no rows"),
         ("header-only.csv", "a,b\n", "header but no rows"),
-        ("garbage.npy", b"this is not numpy", "cannot read"),
-        ("garbage.npz", b"this is not a zip", "cannot read"),
+        ("garbage.npy", b"this is not numpy", r"not a NumPy array file \(\.npy expected"),
+        ("garbage.npz", b"this is not a zip", r"not a NumPy array file \(\.npz expected"),
         ("empty.npz", {}, "no arrays"),
         ("strings.npy", np.array([["a", "b"]]), "real numbers"),
         ("x.txt", "1,2\n", "suffix"),
@@ -109,3 +115,38 @@ def test_bad_files_are_refused_in_one_line(tmp_path, name, content, reason):
     with pytest.raises(DataError, match=reason) as info:
         load_data(path)
     assert "\n" not in str(info.value) and name in str(info.value)
+
+
+def test_an_archive_array_is_picked_by_name(tmp_path):
+    X, T = np.arange(6.0).reshape(3, 2), np.arange(3.0)
+    np.savez(tmp_path / "xy.npz", X=X, T=T, other=X + 1)
+    np.testing.assert_array_equal(load_data(tmp_path / "xy.npz"), X)
+    np.testing.assert_array_equal(load_data(tmp_path / "xy.npz", name="T", what="targets"),
+                                  T[:, None])  # 1-D targets: one per row, O = 1
+    np.testing.assert_array_equal(load_data(f"{tmp_path / 'xy.npz'}:other"), X + 1)
+    with pytest.raises(DataError, match=r"no array named 'Y'; it has \['X', 'T', 'other'\]"):
+        load_data(f"{tmp_path / 'xy.npz'}:Y")
+    with pytest.raises(DataError, match=r"samples must form a 2-D array \(N, D\)"):
+        load_data(f"{tmp_path / 'xy.npz'}:T")  # as samples, a 1-D array is not a batch
+
+
+def test_a_decimal_comma_is_named(tmp_path):
+    (tmp_path / "eu.csv").write_text("a;b\n1,5;2\n3;4\n")
+    with pytest.raises(DataError, match=r"line 2, column 1 is not a number: '1,5' \(delimiter: "
+                                        r"semicolon\); decimal commas are not read: write 1\.5"):
+        load_data(tmp_path / "eu.csv")
+
+
+def test_train_script_takes_targets_from_an_archive_by_name(tmp_path):
+    # --targets XY.npz picks the array named T (not X: the network would learn to copy X),
+    # XY.npz:NAME names another; 1-D targets are O = 1.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
+    train_script = importlib.import_module("train")
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((20, 4))
+    np.savez(tmp_path / "xy.npz", X=X, T=X[:, :2] * 0.5, t1=X[:, 0])
+    for targets, O in ((tmp_path / "xy.npz", 2), (f"{tmp_path / 'xy.npz'}:t1", 1)):
+        out = tmp_path / f"run{O}"
+        assert train_script.main(["--quick", "--data", str(tmp_path / "xy.npz"), "--targets",
+                                  str(targets), "--out", str(out)]) == 0
+        assert json.loads((out / "config.json").read_text())["O"] == O

@@ -146,7 +146,7 @@ def test_predict_rejects_bad_input():
 # --- saved params ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64, jnp.bfloat16])
 def test_save_and_load_params_round_trip(tmp_path, dtype):
     params = abc_jax.init_params(jax.random.key(1), D, H, O, dtype=dtype)
     path = abc_jax.save_params(tmp_path / "params.npz", params)
@@ -165,8 +165,27 @@ def test_load_params_names_what_is_wrong(tmp_path):
     with pytest.raises(ValueError, match="do not chain"):
         abc_jax.load_params(tmp_path / "bad.npz")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match="cannot read params"):
+    with pytest.raises(ValueError, match=r"junk\.npz is not an array file \(\.npz\)"):
         abc_jax.load_params(tmp_path / "junk.npz")
+    with pytest.raises(ValueError, match="a folder without params.npz or a checkpoint"):
+        abc_jax.load_params(tmp_path)
     with pytest.raises(TypeError, match="params must be Params"):
         abc_jax.save_params(tmp_path / "x.npz", {"A": 1})
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_load_params_reads_a_checkpoint_its_best_params_where_evaluation_ran(tmp_path):
+    params, train_set, held = teacher_problem(n_train=6, noise=1.0)
+    r = run(params, train_set, 300, eval_data=held, patience=2, checkpoint_dir=tmp_path / "e")
+    chex_equal = np.testing.assert_array_equal
+    for a, b in zip(abc_jax.load_params(tmp_path / "e"), r.params, strict=True):
+        chex_equal(np.asarray(a), np.asarray(b))  # the best params, as train returned
+    plain = run(params, train_set, 30, checkpoint_dir=tmp_path / "p")
+    for a, b in zip(abc_jax.load_params(tmp_path / "p" / "checkpoint.npz"), plain.params,
+                    strict=True):
+        chex_equal(np.asarray(a), np.asarray(b))  # the last params
+    many = abc_jax.train_many(params, train_set, lr=[0.05, 0.1], epochs=3, progress=False,
+                              checkpoint_dir=tmp_path / "m")
+    assert many.losses.shape == (2, 3)
+    with pytest.raises(ValueError, match="a checkpoint of 2 members"):
+        abc_jax.load_params(tmp_path / "m")

@@ -167,7 +167,7 @@ def test_load_params_names_what_is_wrong(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match=r"junk\.npz is not an array file \(\.npz\)"):
         abc_jax.load_params(tmp_path / "junk.npz")
-    with pytest.raises(ValueError, match="a folder without params.npz or a checkpoint"):
+    with pytest.raises(ValueError, match=r"a folder without params\.npz or a checkpoint"):
         abc_jax.load_params(tmp_path)
     with pytest.raises(TypeError, match="params must be Params"):
         abc_jax.save_params(tmp_path / "x.npz", {"A": 1})

@@ -563,11 +563,14 @@ def _load_worker():
 
 
 @pytest.mark.slow
-def test_a_run_killed_midway_resumes_to_the_same_params(tmp_path):
+@pytest.mark.parametrize("mode", ["train", "many"])
+def test_a_run_killed_midway_resumes_to_the_same_params(tmp_path, mode):
+    # kill -9: only the checkpoint survives; train_many's held-out history, best params
+    # and patience counters resume with it
     worker = _load_worker()
     ckpt = checkpoint_path(tmp_path)
     proc = subprocess.Popen(
-        [sys.executable, str(TESTS / "train_worker.py"), str(tmp_path)],
+        [sys.executable, str(TESTS / "train_worker.py"), str(tmp_path), mode],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     try:
@@ -584,9 +587,12 @@ def test_a_run_killed_midway_resumes_to_the_same_params(tmp_path):
     killed_at = checkpoint_epoch(tmp_path)
     assert 0 < killed_at < worker.EPOCHS, killed_at  # really interrupted midway
     print(f"killed after epoch {killed_at} of {worker.EPOCHS}")
-    resumed = worker.run(str(tmp_path))
-    uninterrupted = worker.run(None)
+    resumed = worker.run(str(tmp_path), many=mode == "many")
+    uninterrupted = worker.run(None, many=mode == "many")
     assert_results_equal(resumed, uninterrupted)
+    if mode == "many":
+        for field in ("eval_losses", "eval_epochs", "best_epoch", "stopped_at"):
+            np.testing.assert_array_equal(getattr(resumed, field), getattr(uninterrupted, field))
 
 
 SHARDED_SCRIPT = """

@@ -18,7 +18,7 @@ import optax
 
 jax.config.update("jax_enable_x64", True)
 
-from abc_jax import Batch, TrainResult, init_params, train, train_many  # noqa: E402
+from abc_jax import Batch, init_params, train, train_many  # noqa: E402
 
 EPOCHS = 3000
 EPOCHS_PER_CHUNK = 10

@@ -5,8 +5,9 @@ One process, float32, D = H = O = K, all on JAX's device:
    TF32): interleaved median times of ``batch_grad`` as users call it, jitted ``jax.grad``, one
    (N, K) x (K, K) matmul (the faster output layout) and, apart, the naive vmap of outer
    products. A step is about 7 such matmuls (14 N K^2 flops): GFLOP/s and ratios.
-2. Per-call overhead at K = 3, N = 8: each public function as users call it (validated, result
-   checked) against a bare ``jax.jit`` of it, same arrays or new params each call; target <= 2x.
+2. Per-call cost at K = 3, N = 8: loops of 2,000 eager calls of batch_grad and
+   batch_value_and_grad against the same loop of a bare ``jax.jit(jax.grad(...))`` of a
+   plain-jnp loss, waited for at the end and after every call; target <= 1.3x.
 3. Memory of the chunked gradient against the whole batch at once: XLA's compiled memory
    analysis (``temp_size_in_bytes``, scratch only), and times. --memory-n 0 skips it."""
 

@@ -137,6 +137,7 @@ def test_a_decimal_comma_is_named(tmp_path):
         load_data(tmp_path / "eu.csv")
 
 
+@pytest.mark.integration
 def test_train_script_takes_targets_from_an_archive_by_name(tmp_path):
     # --targets XY.npz picks the array named T (not X: the network would learn to copy X),
     # XY.npz:NAME names another; 1-D targets are O = 1.

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 TESTS = Path(__file__).parent
 SCRIPT = TESTS.parent / "experiments" / "train.py"

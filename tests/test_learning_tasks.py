@@ -17,6 +17,7 @@ sys.path.insert(0, str(EXPERIMENTS))
 teacher = importlib.import_module("teacher")
 
 
+@pytest.mark.integration
 def test_real_data_quick(tmp_path, capsys):
     pytest.importorskip("sklearn")
     real_data = importlib.import_module("real_data")
@@ -58,6 +59,7 @@ def test_real_data_split_and_scaling_use_the_training_rows_only():
     np.testing.assert_array_equal(again["test"], d["test"])
 
 
+@pytest.mark.integration
 def test_real_data_without_sklearn_names_the_extra(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn raises ImportError
     real_data = importlib.import_module("real_data")

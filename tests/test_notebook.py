@@ -77,7 +77,7 @@ def test_stored_derivation_is_the_current_code():
     assert all(c in source for c in code), code
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_notebook_runs_top_to_bottom():
     """Execute the notebook in the python3 kernel of this environment; any error fails."""
     nb = _stored()

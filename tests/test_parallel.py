@@ -22,7 +22,7 @@ from abc_jax.checkpoint import fingerprint
 HERE = Path(__file__).parent
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_multidevice_checks_pass_on_four_cpu_devices():
     env = dict(os.environ, JAX_NUM_CPU_DEVICES="4", JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)

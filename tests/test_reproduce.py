@@ -58,6 +58,7 @@ def reproduce_quick(tmp_path_factory):
     return tmp, printed, json.loads((tmp / "out" / "metrics.json").read_text())
 
 
+@pytest.mark.integration
 def test_reproduce_seed_writes_its_files(reproduce_quick):
     tmp, _, _ = reproduce_quick
     files = _files(tmp / "out")
@@ -74,6 +75,7 @@ def test_reproduce_seed_writes_its_files(reproduce_quick):
     assert [p.name for p in (tmp / "docs").iterdir()] == ["reproduce_loss.png"]
 
 
+@pytest.mark.integration
 def test_reproduce_seed_prints_the_numbers_it_stores(reproduce_quick):
     _, printed, m = reproduce_quick
     listing = m["loss_listing"]
@@ -95,6 +97,7 @@ def test_reproduce_seed_prints_the_numbers_it_stores(reproduce_quick):
         assert line in printed
 
 
+@pytest.mark.integration
 def test_generalization_quick(tmp_path):
     out = tmp_path / "gen"
     code, printed = _main(generalization, ["--quick", "--out", str(out),
@@ -117,6 +120,7 @@ def test_generalization_quick(tmp_path):
     assert taught["conclusion"] in printed and "/ noise floor" in printed
 
 
+@pytest.mark.integration
 def test_gradcheck_quick_and_rectangular(tmp_path):
     code, printed = _main(gradcheck, ["--quick", "--out", str(tmp_path / "q")])
     assert code == 0 and json.loads((tmp_path / "q" / "config.json").read_text())["n"] == 4

@@ -21,6 +21,7 @@ _common = importlib.import_module("_common")
 
 
 @pytest.mark.smoke
+@pytest.mark.integration
 def test_bench_step_quick(tmp_path, capsys):
     out = tmp_path / "bs"
     assert bench_step.main(["--quick", "--out", str(out), "--docs", str(tmp_path / "docs")]) == 0

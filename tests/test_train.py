@@ -562,7 +562,7 @@ def _load_worker():
     return module
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize("mode", ["train", "many"])
 def test_a_run_killed_midway_resumes_to_the_same_params(tmp_path, mode):
     # kill -9: only the checkpoint survives; train_many's held-out history, best params
@@ -621,7 +621,7 @@ print("sharded training matches")
 """
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_training_on_a_padded_sharded_batch_matches_one_device():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_PLATFORMS="cpu")

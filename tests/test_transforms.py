@@ -263,6 +263,7 @@ def test_value_checks_are_opt_in_and_left_to_eager_calls():
                                                                      -jnp.ones(5))))
 
 
+@pytest.mark.integration
 def test_the_environment_variable_turns_value_checks_on(tmp_path):
     code = ("import jax.numpy as jnp, abc_jax\n"
             "p = abc_jax.init_params(abc_jax_key := __import__('jax').random.key(0), 3)\n"

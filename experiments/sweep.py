@@ -1,10 +1,12 @@
 """A learning-rate x seed sweep in one compiled loop (train_many), and what that saves.
 
 Every (lr, seed) pair is one member of ONE train_many call: seed s draws the initial
-params (init_params(key(s))), the lrs are log-spaced. Written: a heat map of the final
+params (init_params(key(s))), the lrs are log-spaced, and every member is evaluated on the
+same --n-eval held-out rows every --eval-every epochs, so the members are ranked by their
+best held-out loss, not by their training loss. Written: a heat map of the final
 loss over lr x seed, the loss curves per lr with a band over the seeds (median, min-max),
-diverged members marked. Timed (interleaved rounds, every call waited for): train_many
-on the grid against a Python loop of train calls on the same grid; and the benchmark of
+diverged members marked, and the ranking (ranking.csv). Timed (interleaved rounds, every
+call waited for): train_many on the grid against a Python loop of train calls on the same grid; and the benchmark of
 --bench-members members at K = --bench-k, N = --bench-n, --bench-epochs epochs (float32)
 against as many train calls, printed as a ratio.
 
@@ -30,11 +32,28 @@ from abc_jax import DivergenceError, train, train_many
 NAME = "sweep"
 
 
-def problem(k: int, n: int, seeds: int, dtype: Any, data_seed: int) -> tuple[Any, Any]:
-    """Params stacked over seeds (seeds, ...) from init_params(key(s)), and X (n, k)."""
+def problem(k: int, n: int, seeds: int, dtype: Any, data_seed: int,
+            n_eval: int = 0) -> tuple[Any, ...]:
+    """Params stacked over seeds (seeds, ...) from init_params(key(s)), X (n, k) and, with
+    ``n_eval``, held-out rows (n_eval, k) of the same distribution."""
     ps = [abc_jax.init_params(jax.random.key(s), k, dtype=dtype) for s in range(seeds)]
     X = jax.random.normal(jax.random.key(10_000 + data_seed), (n, k), dtype)
-    return jax.tree.map(lambda *a: jnp.stack(a), *ps), X
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *ps)
+    if not n_eval:
+        return stacked, X
+    return stacked, X, jax.random.normal(jax.random.key(20_000 + data_seed), (n_eval, k), dtype)
+
+
+def ranking(res: Any, member_lr: np.ndarray, seeds: int) -> list[list[Any]]:
+    """Members by best held-out loss (diverged ones last): rank, lr, seed, that loss, its
+    epoch, the final training loss (None if diverged)."""
+    best = np.asarray(res.eval_losses, np.float64)
+    best = np.where(np.isfinite(best), best, np.inf).min(axis=1)
+    order = np.argsort(best, kind="stable")
+    bad = np.asarray(res.diverged)
+    return [[i + 1, float(member_lr[m]), int(m % seeds), None if np.isinf(best[m]) else
+             float(best[m]), int(res.best_epoch[m]), None if bad[m] else
+             float(res.losses[m, -1])] for i, m in enumerate(order)]
 
 
 def grid(params: Any, lrs: np.ndarray) -> tuple[Any, np.ndarray]:
@@ -112,9 +131,10 @@ def run(args: Any) -> dict[str, Any]:
     """The sweep in one train_many call (a bar on a terminal), then the timings."""
     dtype, env = jnp.dtype(args.dtype), _common.environment(args.dtype)
     lrs = np.geomspace(args.lr_min, args.lr_max, args.lrs)
-    params, X = problem(args.k, args.n, args.seeds, dtype, args.seed)
+    params, X, Xh = problem(args.k, args.n, args.seeds, dtype, args.seed, args.n_eval)
     members, member_lr = grid(params, lrs)
-    res = train_many(members, X, lr=member_lr, epochs=args.epochs)
+    res = train_many(members, X, lr=member_lr, epochs=args.epochs, eval_data=Xh,
+                     eval_every=args.eval_every)
     L, at = np.asarray(res.losses, np.float64), np.asarray(res.diverged_at)
     timings = {"sweep": timed(members, X, member_lr, args.epochs, args.rounds)}
     if args.bench_members:
@@ -125,7 +145,11 @@ def run(args: Any) -> dict[str, Any]:
     desc = (f"{args.lrs} lrs x {args.seeds} seeds = {len(member_lr)} members, K = {args.k}, "
             f"N = {args.n}, {args.epochs} epochs, {env['dtype']}")
     return {"env": env, "lrs": lrs, "member_lr": member_lr, "losses": L, "diverged_at": at,
-            "final": final, "band": bands(L, args.lrs), "timings": timings, "desc": desc}
+            "final": final, "band": bands(L, args.lrs), "timings": timings, "desc": desc,
+            "ranking": ranking(res, member_lr, args.seeds)}
+
+
+RANKING = ["rank", "lr", "seed", "best_eval_loss", "best_epoch", "final_train_loss"]
 
 
 FIELDS = ["members", "epochs", "train_many_s", "train_loop_s", "ratio", "rounds",
@@ -139,6 +163,8 @@ def report(res: dict[str, Any]) -> None:
     rows = [[f"{lr:.3g}", *(None if np.isnan(v) else float(v) for v in row)]
             for lr, row in zip(res["lrs"], final, strict=True)]
     _common.print_table(["lr", *(f"seed {s}" for s in range(final.shape[1]))], rows, ".3g")
+    print("\nranked by best held-out loss (the top 5):")
+    _common.print_table(RANKING, res["ranking"][:5], ".4g")
     print()
     timings = res["timings"]
     _common.print_table(["part", *FIELDS], [[p, *(t[f] for f in FIELDS)]
@@ -154,17 +180,15 @@ def write(args: Any, res: dict[str, Any]) -> dict[str, Any]:
     its --docs copy)."""
     lrs, member_lr, final, band = res["lrs"], res["member_lr"], res["final"], res["band"]
     L, at, S = res["losses"], res["diverged_at"], args.seeds
-    finite = np.where(np.isnan(final), np.inf, final)
-    best = np.unravel_index(np.argmin(finite), final.shape)
+    top = res["ranking"][0]
     return _common.write_and_report(
         args.out, args.docs, ["sweep"], config=vars(args) | {"lr_values": lrs.tolist()},
         figures={"sweep": plot(final, band, lrs, res["desc"])},
         metrics={"environment": res["env"], "lrs": lrs.tolist(),
                  "final_loss": [[None if np.isnan(v) else float(v) for v in r] for r in final],
                  "diverged_at": at.reshape(len(lrs), S).tolist(), "timing": res["timings"],
-                 "best": None if np.isinf(finite[best]) else {
-                     "lr": float(lrs[best[0]]), "seed": int(best[1]),
-                     "final_loss": float(final[best])}},
+                 "best": None if top[3] is None else dict(zip(RANKING[1:], top[1:],
+                                                              strict=True))},
         tables={"final_loss": (["lr", "seed", "final_loss", "diverged_at"],
                                [[float(member_lr[m]), m % S, None if at[m] >= 0 else
                                  float(L[m, -1]), int(at[m])] for m in range(len(member_lr))]),
@@ -172,7 +196,8 @@ def write(args: Any, res: dict[str, Any]) -> dict[str, Any]:
                                        for q in ("median", "min", "max"))],
                            [[e, *band[:, :, e].ravel().tolist()] for e in range(L.shape[1])]),
                 "timing": (["part", *FIELDS], [[p, *(t[f] for f in FIELDS)]
-                                               for p, t in res["timings"].items()])})
+                                               for p, t in res["timings"].items()]),
+                "ranking": (RANKING, res["ranking"])})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -184,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--lr-min", type=float, default=0.01, help="smallest learning rate")
     ap.add_argument("--lr-max", type=float, default=1.0, help="largest learning rate")
     ap.add_argument("--seeds", type=int, default=4, help="seeds (initial params) per lr")
+    ap.add_argument("--n-eval", type=int, default=256, help="held-out rows (shared by all)")
+    ap.add_argument("--eval-every", type=int, default=20, help="epochs between evaluations")
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="dtype")
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds of each variant")
     ap.add_argument("--bench-members", type=int, default=64, help="benchmark members (0: skip)")
@@ -193,8 +220,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.k, args.n, args.epochs, args.lrs, args.seeds, args.rounds = 3, 16, 20, 3, 2, 1
+        args.n_eval, args.eval_every = 16, 5
         args.bench_members, args.bench_n, args.bench_epochs = 4, 16, 20
-    if min(args.k, args.n, args.epochs, args.lrs, args.seeds, args.rounds) < 1 or not (
+    if min(args.k, args.n, args.epochs, args.lrs, args.seeds, args.rounds, args.n_eval,
+           args.eval_every) < 1 or not (
             0 < args.lr_min <= args.lr_max) or min(args.bench_k, args.bench_n,
                                                     args.bench_epochs, args.bench_members + 1) < 1:
         ap.error("sizes must be >= 1 (--bench-members >= 0) and 0 < --lr-min <= --lr-max")

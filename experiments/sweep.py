@@ -7,8 +7,8 @@ best held-out loss, not by their training loss. Written: a heat map of the final
 loss over lr x seed, the loss curves per lr with a band over the seeds (median, min-max),
 diverged members marked, and the ranking (ranking.csv). Timed (interleaved rounds, every
 call waited for): train_many on the grid against a Python loop of train calls on the same
-grid; and the benchmark of --bench-members members at K = --bench-k, N = --bench-n, --bench-epochs epochs (float32)
-against as many train calls, printed as a ratio.
+grid; and the benchmark of --bench-members members at K = --bench-k, N = --bench-n,
+--bench-epochs epochs (float32) against as many train calls, printed as a ratio.
 
     python experiments/sweep.py --lrs 16 --seeds 8 --k 16 --n 1024
 """

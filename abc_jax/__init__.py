@@ -46,6 +46,7 @@ from abc_jax.core.update import gradient_descent
 from abc_jax.data import DataError, load_data
 from abc_jax.edge import value_checks
 from abc_jax.engine.config import TrainConfig
+from abc_jax.engine.privacy import DPSGD, PrivacyAccountingError
 from abc_jax.engine.train import (
     DivergenceError,
     TrainManyResult,
@@ -60,7 +61,8 @@ from abc_jax.graph import draw_graph
 from abc_jax.parallel import data_mesh, initialize_distributed, shard_batch, shard_local_batch
 
 __all__ = [
-    "Batch", "DataError", "DivergenceError", "Params", "Residuals", "TrainConfig",
+    "DPSGD", "Batch", "DataError", "DivergenceError", "Params", "PrivacyAccountingError",
+    "Residuals", "TrainConfig",
     "TrainManyResult", "TrainResult", "abc_loss", "abc_loss_jvp", "batch_grad", "batch_jvp",
     "batch_loss", "batch_value_and_grad", "clipped_batch_grad", "cross_validate", "data_mesh",
     "draw_graph", "fd_grad", "forward", "grad_errors", "gradient_descent", "init_params",

@@ -128,14 +128,24 @@ def clipped_grad_sum(params: Params, batch: Batch, clip_norm: Any) -> tuple[Para
     products and run them as loops (DESIGN.md section 3: ~30x slower); with
     JAX 0.10.2 on the CPU it does not, and the barrier costs nothing.
     """
-    X, Z, _, GW, GZ, GY = rw = rows(params, batch)
-    norms = jnp.linalg.norm(row_norms(rw), axis=1)  # (N,)  ||g_i|| over A, B, C
-    f = clip_factors(norms, jnp.asarray(clip_norm, norms.dtype))[None, :]  # (1, N)
-    GY, GZ, GW = lax.optimization_barrier((GY * f, GZ * f, GW * f))
-    grads = Params(A=GY @ X, B=GZ @ X, C=GW @ Z.T)  # sum_i f_i gy_i x_i^T, ...
+    X = batch.X
+    grads = clipped_rows_sum(rows(params, batch), clip_norm)
     r = batch.weights
     weight = jnp.asarray(X.shape[0], X.dtype) if r is None else jnp.sum(r)
     return grads, weight
+
+
+def clipped_rows_sum(rw: Rows, clip_norm: Any) -> Params:
+    """sum_i f_i g_i from a batch pass's rows (``backward.rows``), f_i = min(1, c / ||g_i||).
+
+    Shapes: rows of N samples in, ``Params`` (H, D), (H, D), (O, H) out. The body of
+    ``clipped_grad_sum``, for a caller that also needs the rows (e.g. their loss).
+    """
+    X, Z, _, GW, GZ, GY = rw
+    norms = jnp.linalg.norm(row_norms(rw), axis=1)  # (N,)  ||g_i|| over A, B, C
+    f = clip_factors(norms, jnp.asarray(clip_norm, norms.dtype))[None, :]  # (1, N)
+    GY, GZ, GW = lax.optimization_barrier((GY * f, GZ * f, GW * f))
+    return Params(A=GY @ X, B=GZ @ X, C=GW @ Z.T)  # sum_i f_i gy_i x_i^T, ...
 
 
 def clipped_batch_grad(params: Params, batch: Batch, clip_norm: Any,

@@ -156,14 +156,21 @@ def _rows(weights: jax.Array) -> jax.Array:
     return jnp.sum(weights > 0, axis=-1)
 
 
-def rows_per_member(batch: Batch) -> int:
-    """Rows of non-zero weight, one count for every member (mini-batches need it static).
+def row_counts(batch: Batch) -> np.ndarray:
+    """Rows of non-zero weight: () or (M,) for per-member weights (N for no weights).
 
     Counted on the devices, so it also works for rows spread over processes.
     """
     if batch.weights is None:
+        return np.asarray(batch.X.shape[-2])
+    return np.asarray(_rows(batch.weights))
+
+
+def rows_per_member(batch: Batch) -> int:
+    """Rows of non-zero weight, one count for every member (mini-batches need it static)."""
+    if batch.weights is None:
         return batch.X.shape[-2]
-    counts = set(np.atleast_1d(np.asarray(_rows(batch.weights))).tolist())
+    counts = set(np.atleast_1d(row_counts(batch)).tolist())
     if len(counts) != 1:
         raise ValueError(f"weights: with batch_size every member needs the same number of rows "
                          f"of non-zero weight (one mini-batch schedule), got {sorted(counts)}")

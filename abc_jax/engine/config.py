@@ -15,6 +15,7 @@ import optax
 
 from abc_jax import edge
 from abc_jax.core.update import gd_update
+from abc_jax.engine.privacy import DPSGD
 
 GRADS = ("manual", "oracle")
 EVERY = 100  # the default cadence of chunks, evaluations and checkpoints, in epochs
@@ -36,6 +37,9 @@ class TrainConfig:
     checkpoint_every: epochs between checkpoints (and one at the last epoch).
     patience: stop a member once this many evaluations in a row did not lower
       its held-out loss, keeping its best params; None: never.
+    privacy: a ``DPSGD`` for private training (``engine.privacy``), None: plain. It
+      takes the manual per-row gradients, its own sampling (no batch_size); the
+      optimizer gets the noisy gradient only (no value or value_fn: not L-BFGS).
 
     chunk_size, precision and epochs_per_chunk are speed knobs: a resumed run
     may change them. The others define the run.
@@ -50,6 +54,7 @@ class TrainConfig:
     eval_every: int = EVERY
     checkpoint_every: int = EVERY
     patience: int | None = None
+    privacy: DPSGD | None = None
 
     def __post_init__(self) -> None:
         opt = self.optimizer
@@ -67,6 +72,21 @@ class TrainConfig:
                for f in ("epochs_per_chunk", "eval_every", "checkpoint_every")}}
         for name, value in checked.items():
             object.__setattr__(self, name, value)
+        self.check_privacy()
+
+    def check_privacy(self) -> None:
+        """The private mode against the other knobs: a named error where they contradict."""
+        p = self.privacy
+        if p is None:
+            return
+        if not isinstance(p, DPSGD):
+            raise TypeError(f"privacy must be an abc_jax.DPSGD or None, got {type(p).__name__}")
+        if self.batch_size is not None:
+            raise ValueError("privacy and batch_size contradict: DP-SGD samples its own batches "
+                             f"(Poisson, sampling_rate={p.sampling_rate}); leave batch_size None")
+        if self.grad != "manual":
+            raise ValueError("privacy clips the manual per-row gradients: grad must be "
+                             f"'manual', got {self.grad!r}")
 
     def static(self, n_rows: int) -> dict[str, Any]:
         """The compiled chunk's static arguments (``engine.loop.run_chunk``)."""
@@ -75,7 +95,8 @@ class TrainConfig:
                     extra=isinstance(opt, optax.GradientTransformationExtraArgs),
                     grad=self.grad, length=self.epochs_per_chunk, batch_size=self.batch_size,
                     n_rows=n_rows if self.batch_size else 0, chunk_size=self.chunk_size,
-                    precision=self.precision)
+                    precision=self.precision,
+                    private_steps=0 if self.privacy is None else self.privacy.steps_per_epoch)
 
     def boundary(self, epoch: int, epochs: int) -> int:
         """The next epoch after ``epoch`` at which the host must act: an evaluation, a

@@ -34,6 +34,7 @@ from jax import lax
 
 from abc_jax.core import backward, model
 from abc_jax.core.model import Batch, Params
+from abc_jax.engine import privacy as dp
 
 
 class State(NamedTuple):
@@ -87,19 +88,25 @@ def _minibatch_epoch(step: Any, batch_size: int, n_rows: int, params: Params, op
 
 
 def _chunk(state: State, batch: Batch, key: jax.Array | None, start: jax.Array,
-           stop: jax.Array, *, update: Any, extra: bool, grad: str, length: int,
-           batch_size: int | None, n_rows: int, chunk_size: int | None,
-           precision: str) -> tuple[State, jax.Array]:
+           stop: jax.Array, privacy: dp.PrivacyArrays | None, *, update: Any, extra: bool,
+           grad: str, length: int, batch_size: int | None, n_rows: int,
+           chunk_size: int | None, precision: str,
+           private_steps: int = 0) -> tuple[State, jax.Array]:
     """One member's epochs start .. min(start + length, stop) - 1 in one ``lax.while_loop``.
 
     The trip count is traced (E epochs do E epochs of work). Returns the state
     and the (length,) losses, NaN for epochs not run. Traced at ``precision``,
-    so it reaches autodiff's products.
+    so it reaches autodiff's products. ``private_steps`` > 0: each epoch is that many
+    DP-SGD steps (``engine.privacy``) with the member's knobs ``privacy`` (scalars).
     """
     step = functools.partial(_step, update, extra, grad, chunk_size)
 
     def epoch(s: State, e: jax.Array) -> tuple[State, jax.Array]:
-        if batch_size is None:
+        if private_steps:
+            loss, params, opt_state = dp.private_epoch(
+                update, chunk_size, private_steps, s.params, s.opt_state, batch, privacy,
+                jax.random.fold_in(key, e))
+        elif batch_size is None:
             loss, params, opt_state = step(s.params, s.opt_state, batch)
         else:
             loss, params, opt_state = _minibatch_epoch(
@@ -130,19 +137,23 @@ def _chunk(state: State, batch: Batch, key: jax.Array | None, start: jax.Array,
 
 
 @functools.partial(jax.jit, static_argnames=("update", "extra", "grad", "length", "batch_size",
-                                             "n_rows", "chunk_size", "precision", "batch_axes"))
+                                             "n_rows", "chunk_size", "precision", "batch_axes",
+                                             "private_steps"))
 def run_chunk(state: State, batch: Batch, keys: Any, start: jax.Array, stop: jax.Array, *,
-              batch_axes: Batch, **static: Any) -> tuple[State, jax.Array]:
+              batch_axes: Batch, privacy: dp.PrivacyArrays | None = None,
+              **static: Any) -> tuple[State, jax.Array]:
     """``_chunk`` vmapped over M members: (state (M, ...), losses (M, length)).
 
     ``batch_axes`` says which batch fields carry the member axis (a ``Batch`` of
     0 for a field per member, None for one shared, e.g. ``Batch(None, 0, None)``:
-    one X, weights per member); ``keys`` (M,) or None.
+    one X, weights per member); ``keys`` (M,) or None; ``privacy`` the DP-SGD knobs,
+    each (M,) (data, not static), or None.
     """
-    def one(s: State, b: Batch, k: Any) -> tuple[State, jax.Array]:
-        return _chunk(s, b, k, start, stop, **static)
+    def one(s: State, b: Batch, k: Any, p: Any) -> tuple[State, jax.Array]:
+        return _chunk(s, b, k, start, stop, p, **static)
 
-    return jax.vmap(one, in_axes=(0, batch_axes, None if keys is None else 0))(state, batch, keys)
+    axes = (0, batch_axes, None if keys is None else 0, None if privacy is None else 0)
+    return jax.vmap(one, in_axes=axes)(state, batch, keys, privacy)
 
 
 @functools.partial(jax.jit, static_argnames=("batch_axes", "precision"))

@@ -190,6 +190,7 @@ class Plan:
     callbacks: Sequence[Callback]  # with a member axis: (epoch, params (M, ...), {k: (M,)})
     checkpoint_dir: str | os.PathLike[str] | None = None
     settings: dict[str, Any] | None = None
+    privacy: Any = None  # engine.privacy.PrivacyArrays, each (M,), with config.privacy
 
 
 def save(run: Run, plan: Plan) -> None:
@@ -216,7 +217,8 @@ def fit(run: Run, plan: Plan, bar: Any) -> Run:
             while run.epoch < stop and not run.done().all():
                 run.state, chunk = run_chunk(run.state, plan.batch, plan.keys,
                                              np.int32(run.epoch), np.int32(stop),
-                                             batch_axes=plan.axes, **static)
+                                             batch_axes=plan.axes, privacy=plan.privacy,
+                                             **static)
                 n = min(config.epochs_per_chunk, stop - run.epoch)
                 run.losses.append(np.asarray(chunk)[:, :n])
                 run.epoch += n

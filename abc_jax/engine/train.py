@@ -24,6 +24,7 @@ from abc_jax.core import backward
 from abc_jax.core.model import Batch, Params
 from abc_jax.core.update import GDState
 from abc_jax.engine import arguments
+from abc_jax.engine import privacy as dp
 from abc_jax.engine.config import EVERY, TrainConfig
 from abc_jax.engine.loop import State
 from abc_jax.engine.pipeline import (
@@ -47,6 +48,9 @@ class TrainResult(NamedTuple):
     eval_epochs: jax.Array | None = None  # (k,) int, epochs done when each was measured
     best_epoch: int | None = None  # the eval epoch of the lowest held-out loss
     metrics: dict[str, np.ndarray] | None = None  # callbacks' metrics, each (k,) at eval_epochs
+    epsilon: float | None = None  # privacy=DPSGD(...): epsilon spent at delta; else None
+    delta: float | None = None  # the delta of epsilon (the given one, else 1 / n)
+    sampling_rate: float | None = None  # q, each row's probability to be in a step
 
 
 class TrainManyResult(NamedTuple):
@@ -61,6 +65,9 @@ class TrainManyResult(NamedTuple):
     best_epoch: jax.Array | None = None  # (M,) the eval epoch of each member's lowest
     stopped_at: jax.Array | None = None  # (M,) the epoch patience or a callback stopped it, -1
     metrics: dict[str, np.ndarray] | None = None  # callbacks' metrics, each (M, k)
+    epsilon: np.ndarray | None = None  # (M,) privacy=DPSGD(...): epsilon spent at delta
+    delta: np.ndarray | None = None  # (M,) the delta of epsilon (given, else 1 / n)
+    sampling_rate: float | None = None  # q, each row's probability to be in a step
 
 
 class DivergenceError(RuntimeError):
@@ -147,7 +154,7 @@ def _settings(params: Params, batch: Batch, held: Any, state: State, lr: Any,
         "evaluation": None if held is None else {
             "every": config.eval_every, "patience": config.patience,
             "fingerprint": prints(held[0])},
-    }
+    } | ({} if config.privacy is None else {"privacy": config.privacy.settings()})
 
 
 def _launch(params: Params, lr: Any, batch: Batch, axes: Batch, keys: Any, config: TrainConfig,
@@ -166,13 +173,29 @@ def _launch(params: Params, lr: Any, batch: Batch, axes: Batch, keys: Any, confi
     built = [] if held is None else [
         held_out_loss(*arguments.on_devices(mesh, held, held[1]), config.precision),
         EarlyStopping(run, config.patience)]
+    private = None if config.privacy is None else parallel.replicate_like(
+        arguments.on_devices(mesh, config.privacy.arrays(M, params.A.dtype)), batch.X)
     plan = Plan(arguments.on_devices(mesh, batch, axes), axes,
                 parallel.replicate_like(arguments.on_devices(mesh, keys), batch.X), config,
-                n_rows, epochs, [*built, *callbacks], checkpoint_dir, settings)
+                n_rows, epochs, [*built, *callbacks], checkpoint_dir, settings, private)
     run = resume(run, plan)
     run.state = arguments.on_devices(mesh, run.state)
     with progress_bar(progress, epochs, run.epoch, desc) as bar:
         return fit(run, plan, bar)
+
+
+def _spent(run: Run, config: TrainConfig, batch: Batch, one: bool = False) -> dict[str, Any]:
+    """The private run's cost, as result fields: epsilon (M,) at delta (M,) for each
+    member's epochs with a finite loss (``engine.privacy.spent``), and q; floats for
+    ``one`` member (``train``). {} if not private."""
+    if config.privacy is None:
+        return {}
+    M = run.best_loss.shape[0]
+    rows = np.broadcast_to(arguments.row_counts(batch), (M,))
+    eps, delta = dp.spent(config.privacy, dp.is_finite_count(run.loss_table()), rows)
+    if one:
+        eps, delta = float(eps[0]), float(delta[0])
+    return {"epsilon": eps, "delta": delta, "sampling_rate": config.privacy.sampling_rate}
 
 
 def _check_values(params: Params, batch: Batch, held: Any) -> None:
@@ -212,7 +235,8 @@ def train(params: Params, X: Any, *, lr: float | None = None, epochs: int,
           checkpoint_dir: str | os.PathLike[str] | None = None,
           epochs_per_chunk: int = EVERY, precision: str | None = None,
           eval_data: Any = None, patience: int | None = None, eval_every: int = EVERY,
-          checkpoint_every: int = EVERY, callbacks: Sequence[Any] = ()) -> TrainResult:
+          checkpoint_every: int = EVERY, callbacks: Sequence[Any] = (),
+          privacy: dp.DPSGD | None = None) -> TrainResult:
     """Minimise ``batch_loss(params, X)``: per epoch (u, s) = optimizer.update(g, s, p), p += u.
 
     params: ``Params(A (H, D), B (H, D), C (O, H))``, whose dtype the result and X take.
@@ -235,6 +259,8 @@ def train(params: Params, X: Any, *, lr: float | None = None, epochs: int,
     evaluation, after the held-out loss; metrics holds "loss" (the last epoch's) and
     "eval_loss"; a returned dict adds metrics (numbers) to ``result.metrics``, and
     ``{"stop": True}`` ends the run there.
+    privacy: ``DPSGD(...)``: DP-SGD from ``key`` (``abc_jax.engine.privacy``), its cost in
+    ``result.epsilon``, ``.delta``, ``.sampling_rate``; needs ``pip install -e ".[privacy]"``.
 
     Returns ``TrainResult(params, losses, eval_losses, eval_epochs, best_epoch, metrics)``:
     losses (epochs,) (fewer after an early stop), losses[e] the batch loss before update e
@@ -247,10 +273,11 @@ def train(params: Params, X: Any, *, lr: float | None = None, epochs: int,
     if edge.is_traced(params, X, key, eval_data):
         raise TypeError("train runs its own compiled loop: call it outside jax.jit/vmap/grad")
     config = TrainConfig(optimizer, grad, batch_size, chunk_size, precision, epochs_per_chunk,
-                         eval_every, checkpoint_every, patience)
+                         eval_every, checkpoint_every, patience, privacy)
     epochs = edge.check_int(epochs, "epochs", minimum=0)
     lr, _ = arguments.member_lr(lr, optimizer, many=False)
     keys = None if key is None else edge.check_key(key)[None]
+    dp.check_members(privacy, key, many=False)
     if batch_size is not None and key is None:
         raise ValueError("key is required with batch_size: mini-batches are shuffled from it")
     if patience is not None and eval_data is None:
@@ -263,7 +290,8 @@ def train(params: Params, X: Any, *, lr: float | None = None, epochs: int,
     _check_values(params, batch, held)
     run = _launch(params, lr, batch, Batch(None, None, None), keys, config, epochs, 1, held,
                   user, _checkpoint_dir(checkpoint_dir), progress, "train")
-    result = _member(run, 0, held is not None, config.patience, dtype)
+    result = _member(run, 0, held is not None, config.patience, dtype)._replace(
+        **_spent(run, config, batch, one=True))
     if bool(run.state.bad[0]):
         _diverged(result, run, params, batch, lr, config.optimizer is not None)
     return result
@@ -326,7 +354,8 @@ def train_many(params: Params, X: Any, *, lr: Any = None, epochs: int, optimizer
                epochs_per_chunk: int = EVERY, precision: str | None = None,
                mesh: Any = None, eval_data: Any = None, patience: int | None = None,
                eval_every: int = EVERY, checkpoint_every: int = EVERY,
-               callbacks: Sequence[Any] = ()) -> TrainManyResult:
+               callbacks: Sequence[Any] = (),
+               privacy: dp.DPSGD | None = None) -> TrainManyResult:
     """Train M members in one compiled loop; member m is ``train`` on its own arguments.
 
     Each array argument is shared or carries a leading member axis M:
@@ -341,7 +370,7 @@ def train_many(params: Params, X: Any, *, lr: Any = None, epochs: int, optimizer
     on one device), None: one device. The rest as in ``train``; patience and callbacks act
     per member: callbacks get params (M, ...) and metrics (M,) and may return (M,) values
     or ``{"stop": mask (M,)}``. With batch_size every member needs the same count of
-    non-zero weights.
+    non-zero weights. privacy: a ``DPSGD``, its clip_norm and noise_multiplier maybe (M,).
 
     Returns ``TrainManyResult``: a member whose loss became NaN/inf at epoch e is frozen
     there (its params those before epoch e - 1's update, as ``DivergenceError.result``),
@@ -352,10 +381,11 @@ def train_many(params: Params, X: Any, *, lr: Any = None, epochs: int, optimizer
     if edge.is_traced(params, X, lr, key, eval_data):
         raise TypeError("train_many runs its own compiled loop: call it outside jax.jit/vmap")
     config = TrainConfig(optimizer, grad, batch_size, chunk_size, precision, epochs_per_chunk,
-                         eval_every, checkpoint_every, patience)
+                         eval_every, checkpoint_every, patience, privacy)
     epochs = edge.check_int(epochs, "epochs", minimum=0)
     if key is not None and arguments.key_members(key) is None:
         edge.check_key(key)
+    private_sizes = dp.check_members(privacy, key, many=True)
     if batch_size is not None and key is None:
         raise ValueError("key is required with batch_size: mini-batches are shuffled from it")
     if patience is not None and eval_data is None:
@@ -369,6 +399,7 @@ def train_many(params: Params, X: Any, *, lr: Any = None, epochs: int, optimizer
     lr, m_lr = arguments.member_lr(lr, optimizer, many=True)
     sizes |= {k: v for k, v in (("params", m_params), ("lr", m_lr),
                                 ("key", arguments.key_members(key))) if v is not None}
+    sizes |= private_sizes
     if held is not None:
         sizes |= {f"eval_data{'.' + f if f != 'X' else ''}": np.shape(a)[0]
                   for f, a, ax in zip(arguments.FIELDS, held[0], held[1], strict=True)
@@ -381,7 +412,8 @@ def train_many(params: Params, X: Any, *, lr: Any = None, epochs: int, optimizer
     run = _launch(params, lr, batch, axes, arguments.member_keys(key, M), config, epochs, M,
                   held, callbacks, _checkpoint_dir(checkpoint_dir), progress,
                   f"train_many ({M} members)", mesh)
-    return _many(run, epochs, held is not None, config.patience, dtype)
+    return _many(run, epochs, held is not None, config.patience, dtype)._replace(
+        **_spent(run, config, batch))
 
 
 def _many(run: Run, epochs: int, held: bool, patience: Any, dtype: Any) -> TrainManyResult:

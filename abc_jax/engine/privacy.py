@@ -1,0 +1,274 @@
+"""DP-SGD in the engine: per-row clipping, Poisson sampling, Gaussian noise, accounting.
+
+``DPSGD(clip_norm=c, noise_multiplier=sigma, sampling_rate=q)`` makes ``train`` and
+``train_many`` private. Step s of epoch e, for a member with key k, rows x_i of
+weight r_i (N rows, n of them with r_i > 0)::
+
+    k_s  = fold_in(fold_in(k, e), s)
+    m_i  = bernoulli(fold_in(k_s, 0), q, (N,))[i]          Poisson sampling, 0/1
+    G    = sum_i m_i min(1, c / ||g_i||) g_i               g_i = r_i dL_i/dp (row i's
+                                                           gradient, weight included)
+    xi_P = normal(fold_in(fold_in(k_s, 1), j), P.shape)    j = 0, 1, 2 for A, B, C
+    g~   = (G + sigma c xi) / (q n)                        divided by the expected batch
+    u, s' = optimizer.update(g~, s, p);  p <- p + u         (hand-rolled rule or Optax)
+
+Poisson sampling is a 0/1 mask on the row weights: every step is a pass over all N
+rows with static shapes, so every q, c and sigma runs in one compilation (c and
+sigma are data, one per member in ``train_many``). The clipped sum is
+``norms.clipped_rows_sum``: the clip factors act as row weights before the three
+contractions, no per-sample gradient is formed. An epoch is S = max(1, round(1 / q))
+steps, one expected pass over the rows. The loss reported for epoch e is the
+non-private full-batch ``batch_loss(p_e, X)`` before its first step (as ``train``'s),
+read from that step's own pass. Padding rows (r_i = 0) are never counted in n.
+
+Privacy: the noisy gradients are the Poisson-subsampled Gaussian mechanism of noise
+multiplier sigma (sensitivity c: one row changes G by at most c) composed over the
+steps run; epsilon at delta (default 1 / n) comes from ``dp-accounting``'s RDP
+accountant (add-or-remove-one neighbours). It covers the params as released by the
+noisy steps only: the reported losses, held-out evaluation, patience, callbacks and
+the divergence check read the data outside the mechanism.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from abc_jax import edge
+from abc_jax.core import backward, norms
+from abc_jax.core.model import Batch, Params
+
+SAMPLINGS = ("poisson",)
+INSTALL = 'pip install -e ".[privacy]"'
+
+
+class PrivacyAccountingError(ImportError):
+    """The private mode needs ``dp-accounting`` for its epsilon; it is not installed."""
+
+
+def accounting() -> Any:
+    """The ``dp_accounting`` module (with its ``rdp`` accountant), or a named ImportError."""
+    try:
+        import dp_accounting
+        from dp_accounting import rdp  # noqa: F401  (the subpackage, loaded)
+    except ImportError as err:
+        raise PrivacyAccountingError(
+            f"private training (privacy=DPSGD(...)) accounts its epsilon with Google's "
+            f"dp-accounting, which is not installed: {INSTALL} (or pip install "
+            f"dp-accounting)") from err
+    return dp_accounting
+
+
+def per_member(value: Any, name: str, minimum: float, strict: bool) -> Any:
+    """A finite number (> or >= ``minimum``) or a 1-D sequence (M,) of them, as a float or a
+    tuple of floats."""
+    if isinstance(value, (str, bytes, bool, np.bool_)) or value is None:
+        raise TypeError(f"{name} must be a number or an array (M,) of numbers, got "
+                        f"{type(value).__name__} {value!r}")
+    a = np.asarray(value)
+    if a.dtype.kind not in "iuf" or a.ndim > 1 or a.size == 0:
+        raise TypeError(f"{name} must be a number or an array (M,) of numbers, got "
+                        f"{a.dtype} of shape {a.shape}")
+    bad = ~np.isfinite(a) | ((a <= minimum) if strict else (a < minimum))
+    if bad.any():
+        want = f"> {minimum:g}" if strict else f">= {minimum:g}"
+        raise ValueError(f"{name} must be finite and {want}, got {a.tolist()}")
+    return float(a) if a.ndim == 0 else tuple(float(v) for v in a)
+
+
+class PrivacyArrays(NamedTuple):
+    """A run's DP-SGD knobs as data, each (M,) (one member: scalars inside the loop)."""
+
+    clip_norm: jax.Array  # c
+    noise_multiplier: jax.Array  # sigma
+    sampling_rate: jax.Array  # q
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DPSGD:
+    """Private training by DP-SGD (module docstring: the step, the sampling, the accounting).
+
+    clip_norm: c > 0, the bound on each row's gradient norm (over A, B, C together).
+    noise_multiplier: sigma >= 0; the noise on each parameter entry has std sigma c
+      before the division by q n. Both may be arrays (M,) in ``train_many`` (one per
+      member, as data: a privacy sweep is one compiled loop).
+    sampling_rate: q in (0, 1], each row's probability to be in a step (Poisson).
+    sampling: "poisson" (the only one).
+    delta: the delta of the reported epsilon, in (0, 1); None: 1 / n.
+    """
+
+    clip_norm: Any
+    noise_multiplier: Any
+    sampling_rate: float
+    sampling: str = "poisson"
+    delta: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sampling, str) or self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
+        q = edge.check_finite_float(self.sampling_rate, "sampling_rate", positive=True)
+        if q > 1:
+            raise ValueError(f"sampling_rate must be in (0, 1] (a probability), got {q}")
+        if self.delta is not None:
+            d = edge.check_finite_float(self.delta, "delta", positive=True)
+            if d >= 1:
+                raise ValueError(f"delta must be in (0, 1), got {d}")
+            object.__setattr__(self, "delta", d)
+        object.__setattr__(self, "sampling_rate", q)
+        object.__setattr__(self, "clip_norm", per_member(self.clip_norm, "clip_norm", 0, True))
+        object.__setattr__(self, "noise_multiplier",
+                           per_member(self.noise_multiplier, "noise_multiplier", 0, False))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """S = max(1, round(1 / q)): one expected pass over the rows."""
+        return max(1, round(1 / self.sampling_rate))
+
+    def members(self) -> dict[str, int]:
+        """{field: M} for the knobs given per member."""
+        return {f"privacy.{f}": len(v) for f in ("clip_norm", "noise_multiplier")
+                if isinstance(v := getattr(self, f), tuple)}
+
+    def arrays(self, M: int, dtype: Any) -> PrivacyArrays:
+        """The knobs as (M,) arrays of ``dtype`` (a shared one broadcast)."""
+        return PrivacyArrays(*(jnp.broadcast_to(jnp.asarray(v, dtype), (M,)) for v in (
+            self.clip_norm, self.noise_multiplier, self.sampling_rate)))
+
+    def settings(self) -> dict[str, Any]:
+        """What identifies the private run, for its checkpoint."""
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
+
+
+def epsilon(noise_multiplier: float, sampling_rate: float, steps: int, delta: float) -> float:
+    """epsilon at ``delta`` of ``steps`` Poisson-subsampled Gaussian steps (RDP accountant).
+
+    ``RdpAccountant()`` composed with ``PoissonSampledDpEvent(q, GaussianDpEvent(sigma))``
+    ``steps`` times; 0 steps: 0; sigma = 0: inf.
+    """
+    if steps == 0:
+        return 0.0
+    dp = accounting()
+    acc = dp.rdp.RdpAccountant()
+    acc.compose(dp.PoissonSampledDpEvent(sampling_rate, dp.GaussianDpEvent(noise_multiplier)),
+                int(steps))
+    log = logging.getLogger("absl")  # it warns of each fractional order it leaves out
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        return float(acc.get_epsilon(delta))
+    finally:
+        log.setLevel(level)
+
+
+def spent(privacy: DPSGD, epochs: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(epsilon (M,), delta (M,)) of members that ran ``epochs`` (M,) epochs of S steps on
+    ``rows`` (M,) rows of non-zero weight (delta: the given one, else 1 / n)."""
+    M = len(epochs)
+    sigma = np.broadcast_to(np.asarray(privacy.noise_multiplier, np.float64), (M,))
+    delta = np.broadcast_to(np.asarray(privacy.delta if privacy.delta is not None
+                                       else 1.0 / np.asarray(rows, np.float64)), (M,))
+    steps = np.asarray(epochs, np.int64) * privacy.steps_per_epoch
+    seen: dict[tuple[float, int, float], float] = {}  # a sweep repeats its settings
+    for k in zip(sigma.tolist(), steps.tolist(), delta.tolist(), strict=True):
+        if k not in seen:
+            seen[k] = epsilon(k[0], privacy.sampling_rate, k[1], k[2])
+    eps = [seen[k] for k in zip(sigma.tolist(), steps.tolist(), delta.tolist(), strict=True)]
+    return np.asarray(eps, np.float64), np.array(delta, np.float64)
+
+
+# --- the compiled step -----------------------------------------------------------------
+
+
+class MaskedRows(NamedTuple):
+    """A batch with its step's 0/1 sampling mask, so ``chunked_sum`` slices all four."""
+
+    X: jax.Array  # (N, D)
+    weights: jax.Array | None  # (N,) r_i, or None (all 1)
+    T: jax.Array | None  # (N, O)
+    mask: jax.Array  # (N,) m_i in {0, 1}
+
+
+def masked_sums(params: Params, rows: MaskedRows, clip_norm: Any) -> tuple[jax.Array, Params]:
+    """(sum_i r_i L_i over every row, sum_i m_i f_i g_i): one pass over rows (N,).
+
+    The loss is of all rows (the mask only weights the gradient); g_i = r_i dL_i/dp,
+    f_i = min(1, c / ||g_i||), grads of shapes (H, D), (H, D), (O, H).
+    """
+    X, r, T, m = rows
+    rw = backward.rows(params, Batch(X, m if r is None else r * m, T))
+    sq = rw.E * rw.E  # (O, N)  the loss doesn't depend on the weights: E = W - T
+    loss = jnp.sum(sq) if r is None else jnp.sum(sq * r[None, :])
+    return loss, norms.clipped_rows_sum(rw, clip_norm)
+
+
+def noise(key: jax.Array, params: Params) -> Params:
+    """Standard normal entries shaped like params: leaf j from ``fold_in(key, j)``."""
+    return Params(*(jax.random.normal(jax.random.fold_in(key, j), p.shape, p.dtype)
+                    for j, p in enumerate(params)))
+
+
+def private_step(update: Any, chunk_size: int | None, params: Params, opt_state: Any,
+                 batch: Batch, priv: PrivacyArrays,
+                 key: jax.Array) -> tuple[jax.Array, Params, Any]:
+    """One DP-SGD step with key k_s (module docstring): (full-batch loss at p, p', s').
+
+    batch: X (N, D), weights (N,) or None, T (N, O) or None; priv: scalars c, sigma, q.
+    """
+    X, r = batch.X, batch.weights
+    N, dtype = X.shape[0], X.dtype
+    n = jnp.asarray(N, dtype) if r is None else jnp.sum(r > 0).astype(dtype)
+    weight = jnp.asarray(N, dtype) if r is None else jnp.sum(r)
+    m = jax.random.bernoulli(jax.random.fold_in(key, 0), priv.sampling_rate, (N,)).astype(dtype)
+    loss, G = backward.chunked_sum(lambda b: masked_sums(params, b, priv.clip_norm),
+                                   MaskedRows(X, r, batch.T, m), chunk_size)
+    scale, denom = priv.noise_multiplier * priv.clip_norm, priv.sampling_rate * n
+    grads = jax.tree.map(lambda g, xi: (g + scale * xi) / denom, G,
+                         noise(jax.random.fold_in(key, 1), params))
+    updates, opt_state = update(grads, opt_state, params)
+    return loss / weight, optax.apply_updates(params, updates), opt_state
+
+
+def private_epoch(update: Any, chunk_size: int | None, steps: int, params: Params,
+                  opt_state: Any, batch: Batch, priv: PrivacyArrays,
+                  key: jax.Array) -> tuple[jax.Array, Params, Any]:
+    """``steps`` DP-SGD steps (``lax.scan``), step s with ``fold_in(key, s)`` (key: the
+    epoch's, ``fold_in(k, e)``); the loss is the full batch's before the first step."""
+    def one(carry: Any, s: jax.Array) -> tuple[Any, jax.Array]:
+        loss, p, o = private_step(update, chunk_size, *carry, batch, priv,
+                                  jax.random.fold_in(key, s))
+        return (p, o), loss
+
+    (params, opt_state), losses = lax.scan(one, (params, opt_state), jnp.arange(steps))
+    return losses[0], params, opt_state
+
+
+def check_members(privacy: DPSGD | None, key: Any, many: bool) -> dict[str, int]:
+    """{field: M} of per-member knobs; ``train`` (not ``many``) takes one value each. A
+    private run needs a key and ``dp-accounting``: named errors before any work."""
+    if privacy is None:
+        return {}
+    if not isinstance(privacy, DPSGD):
+        raise TypeError(f"privacy must be an abc_jax.DPSGD or None, got {type(privacy).__name__}")
+    if key is None:
+        raise ValueError("key is required with privacy: the sampling and the noise are drawn "
+                         "from it")
+    sizes = privacy.members()
+    if not many and any(v != 1 for v in sizes.values()):
+        raise ValueError(f"privacy: train takes one clip_norm and noise_multiplier (arrays (M,) "
+                         f"are for train_many), got {sizes}")
+    accounting()  # no run without its epsilon
+    return sizes if many else {}
+
+
+def is_finite_count(losses: np.ndarray) -> np.ndarray:
+    """(M,) epochs with a finite loss in a (M, E) table: the epochs whose steps count."""
+    return np.sum(np.isfinite(losses), axis=1)
+

@@ -1,4 +1,5 @@
-"""Reading a script's samples, their targets and held-out rows from files (train.py's flags).
+"""Reading a script's samples, their targets and held-out rows from files (train.py's flags;
+predict.py reads its samples the same way).
 
 Targets t of the rows of X come from a file of their own (N, O) or from columns of the data
 file (1-based, negative from the end, as ``--target-cols`` takes them); held-out rows from a
@@ -23,6 +24,18 @@ class Data(NamedTuple):
     T: np.ndarray | None  # (n, O) their targets; None: t = 0
     batch: Any  # X, or Batch(X, T=T); with several processes the global batch
     eval_data: Any  # held-out X' or Batch(X', T=T'); None: no held-out data
+
+
+def columns(text: str) -> tuple[int, ...]:
+    """--target-cols: comma-separated 1-based column numbers, negative ones from the end."""
+    try:
+        cols = tuple(int(c) for c in text.split(","))
+    except ValueError:
+        cols = ()
+    if not cols or 0 in cols:
+        raise argparse.ArgumentTypeError(
+            f"expected column numbers like 11 or 9,10 (1-based; -1 the last), got {text!r}")
+    return cols
 
 
 def split_columns(A: np.ndarray, cols: tuple[int, ...], path: Path) -> tuple[np.ndarray, ...]:

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 
 import abc_jax
-from abc_jax import DivergenceError, train, train_per_sample
+from abc_jax import DivergenceError, train, train_many
 
 METHODS = ("average", "batch_gd", "adam")
 LABELS = {"average": "average of per-sample copies (homework)",
@@ -41,46 +41,82 @@ def _row(method: str, e: int, p: abc_jax.Params, Xtr: jax.Array, Xte: jax.Array)
             "singular_values_C": np.linalg.svd(np.asarray(p.C), compute_uv=False).tolist()}
 
 
+def _copies_diverged(res: abc_jax.TrainManyResult, lr: float, marks: list[int]) -> str | None:
+    """``train_per_sample``'s message for copies whose loss became non-finite, as a run to the
+    first of ``marks`` past the divergence would have raised it; None if no copy diverged."""
+    at = np.asarray(res.diverged_at)
+    if not (at >= 0).any():
+        return None
+    e = int(at[at >= 0].min())
+    i, upto = int(np.flatnonzero(at == e)[0]), next(m for m in marks if m > e)
+    return (f"training diverged: sample {i}'s loss is {res.losses[i, e]} at epoch {e} "
+            f"(lr={lr:g}); {int(((at >= 0) & (at < upto)).sum())} of {len(at)} copies diverged; "
+            f"try a smaller learning rate, e.g. lr={lr / 10:g}. The error's .result holds every "
+            "copy's last finite params and all losses, NaN from a copy's divergence on")
+
+
+def one_run(method: str, p0: abc_jax.Params, Xtr: jax.Array, Xte: jax.Array, marks: list[int],
+            lr: float, adam_lr: float) -> tuple[list[dict], Any, str | None, Any]:
+    """One run of ``method`` to the last of ``marks``, recorded as it goes: a callback at every
+    epoch (``eval_every=1``) adds a ``_row`` at each epoch of ``marks`` (the copies' average
+    for "average": ``train_many`` with copy i a member on row i, as ``train_per_sample``).
+    Returns (rows up to a divergence, the result, the divergence's message or None, the params
+    at epoch 1 or None), what training afresh to every mark gave, in one run."""
+    rows, first = [], {}
+
+    def record(epoch: int, params: abc_jax.Params, metrics: dict) -> None:
+        if epoch in marks[1:]:
+            p = average_params(params) if method == "average" else params
+            rows.append(_row(method, epoch, p, Xtr, Xte))
+            first.setdefault("params", p)
+
+    run = dict(epochs=marks[-1], eval_every=1, callbacks=[record])
+    if method == "average":
+        res = train_many(p0, Xtr[:, None], lr=lr, progress=True, **run)
+        error = _copies_diverged(res, lr, marks)
+        at = np.asarray(res.diverged_at)
+        end = int(at[at >= 0].min()) if error else marks[-1]
+    else:
+        rate = {"lr": lr} if method == "batch_gd" else {"optimizer": optax.adam(adam_lr)}
+        try:
+            res, error, end = train(p0, Xtr, progress=True, **rate, **run), None, marks[-1]
+        except DivergenceError as err:
+            res, error, end = err.result, str(err), err.epoch
+    return [r for r in rows if r["epoch"] <= end], res, error, first.get("params")
+
+
 def run_generalization(k: int, n_train: int, n_test: int, epochs: int, *, lr: float = 0.01,
                        adam_lr: float = 0.01, seed: int = 0, n_checkpoints: int = 24) -> dict:
-    """The three ways from one start, each checkpoint afresh (float64; X_train (n_train, k),
-    X_heldout (n_test, k) standard normal): ``curves``, ``train_losses``, ``final``, ``initial``,
-    ``diverged``, ``own_sample_loss``, ``single_copy_heldout(_median)``, ``one_epoch_gap``."""
+    """The three ways from one start, one run each recorded at log-spaced epochs (float64;
+    X_train (n_train, k), X_heldout (n_test, k) standard normal): ``curves``,
+    ``train_losses``, ``final``, ``initial``, ``diverged``, ``own_sample_loss``,
+    ``single_copy_heldout(_median)``, ``one_epoch_gap``."""
     kp, ktr, kte = jax.random.split(jax.random.key(seed), 3)
     p0 = abc_jax.init_params(kp, k, dtype=jnp.float64)
     Xtr, Xte = (jax.random.normal(kk, (n, k), jnp.float64) for kk, n in [(ktr, n_train),
                                                                        (kte, n_test)])
-    initial = _row("initial", 0, p0, Xtr, Xte)
-    trainers = {"average": lambda e: train_per_sample(p0, Xtr, lr=lr, epochs=e, progress=False),
-                "batch_gd": lambda e: train(p0, Xtr, lr=lr, epochs=e, progress=False),
-                "adam": lambda e: train(p0, Xtr, epochs=e, optimizer=optax.adam(adam_lr),
-                                        progress=False)}
-    curves, train_losses, diverged, out = [], {}, {}, {}
+    initial, marks = _row("initial", 0, p0, Xtr, Xte), checkpoints(epochs, n_checkpoints)
+    curves, train_losses, diverged, out, at_one = [], {}, {}, {}, {}
     for m in METHODS:
-        curves.append({**initial, "method": m})
-        for e in _common.progress(checkpoints(epochs, n_checkpoints)[1:], desc=m, unit="run"):
-            try:
-                res = trainers[m](e)
-            except DivergenceError as err:
-                diverged[m] = str(err)
-                break
-            curves.append(_row(m, e, average_params(res.params) if m == "average" else res.params,
-                               Xtr, Xte))
-        else:  # res: the run over all epochs
-            train_losses[m] = np.atleast_2d(res.losses).mean(axis=0)  # copies: (N, epochs)
-            if m == "average":
-                held = jax.vmap(abc_jax.batch_loss, in_axes=(0, None))(res.params, Xte)
-                own = float(jnp.mean(jax.vmap(abc_jax.loss)(res.params, Xtr)))
-                out |= {"own_sample_loss": own, "single_copy_heldout": float(jnp.mean(held)),
-                        "single_copy_heldout_median": float(jnp.median(held))}
+        rows, res, error, at_one[m] = one_run(m, p0, Xtr, Xte, marks, lr, adam_lr)
+        curves += [{**initial, "method": m}, *rows]
+        if error is not None:
+            diverged[m] = error
+            continue
+        train_losses[m] = np.atleast_2d(res.losses).mean(axis=0)  # copies: (N, epochs)
+        if m == "average":
+            held = jax.vmap(abc_jax.batch_loss, in_axes=(0, None))(res.params, Xte)
+            own = float(jnp.mean(jax.vmap(abc_jax.loss)(res.params, Xtr)))
+            out |= {"own_sample_loss": own, "single_copy_heldout": float(jnp.mean(held)),
+                    "single_copy_heldout_median": float(jnp.median(held))}
     out |= {"config": dict(k=k, n_train=n_train, n_test=n_test, epochs=epochs, lr=lr,
                            adam_lr=adam_lr, seed=seed, dtype="float64"),
             "initial": initial, "curves": curves, "train_losses": train_losses,
             "diverged": diverged, "final": {r["method"]: r for r in curves
                                             if r["method"] not in diverged}}
     if epochs >= 1 and not {"average", "batch_gd"} & set(diverged):
-        avg, gd = average_params(trainers["average"](1).params), trainers["batch_gd"](1).params
-        out["one_epoch_gap"] = max(float(abs(a - b).max()) for a, b in zip(avg, gd, strict=True))
+        out["one_epoch_gap"] = max(float(abs(a - b).max()) for a, b in
+                                   zip(at_one["average"], at_one["batch_gd"], strict=True))
     return out
 
 

@@ -1,22 +1,26 @@
 """Does the ABC network learn a real regression? The diabetes data, against Ridge and an MLP.
 
 The diabetes data (442 patients, 10 features, a disease-progression score one year on) are split
-once, from --seed, into a test set (--n-test rows) and a training split; a validation part of
-the training split (--val-fraction) is held out for early stopping. X and y are standardised
-with the training split's means and standard deviations. On the same split:
+once, from --seed, into a test set (--n-test rows) and a training split. X and y are
+standardised with the training split's means and standard deviations. On the same split:
 
   Ridge           sklearn.linear_model.RidgeCV (alpha by leave-one-out CV), on the whole
                   training split (no validation part needed)
   MLP             sklearn.neural_network.MLPRegressor, one hidden layer of --hidden-dim ReLU
                   units with biases, adam, L2 1e-4, early stopping on its own random
                   --val-fraction of the training split
-  ABC             w = C (sigmoid(A x) + B x): abc_jax.train with optax.adam, the held-out loss
-                  on the validation part every --epochs-per-chunk epochs, --patience
+  ABC             w = C (sigmoid(A x) + B x): abc_jax.cross_validate, --folds folds of the
+                  training split (its rows shuffled from --seed) in one compiled loop; the
+                  model of fold i trains with optax.adam on the other folds and stops early on
+                  fold i (its loss every --eval-every epochs, --patience); every fold's model
+                  is scored on the test set
   ABC + constant  the same on x with a constant 1 appended: biases for A and B (and through
                   B's, a constant added to z, an output bias)
 
-The networks run for --seeds seeds of their initial weights (mean ± std over seeds); the
-test R^2 and MSE (in the target's own units) are the numbers. Needs scikit-learn
+The networks run for --seeds seeds of their initial weights; the test R^2 and MSE (in the
+target's own units) are the numbers, mean ± std over the models (seeds, and for ABC seeds x
+folds), with ABC's cross-validated loss (the held-out folds' mean squared error, standardised
+y) beside them. Needs scikit-learn
 (pip install -e ".[data]"). float64.
 
     python experiments/real_data.py --seeds 5 --hidden-dim 8
@@ -53,21 +57,23 @@ def parse_args(argv: Sequence[str] | None) -> Any:
     ap.add_argument("--hidden-dim", type=int, default=8, help="hidden units H of ABC and MLP")
     ap.add_argument("--lr", type=float, default=0.01, help="adam's learning rate (ABC)")
     ap.add_argument("--epochs", type=int, default=5000, help="most epochs (ABC, full batch)")
-    ap.add_argument("--epochs-per-chunk", type=int, default=25,
+    ap.add_argument("--folds", type=int, default=5, help="cross-validation folds (ABC)")
+    ap.add_argument("--eval-every", type=int, default=25,
                     help="epochs between held-out evaluations (ABC)")
-    ap.add_argument("--patience", type=int, default=20,
+    ap.add_argument("--patience", type=int, default=10,
                     help="evaluations without a new best before ABC stops")
     ap.add_argument("--mlp-max-iter", type=int, default=3000, help="MLPRegressor's max_iter")
     ap.add_argument("--n-test", type=int, default=100, help="test rows (of 442)")
     ap.add_argument("--val-fraction", type=float, default=0.2,
-                    help="validation part of the training split, for early stopping")
+                    help="the MLP's validation part of the training split, for early stopping")
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs, args.mlp_max_iter, args.patience = 2, 100, 50, 2
-    for name in ("seeds", "hidden_dim", "epochs", "epochs_per_chunk", "patience",
-                 "mlp_max_iter", "n_test"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("seeds", "hidden_dim", "epochs", "eval_every", "patience", "mlp_max_iter",
+                 "n_test", "folds"):
+        if getattr(args, name) < (2 if name == "folds" else 1):
+            ap.error(f"--{name.replace('_', '-')} must be >= {2 if name == 'folds' else 1}, "
+                     f"got {getattr(args, name)}")
     if not 0 < args.val_fraction < 1 or not 0 < args.lr < np.inf or args.n_test > 400:
         ap.error("--val-fraction must be in (0, 1), --lr > 0 and --n-test <= 400, got "
                  f"{args.val_fraction}, {args.lr} and {args.n_test}")
@@ -123,43 +129,69 @@ def fit_mlp(d: dict[str, Any], H: int, seed: int, max_iter: int, val_fraction: f
             "n_params": D * H + 2 * H + 1, **scores(d, model.predict(d["X"][d["test"]]))}
 
 
-def fit_abc(d: dict[str, Any], args: Any, seed: int, constant: bool) -> dict[str, Any]:
-    """abc_jax.train with adam on the fit rows, early stopping on the val rows."""
+def fit_abc(d: dict[str, Any], args: Any, seed: int, constant: bool,
+            adam: optax.GradientTransformation) -> dict[str, Any]:
+    """abc_jax.cross_validate with ``adam`` (one object for every run: its functions are the
+    compiled loop's static arguments, so a new one would compile it again) over the training
+    split: each fold's model trains on the other folds and stops early on its own, then
+    predicts the test rows. The run's test R^2 and MSE are the folds' means (each fold's kept
+    too), its ``cv_loss`` the held-out folds' mean loss; the curves are the first fold's."""
     X = np.c_[d["X"], np.ones(len(d["X"]))] if constant else d["X"]
-    rows = {k: abc_jax.Batch(X[d[k]], T=d["y"][d[k], None]) for k in ("fit", "val")}
+    rows = np.random.default_rng(args.seed).permutation(d["train"])  # folds: contiguous parts
     params = abc_jax.init_params(jax.random.key(seed), X.shape[1], args.hidden_dim, 1,
                                  dtype=jnp.float64)
-    res = abc_jax.train(params, rows["fit"], optimizer=optax.adam(args.lr), epochs=args.epochs,
-                        epochs_per_chunk=args.epochs_per_chunk, eval_data=rows["val"],
-                        patience=args.patience, progress=False)
-    pred = np.asarray(abc_jax.predict(res.params, X[d["test"]]))[:, 0]
+    cv = abc_jax.cross_validate(params, abc_jax.Batch(X[rows], T=d["y"][rows, None]),
+                                folds=args.folds, optimizer=adam,
+                                epochs=args.epochs, eval_every=args.eval_every,
+                                patience=args.patience, progress=False)
+    res = cv["result"]
+    folds = [scores(d, np.asarray(abc_jax.predict(p, X[d["test"]]))[:, 0])
+             for p in (abc_jax.Params(*(a[i] for a in res.params)) for i in range(args.folds))]
+    ran = np.isfinite(np.asarray(res.losses)).sum(axis=1)  # epochs each fold's model ran
+    best = np.asarray(res.best_epoch)
     return {"model": "ABC + constant" if constant else "ABC", "seed": seed,
-            "epochs_run": len(res.losses), "best_epoch": res.best_epoch,
-            "n_params": sum(int(p.size) for p in params), "losses": np.asarray(res.losses),
-            "eval_epochs": np.asarray(res.eval_epochs), "eval_losses": np.asarray(res.eval_losses),
-            **scores(d, pred)}
+            "epochs_run": int(ran.max()), "best_epoch": int(np.median(best)),
+            "n_params": sum(int(p.size) for p in params),
+            **{k: float(np.mean([f[k] for f in folds])) for k in ("r2", "mse")},
+            "cv_loss": cv["mean"], "cv_loss_std": cv["std"],
+            "folds": {"r2": [f["r2"] for f in folds], "mse": [f["mse"] for f in folds],
+                      "cv_loss": cv["held_out_loss"].tolist(), "best_epoch": best.tolist(),
+                      "epochs_run": ran.tolist()},
+            "pred": folds[0]["pred"], "pred_r2": folds[0]["r2"],
+            "losses": np.asarray(res.losses)[0, :ran[0]],
+            "eval_epochs": np.asarray(res.eval_epochs),
+            "eval_losses": np.asarray(res.eval_losses)[0], "curve_best_epoch": int(best[0])}
+
+
+def pooled(runs: list[dict], model: str, key: str) -> np.ndarray:
+    """Every model's value of ``key`` (r2, mse, cv_loss): ABC's one per fold of each seed."""
+    return np.array([v for r in runs if r["model"] == model
+                     for v in (r["folds"][key] if "folds" in r else [r.get(key)])], float)
 
 
 def summary(runs: list[dict]) -> tuple[list[str], list[list[Any]]]:
-    """Per model: test R^2 and MSE as mean ± std over seeds, parameters, the seeds."""
+    """Per model: test R^2 and MSE as mean ± std over its models (seeds; ABC: seeds x folds),
+    ABC's cross-validated loss likewise, parameters, the count of models."""
     rows = []
     for m in MODELS:
-        r2, mse = (np.array([r[k] for r in runs if r["model"] == m]) for k in ("r2", "mse"))
+        r2, mse, cv = (pooled(runs, m, k) for k in ("r2", "mse", "cv_loss"))
         n_params = next(r["n_params"] for r in runs if r["model"] == m)
         rows.append([m, f"{r2.mean():.3f} ± {r2.std():.3f}", f"{mse.mean():.0f} ± {mse.std():.0f}",
+                     "-" if np.isnan(cv).all() else f"{cv.mean():.3f} ± {cv.std():.3f}",
                      n_params, len(r2)])
-    return ["model", "test R^2", "test MSE", "params", "runs"], rows
+    return ["model", "test R^2", "test MSE", "CV loss", "params", "models"], rows
 
 
 def plot(d: dict[str, Any], runs: list[dict]) -> Any:
-    """Predicted vs true on the test set (each model's first run), the ABC runs' training and
-    held-out curves (standardised units), and the test R^2 of every run."""
+    """Predicted vs true on the test set (each model's first run; ABC's first fold), the ABC
+    runs' training and held-out fold curves (standardised units, first fold), and the test R^2
+    of every model (ABC: one per fold and seed)."""
     fig, axes = _common.figure(ncols=3, width=4.6, height=4.0)
     first = {m: next(r for r in runs if r["model"] == m) for m in MODELS}
     true = d["y_raw"][d["test"]]
     for i, (m, r) in enumerate(first.items()):
         axes[0].scatter(true, r["pred"], s=9, alpha=0.7, color=f"C{i}",
-                        label=f"{m} (R² {r['r2']:.2f})")
+                        label=f"{m} (R² {r.get('pred_r2', r['r2']):.2f})")
     lims = [true.min(), true.max()]
     axes[0].plot(lims, lims, color="gray", lw=1, ls="--")
     axes[0].set(xlabel="true (test set)", ylabel="predicted", title="Test set, first seed")
@@ -167,16 +199,16 @@ def plot(d: dict[str, Any], runs: list[dict]) -> Any:
         r = first[m]
         axes[1].plot(r["losses"], color=f"C{i}", lw=1, label=f"{m}: training")
         axes[1].plot(r["eval_epochs"], r["eval_losses"], "o", ms=2, color=f"C{i}", ls=":",
-                     label=f"{m}: validation")
-        axes[1].axvline(r["best_epoch"], color=f"C{i}", lw=0.8, alpha=0.6)
+                     label=f"{m}: held-out fold")
+        axes[1].axvline(r["curve_best_epoch"], color=f"C{i}", lw=0.8, alpha=0.6)
     axes[1].set(yscale="log", xlabel="epoch", ylabel="mean squared error (standardised y)",
-                title="ABC: training and validation loss")
+                title="ABC: training and held-out loss, fold 1")
     for i, m in enumerate(MODELS):
-        r2 = [r["r2"] for r in runs if r["model"] == m]
+        r2 = pooled(runs, m, "r2")
         axes[2].bar(i, np.mean(r2), yerr=np.std(r2), color=f"C{i}", alpha=0.6, capsize=4)
         axes[2].plot([i] * len(r2), r2, "k.", ms=4)
     axes[2].set_xticks(range(len(MODELS)), [m.replace(" + ", "\n+ ") for m in MODELS])
-    axes[2].set(ylabel="test R²", title="Test R² (mean ± std over seeds)")
+    axes[2].set(ylabel="test R²", title="Test R² (mean ± std over models)")
     for ax in axes[:2]:
         ax.legend(fontsize=7)
     return fig
@@ -184,10 +216,10 @@ def plot(d: dict[str, Any], runs: list[dict]) -> Any:
 
 def run(args: Any) -> tuple[dict[str, Any], list[dict]]:
     d = load(args.n_test, args.val_fraction, args.seed)
-    runs = [fit_ridge(d)]
+    runs, adam = [fit_ridge(d)], optax.adam(args.lr)
     for seed in _common.progress(range(args.seeds), desc="seeds"):
         runs.append(fit_mlp(d, args.hidden_dim, seed, args.mlp_max_iter, args.val_fraction))
-        runs += [fit_abc(d, args, seed, constant) for constant in (False, True)]
+        runs += [fit_abc(d, args, seed, constant, adam) for constant in (False, True)]
     return d, runs
 
 
@@ -201,19 +233,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     d, runs = run(args)
     header, rows = summary(runs)
-    print(f"{NAME}: diabetes, {len(d['fit'])} fit + {len(d['val'])} validation rows (training "
-          f"split {len(d['train'])}), {len(d['test'])} test rows, H = {args.hidden_dim}, "
-          f"{args.seeds} seeds, float64")
+    print(f"{NAME}: diabetes, a training split of {len(d['train'])} rows (ABC: {args.folds} "
+          f"folds), {len(d['test'])} test rows, H = {args.hidden_dim}, {args.seeds} seeds, "
+          "float64")
     _common.print_table(header, rows)
-    per_run = ["model", "seed", "r2", "mse", "best_epoch", "epochs_run", "alpha", "n_params"]
+    per_run = ["model", "seed", "r2", "mse", "cv_loss", "cv_loss_std", "best_epoch",
+               "epochs_run", "alpha", "n_params"]
     metrics = {"environment": _common.environment(jnp.float64),
                "seconds": time.perf_counter() - start,
                "split": {k: len(d[k]) for k in ("fit", "val", "train", "test")},
                "summary": {m: {k: {"mean": float(np.mean(v)), "std": float(np.std(v))}
-                               for k in ("r2", "mse")
-                               for v in [[r[k] for r in runs if r["model"] == m]]}
+                               for k in ("r2", "mse", "cv_loss")
+                               for v in [pooled(runs, m, k)] if not np.isnan(v).all()}
                            for m in MODELS},
-               "runs": [{k: r.get(k) for k in per_run} for r in runs]}
+               "runs": [{k: r.get(k) for k in [*per_run, "folds"]} for r in runs]}
     _common.write_and_report(
         args.out, args.docs, [NAME], config=vars(args), metrics=metrics,
         tables={NAME: (per_run, [[r.get(k) for k in per_run] for r in runs])},

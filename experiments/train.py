@@ -11,12 +11,17 @@ Held-out data: --eval-data (its targets: the same --target-cols, or --eval-targe
 0 and every --eval-every epochs, and --patience stops after that many evaluations
 without a new best, keeping the best params.
 
-Writes config.json, metrics.json (compile_seconds apart from epochs_per_second; held-out
-losses with their epochs and the best epoch), losses.csv, loss.png (training and held-out
-curves) and params.npz (arrays A, B, C; abc_jax.load_params reads it) into --out; its
-checkpoint/ makes the same command resume (a finished run returns at once) and refuses other
-settings there (give another --out, or --restart to discard it). A bad data file: one line
-on stderr, exit 2.
+Writes config.json, metrics.json (its status; compile_seconds apart from epochs_per_second;
+held-out losses with their epochs, and the best and the last evaluation each with its
+training and held-out loss; runs: one entry per invocation, its seconds, epochs run and the
+epoch it resumed from), losses.csv, loss.png (training and held-out curves) and params.npz
+(arrays A, B, C; abc_jax.load_params and predict.py read it) into --out; its checkpoint/
+makes the same command resume (a finished run returns at once, keeping the first run's
+timing) and refuses other settings there (give another --out, or --restart to discard it).
+A bad data file: one line on stderr, exit 2. A diverged run writes its losses, plot and
+metrics (status "diverged", its epoch), no params, and ends with one line saying what to
+add to the same command (exit 1); Ctrl-C ends with one line naming the epoch of the
+checkpoint the same command resumes from (exit 130).
 
 Several processes (JAX's multi-controller runtime) train on the rows they each read: one
 process per host with the same flags and its own --process-id and --data (H:P: host and port
@@ -31,6 +36,7 @@ about --heartbeat-timeout seconds, and the same commands again resume from its c
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -45,7 +51,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from abc_jax import Batch, DataError, DivergenceError, init_params, parallel, train
+from abc_jax import (
+    Batch,
+    DataError,
+    DivergenceError,
+    batch_loss,
+    init_params,
+    parallel,
+    train,
+)
 from abc_jax.checkpoint import checkpoint_epoch, checkpoint_path
 from abc_jax.files import save_params, write_results
 
@@ -54,18 +68,6 @@ QUICK = {"n": 32, "epochs": 40, "epochs_per_chunk": 20, "eval_every": 20,  # --q
 SAVED = ("dtype seed epochs lr optimizer grad batch_size chunk_size epochs_per_chunk eval_every "
          "checkpoint_every quick "
          "eval_fraction patience").split()
-
-
-def _columns(text: str) -> tuple[int, ...]:
-    """--target-cols: comma-separated 1-based column numbers, negative ones from the end."""
-    try:
-        cols = tuple(int(c) for c in text.split(","))
-    except ValueError:
-        cols = ()
-    if not cols or 0 in cols:
-        raise argparse.ArgumentTypeError(
-            f"expected column numbers like 11 or 9,10 (1-based; -1 the last), got {text!r}")
-    return cols
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -106,7 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--init-timeout", type=int, default=300, metavar="S",
                    help="seconds to wait for every process to join")
     p.add_argument("--out", type=Path, default=Path("results/train"), help="results folder")
-    p.add_argument("--restart", action="store_true", help="discard the checkpoint in --out")
+    p.add_argument("--restart", action="store_true",
+                   help="discard the checkpoint in --out (and the history of its runs)")
     p.add_argument("--quick", action="store_true", help="a tiny run for a smoke test: "
                    "--n 32, --epochs 40, --epochs-per-chunk/--eval-every/--checkpoint-every 20 "
                    "unless given")
@@ -114,6 +117,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     vars(args).update({k: v for k, v in QUICK.items()  # --quick: flags left at the default
                        if args.quick and getattr(args, k) == p.get_default(k)})
+    _check_flags(p, args)
+    _check_target_flags(p, args)
+    return args
+
+
+def _check_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors for the processes' flags and for numbers out of range."""
     if len({v is None for v in (args.coordinator, args.num_processes, args.process_id)}) > 1:
         p.error("--coordinator, --num-processes and --process-id go together: give all three "
                 "or none")
@@ -127,15 +137,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.epochs < 0 or not (np.isfinite(args.lr) and args.lr > 0):
         p.error("--epochs must be >= 0 and --lr must be a finite number > 0, got "
                 f"{args.epochs} and {args.lr}")
-    _check_target_flags(p, args)
-    return args
 
 
 def _target_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("targets and held-out data (no targets: t = 0, the homework)")
     g.add_argument("--targets", type=Path, metavar="FILE",
                    help="targets T (N, O) of --data's rows: .npy, .npz or .csv")
-    g.add_argument("--target-cols", type=_columns, metavar="COLS",
+    g.add_argument("--target-cols", type=_data.columns, metavar="COLS",
                    help="columns of --data that are targets, the rest X: 1-based, negative from "
                    "the end, e.g. 11, 9,10 or -1 (the last)")
     g.add_argument("--eval-data", type=Path, metavar="FILE", help="held-out samples, as --data "
@@ -206,7 +214,13 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     except BaseException as e:
         if jax.process_count() == 1:
-            raise
+            if not isinstance(e, KeyboardInterrupt):
+                raise
+            # train wrote the checkpoint of the last finished chunk before letting Ctrl-C go on
+            epoch = checkpoint_epoch(args.out / "checkpoint")
+            print(f"interrupted at epoch {epoch}: run the same command again to resume",
+                  file=sys.stderr, flush=True)
+            return 130
         # One of several processes ends at once, after one line on stderr (a normal exit waits
         # in JAX's exit barrier for the others, which wait for it): its heartbeats stop and JAX
         # ends the others in the timeout.
@@ -243,7 +257,48 @@ def describe(args: argparse.Namespace, data: _data.Data, params: Any) -> dict[st
     return config
 
 
+def fit(args: argparse.Namespace, data: _data.Data, params: Any, directory: Path) -> Any:
+    """abc_jax.train with the flags' settings. With held-out data a callback records the
+    training loss of the params at each evaluation, beside their held-out loss, so the best
+    and the last evaluated params are each described by both."""
+    def train_loss(epoch: int, p: Any, metrics: dict[str, float]) -> dict[str, Any]:
+        return {"train_loss": batch_loss(p, data.batch)}
+
+    return jax.block_until_ready(train(
+        params, data.batch, epochs=args.epochs, **_common.rate_kwargs(args.optimizer, args.lr),
+        grad=args.grad, batch_size=args.batch_size, chunk_size=args.chunk_size,
+        key=jax.random.fold_in(jax.random.key(args.seed), 2), checkpoint_dir=directory,
+        progress=not args.no_progress and sys.stdout.isatty(),  # no bar in a log
+        epochs_per_chunk=args.epochs_per_chunk, eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every, eval_data=data.eval_data,
+        patience=args.patience, callbacks=[train_loss] if data.eval_data is not None else []))
+
+
+def refusal(args: argparse.Namespace, e: Exception) -> str:
+    """The error line for settings train refused; a checkpoint of another run in --out names
+    the settings that differ and the two ways on."""
+    message = str(e)
+    if "different run" in message or "unreadable checkpoint" in message:
+        keys = re.findall(r"(?:\(|; )(\w+): ", message)
+        what = f" (different {', '.join(keys)})" if keys else ""
+        message = (f"{args.out} holds a run with other settings{what}: pass --out DIR to "
+                   "train this one elsewhere, or --restart to start afresh, discarding the "
+                   "old checkpoint")
+    return f"error: {message}"
+
+
+def advice(args: argparse.Namespace, e: DivergenceError) -> str:
+    """The line a diverged run ends with: where its outputs are, and a command that works as
+    printed (a smaller --lr alone would be refused by the checkpoint of this run)."""
+    lr = f"{args.lr / 10:g}"
+    return (f"error: training diverged: the loss is not finite at epoch {e.epoch} (--optimizer "
+            f"{args.optimizer}, --lr {args.lr:g}); its losses, plot and metrics are in "
+            f"{args.out}/. Try a smaller learning rate: the same command with --lr {lr} "
+            f"--restart added (or with --lr {lr} --out NEW_DIR, keeping this run)")
+
+
 def run(args: argparse.Namespace) -> int:
+    """Load, train (resuming the checkpoint in --out), write the results; the exit code."""
     data = load_batch(args)
     if data is None:
         return 2
@@ -254,44 +309,72 @@ def run(args: argparse.Namespace) -> int:
     ckpt = checkpoint_path(args.out / "checkpoint")
     if args.restart and parallel.is_main_process():
         ckpt.unlink(missing_ok=True)
+        (args.out / "metrics.json").unlink(missing_ok=True)  # its history of runs goes too
     resumed_from = checkpoint_epoch(ckpt.parent)
-    start = time.perf_counter()
+    start, diverged = time.perf_counter(), None
     try:
         with _common.compile_clock() as compiling:
-            result = jax.block_until_ready(train(
-                params, data.batch, epochs=args.epochs,
-                **_common.rate_kwargs(args.optimizer, args.lr), grad=args.grad,
-                batch_size=args.batch_size, chunk_size=args.chunk_size,
-                key=jax.random.fold_in(jax.random.key(args.seed), 2), checkpoint_dir=ckpt.parent,
-                progress=not args.no_progress and sys.stdout.isatty(),  # no bar in a log
-                epochs_per_chunk=args.epochs_per_chunk, eval_every=args.eval_every,
-                checkpoint_every=args.checkpoint_every, eval_data=data.eval_data,
-                patience=args.patience))
-    except (DivergenceError, FloatingPointError, ValueError) as e:
-        message = str(e)
-        if "different run" in message or "unreadable checkpoint" in message:  # say what differs
-            keys = re.findall(r"(?:\(|; )(\w+): ", message)
-            what = f" (different {', '.join(keys)})" if keys else ""
-            message = (f"{args.out} holds a run with other settings{what}: pass --out DIR to "
-                       "train this one elsewhere, or --restart to start afresh, discarding the "
-                       "old checkpoint")
-        print(f"error: {message}", file=sys.stderr)
-        return 2 if isinstance(e, ValueError) else 1  # bad settings, or a diverged run
+            result = fit(args, data, params, ckpt.parent)
+    except DivergenceError as e:
+        result, diverged = e.result, e
+    except (FloatingPointError, ValueError) as e:
+        print(refusal(args, e), file=sys.stderr)
+        return 2 if isinstance(e, ValueError) else 1  # bad settings, or an overflow at the start
     seconds = time.perf_counter() - start
+    this = {"status": "finished" if diverged is None else "diverged",
+            "resumed_from": resumed_from, "epochs_run": max(len(result.losses) - resumed_from, 0),
+            "seconds": seconds, "compile_seconds": min(compiling[0], seconds)}
     if parallel.is_main_process():  # process 0 writes the results
-        save(args, config, result, resumed_from, seconds, min(compiling[0], seconds))
+        save(args, config, result, this, diverged)
+    if diverged is not None:
+        print(advice(args, diverged), file=sys.stderr)
+        return 1
     return 0
 
 
-def held_out_metrics(result: Any, epochs: int) -> dict[str, Any]:
-    """The held-out losses with their epochs, the best one, and whether patience stopped the
-    run; empty without held-out data."""
+def held_out_metrics(result: Any, epochs: int, finished: bool) -> dict[str, Any]:
+    """The held-out losses with their epochs, ``best`` and ``last``: the epoch, training loss
+    and held-out loss of the best and of the last (finite) evaluation, and whether patience
+    stopped the run; empty without held-out data."""
     if result.eval_losses is None:
         return {}
-    held = np.asarray(result.eval_losses).tolist()
-    return {"eval_epochs": np.asarray(result.eval_epochs).tolist(), "eval_losses": held,
-            "best_epoch": result.best_epoch, "best_eval_loss": min(held),
-            "final_eval_loss": held[-1], "stopped_early": len(result.losses) < epochs}
+    held, at = np.asarray(result.eval_losses, np.float64), np.asarray(result.eval_epochs).tolist()
+    train_losses = (result.metrics or {}).get("train_loss", ())
+    if len(train_losses) != len(at):  # a checkpoint of an older train.py did not record it
+        train_losses = np.full(len(at), np.nan)
+
+    def point(i: int) -> dict[str, Any]:
+        return {"epoch": at[i], "train_loss": float(train_losses[i]), "eval_loss": float(held[i])}
+
+    finite = np.flatnonzero(np.isfinite(held))
+    last = int(finite[-1]) if len(finite) else len(at) - 1
+    return {"eval_epochs": at, "eval_losses": held.tolist(), "best_epoch": result.best_epoch,
+            "best_eval_loss": float(np.nanmin(held)) if len(finite) else None,
+            "final_eval_loss": float(held[last]), "stopped_early": finished and
+            len(result.losses) < epochs, "best": point(at.index(result.best_epoch)),
+            "last": point(last)}
+
+
+def runs_so_far(args: argparse.Namespace, this: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every invocation of this run, this one last: the earlier ones from --out's metrics.json
+    when this one resumed its checkpoint (a fresh start, or --restart, begins anew)."""
+    path, earlier = args.out / "metrics.json", []
+    if this["resumed_from"] > 0 and path.is_file():
+        try:
+            earlier = json.loads(path.read_text()).get("runs", [])
+        except (OSError, ValueError, AttributeError):
+            earlier = []
+    return [*earlier, this]
+
+
+def timing(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """seconds, compile_seconds and epochs_per_second over the invocations that trained (a
+    rerun of a finished run trains nothing and leaves them as they were)."""
+    trained = [r for r in runs if r["epochs_run"]]
+    seconds, compiling = (sum(r[k] for r in trained) for k in ("seconds", "compile_seconds"))
+    epochs = sum(r["epochs_run"] for r in trained)
+    return {"seconds": seconds, "compile_seconds": compiling,  # compilation excluded:
+            "epochs_per_second": epochs / max(seconds - compiling, 1e-9) if epochs else None}
 
 
 def plot_losses(args: argparse.Namespace, config: dict, losses: np.ndarray,
@@ -309,34 +392,50 @@ def plot_losses(args: argparse.Namespace, config: dict, losses: np.ndarray,
     return fig
 
 
-def save(args: argparse.Namespace, config: dict, result: Any, resumed_from: int,
-         seconds: float, compile_seconds: float) -> None:
-    """Write config, metrics, losses, the plot and the params; print one line of results."""
+def save(args: argparse.Namespace, config: dict, result: Any, this: dict[str, Any],
+         diverged: DivergenceError | None) -> None:
+    """Write config, metrics (its ``status``; for a diverged run, its epoch and the message),
+    losses and the plot, and for a run that did not diverge the params and a printed table."""
     losses = np.asarray(result.losses)
-    ran = len(losses) - resumed_from if len(losses) > resumed_from else 0
-    held = held_out_metrics(result, args.epochs)
-    metrics = {"final_loss": float(losses[-1]) if len(losses) else None,
+    held = held_out_metrics(result, args.epochs, diverged is None)
+    runs = runs_so_far(args, this)
+    metrics = {"status": this["status"],
+               **({} if diverged is None else {"diverged_at_epoch": diverged.epoch,
+                                               "error": advice(args, diverged)[7:]}),
+               "final_loss": float(losses[-1]) if len(losses) else None,
                "initial_loss": float(losses[0]) if len(losses) else None,
-               "epochs": args.epochs, "epochs_this_run": ran, "resumed_from_epoch": resumed_from,
-               "seconds": seconds, "compile_seconds": compile_seconds,  # compilation excluded:
-               "epochs_per_second": ran / max(seconds - compile_seconds, 1e-9) if ran else None,
-               **held,
+               "epochs": args.epochs, "epochs_this_run": this["epochs_run"],
+               "resumed_from_epoch": this["resumed_from"], **timing(runs), **held,
                "device": str(jax.devices()[0]), "device_count": jax.device_count(),
                "process_count": jax.process_count(), "platform": jax.default_backend(),
-               "jax_version": jax.__version__}
+               "jax_version": jax.__version__, "runs": runs}
     write_results(args.out, config=config, metrics=metrics,
                   figures={"loss": plot_losses(args, config, losses, held)},
                   tables={"losses": (["epoch", "loss"], enumerate(losses.tolist()))})
+    if diverged is not None:  # no params of a diverged run (nor an older run's) for predict.py
+        (args.out / "params.npz").unlink(missing_ok=True)
+        return
     save_params(args.out / "params.npz", result.params)
+    report(args, metrics, held, len(losses))
+
+
+def report(args: argparse.Namespace, metrics: dict[str, Any], held: dict[str, Any],
+           epochs_done: int) -> None:
+    """Print the run's numbers; with held-out data, the best and the last evaluation each with
+    its training and held-out loss, and which of the two params.npz holds."""
     devices = (metrics["device"] if jax.device_count() == 1 else
                f"{jax.device_count()} devices, {jax.process_count()} process(es)")
-    header = ["epochs", "initial loss", "final loss", "epochs/s", "compile s", "device"]
-    row = [len(losses), metrics["initial_loss"], metrics["final_loss"],
-           metrics["epochs_per_second"], compile_seconds, devices]
+    _common.print_table(
+        ["epochs", "initial loss", "final loss", "epochs/s", "compile s", "device"],
+        [[epochs_done, metrics["initial_loss"], metrics["final_loss"], metrics["epochs_per_second"],
+          metrics["compile_seconds"], devices]], ".6g")
     if held:
-        header[3:3], row[3:3] = ["best held-out", "best epoch"], [min(held["eval_losses"]),
-                                                                  held["best_epoch"]]
-    _common.print_table(header, [row], ".6g")
+        kept = "best held-out" if args.patience is not None else "last"
+        print()
+        _common.print_table(
+            ["evaluation", "epoch", "training loss", "held-out loss", "params.npz"],
+            [[name, p["epoch"], p["train_loss"], p["eval_loss"], "yes" if name == kept else ""]
+             for name, p in (("best held-out", held["best"]), ("last", held["last"]))], ".6g")
     print(f"results in {args.out}/")
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -58,9 +61,16 @@ def test_writes_every_output_then_resumes_refuses_and_restarts(tmp_path, capsys)
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "compile s" in capsys.readouterr().out
 
+    first = metrics
+    assert first["status"] == "finished" and len(first["runs"]) == 1
+    assert first["runs"][0]["epochs_run"] == 40 and first["runs"][0]["resumed_from"] == 0
     assert train_script.main(args) == 0  # the same command: resumes, nothing left to run
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["resumed_from_epoch"] == 40 and metrics["epochs_this_run"] == 0
+    assert metrics["runs"][0] == first["runs"][0] and metrics["runs"][1]["epochs_run"] == 0
+    assert metrics["runs"][1]["resumed_from"] == 40 and len(metrics["runs"]) == 2
+    for k in ("epochs_per_second", "seconds", "compile_seconds"):  # the first run's timing
+        assert metrics[k] == first[k] and first[k] is not None
     with np.load(out / "params.npz") as f:
         for k in "ABC":
             np.testing.assert_array_equal(f[k], params[k])
@@ -75,6 +85,7 @@ def test_writes_every_output_then_resumes_refuses_and_restarts(tmp_path, capsys)
     assert train_script.main([*changed, "--restart"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["resumed_from_epoch"] == 0 and metrics["epochs_this_run"] == 40
+    assert len(metrics["runs"]) == 1  # --restart: a new run, a new history
 
 
 def test_float64_csv_minibatches_adam_oracle(tmp_path):
@@ -118,6 +129,7 @@ def test_a_bad_data_file_is_one_line_and_exit_code_2(tmp_path, capsys, name, con
     assert not (tmp_path / "o").exists()  # nothing written for a run that never started
 
 
+@pytest.mark.integration
 def test_the_process_exits_2_on_bad_data(tmp_path):
     path = tmp_path / "text.csv"
     path.write_text("1,2,cat\n3,4,5\n")
@@ -167,7 +179,8 @@ def _xy(tmp_path, n=30, D=4, O=2):
     return tmp_path / "xy.csv", X, T
 
 
-def test_target_columns_held_out_fraction_patience_and_the_saved_params(tmp_path, monkeypatch):
+def test_target_columns_held_out_fraction_patience_and_the_saved_params(tmp_path, monkeypatch,
+                                                                        capsys):
     import abc_jax
 
     path, X, T = _xy(tmp_path)
@@ -197,6 +210,19 @@ def test_target_columns_held_out_fraction_patience_and_the_saved_params(tmp_path
     _, (Xe, Te) = train_script._data.hold_out(X, T, 0.3, 0)
     held = abc_jax.batch_loss(saved, abc_jax.Batch(Xe, T=Te))
     assert float(held) == pytest.approx(m["best_eval_loss"], rel=1e-12)
+    # the best evaluation with both its losses, the last one likewise; the table says which
+    (Xk, Tk), _ = train_script._data.hold_out(X, T, 0.3, 0)
+    kept = float(abc_jax.batch_loss(saved, abc_jax.Batch(Xk, T=Tk)))
+    assert m["best"] == {"epoch": m["best_epoch"], "eval_loss": m["best_eval_loss"],
+                         "train_loss": pytest.approx(kept, rel=1e-12)}
+    assert m["last"] == {"epoch": m["eval_epochs"][-1], "eval_loss": m["eval_losses"][-1],
+                         "train_loss": m["last"]["train_loss"]} and m["status"] == "finished"
+    assert m["last"]["train_loss"] < m["best"]["train_loss"]  # it went on fitting the 21 rows
+    lines = capsys.readouterr().out.splitlines()
+    best = next(line for line in lines if line.startswith("best held-out"))
+    last = next(line for line in lines if line.split()[:1] == ["last"])
+    assert best.endswith("yes") and not last.endswith("yes")  # --patience keeps the best
+    assert best.split()[2] == str(m["best_epoch"])
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -213,7 +239,11 @@ def test_targets_file_and_held_out_files(tmp_path, capsys):
     assert (config["N"], config["N_eval"], config["O"]) == (30, 7, 1)  # O from the targets
     m = json.loads((out / "metrics.json").read_text())
     assert m["eval_epochs"] == [0, 20, 40] and not m["stopped_early"]
-    assert "best held-out" in capsys.readouterr().out
+    assert m["last"]["epoch"] == 40 and m["best"]["epoch"] == m["best_epoch"]
+    lines = capsys.readouterr().out.splitlines()
+    best = next(line for line in lines if line.startswith("best held-out"))
+    last = next(line for line in lines if line.split()[:1] == ["last"])
+    assert last.endswith("yes") and not best.endswith("yes")  # no --patience: the last params
 
 
 @pytest.mark.parametrize(
@@ -257,3 +287,73 @@ def test_bad_targets_are_one_line_and_exit_code_2(tmp_path, capsys, flags, messa
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("error: ") and message in line, line
     assert not (tmp_path / "o").exists()
+
+
+# -- outputs that survive: divergence, Ctrl-C ----------------------------------------------
+
+
+def test_a_diverged_run_writes_its_outputs_and_advice_that_works_as_printed(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [*SMALL, "--lr", "4", "--out", str(out)]  # diverges at epoch 4; --lr 0.4 does not
+    assert train_script.main(args) == 1
+    for name in ("config.json", "metrics.json", "losses.csv", "loss.png",
+                 "checkpoint/checkpoint.npz"):
+        assert (out / name).is_file(), name
+    assert not (out / "params.npz").exists()
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["status"] == "diverged" and m["diverged_at_epoch"] == 4
+    assert m["runs"][0]["status"] == "diverged" and m["final_loss"] > m["initial_loss"]
+    assert len((out / "losses.csv").read_text().splitlines()) == 1 + 4  # the finite ones
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()
+    assert "epoch 4" in line and str(out) in line and captured.out == ""
+    added = re.search(r"the same command with (.+?) added", line).group(1).split()
+    assert added == ["--lr", "0.4", "--restart"]
+    assert train_script.main([*args, *added]) == 0  # the advice, literally
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["status"] == "finished" and m["epochs_this_run"] == 40 and len(m["runs"]) == 1
+    assert (out / "params.npz").is_file()
+
+
+def test_ctrl_c_is_one_line_and_the_same_command_resumes(tmp_path, capsys, monkeypatch):
+    import abc_jax
+
+    def interrupt(epoch, params, metrics):
+        if epoch == 20:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_script, "train", lambda *a, callbacks=(), **k: abc_jax.train(
+        *a, callbacks=[*callbacks, interrupt], **k))
+    out = tmp_path / "run"
+    args = [*SMALL, "--out", str(out)]
+    assert train_script.main(args) == 130
+    assert capsys.readouterr().err == ("interrupted at epoch 20: run the same command again to "
+                                       "resume\n")
+    assert train_script.checkpoint_epoch(out / "checkpoint") == 20
+    monkeypatch.undo()
+    assert train_script.main(args) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["resumed_from_epoch"] == 20 and m["epochs_this_run"] == 20
+
+
+@pytest.mark.integration
+def test_sigint_to_the_process_is_one_line_and_exit_code_130(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *SMALL, "--epochs", "1000000",
+                             "--epochs-per-chunk", "50", "--checkpoint-every", "50", "--out",
+                             str(out)], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=os.environ | {"PYTHONPATH": str(ROOT)})
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoint" / "checkpoint.npz").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and stdout == ""
+    epoch = train_script.checkpoint_epoch(out / "checkpoint")
+    assert epoch > 0 and stderr == (f"interrupted at epoch {epoch}: run the same command "
+                                    "again to resume\n")

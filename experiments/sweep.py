@@ -24,6 +24,7 @@ import _common
 import jax
 import jax.numpy as jnp
 import matplotlib
+import matplotlib.patches
 import numpy as np
 
 import abc_jax
@@ -100,18 +101,24 @@ def bands(losses: np.ndarray, n_lr: int) -> np.ndarray:
         return np.stack([np.nanmedian(L, 1), np.nanmin(L, 1), np.nanmax(L, 1)], axis=1)
 
 
-def plot(final: np.ndarray, band: np.ndarray, lrs: np.ndarray, title: str) -> Any:
-    """Heat map of log10 final loss (lr x seed, diverged: x) and curves with seed bands."""
+def plot(held: np.ndarray, band: np.ndarray, lrs: np.ndarray, title: str) -> Any:
+    """Heat map of log10 best held-out loss (lr x seed, diverged: x) and training curves
+    with seed bands."""
     fig, (hm, ax) = _common.figure(ncols=2, width=5.5)
     with np.errstate(divide="ignore", invalid="ignore"):
-        img = hm.imshow(np.log10(final), aspect="auto", origin="lower", cmap="viridis")
-    fig.colorbar(img, ax=hm, label="log10 final training loss")
-    for i, s in zip(*np.nonzero(~np.isfinite(final)), strict=True):
+        img = hm.imshow(np.log10(held), aspect="auto", origin="lower", cmap="viridis")
+    fig.colorbar(img, ax=hm, label="log10 best held-out loss")
+    for i, s in zip(*np.nonzero(~np.isfinite(held)), strict=True):
         hm.text(s, i, "x", ha="center", va="center", color="red", fontsize=9)
-    hm.set(xlabel="seed (initial params)", ylabel="learning rate", title="Final loss (x: diverged)",
-           xticks=range(final.shape[1]), yticks=range(len(lrs)),
+    hm.set(xlabel="seed (initial params)", ylabel="learning rate",
+           title="Best held-out loss (x: diverged)",
+           xticks=range(held.shape[1]), yticks=range(len(lrs)),
            yticklabels=[f"{v:.3g}" for v in lrs])
     hm.grid(False)
+    best = np.unravel_index(np.nanargmin(held), held.shape) if np.isfinite(held).any() else None
+    if best is not None:
+        hm.add_patch(matplotlib.patches.Rectangle((best[1] - 0.5, best[0] - 0.5), 1, 1,
+                                                  fill=False, ec="red", lw=2))
     colors = matplotlib.colormaps["plasma"](np.linspace(0, 0.9, len(lrs)))
     for lr, b, c in zip(lrs, band, colors, strict=True):
         ax.semilogy(b[0], color=c, lw=1.2, label=f"lr {lr:.3g}")
@@ -120,8 +127,8 @@ def plot(final: np.ndarray, band: np.ndarray, lrs: np.ndarray, title: str) -> An
     low = band[:, 1][np.isfinite(band[:, 1])]
     if start.size and low.size:  # diverging curves leave the frame upwards
         ax.set_ylim(low.min() / 2, start.max() * 10)
-    ax.set(xlabel="epoch", ylabel="training loss (median, band: min-max over seeds)",
-           title="Loss curves per lr (diverged: leave the top)")
+    ax.set(xlabel="epoch", ylabel="training loss",
+           title="Training loss per lr: median, band min-max over seeds")
     ax.legend(fontsize=6, ncols=2)
     fig.suptitle(title)
     return fig
@@ -146,7 +153,15 @@ def run(args: Any) -> dict[str, Any]:
             f"N = {args.n}, {args.epochs} epochs, {env['dtype']}")
     return {"env": env, "lrs": lrs, "member_lr": member_lr, "losses": L, "diverged_at": at,
             "final": final, "band": bands(L, args.lrs), "timings": timings, "desc": desc,
-            "ranking": ranking(res, member_lr, args.seeds)}
+            "ranking": ranking(res, member_lr, args.seeds),
+            "held": held_out_grid(res, args.lrs)}
+
+
+def held_out_grid(res: Any, n_lr: int) -> np.ndarray:
+    """(lr, seed): each member's best held-out loss, NaN where it diverged."""
+    best = np.asarray(res.eval_losses, np.float64)
+    best = np.where(np.isfinite(best), best, np.inf).min(axis=1)
+    return np.where(np.asarray(res.diverged) | np.isinf(best), np.nan, best).reshape(n_lr, -1)
 
 
 RANKING = ["rank", "lr", "seed", "best_eval_loss", "best_epoch", "final_train_loss"]
@@ -183,7 +198,7 @@ def write(args: Any, res: dict[str, Any]) -> dict[str, Any]:
     top = res["ranking"][0]
     return _common.write_and_report(
         args.out, args.docs, ["sweep"], config=vars(args) | {"lr_values": lrs.tolist()},
-        figures={"sweep": plot(final, band, lrs, res["desc"])},
+        figures={"sweep": plot(res["held"], band, lrs, res["desc"])},
         metrics={"environment": res["env"], "lrs": lrs.tolist(),
                  "final_loss": [[None if np.isnan(v) else float(v) for v in r] for r in final],
                  "diverged_at": at.reshape(len(lrs), S).tolist(), "timing": res["timings"],

@@ -70,7 +70,6 @@ def test_bench_gradients_quick(tmp_path, capsys):
     assert errs["fd_grad"] < 1e-1
     env = m["environment"]
     assert env["dtype"] == "float32" and env["jax_version"] == jax.__version__ and env["device"]
-    assert m["compile_s"]["batch_grad"]["2"] >= 0
     assert "batch_grad" in printed
     assert env["precision"] == "highest" and m["precision"]["batch_grad"] == "highest"
     assert m["device"]["batch_grad"] == _common.device_label()
@@ -241,9 +240,7 @@ def test_time_interleaved_rounds_alternate():
 # -- device, precision, compile time, help -------------------------------------------------
 
 
-def test_precisions_and_device_label():
-    assert _common.precisions_to_time() == (
-        ("highest", "default") if jax.default_backend() == "gpu" else ("highest",))
+def test_device_label():
     assert _common.device_label().startswith(jax.devices()[0].platform)
 
 

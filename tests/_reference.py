@@ -3,7 +3,7 @@
 The reference loss has its own sigmoid, 0.5 (1 + tanh(y / 2)) (finite with a
 finite derivative for any y), and its own contractions, so a bug shared by the
 package's forward pass and its ``oracle_grad`` cannot hide. Errors are
-relative per parameter: max |got - ref| / max |ref| (DESIGN.md section 5).
+relative per parameter: max |got - ref| / max |ref|.
 """
 
 import contextlib

@@ -3,7 +3,7 @@
 The oracle here is ``jax.grad`` of the plain-jnp loss in ``_reference.py``, with
 its own sigmoid (0.5 (1 + tanh(y / 2)), finite with a finite derivative for any
 y), so a shared bug in the package's forward pass and its own ``oracle_grad``
-cannot hide. Tolerances (DESIGN.md section 5): relative error, per parameter,
+cannot hide. Tolerances: relative error, per parameter,
 max |got - ref| / max |ref|, <= 1e-12 in float64 and <= 1e-5 in float32;
 finite differences <= 1e-7 in float64. Shapes have D, H, O all different so a
 transposed gradient cannot pass with the right shape.

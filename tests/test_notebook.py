@@ -19,7 +19,7 @@ NOTEBOOK = ROOT / "docs" / "walkthrough.ipynb"
 ERROR_LINE = re.compile(
     r"^(?P<method>\w[\w ]*?)\s+vs jax\.grad\s+D, H, O = (?P<shape>[\d, ]+?)\s+relative error"
     r"\s+A (?P<A>\S+)\s+B (?P<B>\S+)\s+C (?P<C>\S+)\s+\(tolerance (?P<tol>\S+)\)$", re.M)
-TOLERANCES = {"manual": 1e-12, "finite differences": 1e-7}  # float64 (DESIGN.md section 5)
+TOLERANCES = {"manual": 1e-12, "finite differences": 1e-7}  # float64
 
 
 def _stored():

@@ -23,13 +23,6 @@ from abc_jax.core import backward
 value_and_grad = jax.jit(backward.value_and_grad, static_argnums=(2, 3))
 
 
-def weights_allowed():
-    """The weighted contraction multiplies (H, N) by the weights (N,), which the strict
-    conftest's rank promotion rejects (test_validation marks that as a known bug); the
-    arithmetic is checked here regardless."""
-    return jax.numpy_rank_promotion("allow")
-
-
 def _problem(D, H, O, N, dtype=jnp.float64, seed=0):
     return make_problem(seed, D, H, O, N, dtype)
 
@@ -56,13 +49,12 @@ def test_both_output_forms_equal_autodiff(D, H, O, weighted):
     want_loss, want_grad = _weighted_reference(params, X, np.ones(N) if weights is None
                                                else weights)
     batch = Batch(X, None if weights is None else jnp.asarray(weights))
-    with weights_allowed():
-        for gram in (False, True):  # both forms at every shape, whichever batch_grad picks
-            loss, grad = value_and_grad(params, batch, None, gram)
-            assert max_rel_err(grad, want_grad) <= 1e-12, gram
-            np.testing.assert_allclose(loss, want_loss, rtol=1e-12)
-        assert max_rel_err(abc_jax.batch_grad(params, batch), want_grad) <= 1e-12
-        loss, grad = abc_jax.batch_value_and_grad(params, batch)
+    for gram in (False, True):  # both forms at every shape, whichever batch_grad picks
+        loss, grad = value_and_grad(params, batch, None, gram)
+        assert max_rel_err(grad, want_grad) <= 1e-12, gram
+        np.testing.assert_allclose(loss, want_loss, rtol=1e-12)
+    assert max_rel_err(abc_jax.batch_grad(params, batch), want_grad) <= 1e-12
+    loss, grad = abc_jax.batch_value_and_grad(params, batch)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-12)
     assert max_rel_err(grad, want_grad) <= 1e-12
 
@@ -98,11 +90,10 @@ def test_chunked_equals_unchunked(N, chunk):
     params, X = _problem(6, 5, 4, N, seed=N)
     weights = jnp.asarray(np.arange(N) % 4, X.dtype)  # a zero weight in every chunk of 4+
     for data in (X, Batch(X, weights)):
-        with weights_allowed():
-            chunked = abc_jax.batch_grad(params, data, chunk_size=chunk)
-            unchunked = abc_jax.batch_grad(params, data)
-            loss, grad = abc_jax.batch_value_and_grad(params, data, chunk_size=chunk)
-            want_loss, want_grad = abc_jax.batch_value_and_grad(params, data)
+        chunked = abc_jax.batch_grad(params, data, chunk_size=chunk)
+        unchunked = abc_jax.batch_grad(params, data)
+        loss, grad = abc_jax.batch_value_and_grad(params, data, chunk_size=chunk)
+        want_loss, want_grad = abc_jax.batch_value_and_grad(params, data)
         assert max_rel_err(chunked, unchunked) <= 1e-12
         np.testing.assert_allclose(loss, want_loss, rtol=1e-12)
         assert max_rel_err(grad, want_grad) <= 1e-12

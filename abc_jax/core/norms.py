@@ -125,7 +125,7 @@ def clipped_grad_sum(params: Params, batch: Batch, clip_norm: Any) -> tuple[Para
     The factors f_i = min(1, c / ||g_i||) scale the rows GY, GZ, GW (a row weight
     on top of r_i) before the three contractions over N. The scaled rows go
     behind ``lax.optimization_barrier``: XLA has fused the scaling into the
-    products and run them as loops (DESIGN.md section 3: ~30x slower); with
+    products and run them as loops (measured at K = 256, N = 2048: ~30x slower); with
     JAX 0.10.2 on the CPU it does not, and the barrier costs nothing.
     """
     X = batch.X

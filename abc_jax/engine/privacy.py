@@ -156,13 +156,13 @@ def epsilon(noise_multiplier: float, sampling_rate: float, steps: int, delta: fl
     if steps == 0:
         return 0.0
     dp = accounting()
-    acc = dp.rdp.RdpAccountant()
-    acc.compose(dp.PoissonSampledDpEvent(sampling_rate, dp.GaussianDpEvent(noise_multiplier)),
-                int(steps))
-    log = logging.getLogger("absl")  # it warns of each fractional order it leaves out
-    level = log.level
+    log = logging.getLogger("absl")  # it warns of each fractional order it leaves out,
+    level = log.level  # in compose as in get_epsilon
     log.setLevel(logging.ERROR)
     try:
+        acc = dp.rdp.RdpAccountant()
+        acc.compose(dp.PoissonSampledDpEvent(sampling_rate,
+                                             dp.GaussianDpEvent(noise_multiplier)), int(steps))
         return float(acc.get_epsilon(delta))
     finally:
         log.setLevel(level)

@@ -45,6 +45,8 @@ NODES: dict[str, tuple[str, str, tuple[int, int]]] = {
     "w": ("w = C z", "op", (3, 1)),
     "L": ("L = ‖w‖²", "loss", (4, 1)),
 }
+TARGET_NODE = {"t": ("t", "input", (4, 0))}  # drawn when a target is given
+_ALL_NODES = NODES | TARGET_NODE
 
 # (from, to, the backward rule along the edge), g• = dL/d•, g = dL/dL = 1.
 EDGES: tuple[tuple[str, str, str], ...] = (
@@ -59,6 +61,8 @@ EDGES: tuple[tuple[str, str, str], ...] = (
     ("C", "w", "gC = gw zᵀ"),
     ("w", "L", "gw = 2 g w"),
 )
+TARGET_EDGE = ("t", "L", "gt = −2 g (w − t)")  # noqa: RUF001 (minus signs)
+
 
 def _with_target(text: str, target: bool) -> str:
     """The loss's label and its rule with a target: ||w - t||^2 and gw = 2 g (w - t)."""
@@ -68,7 +72,7 @@ def _with_target(text: str, target: bool) -> str:
 
 
 _SHAPES = {"A": "(H, D)", "B": "(H, D)", "C": "(O, H)", "x": "(D,)", "y": "(H,)",
-           "u": "(H,)", "v": "(H,)", "z": "(H,)", "w": "(O,)", "L": "scalar"}
+           "u": "(H,)", "v": "(H,)", "z": "(H,)", "w": "(O,)", "t": "(O,)", "L": "scalar"}
 _FILL = {"param": "#fdebd3", "input": "#e8e8e8", "op": "#ddeaf7", "loss": "#dcefdc"}
 
 # Points: fonts, and heat maps (a matrix's side, a vector's height).
@@ -86,8 +90,9 @@ def node_values(params: Any, x: Any,
       t: its target, shape (O,); None for 0 (the homework's L = ||w||^2).
 
     Returns:
-      ``{name: (value, gradient)}`` for the names in ``NODES``, NumPy arrays of the
-      node's shape (L: shape ()); where each comes from: the module docstring.
+      ``{name: (value, gradient)}`` for the names in ``NODES`` (and, given ``t``, "t" with
+      gt = -gw from ``jax.grad`` of ``abc_loss`` in t), NumPy arrays of the node's shape
+      (L: shape ()); where each comes from: the module docstring.
     """
     params, x, t = edge.params_and_sample(
         edge.params_input(params), edge.data_input(x, "x"),
@@ -106,31 +111,41 @@ def node_values(params: Any, x: Any,
         "y": (y, gy), "u": (res.u, gz), "v": (res.z - res.u, gz), "z": (res.z, gz),
         "w": (res.w, gw), "L": (L, jnp.ones((), dtype)),
     }
+    if t is not None:
+        pairs["t"] = (t, jax.grad(abc_loss, argnums=2)(params, x, t))
     return {k: (np.asarray(v), np.asarray(d)) for k, (v, d) in pairs.items()}
 
 
-def format_array(a: np.ndarray, digits: int = 3) -> tuple[str, list[str]]:
+def format_array(a: np.ndarray, digits: int = 3, fixed: bool = False) -> tuple[str, list[str]]:
     """``(scale, lines)``: ``a`` as right-aligned text, with a common power of ten.
 
     The largest |entry| gets ``digits`` significant digits. Entries are written
     plainly when it lies in [0.1, 1000); otherwise they are shown divided by
     10^e (e its exponent) and ``scale`` is "×10ᵉ" (else ""). A scalar or a
-    vector is one line, a matrix one line per row.
+    vector is one line, a matrix one line per row. ``fixed`` (``draw_graph``'s
+    rule): every entry gets ``digits`` decimals, written plainly when the largest
+    |entry| lies in [0.1, 10), else divided by 10^e as above.
     """
     a = np.asarray(a, np.float64)
     m = float(np.max(np.abs(a))) if a.size else 0.0
     e = math.floor(math.log10(m)) if m > 0 else 0
-    if -1 <= e <= 2:
-        scale, shown, decimals = "", a, max(0, digits - 1 - e)
+    if -1 <= e <= (0 if fixed else 2):
+        scale, shown, decimals = "", a, digits if fixed else max(0, digits - 1 - e)
     else:
         superscript = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
         scale = "\N{MULTIPLICATION SIGN}10" + str(e).translate(superscript)
-        shown, decimals = a / 10.0**e, digits - 1
+        shown, decimals = a / 10.0**e, digits if fixed else digits - 1
     cells = [f"{v:.{decimals}f}" for v in np.atleast_1d(shown).ravel()]
     cells = [c[1:] if c[0] == "-" and c.strip("-0.") == "" else c for c in cells]  # no -0.00
     width = max(len(c) for c in cells)
     rows = np.array(cells, dtype=object).reshape(np.atleast_2d(shown).shape)
     return scale, ["  ".join(c.rjust(width) for c in row) for row in rows]
+
+
+def _number(v: Any, digits: int) -> str:
+    """One number as ``format_array(v, digits, fixed=True)`` writes it, its ×10ᵉ after it."""
+    scale, (line,) = format_array(v, digits, fixed=True)
+    return line.strip() + scale
 
 
 def _node_box(name: str, value: np.ndarray, grad: np.ndarray, numbers: bool, digits: int,
@@ -146,12 +161,12 @@ def _node_box(name: str, value: np.ndarray, grad: np.ndarray, numbers: bool, dig
     for part, a, label in (("value", value, "value"), ("grad", grad, f"∂L/∂{name}")):
         gid = f"{name}/{part}"
         if stacked:
-            scale, lines = format_array(a, digits)
+            scale, lines = format_array(a, digits, fixed=True)
             label = f"{label} {scale}".strip()
             body = TextArea("\n".join(lines), textprops={
                 "family": "monospace", "size": _DATA_PT, "linespacing": 1.25, "gid": gid})
         else:
-            label = f"‖{name if part == 'value' else label}‖ = {np.linalg.norm(a):.{digits}g}"
+            label = f"‖{name if part == 'value' else label}‖ = {_number(np.linalg.norm(a), digits)}"
             body = DrawingArea(_MAP_PT, _MAP_PT if a.ndim == 2 else _STRIP_PT)
             image = BboxImage(body.get_window_extent, cmap="RdBu_r", interpolation="nearest",
                               norm=CenteredNorm(0, float(np.max(np.abs(a))) or 1.0), gid=gid)
@@ -163,23 +178,26 @@ def _node_box(name: str, value: np.ndarray, grad: np.ndarray, numbers: bool, dig
                                            "gid": f"{gid}/label"})
         parts.append(VPacker(children=[label, body], sep=2))
     shape = "" if value.ndim == 0 else f" = {value.shape}"
-    title = TextArea(f"{_with_target(NODES[name][0], target)}   {_SHAPES[name]}{shape}", textprops={
-        "size": _TITLE_PT, "weight": "bold", "gid": f"{name}/title"})
+    heading = f"{_with_target(_ALL_NODES[name][0], target)}   {_SHAPES[name]}{shape}"
+    title = TextArea(heading, textprops={"size": _TITLE_PT, "weight": "bold",
+                                         "gid": f"{name}/title"})
     # Numbers (and scalars) stacked, heat maps side by side.
     columns = VPacker(children=parts, sep=4) if stacked else HPacker(children=parts, sep=9)
     return AnnotationBbox(VPacker(children=[title, columns], sep=4, pad=5), (0, 0),
                           box_alignment=(0.5, 0.5), annotation_clip=False, zorder=1, bboxprops={
                               "boxstyle": "round,pad=0,rounding_size=0.3", "gid": f"{name}/box",
-                              "facecolor": _FILL[NODES[name][1]], "edgecolor": "#777777",
+                              "facecolor": _FILL[_ALL_NODES[name][1]], "edgecolor": "#777777",
                               "linewidth": 0.8})
 
 
-def _layout(canvas: Any, grow_only: bool, boxes: dict[str, Any], labels: list[Any]) -> dict:
+def _layout(canvas: Any, grow_only: bool, boxes: dict[str, Any], labels: list[Any],
+            edges: tuple[tuple[str, str, str], ...]) -> dict:
     """Places the boxes; returns each one's room (left, top, width, height), inches from top left.
 
-    Each column (row) of ``NODES`` is as wide (tall) as its largest box, with 15% to spare
-    in width (hinting draws text up to that much wider at another dpi); each box is centred
-    in its cell; a gap between columns fits the widest arrow label crossing it. The root
+    Each column (row) of ``NODES`` (and ``TARGET_NODE`` if boxed) is as wide (tall) as its
+    largest box, with 15% to spare in width (hinting draws text up to that much wider at
+    another dpi), and a column holds a vertical arrow's label beside its centre; each box is
+    centred in its cell; a gap between columns fits the widest arrow label crossing it. The root
     figure is sized (or only enlarged) to hold it all; ``canvas`` speaks those inches.
     """
     from matplotlib.backends.backend_agg import RendererAgg
@@ -188,12 +206,15 @@ def _layout(canvas: Any, grow_only: bool, boxes: dict[str, Any], labels: list[An
     renderer = RendererAgg(1, 1, root.dpi)
     size = {n: b.get_window_extent(renderer).size / root.dpi * (1.15, 1) for n, b in boxes.items()}
     colw, rowh, gaps = [0.0] * 5, [0.0] * 3, [_GAP_X] * 4
-    for name, (_, _, (c, r)) in NODES.items():
+    cells = {name: _ALL_NODES[name][2] for name in boxes}  # name: (column, row)
+    for name, (c, r) in cells.items():
         colw[c], rowh[r] = max(colw[c], size[name][0]), max(rowh[r], size[name][1])
-    for (src, dst, _), label in zip(EDGES, labels, strict=True):
-        c0, c1 = NODES[src][2][0], NODES[dst][2][0]
+    for (src, dst, _), label in zip(edges, labels, strict=True):
+        (c0, _), (c1, _), width = cells[src], cells[dst], label.get_window_extent(renderer).width
         if c1 == c0 + 1:
-            gaps[c0] = max(gaps[c0], label.get_window_extent(renderer).width / root.dpi + 0.45)
+            gaps[c0] = max(gaps[c0], width / root.dpi + 0.45)
+        elif c1 == c0:  # its label right of the arrow, inside the column
+            colw[c0] = max(colw[c0], 2 * (width / root.dpi + 0.1))
     xs = np.cumsum([0.0] + [w + g for w, g in zip(colw, [*gaps, 0], strict=True)])
     ys = np.cumsum([0.0] + [h + _GAP_Y for h in rowh])
     need = np.array([xs[-1] + 0.3, ys[-1] - _GAP_Y + _HEAD + _FOOT])
@@ -204,7 +225,7 @@ def _layout(canvas: Any, grow_only: bool, boxes: dict[str, Any], labels: list[An
     ox, oy = (W - xs[-1]) / 2, _HEAD + (H - need[1]) / 2  # the graph centred
     rects = {name: (ox + xs[c] + (colw[c] - size[name][0]) / 2,
                     oy + ys[r] + (rowh[r] - size[name][1]) / 2, *size[name])
-             for name, (_, _, (c, r)) in NODES.items()}
+             for name, (c, r) in cells.items()}
     for name, (left, top, w, h) in rects.items():
         boxes[name].xybox = (left + w / 2, top + h / 2)
     return rects
@@ -218,6 +239,36 @@ def _midway(r0: tuple, r1: tuple) -> np.ndarray:
     return c0 + (s0 + 1 - s1) / 2 * (c1 - c0)
 
 
+def _checked(params: Any, digits: Any, **optional: Any) -> tuple[Any, int]:
+    """``draw_graph``'s params and digits, checked; TypeError for a wrong ``optional`` type."""
+    from matplotlib.figure import FigureBase
+
+    params = edge.params(edge.params_input(params))
+    digits = edge.check_positive_int(digits, "digits")
+    if digits > 15:
+        raise ValueError(f"digits must be between 1 and 15, got {digits}")
+    kinds = {"numbers": (bool, "a bool"), "title": (str, "a str"),
+             "fig": (FigureBase, "a Figure or SubFigure")}
+    for arg, value in optional.items():
+        if value is not None and not isinstance(value, kinds[arg][0]):
+            raise TypeError(f"{arg} must be None or {kinds[arg][1]}, got {type(value).__name__}")
+    return params, digits
+
+
+def _arrows(canvas: Any, boxes: dict[str, Any], labels: list[Any], rects: dict[str, tuple],
+            edges: tuple[tuple[str, str, str], ...]) -> None:
+    """Each edge's arrow between the placed boxes, its label on it (beside it if vertical)."""
+    from matplotlib.patches import FancyArrowPatch
+
+    for (src, dst, _), label in zip(edges, labels, strict=True):
+        canvas.add_patch(FancyArrowPatch(  # centre to centre, clipped to the boxes as drawn
+            boxes[src].xybox, boxes[dst].xybox, patchA=boxes[src].patch, patchB=boxes[dst].patch,
+            arrowstyle="-|>", mutation_scale=9, color="#555555", linewidth=0.9, zorder=2))
+        mx, my = _midway(rects[src], rects[dst])
+        vertical = _ALL_NODES[src][2][0] == _ALL_NODES[dst][2][0]  # label beside it, else on it
+        label.set(position=(mx + 0.06 * vertical, my), ha="left" if vertical else "center")
+
+
 def draw_graph(params: Any, x: Any, t: Any = None, *, title: str | None = None, digits: int = 3,
                numbers: bool | None = None, fig: Any = None) -> Any:
     """The graph of one sample as a matplotlib figure, each node with its value and gradient.
@@ -228,9 +279,12 @@ def draw_graph(params: Any, x: Any, t: Any = None, *, title: str | None = None, 
     Args:
       params: ``Params(A (H, D), B (H, D), C (O, H))``.
       x: one sample, shape (D,).
-      t: its target (O,), None for 0; with one, L = ||w - t||^2 and gw = 2 g (w - t).
+      t: its target (O,), None for 0; with one, L = ||w - t||^2, gw = 2 g (w - t), and the
+        node t (``TARGET_NODE``, its value and gt = -gw) joins L by ``TARGET_EDGE``.
       title: the figure's title; default: the loss.
-      digits: significant digits of the largest entry of each array.
+      digits: decimals of every number drawn (entries, norms, the default title's L), each
+        array written plainly when its largest |entry| lies in [0.1, 10), else with a
+        common ×10ᵉ (``format_array(..., fixed=True)``).
       numbers: print every entry (default when D, H, O <= 3); False: norms and heat maps
         instead (red > 0, blue < 0, each array scaled to its own largest |entry|).
       fig: a ``Figure`` or ``SubFigure`` (e.g. of ``fig.subfigures(2, 1)``, to show two
@@ -238,40 +292,27 @@ def draw_graph(params: Any, x: Any, t: Any = None, *, title: str | None = None, 
 
     Returns:
       The figure drawn into; gids: "x/box", "x/title", "x/value", "x/grad" (a text, or
-      a heat map's BboxImage), "x/value/label" ..., "edge/x/y" ..., "title", "key".
+      a heat map's BboxImage), "x/value/label" ..., "edge/x/y" ..., "title", "key" (with a
+      target also "t/box" ..., "edge/t/L").
     """
-    params = edge.params(edge.params_input(params))
-    (H, D), O = params.A.shape, params.C.shape[0]
-    digits = edge.check_positive_int(digits, "digits")
-    if digits > 15:
-        raise ValueError(f"digits must be between 1 and 15, got {digits}")
+    params, digits = _checked(params, digits, numbers=numbers, title=title, fig=fig)
     import matplotlib.pyplot as plt
-    from matplotlib.figure import FigureBase
-    from matplotlib.patches import FancyArrowPatch
 
-    for arg, value, kind, what in (("numbers", numbers, bool, "a bool"), ("title", title, str,
-                                   "a str"), ("fig", fig, FigureBase, "a Figure or SubFigure")):
-        if value is not None and not isinstance(value, kind):
-            raise TypeError(f"{arg} must be None or {what}, got {type(value).__name__}")
+    (H, D), O = params.A.shape, params.C.shape[0]
     numbers = max(D, H, O) <= 3 if numbers is None else numbers
     vals = node_values(params, x, t)
     grow_only, fig = fig is not None, plt.figure() if fig is None else fig
     canvas = fig.add_axes((0, 0, 1, 1), frame_on=False, xticks=[], yticks=[])  # unseen, all fig
     target = t is not None
-    boxes = {n: canvas.add_artist(_node_box(n, *vals[n], numbers, digits, target)) for n in NODES}
+    edges = (*EDGES, TARGET_EDGE) if target else EDGES
+    boxes = {n: canvas.add_artist(_node_box(n, *vals[n], numbers, digits, target))
+             for n in (_ALL_NODES if target else NODES)}
     labels = [canvas.text(0, 0, _with_target(rule, target), fontsize=_EDGE_PT,
                           color="#24529b", va="center", zorder=4, gid=f"edge/{a}/{b}",
                           bbox={"boxstyle": "round,pad=0.15", "color": "w"})
-              for a, b, rule in EDGES]
-    rects = _layout(canvas, grow_only, boxes, labels)
-    for (src, dst, _), label in zip(EDGES, labels, strict=True):
-        canvas.add_patch(FancyArrowPatch(  # centre to centre, clipped to the boxes as drawn
-            boxes[src].xybox, boxes[dst].xybox, patchA=boxes[src].patch, patchB=boxes[dst].patch,
-            arrowstyle="-|>", mutation_scale=9, color="#555555", linewidth=0.9, zorder=2))
-        mx, my = _midway(rects[src], rects[dst])
-        vertical = NODES[src][2][0] == NODES[dst][2][0]  # its label beside it, else on it
-        label.set(position=(mx + 0.06 * vertical, my), ha="left" if vertical else "center")
-    default = f"The ABC graph for one sample: L = {float(vals['L'][0]):.{digits + 1}g}"
+              for a, b, rule in edges]
+    _arrows(canvas, boxes, labels, _layout(canvas, grow_only, boxes, labels, edges), edges)
+    default = f"The ABC graph for one sample: L = {_number(vals['L'][0], digits)}"
     fig.suptitle(default if title is None else title, fontsize=10, gid="title")
     key = ("Arrows: the forward pass. On each arrow, in blue: the rule that carries the gradient "
            "back along it (g• = ∂L/∂•, g = ∂L/∂L = 1)." + ("" if numbers else " Heat maps: red "

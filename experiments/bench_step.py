@@ -124,8 +124,8 @@ TABLE = [("batch_grad ms", "batch_grad_s", 1e3), ("jax.grad ms", "jax_grad_s", 1
          ("7 matmul ms", "matmul_s", 7e3), ("GFLOP/s", "gflops", 1.0),  # (header, key, scale)
          ("/jax.grad", "ratio_jax_grad", 1.0), ("/7mm", "ratio_7_matmuls", 1.0),
          ("naive/bg", "naive_over_batch_grad", 1.0)]
-BARS = {"batch_grad_s": "batch_grad (manual)", "jax_grad_s": "jax.grad (jit)",
-        "naive_vmap_s": "vmap outer products", "matmul_s": "7 x (N,K)@(K,K) matmul (faster layout)"}
+RATIOS = {"jax_grad_s": ("jax.grad (jit)", "o"), "naive_vmap_s": ("vmap outer products", "s"),
+          "matmul_s": ("7 x (N,K)@(K,K) matmul (faster layout)", "D")}  # key: (label, marker)
 OVERHEAD = "device K N calls waited function public_us bare_us ratio".split()
 
 
@@ -136,17 +136,42 @@ def table_rows(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any
                      *(float(r[k] * s) if k in r else None for _, k, s in TABLE)] for r in rows]
 
 
+def time_ratio(row: dict[str, Any], key: str) -> float | None:
+    """batch_grad's time over method ``key``'s (7 matmuls for "matmul_s"); None if not run."""
+    scale = 7 if key == "matmul_s" else 1
+    return row["batch_grad_s"] / (scale * row[key]) if key in row else None
+
+
 def plot(rows: Sequence[dict[str, Any]]) -> Any:
-    """Bars: time per gradient of each method and of 7 matmuls, per size and precision."""
-    bars = {k: label for k, label in BARS.items() if any(k in r for r in rows)}
-    fig, ax = _common.figure(width=7.5, height=4.2)
-    width, x = 0.8 / len(bars), np.arange(len(rows))
-    for i, (key, label) in enumerate(bars.items()):
-        ms = [r.get(key, np.nan) * (7e3 if key == "matmul_s" else 1e3) for r in rows]
-        ax.bar(x - 0.4 + i * width, ms, width, align="edge", label=label)  # centred on x
+    """Dots on a ratio axis: batch_grad's time over each method's, per size and precision, each
+    on a stem from the line at 1 (below it batch_grad is faster); x: a method not run there."""
+    fig, ax = _common.figure(width=7.5, height=4.4)
+    x, n, missing = np.arange(len(rows)), len(RATIOS), []
+    for i, (key, (label, marker)) in enumerate(RATIOS.items()):
+        xs = x + (i - (n - 1) / 2) * 0.22
+        pts = [(xi, v) for xi, r in zip(xs, rows, strict=True) if (v := time_ratio(r, key))]
+        missing += [xi for xi, r in zip(xs, rows, strict=True) if time_ratio(r, key) is None]
+        if pts:
+            px, pv = np.array(pts).T
+            ax.vlines(px, 1.0, pv, color=f"C{i}", lw=2, alpha=0.5)
+            ax.plot(px, pv, marker, color=f"C{i}", ms=7, ls="none", label=label)
+            for xi, v in pts:
+                ax.annotate(f"{v:.3g}x", (xi, v), xytext=(5, 0), textcoords="offset points",
+                            fontsize=7, va="center")
+    ax.axhline(1.0, color="0.2", lw=1.2, label="1 (as fast as batch_grad)")
+    if missing:  # on the line at 1, where no ratio exists
+        ax.plot(missing, [1.0] * len(missing), "x", color="0.4", ms=8, mew=1.5, ls="none",
+                label="not run (N K² too large to stream)")
+        for xi in missing:
+            ax.annotate("not run", (xi, 1.0), xytext=(0, 9), textcoords="offset points",
+                        fontsize=7, color="0.4", ha="center", va="bottom", rotation=90)
+    ax.set_yscale("log")
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(min(lo, 0.5), max(hi, 2.0))  # 1 well inside, both sides shown
+    ax.set_xlim(-0.6, len(rows) - 0.3)
     ax.set_xticks(x, [f"K={r['K']}\nN={r['N']}\n{r['precision']}" for r in rows])
-    ax.set(yscale="log", ylabel="time per gradient (ms, log scale)",
-           title=f"Batch gradient, float32, all on {rows[0]['device']}")
+    ax.set(ylabel="batch_grad time / method's time (log)\n< 1: batch_grad faster",
+           title=f"Batch gradient against each method, float32, on {rows[0]['device']}")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
@@ -176,14 +201,16 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{env['jax_version']}, float32, precisions {', '.join(precisions)}")
     if jax.default_backend() != "gpu" and args.precisions is None:
         print("(a CPU computes the same products at every precision: only 'highest' is timed)")
+    if args.quick:
+        print("--quick: a smoke run of few rounds at tiny sizes, not a measurement: the tables "
+              "below show that the code runs, not how fast")
     rows = [bench_size(K, N, p, rounds=args.repeats, min_time=args.min_time, seed=args.seed)
             for K, N in _common.progress(args.sizes, desc="sizes") for p in precisions]
     _common.print_table(*table_rows(rows), floatfmt=".3g")
     overhead = [r for K, N in args.overhead for r in bench_overhead(
         K, N, rounds=args.repeats, calls=200 if args.quick else 2000, seed=args.seed)]
     print("\nper-call cost: a loop of eager calls of the public function vs the same loop of a "
-          "bare jax.jit(jax.grad(plain-jnp loss)), us per call, median of rounds; target <= 1.3x"
-          + ("\n(--quick: a smoke run of few rounds, not a measurement)" if args.quick else ""))
+          "bare jax.jit(jax.grad(plain-jnp loss)), us per call, median of rounds; target <= 1.3x")
     over = (OVERHEAD, [[r[k] for k in OVERHEAD] for r in overhead])
     _common.print_table(*over)
     metrics = {"environment": env, "precisions": precisions, "sizes": rows, "overhead": overhead}

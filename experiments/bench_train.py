@@ -29,6 +29,7 @@ from abc_jax import train
 
 NAME = "bench_train"
 LOOPS = {"train": "train (compiled loop)", "loop": "Python loop of jitted steps"}
+PYTHON = "plain Python (lists, math.exp)"
 FIELDS = "method device precision epochs compile_s run_s epochs_per_s times_train measured".split()
 
 
@@ -93,7 +94,7 @@ def bench_part(epochs: Sequence[int], n: int, k: int, lr: float, seed: int, prec
             *to_lists(params, X), lr, python_epochs)}, rounds=1, min_time=0.0, warmup=0)["python"]
         agree["plain_python_vs_train"] = _rel_diff(py.output[:e], ours[:python_epochs])
         py_s = py.median_s * e / python_epochs
-        rows.append({"method": "plain Python (lists, math.exp)", "device": "host cpu (Python)",
+        rows.append({"method": PYTHON, "device": "host cpu (Python)",
                      "precision": None, "epochs": e, "compile_s": None, "run_s": py_s, "measured":
                      f"{python_epochs} epochs in {py.median_s:.3g} s, x{e / python_epochs:g}",
                      "epochs_per_s": e / py_s, "times_train": py_s / train_s})
@@ -109,6 +110,28 @@ def print_part(title: str, part: dict[str, Any], note: str) -> None:
         print(f"{e} epochs: loop of jitted steps / train = {ratio:.2f} (train "
               f"{'at least as fast' if ratio >= 1 else 'SLOWER than the loop'})")
     print(note)
+
+
+def plot(parts: dict[str, dict[str, Any]]) -> Any:
+    """Per part, a panel: epochs per second (log axis) of each method at each epoch count."""
+    fig, axes = _common.figure(ncols=len(parts), width=4.6, height=3.6)
+    methods = [*LOOPS.values(), PYTHON]  # the order within an epoch count, and the colours
+    for ax, (title, part) in zip(np.atleast_1d(axes), parts.items(), strict=True):
+        rows = sorted(part["rows"], key=lambda r: (r["epochs"], methods.index(r["method"])))
+        y = np.arange(len(rows))[::-1]
+        for yi, r in zip(y, rows, strict=True):
+            v = r["epochs_per_s"]
+            ax.plot(v, yi, "o", ms=8, color=f"C{methods.index(r['method'])}")
+            ax.annotate(f"{v:,.0f}" if v >= 100 else f"{v:.3g}", (v, yi), xytext=(0, 7),
+                        textcoords="offset points", fontsize=7, ha="center")
+        ax.set_yticks(y, [f"{r['method']}\n{r['epochs']} epochs" for r in rows], fontsize=7)
+        ax.set(xscale="log", xlabel="epochs per second (log)", ylim=(-0.7, len(rows) - 0.3),
+               title=f"{title}: K = {part['K']}, N = {part['N']}, {part['dtype']}")
+        ax.margins(x=0.15)
+    precision = next(iter(parts.values()))["precision"]
+    fig.suptitle(f"Full-batch gradient descent on {_common.device_label()} (precision "
+                 f"{precision}; plain Python on the host CPU)", fontsize=10)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,8 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = [[name, part["K"], part["N"], part["dtype"], *(r[f] for f in FIELDS)]
             for name, part in (("homework", small), ("large", large)) for r in part["rows"]]
     metrics = {"environment": env, "homework_scale": small, "large_batch": large}
+    fig = plot({"(a) homework scale": small, "(b) large batch": large})
     _common.write_and_report(args.out, None, config=vars(args), metrics=metrics,
-                             tables={NAME: (["part", "K", "N", "dtype", *FIELDS], rows)})
+                             tables={NAME: (["part", "K", "N", "dtype", *FIELDS], rows)},
+                             figures={NAME: fig})
     return 0
 
 

@@ -2,7 +2,8 @@
 
 For one shape (default the homework's K = 3) and a random batch, prints the max
 absolute and relative error per parameter in float32 and float64, and writes
-config.json, metrics.json and gradcheck.csv under --out.
+config.json, metrics.json, gradcheck.csv and gradcheck.png (the relative errors on a log
+axis, with the tolerances the tests hold them to) under --out.
 
     python experiments/gradcheck.py --in-dim 7 --hidden-dim 5 --out-dim 3
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 
@@ -18,12 +20,18 @@ jax.config.update("jax_enable_x64", True)
 
 import _common  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 import abc_jax  # noqa: E402
 
 NAME = "gradcheck"
 FIELDS = ["dtype", "param", "comparison", "max_abs", "rel"]
 COMPARISONS = ("manual vs jax.grad", "finite diff vs jax.grad")
+# (dtype, comparison) -> the relative error the tests allow (tests/test_reproduce.py); float32
+# finite differences have none (eps^(1/3) steps leave ~1e-3, rounding of L / eps).
+TOLERANCES = {("float64", COMPARISONS[0]): 1e-12, ("float32", COMPARISONS[0]): 1e-5,
+              ("float64", COMPARISONS[1]): 1e-7}
+FLOOR = 1e-18  # where an exact 0 is drawn on the log axis
 
 
 def run(in_dim: int, hidden_dim: int, out_dim: int, n: int, seed: int) -> list[dict]:
@@ -50,6 +58,29 @@ def worst(rows: list[dict]) -> dict[str, float]:
             for dt in ("float32", "float64") for cmp in COMPARISONS}
 
 
+def plot(rows: list[dict], shape: str) -> Any:
+    """Per comparison, a panel: the relative error of dL/dA, dL/dB, dL/dC per dtype (log axis;
+    an exact 0 as a triangle at the floor), each dtype's tolerance as a dashed line."""
+    fig, axes = _common.figure(ncols=2, width=4.2, height=3.8)
+    for ax, cmp in zip(axes, COMPARISONS, strict=True):
+        for i, dt in enumerate(("float32", "float64")):
+            rel = np.array([r["rel"] for r in rows if (r["dtype"], r["comparison"]) == (dt, cmp)])
+            x = np.arange(len(rel)) + (i - 0.5) * 0.2
+            ax.plot(x, np.maximum(rel, FLOOR), "o", color=f"C{i}", ms=7, label=dt)
+            if np.any(rel == 0):
+                ax.plot(x[rel == 0], [FLOOR] * int(np.sum(rel == 0)), "v", color=f"C{i}", ms=9,
+                        label=f"{dt}: exactly 0")
+            if tol := TOLERANCES.get((dt, cmp)):
+                ax.axhline(tol, color=f"C{i}", ls="--", lw=1.2, label=f"{dt} tolerance {tol:g}")
+            else:  # a legend line with no mark
+                ax.plot([], [], ls="none", label=f"({dt}: no tolerance set)")
+        ax.set_xticks(range(3), [f"dL/d{n}" for n in abc_jax.Params._fields])
+        ax.set(yscale="log", xlim=(-0.6, 2.6), title=cmp, ylabel="max |error| / max |jax.grad|")
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle(f"Relative gradient error per parameter, {shape}", fontsize=10)
+    return fig
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = _common.parser(NAME, __doc__)
     ap.add_argument("--in-dim", type=int, default=3, help="D (default 3)")
@@ -65,13 +96,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError) as e:
         print(f"{NAME}: error: {e}", file=sys.stderr)
         return 2
-    print(f"D={args.in_dim} H={H} O={O} N={args.n} seed={args.seed}  (device {jax.devices()[0]})")
+    shape = f"D={args.in_dim} H={H} O={O} N={args.n} seed={args.seed}"
+    print(f"{shape}  (device {jax.devices()[0]})")
     table = (FIELDS, [[r[k] for k in FIELDS] for r in rows])
     _common.print_table(*table, floatfmt=".2e")
     _common.write_and_report(
         args.out, None, config=vars(args) | {"hidden_dim": H, "out_dim": O},
         metrics={"environment": _common.environment(), "worst_rel": worst(rows), "rows": rows},
-        tables={NAME: table})
+        tables={NAME: table}, figures={NAME: plot(rows, shape)})
     return 0
 
 

@@ -202,7 +202,8 @@ def findings(hc: dict[str, Any], sim: dict[str, Any], scan: Sequence[dict[str, A
 
 def plot(hc: dict[str, Any], sim: dict[str, Any]) -> Any:
     """PyTorch / manual per entry (bars: 4-decimal rounding) against |manual|; lines at 1, dL/dC's
-    one factor and sqrt of the listing's median update; band: the simulated dL/dC ratios."""
+    one factor and sqrt of the listing's median update; band: the simulated dL/dC ratios. The
+    y-limits hold every bar whole, the lines and the band."""
     fig, ax = _common.figure(width=7.0, height=4.8)
     C, r_w = hc["matrices"]["C"], float(np.sqrt(hc["listing_step_ratio_median"]))
     r_obs = float(np.mean(C["common_factor"] or [C["fit_factor"]]))
@@ -216,7 +217,10 @@ def plot(hc: dict[str, Any], sim: dict[str, Any]) -> Any:
         ax.axhline(y, color=c, ls=ls, lw=1.2, label=label)
     ax.axhspan(sim["dC_ratio_min"], sim["dC_ratio_max"], color="C4", alpha=0.15,
                label="dL/dC after one simulated update")
-    ax.set(xscale="log", ylim=(0.78, 1.07), xlabel="|manual gradient entry| [log]",
+    ends = [v for m in hc["matrices"].values() for v in (m["bounds"].min(), m["bounds"].max())]
+    lo, hi = min(*ends, sim["dC_ratio_min"], r_w, r_obs), max(*ends, sim["dC_ratio_max"], 1.0)
+    pad = 0.04 * (hi - lo)
+    ax.set(xscale="log", ylim=(lo - pad, hi + pad), xlabel="|manual gradient entry| [log]",
            ylabel="PyTorch / manual (bars: 4-decimal rounding)")
     ax.set_title(f"The homework's check re-read: dL/dC x {C['ratio_min']:.4f}-"
                  f"{C['ratio_max']:.4f}, L x {hc['loss_ratio']:.3f}", fontsize=10)

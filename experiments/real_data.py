@@ -184,8 +184,9 @@ def summary(runs: list[dict]) -> tuple[list[str], list[list[Any]]]:
 
 def plot(d: dict[str, Any], runs: list[dict]) -> Any:
     """Predicted vs true on the test set (each model's first run; ABC's first fold), the ABC
-    runs' training and held-out fold curves (standardised units, first fold), and the test R^2
-    of every model (ABC: one per fold and seed)."""
+    runs' training and held-out fold curves (standardised units, first fold) with each one's
+    best epoch (dashed, its colour), and the test R^2 of every model (ABC: one per fold and
+    seed)."""
     fig, axes = _common.figure(ncols=3, width=4.6, height=4.0)
     first = {m: next(r for r in runs if r["model"] == m) for m in MODELS}
     true = d["y_raw"][d["test"]]
@@ -200,7 +201,9 @@ def plot(d: dict[str, Any], runs: list[dict]) -> Any:
         axes[1].plot(r["losses"], color=f"C{i}", lw=1, label=f"{m}: training")
         axes[1].plot(r["eval_epochs"], r["eval_losses"], "o", ms=2, color=f"C{i}", ls=":",
                      label=f"{m}: held-out fold")
-        axes[1].axvline(r["curve_best_epoch"], color=f"C{i}", lw=0.8, alpha=0.6)
+        axes[1].axvline(r["curve_best_epoch"], color=f"C{i}", lw=0.9, ls="--", alpha=0.7)
+    axes[1].plot([], [], color="0.4", lw=0.9, ls="--",  # one entry for the model-coloured lines
+                 label="best epoch (held-out fold; early stopping)")
     axes[1].set(yscale="log", xlabel="epoch", ylabel="mean squared error (standardised y)",
                 title="ABC: training and held-out loss, fold 1")
     for i, m in enumerate(MODELS):

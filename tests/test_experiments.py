@@ -100,6 +100,7 @@ def test_bench_train_quick(tmp_path, capsys):
     assert "loop of jitted steps / train" in printed and "highest" in printed
     lines = (out / "bench_train.csv").read_text().splitlines()
     assert lines[0].startswith("part,K,N,dtype,method,device,precision") and len(lines) == 1 + 7
+    assert (out / "bench_train.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # epochs/s
 
 
 @pytest.mark.integration
@@ -257,7 +258,8 @@ def test_compile_clock_counts_compilation_inside_its_block_only():
 
 # Every script: a file of experiments/ with a main (the others are modules they import).
 SCRIPTS = ["bench_clipping", "bench_gradients", "bench_step", "bench_train", "generalization",
-           "gradcheck", "optimizers", "predict", "real_data", "reproduce_seed", "sweep", "train"]
+           "gradcheck", "noise_scale", "optimizers", "predict", "private", "real_data",
+           "reproduce_seed", "sweep", "train"]
 NOT_RANDOM = {"predict"}  # applies saved params to a file: no --seed, and fast without --quick
 
 

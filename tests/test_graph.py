@@ -245,3 +245,47 @@ TIMES = "\N{MULTIPLICATION SIGN}"
 ])
 def test_format_array(a, scale, lines):
     assert graph.format_array(a, 3) == (scale, lines)
+
+
+@pytest.mark.parametrize("shape, scale", [((3, 3, 3), 1.0), ((3, 3, 3), 50.0), ((5, 4, 2), 1.0)])
+@pytest.mark.parametrize("digits", [2, 4])
+def test_every_number_drawn_has_digits_decimals(shape, scale, digits):
+    """Entries, norms (heat maps) and the default title's L: ``digits`` decimals each."""
+    params, x = _problem(*shape)
+    params = jax.tree.map(lambda a: scale * a, params)  # scale 50: arrays written with ×10ᵉ
+    texts = _texts(abc_jax.draw_graph(params, x, digits=digits))
+    drawn = {g: s for g, s in texts.items()
+             if g == "title" or g.endswith(("/value", "/grad", "/value/label", "/grad/label"))}
+    drawn = {g: re.sub(TIMES + "10[⁻⁰¹²³⁴⁵⁶⁷⁸⁹]+", "", s) for g, s in drawn.items()}  # ×10ᵉ
+    numbers = [(g, n) for g, s in drawn.items() for n in re.findall(r"\d+(?:\.\d+)?", s)]
+    assert len(numbers) > 10 and any(g == "title" for g, _ in numbers)
+    for gid, n in numbers:
+        assert len(n.partition(".")[2]) == digits, (gid, n, texts[gid])
+
+
+@pytest.mark.parametrize("numbers", [False, True])
+def test_the_target_is_a_node_in_both_modes(numbers):
+    """With t, node t shows t and gt = -gw (a heat map, or numbers), its edge to L its rule."""
+    params, x = _problem(5, 4, 2)
+    t = jnp.asarray([0.7, -1.3])
+    fig = abc_jax.draw_graph(params, x, t, numbers=numbers)
+    renderer = fig.canvas.get_renderer()
+    fig.draw(renderer)
+    boxes = {p.get_gid().split("/")[0]: p.get_window_extent(renderer)
+             for p in fig.findobj(FancyBboxPatch) if (p.get_gid() or "").endswith("/box")}
+    assert set(boxes) == {*NAMES, "t"}
+    gw = _expected(params, x, t)["w"][1]
+    images = {im.get_gid(): im for im in fig.findobj(BboxImage)}
+    texts = _texts(fig)
+    for part, want in (("value", np.asarray(t)), ("grad", -gw)):
+        if numbers:
+            got = _read_numbers(texts, "t", part).ravel()
+            np.testing.assert_allclose(got, want, atol=_print_tolerance(want, 3))
+        else:
+            shown = np.asarray(images[f"t/{part}"].get_array())
+            np.testing.assert_allclose(shown, np.atleast_2d(want), rtol=1e-12, atol=1e-15)
+    assert texts["t/title"].startswith("t") and texts["edge/t/L"] == graph.TARGET_EDGE[2]
+    label = next(t for t in fig.findobj(Text) if t.get_gid() == "edge/t/L")
+    extent, whole = label.get_window_extent(renderer), fig.bbox
+    assert not any(extent.overlaps(b) for b in boxes.values())
+    assert whole.x0 <= extent.x0 and extent.x1 <= whole.x1

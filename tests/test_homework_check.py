@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
@@ -166,3 +167,13 @@ def test_seed_scan_repeats_the_simulation():
     sim, _ = repro.simulate_one_update_later(params, x, 0.97)
     assert row["seed"] == 2 and row["lr"] == sim["lr"]
     assert row["dC_ratio_min"] == sim["dC_ratio_min"] and row["homework_like"] is True
+
+
+def test_plot_shows_every_error_bar_whole():
+    hc = repro.reread_homework_check()
+    params, x = _run_end(seed=2)
+    sim, _ = repro.simulate_one_update_later(params, x, hc["listing_step_ratio_median"])
+    lo, hi = repro.plot(hc, sim).axes[0].get_ylim()
+    for name, m in hc["matrices"].items():
+        assert lo < m["bounds"].min() and m["bounds"].max() < hi, name
+    plt.close("all")

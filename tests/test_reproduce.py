@@ -136,6 +136,7 @@ def test_gradcheck_quick_and_rectangular(tmp_path):
     assert worst["float64/finite diff vs jax.grad"] <= 1e-7
     assert len(m["rows"]) == 12  # 2 dtypes x 2 comparisons x 3 parameters
     assert files["gradcheck.csv"].read_text().count("\n") == 13
+    assert files["gradcheck.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # errors, log axis
     assert json.loads(files["config.json"].read_text())["hidden_dim"] == 4
     assert printed.count("manual vs jax.grad") == 6
 

@@ -6,14 +6,22 @@ Data flows one way::
       -> compiled chunks (engine.loop.run_chunk) -> at each evaluation: callbacks
       -> at each checkpoint: the file -> the result
 
+Everything the host does between compiled chunks is a callback
+``(epoch, params, metrics) -> dict | None`` with a cadence (``Plan.callbacks``):
+
+- ``CHUNK``, after every compiled chunk: the divergence guard (``divergence_guard``:
+  the epoch each member's loss stopped being finite; the compiled loop has frozen
+  it at that epoch) and the progress bar (``progress``);
+- ``EVALUATION``, every ``eval_every`` epochs, at epoch 0 and at the last epoch: the
+  held-out loss (``held_out_loss``), early stopping (``EarlyStopping``) and the
+  user's callbacks; their metrics are recorded, one (M,) value per evaluation;
+- ``CHECKPOINT``, every ``checkpoint_every`` epochs, at the end of the run and on
+  Ctrl-C: the checkpoint writer (``checkpoint_writer``).
+
 ``fit`` runs chunks of at most ``epochs_per_chunk`` epochs up to the next
-boundary: an evaluation (every ``eval_every`` epochs, and the last epoch) or a
-checkpoint (every ``checkpoint_every``, and the end of the run). At an
-evaluation every callback is called in order with ``(epoch, params, metrics)``:
-the held-out loss (``held_out_loss``) and the user's callbacks add metrics, and
-early stopping (``EarlyStopping``) freezes the members whose patience is spent;
-any callback may return ``{"stop": ...}``. The run ends at ``epochs`` or once
-every member has stopped (diverged, patience spent, or asked to).
+evaluation or checkpoint. Any callback may return ``{"stop": (M,) bool}``; the run
+ends at ``epochs`` or once every member has stopped (diverged, patience spent, or
+asked to).
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from abc_jax.engine.loop import State, member_losses, run_chunk
 
 Callback = Callable[[int, Params, dict[str, Any]], "dict[str, Any] | None"]
 STOP = "stop"  # the key of a callback's result that asks members to stop
+CHUNK, EVALUATION, CHECKPOINT = "chunk", "evaluation", "checkpoint"  # callback cadences
 
 
 @dataclasses.dataclass
@@ -47,7 +56,8 @@ class Run:
     evaluation (NaN for a member already stopped); ``best``: params of the
     lowest held-out loss so far (the initial params until one is measured),
     ``best_loss``/``best_epoch``/``since`` (M,): that loss, its epoch and the
-    evaluations since; ``stopped_at`` (M,): the epoch a member stopped early, -1.
+    evaluations since; ``stopped_at`` (M,): the epoch a member stopped early, -1;
+    ``diverged_at`` (M,): its first epoch with a non-finite loss, -1.
     """
 
     state: State
@@ -60,12 +70,13 @@ class Run:
     best_epoch: np.ndarray
     since: np.ndarray
     stopped_at: np.ndarray
+    diverged_at: np.ndarray
 
     @classmethod
     def start(cls, state: State) -> Run:
         M = state.bad.shape[0]
         return cls(state, 0, [], [], {}, state.params, np.full(M, np.inf), np.zeros(M, int),
-                   np.zeros(M, int), np.full(M, -1))
+                   np.zeros(M, int), np.full(M, -1), np.full(M, -1))
 
     def done(self) -> np.ndarray:
         """(M,) bool: members that run no more."""
@@ -104,9 +115,54 @@ class Run:
         self.best_loss, self.best_epoch = history["best_loss"], history["best_epoch"]
         self.since, self.stopped_at = history["since"], history["stopped_at"]
         self.metrics = {k[7:]: list(v.T) for k, v in history.items() if k.startswith("metric_")}
+        self.diverged_at = np.where(np.asarray(self.state.bad), first_nonfinite(losses), -1)
 
 
-# --- callbacks: called at every evaluation ------------------------------------------
+def first_nonfinite(losses: np.ndarray) -> np.ndarray:
+    """(M,) the first column of ``losses`` (M, n) that is not finite; n if none."""
+    return np.argmax(np.pad(~np.isfinite(losses), ((0, 0), (0, 1)), constant_values=True),
+                     axis=1)
+
+
+# --- the built-in callbacks ------------------------------------------------------------
+
+
+def divergence_guard(run: Run) -> Callback:
+    """A CHUNK callback: records ``run.diverged_at`` for the members whose loss stopped
+    being finite in the chunk (the compiled loop froze each at that epoch, keeping its
+    last finite params in ``state.last_good``), and asks that they stop."""
+    def guard(epoch: int, params: Params, metrics: dict[str, Any]) -> dict[str, Any]:
+        new = np.asarray(run.state.bad) & (run.diverged_at < 0)
+        if new.any():
+            chunk = run.losses[-1]
+            run.diverged_at = np.where(new, epoch - chunk.shape[1] + first_nonfinite(chunk),
+                                       run.diverged_at)
+        return {STOP: new}
+
+    return guard
+
+
+def progress(bar: Any) -> Callback:
+    """A CHUNK callback: moves the tqdm ``bar`` to the epoch, showing the lowest loss."""
+    def show(epoch: int, params: Params, metrics: dict[str, Any]) -> None:
+        bar.update(epoch - bar.n)
+        if np.isfinite(metrics["loss"]).any():
+            bar.set_postfix(loss=f"{np.nanmin(metrics['loss']):.6g}")
+
+    return show
+
+
+def checkpoint_writer(run: Run, directory: str | os.PathLike[str] | None,
+                      settings: dict[str, Any] | None) -> Callback:
+    """A CHECKPOINT callback: writes the run (state, best params, history) under
+    ``directory`` in process 0; nothing if ``directory`` is None."""
+    def save(epoch: int, params: Params, metrics: dict[str, Any]) -> None:
+        if directory is not None and parallel.is_main_process():
+            checkpoint.save_checkpoint(directory, state=run.saved(), epoch=run.epoch,
+                                       losses=run.loss_table(), settings=settings,
+                                       extra=run.history())
+
+    return save
 
 
 def held_out_loss(batch: Batch, axes: Batch, precision: str) -> Callback:
@@ -143,13 +199,14 @@ def _expand(mask: np.ndarray, like: jax.Array) -> jax.Array:
     return jnp.asarray(mask).reshape(mask.shape + (1,) * (like.ndim - 1))
 
 
-def evaluate(run: Run, callbacks: Sequence[Callback]) -> None:
-    """Call every callback at ``run.epoch``; record its metrics; stop who asks to."""
+def evaluate(run: Run, callbacks: Sequence[Callback], record: bool = True) -> None:
+    """Call every callback at ``run.epoch`` in order, each seeing the metrics so far
+    (``loss``: each member's last training loss, NaN once stopped); stop who asks to;
+    with ``record`` (evaluations), keep the metrics and the epoch."""
     M = run.best_loss.shape[0]
-    table = run.loss_table()
-    last = table[:, -1] if table.shape[1] else np.full(M, np.nan)
+    last = run.losses[-1][:, -1] if run.epoch else np.full(M, np.nan)
     done = run.done()
-    metrics: dict[str, Any] = {"loss": np.where(done & (table.shape[1] > 0), np.nan, last)}
+    metrics: dict[str, Any] = {"loss": np.where(done & (run.epoch > 0), np.nan, last)}
     stop = np.zeros(M, bool)
     for callback in callbacks:
         out = callback(run.epoch, run.state.params, dict(metrics)) or {}
@@ -158,10 +215,11 @@ def evaluate(run: Run, callbacks: Sequence[Callback]) -> None:
                             f"{type(out).__name__} from {callback!r}")
         stop |= np.broadcast_to(np.asarray(out.pop(STOP, False), bool), (M,))
         metrics |= {k: np.broadcast_to(np.asarray(v, np.float64), (M,)) for k, v in out.items()}
-    for k, v in metrics.items():
-        if k != "loss":
-            run.metrics.setdefault(k, []).append(np.where(done, np.nan, v))
-    run.eval_epochs.append(run.epoch)
+    if record:
+        for k, v in metrics.items():
+            if k != "loss":
+                run.metrics.setdefault(k, []).append(np.where(done, np.nan, v))
+        run.eval_epochs.append(run.epoch)
     run.stop(stop)
 
 
@@ -187,29 +245,27 @@ class Plan:
     config: TrainConfig
     n_rows: int
     epochs: int
-    callbacks: Sequence[Callback]  # with a member axis: (epoch, params (M, ...), {k: (M,)})
+    callbacks: Sequence[tuple[str, Callback]]  # (cadence, callback); with a member axis:
+    # (epoch, params (M, ...), {k: (M,)})
     checkpoint_dir: str | os.PathLike[str] | None = None
     settings: dict[str, Any] | None = None
     privacy: Any = None  # engine.privacy.PrivacyArrays, each (M,), with config.privacy
 
-
-def save(run: Run, plan: Plan) -> None:
-    """Write the run's checkpoint (process 0 only)."""
-    if plan.checkpoint_dir is not None and parallel.is_main_process():
-        checkpoint.save_checkpoint(plan.checkpoint_dir, state=run.saved(), epoch=run.epoch,
-                                   losses=run.loss_table(), settings=plan.settings,
-                                   extra=run.history())
+    def at(self, cadence: str) -> list[Callback]:
+        return [fn for when, fn in self.callbacks if when == cadence]
 
 
-def fit(run: Run, plan: Plan, bar: Any) -> Run:
-    """Train until ``plan.epochs`` or until every member has stopped.
+def fit(run: Run, plan: Plan) -> Run:
+    """Train until ``plan.epochs`` or until every member has stopped, calling each
+    callback at its cadence (module docstring).
 
-    On Ctrl-C the checkpoint of the last finished chunk is written before the
+    On Ctrl-C the CHECKPOINT callbacks run for the last finished chunk before the
     KeyboardInterrupt goes on, so the same call resumes from there.
     """
     config, static = plan.config, plan.config.static(plan.n_rows)
-    if plan.callbacks and not run.eval_epochs:
-        evaluate(run, plan.callbacks)  # epoch 0: the initial params
+    evaluations = plan.at(EVALUATION)
+    if evaluations and not run.eval_epochs:
+        evaluate(run, evaluations)  # epoch 0: the initial params
     saved_at = run.epoch
     try:
         while run.epoch < plan.epochs and not run.done().all():
@@ -222,22 +278,18 @@ def fit(run: Run, plan: Plan, bar: Any) -> Run:
                 n = min(config.epochs_per_chunk, stop - run.epoch)
                 run.losses.append(np.asarray(chunk)[:, :n])
                 run.epoch += n
-                bar.update(n)
-                last = run.losses[-1][:, -1]
-                if np.isfinite(last).any():
-                    bar.set_postfix(loss=f"{np.nanmin(last):.6g}")
-            if plan.callbacks and (run.epoch % config.eval_every == 0 or
-                                   run.epoch == plan.epochs):
-                evaluate(run, plan.callbacks)
+                evaluate(run, plan.at(CHUNK), record=False)
+            if evaluations and (run.epoch % config.eval_every == 0 or run.epoch == plan.epochs):
+                evaluate(run, evaluations)
             if run.epoch % config.checkpoint_every == 0:
-                save(run, plan)
+                evaluate(run, plan.at(CHECKPOINT), record=False)
                 saved_at = run.epoch
     except KeyboardInterrupt:
         if run.epoch != saved_at:
-            save(run, plan)
+            evaluate(run, plan.at(CHECKPOINT), record=False)
         raise
     if run.epoch != saved_at or run.epoch == 0:
-        save(run, plan)
+        evaluate(run, plan.at(CHECKPOINT), record=False)
     return run
 
 

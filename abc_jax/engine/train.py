@@ -10,6 +10,7 @@ held-out fold.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,20 +24,11 @@ from abc_jax import checkpoint, edge, parallel
 from abc_jax.core import backward
 from abc_jax.core.model import Batch, Params
 from abc_jax.core.update import GDState
-from abc_jax.engine import arguments
+from abc_jax.engine import arguments, pipeline
 from abc_jax.engine import privacy as dp
 from abc_jax.engine.config import EVERY, TrainConfig
 from abc_jax.engine.loop import State
-from abc_jax.engine.pipeline import (
-    EarlyStopping,
-    Plan,
-    Run,
-    fit,
-    held_out_loss,
-    progress_bar,
-    resume,
-    strong,
-)
+from abc_jax.engine.pipeline import CHECKPOINT, CHUNK, EVALUATION, Plan, Run, strong
 
 
 class TrainResult(NamedTuple):
@@ -170,18 +162,23 @@ def _launch(params: Params, lr: Any, batch: Batch, axes: Batch, keys: Any, confi
             settings | {"epochs": epochs, "checkpoint": checkpoint_dir is not None}, desc)
     state = parallel.replicate_like(state, batch.X)
     run = Run.start(state)
-    built = [] if held is None else [
-        held_out_loss(*arguments.on_devices(mesh, held, held[1]), config.precision),
-        EarlyStopping(run, config.patience)]
     private = None if config.privacy is None else parallel.replicate_like(
         arguments.on_devices(mesh, config.privacy.arrays(M, params.A.dtype)), batch.X)
     plan = Plan(arguments.on_devices(mesh, batch, axes), axes,
                 parallel.replicate_like(arguments.on_devices(mesh, keys), batch.X), config,
-                n_rows, epochs, [*built, *callbacks], checkpoint_dir, settings, private)
-    run = resume(run, plan)
+                n_rows, epochs, (), checkpoint_dir, settings, private)
+    run = pipeline.resume(run, plan)
     run.state = arguments.on_devices(mesh, run.state)
-    with progress_bar(progress, epochs, run.epoch, desc) as bar:
-        return fit(run, plan, bar)
+    with pipeline.progress_bar(progress, epochs, run.epoch, desc) as bar:
+        held_out = [] if held is None else [
+            (EVALUATION, pipeline.held_out_loss(*arguments.on_devices(mesh, held, held[1]),
+                                                config.precision)),
+            (EVALUATION, pipeline.EarlyStopping(run, config.patience))]
+        plan = dataclasses.replace(plan, callbacks=[
+            (CHUNK, pipeline.divergence_guard(run)), (CHUNK, pipeline.progress(bar)),
+            *held_out, *[(EVALUATION, cb) for cb in callbacks],
+            (CHECKPOINT, pipeline.checkpoint_writer(run, checkpoint_dir, settings))])
+        return pipeline.fit(run, plan)
 
 
 def _spent(run: Run, config: TrainConfig, batch: Batch, one: bool = False) -> dict[str, Any]:
@@ -421,9 +418,7 @@ def _many(run: Run, epochs: int, held: bool, patience: Any, dtype: Any) -> Train
     losses NaN-padded to ``epochs``, where members diverged or stopped."""
     L = run.loss_table()
     L = np.pad(L, ((0, 0), (0, epochs - L.shape[1])), constant_values=np.nan)
-    bad = np.asarray(run.state.bad)
-    first = np.argmax(np.pad(~np.isfinite(L), ((0, 0), (0, 1))), axis=1)
-    at = np.where(bad, first, -1)
+    bad, at = np.asarray(run.state.bad), run.diverged_at
     frozen = jnp.asarray(bad)
     params = jax.tree.map(lambda g, p: jnp.where(frozen[:, None, None], g, p),
                           run.state.last_good, run.state.params)

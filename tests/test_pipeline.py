@@ -1,0 +1,97 @@
+"""engine.pipeline: every host action is a callback with a cadence. The built-in ones
+(divergence guard, progress bar, held-out loss, early stopping, checkpoint writer) and the
+user's run where the cadence says, the checkpoint writer also on Ctrl-C."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from abc_jax import init_params, train_many
+from abc_jax.checkpoint import checkpoint_epoch
+from abc_jax.engine import pipeline
+
+D, H, O, N, M = 3, 4, 2, 12, 2  # rectangular, as in test_population
+
+
+def setup():
+    ps = [init_params(jax.random.key(s), D, H, O, dtype=jnp.float64) for s in range(M)]
+    params = jax.tree.map(lambda *a: jnp.stack(a), *ps)
+    X = jax.random.normal(jax.random.key(1), (N, D), jnp.float64)
+    held = jax.random.normal(jax.random.key(2), (5, D), jnp.float64)
+    return params, X, held
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """(cadence, epoch) of every call, recorded by a callback appended at each cadence."""
+    seen: list[tuple[str, int]] = []
+    fit = pipeline.fit
+
+    def recording_fit(run, plan):
+        def recorder(cadence):
+            return cadence, lambda epoch, params, metrics: seen.append((cadence, epoch))
+
+        extra = [recorder(c) for c in (pipeline.CHUNK, pipeline.EVALUATION, pipeline.CHECKPOINT)]
+        return fit(run, pipeline.dataclasses.replace(plan, callbacks=[*plan.callbacks, *extra]))
+
+    monkeypatch.setattr(pipeline, "fit", recording_fit)
+    return seen
+
+
+def at(calls, cadence):
+    return [e for c, e in calls if c == cadence]
+
+
+def test_each_cadence_is_called_where_the_config_says(calls, tmp_path):
+    params, X, held = setup()
+    built = []
+
+    def spy(epoch, params, metrics):  # a user callback sees what the built-ins measured
+        built.append((epoch, sorted(metrics)))
+
+    train_many(params, X, lr=0.05, epochs=25, epochs_per_chunk=4, eval_every=10,
+               checkpoint_every=20, eval_data=held, checkpoint_dir=tmp_path, callbacks=[spy],
+               progress=False)
+    # chunks of at most 4 epochs, cut at every evaluation (10) and checkpoint (20)
+    assert at(calls, pipeline.CHUNK) == [4, 8, 10, 14, 18, 20, 24, 25]
+    assert at(calls, pipeline.EVALUATION) == [0, 10, 20, 25]  # the start and the last epoch
+    assert at(calls, pipeline.CHECKPOINT) == [20, 25]  # and the end of the run
+    assert [e for e, _ in built] == [0, 10, 20, 25]
+    assert all(keys == ["eval_loss", "loss"] for _, keys in built)
+    assert checkpoint_epoch(tmp_path) == 25
+
+
+def test_ctrl_c_runs_the_checkpoint_callbacks_for_the_last_chunk(calls, tmp_path):
+    params, X, _ = setup()
+
+    def interrupt(epoch, params, metrics):
+        if epoch == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_many(params, X, lr=0.05, epochs=20, epochs_per_chunk=4, eval_every=3,
+                   checkpoint_every=10, callbacks=[interrupt], checkpoint_dir=tmp_path,
+                   progress=False)
+    assert at(calls, pipeline.CHECKPOINT) == [6]
+    assert checkpoint_epoch(tmp_path) == 6
+
+
+def test_the_guard_records_divergence_inside_a_chunk_and_stops_the_run(calls):
+    params, X, _ = setup()
+    r = train_many(params, X, lr=[5e2, 1e3], epochs=60, epochs_per_chunk=7, progress=False)
+    L = np.asarray(r.losses)
+    first = [int(np.argmax(~np.isfinite(row))) for row in L]
+    assert np.asarray(r.diverged).all() and np.asarray(r.diverged_at).tolist() == first
+    assert all(0 < e < 60 for e in first)
+    # once every member has diverged no chunk runs: the last chunk is the one it happened in
+    assert at(calls, pipeline.CHUNK)[-1] == min(60, (max(first) // 7 + 1) * 7)
+
+
+def test_a_callback_returning_something_else_is_named():
+    params, X, _ = setup()
+    with pytest.raises(TypeError, match="a callback must return a dict of metrics or None"):
+        train_many(params, X, lr=0.05, epochs=3, callbacks=[lambda e, p, m: 1.0],
+                   progress=False)

@@ -27,6 +27,7 @@ from abc_jax import (
     gradient_descent,
     init_params,
     train,
+    train_many,
     train_per_sample,
 )
 from abc_jax.checkpoint import checkpoint_epoch, checkpoint_path
@@ -230,9 +231,16 @@ def test_per_sample_divergence_names_the_sample():
 @pytest.mark.parametrize("batch_size", [None, 4])
 def test_same_inputs_same_bits(batch_size):
     params, X = make_problem()
-    kw = dict(epochs=70, batch_size=batch_size, key=jax.random.key(3), progress=False,
-              epochs_per_chunk=30, optimizer=optax.adam(0.01))
+    kw = dict(epochs=70, batch_size=batch_size, key=batch_size and jax.random.key(3),
+              progress=False, epochs_per_chunk=30, optimizer=optax.adam(0.01))
     assert_results_equal(train(params, X, **kw), train(params, X, **kw))
+
+
+def test_a_key_without_randomness_to_draw_is_refused():
+    params, X = make_problem()
+    for fn in (train, train_many):
+        with pytest.raises(ValueError, match="key is used only with batch_size .* or privacy"):
+            fn(params, X, lr=LR, epochs=2, key=jax.random.key(0), progress=False)
 
 
 def test_float32_in_float32_out():

@@ -277,6 +277,10 @@ def train(params: Params, X: Any, *, lr: float | None = None, epochs: int,
     dp.check_members(privacy, key, many=False)
     if batch_size is not None and key is None:
         raise ValueError("key is required with batch_size: mini-batches are shuffled from it")
+    if key is not None and batch_size is None and privacy is None:
+        raise ValueError("key is used only with batch_size (to shuffle mini-batches) or privacy "
+                         "(to sample rows and draw noise); full-batch training has no "
+                         "randomness, so drop key or pass one of them")
     if patience is not None and eval_data is None:
         raise ValueError("patience needs eval_data: early stopping watches the held-out loss")
     user = [_one_member(cb) for cb in _callbacks(callbacks)]
@@ -385,6 +389,10 @@ def train_many(params: Params, X: Any, *, lr: Any = None, epochs: int, optimizer
     private_sizes = dp.check_members(privacy, key, many=True)
     if batch_size is not None and key is None:
         raise ValueError("key is required with batch_size: mini-batches are shuffled from it")
+    if key is not None and batch_size is None and privacy is None:
+        raise ValueError("key is used only with batch_size (to shuffle mini-batches) or privacy "
+                         "(to sample rows and draw noise); full-batch training has no "
+                         "randomness, so drop key or pass one of them")
     if patience is not None and eval_data is None:
         raise ValueError("patience needs eval_data: early stopping watches the held-out loss")
     callbacks = _callbacks(callbacks)

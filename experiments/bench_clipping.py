@@ -17,34 +17,28 @@ arguments and outputs); a method whose estimate exceeds --budget-gib is not run 
 reported as out of memory. Times are medians over interleaved rounds, each waited for
 with ``jax.block_until_ready``; compile time is apart.
 
-    python experiments/bench_clipping.py            # K 64, 256; N 1024 .. 65536
-    python experiments/bench_clipping.py --quick    # a smoke run
+    python -m experiments.bench_clipping            # K 64, 256; N 1024 .. 65536
+    python -m experiments.bench_clipping --quick    # a smoke run
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import importlib.util
-import json
-import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
 
 from abc_jax.core.backward import batch_grad
 from abc_jax.core.model import Batch, Params, forward, init_params
 from abc_jax.core.norms import clipped_batch_grad, per_sample_grad_norms
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+from experiments import common
 
 NAME = "bench_clipping"
 METHODS = ("clipped", "plain", "vmap", "opacus")
@@ -159,7 +153,7 @@ def problem(K: int, N: int, seed: int) -> tuple[Params, Batch, jax.Array]:
     return params, batch, jnp.median(jnp.linalg.norm(norms, axis=1))
 
 
-def run_point(K: int, N: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+def run_point(K: int, N: int, args: Config) -> list[dict[str, Any]]:
     """Every method at one (K, N): compile (memory estimate), skip over budget, time the rest."""
     params, batch, clip_norm = problem(K, N, args.seed)
     rows, fns = {}, {}
@@ -212,20 +206,11 @@ def table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
     return header, out
 
 
-def print_table(header: list[str], body: list[list[Any]]) -> None:
-    """Columns padded to their widest cell."""
-    cells = [header, *[[str(c) for c in row] for row in body]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    for row in cells:
-        print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
-
-
 def figure(rows: list[dict[str, Any]], title: str) -> Any:
     """Time per gradient against N (log-log), one panel per K, one line per method."""
     ks = sorted({r["K"] for r in rows})
-    fig, axes = plt.subplots(1, len(ks), figsize=(5 * len(ks), 4), squeeze=False,
-                             layout="constrained")
-    for ax, K in zip(axes[0], ks, strict=True):
+    fig, axes = common.figure(ncols=len(ks), width=5.0, height=4.0)
+    for ax, K in zip(np.atleast_1d(axes), ks, strict=True):
         for i, m in enumerate(METHODS):
             pts = [r for r in rows if r["K"] == K and r["method"] == m and r.get("median_s")]
             if pts:
@@ -240,92 +225,70 @@ def figure(rows: list[dict[str, Any]], title: str) -> Any:
     return fig
 
 
-def write(out: Path, config: Any, metrics: Any, tables: Mapping[str, Any], fig: Any) -> list[str]:
-    """config.json, metrics.json, one CSV per table and the PNG, each file written whole."""
-    try:
-        from abc_jax.files import write_results
-    except ImportError:  # the package being reorganised: plain files, temp then rename
-        write_results = None
-    if write_results is not None:
-        return list(write_results(out, config=config, metrics=metrics, tables=tables,
-                                  figures={NAME: fig}))
-    out.mkdir(parents=True, exist_ok=True)
-    texts = {"config.json": json.dumps(config, indent=2, default=str),
-             "metrics.json": json.dumps(metrics, indent=2, default=str)}
-    for name, (header, body) in tables.items():
-        texts[f"{name}.csv"] = "\n".join(",".join("" if c is None else str(c) for c in row)
-                                         for row in [header, *body]) + "\n"
-    for name, text in texts.items():
-        (out / f".{name}.tmp").write_text(text)
-        os.replace(out / f".{name}.tmp", out / name)
-    fig.savefig(out / f".{NAME}.tmp.png", dpi=150)
-    os.replace(out / f".{NAME}.tmp.png", out / f"{NAME}.png")
-    return [*texts, f"{NAME}.png"]
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The sizes, methods and timing; ``QUICK``: K 64, N 1024 and 4096, 3 rounds (a smoke run,
+    not a measurement)."""
+
+    ks: tuple[int, ...] = common.flag((64, 256), "K = D = H = O")
+    ns: tuple[int, ...] = common.flag((1024, 4096, 16384, 65536), "batch sizes N")
+    methods: tuple[str, ...] = common.flag(METHODS, "methods to time", choices=METHODS)
+    rounds: int = common.flag(5, "interleaved timing rounds")
+    min_time: float = common.flag(0.5, "seconds of timed calls per method and point, about")
+    budget_gib: float = common.flag(8.0, "a method whose memory estimate exceeds this is not run")
+    seed: int = common.flag(0, "random seed")
+    quick: bool = False
+
+    def __post_init__(self) -> None:
+        common.check(min(self.ks + self.ns) >= 1 and self.rounds >= 1,
+                     "--ks, --ns and --rounds must be >= 1")
 
 
-class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring as written, and every flag's default that says something."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
+QUICK = Config(ks=(64,), ns=(1024, 4096), rounds=3, min_time=0.1, quick=True)
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog=f"{NAME}.py", description=__doc__.split("\n")[0],
-                                 epilog="\n".join(__doc__.split("\n")[1:]),
-                                 formatter_class=_Help)
-    ap.add_argument("--ks", type=int, nargs="+", default=[64, 256], help="K = D = H = O")
-    ap.add_argument("--ns", type=int, nargs="+", default=[1024, 4096, 16384, 65536],
-                    help="batch sizes N")
-    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
-    ap.add_argument("--min-time", type=float, default=0.5,
-                    help="seconds of timed calls per method and point, about")
-    ap.add_argument("--budget-gib", type=float, default=8.0,
-                    help="a method whose memory estimate exceeds this is not run")
-    ap.add_argument("--seed", type=int, default=0, help="random seed")
-    ap.add_argument("--out", type=Path, default=Path("results") / NAME, help="results folder")
-    ap.add_argument("--quick", action="store_true",
-                    help="K 64, N 1024 and 4096, 3 rounds: a smoke run, not a measurement")
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.ks, args.ns, args.rounds, args.min_time = [64], [1024, 4096], 3, 0.1
-    if min(args.ks + args.ns) < 1 or args.rounds < 1:
-        ap.error("--ks, --ns and --rounds must be >= 1")
-    return args
+def run(cfg: Config) -> dict[str, Any]:
+    """Every method at every (K, N) (``run_point``); opacus only where it is installed."""
+    env = common.environment(jnp.float32)
+    skipped = "opacus" in cfg.methods and not opacus_installed()
+    if skipped:
+        cfg = dataclasses.replace(cfg, methods=tuple(m for m in cfg.methods if m != "opacus"))
+    rows = [r for K in cfg.ks for N in cfg.ns for r in run_point(K, N, cfg)]
+    return {"config": dataclasses.asdict(cfg), "environment": env, "opacus_skipped": skipped,
+            "rows": rows,
+            "ratios": {f"K={K},N={N}": {"clipped/plain": ratio(rows, K, N, "clipped", "plain"),
+                                        "vmap/clipped": ratio(rows, K, N, "vmap", "clipped")}
+                       for K in cfg.ks for N in cfg.ns}}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
-    env = {"device": str(jax.devices()[0]), "backend": jax.default_backend(),
-           "jax_version": jax.__version__, "cpu_count": os.cpu_count(),
-           "load_average_1min": os.getloadavg()[0], "dtype": "float32"}
+def report(res: dict[str, Any], out: Any, docs: Any = None) -> dict[str, Any]:
+    """Print the table and the largest difference from vmap; write config.json, metrics.json,
+    timings.csv, ratios.csv and bench_clipping.png."""
+    env, rows = res["environment"], res["rows"]
     print(f"{NAME}: float32, {env['backend']} ({env['device']}, {env['cpu_count']} CPUs), "
           f"jax {env['jax_version']}, load {env['load_average_1min']:.1f}")
-    if args.quick:
+    if res["config"]["quick"]:
         print("quick run: a smoke run, not a measurement (tiny sizes, 3 rounds)")
-    if "opacus" in args.methods and not opacus_installed():
+    if res["opacus_skipped"]:
         print("opacus: skipped, torch or opacus not installed (pip install torch opacus)")
-        args.methods.remove("opacus")
-    rows = [r for K in args.ks for N in args.ns for r in run_point(K, N, args)]
     header, body = table(rows)
     print("\nmedian time per gradient, ratios of medians, XLA memory estimates:")
-    print_table(header, body)
+    common.print_table(header, body)
     errs = [r["rel_err_vs_vmap"] for r in rows if "rel_err_vs_vmap" in r]
     print("largest relative difference from vmap(grad) + clip: "
           + (f"{max(errs):.1e}" if errs else "- (vmap not run)"))
-    metrics = {"environment": env, "rows": rows,
-               "ratios": {f"K={K},N={N}": {"clipped/plain": ratio(rows, K, N, "clipped", "plain"),
-                                            "vmap/clipped": ratio(rows, K, N, "vmap", "clipped")}
-                          for K in args.ks for N in args.ns}}
-    written = write(args.out, vars(args), metrics,
-                    {"timings": (CSV_FIELDS, [[r.get(f) for f in CSV_FIELDS] for r in rows]),
-                     "ratios": (header, body)},
-                    figure(rows, f"{NAME}: float32, {env['backend']}, {env['cpu_count']} CPUs"))
-    print(f"wrote {args.out}/: {', '.join(written)}")
-    return 0
+    return common.write_and_report(
+        NAME, out, docs, [NAME], config=res["config"],
+        metrics={k: res[k] for k in ("environment", "rows", "ratios")},
+        tables={"timings": (CSV_FIELDS, [[r.get(f) for f in CSV_FIELDS] for r in rows]),
+                "ratios": (header, body)},
+        figures={NAME: figure(rows, f"{NAME}: float32, {env['backend']}, "
+                                    f"{env['cpu_count']} CPUs")})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the flags, run, report; the exit code."""
+    return common.cli.main(__name__, argv)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,12 @@ in interleaved rounds (compile time apart from the warm median); the Python ones
 host CPU and stop once one call passes --budget seconds, or is predicted to. Every result is
 checked against jax.grad in float64.
 
-    python experiments/bench_gradients.py --ks 2 4 8 16 32 64 --n 256
+    python -m experiments.bench_gradients --ks 2 4 8 16 32 64 --n 256
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -24,14 +25,42 @@ import jax
 
 jax.config.update("jax_enable_x64", True)  # float64 runs and the Python (float64) baselines
 
-import _common  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from abc_jax.edge import PRECISIONS  # noqa: E402
+from experiments import common  # noqa: E402
+
 NAME = "bench_gradients"
-METHODS = _common.GRADIENT_METHODS  # name -> (label, kind "jax" or "python", exponent, fn)
+METHODS = common.GRADIENT_METHODS  # name -> (label, kind "jax" or "python", exponent, fn)
 CSV_FIELDS = ["K", "P", "N", "method", "kind", "device", "dtype", "precision", "status",
-              *_common.TIMING_FIELDS, "ratio_to_batch_grad", "rel_err_vs_float64"]
+              *common.TIMING_FIELDS, "ratio_to_batch_grad", "rel_err_vs_float64"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The sizes, methods and timing settings; ``QUICK``: the --quick values."""
+
+    ks: tuple[int, ...] = common.flag((2, 4, 8, 16, 32, 64), "K=D=H=O")
+    n: int = common.flag(256, "batch size N")
+    methods: tuple[str, ...] = common.flag(tuple(METHODS), "methods to time",
+                                           choices=list(METHODS))
+    dtype: str = common.flag("float32", "dtype of the JAX methods (Python is float64)",
+                             choices=["float32", "float64"])
+    budget: float = common.flag(2.0, "stop a method once one call takes, or is predicted to "
+                                "take, longer than this many seconds")
+    min_time: float = common.flag(0.2, "timed seconds per point, at least")
+    rounds: int = common.flag(5, "interleaved timing rounds per point")
+    precision: str = common.flag("highest", common.cli.PRECISION_HELP, choices=PRECISIONS)
+    seed: int = common.flag(0, "random seed")
+    quick: bool = False
+
+    def __post_init__(self) -> None:
+        common.check(self.n >= 1 and min(self.ks) >= 1 and self.rounds >= 1,
+                     "--n, --ks and --rounds must be >= 1")
+
+
+QUICK = Config(ks=(2, 4), n=16, budget=0.5, min_time=0.01, rounds=3, quick=True)
 
 
 def fit_slope(P: Sequence[float], t: Sequence[float]) -> tuple[float, float]:
@@ -53,7 +82,7 @@ def ratio_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[An
     methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "batch_grad"]
     by = {(r["K"], r["method"]): r for r in rows}
     device = next((r["device"] for r in rows if r["method"] == "batch_grad" and r.get("device")),
-                  _common.device_label())
+                  common.device_label())
     host = " (host cpu)" if not device.startswith("cpu") else ""
     header = ["K", "P", "device", "precision", "batch_grad"] + [
         f"{m} x" + (host if METHODS[m].kind == "python" else "") for m in methods]
@@ -72,7 +101,7 @@ def _fmt_time(s: float | None) -> str:
 
 def figure(rows: Sequence[dict[str, Any]], title: str) -> Any:
     """Log-log time per gradient against P (fitted slopes in the legend) and ratio to batch_grad."""
-    fig, axes = _common.figure(ncols=2)
+    fig, axes = common.figure(ncols=2)
     fits, ks = slopes(rows), sorted({r["K"] for r in rows})
     for i, (m, M) in enumerate(METHODS.items()):
         if not (pts := [r for r in rows if r["method"] == m and r["median_s"]]):
@@ -117,46 +146,43 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "max_rel_err_vs_float64": max((e for e in errs.values() if e is not None), default=None)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = _common.parser(NAME, __doc__, precision=True)
-    ap.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64], help="K=D=H=O")
-    ap.add_argument("--n", type=int, default=256, help="batch size N")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
-                    help="methods to time")
-    ap.add_argument("--dtype", choices=["float32", "float64"], default="float32",
-                    help="dtype of the JAX methods (Python is float64)")
-    ap.add_argument("--budget", type=float, default=2.0, help="stop a method once one call "
-                    "takes, or is predicted to take, longer than this many seconds")
-    ap.add_argument("--min-time", type=float, default=0.2, help="timed seconds per point, at least")
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per point")
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.ks, args.n, args.budget, args.min_time, args.rounds = [2, 4], 16, 0.5, 0.01, 3
-    if args.n < 1 or min(args.ks) < 1 or args.rounds < 1:
-        ap.error("--n, --ks and --rounds must be >= 1")
-    env = _common.environment(args.dtype, args.precision)
-    desc = (f"N = {args.n}, {env['dtype']}, precision {args.precision}, "
+def run(cfg: Config) -> dict[str, Any]:
+    """Every method timed at every K (``common.time_gradients``) and the summary."""
+    env = common.environment(cfg.dtype, cfg.precision)
+    rows = common.time_gradients(cfg.ks, cfg.n, cfg.methods, dtype=jnp.dtype(cfg.dtype),
+                                 precision=cfg.precision, seed=cfg.seed, budget_s=cfg.budget,
+                                 min_time=cfg.min_time, rounds=cfg.rounds)
+    return {"config": dataclasses.asdict(cfg), "environment": env, "rows": rows,
+            **summarize(rows)}
+
+
+def report(res: dict[str, Any], out: Any, docs: Any = None) -> dict[str, Any]:
+    """Print the ratio table, slopes, skips and errors; write config.json, metrics.json,
+    timings.csv, ratios.csv and bench_gradients.png."""
+    cfg, env, rows = res["config"], res["environment"], res["rows"]
+    summary = {k: v for k, v in res.items() if k not in ("config", "environment", "rows")}
+    desc = (f"N = {cfg['n']}, {env['dtype']}, precision {cfg['precision']}, "
             f"{env['device_label']} ({env['cpu_count']} CPUs)")
     print(f"{NAME}: {desc}, jax {env['jax_version']}")
-    rows = _common.time_gradients(args.ks, args.n, args.methods, dtype=jnp.dtype(args.dtype),
-                     precision=args.precision, seed=args.seed, budget_s=args.budget,
-                     min_time=args.min_time, rounds=args.rounds)
-    summary = summarize(rows)
     header, table = ratio_table(rows)
     print("\ntime of batch_grad, and each method's as a multiple of it (warm medians):")
-    _common.print_table(header, table)
+    common.print_table(header, table)
     print("\nfitted slope of log time vs log P: "
           + ", ".join(f"{m} {s:.2f}" for m, s in summary["slopes"].items()))
     print("skipped: " + ("; ".join(f"{r['method']} at K={r['K']} ({r['status'][9:]})"
                                    for r in rows if r["status"] != "ok") or "none"))
     print("largest relative error against jax.grad in float64: " + ", ".join(
         f"{m} {e:.1e}" for m, e in summary["rel_err_vs_float64"].items() if e is not None))
-    _common.write_and_report(
-        args.out, args.docs, [NAME], config=vars(args), metrics={"environment": env, **summary},
+    return common.write_and_report(
+        NAME, out, docs, [NAME], config=cfg, metrics={"environment": env, **summary},
         tables={"timings": (CSV_FIELDS, [[r.get(f) for f in CSV_FIELDS] for r in rows]),
                 "ratios": (header, table)},
         figures={NAME: figure(rows, f"{desc}; Python on the host CPU")})
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the flags, run, report; the exit code."""
+    return common.cli.main(__name__, argv)
 
 
 if __name__ == "__main__":

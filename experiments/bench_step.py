@@ -14,25 +14,26 @@ One process, float32, D = H = O = K, all on JAX's device:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-import _common
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import abc_jax
 from abc_jax.edge import PRECISIONS
+from experiments import common
 
 NAME = "bench_step"
 
 
 def bench_size(K: int, N: int, precision: str, *, rounds: int, min_time: float, seed: int) -> dict:
     """One row: times (s), GFLOP/s and ratios of batch_grad at (K, N) and ``precision``."""
-    params, X = _common.problem(jax.random.key(seed), N, K)
+    params, X = common.problem(jax.random.key(seed), N, K)
     jit = lambda f, *a: functools.partial(jax.jit(f), *a)  # noqa: E731
     naive = jit(lambda p, X: jax.tree.map(lambda g: g.mean(0), abc_jax.per_sample_grads(
         p, X, precision=precision)), params, X)
@@ -40,10 +41,10 @@ def bench_size(K: int, N: int, precision: str, *, rounds: int, min_time: float, 
            "jax_grad": jit(functools.partial(abc_jax.oracle_grad, precision=precision), params, X),
            "matmul_nk": jit(lambda X, A: jnp.matmul(X, A.T, precision=precision), X, params.A),
            "matmul_kn": jit(lambda X, A: jnp.matmul(A, X.T, precision=precision), X, params.A)}
-    times = _common.time_interleaved(fns, rounds=rounds, min_time=min_time)
+    times = common.time_interleaved(fns, rounds=rounds, min_time=min_time)
     if N * K * K * 4 <= 2**31:  # timed apart: it streams N (K, K) matrices through memory
-        times |= _common.time_interleaved({"naive_vmap": naive}, rounds=rounds, min_time=min_time)
-    row = dict(device=_common.device_label(), precision=precision, dtype="float32", K=K, N=N,
+        times |= common.time_interleaved({"naive_vmap": naive}, rounds=rounds, min_time=min_time)
+    row = dict(device=common.device_label(), precision=precision, dtype="float32", K=K, N=N,
                flops=14 * N * K * K, **{f"{name}_s": t.median_s for name, t in times.items()})
     b, mm = row["batch_grad_s"], min(row["matmul_nk_s"], row["matmul_kn_s"])
     row |= {"batch_grad_compile_s": times["batch_grad"].compile_s, "matmul_s": mm,
@@ -72,7 +73,7 @@ def bench_overhead(K: int, N: int, *, rounds: int, calls: int, seed: int) -> lis
     """Loops of ``calls`` eager calls of the public function against the same loop of a bare
     ``jax.jit(jax.grad(plain loss))`` (``value_and_grad`` for batch_value_and_grad), waited
     for at the end (JAX's async dispatch) or after every call; interleaved rounds, medians."""
-    params, X = _common.problem(jax.random.key(seed), N, K)
+    params, X = common.problem(jax.random.key(seed), N, K)
     bare = {"batch_grad": jax.jit(jax.grad(plain_loss)),
             "batch_value_and_grad": jax.jit(jax.value_and_grad(plain_loss))}
     rows = []
@@ -80,10 +81,10 @@ def bench_overhead(K: int, N: int, *, rounds: int, calls: int, seed: int) -> lis
         fns = {f"{kind}{name}": lambda f=f, w=wait_each: _loop(f, params, X, calls, w)
                for name, b in bare.items()
                for kind, f in (("", getattr(abc_jax, name)), ("bare ", b))}
-        times = _common.time_interleaved(fns, rounds=rounds, min_time=0.0, warmup=1)
+        times = common.time_interleaved(fns, rounds=rounds, min_time=0.0, warmup=1)
         for name in bare:
             p, j = times[name].median_s, times[f"bare {name}"].median_s
-            rows.append(dict(device=_common.device_label(), K=K, N=N, calls=calls,
+            rows.append(dict(device=common.device_label(), K=K, N=N, calls=calls,
                              waited="every call" if wait_each else "at the end",
                              function=name, public_us=p / calls * 1e6, bare_us=j / calls * 1e6,
                              ratio=p / j))
@@ -99,13 +100,13 @@ def temp_bytes(params: abc_jax.Params, N: int, K: int, chunk_size: int) -> int:
 
 def bench_memory(N: int, K: int, chunk: int, seed: int) -> dict[str, Any]:
     """Scratch memory and time of batch_grad over N rows in chunks of ``chunk`` rows and at once."""
-    params, X = _common.problem(jax.random.key(seed), N, K)
+    params, X = common.problem(jax.random.key(seed), N, K)
     sizes = {"chunked": chunk, "unchunked": N}
-    t = _common.time_interleaved({name: lambda c=c: abc_jax.batch_grad(params, X, chunk_size=c)
+    t = common.time_interleaved({name: lambda c=c: abc_jax.batch_grad(params, X, chunk_size=c)
                                   for name, c in sizes.items()}, rounds=3, min_time=0.0)
     errs = abc_jax.grad_errors(t["chunked"].output, t["unchunked"].output)
     c_s, u_s = t["chunked"].median_s, t["unchunked"].median_s  # chunked, unchunked
-    return {"device": _common.device_label(), "precision": "highest", "N": N, "K": K,
+    return {"device": common.device_label(), "precision": "highest", "N": N, "K": K,
             "chunk_size": chunk, "X_bytes": N * K * 4,
             "counter": "XLA compiled memory analysis, temp_size_in_bytes",
             **{f"{name}_temp_bytes": temp_bytes(params, N, K, c) for name, c in sizes.items()},
@@ -118,6 +119,38 @@ def _parse_sizes(text: str) -> list[tuple[int, int]]:
     if not sizes or not all(len(s) == 2 and all(v.isdigit() and int(v) for v in s) for s in sizes):
         raise argparse.ArgumentTypeError(f"sizes must look like 64x4096,256x65536; got {text!r}")
     return [(int(k), int(n)) for k, n in sizes]
+
+
+def _sizes(text: str) -> str:
+    """A KxN list flag, checked (``_parse_sizes``) and kept as written."""
+    _parse_sizes(text)
+    return text
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The sizes, timing and memory settings; ``QUICK``: the --quick values."""
+
+    sizes: str = common.flag("64x4096,256x65536,1024x8192", "KxN list", type=_sizes)
+    repeats: int = common.flag(7, "interleaved timing rounds")
+    min_time: float = common.flag(0.2, "timed s per method and size")
+    overhead: str = common.flag("3x8", "KxN list for the per-call overhead table", type=_sizes)
+    memory_n: int = common.flag(1_000_000, "N for the chunked-memory measurement (0 skips it)")
+    memory_k: int = common.flag(256, "K for the memory measurement")
+    chunk_size: int = common.flag(65536, "rows per chunk there")
+    precisions: tuple[str, ...] | None = common.flag(
+        None, "matmul precisions (default: highest, and default on a GPU)", choices=PRECISIONS)
+    seed: int = common.flag(0, "random seed")
+    overhead_calls: int = 2000  # eager calls per timed loop
+    quick: bool = False
+
+    def __post_init__(self) -> None:
+        common.check(self.repeats >= 1 and self.memory_n >= 0 and self.chunk_size >= 1,
+                     "--repeats and --chunk-size must be >= 1, --memory-n >= 0")
+
+
+QUICK = Config(sizes="16x256", repeats=3, min_time=0.01, memory_n=8192, memory_k=16,
+               chunk_size=1024, overhead_calls=200, quick=True)
 
 
 TABLE = [("batch_grad ms", "batch_grad_s", 1e3), ("jax.grad ms", "jax_grad_s", 1e3),
@@ -145,7 +178,7 @@ def time_ratio(row: dict[str, Any], key: str) -> float | None:
 def plot(rows: Sequence[dict[str, Any]]) -> Any:
     """Dots on a ratio axis: batch_grad's time over each method's, per size and precision, each
     on a stem from the line at 1 (below it batch_grad is faster); x: a method not run there."""
-    fig, ax = _common.figure(width=7.5, height=4.4)
+    fig, ax = common.figure(width=7.5, height=4.4)
     x, n, missing = np.arange(len(rows)), len(RATIOS), []
     for i, (key, (label, marker)) in enumerate(RATIOS.items()):
         xs = x + (i - (n - 1) / 2) * 0.22
@@ -176,58 +209,57 @@ def plot(rows: Sequence[dict[str, Any]]) -> Any:
     return fig
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = _common.parser(NAME, __doc__)
-    for flag, kind, default, text in (
-            ("--sizes", _parse_sizes, "64x4096,256x65536,1024x8192", "KxN list"),
-            ("--repeats", int, 7, "interleaved timing rounds"),
-            ("--min-time", float, 0.2, "timed s per method and size"),
-            ("--overhead", _parse_sizes, "3x8", "KxN list for the per-call overhead table"),
-            ("--memory-n", int, 1_000_000, "N for the chunked-memory measurement (0 skips it)"),
-            ("--memory-k", int, 256, "K for the memory measurement"),
-            ("--chunk-size", int, 65536, "rows per chunk there")):
-        ap.add_argument(flag, type=kind, default=default, help=text)
-    ap.add_argument("--precisions", nargs="+", choices=PRECISIONS,
-                    help="matmul precisions (default: highest, and default on a GPU)")
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.sizes, args.repeats, args.min_time = [(16, 256)], 3, 0.01
-        args.memory_n, args.memory_k, args.chunk_size = 8192, 16, 1024
-    if args.repeats < 1 or args.memory_n < 0 or args.chunk_size < 1:
-        ap.error("--repeats and --chunk-size must be >= 1, --memory-n >= 0")
-    precisions = tuple(args.precisions or _common.precisions_to_time())
-    env = _common.environment(jnp.float32)
+def run(cfg: Config) -> dict[str, Any]:
+    """1. speed per size and precision, 2. per-call cost, 3. memory (unless memory_n is 0)."""
+    precisions = tuple(cfg.precisions or common.precisions_to_time())
+    env = common.environment(jnp.float32)
+    sizes, overhead_sizes = _parse_sizes(cfg.sizes), _parse_sizes(cfg.overhead)
+    rows = [bench_size(K, N, p, rounds=cfg.repeats, min_time=cfg.min_time, seed=cfg.seed)
+            for K, N in common.progress(sizes, desc="sizes") for p in precisions]
+    overhead = [r for K, N in overhead_sizes for r in bench_overhead(
+        K, N, rounds=cfg.repeats, calls=cfg.overhead_calls, seed=cfg.seed)]
+    res = {"config": dataclasses.asdict(cfg) | {"sizes": sizes, "overhead": overhead_sizes,
+                                                "precisions": precisions},
+           "environment": env, "precisions": precisions, "precisions_given": bool(cfg.precisions),
+           "sizes": rows, "overhead": overhead}
+    if cfg.memory_n:
+        res["memory"] = bench_memory(cfg.memory_n, cfg.memory_k, cfg.chunk_size, cfg.seed)
+    return res
+
+
+def report(res: dict[str, Any], out: Any, docs: Any = None) -> dict[str, Any]:
+    """Print the three tables; write config.json, metrics.json, bench_step.csv, overhead.csv
+    and bench_step.png."""
+    cfg, env, rows, precisions = (res[k] for k in ("config", "environment", "sizes",
+                                                   "precisions"))
     print(f"{NAME}: device {env['device_label']} x{env['device_count']}, jax "
           f"{env['jax_version']}, float32, precisions {', '.join(precisions)}")
-    if jax.default_backend() != "gpu" and args.precisions is None:
+    if jax.default_backend() != "gpu" and not res["precisions_given"]:
         print("(a CPU computes the same products at every precision: only 'highest' is timed)")
-    if args.quick:
+    if cfg["quick"]:
         print("--quick: a smoke run of few rounds at tiny sizes, not a measurement: the tables "
               "below show that the code runs, not how fast")
-    rows = [bench_size(K, N, p, rounds=args.repeats, min_time=args.min_time, seed=args.seed)
-            for K, N in _common.progress(args.sizes, desc="sizes") for p in precisions]
-    _common.print_table(*table_rows(rows), floatfmt=".3g")
-    overhead = [r for K, N in args.overhead for r in bench_overhead(
-        K, N, rounds=args.repeats, calls=200 if args.quick else 2000, seed=args.seed)]
+    common.print_table(*table_rows(rows), floatfmt=".3g")
     print("\nper-call cost: a loop of eager calls of the public function vs the same loop of a "
           "bare jax.jit(jax.grad(plain-jnp loss)), us per call, median of rounds; target <= 1.3x")
-    over = (OVERHEAD, [[r[k] for k in OVERHEAD] for r in overhead])
-    _common.print_table(*over)
-    metrics = {"environment": env, "precisions": precisions, "sizes": rows, "overhead": overhead}
-    if args.memory_n:
-        m = metrics["memory"] = bench_memory(args.memory_n, args.memory_k, args.chunk_size,
-                                             args.seed)
+    over = (OVERHEAD, [[r[k] for k in OVERHEAD] for r in res["overhead"]])
+    common.print_table(*over)
+    if m := res.get("memory"):
         print(f"memory on {m['device']}, N={m['N']} K={m['K']} float32 (X itself "
               f"{m['X_bytes'] / 1e6:.3g} MB), {m['counter']}: chunked ({m['chunk_size']} rows) "
               f"{m['chunked_temp_bytes'] / 1e6:.3g} MB, unchunked "
               f"{m['unchunked_temp_bytes'] / 1e6:.3g} MB; time chunked/unchunked "
               f"{m['time_ratio']:.2f}; max rel diff {m['max_rel_diff']:.1e}")
     columns = list(dict.fromkeys(k for r in rows for k in r))
-    _common.write_and_report(
-        args.out, args.docs, [NAME], config=vars(args) | {"precisions": precisions},
-        metrics=metrics, figures={NAME: plot(rows)},
+    return common.write_and_report(
+        NAME, out, docs, [NAME], config=cfg,
+        metrics={k: v for k, v in res.items() if k != "config"}, figures={NAME: plot(rows)},
         tables={NAME: (columns, [[r.get(k) for k in columns] for r in rows]), "overhead": over})
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the flags, run, report; the exit code."""
+    return common.cli.main(__name__, argv)
 
 
 if __name__ == "__main__":

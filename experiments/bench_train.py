@@ -1,7 +1,7 @@
 """How fast does training run? The compiled epoch loop against the ways one would write it.
 
 Full-batch gradient descent p <- p - lr g, timed as users call it, in interleaved rounds
-(_common.time_interleaved; compile time apart from the warm median), each row naming its
+(common.time_interleaved; compile time apart from the warm median), each row naming its
 device and matmul precision, all in one process:
 (a) The homework's scale, K = D = H = O = 3, N = 100, float64, at 10 and 1000 epochs:
     train (abc_jax.train: epochs compiled into lax.while_loop chunks), jitted steps (a Python
@@ -14,23 +14,53 @@ The claim: train is as fast as the loop of jitted steps or faster, at few epochs
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-import _common
 import jax
 import jax.numpy as jnp
 import numpy as np
-from homework import py_gradient_descent, to_lists
 
 import abc_jax
 from abc_jax import train
+from abc_jax.edge import PRECISIONS
+from experiments import common
+from experiments.common.homework import py_gradient_descent, to_lists
 
 NAME = "bench_train"
 LOOPS = {"train": "train (compiled loop)", "loop": "Python loop of jitted steps"}
 PYTHON = "plain Python (lists, math.exp)"
 FIELDS = "method device precision epochs compile_s run_s epochs_per_s times_train measured".split()
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """(a) the homework's scale and (b) a large batch; ``QUICK``: the --quick values."""
+
+    epochs: tuple[int, ...] = common.flag((10, 1000), "(a) epochs")
+    n: int = common.flag(100, "(a) samples")
+    k: int = common.flag(3, "(a) K = D = H = O")
+    python_epochs: int = common.flag(100, "(a) epochs plain Python runs")
+    lr: float = common.flag(0.1, "(a) learning rate")
+    large_k: int = common.flag(256, "(b) K")
+    large_n: int = common.flag(65536, "(b) samples")
+    large_epochs: tuple[int, ...] | None = common.flag(
+        None, "(b) epoch counts (default 10 on a CPU, 10 1000 on a GPU)")
+    precision: str = common.flag("highest", common.cli.PRECISION_HELP, choices=PRECISIONS)
+    seed: int = common.flag(0, "random seed")
+    min_time: float = 0.5  # (a) timed seconds per point
+    quick: bool = False
+
+    def __post_init__(self) -> None:
+        common.check(min(*self.epochs, self.n, self.k, self.python_epochs, self.large_k,
+                         self.large_n, *(self.large_epochs or (1,))) >= 1,
+                     "sizes and epoch counts must be >= 1")
+
+
+QUICK = Config(epochs=(10, 100), python_epochs=10, large_k=16, large_n=512, large_epochs=(3,),
+               min_time=0.05, quick=True)
 
 
 def compare_loops(params: Any, X: jax.Array, lr: float, epochs: int, precision: str, *,
@@ -50,10 +80,10 @@ def compare_loops(params: Any, X: jax.Array, lr: float, epochs: int, precision: 
             losses.append(loss)
         return jnp.stack(losses), p
 
-    times = _common.time_interleaved({"train": lambda: train(
+    times = common.time_interleaved({"train": lambda: train(
         params, X, lr=lr, epochs=epochs, progress=False, precision=precision), "loop": loop},
         rounds=rounds, min_time=min_time)
-    rows = [{"method": LOOPS[name], "device": _common.device_label(), "precision": precision,
+    rows = [{"method": LOOPS[name], "device": common.device_label(), "precision": precision,
              "epochs": epochs, "compile_s": t.compile_s, "run_s": t.median_s,
              "measured": f"median of {t.rounds} rounds x {t.calls_per_round}",
              "epochs_per_s": epochs / t.median_s,
@@ -77,7 +107,7 @@ def bench_part(epochs: Sequence[int], n: int, k: int, lr: float, seed: int, prec
     """train vs the loop of jitted steps at each epoch count, both trajectories compared; and
     with ``python_epochs`` the homework's plain Python for that many epochs, its time scaled
     linearly to the largest count (each epoch does the same work)."""
-    params, X = _common.problem(jax.random.key(seed), n, k, dtype=dtype)
+    params, X = common.problem(jax.random.key(seed), n, k, dtype=dtype)
     rows, agree, e = [], {}, max(epochs)
     for ep in epochs:
         part, outs = compare_loops(params, X, lr, ep, precision, rounds=rounds, min_time=min_time)
@@ -90,7 +120,7 @@ def bench_part(epochs: Sequence[int], n: int, k: int, lr: float, seed: int, prec
            "flops_per_epoch": 14 * n * k * k, "max_rel_loss_difference": agree,  # 7 N K^2 FMA
            "initial_loss": float(ours[0]), "final_loss": float(ours[-1])}
     if python_epochs:
-        py = _common.time_interleaved({"python": lambda: py_gradient_descent(
+        py = common.time_interleaved({"python": lambda: py_gradient_descent(
             *to_lists(params, X), lr, python_epochs)}, rounds=1, min_time=0.0, warmup=0)["python"]
         agree["plain_python_vs_train"] = _rel_diff(py.output[:e], ours[:python_epochs])
         py_s = py.median_s * e / python_epochs
@@ -104,7 +134,7 @@ def bench_part(epochs: Sequence[int], n: int, k: int, lr: float, seed: int, prec
 
 def print_part(title: str, part: dict[str, Any], note: str) -> None:
     print(f"\n{title}")
-    _common.print_table([*FIELDS[:4], "compile s", "run s", "epochs/s", "x train", "measured"],
+    common.print_table([*FIELDS[:4], "compile s", "run s", "epochs/s", "x train", "measured"],
                         [[r[f] for f in FIELDS] for r in part["rows"]], floatfmt=".3g")
     for e, ratio in part["loop_over_train"].items():
         print(f"{e} epochs: loop of jitted steps / train = {ratio:.2f} (train "
@@ -114,7 +144,7 @@ def print_part(title: str, part: dict[str, Any], note: str) -> None:
 
 def plot(parts: dict[str, dict[str, Any]]) -> Any:
     """Per part, a panel: epochs per second (log axis) of each method at each epoch count."""
-    fig, axes = _common.figure(ncols=len(parts), width=4.6, height=3.6)
+    fig, axes = common.figure(ncols=len(parts), width=4.6, height=3.6)
     methods = [*LOOPS.values(), PYTHON]  # the order within an epoch count, and the colours
     for ax, (title, part) in zip(np.atleast_1d(axes), parts.items(), strict=True):
         rows = sorted(part["rows"], key=lambda r: (r["epochs"], methods.index(r["method"])))
@@ -129,58 +159,55 @@ def plot(parts: dict[str, dict[str, Any]]) -> Any:
                title=f"{title}: K = {part['K']}, N = {part['N']}, {part['dtype']}")
         ax.margins(x=0.15)
     precision = next(iter(parts.values()))["precision"]
-    fig.suptitle(f"Full-batch gradient descent on {_common.device_label()} (precision "
+    fig.suptitle(f"Full-batch gradient descent on {common.device_label()} (precision "
                  f"{precision}; plain Python on the host CPU)", fontsize=10)
     return fig
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = _common.parser(NAME, __doc__, precision=True)
-    ap.add_argument("--epochs", type=int, nargs="+", default=[10, 1000], help="(a) epochs")
-    ap.add_argument("--n", type=int, default=100, help="(a) samples")
-    ap.add_argument("--k", type=int, default=3, help="(a) K = D = H = O")
-    ap.add_argument("--python-epochs", type=int, default=100, help="(a) epochs plain Python runs")
-    ap.add_argument("--lr", type=float, default=0.1, help="(a) learning rate")
-    ap.add_argument("--large-k", type=int, default=256, help="(b) K")
-    ap.add_argument("--large-n", type=int, default=65536, help="(b) samples")
-    ap.add_argument("--large-epochs", type=int, nargs="+",
-                    default=[10, 1000] if jax.default_backend() == "gpu" else [10],
-                    help="(b) epoch counts (default 10 on a CPU, 10 1000 on a GPU)")
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.epochs, args.python_epochs = [10, 100], 10
-        args.large_k, args.large_n, args.large_epochs = 16, 512, [3]
-    if min(*args.epochs, args.n, args.k, args.python_epochs, args.large_k, args.large_n,
-           *args.large_epochs) < 1:
-        ap.error("sizes and epoch counts must be >= 1")
-    args.python_epochs = min(args.python_epochs, max(args.epochs))
+def run(cfg: Config) -> dict[str, Any]:
+    """Both parts, timed: (a) in float64, (b) in float32."""
     jax.config.update("jax_enable_x64", True)  # (a) runs in float64
-    env = _common.environment(precision=args.precision)
+    large_epochs = cfg.large_epochs or ((10, 1000) if jax.default_backend() == "gpu" else (10,))
+    python_epochs = min(cfg.python_epochs, max(cfg.epochs))
+    env = common.environment(precision=cfg.precision)
+    small = bench_part(cfg.epochs, cfg.n, cfg.k, cfg.lr, cfg.seed, cfg.precision,
+                       jnp.float64, rounds=5, min_time=cfg.min_time, python_epochs=python_epochs)
+    large = bench_part(large_epochs, cfg.large_n, cfg.large_k, 1e-3, cfg.seed,
+                       cfg.precision, jnp.float32, rounds=3, min_time=0.0)
+    return {"config": dataclasses.asdict(cfg) | {"python_epochs": python_epochs,
+                                                 "large_epochs": large_epochs},
+            "environment": env, "homework_scale": small, "large_batch": large}
+
+
+def report(res: dict[str, Any], out: Any, docs: Any = None) -> dict[str, Any]:
+    """Print both parts' tables; write config.json, metrics.json, bench_train.csv and
+    bench_train.png (epochs per second)."""
+    cfg, env = res["config"], res["environment"]
+    small, large = res["homework_scale"], res["large_batch"]
     print(f"{NAME}: device {env['device_label']} ({env['cpu_count']} CPUs), jax "
-          f"{env['jax_version']}, precision {args.precision}")
-    small = bench_part(args.epochs, args.n, args.k, args.lr, args.seed, args.precision,
-                       jnp.float64, rounds=5, min_time=0.05 if args.quick else 0.5,
-                       python_epochs=args.python_epochs)
-    print_part(f"(a) homework scale: K = {args.k}, N = {args.n}, float64, lr = {args.lr:g}",
+          f"{env['jax_version']}, precision {cfg['precision']}")
+    print_part(f"(a) homework scale: K = {cfg['k']}, N = {cfg['n']}, float64, lr = {cfg['lr']:g}",
                small, f"plain Python ran {small['python_epochs_timed']} epochs on the host "
-               f"CPU; its time is scaled linearly to {max(args.epochs)}; train is "
+               f"CPU; its time is scaled linearly to {max(cfg['epochs'])}; train is "
                f"{small['speedup_vs_plain_python']:.0f}x faster.")
     print("largest relative difference of the losses from train's: " + ", ".join(
         f"{k} {v:.1e}" for k, v in small["max_rel_loss_difference"].items()))
-    large = bench_part(args.large_epochs, args.large_n, args.large_k, 1e-3, args.seed,
-                       args.precision, jnp.float32, rounds=3, min_time=0.0)
-    print_part(f"(b) large batch: K = {args.large_k}, N = {args.large_n}, float32", large,
+    print_part(f"(b) large batch: K = {cfg['large_k']}, N = {cfg['large_n']}, float32", large,
                f"train: {large['epochs_per_s']:.3g} epochs/s, "
                f"{large['epochs_per_s'] * large['flops_per_epoch'] / 1e9:.3g} GFLOP/s "
                "(14 N K^2 flops per epoch)")
     rows = [[name, part["K"], part["N"], part["dtype"], *(r[f] for f in FIELDS)]
             for name, part in (("homework", small), ("large", large)) for r in part["rows"]]
-    metrics = {"environment": env, "homework_scale": small, "large_batch": large}
     fig = plot({"(a) homework scale": small, "(b) large batch": large})
-    _common.write_and_report(args.out, None, config=vars(args), metrics=metrics,
-                             tables={NAME: (["part", "K", "N", "dtype", *FIELDS], rows)},
-                             figures={NAME: fig})
-    return 0
+    return common.write_and_report(
+        NAME, out, docs, [NAME], config=cfg,
+        metrics={k: v for k, v in res.items() if k != "config"},
+        tables={NAME: (["part", "K", "N", "dtype", *FIELDS], rows)}, figures={NAME: fig})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the flags, run, report; the exit code."""
+    return common.cli.main(__name__, argv)
 
 
 if __name__ == "__main__":

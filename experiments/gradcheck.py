@@ -5,11 +5,12 @@ absolute and relative error per parameter in float32 and float64, and writes
 config.json, metrics.json, gradcheck.csv and gradcheck.png (the relative errors on a log
 axis, with the tolerances the tests hold them to) under --out.
 
-    python experiments/gradcheck.py --in-dim 7 --hidden-dim 5 --out-dim 3
+    python -m experiments.gradcheck --in-dim 7 --hidden-dim 5 --out-dim 3
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -18,11 +19,11 @@ import jax
 
 jax.config.update("jax_enable_x64", True)
 
-import _common  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import abc_jax  # noqa: E402
+from experiments import common  # noqa: E402
 
 NAME = "gradcheck"
 FIELDS = ["dtype", "param", "comparison", "max_abs", "rel"]
@@ -34,7 +35,32 @@ TOLERANCES = {("float64", COMPARISONS[0]): 1e-12, ("float32", COMPARISONS[0]): 1
 FLOOR = 1e-18  # where an exact 0 is drawn on the log axis
 
 
-def run(in_dim: int, hidden_dim: int, out_dim: int, n: int, seed: int) -> list[dict]:
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The shape and the batch of the check."""
+
+    in_dim: int = common.flag(3, "D (default 3)")
+    hidden_dim: int | None = common.flag(None, "H (default D)")
+    out_dim: int | None = common.flag(None, "O (default D)")
+    n: int = common.flag(8, "samples N (default 8)")
+    seed: int = common.flag(0, "random seed")
+    quick: bool = False
+
+    def __post_init__(self) -> None:
+        dims = (self.in_dim, self.hidden_dim or 1, self.out_dim or 1, self.n)
+        common.check(min(dims) >= 1, f"in_dim, hidden_dim, out_dim and n must be >= 1, "
+                     f"got {dims}")
+
+    @property
+    def dims(self) -> tuple[int, int, int]:
+        """(D, H, O), H and O defaulting to D."""
+        return self.in_dim, self.hidden_dim or self.in_dim, self.out_dim or self.in_dim
+
+
+QUICK = Config(n=4, quick=True)
+
+
+def gradient_rows(in_dim: int, hidden_dim: int, out_dim: int, n: int, seed: int) -> list[dict]:
     """Rows of (dtype, param, comparison, max_abs, rel) for float32 and float64.
 
     params: ``init_params(key, in_dim, hidden_dim, out_dim)``; X (n, in_dim)
@@ -42,13 +68,22 @@ def run(in_dim: int, hidden_dim: int, out_dim: int, n: int, seed: int) -> list[d
     """
     rows = []
     for dtype in (jnp.float32, jnp.float64):
-        params, X = _common.problem(jax.random.key(seed), n, in_dim, hidden_dim, out_dim,
+        params, X = common.problem(jax.random.key(seed), n, in_dim, hidden_dim, out_dim,
                                     dtype=dtype)
         oracle = abc_jax.oracle_grad(params, X)
         for cmp, grad in zip(COMPARISONS, (abc_jax.batch_grad, abc_jax.fd_grad), strict=True):
             rows += [dict(dtype=jnp.dtype(dtype).name, param=name, comparison=cmp, **e)
                      for name, e in abc_jax.grad_errors(grad(params, X), oracle).items()]
     return rows
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """The error rows, the worst relative error per (dtype, comparison), the environment."""
+    rows = gradient_rows(*cfg.dims, cfg.n, cfg.seed)
+    D, H, O = cfg.dims
+    return {"config": dataclasses.asdict(cfg) | {"hidden_dim": H, "out_dim": O},
+            "shape": f"D={D} H={H} O={O} N={cfg.n} seed={cfg.seed}",
+            "environment": common.environment(), "worst_rel": worst(rows), "rows": rows}
 
 
 def worst(rows: list[dict]) -> dict[str, float]:
@@ -61,7 +96,7 @@ def worst(rows: list[dict]) -> dict[str, float]:
 def plot(rows: list[dict], shape: str) -> Any:
     """Per comparison, a panel: the relative error of dL/dA, dL/dB, dL/dC per dtype (log axis;
     an exact 0 as a triangle at the floor), each dtype's tolerance as a dashed line."""
-    fig, axes = _common.figure(ncols=2, width=4.2, height=3.8)
+    fig, axes = common.figure(ncols=2, width=4.2, height=3.8)
     for ax, cmp in zip(axes, COMPARISONS, strict=True):
         for i, dt in enumerate(("float32", "float64")):
             rel = np.array([r["rel"] for r in rows if (r["dtype"], r["comparison"]) == (dt, cmp)])
@@ -81,30 +116,21 @@ def plot(rows: list[dict], shape: str) -> Any:
     return fig
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = _common.parser(NAME, __doc__)
-    ap.add_argument("--in-dim", type=int, default=3, help="D (default 3)")
-    ap.add_argument("--hidden-dim", type=int, default=None, help="H (default D)")
-    ap.add_argument("--out-dim", type=int, default=None, help="O (default D)")
-    ap.add_argument("--n", type=int, default=8, help="samples N (default 8)")
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.n = 4
-    H, O = args.hidden_dim or args.in_dim, args.out_dim or args.in_dim
-    try:
-        rows = run(args.in_dim, H, O, args.n, args.seed)
-    except (ValueError, TypeError) as e:
-        print(f"{NAME}: error: {e}", file=sys.stderr)
-        return 2
-    shape = f"D={args.in_dim} H={H} O={O} N={args.n} seed={args.seed}"
-    print(f"{shape}  (device {jax.devices()[0]})")
+def report(res: dict[str, Any], out: Any, docs: Any = None) -> dict[str, Any]:
+    """Print the error table; write config.json, metrics.json, gradcheck.csv, gradcheck.png."""
+    rows = res["rows"]
+    print(f"{res['shape']}  (device {res['environment']['device']})")
     table = (FIELDS, [[r[k] for k in FIELDS] for r in rows])
-    _common.print_table(*table, floatfmt=".2e")
-    _common.write_and_report(
-        args.out, None, config=vars(args) | {"hidden_dim": H, "out_dim": O},
-        metrics={"environment": _common.environment(), "worst_rel": worst(rows), "rows": rows},
-        tables={NAME: table}, figures={NAME: plot(rows, shape)})
-    return 0
+    common.print_table(*table, floatfmt=".2e")
+    return common.write_and_report(
+        NAME, out, docs, [NAME], config=res["config"],
+        metrics={k: res[k] for k in ("environment", "worst_rel", "rows")},
+        tables={NAME: table}, figures={NAME: plot(rows, res["shape"])})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the flags, run, report; the exit code."""
+    return common.cli.main(__name__, argv)
 
 
 if __name__ == "__main__":

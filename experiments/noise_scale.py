@@ -22,7 +22,7 @@ of the mean loss is O s^2):
    steps stop halving when b doubles (at b = B_crit, steps(b) / steps(2 b) = 4/3), and its
    comparison with B_simple at the target loss (from step 1, interpolated in log loss).
 
-    python experiments/noise_scale.py --n 2048
+    python -m experiments.noise_scale --n 2048
 """
 
 from __future__ import annotations
@@ -38,39 +38,44 @@ import jax
 
 jax.config.update("jax_enable_x64", True)
 
-import _common  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import abc_jax  # noqa: E402
+from experiments import common  # noqa: E402
 
 NAME = "noise_scale"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Config:
-    """Every knob of the experiment, with its default; ``quick()`` the --quick values."""
+    """Every knob of the experiment, with its default (``QUICK``: the --quick values); the
+    ``flag`` fields are also command-line flags."""
 
     dims: tuple[int, int, int] = (5, 8, 2)  # D, H, O of teacher and student
     noise: float = 0.3  # s, the std of the target noise
     gain: float = 3.0  # the teacher's A is scaled by it, so its sigmoids bend
-    n: int = 2048  # training rows N
-    target: float = 1.25  # the target training loss, in units of the noise floor
-    lr: float = 0.16  # full-batch GD's rate for B_simple along training
+    n: int = common.flag(2048, "training rows N")
+    target: float = common.flag(1.25, "target training loss, in units of the noise floor")
+    lr: float = common.flag(0.16, "full-batch GD's rate (step 1)")
     gd_epochs: int = 1000
     gd_eval_every: int = 10
     batch_sizes: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048)
     lrs: tuple[float, ...] = tuple(np.geomspace(0.005, 0.32, 7).tolist())
     eval_every: int = 5  # epochs between evaluations of the training loss in the sweep
-    max_steps: int = 100_000  # per b, the most steps before giving up
+    max_steps: int = common.flag(100_000, "per batch size, the most steps before giving up")
     near: float = 2.0  # "near": B_crit / B_simple within this factor either way
-    seed: int = 0
+    seed: int = common.flag(0, "random seed")
+    quick: bool = False
 
-    @classmethod
-    def quick(cls, **changes: Any) -> Config:
-        """A configuration that runs in seconds."""
-        return cls(**{"n": 256, "target": 2.0, "gd_epochs": 100, "batch_sizes": (32, 64, 256),
-                      "max_steps": 4000, **changes})
+    def __post_init__(self) -> None:
+        common.check(min(self.n, self.max_steps) >= 2 and 1 < self.target < math.inf and
+                     0 < self.lr < math.inf,
+                     "--n and --max-steps must be >= 2, --target > 1 and --lr > 0")
+
+
+QUICK = Config(n=256, target=2.0, gd_epochs=100, batch_sizes=(32, 64, 256), max_steps=4000,
+               quick=True)
 
 
 def teacher_task(cfg: Config) -> dict[str, Any]:
@@ -180,7 +185,8 @@ def run(cfg: Config) -> dict[str, Any]:
     start = time.perf_counter()
     task = teacher_task(cfg)
     trace = along_training(cfg, task)
-    sweep = [steps_at(cfg, task, b) for b in _common.progress(cfg.batch_sizes, desc="b")]
+    sizes = [b for b in cfg.batch_sizes if b <= cfg.n]  # powers of 2 up to N
+    sweep = [steps_at(cfg, task, b) for b in common.progress(sizes, desc="b")]
     done = [r for r in sweep if r["steps"] is not None]
     s_min, b_crit = (fit_steps([r["b"] for r in done], [r["steps"] for r in done])
                      if len(done) >= 2 else (None, None))
@@ -191,7 +197,7 @@ def run(cfg: Config) -> dict[str, Any]:
             "s_min": s_min, "b_crit": b_crit, "b_simple_at_target": b_simple, "ratio": ratio,
             "near": None if ratio is None else bool(1 / cfg.near <= ratio <= cfg.near),
             "seconds": time.perf_counter() - start,
-            "environment": _common.environment(jnp.float64)}
+            "environment": common.environment(jnp.float64)}
 
 
 def conclusion(res: dict[str, Any]) -> str:
@@ -214,7 +220,7 @@ def conclusion(res: dict[str, Any]) -> str:
 def plot(res: dict[str, Any]) -> Any:
     """B_simple (and the training loss) along GD; steps against b with the fit, B_crit and
     B_simple marked."""
-    fig, (ax, sx) = _common.figure(ncols=2, width=5.2, height=4.0)
+    fig, (ax, sx) = common.figure(ncols=2, width=5.2, height=4.0)
     tr = res["trace"]
     ax.semilogy(tr["epochs"], tr["b_simple"], "o-", ms=2, color="C0", label="B_simple")
     ax.axhline(res["config"]["n"], color="C7", ls=":", label="N")
@@ -262,11 +268,11 @@ def report(res: dict[str, Any], out: Any, docs: Any = None) -> dict[str, Any]:
     print(f"{NAME}: teacher task, N = {res['config']['n']}, target loss "
           f"{res['config']['target']:g} x floor, float64, {env['device_label']}, "
           f"{res['seconds']:.1f} s")
-    _common.print_table(SWEEP, rows, ".4g")
+    common.print_table(SWEEP, rows, ".4g")
     print(conclusion(res))
     tr = res["trace"]
     fields = ["epochs", "train_loss", "b_simple", "trace_sigma", "grad_sq"]
-    return _common.write_and_report(
+    return common.write_and_report(NAME,
         out, docs, [NAME], config=res["config"],
         metrics={k: v for k, v in res.items() if k != "config"} | {"conclusion":
                                                                     conclusion(res)},
@@ -277,26 +283,8 @@ def report(res: dict[str, Any], out: Any, docs: Any = None) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse the flags, run, report."""
-    ap = _common.parser(NAME, __doc__)
-    d = Config()
-    ap.add_argument("--n", type=int, default=d.n, help="training rows N")
-    ap.add_argument("--target", type=float, default=d.target,
-                    help="target training loss, in units of the noise floor")
-    ap.add_argument("--lr", type=float, default=d.lr, help="full-batch GD's rate (step 1)")
-    ap.add_argument("--max-steps", type=int, default=d.max_steps,
-                    help="per batch size, the most steps before giving up")
-    args = ap.parse_args(argv)
-    if min(args.n, args.max_steps) < 2 or not (1 < args.target < math.inf
-                                                and 0 < args.lr < math.inf):
-        ap.error("--n and --max-steps must be >= 2, --target > 1 and --lr > 0")
-    given = {k: getattr(args, k) for k in ("n", "target", "lr", "max_steps", "seed")}
-    changed = {k: v for k, v in given.items() if v != getattr(d, k)}
-    cfg = Config.quick(**changed) if args.quick else Config(**changed)
-    if cfg.n != d.n or args.quick:  # powers of 2 up to N
-        cfg.batch_sizes = tuple(b for b in cfg.batch_sizes if b <= cfg.n)
-    report(run(cfg), args.out, args.docs)
-    return 0
+    """Parse the flags, run, report; the exit code."""
+    return common.cli.main(__name__, argv)
 
 
 if __name__ == "__main__":

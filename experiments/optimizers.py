@@ -8,28 +8,55 @@ at --precision). Each one's best lr: the fewest epochs to the target, else the l
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import sys
+import types
 from collections.abc import Sequence
 from typing import Any
 
-import _common
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import abc_jax
 from abc_jax import DivergenceError, train
+from abc_jax.edge import PRECISIONS
+from experiments import common
 
 NAME = "optimizers"
 LRS = {"gd": (0.01, 0.03, 0.1, 0.3), "sgd": (0.01, 0.03, 0.1, 0.3),
        "momentum": (0.003, 0.01, 0.03, 0.1), "adam": (0.003, 0.01, 0.03, 0.1)}
-LABELS = {name: label for name, (label, _) in _common.OPTIMIZERS.items()}
+LABELS = {name: label for name, (label, _) in common.OPTIMIZERS.items()}
 LINE = {"gd": dict(color="C0", lw=3.0, alpha=0.45), "sgd": dict(color="k", lw=1.0, ls="--"),
         "momentum": dict(color="C1"), "adam": dict(color="C2")}  # gd, sgd overlaid: both seen
 RUN_FIELDS = ["optimizer", "lr", "device", "precision", "epochs", "final_loss",
               "epochs_to_target", "seconds_to_target", "wall_s", "compile_s", "diverged_at"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The problem, the target and the learning rates; ``QUICK``: the --quick values."""
+
+    k: int = common.flag(16, "K = D = H = O")
+    n: int = common.flag(1024, "training samples N")
+    epochs: int = common.flag(500, "epochs per run")
+    target: float = common.flag(0.001, "target loss / initial loss")
+    dtype: str = common.flag("float32", "dtype", choices=["float32", "float64"])
+    precision: str = common.flag("highest", common.cli.PRECISION_HELP, choices=PRECISIONS)
+    seed: int = common.flag(0, "random seed")
+    lrs: tuple[tuple[str, tuple[float, ...]], ...] = tuple(LRS.items())  # optimizer -> its lrs
+    repeats: int = 5  # timed runs of each
+    min_time: float = 0.05  # timed seconds of each run to the target, at least
+    quick: bool = False
+
+    def __post_init__(self) -> None:
+        common.check(0 < self.target < 1, "--target must be a fraction in (0, 1)")
+
+
+QUICK = Config(k=3, n=16, epochs=30, target=0.5, repeats=1, min_time=0.0, quick=True,
+               lrs=tuple((m, grid[1:3]) for m, grid in LRS.items()))
 
 
 def first_hit(losses: Sequence[float], target: float) -> int | None:
@@ -42,12 +69,12 @@ def run_one(name: str, lr: float, params: abc_jax.Params, X: jax.Array, epochs: 
             target: float, repeats: int, precision: str) -> dict[str, Any]:
     """One (optimizer, lr) run: losses, epochs to the target, divergence; ``wall_s``, the median
     of ``repeats`` runs after the compiling one; and ``fit(epochs=e)`` (no recompilation)."""
-    fit = functools.partial(train, params, X, **_common.rate_kwargs(name, lr),
+    fit = functools.partial(train, params, X, **common.rate_kwargs(name, lr),
                             progress=False, precision=precision)
     rec = dict(dict.fromkeys([*RUN_FIELDS, "params"]), optimizer=name, lr=lr, epochs=epochs,
-               device=_common.device_label(), precision=precision, fit=fit)
+               device=common.device_label(), precision=precision, fit=fit)
     try:
-        t = _common.time_interleaved({"run": lambda: fit(epochs=epochs)}, rounds=repeats,
+        t = common.time_interleaved({"run": lambda: fit(epochs=epochs)}, rounds=repeats,
                                      min_time=0.0)["run"]
         out, rec["params"] = t.output, t.output.params
         rec |= {"wall_s": t.median_s, "compile_s": t.compile_s,
@@ -58,18 +85,18 @@ def run_one(name: str, lr: float, params: abc_jax.Params, X: jax.Array, epochs: 
     return rec | {"losses": losses, "epochs_to_target": first_hit(losses, target)}
 
 
-def run_sweep(args: Any, lrs: dict[str, Sequence], repeats: int, min_time: float) -> dict:
-    """Every optimizer at every lr from one start, target ``args.target`` * initial loss; then
+def run_sweep(cfg: Config, lrs: dict[str, Sequence], repeats: int, min_time: float) -> dict:
+    """Every optimizer at every lr from one start, target ``cfg.target`` * initial loss; then
     ``seconds_to_target``: interleaved runs of ``epochs_to_target`` epochs of the undiverged hits;
     gd against sgd at each lr: max |loss difference| over epochs and max |param difference|."""
-    params, X = _common.problem(jax.random.key(args.seed), args.n, args.k,
-                                dtype=jnp.dtype(args.dtype))
-    L0 = float(abc_jax.batch_loss(params, X, precision=args.precision))
-    runs = [run_one(m, lr, params, X, args.epochs, args.target * L0, repeats, args.precision)
-            for m, lr in _common.progress([(m, lr) for m in lrs for lr in lrs[m]], desc="sweep")]
+    params, X = common.problem(jax.random.key(cfg.seed), cfg.n, cfg.k,
+                                dtype=jnp.dtype(cfg.dtype))
+    L0 = float(abc_jax.batch_loss(params, X, precision=cfg.precision))
+    runs = [run_one(m, lr, params, X, cfg.epochs, cfg.target * L0, repeats, cfg.precision)
+            for m, lr in common.progress([(m, lr) for m in lrs for lr in lrs[m]], desc="sweep")]
     hits = {f"{r['optimizer']}@{r['lr']:g}": r for r in runs
             if r["epochs_to_target"] is not None and r["diverged_at"] is None}
-    times = _common.time_interleaved({k: lambda r=r: r["fit"](epochs=r["epochs_to_target"])
+    times = common.time_interleaved({k: lambda r=r: r["fit"](epochs=r["epochs_to_target"])
                                       for k, r in hits.items()}, rounds=repeats, min_time=min_time)
     for k, r in hits.items():
         r["seconds_to_target"] = times[k].median_s
@@ -82,7 +109,7 @@ def run_sweep(args: Any, lrs: dict[str, Sequence], repeats: int, min_time: float
         "max_abs_loss_diff": float(np.max(np.abs(g["losses"] - s["losses"]), initial=0.0)),
     } for g, s in pairs}
     return {"runs": runs, "best": (best := best_runs(runs)), "winner": winners(best, runs),
-            "initial_loss": L0, "target_loss": args.target * L0, "gd_vs_sgd": d} | {
+            "initial_loss": L0, "target_loss": cfg.target * L0, "gd_vs_sgd": d} | {
         f"gd_vs_sgd_{k}": max([v[k] for v in d.values() if v[k] is not None], default=np.nan)
         for k in ("max_abs_loss_diff", "max_abs_param_diff")}
 
@@ -115,7 +142,7 @@ def winners(best: dict[str, dict[str, Any]], runs: Sequence[dict[str, Any]]) -> 
 def plot(res: dict[str, Any], title: str) -> dict[str, Any]:
     """Loss against epoch at each optimizer's best lr (gd and sgd overlaid); and final loss
     and epochs to the target against the lr (diverged runs drawn at the initial loss)."""
-    (fig, ax), (sweep, axes) = _common.figure(width=6.5), _common.figure(ncols=2, width=5.0)
+    (fig, ax), (sweep, axes) = common.figure(width=6.5), common.figure(ncols=2, width=5.0)
     for m, best in res["best"].items():
         hit, div = best["epochs_to_target"], best["diverged_at"]
         note = (f"diverged at epoch {div}" if div is not None else "target not reached"
@@ -141,33 +168,31 @@ def plot(res: dict[str, Any], title: str) -> dict[str, Any]:
     return {"optimizers": fig, "optimizers_sweep": sweep}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = _common.parser(NAME, __doc__, precision=True)
-    ap.add_argument("--k", type=int, default=16, help="K = D = H = O")
-    ap.add_argument("--n", type=int, default=1024, help="training samples N")
-    ap.add_argument("--epochs", type=int, default=500, help="epochs per run")
-    ap.add_argument("--target", type=float, default=0.001, help="target loss / initial loss")
-    ap.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="dtype")
-    args = ap.parse_args(argv)
-    lrs = {m: grid[1:3] if args.quick else grid for m, grid in LRS.items()}
-    if args.quick:
-        args.k, args.n, args.epochs, args.target = 3, 16, 30, 0.5
-    if not 0 < args.target < 1:
-        ap.error("--target must be a fraction in (0, 1)")
-    jax.config.update("jax_enable_x64", args.dtype == "float64" or jax.config.jax_enable_x64)
-    env = _common.environment(args.dtype, args.precision)
-    res = run_sweep(args, lrs, *((1, 0.0) if args.quick else (5, 0.05)))  # repeats, min_time
-    desc = (f"K = {args.k}, N = {args.n}, {args.epochs} epochs, {env['dtype']}, "
-            f"target = {args.target:g} x initial loss = {res['target_loss']:.4g}")
+def run(cfg: Config) -> dict[str, Any]:
+    """Every optimizer at each of its learning rates from one start (``run_sweep``)."""
+    jax.config.update("jax_enable_x64", cfg.dtype == "float64" or jax.config.jax_enable_x64)
+    env = common.environment(cfg.dtype, cfg.precision)
+    res = run_sweep(cfg, dict(cfg.lrs), cfg.repeats, cfg.min_time)
+    return {"config": dataclasses.asdict(cfg) | {"lrs": dict(cfg.lrs)}, "environment": env,
+            **res}
+
+
+def report(res: dict[str, Any], out: Any, docs: Any = None) -> dict[str, Any]:
+    """Print every run, the best of each optimizer and the winners; write config.json,
+    metrics.json, runs.csv, best_curves.csv, optimizers.png and optimizers_sweep.png."""
+    cfg = types.SimpleNamespace(**res["config"])
+    env = res["environment"]
+    desc = (f"K = {cfg.k}, N = {cfg.n}, {cfg.epochs} epochs, {env['dtype']}, "
+            f"target = {cfg.target:g} x initial loss = {res['target_loss']:.4g}")
     print(f"{NAME}: {desc}; device {env['device_label']} ({env['cpu_count']} CPUs), "
-          f"precision {args.precision}")
+          f"precision {cfg.precision}")
     runs, best, table = res["runs"], res["best"], [[r[f] for f in RUN_FIELDS] for r in res["runs"]]
-    _common.print_table(RUN_FIELDS, table, ".4g")
+    common.print_table(RUN_FIELDS, table, ".4g")
     print(f"\nhand-rolled GD vs optax.sgd at the same lr: max |loss difference| "
           f"{res['gd_vs_sgd_max_abs_loss_diff']:.3g}, max |parameter difference| "
           f"{res['gd_vs_sgd_max_abs_param_diff']:.3g} over {len(res['gd_vs_sgd'])} lrs\n")
-    _common.print_table(["best run of each", "lr", "epochs to target", "s to target (compiled)",
-                         f"loss after {args.epochs} epochs"], [
+    common.print_table(["best run of each", "lr", "epochs to target", "s to target (compiled)",
+                         f"loss after {cfg.epochs} epochs"], [
         [LABELS[m], r["lr"], r["epochs_to_target"], r["seconds_to_target"], r["final_loss"]]
         for m, r in best.items()], ".3g")
     e, s, f = (res["winner"][k] for k in ("by_epochs", "by_seconds", "lowest_final_loss"))
@@ -176,14 +201,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if f:
         print(f"lowest loss of all runs: {f['optimizer']} (lr {f['lr']:g}), {f['final_loss']:.3g}")
     curves = itertools.zip_longest(*(r["losses"].tolist() for r in best.values()))
-    _common.write_and_report(
-        args.out, args.docs, [NAME], config=vars(args) | {"lrs": lrs}, figures=plot(res, desc),
-        metrics={"environment": env, **res, "runs": [{f: r[f] for f in RUN_FIELDS} for r in runs],
-                 "best": {m: {f: r[f] for f in RUN_FIELDS} for m, r in best.items()}},
+    metrics = {k: v for k, v in res.items() if k != "config"}
+    return common.write_and_report(
+        NAME, out, docs, [NAME], config=res["config"], figures=plot(res, desc),
+        metrics=metrics | {"runs": [{f: r[f] for f in RUN_FIELDS} for r in runs],
+                           "best": {m: {f: r[f] for f in RUN_FIELDS} for m, r in best.items()}},
         tables={"runs": (RUN_FIELDS, table),
                 "best_curves": (["epoch", *(f"{m}_lr{r['lr']:g}" for m, r in best.items())],
                                 [[e, *c] for e, c in enumerate(curves)])})
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the flags, run, report; the exit code."""
+    return common.cli.main(__name__, argv)
 
 
 if __name__ == "__main__":

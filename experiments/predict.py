@@ -1,8 +1,8 @@
 """Predict with trained params: the outputs w = C (sigmoid(A x) + B x) of every row of a file.
 
-    python experiments/predict.py --params results/train --data X.csv
-    python experiments/predict.py --params run/checkpoint/checkpoint.npz --data X.npy --out w.csv
-    python experiments/predict.py --params results/train --data XY.csv --target-cols -1
+    python -m experiments.predict --params results/train --data X.csv
+    python -m experiments.predict --params run/checkpoint/checkpoint.npz --data X.npy --out w.csv
+    python -m experiments.predict --params results/train --data XY.csv --target-cols -1
 
 --params: train.py's results folder (its params.npz, else its checkpoint), a params.npz
 (abc_jax.save_params) or a checkpoint.npz (its best held-out params where evaluation ran,
@@ -19,22 +19,22 @@ import argparse
 import sys
 from pathlib import Path
 
-import _common
-import _data
 import jax
 import numpy as np
 
 import abc_jax
 from abc_jax import DataError
 from abc_jax.files import write_csv
+from experiments import common
+from experiments.common import data as _data
 
 DEFAULT_OUT = "preds.csv"  # in the folder of --params
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     head, _, rest = __doc__.strip().partition("\n")
-    p = argparse.ArgumentParser(prog="predict.py", description=head, epilog=rest.strip(),
-                                formatter_class=_common.HelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m experiments.predict", description=head,
+                                epilog=rest.strip(), formatter_class=common.HelpFormatter)
     p.add_argument("--params", type=Path, required=True, metavar="PATH",
                    help="a train.py results folder, a params.npz or a checkpoint.npz")
     p.add_argument("--data", type=Path, required=True, metavar="FILE",

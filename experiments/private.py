@@ -19,7 +19,7 @@ a safeguarded secant search on log epsilon against log sigma. The epsilon report
 one train_many accounted for the steps it ran. The non-private member (epsilon = inf) runs
 the same sampled steps with sigma = 0 and no clipping.
 
-    python experiments/private.py --repeats 3
+    python -m experiments.private --repeats 3
 """
 
 from __future__ import annotations
@@ -36,27 +36,29 @@ import jax
 
 jax.config.update("jax_enable_x64", True)
 
-import _common  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import abc_jax  # noqa: E402
+from experiments import common  # noqa: E402
 
 NAME = "private"
-MISSING = 'private.py: the diabetes task needs scikit-learn: pip install -e ".[data]" (skipped)'
+MISSING = ('experiments.private: the diabetes task needs scikit-learn: pip install -e ".[data]" '
+           "(skipped)")
 NO_CLIP = 1e300  # the non-private member's clip norm: nothing is clipped
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Config:
-    """Every knob of the experiment, with its default; ``quick()`` the --quick values."""
+    """Every knob of the experiment, with its default (``QUICK``: the --quick values); the
+    ``flag`` fields are also command-line flags."""
 
     epsilons: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0, math.inf)
-    repeats: int = 3  # members per epsilon: seeds of the sampling and the noise
-    clip_norm: float = 1.0
-    lr: float = 0.01  # adam's
-    seed: int = 0
+    repeats: int = common.flag(3, "seeds per epsilon")  # seeds of the sampling and the noise
+    clip_norm: float = common.flag(1.0, "DP-SGD's clip norm")
+    lr: float = common.flag(0.01, "adam's learning rate")
+    seed: int = common.flag(0, "random seed")
     # the teacher task
     dims: tuple[int, int, int] = (5, 8, 2)  # D, H, O of teacher and student
     noise: float = 0.3  # s, the std of the target noise
@@ -64,21 +66,24 @@ class Config:
     n_train: int = 4096
     n_test: int = 4096
     teacher_batch: int = 128  # expected rows per step: q = batch / N
-    teacher_epochs: int = 20
+    teacher_epochs: int = common.flag(20, "epochs")
     teacher_within: float = 0.10  # "close": excess over the floor <= 1.1 x the non-private
     # the diabetes data
     hidden: int = 8
     diabetes_test: int = 100
     diabetes_batch: int = 64
-    diabetes_epochs: int = 100
+    diabetes_epochs: int = common.flag(100, "epochs")
     diabetes_within: float = 0.05  # "close": test R^2 at most 0.05 below the non-private
+    quick: bool = False
 
-    @classmethod
-    def quick(cls, **changes: Any) -> Config:
-        """A configuration that runs in seconds."""
-        return cls(**{"epsilons": (1.0, 8.0, math.inf), "repeats": 1, "n_train": 1024,
-                      "n_test": 512, "teacher_batch": 64, "teacher_epochs": 8,
-                      "diabetes_epochs": 10, **changes})
+    def __post_init__(self) -> None:
+        common.check(min(self.repeats, self.teacher_epochs, self.diabetes_epochs) >= 1 and
+                     0 < self.clip_norm < math.inf and 0 < self.lr < math.inf,
+                     "--repeats and the epochs must be >= 1, --clip-norm and --lr > 0")
+
+
+QUICK = Config(epsilons=(1.0, 8.0, math.inf), repeats=1, n_train=1024, n_test=512,
+               teacher_batch=64, teacher_epochs=8, diabetes_epochs=10, quick=True)
 
 
 # --- accounting ------------------------------------------------------------------------
@@ -287,7 +292,7 @@ def conclusion(summaries: dict[str, list[dict[str, Any]]], cfg: Config) -> str:
 def plot(results: dict[str, Any]) -> Any:
     """Utility against epsilon per task: each member, the mean, the non-private level."""
     tasks = list(results["summaries"])
-    fig, axes = _common.figure(ncols=len(tasks), width=5.0, height=3.8)
+    fig, axes = common.figure(ncols=len(tasks), width=5.0, height=3.8)
     axes = np.atleast_1d(axes)
     for ax, task in zip(axes, tasks, strict=True):
         summary = [s for s in results["summaries"][task] if math.isfinite(s["target_epsilon"])]
@@ -317,14 +322,16 @@ def run(cfg: Config) -> dict[str, Any]:
     try:
         import sklearn  # noqa: F401
     except ImportError:
-        print(MISSING)
+        skipped = MISSING
     else:
+        skipped = None
         tasks["diabetes"] = train_task("diabetes", diabetes_task(cfg), cfg)
     summaries = {t: summarize(out, cfg) for t, out in tasks.items()}
     return {"config": dataclasses.asdict(cfg), "tasks": tasks, "summaries": summaries,
             "close_from": {t: close_from(s) for t, s in summaries.items()},
             "conclusion": conclusion(summaries, cfg), "seconds": time.perf_counter() - start,
-            "environment": _common.environment(jnp.float64)}
+            "skipped": skipped,
+            "environment": common.environment(jnp.float64)}
 
 
 FIELDS = ["task", "target_epsilon", "noise_multiplier", "epsilon", "delta", "utility_mean",
@@ -334,16 +341,18 @@ FIELDS = ["task", "target_epsilon", "noise_multiplier", "epsilon", "delta", "uti
 def report(results: dict[str, Any], out: Any, docs: Any = None) -> dict[str, Any]:
     """Print the table and the sentence; write config.json, metrics.json, private.csv
     (per epsilon), members.csv (per member) and private.png."""
+    if results["skipped"]:
+        print(results["skipped"])
     rows = [[s[f] for f in FIELDS] for ss in results["summaries"].values() for s in ss]
     env = results["environment"]
     print(f"{NAME}: DP-SGD (adam, clip {results['config']['clip_norm']:g}), "
           f"{results['config']['repeats']} seed(s) per epsilon, float64, "
           f"{env['device_label']}, {results['seconds']:.1f} s")
-    _common.print_table(FIELDS, rows, ".4g")
+    common.print_table(FIELDS, rows, ".4g")
     print(results["conclusion"])
     members = [r for t in results["tasks"].values() for r in t["rows"]]
     mfields = list(members[0])
-    return _common.write_and_report(
+    return common.write_and_report(NAME,
         out, docs, [NAME], config=results["config"],
         metrics={k: v for k, v in results.items() if k != "config"},
         tables={NAME: (FIELDS, rows), "members": (mfields, [[r[f] for f in mfields]
@@ -352,25 +361,8 @@ def report(results: dict[str, Any], out: Any, docs: Any = None) -> dict[str, Any
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse the flags, run, report."""
-    ap = _common.parser(NAME, __doc__)
-    d = Config()
-    ap.add_argument("--repeats", type=int, default=d.repeats, help="seeds per epsilon")
-    ap.add_argument("--clip-norm", type=float, default=d.clip_norm, help="DP-SGD's clip norm")
-    ap.add_argument("--lr", type=float, default=d.lr, help="adam's learning rate")
-    ap.add_argument("--teacher-epochs", type=int, default=d.teacher_epochs, help="epochs")
-    ap.add_argument("--diabetes-epochs", type=int, default=d.diabetes_epochs, help="epochs")
-    args = ap.parse_args(argv)
-    if min(args.repeats, args.teacher_epochs, args.diabetes_epochs) < 1 or not (
-            0 < args.clip_norm < math.inf and 0 < args.lr < math.inf):
-        ap.error("--repeats and the epochs must be >= 1, --clip-norm and --lr > 0")
-    given = {k: getattr(args, k) for k in ("repeats", "clip_norm", "lr", "seed",
-                                           "teacher_epochs", "diabetes_epochs")}
-    defaults = {k: getattr(d, k) for k in given}
-    changed = {k: v for k, v in given.items() if v != defaults[k]}
-    cfg = Config.quick(**changed) if args.quick else Config(**changed)
-    report(run(cfg), args.out, args.docs)
-    return 0
+    """Parse the flags, run, report; the exit code."""
+    return common.cli.main(__name__, argv)
 
 
 if __name__ == "__main__":

@@ -23,11 +23,12 @@ folds), with ABC's cross-validated loss (the held-out folds' mean squared error,
 y) beside them. Needs scikit-learn
 (pip install -e ".[data]"). float64.
 
-    python experiments/real_data.py --seeds 5 --hidden-dim 8
+    python -m experiments.real_data --seeds 5 --hidden-dim 8
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 import warnings
@@ -38,46 +39,49 @@ import jax
 
 jax.config.update("jax_enable_x64", True)
 
-import _common  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import abc_jax  # noqa: E402
+from experiments import common  # noqa: E402
 
 NAME = "real_data"
-MISSING = 'real_data.py needs scikit-learn: pip install -e ".[data]"'
+MISSING = 'experiments.real_data needs scikit-learn: pip install -e ".[data]"'
 MODELS = ("Ridge", "MLP", "ABC", "ABC + constant")
 ALPHAS = np.logspace(-3, 3, 25)  # RidgeCV's grid
 
 
-def parse_args(argv: Sequence[str] | None) -> Any:
-    ap = _common.parser(NAME, __doc__)
-    ap.add_argument("--seeds", type=int, default=5, help="initial-weight seeds of the networks")
-    ap.add_argument("--hidden-dim", type=int, default=8, help="hidden units H of ABC and MLP")
-    ap.add_argument("--lr", type=float, default=0.01, help="adam's learning rate (ABC)")
-    ap.add_argument("--epochs", type=int, default=5000, help="most epochs (ABC, full batch)")
-    ap.add_argument("--folds", type=int, default=5, help="cross-validation folds (ABC)")
-    ap.add_argument("--eval-every", type=int, default=25,
-                    help="epochs between held-out evaluations (ABC)")
-    ap.add_argument("--patience", type=int, default=10,
-                    help="evaluations without a new best before ABC stops")
-    ap.add_argument("--mlp-max-iter", type=int, default=3000, help="MLPRegressor's max_iter")
-    ap.add_argument("--n-test", type=int, default=100, help="test rows (of 442)")
-    ap.add_argument("--val-fraction", type=float, default=0.2,
-                    help="the MLP's validation part of the training split, for early stopping")
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.seeds, args.epochs, args.mlp_max_iter, args.patience = 2, 100, 50, 2
-    for name in ("seeds", "hidden_dim", "epochs", "eval_every", "patience", "mlp_max_iter",
-                 "n_test", "folds"):
-        if getattr(args, name) < (2 if name == "folds" else 1):
-            ap.error(f"--{name.replace('_', '-')} must be >= {2 if name == 'folds' else 1}, "
-                     f"got {getattr(args, name)}")
-    if not 0 < args.val_fraction < 1 or not 0 < args.lr < np.inf or args.n_test > 400:
-        ap.error("--val-fraction must be in (0, 1), --lr > 0 and --n-test <= 400, got "
-                 f"{args.val_fraction}, {args.lr} and {args.n_test}")
-    return args
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The models' settings and the split; ``QUICK``: the --quick values."""
+
+    seeds: int = common.flag(5, "initial-weight seeds of the networks")
+    hidden_dim: int = common.flag(8, "hidden units H of ABC and MLP")
+    lr: float = common.flag(0.01, "adam's learning rate (ABC)")
+    epochs: int = common.flag(5000, "most epochs (ABC, full batch)")
+    folds: int = common.flag(5, "cross-validation folds (ABC)")
+    eval_every: int = common.flag(25, "epochs between held-out evaluations (ABC)")
+    patience: int = common.flag(10, "evaluations without a new best before ABC stops")
+    mlp_max_iter: int = common.flag(3000, "MLPRegressor's max_iter")
+    n_test: int = common.flag(100, "test rows (of 442)")
+    val_fraction: float = common.flag(
+        0.2, "the MLP's validation part of the training split, for early stopping")
+    seed: int = common.flag(0, "random seed")
+    quick: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("seeds", "hidden_dim", "epochs", "eval_every", "patience", "mlp_max_iter",
+                     "n_test", "folds"):
+            least = 2 if name == "folds" else 1
+            common.check(getattr(self, name) >= least, f"--{name.replace('_', '-')} must be >= "
+                         f"{least}, got {getattr(self, name)}")
+        common.check(0 < self.val_fraction < 1 and 0 < self.lr < np.inf and self.n_test <= 400,
+                     "--val-fraction must be in (0, 1), --lr > 0 and --n-test <= 400, got "
+                     f"{self.val_fraction}, {self.lr} and {self.n_test}")
+
+
+QUICK = Config(seeds=2, epochs=100, mlp_max_iter=50, patience=2, quick=True)
 
 
 def load(n_test: int, val_fraction: float, seed: int) -> dict[str, Any]:
@@ -129,7 +133,7 @@ def fit_mlp(d: dict[str, Any], H: int, seed: int, max_iter: int, val_fraction: f
             "n_params": D * H + 2 * H + 1, **scores(d, model.predict(d["X"][d["test"]]))}
 
 
-def fit_abc(d: dict[str, Any], args: Any, seed: int, constant: bool,
+def fit_abc(d: dict[str, Any], args: Config, seed: int, constant: bool,
             adam: optax.GradientTransformation) -> dict[str, Any]:
     """abc_jax.cross_validate with ``adam`` (one object for every run: its functions are the
     compiled loop's static arguments, so a new one would compile it again) over the training
@@ -187,7 +191,7 @@ def plot(d: dict[str, Any], runs: list[dict]) -> Any:
     runs' training and held-out fold curves (standardised units, first fold) with each one's
     best epoch (dashed, its colour), and the test R^2 of every model (ABC: one per fold and
     seed)."""
-    fig, axes = _common.figure(ncols=3, width=4.6, height=4.0)
+    fig, axes = common.figure(ncols=3, width=4.6, height=4.0)
     first = {m: next(r for r in runs if r["model"] == m) for m in MODELS}
     true = d["y_raw"][d["test"]]
     for i, (m, r) in enumerate(first.items()):
@@ -217,44 +221,52 @@ def plot(d: dict[str, Any], runs: list[dict]) -> Any:
     return fig
 
 
-def run(args: Any) -> tuple[dict[str, Any], list[dict]]:
-    d = load(args.n_test, args.val_fraction, args.seed)
-    runs, adam = [fit_ridge(d)], optax.adam(args.lr)
-    for seed in _common.progress(range(args.seeds), desc="seeds"):
-        runs.append(fit_mlp(d, args.hidden_dim, seed, args.mlp_max_iter, args.val_fraction))
-        runs += [fit_abc(d, args, seed, constant, adam) for constant in (False, True)]
-    return d, runs
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def run(cfg: Config) -> dict[str, Any]:
+    """Ridge, then per seed the MLP, ABC and ABC + constant, on one split of the data."""
     try:
         import sklearn  # noqa: F401
     except ImportError:
-        print(f"error: {MISSING}", file=sys.stderr)
-        return 2
+        raise common.cli.Unavailable(MISSING) from None
     start = time.perf_counter()
-    d, runs = run(args)
+    d = load(cfg.n_test, cfg.val_fraction, cfg.seed)
+    runs, adam = [fit_ridge(d)], optax.adam(cfg.lr)
+    for seed in common.progress(range(cfg.seeds), desc="seeds"):
+        runs.append(fit_mlp(d, cfg.hidden_dim, seed, cfg.mlp_max_iter, cfg.val_fraction))
+        runs += [fit_abc(d, cfg, seed, constant, adam) for constant in (False, True)]
+    return {"config": dataclasses.asdict(cfg), "data": d, "runs": runs,
+            "environment": common.environment(jnp.float64),
+            "seconds": time.perf_counter() - start}
+
+
+PER_RUN = ["model", "seed", "r2", "mse", "cv_loss", "cv_loss_std", "best_epoch", "epochs_run",
+           "alpha", "n_params"]
+
+
+def report(res: dict[str, Any], out: Any, docs: Any = None) -> dict[str, Any]:
+    """Print the summary table; write config.json, metrics.json, real_data.csv and
+    real_data.png."""
+    cfg, d, runs = res["config"], res["data"], res["runs"]
     header, rows = summary(runs)
-    print(f"{NAME}: diabetes, a training split of {len(d['train'])} rows (ABC: {args.folds} "
-          f"folds), {len(d['test'])} test rows, H = {args.hidden_dim}, {args.seeds} seeds, "
+    print(f"{NAME}: diabetes, a training split of {len(d['train'])} rows (ABC: {cfg['folds']} "
+          f"folds), {len(d['test'])} test rows, H = {cfg['hidden_dim']}, {cfg['seeds']} seeds, "
           "float64")
-    _common.print_table(header, rows)
-    per_run = ["model", "seed", "r2", "mse", "cv_loss", "cv_loss_std", "best_epoch",
-               "epochs_run", "alpha", "n_params"]
-    metrics = {"environment": _common.environment(jnp.float64),
-               "seconds": time.perf_counter() - start,
+    common.print_table(header, rows)
+    metrics = {"environment": res["environment"], "seconds": res["seconds"],
                "split": {k: len(d[k]) for k in ("fit", "val", "train", "test")},
                "summary": {m: {k: {"mean": float(np.mean(v)), "std": float(np.std(v))}
                                for k in ("r2", "mse", "cv_loss")
                                for v in [pooled(runs, m, k)] if not np.isnan(v).all()}
                            for m in MODELS},
-               "runs": [{k: r.get(k) for k in [*per_run, "folds"]} for r in runs]}
-    _common.write_and_report(
-        args.out, args.docs, [NAME], config=vars(args), metrics=metrics,
-        tables={NAME: (per_run, [[r.get(k) for k in per_run] for r in runs])},
+               "runs": [{k: r.get(k) for k in [*PER_RUN, "folds"]} for r in runs]}
+    return common.write_and_report(
+        NAME, out, docs, [NAME], config=cfg, metrics=metrics,
+        tables={NAME: (PER_RUN, [[r.get(k) for k in PER_RUN] for r in runs])},
         figures={NAME: plot(d, runs)})
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the flags, run, report; the exit code."""
+    return common.cli.main(__name__, argv)
 
 
 if __name__ == "__main__":

@@ -10,17 +10,17 @@ call waited for): train_many on the grid against a Python loop of train calls on
 grid; and the benchmark of --bench-members members at K = --bench-k, N = --bench-n,
 --bench-epochs epochs (float32) against as many train calls, printed as a ratio.
 
-    python experiments/sweep.py --lrs 16 --seeds 8 --k 16 --n 1024
+    python -m experiments.sweep --lrs 16 --seeds 8 --k 16 --n 1024
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import warnings
 from collections.abc import Sequence
 from typing import Any
 
-import _common
 import jax
 import jax.numpy as jnp
 import matplotlib
@@ -29,8 +29,43 @@ import numpy as np
 
 import abc_jax
 from abc_jax import DivergenceError, train, train_many
+from experiments import common
 
 NAME = "sweep"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The sweep's grid and problem, and the benchmark; ``QUICK``: the --quick values."""
+
+    k: int = common.flag(8, "K = D = H = O")
+    n: int = common.flag(256, "training samples N (shared by all)")
+    epochs: int = common.flag(300, "epochs per member")
+    lrs: int = common.flag(8, "learning rates, log-spaced")
+    lr_min: float = common.flag(0.01, "smallest learning rate")
+    lr_max: float = common.flag(1.0, "largest learning rate")
+    seeds: int = common.flag(4, "seeds (initial params) per lr")
+    n_eval: int = common.flag(256, "held-out rows (shared by all)")
+    eval_every: int = common.flag(20, "epochs between evaluations")
+    dtype: str = common.flag("float32", "dtype", choices=["float32", "float64"])
+    rounds: int = common.flag(5, "timed rounds of each variant")
+    bench_members: int = common.flag(64, "benchmark members (0: skip)")
+    bench_k: int = common.flag(3, "benchmark K")
+    bench_n: int = common.flag(256, "benchmark N")
+    bench_epochs: int = common.flag(500, "benchmark epochs")
+    seed: int = common.flag(0, "random seed")
+    quick: bool = False
+
+    def __post_init__(self) -> None:
+        common.check(min(self.k, self.n, self.epochs, self.lrs, self.seeds, self.rounds,
+                         self.n_eval, self.eval_every) >= 1 and 0 < self.lr_min <= self.lr_max
+                     and min(self.bench_k, self.bench_n, self.bench_epochs,
+                             self.bench_members + 1) >= 1,
+                     "sizes must be >= 1 (--bench-members >= 0) and 0 < --lr-min <= --lr-max")
+
+
+QUICK = Config(k=3, n=16, epochs=20, lrs=3, seeds=2, rounds=1, n_eval=16, eval_every=5,
+               bench_members=4, bench_n=16, bench_epochs=20, quick=True)
 
 
 def problem(k: int, n: int, seeds: int, dtype: Any, data_seed: int,
@@ -78,7 +113,7 @@ def loop_of_train(params: Any, X: Any, lrs: np.ndarray, epochs: int) -> list[Any
 def timed(params: Any, X: Any, lrs: np.ndarray, epochs: int, rounds: int) -> dict[str, Any]:
     """train_many against the loop of train calls, interleaved; seconds, ratio and the largest
     relative difference of their final losses over the members that did not diverge."""
-    t = _common.time_interleaved(
+    t = common.time_interleaved(
         {"train_many": lambda: train_many(params, X, lr=lrs, epochs=epochs, progress=False),
          "train_loop": lambda: loop_of_train(params, X, lrs, epochs)},
         rounds=rounds, min_time=0.0)
@@ -104,7 +139,7 @@ def bands(losses: np.ndarray, n_lr: int) -> np.ndarray:
 def plot(held: np.ndarray, band: np.ndarray, lrs: np.ndarray, title: str) -> Any:
     """Heat map of log10 best held-out loss (lr x seed, diverged: x) and training curves
     with seed bands."""
-    fig, (hm, ax) = _common.figure(ncols=2, width=5.5)
+    fig, (hm, ax) = common.figure(ncols=2, width=5.5)
     with np.errstate(divide="ignore", invalid="ignore"):
         img = hm.imshow(np.log10(held), aspect="auto", origin="lower", cmap="viridis")
     fig.colorbar(img, ax=hm, label="log10 best held-out loss")
@@ -134,27 +169,29 @@ def plot(held: np.ndarray, band: np.ndarray, lrs: np.ndarray, title: str) -> Any
     return fig
 
 
-def run(args: Any) -> dict[str, Any]:
+def run(cfg: Config) -> dict[str, Any]:
     """The sweep in one train_many call (a bar on a terminal), then the timings."""
-    dtype, env = jnp.dtype(args.dtype), _common.environment(args.dtype)
-    lrs = np.geomspace(args.lr_min, args.lr_max, args.lrs)
-    params, X, Xh = problem(args.k, args.n, args.seeds, dtype, args.seed, args.n_eval)
+    jax.config.update("jax_enable_x64", cfg.dtype == "float64" or jax.config.jax_enable_x64)
+    dtype, env = jnp.dtype(cfg.dtype), common.environment(cfg.dtype)
+    lrs = np.geomspace(cfg.lr_min, cfg.lr_max, cfg.lrs)
+    params, X, Xh = problem(cfg.k, cfg.n, cfg.seeds, dtype, cfg.seed, cfg.n_eval)
     members, member_lr = grid(params, lrs)
-    res = train_many(members, X, lr=member_lr, epochs=args.epochs, eval_data=Xh,
-                     eval_every=args.eval_every)
+    res = train_many(members, X, lr=member_lr, epochs=cfg.epochs, eval_data=Xh,
+                     eval_every=cfg.eval_every)
     L, at = np.asarray(res.losses, np.float64), np.asarray(res.diverged_at)
-    timings = {"sweep": timed(members, X, member_lr, args.epochs, args.rounds)}
-    if args.bench_members:
-        bp, bX = problem(args.bench_k, args.bench_n, args.bench_members, jnp.float32, args.seed)
-        timings["bench"] = timed(bp, bX, np.full(args.bench_members, 0.05), args.bench_epochs,
-                                 args.rounds)
-    final = np.where(at < 0, L[:, -1], np.nan).reshape(args.lrs, args.seeds)
-    desc = (f"{args.lrs} lrs x {args.seeds} seeds = {len(member_lr)} members, K = {args.k}, "
-            f"N = {args.n}, {args.epochs} epochs, {env['dtype']}")
-    return {"env": env, "lrs": lrs, "member_lr": member_lr, "losses": L, "diverged_at": at,
-            "final": final, "band": bands(L, args.lrs), "timings": timings, "desc": desc,
-            "ranking": ranking(res, member_lr, args.seeds),
-            "held": held_out_grid(res, args.lrs)}
+    timings = {"sweep": timed(members, X, member_lr, cfg.epochs, cfg.rounds)}
+    if cfg.bench_members:
+        bp, bX = problem(cfg.bench_k, cfg.bench_n, cfg.bench_members, jnp.float32, cfg.seed)
+        timings["bench"] = timed(bp, bX, np.full(cfg.bench_members, 0.05), cfg.bench_epochs,
+                                 cfg.rounds)
+    final = np.where(at < 0, L[:, -1], np.nan).reshape(cfg.lrs, cfg.seeds)
+    desc = (f"{cfg.lrs} lrs x {cfg.seeds} seeds = {len(member_lr)} members, K = {cfg.k}, "
+            f"N = {cfg.n}, {cfg.epochs} epochs, {env['dtype']}")
+    return {"config": dataclasses.asdict(cfg) | {"lr_values": lrs.tolist()},
+            "env": env, "lrs": lrs, "member_lr": member_lr, "losses": L, "diverged_at": at,
+            "final": final, "band": bands(L, cfg.lrs), "timings": timings, "desc": desc,
+            "ranking": ranking(res, member_lr, cfg.seeds),
+            "held": held_out_grid(res, cfg.lrs)}
 
 
 def held_out_grid(res: Any, n_lr: int) -> np.ndarray:
@@ -171,33 +208,35 @@ FIELDS = ["members", "epochs", "train_many_s", "train_loop_s", "ratio", "rounds"
           "max_rel_diff_final_loss"]
 
 
-def report(res: dict[str, Any]) -> None:
-    """The final-loss table (lr x seed, "-": diverged) and the timings, with their ratios."""
+def report(res: dict[str, Any], out: Any, docs: Any = None) -> dict[str, Any]:
+    """Print the final-loss table (lr x seed, "-": diverged) and the timings, with their
+    ratios; write the files (``write``)."""
     env, final = res["env"], res["final"]
     print(f"{NAME}: {res['desc']}; device {env['device_label']} ({env['cpu_count']} CPUs)")
     rows = [[f"{lr:.3g}", *(None if np.isnan(v) else float(v) for v in row)]
             for lr, row in zip(res["lrs"], final, strict=True)]
-    _common.print_table(["lr", *(f"seed {s}" for s in range(final.shape[1]))], rows, ".3g")
+    common.print_table(["lr", *(f"seed {s}" for s in range(final.shape[1]))], rows, ".3g")
     print("\nranked by best held-out loss (the top 5):")
-    _common.print_table(RANKING, res["ranking"][:5], ".4g")
+    common.print_table(RANKING, res["ranking"][:5], ".4g")
     print()
     timings = res["timings"]
-    _common.print_table(["part", *FIELDS], [[p, *(t[f] for f in FIELDS)]
+    common.print_table(["part", *FIELDS], [[p, *(t[f] for f in FIELDS)]
                                             for p, t in timings.items()], ".4g")
     for part, t in timings.items():
         print(f"{part}: train_many of {t['members']} members is {t['ratio']:.1f}x faster than "
               f"{t['members']} train calls ({t['train_many_s'] * 1e3:.1f} ms vs "
               f"{t['train_loop_s'] * 1e3:.1f} ms, median of {t['rounds']} interleaved rounds)")
+    return write(res, out, docs)
 
 
-def write(args: Any, res: dict[str, Any]) -> dict[str, Any]:
+def write(res: dict[str, Any], out: Any, docs: Any = None) -> dict[str, Any]:
     """config.json, metrics.json, final_loss.csv, curves.csv, timing.csv and sweep.png (and
     its --docs copy)."""
     lrs, member_lr, final, band = res["lrs"], res["member_lr"], res["final"], res["band"]
-    L, at, S = res["losses"], res["diverged_at"], args.seeds
+    L, at, S = res["losses"], res["diverged_at"], res["config"]["seeds"]
     top = res["ranking"][0]
-    return _common.write_and_report(
-        args.out, args.docs, ["sweep"], config=vars(args) | {"lr_values": lrs.tolist()},
+    return common.write_and_report(NAME,
+        out, docs, ["sweep"], config=res["config"],
         figures={"sweep": plot(res["held"], band, lrs, res["desc"])},
         metrics={"environment": res["env"], "lrs": lrs.tolist(),
                  "final_loss": [[None if np.isnan(v) else float(v) for v in r] for r in final],
@@ -216,37 +255,8 @@ def write(args: Any, res: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = _common.parser(NAME, __doc__)
-    ap.add_argument("--k", type=int, default=8, help="K = D = H = O")
-    ap.add_argument("--n", type=int, default=256, help="training samples N (shared by all)")
-    ap.add_argument("--epochs", type=int, default=300, help="epochs per member")
-    ap.add_argument("--lrs", type=int, default=8, help="learning rates, log-spaced")
-    ap.add_argument("--lr-min", type=float, default=0.01, help="smallest learning rate")
-    ap.add_argument("--lr-max", type=float, default=1.0, help="largest learning rate")
-    ap.add_argument("--seeds", type=int, default=4, help="seeds (initial params) per lr")
-    ap.add_argument("--n-eval", type=int, default=256, help="held-out rows (shared by all)")
-    ap.add_argument("--eval-every", type=int, default=20, help="epochs between evaluations")
-    ap.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="dtype")
-    ap.add_argument("--rounds", type=int, default=5, help="timed rounds of each variant")
-    ap.add_argument("--bench-members", type=int, default=64, help="benchmark members (0: skip)")
-    ap.add_argument("--bench-k", type=int, default=3, help="benchmark K")
-    ap.add_argument("--bench-n", type=int, default=256, help="benchmark N")
-    ap.add_argument("--bench-epochs", type=int, default=500, help="benchmark epochs")
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.k, args.n, args.epochs, args.lrs, args.seeds, args.rounds = 3, 16, 20, 3, 2, 1
-        args.n_eval, args.eval_every = 16, 5
-        args.bench_members, args.bench_n, args.bench_epochs = 4, 16, 20
-    if min(args.k, args.n, args.epochs, args.lrs, args.seeds, args.rounds, args.n_eval,
-           args.eval_every) < 1 or not (
-            0 < args.lr_min <= args.lr_max) or min(args.bench_k, args.bench_n,
-                                                    args.bench_epochs, args.bench_members + 1) < 1:
-        ap.error("sizes must be >= 1 (--bench-members >= 0) and 0 < --lr-min <= --lr-max")
-    jax.config.update("jax_enable_x64", args.dtype == "float64" or jax.config.jax_enable_x64)
-    res = run(args)
-    report(res)
-    write(args, res)
-    return 0
+    """Parse the flags, run, report; the exit code."""
+    return common.cli.main(__name__, argv)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Train the ABC model on your own samples (or synthetic ones) and save the results.
 
-    python experiments/train.py --data X.csv --epochs 2000 --lr 0.05 --optimizer adam
-    python experiments/train.py --n 4096 --in-dim 16 --hidden-dim 32 --out-dim 8
-    python experiments/train.py --data XY.csv --target-cols -1 --eval-fraction 0.2 --patience 5
+    python -m experiments.train --data X.csv --epochs 2000 --lr 0.05 --optimizer adam
+    python -m experiments.train --n 4096 --in-dim 16 --hidden-dim 32 --out-dim 8
+    python -m experiments.train --data XY.csv --target-cols -1 --eval-fraction 0.2 --patience 5
 
 Targets t (L = ||C z - t||^2 per row; none: t = 0, the homework's loss) come from
 --targets T.npy (N, O), or from --target-cols, columns of the --data file (the rest are X).
@@ -27,8 +27,8 @@ Several processes (JAX's multi-controller runtime) train on the rows they each r
 process per host with the same flags and its own --process-id and --data (H:P: host and port
 of process 0; on CPUs set devices per process, e.g. JAX_NUM_CPU_DEVICES=2),
 
-    python experiments/train.py --data X0.npy --coordinator H:P --num-processes 2 --process-id 0
-    python experiments/train.py --data X1.npy --coordinator H:P --num-processes 2 --process-id 1
+    python -m experiments.train --data X0.npy --coordinator H:P --num-processes 2 --process-id 0
+    python -m experiments.train --data X1.npy --coordinator H:P --num-processes 2 --process-id 1
 
 Process 0 writes --out and the checkpoint; a process whose peer dies exits non-zero within
 about --heartbeat-timeout seconds, and the same commands again resume from its checkpoint."""
@@ -37,16 +37,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
-import _common
-import _data
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,6 +58,8 @@ from abc_jax import (
 )
 from abc_jax.checkpoint import checkpoint_epoch, checkpoint_path
 from abc_jax.files import save_params, write_results
+from experiments import common
+from experiments.common import data as _data
 
 QUICK = {"n": 32, "epochs": 40, "epochs_per_chunk": 20, "eval_every": 20,  # --quick's settings
          "checkpoint_every": 20}
@@ -72,8 +70,8 @@ SAVED = ("dtype seed epochs lr optimizer grad batch_size chunk_size epochs_per_c
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     head, _, rest = __doc__.strip().partition("\n")
-    p = argparse.ArgumentParser(prog="train.py", description=head, epilog=rest.strip(),
-                                formatter_class=_common.HelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m experiments.train", description=head,
+                                epilog=rest.strip(), formatter_class=common.HelpFormatter)
     data = p.add_argument_group("data: a file, or synthetic samples ~ Normal(0, 1)")
     data.add_argument("--data", type=Path, help=".npy, .npz (its array X) or .csv (N, D)")
     data.add_argument("--n", type=int, default=256, help="synthetic samples N")
@@ -85,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, default=1000, help="epochs")
     t.add_argument("--lr", type=float, default=0.05, help="learning rate")
-    t.add_argument("--optimizer", choices=tuple(_common.OPTIMIZERS), default="gd",
+    t.add_argument("--optimizer", choices=tuple(common.OPTIMIZERS), default="gd",
                    help="gd: the homework's p <- p - lr g; the others Optax's")
     t.add_argument("--grad", choices=("manual", "oracle"), default="manual",
                    help="manual: the hand-derived gradient; oracle: jax.grad")
@@ -200,41 +198,14 @@ def load_batch(args: argparse.Namespace) -> _data.Data | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse the flags and train, alone or as one process of a job (``parallel.run_job``:
+    joining it, Ctrl-C, a lost peer); the exit code."""
     args = parse_args(argv)
     jax.config.update("jax_enable_x64", args.dtype == "float64" or jax.config.jax_enable_x64)
-    if args.coordinator is not None:  # join the job of several processes
-        try:
-            parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id,
-                                            heartbeat_timeout=args.heartbeat_timeout,
-                                            initialization_timeout=args.init_timeout)
-        except (ConnectionError, ValueError, TypeError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    try:
-        return run(args)
-    except BaseException as e:
-        if jax.process_count() == 1:
-            if not isinstance(e, KeyboardInterrupt):
-                raise
-            # train wrote the checkpoint of the last finished chunk before letting Ctrl-C go on
-            epoch = checkpoint_epoch(args.out / "checkpoint")
-            print(f"interrupted at epoch {epoch}: run the same command again to resume",
-                  file=sys.stderr, flush=True)
-            return 130
-        # One of several processes ends at once, after one line on stderr (a normal exit waits
-        # in JAX's exit barrier for the others, which wait for it): its heartbeats stop and JAX
-        # ends the others in the timeout.
-        if isinstance(e, KeyboardInterrupt):
-            code, what = 130, "interrupted"
-        elif isinstance(e, jax.errors.JaxRuntimeError):  # a collective failed: a peer died
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            code, what = 1, f"lost a peer process ({first[:200]})"
-        else:
-            traceback.print_exc()
-            code, what = 1, f"process {jax.process_index()} failed ({type(e).__name__})"
-        print(f"error: {what}; run the same commands again to resume from the last checkpoint",
-              file=sys.stderr, flush=True)
-        os._exit(code)
+    return parallel.run_job(lambda: run(args), checkpoint_dir=args.out / "checkpoint",
+                            coordinator=args.coordinator, num_processes=args.num_processes,
+                            process_id=args.process_id, heartbeat_timeout=args.heartbeat_timeout,
+                            init_timeout=args.init_timeout)
 
 
 def describe(args: argparse.Namespace, data: _data.Data, params: Any) -> dict[str, Any]:
@@ -265,9 +236,10 @@ def fit(args: argparse.Namespace, data: _data.Data, params: Any, directory: Path
         return {"train_loss": batch_loss(p, data.batch)}
 
     return jax.block_until_ready(train(
-        params, data.batch, epochs=args.epochs, **_common.rate_kwargs(args.optimizer, args.lr),
+        params, data.batch, epochs=args.epochs, **common.rate_kwargs(args.optimizer, args.lr),
         grad=args.grad, batch_size=args.batch_size, chunk_size=args.chunk_size,
-        key=jax.random.fold_in(jax.random.key(args.seed), 2), checkpoint_dir=directory,
+        key=jax.random.fold_in(jax.random.key(args.seed), 2) if args.batch_size else None,
+        checkpoint_dir=directory,
         progress=not args.no_progress and sys.stdout.isatty(),  # no bar in a log
         epochs_per_chunk=args.epochs_per_chunk, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, eval_data=data.eval_data,
@@ -313,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
     resumed_from = checkpoint_epoch(ckpt.parent)
     start, diverged = time.perf_counter(), None
     try:
-        with _common.compile_clock() as compiling:
+        with common.compile_clock() as compiling:
             result = fit(args, data, params, ckpt.parent)
     except DivergenceError as e:
         result, diverged = e.result, e
@@ -380,7 +352,7 @@ def timing(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def plot_losses(args: argparse.Namespace, config: dict, losses: np.ndarray,
                 held: dict[str, Any]) -> Any:
     """The training loss per epoch and, if there is one, the held-out loss at its epochs."""
-    fig, ax = _common.figure(width=6, height=4)
+    fig, ax = common.figure(width=6, height=4)
     ax.plot(losses, label="training (mean over its rows)")
     if held:
         ax.plot(held["eval_epochs"], held["eval_losses"], "o-", ms=3, label="held-out")
@@ -425,14 +397,14 @@ def report(args: argparse.Namespace, metrics: dict[str, Any], held: dict[str, An
     its training and held-out loss, and which of the two params.npz holds."""
     devices = (metrics["device"] if jax.device_count() == 1 else
                f"{jax.device_count()} devices, {jax.process_count()} process(es)")
-    _common.print_table(
+    common.print_table(
         ["epochs", "initial loss", "final loss", "epochs/s", "compile s", "device"],
         [[epochs_done, metrics["initial_loss"], metrics["final_loss"], metrics["epochs_per_second"],
           metrics["compile_seconds"], devices]], ".6g")
     if held:
         kept = "best held-out" if args.patience is not None else "last"
         print()
-        _common.print_table(
+        common.print_table(
             ["evaluation", "epoch", "training loss", "held-out loss", "params.npz"],
             [[name, p["epoch"], p["train_loss"], p["eval_loss"], "yes" if name == kept else ""]
              for name, p in (("best held-out", held["best"]), ("last", held["last"]))], ".6g")

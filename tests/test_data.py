@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -141,8 +139,7 @@ def test_a_decimal_comma_is_named(tmp_path):
 def test_train_script_takes_targets_from_an_archive_by_name(tmp_path):
     # --targets XY.npz picks the array named T (not X: the network would learn to copy X),
     # XY.npz:NAME names another; 1-D targets are O = 1.
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
-    train_script = importlib.import_module("train")
+    train_script = importlib.import_module("experiments.train")
     rng = np.random.default_rng(0)
     X = rng.standard_normal((20, 4))
     np.savez(tmp_path / "xy.npz", X=X, T=X[:, :2] * 0.5, t1=X[:, 0])

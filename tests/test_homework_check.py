@@ -3,9 +3,6 @@ and one update simulated. The printed numbers are fixed data, so their figures a
 here, computed again with plain NumPy; the simulation is checked on fixed seeds; each
 of the findings' sentences is checked on the printed numbers and on altered ones."""
 
-import importlib
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,9 +11,7 @@ import numpy as np
 import pytest
 
 import abc_jax
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
-repro = importlib.import_module("homework_check")
+from experiments.common import homework_check as repro
 
 MANUAL = {n: np.array(m) for n, m in repro.HOMEWORK_MANUAL_GRADS.items()}
 TORCH = {n: np.array(m) for n, m in repro.HOMEWORK_TORCH_GRADS.items()}

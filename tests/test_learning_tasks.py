@@ -10,23 +10,23 @@ import numpy as np
 import pytest
 
 import abc_jax
+from experiments.common import teacher
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
-sys.path.insert(0, str(EXPERIMENTS))
 
-teacher = importlib.import_module("teacher")
 
 
 @pytest.mark.integration
 def test_real_data_quick(tmp_path, capsys):
     pytest.importorskip("sklearn")
-    real_data = importlib.import_module("real_data")
+    real_data = importlib.import_module("experiments.real_data")
     out, docs = tmp_path / "real_data", tmp_path / "docs"
     assert real_data.main(["--quick", "--out", str(out), "--docs", str(docs)]) == 0
     printed = capsys.readouterr().out
     assert {p.name for p in out.iterdir()} == {"config.json", "metrics.json", "real_data.csv",
                                                "real_data.png"}
-    assert [p.name for p in docs.iterdir()] == ["real_data.png"]
+    assert sorted(p.name for p in docs.iterdir()) == ["real_data.png", "results"]
+    assert (docs / "results" / "real_data.json").read_bytes() == (out / "metrics.json").read_bytes()
     assert (docs / "real_data.png").stat().st_size < 150_000
     assert json.loads((out / "config.json").read_text())["quick"] is True
     m = json.loads((out / "metrics.json").read_text())
@@ -49,7 +49,7 @@ def test_real_data_quick(tmp_path, capsys):
 
 def test_real_data_split_and_scaling_use_the_training_rows_only():
     pytest.importorskip("sklearn")
-    real_data = importlib.import_module("real_data")
+    real_data = importlib.import_module("experiments.real_data")
     d = real_data.load(100, 0.2, seed=3)
     assert sorted(np.r_[d["fit"], d["val"], d["test"]].tolist()) == list(range(442))
     np.testing.assert_allclose(d["X"][d["train"]].mean(0), 0, atol=1e-12)
@@ -62,7 +62,7 @@ def test_real_data_split_and_scaling_use_the_training_rows_only():
 @pytest.mark.integration
 def test_real_data_without_sklearn_names_the_extra(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn raises ImportError
-    real_data = importlib.import_module("real_data")
+    real_data = importlib.import_module("experiments.real_data")
     assert real_data.main(["--quick", "--out", str(tmp_path / "o")]) == 2
     assert 'pip install -e ".[data]"' in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

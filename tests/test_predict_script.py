@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import importlib
-import sys
 from pathlib import Path
 
 import jax
@@ -13,10 +12,9 @@ import numpy as np
 import pytest
 
 import abc_jax
+from experiments import predict as predict_script
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
-sys.path.insert(0, str(EXPERIMENTS))
-predict_script = importlib.import_module("predict")
 
 
 def _csv(path):
@@ -37,7 +35,7 @@ def _check_predictions(out, params_path, X):
 def trained(tmp_path_factory):
     """A train.py --quick results folder (D = 4, O = 2, float32) and samples for it."""
     tmp = tmp_path_factory.mktemp("predict")
-    train_script = importlib.import_module("train")
+    train_script = importlib.import_module("experiments.train")
     assert train_script.main(["--quick", "--in-dim", "4", "--hidden-dim", "5", "--out-dim", "2",
                               "--out", str(tmp / "run"), "--no-progress"]) == 0
     X = np.random.default_rng(3).standard_normal((9, 4))

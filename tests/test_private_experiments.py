@@ -2,11 +2,9 @@
 in-process and writes its files; the epsilons are dp-accounting's for the calibrated sigmas;
 B_simple is the one from vmap(grad) per-sample gradients; the fit of S(b) is exact."""
 
-import importlib
 import json
 import logging
 import math
-import sys
 from pathlib import Path
 
 import jax
@@ -16,12 +14,9 @@ import pytest
 from _reference import make_problem, ref_loss
 
 import abc_jax
+from experiments import noise_scale, private
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
-sys.path.insert(0, str(EXPERIMENTS))  # the scripts import _common by name
-
-private = importlib.import_module("private")
-noise_scale = importlib.import_module("noise_scale")
 
 
 def direct_epsilon(sigma, q, steps, delta):

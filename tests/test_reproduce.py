@@ -3,10 +3,8 @@ their quick configuration, and the pieces they stand on: the plain-Python homewo
 checked against the library, and every conclusion sentence on a case from each side."""
 
 import contextlib
-import importlib
 import io
 import json
-import sys
 from pathlib import Path
 
 import jax
@@ -15,17 +13,12 @@ import numpy as np
 import pytest
 
 import abc_jax
+from experiments import common as _common
+from experiments import generalization, gradcheck
+from experiments import reproduce_seed as repro
+from experiments.common import averaging, homework
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
-sys.path.insert(0, str(EXPERIMENTS))
-
-_common = importlib.import_module("_common")
-averaging = importlib.import_module("averaging")
-gradcheck = importlib.import_module("gradcheck")
-generalization = importlib.import_module("generalization")
-homework = importlib.import_module("homework")
-repro = importlib.import_module("reproduce_seed")
-
 
 
 def _main(module, argv):
@@ -60,7 +53,7 @@ def reproduce_quick(tmp_path_factory):
 
 @pytest.mark.integration
 def test_reproduce_seed_writes_its_files(reproduce_quick):
-    tmp, _, _ = reproduce_quick
+    tmp, _, m = reproduce_quick
     files = _files(tmp / "out")
     assert set(files) == {
         "config.json", "metrics.json", "loss.csv", "gradcheck.csv", "timing.csv",
@@ -72,7 +65,8 @@ def test_reproduce_seed_writes_its_files(reproduce_quick):
     assert files["loss.csv"].read_text().count("\n") == 1 + 20
     assert files["gradcheck.csv"].read_text().count("\n") == 1 + 27  # every entry of A, B, C
     assert files["homework_check.csv"].read_text().count("\n") == 1 + 27
-    assert [p.name for p in (tmp / "docs").iterdir()] == ["reproduce_loss.png"]
+    assert sorted(p.name for p in (tmp / "docs").iterdir()) == ["reproduce_loss.png", "results"]
+    assert json.loads((tmp / "docs" / "results" / "reproduce_seed.json").read_text()) == m
 
 
 @pytest.mark.integration
@@ -113,7 +107,7 @@ def test_generalization_quick(tmp_path):
     assert m["one_epoch_gap"] < 1e-12  # mean of N single steps == one step on the mean loss
     assert m["conclusion"] and all(line in printed for line in m["conclusion"])
     assert {p.name for p in (tmp_path / "docs").iterdir()} == {"generalization.png",
-                                                                 "teacher.png"}
+                                                                 "teacher.png", "results"}
     taught = m["teacher"]  # the learnable task, in its quick configuration
     assert taught["noise_floor"] == pytest.approx(3 * 0.1**2)
     assert set(taught["ratio"]) == {"batch_gd", "adam", "average", "linear"}

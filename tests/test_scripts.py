@@ -1,8 +1,12 @@
-"""Smoke tests of the step-benchmark script and its helpers."""
+"""Every script of experiments/ (discovered: each module but __init__) has --help, --quick and
+the package's import rules; smoke tests of the step-benchmark script and its helpers."""
 
 import argparse
+import ast
+import dataclasses
 import importlib
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,13 +15,10 @@ import jax
 import pytest
 
 import abc_jax
+from experiments import bench_step, common
+from experiments import common as _common
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
-sys.path.insert(0, str(EXPERIMENTS))
-
-bench_step = importlib.import_module("bench_step")
-common = importlib.import_module("_common")
-_common = importlib.import_module("_common")
 
 
 @pytest.mark.smoke
@@ -101,3 +102,145 @@ def test_bench_overhead_compares_like_with_like():
                                                              "batch_value_and_grad")]
     for r in rows:
         assert r["ratio"] == pytest.approx(r["public_us"] / r["bare_us"])
+
+
+# Every script: each module experiments/NAME.py but __init__; helpers live in experiments/common/.
+SCRIPTS = sorted(p.stem for p in EXPERIMENTS.glob("*.py") if p.stem != "__init__")
+NOT_RANDOM = {"predict"}  # applies saved params to a file: no --seed, and fast without --quick
+TOOLS = {"render_docs"}  # not an experiment: renders the docs from results (its own flags)
+
+
+def test_scripts_are_discovered():
+    assert {"noise_scale", "train", "predict", "gradcheck", "bench_train"} <= set(SCRIPTS)
+    assert not any(name.startswith("_") for name in SCRIPTS)  # helpers are in experiments.common
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_help_shows_the_defaults(name, capsys):
+    with pytest.raises(SystemExit) as exc:
+        importlib.import_module(f"experiments.{name}").main(["--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"python -m experiments.{name}" in text  # the usage line names the module
+    if name in TOOLS:
+        return
+    assert "--out" in text and "(default:" in text
+    if name not in NOT_RANDOM:
+        assert "--seed" in text and "--quick" in text
+        assert "(default: 0)" in text  # --seed
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
+@pytest.mark.parametrize("name", [*SCRIPTS, *(f"common/{p.stem}" for p in
+                                               (EXPERIMENTS / "common").glob("*.py"))])
+def test_no_file_imports_a_script_or_a_private_name(name):
+    """Scripts and helpers import only abc_jax's public names and experiments.common.*."""
+    tree = ast.parse((EXPERIMENTS / f"{name}.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            names = [f"{node.value.id}.{node.attr}"] if node.value.id == "abc_jax" else []
+        else:
+            continue
+        for full in names:
+            parts = full.split(".")
+            assert parts[0] not in SCRIPTS, f"{name} imports {full} by its bare name"
+            if parts[0] == "experiments" and len(parts) > 1:
+                assert parts[1] == "common", f"{name} imports the script {full}"
+            if full.startswith("abc_jax"):
+                assert not any(part.startswith("_") for part in parts), full
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", ["gradcheck", "predict"])
+def test_runs_as_a_module(name, tmp_path):
+    """``python -m experiments.NAME --help`` from any folder (the package is installed)."""
+    done = subprocess.run([sys.executable, "-m", f"experiments.{name}", "--help"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert f"python -m experiments.{name}" in done.stdout
+
+
+# -- config -> run -> report ---------------------------------------------------------------
+
+CONFIGURED = [n for n in SCRIPTS if n not in {"train", "predict", *TOOLS}]  # their own CLIs
+
+
+@pytest.mark.parametrize("name", CONFIGURED)
+def test_every_script_is_config_run_report(name):
+    mod = importlib.import_module(f"experiments.{name}")
+    assert dataclasses.is_dataclass(mod.Config) and mod.Config.__dataclass_params__.frozen
+    assert mod.QUICK.quick is True and mod.Config().quick is False
+    assert callable(mod.run) and callable(mod.report)
+    flags = [f for f in dataclasses.fields(mod.Config) if "help" in f.metadata]
+    assert "seed" in {f.name for f in flags} and all(f.metadata["help"] for f in flags)
+
+
+def test_flags_come_from_the_config():
+    from experiments import noise_scale
+
+    ap = common.cli.parser("noise_scale", noise_scale.__doc__, seed=False)
+    common.cli.add_flags(ap, noise_scale.Config)
+    config = common.cli.config_from
+    assert config(ap.parse_args([]), noise_scale) == noise_scale.Config()
+    assert config(ap.parse_args(["--quick"]), noise_scale) == noise_scale.QUICK
+    quick = config(ap.parse_args(["--quick", "--n", "512", "--max-steps", "99"]), noise_scale)
+    assert quick == dataclasses.replace(noise_scale.QUICK, n=512, max_steps=99)
+    from experiments import bench_gradients  # a tuple field: nargs="+", back to a tuple
+
+    ap = common.cli.parser("bench_gradients", "", seed=False)
+    common.cli.add_flags(ap, bench_gradients.Config)
+    cfg = config(ap.parse_args(["--ks", "2", "3", "--methods", "batch_grad"]), bench_gradients)
+    assert cfg.ks == (2, 3) and cfg.methods == ("batch_grad",)
+
+
+def test_a_bad_config_exits_2_and_writes_nothing(tmp_path, capsys):
+    from experiments import noise_scale
+
+    assert noise_scale.main(["--n", "1", "--out", str(tmp_path / "o")]) == 2
+    assert "noise_scale: error: --n and --max-steps must be >= 2" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_gradcheck_run_then_report_in_process(tmp_path, capsys):
+    from experiments import gradcheck
+
+    res = gradcheck.run(dataclasses.replace(gradcheck.QUICK, in_dim=4, hidden_dim=3, out_dim=2))
+    assert res["worst_rel"]["float64/manual vs jax.grad"] <= 1e-12
+    assert len(res["rows"]) == 12 and capsys.readouterr().out == ""  # run prints nothing
+    env = res["environment"]
+    assert env["date_utc"].endswith("+00:00") and "git_commit" in env and env["machine"]
+    written = gradcheck.report(res, tmp_path / "o", tmp_path / "docs")
+    assert {"config.json", "metrics.json", "gradcheck.csv", "gradcheck.png"} == set(written)
+    assert "manual vs jax.grad" in capsys.readouterr().out
+    assert (tmp_path / "docs" / "gradcheck.png").exists()
+    docs = json.loads((tmp_path / "docs" / "results" / "gradcheck.json").read_text())
+    assert docs == json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert docs["environment"]["date_utc"] == env["date_utc"]
+
+
+def test_bench_clipping_tiny_in_process(tmp_path, capsys):
+    from experiments import bench_clipping
+
+    cfg = bench_clipping.Config(ks=(4,), ns=(16,), methods=("clipped", "plain", "vmap"),
+                                rounds=1, min_time=0.0)
+    res = bench_clipping.run(cfg)
+    by = {r["method"]: r for r in res["rows"]}
+    assert set(by) == {"clipped", "plain", "vmap"} and by["clipped"]["rel_err_vs_vmap"] < 1e-5
+    assert res["ratios"]["K=4,N=16"]["clipped/plain"] > 0
+    written = bench_clipping.report(res, tmp_path / "o")
+    assert {"timings.csv", "ratios.csv", "bench_clipping.png"} <= set(written)
+
+
+@pytest.mark.integration
+def test_gradcheck_quick_as_a_subprocess(tmp_path):
+    """``python -m experiments.gradcheck --quick`` from another folder writes its files."""
+    done = subprocess.run([sys.executable, "-m", "experiments.gradcheck", "--quick", "--out",
+                           str(tmp_path / "o"), "--docs", str(tmp_path / "docs")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["quick"] is True
+    assert (tmp_path / "docs" / "results" / "gradcheck.json").exists()

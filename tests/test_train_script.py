@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import re
@@ -15,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from abc_jax import parallel
+from experiments import train as train_script
+
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "experiments" / "train.py"
-sys.path.insert(0, str(SCRIPT.parent))
-train_script = importlib.import_module("train")
 
 SMALL = ["--quick", "--n", "24", "--in-dim", "4", "--hidden-dim", "6", "--out-dim", "2"]
 
@@ -133,9 +132,10 @@ def test_a_bad_data_file_is_one_line_and_exit_code_2(tmp_path, capsys, name, con
 def test_the_process_exits_2_on_bad_data(tmp_path):
     path = tmp_path / "text.csv"
     path.write_text("1,2,cat\n3,4,5\n")
-    result = subprocess.run([sys.executable, str(SCRIPT), "--data", str(path), "--quick",
-                             "--out", str(tmp_path / "o")], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=120, env=os.environ | {"PYTHONPATH": str(ROOT)})
+    result = subprocess.run([sys.executable, "-m", "experiments.train", "--data", str(path),
+                             "--quick", "--out", str(tmp_path / "o")], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120,
+                            env=os.environ | {"PYTHONPATH": str(ROOT)})
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == f"error: {path}: line 1, column 3 is not a number: 'cat' " \
                             "(delimiter: comma)\n"
@@ -339,9 +339,9 @@ def test_ctrl_c_is_one_line_and_the_same_command_resumes(tmp_path, capsys, monke
 @pytest.mark.integration
 def test_sigint_to_the_process_is_one_line_and_exit_code_130(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *SMALL, "--epochs", "1000000",
-                             "--epochs-per-chunk", "50", "--checkpoint-every", "50", "--out",
-                             str(out)], cwd=tmp_path, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.train", *SMALL, "--epochs",
+                             "1000000", "--epochs-per-chunk", "50", "--checkpoint-every", "50",
+                             "--out", str(out)], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
                             env=os.environ | {"PYTHONPATH": str(ROOT)})
     try:
@@ -357,3 +357,21 @@ def test_sigint_to_the_process_is_one_line_and_exit_code_130(tmp_path):
     epoch = train_script.checkpoint_epoch(out / "checkpoint")
     assert epoch > 0 and stderr == (f"interrupted at epoch {epoch}: run the same command "
                                     "again to resume\n")
+
+
+def test_run_job_exit_codes_in_process(tmp_path, capsys):
+    """parallel.run_job alone: the body's code; Ctrl-C -> 130 and one line naming the epoch of
+    the checkpoint to resume from; other errors propagate; a bad coordinator -> 2."""
+    assert parallel.run_job(lambda: 7) == 7
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    assert parallel.run_job(interrupted, checkpoint_dir=tmp_path) == parallel.INTERRUPTED == 130
+    assert capsys.readouterr().err == ("interrupted at epoch 0: run the same command again to "
+                                       "resume\n")
+    with pytest.raises(ZeroDivisionError):
+        parallel.run_job(lambda: 1 // 0)
+    assert parallel.run_job(lambda: 0, coordinator="no-port", num_processes=2,
+                            process_id=0) == 2
+    assert capsys.readouterr().err.startswith("error: ")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import _common
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +12,7 @@ import optax
 
 import abc_jax
 from abc_jax import DivergenceError, train, train_many
+from experiments import common
 
 METHODS = ("average", "batch_gd", "adam")
 LABELS = {"average": "average of per-sample copies (homework)",
@@ -185,7 +185,7 @@ def curve_rows(res: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
 
 def plot(res: dict[str, Any]) -> Any:
     """Training objective, held-out loss and ||C|| against epochs (log axes); the figure."""
-    fig, axes = _common.figure(ncols=3, width=4.6, height=3.9)
+    fig, axes = common.figure(ncols=3, width=4.6, height=3.9)
     colors, c = {"average": "C3", "batch_gd": "C0", "adam": "C2"}, res["config"]
     for m, losses in res["train_losses"].items():  # losses[e]: after e updates
         axes[0].plot(np.arange(1, len(losses)), losses[1:], color=colors[m],

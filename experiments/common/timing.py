@@ -1,114 +1,24 @@
-"""What experiment scripts share: flags, problems, results, tables, plots, environment, timing
-(one helper, and the gradient methods timed against each other), optimizers."""
+"""Timing: one helper (``time_interleaved``), a compile clock, and the gradient methods timed
+against each other (bench_gradients, reproduce_seed)."""
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import functools
-import io
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any, NamedTuple
 
-import homework
 import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
-import optax
-from PIL import Image
-from tqdm.auto import tqdm
 
 import abc_jax
-from abc_jax import files
-from abc_jax.edge import PRECISIONS
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt
-
-plt.rcParams.update({"axes.grid": True, "grid.alpha": 0.35})  # the house style
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """The module docstring as written, and every flag's default (unless its help names it)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        text = action.help or ""
-        plain = "(default" in text or action.default is None or action.default is False
-        return text if plain else super()._get_help_string(action)
-
-
-def parser(name: str, doc: str | None, precision: bool = False) -> argparse.ArgumentParser:
-    """An ArgumentParser with --out, --seed, --quick, --docs (and --precision if ``precision``)."""
-    head, _, rest = (doc or name).strip().partition("\n")
-    ap = argparse.ArgumentParser(prog=f"{name}.py", description=head, epilog=rest.strip() or None,
-                                 formatter_class=HelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("results") / name, help="results folder")
-    ap.add_argument("--seed", type=int, default=0, help="random seed")
-    ap.add_argument("--quick", action="store_true", help="tiny configuration that runs in seconds")
-    ap.add_argument("--docs", type=Path, metavar="DIR", help="a 256-colour copy of the key figure")
-    if precision:
-        ap.add_argument("--precision", choices=PRECISIONS, default="highest", help="JAX matmul "
-                        "precision ('highest': exact float32; 'default' lets a GPU use TF32)")
-    return ap
-
-
-def problem(key: jax.Array, n: int, in_dim: int, hidden_dim: int | None = None,
-            out_dim: int | None = None, *, dtype: Any = jnp.float32) -> tuple[abc_jax.Params, Any]:
-    """``init_params(kp, in_dim, hidden_dim, out_dim)`` and X (n, in_dim) ~ Normal(0, 1), where
-    ``kp, kx = split(key)``."""
-    kp, kx = jax.random.split(key)
-    params = abc_jax.init_params(kp, in_dim, hidden_dim, out_dim, dtype=dtype)
-    return params, jax.random.normal(kx, (n, in_dim), dtype)
-
-
-def docs_copy(png: str | os.PathLike[str], docs_dir: str | os.PathLike[str]) -> Path:
-    """Write a 256-colour copy of ``png`` (plots use few colours) under ``docs_dir``."""
-    with Image.open(png) as im, io.BytesIO() as buf:
-        im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT,
-                                   dither=Image.Dither.NONE).save(buf, format="PNG", optimize=True)
-        return files.atomic_write_bytes(Path(docs_dir) / Path(png).name, buf.getvalue())
-
-
-def write_and_report(out: Path, docs: Path | None, key_figures: Sequence[str] = (),
-                     **results: Any) -> dict[str, Path]:
-    """``files.write_results(out, **results)``; with ``docs``, a ``docs_copy`` of each figure
-    named in ``key_figures`` there; prints one line naming the files. Returns name -> path."""
-    written = files.write_results(out, **results)
-    for name in key_figures if docs is not None else ():
-        docs_copy(written[f"{name}.png"], docs)
-    print(f"wrote {out}/: {', '.join(written)}")
-    return written
-
-
-def device_label() -> str:
-    """The device JAX computes on, short: ``"cpu"`` or e.g. ``"gpu NVIDIA H100 80GB HBM3"``."""
-    dev = jax.devices()[0]
-    kind = str(dev.device_kind)
-    return dev.platform if kind.lower() == dev.platform else f"{dev.platform} {kind}"
-
-
-def precisions_to_time() -> tuple[str, ...]:
-    """Exact float32 and TF32 on a GPU; elsewhere every setting gives the same products."""
-    return ("highest", "default") if jax.default_backend() == "gpu" else ("highest",)
-
-
-def environment(dtype: Any = None, precision: str | None = None) -> dict[str, Any]:
-    """Where the numbers were measured: device, backend, versions, CPUs, load, dtype, precision."""
-    dev = jax.devices()[0]
-    return {"device": str(dev), "device_label": device_label(), "device_kind": dev.device_kind,
-            "backend": jax.default_backend(), "device_count": jax.device_count(),
-            "jax_version": jax.__version__, "python_version": platform.python_version(),
-            "cpu_count": os.cpu_count(), "x64_enabled": bool(jax.config.jax_enable_x64),
-            "load_average_1min": os.getloadavg()[0], "precision": precision,  # load: slower
-            "dtype": None if dtype is None else jax.numpy.dtype(dtype).name}
+from experiments.common import homework
+from experiments.common.problems import problem
+from experiments.common.results import device_label, progress
 
 
 class Timing(NamedTuple):
@@ -265,48 +175,3 @@ def time_gradients(ks: Sequence[int], n: int, methods: Sequence[str] = tuple(GRA
         b = base.get(r["K"])
         r["ratio_to_batch_grad"] = r["median_s"] / b if (b and r["median_s"]) else None
     return rows
-
-
-OPTIMIZERS: dict[str, tuple[str, Callable[[float], Any]]] = {  # name -> (label, lr -> rule)
-    "gd": ("hand-rolled GD", lambda lr: None), "sgd": ("optax.sgd", optax.sgd),  # None: train's
-    "momentum": ("optax.sgd momentum 0.9", lambda lr: optax.sgd(lr, momentum=0.9)),
-    "adam": ("optax.adam", optax.adam)}
-
-
-def make_optimizer(name: str, lr: float) -> optax.GradientTransformation | None:
-    """``OPTIMIZERS[name]`` at learning rate ``lr``: None for "gd" (train's own rule)."""
-    if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}, got {name!r}")
-    return OPTIMIZERS[name][1](lr)
-
-
-def rate_kwargs(name: str, lr: float) -> dict[str, Any]:
-    """``train``'s keywords for optimizer ``name`` at rate ``lr``: ``lr=`` for the hand-rolled
-    rule ("gd"), else ``optimizer=`` carrying the rate."""
-    optimizer = make_optimizer(name, lr)
-    return {"lr": lr} if optimizer is None else {"optimizer": optimizer}
-
-
-def format_table(header: Sequence[str], rows: Sequence[Sequence], floatfmt: str = ".3g") -> str:
-    """A plain-text table: columns right-aligned, floats formatted with ``floatfmt``, None "-"."""
-    cells = [[str(h) for h in header]] + [
-        ["-" if v is None else format(v, floatfmt) if isinstance(v, float) else str(v)
-         for v in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
-    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
-
-
-def print_table(header: Sequence[str], rows: Sequence[Sequence], floatfmt: str = ".3g") -> None:
-    """Print ``format_table(header, rows, floatfmt)``."""
-    print(format_table(header, rows, floatfmt))
-
-
-def progress(iterable: Any, **kwargs: Any) -> Any:
-    """A tqdm bar, shown when stderr is a terminal (silent in tests and logs)."""
-    return tqdm(iterable, disable=None, leave=False, dynamic_ncols=True, **kwargs)
-
-
-def figure(ncols: int = 1, width: float = 5.5, height: float = 4.0) -> tuple[Any, Any]:
-    """A figure with ``ncols`` side-by-side axes in the house style (grid, tight layout)."""
-    return plt.subplots(1, ncols, figsize=(width * ncols, height), layout="constrained")

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import _common
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 import abc_jax
+from experiments import common
 
 METHODS = ("batch_gd", "adam", "average")
 LABELS = {"batch_gd": "GD on the mean loss", "adam": "adam on the mean loss",
@@ -130,7 +130,7 @@ def curve_rows(res: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
 
 def plot(res: dict[str, Any]) -> Any:
     """Held-out loss against epochs with the noise floor; final held-out / floor per method."""
-    fig, (ax, bars) = _common.figure(ncols=2, width=5.2, height=4.0)
+    fig, (ax, bars) = common.figure(ncols=2, width=5.2, height=4.0)
     colors = {"batch_gd": "C0", "adam": "C2", "average": "C3", "linear": "C7"}
     for m, c in res["curves"].items():
         ax.plot(c["epochs"][1:], c["heldout"][1:], "o-", ms=2, color=colors[m], label=LABELS[m])

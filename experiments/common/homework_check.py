@@ -7,12 +7,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import _common
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import abc_jax
+from experiments import common
 
 # The homework's first listing (its own random x, A, B, C and learning rate), as printed.
 HOMEWORK_LOSSES = tuple(float(v) for v in """
@@ -204,7 +204,7 @@ def plot(hc: dict[str, Any], sim: dict[str, Any]) -> Any:
     """PyTorch / manual per entry (bars: 4-decimal rounding) against |manual|; lines at 1, dL/dC's
     one factor and sqrt of the listing's median update; band: the simulated dL/dC ratios. The
     y-limits hold every bar whole, the lines and the band."""
-    fig, ax = _common.figure(width=7.0, height=4.8)
+    fig, ax = common.figure(width=7.0, height=4.8)
     C, r_w = hc["matrices"]["C"], float(np.sqrt(hc["listing_step_ratio_median"]))
     r_obs = float(np.mean(C["common_factor"] or [C["fit_factor"]]))
     for (name, m), mk in zip(hc["matrices"].items(), "os^", strict=True):
@@ -230,8 +230,9 @@ def plot(hc: dict[str, Any], sim: dict[str, Any]) -> Any:
 
 def run(params: abc_jax.Params, x: jax.Array, *, k: int, epochs: int, lr: float,
         seeds: Sequence[int]) -> dict[str, Any]:
-    """Re-read, simulate one update at (params, x) and after ``seeds``' runs, print; return
-    ``metrics``, ``sentence``, ``tables`` (name -> (header, rows)) and ``figures``."""
+    """Re-read, simulate one update at (params, x) and after ``seeds``' runs; return
+    ``metrics``, ``sentence``, ``text`` (the tables and findings, to print), ``tables``
+    (name -> (header, rows)) and ``figures``."""
     hc = reread_homework_check()
     sim, _ = simulate_one_update_later(params, x, hc["listing_step_ratio_median"])
     scan = seed_scan(k, epochs, lr, seeds, hc["listing_step_ratio_median"])
@@ -253,9 +254,10 @@ def run(params: abc_jax.Params, x: jax.Array, *, k: int, epochs: int, lr: float,
                    *(_span([r[f"d{n}_ratio_min"], r[f"d{n}_ratio_max"]]) for n in "ABC"),
                    yes[r["all_entries_shrink"]], yes[r["homework_like"]]]
                   for r in [{"seed": "this run", **sim}, *scan]])
-    print(_common.format_table(["PyTorch vs manual", *(f"dL/d{n}" for n in mats)],
-                               [list(row) for row in zip(labels, *reread, strict=True)]),
-          _common.format_table(*simulated), "\n".join(found), sep="\n\n")
+    text = "\n\n".join([common.format_table(["PyTorch vs manual", *(f"dL/d{n}" for n in mats)],
+                                            [list(row) for row in zip(labels, *reread,
+                                                                      strict=True)]),
+                         common.format_table(*simulated), "\n".join(found)])
     metrics = {"autograd_over_manual_dC": [C["ratio_min"], C["ratio_max"]],
                "dC_common_factor": C["common_factor"], "loss_ratio_printed": hc["loss_ratio"],
                **{key: hc[key] for key in ("loss_ratio_interval", "listing_step_ratio_range",
@@ -265,5 +267,6 @@ def run(params: abc_jax.Params, x: jax.Array, *, k: int, epochs: int, lr: float,
                "n_seeds": len(scan), "findings": found}
     header = ["entry", "manual", "pytorch", "manual_rounded", "ratio", "beyond_rounding",
               "ratio_lo", "ratio_hi"]
-    return {"metrics": metrics, "sentence": sentence, "figures": {"homework_check": plot(hc, sim)},
+    return {"metrics": metrics, "sentence": sentence, "text": text,
+            "figures": {"homework_check": plot(hc, sim)},
             "tables": {"homework_check": (header, entries), "homework_check_simulated": simulated}}

@@ -12,7 +12,8 @@ The path is dotted keys and list indices, and ``[k=v,...]`` picks the first dict
 whose fields match (``rows[K=64,N=1024,method=clipped].median_s``). The format is a
 Python format spec after a colon (``:.3g``), or one of:
 
-- ``table``: a Markdown table of ``{"header": [...], "rows": [[...], ...]}``;
+- ``table`` or ``table:.3g``: a Markdown table of ``{"header": [...], "rows": [[...]]}``
+  (a results file's ``tables.NAME``), its floats in the given format, None as "–";
 - ``machine``: the ``environment`` block as one line (device, CPUs, JAX version, date);
 - ``x``: a ratio as ``1.21x`` (two significant decimals), ``us``: seconds as microseconds.
 
@@ -72,9 +73,18 @@ def lookup(data: Any, path: str) -> Any:
     return at
 
 
-def table(value: Any) -> str:
+def cell(value: Any, fmt: str) -> str:
+    if value is None:
+        return "\u2013"  # an en dash
+    if isinstance(value, float) and fmt:
+        return format(value, fmt)
+    return str(value)
+
+
+def table(value: Any, fmt: str = "") -> str:
+    """A Markdown table of ``{"header": [...], "rows": [[...], ...]}``, floats in ``fmt``."""
     header, rows = value["header"], value["rows"]
-    cells = [[("" if c is None else str(c)) for c in row] for row in rows]
+    cells = [[cell(c, fmt) for c in row] for row in rows]
     return "\n".join(["| " + " | ".join(map(str, header)) + " |",
                       "|" + "|".join("---" for _ in header) + "|",
                       *("| " + " | ".join(row) + " |" for row in cells)])
@@ -85,14 +95,14 @@ def machine(env: dict[str, Any]) -> str:
     if env.get("cpu_count"):
         parts.append(f"{env['cpu_count']} CPU cores")
     parts.append(f"JAX {env.get('jax_version', env.get('jax', '?'))}")
-    if env.get("date"):
-        parts.append(str(env["date"])[:10])
+    if env.get("date_utc"):
+        parts.append(str(env["date_utc"])[:10])
     return ", ".join(parts)
 
 
 def render_value(value: Any, fmt: str | None) -> str:
-    if fmt == "table":
-        return "\n" + table(value) + "\n"
+    if fmt and fmt.split(":")[0] == "table":
+        return "\n" + table(value, fmt.partition(":")[2]) + "\n"
     if fmt == "machine":
         return machine(value)
     if value is None:

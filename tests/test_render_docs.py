@@ -23,7 +23,7 @@ def test_the_pages_render_numbers_and_every_results_file_says_where_it_ran():
     assert used and used <= files
     for name in used:
         env = render_docs.results(name)["environment"]
-        assert env["jax_version"] and env["date"], name
+        assert env["jax_version"] and env["date_utc"], name
 
 
 @pytest.fixture
@@ -31,9 +31,9 @@ def results_dir(tmp_path):
     (tmp_path / render_docs.RESULTS).mkdir(parents=True)
     data = {"ratio": 1.2345, "rows": [{"K": 64, "N": 1024, "t": 2e-6},
                                       {"K": 64, "N": 4096, "t": 5e-6}],
-            "table": {"header": ["K", "t"], "rows": [[64, "2.0"], [256, None]]},
+            "table": {"header": ["K", "t"], "rows": [[64, 2.0], [256, None]]},
             "environment": {"device": "cpu", "cpu_count": 2, "jax_version": "0.1",
-                            "date": "2026-12-07T10:00:00+00:00"}}
+                            "date_utc": "2026-12-07T10:00:00+00:00"}}
     (tmp_path / render_docs.RESULTS / "demo.json").write_text(json.dumps(data))
     render_docs.results.cache_clear()
     yield tmp_path
@@ -43,13 +43,13 @@ def results_dir(tmp_path):
 def test_values_filters_tables_and_machine_lines(results_dir):
     text = ("a <!--= demo ratio :.2f -->?<!--/--> b <!--= demo ratio x -->1<!--/--> "
             "c <!--= demo rows[N=4096].t us -->0<!--/--> d <!--= demo environment machine -->"
-            "<!--/-->\n<!--= demo table table -->\nold\n<!--/-->")
+            "<!--/-->\n<!--= demo table table:.2f -->\nold\n<!--/-->")
     out = render_docs.render(text, results_dir)
     assert out == ("a <!--= demo ratio :.2f -->1.23<!--/--> b <!--= demo ratio x -->1.23x"
                    "<!--/--> c <!--= demo rows[N=4096].t us -->5.0 µs<!--/--> d "
                    "<!--= demo environment machine -->cpu, 2 CPU cores, JAX 0.1, 2026-12-07"
-                   "<!--/-->\n<!--= demo table table -->\n| K | t |\n|---|---|\n| 64 | 2.0 |\n"
-                   "| 256 |  |\n<!--/-->")
+                   "<!--/-->\n<!--= demo table table:.2f -->\n| K | t |\n|---|---|\n| 64 | 2.00 |\n"
+                   "| 256 | \u2013 |\n<!--/-->")
     assert render_docs.render(out, results_dir) == out  # rendering is idempotent
 
 

@@ -66,7 +66,8 @@ def test_reproduce_seed_writes_its_files(reproduce_quick):
     assert files["gradcheck.csv"].read_text().count("\n") == 1 + 27  # every entry of A, B, C
     assert files["homework_check.csv"].read_text().count("\n") == 1 + 27
     assert sorted(p.name for p in (tmp / "docs").iterdir()) == ["reproduce_loss.png", "results"]
-    assert json.loads((tmp / "docs" / "results" / "reproduce_seed.json").read_text()) == m
+    rendered = json.loads((tmp / "docs" / "results" / "reproduce_seed.json").read_text())
+    assert rendered.pop("tables") and rendered == m
 
 
 @pytest.mark.integration

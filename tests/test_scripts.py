@@ -218,6 +218,7 @@ def test_gradcheck_run_then_report_in_process(tmp_path, capsys):
     assert "manual vs jax.grad" in capsys.readouterr().out
     assert (tmp_path / "docs" / "gradcheck.png").exists()
     docs = json.loads((tmp_path / "docs" / "results" / "gradcheck.json").read_text())
+    assert docs.pop("tables")["gradcheck"]["header"] == gradcheck.FIELDS
     assert docs == json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert docs["environment"]["date_utc"] == env["date_utc"]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import functools
 import io
+import json
 import os
 import platform
 import subprocess
@@ -38,16 +39,20 @@ def docs_copy(png: str | os.PathLike[str], docs_dir: str | os.PathLike[str]) -> 
 def write_and_report(name: str, out: Path, docs: Path | None, key_figures: Sequence[str] = (),
                      **results: Any) -> dict[str, Path]:
     """``files.write_results(out, **results)``; with ``docs``, a ``docs_copy`` of each figure
-    named in ``key_figures`` there and the run's metrics.json as ``docs/results/<name>.json``
-    (the numbers the pages are rendered from); prints one line naming the files. Returns
-    file name -> path."""
+    named in ``key_figures`` there and ``docs/results/<name>.json``: the run's metrics.json
+    with its tables beside, ``"tables": {name: {"header": [...], "rows": [[...], ...]}}``
+    (the numbers the pages are rendered from, ``experiments.render_docs``); prints one line
+    naming the files. Returns file name -> path."""
     written = files.write_results(out, **results)
     if docs is not None:
         for fig in key_figures:
             docs_copy(written[f"{fig}.png"], docs)
         if "metrics.json" in written:
-            files.atomic_write_bytes(Path(docs) / "results" / f"{name}.json",
-                                     written["metrics.json"].read_bytes())
+            metrics = json.loads(written["metrics.json"].read_text())
+            tables = {k: {"header": list(h), "rows": [list(r) for r in rows]}
+                      for k, (h, rows) in (results.get("tables") or {}).items()}
+            files.write_json(Path(docs) / "results" / f"{name}.json",
+                             metrics | ({"tables": tables} if tables else {}))
     print(f"wrote {out}/: {', '.join(written)}")
     return written
 

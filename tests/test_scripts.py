@@ -106,7 +106,7 @@ def test_bench_overhead_compares_like_with_like():
 
 # Every script: each module experiments/NAME.py but __init__; helpers live in experiments/common/.
 SCRIPTS = sorted(p.stem for p in EXPERIMENTS.glob("*.py") if p.stem != "__init__")
-NOT_RANDOM = {"predict"}  # applies saved params to a file: no --seed, and fast without --quick
+NOT_RANDOM = {"predict", "bench_suite"}  # no --seed: saved params applied to a file; the suite
 TOOLS = {"render_docs"}  # not an experiment: renders the docs from results (its own flags)
 
 
@@ -176,7 +176,8 @@ def test_every_script_is_config_run_report(name):
     assert mod.QUICK.quick is True and mod.Config().quick is False
     assert callable(mod.run) and callable(mod.report)
     flags = [f for f in dataclasses.fields(mod.Config) if "help" in f.metadata]
-    assert "seed" in {f.name for f in flags} and all(f.metadata["help"] for f in flags)
+    assert name in NOT_RANDOM or "seed" in {f.name for f in flags}
+    assert all(f.metadata["help"] for f in flags)
 
 
 def test_flags_come_from_the_config():
@@ -245,3 +246,21 @@ def test_gradcheck_quick_as_a_subprocess(tmp_path):
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "o" / "config.json").read_text())["quick"] is True
     assert (tmp_path / "docs" / "results" / "gradcheck.json").exists()
+
+
+def test_bench_suite_reads_pytest_and_reports(tmp_path, capsys):
+    from experiments import bench_suite
+
+    assert bench_suite.counts("....\n3 failed, 640 passed, 1 skipped in 73.20s (0:01:13)\n") == {
+        "passed": 640, "skipped": 1, "failed": 3}
+    assert bench_suite.counts("") == {"passed": 0, "skipped": 0, "failed": 0}
+    runs = [{"run": "default, empty cache", "seconds": 100.0, "passed": 5, "skipped": 0,
+             "failed": 0}, {"run": "default, warm cache", "seconds": 40.0, "passed": 5,
+                            "skipped": 0, "failed": 0}]
+    res = {"config": dataclasses.asdict(bench_suite.QUICK), "runs": runs,
+           "environment": common.environment()}
+    written = bench_suite.report(res, tmp_path / "o", tmp_path / "docs")
+    assert {"bench_suite.csv", "bench_suite.png", "metrics.json"} <= set(written)
+    assert json.loads((tmp_path / "docs" / "results" / "bench_suite.json").read_text())[
+        "tables"]["bench_suite"]["rows"][1][:2] == ["default, warm cache", 40.0]
+    assert "default, empty cache" in capsys.readouterr().out

@@ -8,8 +8,9 @@ versions and date). A value::
     <!--= bench_step ratios.batch_grad :.2f -->1.21<!--/-->
 
 is ``format(results["ratios"]["batch_grad"], ".2f")`` of docs/results/bench_step.json.
-The path is dotted keys and list indices, and ``[k=v,...]`` picks the first dict of a list
-whose fields match (``rows[K=64,N=1024,method=clipped].median_s``). The format is a
+The path is dotted keys and list indices; ``[a key]`` is a key with spaces or dots
+(``summary[ABC + constant].r2``), and ``[k=v,...]`` picks the first dict of a list whose
+fields match (``rows[K=64,N=1024,method=clipped].median_s``). The format is a
 Python format spec after a colon (``:.3g``), or one of:
 
 - ``table`` or ``table:.3g``: a Markdown table of ``{"header": [...], "rows": [[...]]}``
@@ -38,8 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGES = ("README.md", "docs/*.md")
 RESULTS = "docs/results"
 # <!--= NAME PATH [FORMAT] -->VALUE<!--/-->; VALUE may span lines (tables)
-MARKER = re.compile(r"<!--= (?P<name>[\w-]+) (?P<path>\S+)(?: (?P<fmt>[^-]\S*))? -->"
-                    r"(?P<value>.*?)<!--/-->", re.S)
+MARKER = re.compile(r"<!--= (?P<name>[\w-]+) (?P<path>(?:[^\s\[]|\[[^\]]*\])+)"
+                    r"(?: (?P<fmt>[^-]\S*))? -->(?P<value>.*?)<!--/-->", re.S)
 STEP = re.compile(r"([^.\[\]]+)|\[(\d+)\]|\[([^\]]+)\]")
 
 
@@ -65,6 +66,8 @@ def lookup(data: Any, path: str) -> Any:
                 at = at[key]
             elif index:
                 at = at[int(index)]
+            elif "=" not in where:  # [a key with spaces or dots]
+                at = at[where]
             else:
                 want = dict(kv.split("=", 1) for kv in where.split(","))
                 at = next(d for d in at if all(str(d.get(k)) == v for k, v in want.items()))

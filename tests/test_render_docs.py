@@ -29,7 +29,7 @@ def test_the_pages_render_numbers_and_every_results_file_says_where_it_ran():
 @pytest.fixture
 def results_dir(tmp_path):
     (tmp_path / render_docs.RESULTS).mkdir(parents=True)
-    data = {"ratio": 1.2345, "rows": [{"K": 64, "N": 1024, "t": 2e-6},
+    data = {"ratio": 1.2345, "by name": {"a b.c": [7, 8]}, "rows": [{"K": 64, "N": 1024, "t": 2e-6},
                                       {"K": 64, "N": 4096, "t": 5e-6}],
             "table": {"header": ["K", "t"], "rows": [[64, 2.0], [256, None]]},
             "environment": {"device": "cpu", "cpu_count": 2, "jax_version": "0.1",
@@ -51,6 +51,8 @@ def test_values_filters_tables_and_machine_lines(results_dir):
                    "<!--/-->\n<!--= demo table table:.2f -->\n| K | t |\n|---|---|\n| 64 | 2.00 |\n"
                    "| 256 | \u2013 |\n<!--/-->")
     assert render_docs.render(out, results_dir) == out  # rendering is idempotent
+    assert render_docs.render("<!--= demo [by name][a b.c][1] -->?<!--/-->", results_dir) == (
+        "<!--= demo [by name][a b.c][1] -->8<!--/-->")
 
 
 @pytest.mark.parametrize("marker, message", [

@@ -15,9 +15,11 @@ file, or a D that does not match: one line on stderr, exit 2."""
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -26,26 +28,31 @@ import abc_jax
 from abc_jax import DataError
 from abc_jax.files import write_csv
 from experiments import common
-from experiments.common import data as _data
+from experiments.common.data import columns, read_rows
 
+NAME = "predict"
 DEFAULT_OUT = "preds.csv"  # in the folder of --params
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    head, _, rest = __doc__.strip().partition("\n")
-    p = argparse.ArgumentParser(prog="python -m experiments.predict", description=head,
-                                epilog=rest.strip(), formatter_class=common.HelpFormatter)
-    p.add_argument("--params", type=Path, required=True, metavar="PATH",
-                   help="a train.py results folder, a params.npz or a checkpoint.npz")
-    p.add_argument("--data", type=Path, required=True, metavar="FILE",
-                   help="samples X (N, D): .csv, .npy or .npz (its array X)")
-    p.add_argument("--target-cols", type=_data.columns, metavar="COLS",
-                   help="columns of --data to leave out (targets), as train.py's flag: "
-                   "1-based, negative from the end")
-    p.add_argument("--out", type=Path, metavar="FILE",
-                   help=f"the predictions' CSV (default: {DEFAULT_OUT} in the folder of "
-                   "--params)")
-    return p.parse_args(argv)
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The params, the samples and where their predictions go (--params, --data: required)."""
+
+    params: Path | None = common.flag(  # noqa: RUF009
+        None, "a train.py results folder, a params.npz or a checkpoint.npz", metavar="PATH",
+        required=True)
+    data: Path | None = common.flag(  # noqa: RUF009
+        None, "samples X (N, D): .csv, .npy or .npz (its array X)", metavar="FILE", required=True)
+    target_cols: tuple[int, ...] | None = common.flag(
+        None, "columns of --data to leave out (targets), as train.py's flag: 1-based, negative "
+        "from the end", type=columns, nargs=None, metavar="COLS")
+    out: Path | None = common.flag(  # noqa: RUF009
+        None, f"the predictions' CSV (default: {DEFAULT_OUT} in the folder of --params)",
+        metavar="FILE")
+    quick: bool = False
+
+
+QUICK = Config(quick=True)  # predicting is quick already: --quick changes nothing
 
 
 def default_out(params: Path) -> Path:
@@ -53,34 +60,47 @@ def default_out(params: Path) -> Path:
     return (params if params.is_dir() else params.parent) / DEFAULT_OUT
 
 
-def read(args: argparse.Namespace) -> tuple[abc_jax.Params, np.ndarray]:
+def read(config: Config) -> tuple[abc_jax.Params, np.ndarray]:
     """The params and the samples X, checked against each other; one-line errors
     (``ValueError``: ``DataError`` for the data, load_params's for the params)."""
-    params = abc_jax.load_params(args.params)
-    X, _ = _data.read_rows(args, args.data, None, "--data")
+    params = abc_jax.load_params(config.params)
+    X, _ = read_rows(config, config.data, None, "--data")
     D = params.A.shape[1]
     if X.shape[1] != D:
-        left = " after --target-cols" if args.target_cols is not None else ""
-        raise DataError(f"{args.data}: the data have D = {X.shape[1]} columns{left}, the params "
-                        f"in {args.params} take D = {D}")
+        left = " after --target-cols" if config.target_cols is not None else ""
+        raise DataError(f"{config.data}: the data have D = {X.shape[1]} columns{left}, the "
+                        f"params in {config.params} take D = {D}")
     return params, X
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run(config: Config) -> dict[str, Any]:
+    """The predictions W (N, O) of the samples, and what made them; ``Failed`` (exit 2) for a
+    bad params or data file, or a D that does not match."""
+    if config.params is None or config.data is None:
+        raise common.cli.Failed("predict needs --params and --data", 2)
     jax.config.update("jax_enable_x64", True)  # float64 params load as trained; float32 stay
     try:
-        params, X = read(args)
+        params, X = read(config)
     except (ValueError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    W = np.asarray(abc_jax.predict(params, X))
-    out = args.out if args.out is not None else default_out(args.params)
-    write_csv(out, [f"w{i + 1}" for i in range(W.shape[1])], W.tolist())
+        raise common.cli.Failed(str(e), 2) from None
     (H, D), O = params.A.shape, params.C.shape[0]
-    print(f"predicted {W.shape[0]} rows of {args.data} with {args.params} (D = {D}, H = {H}, "
-          f"O = {O}, {W.dtype}): wrote {out}")
-    return 0
+    return {"W": np.asarray(abc_jax.predict(params, X)), "params": config.params,
+            "data": config.data, "shape": f"D = {D}, H = {H}, O = {O}"}
+
+
+def report(res: dict[str, Any], out: Path | None, docs: Any = None) -> Path:
+    """Write the predictions' CSV (header w1..wO) to ``out`` (None: beside the params) and
+    print one line; the path written."""
+    W, out = res["W"], default_out(res["params"]) if out is None else Path(out)
+    write_csv(out, [f"w{i + 1}" for i in range(W.shape[1])], W.tolist())
+    print(f"predicted {W.shape[0]} rows of {res['data']} with {res['params']} ({res['shape']}, "
+          f"{W.dtype}): wrote {out}")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the flags, run, report; the exit code."""
+    return common.cli.main(__name__, argv, docs=False)
 
 
 if __name__ == "__main__":

@@ -96,3 +96,13 @@ def test_a_bad_file_is_one_line_naming_it_and_exit_code_2(trained, bad, tmp_path
     if bad == "wrong-d":
         assert "D = 5" in line and "D = 4" in line
     assert not out.exists()
+
+
+def test_config_run_then_report_in_process(trained, tmp_path, capsys):
+    """run(config) predicts and prints nothing; report writes the CSV and prints one line."""
+    tmp, X = trained
+    res = predict_script.run(predict_script.Config(params=tmp / "run", data=tmp / "x.csv"))
+    assert capsys.readouterr().out == "" and res["W"].shape == (9, 2)
+    assert predict_script.report(res, tmp_path / "w.csv") == tmp_path / "w.csv"
+    _check_predictions(tmp_path / "w.csv", tmp / "run", X)
+    assert capsys.readouterr().out.startswith("predicted 9 rows")

@@ -1,7 +1,9 @@
-"""experiments/train.py, called in-process: outputs, resume, restart, bad data, flags, help."""
+"""experiments/train.py, called in-process: outputs, resume, restart, bad data, flags, help;
+its Config -> run -> report."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -16,10 +18,22 @@ import pytest
 
 from abc_jax import parallel
 from experiments import train as train_script
+from experiments.common.data import hold_out
 
 ROOT = Path(__file__).resolve().parent.parent
 
 SMALL = ["--quick", "--n", "24", "--in-dim", "4", "--hidden-dim", "6", "--out-dim", "2"]
+
+
+def _usage_error(argv: list[str], capsys) -> str:
+    """Exit code 2 (argparse's for a bad value, or main's for a failed check of the Config);
+    what went to stderr."""
+    try:
+        code = train_script.main(argv)
+    except SystemExit as e:
+        code = e.code
+    assert code == 2
+    return capsys.readouterr().err
 
 
 def test_help_shows_every_default(capsys):
@@ -154,10 +168,10 @@ def test_the_process_exits_2_on_bad_data(tmp_path):
     ids=["coordinator-alone", "no-coordinator", "id-out-of-range", "epochs", "lr"],
 )
 def test_bad_flags_are_usage_errors(tmp_path, capsys, flags, message):
-    with pytest.raises(SystemExit) as exc:
-        train_script.main([*flags, "--out", str(tmp_path / "out")])
-    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert message in _usage_error([*flags, "--out", str(tmp_path / "out")], capsys)
     assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match=re.escape(message)):  # the same check in-process
+        train_script.parse_args(flags)
 
 
 def test_a_bad_coordinator_address_is_one_line(tmp_path, capsys):
@@ -207,11 +221,11 @@ def test_target_columns_held_out_fraction_patience_and_the_saved_params(tmp_path
     for got, want in zip(saved, result.params, strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     # the params written are the best held-out ones: their loss on the held-out rows is the best
-    _, (Xe, Te) = train_script._data.hold_out(X, T, 0.3, 0)
+    _, (Xe, Te) = hold_out(X, T, 0.3, 0)
     held = abc_jax.batch_loss(saved, abc_jax.Batch(Xe, T=Te))
     assert float(held) == pytest.approx(m["best_eval_loss"], rel=1e-12)
     # the best evaluation with both its losses, the last one likewise; the table says which
-    (Xk, Tk), _ = train_script._data.hold_out(X, T, 0.3, 0)
+    (Xk, Tk), _ = hold_out(X, T, 0.3, 0)
     kept = float(abc_jax.batch_loss(saved, abc_jax.Batch(Xk, T=Tk)))
     assert m["best"] == {"epoch": m["best_epoch"], "eval_loss": m["best_eval_loss"],
                          "train_loss": pytest.approx(kept, rel=1e-12)}
@@ -263,9 +277,7 @@ def test_targets_file_and_held_out_files(tmp_path, capsys):
          "fraction", "patience-alone", "patience-0", "cols-text"],
 )
 def test_bad_target_flags_are_usage_errors(tmp_path, capsys, flags, message):
-    with pytest.raises(SystemExit) as exc:
-        train_script.main([*flags, "--out", str(tmp_path / "out")])
-    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert message in _usage_error([*flags, "--out", str(tmp_path / "out")], capsys)
 
 
 @pytest.mark.parametrize(
@@ -375,3 +387,21 @@ def test_run_job_exit_codes_in_process(tmp_path, capsys):
     assert parallel.run_job(lambda: 0, coordinator="no-port", num_processes=2,
                             process_id=0) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_config_run_then_report_in_process(tmp_path, capsys):
+    """run(config) trains in config.out and prints nothing; report writes and prints; a
+    config that does not go together is a ValueError."""
+    config = dataclasses.replace(train_script.QUICK, n=24, in_dim=4, hidden_dim=6, out_dim=2,
+                                 out=tmp_path / "run", progress=False)
+    assert train_script.parse_args([*SMALL, "--out", str(config.out), "--no-progress"]) == config
+    res = train_script.run(config)
+    assert capsys.readouterr() == ("", "") and res["metrics"]["status"] == "finished"
+    assert len(res["losses"]) == 40 and res["config"]["N"] == 24
+    assert (config.out / "checkpoint" / "checkpoint.npz").is_file()  # run's own folder
+    train_script.report(res, config.out)
+    assert {p.name for p in config.out.iterdir()} >= {"config.json", "metrics.json",
+                                                      "losses.csv", "loss.png", "params.npz"}
+    assert f"results in {config.out}/" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--patience needs held-out data"):
+        dataclasses.replace(config, patience=2)

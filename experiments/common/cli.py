@@ -6,7 +6,9 @@ A script declares its knobs as a frozen dataclass ``Config`` (its defaults) and 
 annotation, or ``type=`` in ``flag``); other fields are fixed settings. ``main`` adds --out,
 --quick and --docs, builds the config (``dataclasses.replace(QUICK or Config(), **changed)``,
 ``changed`` the flags given away from their defaults; a ``ValueError`` from the dataclass's
-checks is a usage error, exit 2), then calls ``report(run(config), out, docs)``:
+checks is a usage error, exit 2), then calls ``report(run(config), out, docs)``. A script whose
+run needs its folder (train: its checkpoint) makes ``out`` a field of its own; ``docs=False``
+leaves out --docs; ``job`` wraps run and report (train: one process of several):
 
     @dataclasses.dataclass(frozen=True)
     class Config:
@@ -27,7 +29,7 @@ import dataclasses
 import sys
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +46,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def parser(name: str, doc: str | None, precision: bool = False, *,
-           seed: bool = True, docs: bool = True) -> argparse.ArgumentParser:
-    """An ArgumentParser with --out, --quick (and --seed, --docs, --precision if asked)."""
+           seed: bool = True, docs: bool = True, out: bool = True) -> argparse.ArgumentParser:
+    """An ArgumentParser with --quick (and --out, --seed, --docs, --precision if asked)."""
     head, _, rest = (doc or name).strip().partition("\n")
     ap = argparse.ArgumentParser(prog=f"python -m experiments.{name}", description=head,
                                  epilog=rest.strip() or None, formatter_class=HelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("results") / name, help="results folder")
+    if out:
+        ap.add_argument("--out", type=Path, default=Path("results") / name, help="results folder")
     if seed:
         ap.add_argument("--seed", type=int, default=0, help="random seed")
     ap.add_argument("--quick", action="store_true", help="tiny configuration that runs in seconds")
@@ -119,33 +122,65 @@ def config_from(args: argparse.Namespace, module: Any) -> Any:
     return dataclasses.replace(module.QUICK if args.quick else default, **changed)
 
 
-def main(module: str, argv: Sequence[str] | None = None) -> int:
-    """The command line of the script ``module`` (a module name, e.g. ``__name__``): flags from
-    its ``Config``, then ``report(run(config), out, docs)``; the exit code. A ``ValueError``
-    from building the config prints ``NAME: error: ...`` and returns 2, an ``Unavailable``
-    from ``run`` ``error: ...`` and 2."""
+def _name(mod: types.ModuleType) -> str:
+    """The script's name: its ``NAME``, else the last part of its module name."""
+    return getattr(mod, "NAME", mod.__name__.rpartition(".")[2])
+
+
+def parse(module: str, argv: Sequence[str] | None = None, *,
+          docs: bool = True) -> tuple[Any, argparse.Namespace]:
+    """(config, flags) of the command line ``argv`` of the script ``module``: flags from its
+    ``Config`` (a field ``out`` is --out itself), --out, --quick and, with ``docs``, --docs.
+    argparse's usage errors exit 2; a ``Config``'s failed check raises ``ValueError``."""
     mod = sys.modules[module]
-    name = getattr(mod, "NAME", module.rpartition(".")[2])
-    ap = parser(name, mod.__doc__, seed=False)
+    fields = {f.name for f in dataclasses.fields(mod.Config) if "help" in f.metadata}
+    ap = parser(_name(mod), mod.__doc__, seed=False, docs=docs, out="out" not in fields)
     add_flags(ap, mod.Config)
     args = ap.parse_args(argv)
+    return config_from(args, mod), args
+
+
+def main(module: str, argv: Sequence[str] | None = None, *, docs: bool = True,
+         job: Callable[[Any, Callable[[], int]], int] | None = None) -> int:
+    """The command line of the script ``module`` (a module name, e.g. ``__name__``): flags from
+    its ``Config``, then ``report(run(config), out, docs)``; the exit code. A ``ValueError``
+    from building the config prints ``NAME: error: ...`` and returns 2; a ``Failed`` from
+    ``run`` or ``report`` (``Unavailable``: 2) prints ``error: ...`` and returns its code.
+    ``job(config, body)``, if given, runs ``body`` (run and report; the exit code) and returns
+    the exit code: e.g. as one process of several, turning Ctrl-C into one."""
+    mod = sys.modules[module]
     try:
-        cfg = config_from(args, mod)
+        cfg, args = parse(module, argv, docs=docs)
     except ValueError as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
+        print(f"{_name(mod)}: error: {e}", file=sys.stderr)
         return 2
-    try:
-        results = mod.run(cfg)
-    except Unavailable as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    mod.report(results, args.out, args.docs)
-    return 0
+
+    def body() -> int:
+        try:
+            mod.report(mod.run(cfg), args.out, getattr(args, "docs", None))
+        except Failed as e:
+            print(f"error: {e}", file=sys.stderr)
+            return e.code
+        return 0
+
+    return body() if job is None else job(cfg, body)
 
 
-class Unavailable(RuntimeError):
+class Failed(RuntimeError):
+    """What ``run`` or ``report`` raises to end the command with one line on stderr,
+    ``error: <message>``, and the exit code ``code`` (what was written stays)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Unavailable(Failed):
     """What ``run`` raises when the machine lacks what it needs (a package): ``main`` prints
     ``error: <message>`` and returns 2, writing nothing."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 2)
 
 
 def check(ok: bool, message: str) -> None:

@@ -101,7 +101,7 @@ def plot(rows: list[dict], shape: str) -> Any:
         for i, dt in enumerate(("float32", "float64")):
             rel = np.array([r["rel"] for r in rows if (r["dtype"], r["comparison"]) == (dt, cmp)])
             x = np.arange(len(rel)) + (i - 0.5) * 0.2
-            ax.plot(x, np.maximum(rel, FLOOR), "o", color=f"C{i}", ms=7, label=dt)
+            ax.plot(x[rel > 0], rel[rel > 0], "o", color=f"C{i}", ms=7, label=dt)
             if np.any(rel == 0):
                 ax.plot(x[rel == 0], [FLOOR] * int(np.sum(rel == 0)), "v", color=f"C{i}", ms=9,
                         label=f"{dt}: exactly 0")

@@ -13,8 +13,9 @@ Times, in one interleaved run per (K, N) with K = D = H = O, float32, targets T:
 
 The clip norm is the median per-sample gradient norm (about half the rows clipped).
 Memory per JAX method is XLA's estimate (``compiled.memory_analysis()``: temporaries,
-arguments and outputs); a method whose estimate exceeds --budget-gib is not run and is
-reported as out of memory. Times are medians over interleaved rounds, each waited for
+arguments and outputs); Opacus's is the size of its per-sample gradients (N x P float32),
+a lower bound. A method whose estimate exceeds --budget-gib is not run and is reported as
+out of memory. Times are medians over interleaved rounds, each waited for
 with ``jax.block_until_ready``; compile time is apart.
 
     python -m experiments.bench_clipping            # K 64, 256; N 1024 .. 65536
@@ -24,6 +25,7 @@ with ``jax.block_until_ready``; compile time is apart.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import importlib.util
 import statistics
 import sys
@@ -160,7 +162,7 @@ def run_point(K: int, N: int, args: Config) -> list[dict[str, Any]]:
     for name in args.methods:
         row = rows[name] = {"K": K, "P": 3 * K * K, "N": N, "method": name, "status": "ok"}
         if name == "opacus":
-            est = N * 3 * K * K * 4  # its grad_sample tensors alone
+            est = row["mem_total_bytes"] = N * 3 * K * K * 4  # its grad_sample tensors alone
             if est > args.budget_gib * GIB:
                 row["status"] = f"out of memory (estimated {est / GIB:.1f} GiB)"
             else:
@@ -193,7 +195,7 @@ def table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     header = ["K", "N", *(f"{m} ms" for m in methods), "clipped/plain", "vmap/clipped",
               *(["opacus/clipped"] if "opacus" in methods else []),
-              *(f"{m} MiB" for m in methods if m != "opacus")]
+              *(f"{m} MiB{' (est.)' if m == 'opacus' else ''}" for m in methods)]
     out = []
     for K, N in dict.fromkeys((r["K"], r["N"]) for r in rows):
         by = {r["method"]: r for r in rows if (r["K"], r["N"]) == (K, N)}
@@ -201,7 +203,7 @@ def table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
                  for m in methods]
         ratios = [ratio(rows, K, N, "clipped", "plain"), ratio(rows, K, N, "vmap", "clipped"),
                   *([ratio(rows, K, N, "opacus", "clipped")] if "opacus" in methods else [])]
-        mem = [f"{by[m]['mem_total_bytes'] / 2**20:.0f}" for m in methods if m != "opacus"]
+        mem = [f"{by[m]['mem_total_bytes'] / 2**20:.0f}" for m in methods]
         out.append([K, N, *times, *(f"{x:.2f}" if x else "-" for x in ratios), *mem])
     return header, out
 
@@ -256,8 +258,11 @@ def run(cfg: Config) -> dict[str, Any]:
     rows = [r for K in cfg.ks for N in cfg.ns for r in run_point(K, N, cfg)]
     return {"config": dataclasses.asdict(cfg), "environment": env, "opacus_skipped": skipped,
             "rows": rows,
+            "versions": {m: importlib.metadata.version(m) for m in ("torch", "opacus")
+                         if "opacus" in cfg.methods},
             "ratios": {f"K={K},N={N}": {"clipped/plain": ratio(rows, K, N, "clipped", "plain"),
-                                        "vmap/clipped": ratio(rows, K, N, "vmap", "clipped")}
+                                        "vmap/clipped": ratio(rows, K, N, "vmap", "clipped"),
+                                        "opacus/clipped": ratio(rows, K, N, "opacus", "clipped")}
                        for K in cfg.ks for N in cfg.ns}}
 
 

@@ -1,4 +1,4 @@
-"""What the gradient tests share: an independent plain-jnp loss, problems, errors.
+"""What the tests share: an independent plain-jnp loss, problems, errors, compile monitors.
 
 The reference loss has its own sigmoid, 0.5 (1 + tanh(y / 2)) (finite with a
 finite derivative for any y), and its own contractions, so a bug shared by the
@@ -7,19 +7,33 @@ relative per parameter: max |got - ref| / max |ref|.
 """
 
 import contextlib
+import os
+import re
+import traceback
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+import abc_jax
 from abc_jax import Params
+
+# (D, H, O) the gradient tests share, all different (a transposed gradient has the wrong
+# shape): H < D in the first, H > D in the second. Every test that needs no shape of its own
+# uses these, so each function compiles at few shapes.
+SHAPES = [(5, 4, 3), (3, 7, 2)]
+F64_TOL, F32_TOL, FD_TOL = 1e-12, 1e-5, 1e-7
 
 
 def ref_sigmoid(y):
     return 0.5 * (1 + jnp.tanh(0.5 * y))
 
 
+# jitted: a test runs them eagerly (under jax.grad, vmap, hessian), where each operation
+# would otherwise compile on its own.
+@jax.jit
 def ref_loss(params, x, t=0.0):
     """||C (sigmoid(A x) + B x) - t||^2 for one sample, in plain jnp."""
     A, B, C = params
@@ -28,6 +42,7 @@ def ref_loss(params, x, t=0.0):
     return jnp.sum((w - t) ** 2)
 
 
+@jax.jit
 def ref_batch_loss(params, X, T=0.0, r=None):
     """sum_i r_i ||C (sigmoid(A x_i) + B x_i) - t_i||^2 / sum_i r_i (r None: the mean)."""
     A, B, C = params
@@ -89,3 +104,41 @@ def compilations():
         yield seen
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
+
+
+PACKAGE = os.path.dirname(abc_jax.__file__)
+
+
+# What turning a NumPy input into a JAX array may compile (once per shape and dtype):
+# anything else seen before a bad input's error means the check came too late.
+CONVERSIONS = {"jit(stage)", "jit(convert_element_type)"}
+
+
+def exactly(message):
+    """A ``match`` pattern: the error's message starts with ``message``, character for
+    character (and ends there, if ``message`` ends with ``$``)."""
+    end = message.endswith("$")
+    return "^" + re.escape(message.removesuffix("$")) + ("$" if end else "")
+
+
+def raises_before_compiling(call, error, message):
+    """``call()`` raises ``error`` from abc_jax's code, its message starting with ``message``,
+    having compiled nothing but input conversions."""
+    with compilations() as compiled, pytest.raises(error, match=exactly(message)) as info:
+        call()
+    assert set(compiled) <= CONVERSIONS, f"compiled {compiled} before raising {info.value!r}"
+    innermost = traceback.extract_tb(info.value.__traceback__)[-1].filename
+    assert innermost.startswith(PACKAGE), f"raised from {innermost}, not by abc_jax"
+
+
+
+def assert_results_equal(a, b):
+    """Two TrainResults (or TrainManyResults), losses and params bit for bit."""
+    np.testing.assert_array_equal(np.asarray(a.losses), np.asarray(b.losses))
+    for x, y in zip(a.params, b.params, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def assert_results_close(a, b, rtol, atol=0.0):
+    np.testing.assert_allclose(a.losses, b.losses, rtol=rtol, atol=atol)
+    chex.assert_trees_all_close(a.params, b.params, rtol=rtol, atol=atol)

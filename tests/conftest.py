@@ -17,9 +17,19 @@ os.environ.setdefault(
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# Most of the suite's time is XLA compiling small programs that then run for microseconds:
+# LLVM's backend at -O0, without its expensive passes, compiles about a third faster. XLA's
+# own graph optimisations (fusion, simplification) still run; the arithmetic is the same
+# IEEE arithmetic (no fast-math either way), so every tolerance holds. Users' code keeps
+# XLA's defaults; a caller's XLA_FLAGS that set these are kept.
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_backend_optimization_level" not in _flags:
+    os.environ["XLA_FLAGS"] = (f"{_flags} --xla_backend_optimization_level=0 "
+                               "--xla_llvm_disable_expensive_passes=true").strip()
 
-import jax
-import pytest
+import jax  # noqa: E402  (after the environment above)
+import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -28,6 +38,13 @@ jax.config.update("jax_default_matmul_precision", "highest")
 import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
+
+# Hypothesis: every example at a new shape compiles, so the default run draws a few
+# examples (values vary, shapes come from small fixed sets); HYPOTHESIS_PROFILE=ci (the
+# integration run in .ci/run) draws many. No deadline: a first example compiles.
+settings.register_profile("default", max_examples=6, deadline=None, database=None)
+settings.register_profile("ci", max_examples=60, deadline=None, database=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ two CPU devices each, on free local ports, every process bounded by a timeout.
 - the global batch from each process's own rows (600 + 401), each process padding its
   own share with rows of weight 0, gives the gradients, losses and training (mini-batches
   included) of one process on all the rows (tests/distributed_worker.py);
-- experiments/train.py: a peer killed mid-run stops the other within 30 s, and the same
+- python -m experiments.train: a peer killed mid-run stops the other within 30 s, and the same
   commands again finish with the parameters of an uninterrupted run;
 - a coordinator that is not there is a one-line error, not a hang.
 """
@@ -26,7 +26,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 TESTS = Path(__file__).parent
-SCRIPT = TESTS.parent / "experiments" / "train.py"
+SCRIPT = ["-m", "experiments.train"]  # run from the repository root
 ENV = dict(os.environ, JAX_NUM_CPU_DEVICES="2", JAX_PLATFORMS="cpu")
 TIMEOUT = 180  # seconds any one process may take
 SURVIVOR_LIMIT = 30  # seconds a process may outlive a dead peer
@@ -70,7 +70,7 @@ def test_two_processes_give_the_results_of_one(tmp_path):
         assert value <= 1e-10, (name, value)
 
 
-# --- experiments/train.py ---------------------------------------------------
+# --- python -m experiments.train -----------------------------------------------
 
 ROWS = (600, 401)
 EPOCHS = 60
@@ -89,7 +89,7 @@ def write_data(folder: Path) -> list[Path]:
 
 def commands(data: list[Path], out: Path, port: int) -> list[list[str]]:
     """The README's two commands, one per process."""
-    return [[str(SCRIPT), "--data", str(d), "--coordinator", f"127.0.0.1:{port}",
+    return [[*SCRIPT, "--data", str(d), "--coordinator", f"127.0.0.1:{port}",
              "--num-processes", "2", "--process-id", str(i), *TRAIN, "--out", str(out)]
             for i, d in enumerate(data)]
 

@@ -128,6 +128,7 @@ def test_with_a_target_the_values_gradients_and_rules_follow_it():
         graph.node_values(params, x, jnp.ones(3))
 
 
+@pytest.mark.integration  # a whole figure drawn and laid out
 def test_heat_maps_carry_the_arrays_and_their_norms():
     params, x = _problem(5, 4, 2)  # D > 3: norms and heat maps
     fig = abc_jax.draw_graph(params, x)
@@ -155,6 +156,7 @@ def test_every_edge_carries_its_backward_rule():
     assert "L = " in texts["title"]
 
 
+@pytest.mark.integration  # a whole figure drawn and laid out
 @pytest.mark.parametrize("shape, numbers", [((3, 3, 3), None), ((5, 4, 2), True),
                                             ((8, 6, 4), None), ((64, 64, 64), None)])
 def test_nothing_overlaps(shape, numbers):
@@ -183,6 +185,7 @@ def test_nothing_overlaps(shape, numbers):
     assert width < 20 and height < 8
 
 
+@pytest.mark.integration  # a whole figure drawn and laid out
 def test_written_whole_and_loads(tmp_path):
     path = io.save_figure(tmp_path / "graph.png", abc_jax.draw_graph(*_problem(3, 2, 1)))
     assert [p.name for p in tmp_path.iterdir()] == ["graph.png"]  # no temporary file left
@@ -190,6 +193,7 @@ def test_written_whole_and_loads(tmp_path):
     assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400
 
 
+@pytest.mark.integration  # a whole figure drawn and laid out
 def test_two_states_in_subfigures(tmp_path):
     p0, x = _problem(3, 3, 3)
     p1 = jax.tree.map(lambda a: 0.5 * a, p0)

@@ -12,6 +12,8 @@ import pytest
 import abc_jax
 from experiments.common import teacher
 
+pytestmark = pytest.mark.integration  # experiment runs: the integration run (.ci/run)
+
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
 

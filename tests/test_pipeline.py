@@ -13,7 +13,7 @@ from abc_jax import init_params, train_many
 from abc_jax.checkpoint import checkpoint_epoch
 from abc_jax.engine import pipeline
 
-D, H, O, N, M = 3, 4, 2, 12, 2  # rectangular, as in test_population
+D, H, O, N, M = 3, 4, 2, 12, 2  # rectangular, as in test_train's members
 
 
 def setup():

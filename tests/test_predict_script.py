@@ -14,6 +14,8 @@ import pytest
 import abc_jax
 from experiments import predict as predict_script
 
+pytestmark = pytest.mark.integration  # script runs: the integration run (.ci/run)
+
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
 

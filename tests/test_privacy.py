@@ -178,6 +178,7 @@ def test_private_mode_contradictions_are_named(key, monkeypatch):
     assert isinstance(info.value, abc_jax.PrivacyAccountingError)
 
 
+@pytest.mark.integration  # two more compiled private loops
 def test_chunked_rows_and_optax_route_through_the_same_step(key):
     params, batch = problem()
     kw = dict(epochs=3, key=key, **KW,

@@ -85,12 +85,14 @@ def test_table_marks_missing_methods():
     assert _common.format_table(header, cells).splitlines()[2].split()[-1] == "-"
 
 
+@pytest.mark.integration  # a script's run
 def test_temp_bytes_grow_with_the_chunk():
     params = _common.problem(jax.random.key(0), 16, 8)[0]
     small, whole = (bench_step.temp_bytes(params, 4096, 8, c) for c in (256, 4096))
     assert 0 < small < whole
 
 
+@pytest.mark.integration  # a script's run
 def test_bench_overhead_compares_like_with_like():
     # the bare loop computes the same gradient as the public function it is compared with
     params, X = common.problem(jax.random.key(0), 8, 3)
@@ -206,6 +208,7 @@ def test_a_bad_config_exits_2_and_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.integration  # a script's run
 def test_gradcheck_run_then_report_in_process(tmp_path, capsys):
     from experiments import gradcheck
 
@@ -224,6 +227,7 @@ def test_gradcheck_run_then_report_in_process(tmp_path, capsys):
     assert docs["environment"]["date_utc"] == env["date_utc"]
 
 
+@pytest.mark.integration  # a script's run
 def test_bench_clipping_tiny_in_process(tmp_path, capsys):
     from experiments import bench_clipping
 

@@ -20,6 +20,8 @@ from abc_jax import parallel
 from experiments import train as train_script
 from experiments.common.data import hold_out
 
+pytestmark = pytest.mark.integration  # script runs: the integration run (.ci/run)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 SMALL = ["--quick", "--n", "24", "--in-dim", "4", "--hidden-dim", "6", "--out-dim", "2"]

@@ -1,4 +1,5 @@
-"""The public functions under JAX transformations, dtypes, Optax and grad-of-grad.
+"""The public array functions (``abc_jax.api``: the edge plus one ``jax.jit`` each) under JAX
+transformations, dtypes, Optax and grad-of-grad, and their matmul precision policy.
 
 jit equals no-jit, vmap equals a Python loop, a jitted step traces and
 compiles once per shape, a ``Batch`` of row weights passes through jit, vmap
@@ -10,6 +11,7 @@ equal those of a plain-jnp loss.
 
 import functools
 import os
+import re
 import subprocess
 import sys
 
@@ -21,9 +23,10 @@ import numpy as np
 import optax
 import pytest
 from _reference import compilations, max_rel_err, ref_batch_loss, ref_loss
+from _reference import make_problem as ref_problem
 
 import abc_jax
-from abc_jax import Batch, Params
+from abc_jax import Batch, edge
 
 D, H, O = 5, 4, 3  # all different
 
@@ -66,7 +69,7 @@ SAMPLE_FNS = {
 @pytest.mark.parametrize("name", list(BATCH_FNS))
 def test_jit_equals_eager_batch(name):
     fn = BATCH_FNS[name]
-    params, X = make_problem(0, N=7)
+    params, X = make_problem(0, N=17)
     eager = fn(params, X)
     jitted = jax.jit(fn)(params, X)
     chex.assert_tree_all_finite(eager)
@@ -85,7 +88,7 @@ def test_jit_equals_eager_sample(name):
 
 def test_jit_with_params_closed_over():
     # Params as constants of the traced function, X traced: still the same answer.
-    params, X = make_problem(2, N=7)
+    params, X = make_problem(2, N=17)
     jitted = jax.jit(lambda X: abc_jax.batch_grad(params, X, chunk_size=2))(X)
     assert max_rel_err(jitted, abc_jax.batch_grad(params, X)) <= 1e-14
 
@@ -96,7 +99,7 @@ def test_jit_with_params_closed_over():
 @pytest.mark.parametrize("name", ["forward", "loss", "manual_grad", "abc_loss", "grad_abc_loss"])
 def test_vmap_over_samples_equals_loop(name):
     fn = SAMPLE_FNS[name]
-    params, X = make_problem(3, N=6)
+    params, X = make_problem(3, N=17)
     batched = jax.vmap(fn, in_axes=(None, 0))(params, X)
     looped = jax.tree.map(lambda *xs: jnp.stack(xs), *[fn(params, x) for x in X])
     assert max_rel_err(batched, looped) <= 1e-14
@@ -134,7 +137,7 @@ def test_jitted_step_traces_once():
         g = abc_jax.batch_grad(params, X)
         return jax.tree.map(lambda p, g: p - 0.1 * g, params, g)
 
-    params, X = make_problem(5, N=8)
+    params, X = make_problem(5, N=17)
     params = step(params, X)
     params = step(params, X + 1.0)  # new values, same shapes and dtypes
     params = step(params, np.asarray(X))  # a NumPy array of the same shape
@@ -152,7 +155,7 @@ def test_jitted_abc_loss_step_traces_once():
     def step(params, X):
         return jax.value_and_grad(batch_abc_loss)(params, X)
 
-    params, X = make_problem(6, N=8)
+    params, X = make_problem(6, N=17)
     for i in range(3):
         loss, g = step(params, X * (i + 1))
         params = jax.tree.map(lambda p, g: p - 0.01 * g, params, g)
@@ -205,7 +208,7 @@ WEIGHTED_FNS = ["batch_loss", "batch_grad", "batch_grad_chunked", "batch_value_a
 @pytest.mark.parametrize("name", WEIGHTED_FNS)
 def test_batch_of_weights_under_jit_equals_eager_and_reference(name):
     fn = BATCH_FNS[name]
-    params, X, w = _weighted(20, 7)
+    params, X, w = _weighted(20, 17)
     eager = fn(params, Batch(X, w))
     assert max_rel_err(jax.jit(fn)(params, Batch(X, w)), eager) <= 1e-14
     value, grad = ref_weighted_loss(params, X, w), jax.grad(ref_weighted_loss)(params, X, w)
@@ -223,7 +226,7 @@ def test_vmap_over_batches_of_weights_equals_loop():
 
 
 def test_grad_through_a_batch_wrt_params_and_weights():
-    params, X, w = _weighted(22, 6)
+    params, X, w = _weighted(22, 17)
     got = jax.grad(abc_jax.batch_loss)(params, Batch(X, w))
     assert max_rel_err(got, abc_jax.batch_grad(params, Batch(X, w))) <= 1e-12
     dw = jax.grad(lambda r: abc_jax.batch_loss(params, Batch(X, r)))(w)
@@ -231,7 +234,7 @@ def test_grad_through_a_batch_wrt_params_and_weights():
 
 
 def test_argument_checks_run_inside_a_trace():
-    params, X = make_problem(23, N=5)
+    params, X = make_problem(23, N=17)
 
     @jax.jit
     def bad_shape(params, X):
@@ -250,7 +253,7 @@ def test_argument_checks_run_inside_a_trace():
 def test_value_checks_are_opt_in_and_left_to_eager_calls():
     # By default a NaN flows through as in any JAX function (the call does not wait for
     # the device); abc_jax.value_checks() names it; inside a trace values are unknown.
-    params, X = make_problem(24, N=5)
+    params, X = make_problem(24, N=17)
     X = X.at[3, 1].set(jnp.nan)
     assert np.isnan(np.asarray(abc_jax.batch_grad(params, X).A)).any()
     with abc_jax.value_checks(), pytest.raises(ValueError, match=r"X\[3, 1\]"):
@@ -258,9 +261,9 @@ def test_value_checks_are_opt_in_and_left_to_eager_calls():
     with abc_jax.value_checks():
         assert np.isnan(np.asarray(jax.jit(abc_jax.batch_grad)(params, X).A)).any()
         with pytest.raises(ValueError, match="weights must be >= 0"):
-            abc_jax.batch_loss(params, Batch(jnp.nan_to_num(X), -jnp.ones(5)))
+            abc_jax.batch_loss(params, Batch(jnp.nan_to_num(X), -jnp.ones(17)))
         assert np.isfinite(jax.jit(abc_jax.batch_loss)(params, Batch(jnp.nan_to_num(X),
-                                                                     -jnp.ones(5))))
+                                                                     -jnp.ones(17))))
 
 
 @pytest.mark.integration
@@ -302,23 +305,28 @@ KINDS = ["float32", "float64 numpy", "float64 jax", "int", "list"]
     [(k, False) for k in KINDS] + [(k, True) for k in ("float32", "float64 numpy", "int")],
 )
 def test_float32_params_give_float32_everywhere(kind, jit):
-    params, X32 = make_problem(8, N=4, dtype=jnp.float32)
+    params, X32 = make_problem(8, N=17, dtype=jnp.float32)
     X = _x_variants(X32)[kind]
     x = X[0]
     wrap = jax.jit if jit else (lambda f: f)
-    outs = {
-        "batch_loss": wrap(abc_jax.batch_loss)(params, X),
-        "batch_grad": wrap(abc_jax.batch_grad)(params, X),
-        "batch_grad_chunked": wrap(functools.partial(abc_jax.batch_grad, chunk_size=3))(params, X),
-        "per_sample_grads": wrap(abc_jax.per_sample_grads)(params, X),
-        "oracle_grad": wrap(abc_jax.oracle_grad)(params, X),
-        "fd_grad": wrap(abc_jax.fd_grad)(params, X),
-        "forward": wrap(abc_jax.forward)(params, x),
-        "loss": wrap(abc_jax.loss)(params, x),
-        "manual_grad": wrap(abc_jax.manual_grad)(params, x),
-        "abc_loss": wrap(abc_jax.abc_loss)(params, x),
-        "grad_abc_loss": wrap(jax.grad(abc_jax.abc_loss))(params, x),
-    }
+    if kind != "float32":  # the edge converts X alike for every function: two suffice
+        outs = {"batch_grad": wrap(abc_jax.batch_grad)(params, X),
+                "loss": wrap(abc_jax.loss)(params, x)}
+    else:
+        outs = {
+            "batch_loss": wrap(abc_jax.batch_loss)(params, X),
+            "batch_grad": wrap(abc_jax.batch_grad)(params, X),
+            "batch_grad_chunked": wrap(functools.partial(abc_jax.batch_grad, chunk_size=3))(
+                params, X),
+            "per_sample_grads": wrap(abc_jax.per_sample_grads)(params, X),
+            "oracle_grad": wrap(abc_jax.oracle_grad)(params, X),
+            "fd_grad": wrap(abc_jax.fd_grad)(params, X),
+            "forward": wrap(abc_jax.forward)(params, x),
+            "loss": wrap(abc_jax.loss)(params, x),
+            "manual_grad": wrap(abc_jax.manual_grad)(params, x),
+            "abc_loss": wrap(abc_jax.abc_loss)(params, x),
+            "grad_abc_loss": wrap(jax.grad(abc_jax.abc_loss))(params, x),
+        }
     for name, out in outs.items():
         chex.assert_tree_all_finite(out)
         for leaf in jax.tree.leaves(out):
@@ -341,7 +349,7 @@ def test_float32_manual_vjp_sigmoid_init_params():
 
 
 def test_float64_params_upcast_float32_data():
-    params, X = make_problem(8, N=4)
+    params, X = make_problem(8, N=17)
     X32 = X.astype(jnp.float32)
     _assert_dtype(abc_jax.batch_grad(params, X32), jnp.float64)
     _assert_dtype(abc_jax.batch_loss(params, X32), jnp.float64)
@@ -355,25 +363,9 @@ def test_float64_params_upcast_float32_data():
 # ---------------------------------------------------------------- Optax
 
 
-@pytest.mark.smoke
-def test_optax_sgd_step_equals_manual_step():
-    params, X = make_problem(10, N=9)
-    lr = 0.05
-    opt = optax.sgd(lr)
-    grads = jax.grad(batch_abc_loss)(params, X)
-    updates, _ = opt.update(grads, opt.init(params), params)
-    stepped = optax.apply_updates(params, updates)
-    ref_g = jax.grad(ref_batch_loss)(params, X)
-    manual = jax.tree.map(lambda p, g: p - lr * g, params, ref_g)
-    assert isinstance(stepped, Params)
-    assert max_rel_err(stepped, manual) <= 1e-13
-    # The step moved the parameters (not a no-op comparison).
-    assert max_rel_err(stepped, params) > 1e-3
-
-
 def test_optax_jitted_training_equals_manual_loop():
     chex.clear_trace_counter()
-    params0, X = make_problem(12, N=16)
+    params0, X = make_problem(12, N=17)
     lr = 0.05
     opt = optax.sgd(lr)
 
@@ -436,10 +428,128 @@ def test_grad_of_gradient_norm():
 
 def test_hessian_vector_product_over_batch():
     # Forward over reverse on the batch loss built from the custom_vjp.
-    params, X = make_problem(16, N=5)
+    params, X = make_problem(16, N=17)
     v = jax.tree.map(jnp.ones_like, params)
 
     def hvp(loss_fn):
         return jax.jvp(jax.grad(loss_fn), (params, X), (v, jnp.zeros_like(X)))[1]
 
     assert max_rel_err(hvp(batch_abc_loss), hvp(ref_batch_loss)) <= 1e-10
+
+
+# ---------------------------------------------------------------- matmul precision
+#
+# "highest" unless the caller chooses otherwise. On a CPU every precision computes the same
+# float32 products, so the policy is checked where it is decided: in the lowered computation,
+# whose dot products carry the precision a GPU would honour. A public function is one
+# jax.jit whether it is called eagerly or inside the caller's jax.jit, so lowering it under
+# jax.jit shows what both run. On a GPU the TF32 error itself is checked against what a
+# 10-bit mantissa predicts.
+
+PRECISION_BATCH_FNS = {
+    "batch_grad": abc_jax.batch_grad,
+    "batch_grad_chunked": functools.partial(abc_jax.batch_grad, chunk_size=4),
+    "batch_value_and_grad": abc_jax.batch_value_and_grad,
+    "batch_loss": abc_jax.batch_loss,
+    "oracle_grad": abc_jax.oracle_grad,
+    "per_sample_grads": abc_jax.per_sample_grads,
+    "fd_grad": abc_jax.fd_grad,
+}
+PRECISION_SAMPLE_FNS = {
+    "forward": abc_jax.forward,
+    "loss": abc_jax.loss,
+    "manual_grad": abc_jax.manual_grad,
+}
+# What jax.default_matmul_precision makes of each name, as HLO spells it.
+HLO = {"highest": "HIGHEST", "float32": "HIGHEST", "high": "HIGH", "tensorfloat32": "HIGH",
+       "default": "DEFAULT", "bfloat16": "DEFAULT"}
+
+
+def _precision_problem(name):
+    params, X = ref_problem(0, 5, 4, 3, 9, jnp.float32)
+    return params, (X[0] if name in PRECISION_SAMPLE_FNS else X)
+
+
+def _fn(name):
+    return PRECISION_BATCH_FNS.get(name) or PRECISION_SAMPLE_FNS[name]
+
+
+def _dot_precisions(text):
+    """Every dot product's precision pair; asserts that each one states it."""
+    dots = text.count("stablehlo.dot_general")
+    found = re.findall(r"stablehlo\.dot_general.*?precision = \[(\w+), (\w+)\]", text)
+    assert dots > 0, "no product in the computation"
+    assert len(found) == dots, "a product without an explicit precision"
+    return set(found)
+
+
+def _traced(name, precision):
+    """The HLO of the public function traced under the caller's jax.jit."""
+    params, X = _precision_problem(name)
+    fn = functools.partial(_fn(name), precision=precision)
+    return jax.jit(fn).lower(params, X).as_text()
+
+
+ALL = list(PRECISION_BATCH_FNS) + list(PRECISION_SAMPLE_FNS)
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("name", ALL)
+def test_every_product_is_highest_by_default_whatever_the_global_setting(name):
+    with jax.default_matmul_precision("bfloat16"):
+        traced = _traced(name, None)
+    assert _dot_precisions(traced) == {("HIGHEST", "HIGHEST")}
+
+
+@pytest.mark.parametrize("precision", edge.PRECISIONS)
+def test_every_named_precision_reaches_every_product(precision):
+    want = {(HLO[precision], HLO[precision])}
+    assert _dot_precisions(_traced("batch_grad", precision)) == want
+
+
+@pytest.mark.parametrize("name", ["oracle_grad", "per_sample_grads", "manual_grad"])
+def test_a_faster_precision_is_the_callers_choice(name):
+    # Autodiff's products (oracle_grad) and the vmapped ones follow the choice too.
+    assert _dot_precisions(_traced(name, "default")) == {("DEFAULT", "DEFAULT")}
+    assert _dot_precisions(_traced(name, "high")) == {("HIGH", "HIGH")}
+
+
+def test_precision_is_validated_before_tracing():
+    params, X = ref_problem(0, 5, 4, 3, 9)
+    for fn in (*PRECISION_BATCH_FNS.values(), *PRECISION_SAMPLE_FNS.values(), abc_jax.train):
+        x = X[0] if fn in PRECISION_SAMPLE_FNS.values() else X
+        kwargs = dict(lr=0.1, epochs=1) if fn is abc_jax.train else {}
+        with pytest.raises(ValueError, match="precision"):
+            fn(params, x, precision="fast", **kwargs)
+        with pytest.raises(TypeError, match="precision"):
+            fn(params, x, precision=3, **kwargs)
+        if fn is not abc_jax.train:  # inside a trace as well (train refuses to be traced)
+            with pytest.raises(ValueError, match="precision"):
+                jax.jit(functools.partial(fn, precision="fast")).lower(params, x)
+    assert edge.check_precision(None) == "highest"
+
+
+@pytest.mark.smoke
+def test_precision_argument_does_not_change_results_on_the_cpu_or_at_highest():
+    params, X = ref_problem(1, 5, 4, 3, 33, jnp.float32)
+    want = jax.grad(ref_batch_loss)(params, X)  # the conftest pins "highest" globally
+    assert max_rel_err(abc_jax.batch_grad(params, X), want) <= 1e-5
+    assert max_rel_err(abc_jax.batch_grad(params, X, precision="highest"), want) <= 1e-5
+    if jax.default_backend() == "cpu":
+        for p in edge.PRECISIONS:
+            np.testing.assert_array_equal(abc_jax.batch_loss(params, X, precision=p),
+                                          abc_jax.batch_loss(params, X))
+
+
+@pytest.mark.smoke
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="TF32 exists on NVIDIA GPUs only")
+def test_tf32_error_is_what_a_10_bit_mantissa_predicts():
+    # K = 256 sums enough products that TF32's rounding (unit roundoff 2^-11,
+    # about 4.9e-4, on each input) shows; "highest" stays at float32's level.
+    params, X = ref_problem(2, 256, 256, 256, 4096, jnp.float32)
+    X64 = jnp.asarray(X, jnp.float64)
+    want = jax.grad(ref_batch_loss)(jax.tree.map(lambda p: p.astype(jnp.float64), params), X64)
+    exact = max_rel_err(abc_jax.batch_grad(params, X), want)
+    fast = max_rel_err(abc_jax.batch_grad(params, X, precision="default"), want)
+    assert exact <= 1e-5
+    assert 2.0**-14 <= fast <= 2.0**-6, fast

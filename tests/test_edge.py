@@ -1,4 +1,5 @@
-"""What a user passes meets one edge: the tests mirror its contracts, not every input x function.
+"""The edge (``abc_jax.edge``): what a user passes meets it once; the tests mirror its
+contracts, not every input x function (the training arguments: test_config.py).
 
 1. One case per rule of the edge (``abc_jax.edge``) and of the training engine's
    argument checks (``engine.config``, ``engine.arguments``, ``engine.train``), each on
@@ -14,27 +15,19 @@
 4. Inside a caller's ``jax.jit``/``vmap`` the shape checks still raise named errors.
 """
 
-import os
-import re
-import traceback
 
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-from _reference import compilations
+from _reference import CONVERSIONS, compilations, exactly, raises_before_compiling
 from hypothesis import given, settings
 
 import abc_jax
 from abc_jax import Batch, Params, Residuals, edge
 
 D, H, O, N = 5, 4, 3, 6  # all different
-PACKAGE = os.path.dirname(abc_jax.__file__)
-# What turning a NumPy input into a JAX array may compile (once per shape and dtype):
-# anything else seen before a bad input's error means the check came too late.
-CONVERSIONS = {"jit(stage)", "jit(convert_element_type)"}
 
 
 def problem(dtype=np.float64, seed=0):
@@ -61,36 +54,12 @@ def without_x64(call):
     return run
 
 
-def exactly(message):
-    """A ``match`` pattern: the error's message starts with ``message``, character for
-    character (and ends there, if ``message`` ends with ``$``)."""
-    end = message.endswith("$")
-    return "^" + re.escape(message.removesuffix("$")) + ("$" if end else "")
-
-
-def raises_before_compiling(call, error, message):
-    """``call()`` raises ``error`` from abc_jax's code, its message starting with ``message``,
-    having compiled nothing but input conversions."""
-    with compilations() as compiled, pytest.raises(error, match=exactly(message)) as info:
-        call()
-    assert set(compiled) <= CONVERSIONS, f"compiled {compiled} before raising {info.value!r}"
-    innermost = traceback.extract_tb(info.value.__traceback__)[-1].filename
-    assert innermost.startswith(PACKAGE), f"raised from {innermost}, not by abc_jax"
-
-
 P, X = problem()
 x = X[0]
 KEY = jax.random.key(0)
 FLOATS = jnp.ones(3)  # an array that is not a key
 X_BOOL = jnp.asarray(X) > 0  # a jax.Array of bools
-STACKED = Params(*(np.stack([a, a]) for a in P))  # two members (NumPy arrays)
-STACKED_JAX = Params(*(jnp.stack([a] * 7) for a in P))  # seven members, a shape of its own
 TRAIN = {"lr": 0.1, "epochs": 2, "progress": False}
-
-
-def train_with(**kw):
-    """A call of ``train`` on the good problem with ``kw`` changed."""
-    return lambda: abc_jax.train(P, X, **(TRAIN | kw))
 
 
 def case(id_, call, error, message, xfail=None):
@@ -140,9 +109,6 @@ PARAMS_RULES = [  # on batch_loss (train_many for a list of Params)
          "params must be Params(A, B, C), got a dict: use abc_jax.Params(**d)"),
     case("2-tuple", lambda: abc_jax.batch_loss(P[:2], X), TypeError,
          "params must be Params(A, B, C) (a 3-tuple of arrays), got tuple"),
-    case("list-of-Params", lambda: abc_jax.train_many([P, P], X, **TRAIN), TypeError,
-         "params must be one Params(A, B, C), got a list of 2: stack them into one Params "
-         "with a leading axis, jax.tree.map(lambda *a: jnp.stack(a), *params)"),
     case("C-not-chaining", lambda: abc_jax.batch_loss(P._replace(C=np.ones((O, H + 1))), X),
          ValueError, f"params.C must be (O, H) with H = {H} (rows of A), got shape "
                      f"({O}, {H + 1}): the shapes of A, B, C do not chain"),
@@ -197,64 +163,6 @@ NUMBER_RULES = [  # precision, chunk_size and eps of the array functions; init_p
          "dtype float64 " + X64),
 ]
 
-TRAIN_RULES = [  # on train (train_many where it differs)
-    *[case(f"epochs-{i}", train_with(epochs=v), err, msg)
-      for i, v, err, msg in [("-1", -1, ValueError, "epochs must be >= 0, got -1"),
-                             ("float", 3.0, TypeError, "epochs must be an int, got float"),
-                             ("None", None, TypeError, "epochs must be an int, got NoneType")]],
-    *[case(f"lr-{i}", train_with(lr=v), err, msg)
-      for i, v, err, msg in [("0", 0, ValueError, "lr must be a finite number > 0, got 0"),
-                             ("nan", np.nan, ValueError, "lr must be a finite number > 0, got nan"),
-                             ("str", "0.1", TypeError, "lr must be a real number, got str '0.1'"),
-                             ("bool", True, TypeError, "lr must be a real number, got bool True"),
-                             ("list", [0.1], TypeError, "lr must be a real number, got list [0.1]"),
-                             ("missing", None, TypeError, "lr is required without an optimizer "
-                                                          "(the rule p <- p - lr * g)")]],
-    case("lr-with-optimizer", train_with(optimizer=optax.adam(1e-3)), TypeError,
-         "lr goes with the hand-rolled rule (optimizer=None); an optimizer carries its own "
-         "rate, e.g. optimizer=optax.adam(1e-3).$"),
-    case("train_many-lr-with-optimizer",
-         lambda: abc_jax.train_many(P, X, optimizer=optax.adam(1e-3), members=2, **TRAIN),
-         TypeError,
-         "lr goes with the hand-rolled rule (optimizer=None); an optimizer carries its own "
-         "rate, e.g. optimizer=optax.adam(1e-3). For one rate per member give "
-         "optax.inject_hyperparams(optax.adam)(learning_rate=rates) with rates an array (M,)."),
-    *[case(f"{kw}-{i}", train_with(**{kw: v}), err, msg)
-      for kw, i, v, err, msg in [
-          ("epochs_per_chunk", "0", 0, ValueError, "epochs_per_chunk must be >= 1, got 0"),
-          ("eval_every", "float", 2.5, TypeError, "eval_every must be an int, got float"),
-          ("checkpoint_every", "-1", -1, ValueError, "checkpoint_every must be >= 1, got -1"),
-          ("patience", "str", "3", TypeError, "patience must be an int, got str"),
-          ("batch_size", "0", 0, ValueError, "batch_size must be >= 1, got 0"),
-          ("batch_size", "bool", True, TypeError, "batch_size must be an int, got bool"),
-          ("optimizer", "str", "adam", TypeError,
-           "optimizer must be an optax.GradientTransformation (init and update), got str"),
-          ("optimizer", "factory", optax.adam, TypeError,
-           "optimizer must be an optax.GradientTransformation (init and update), got function"),
-          ("grad", "name", "autodiff", ValueError,
-           "grad must be one of ('manual', 'oracle'), got 'autodiff'")]],
-    *[case(f"key-{i}", train_with(batch_size=2, key=k), TypeError, msg)
-      for i, k, msg in [("int", 0, KEY_MSG + "int"),
-                        ("numpy", np.zeros(2, np.uint32), KEY_MSG + "ndarray"),
-                        ("floats", FLOATS, "key must be one jax.random key, e.g. "
-                                           "jax.random.key(0), got dtype float64 and shape (3,)")]],
-    case("key-missing", train_with(batch_size=2), ValueError,
-         "key is required with batch_size: mini-batches are shuffled from it"),
-    case("patience-without-eval_data", train_with(patience=2), ValueError,
-         "patience needs eval_data: early stopping watches the held-out loss"),
-    case("eval_data-without-targets", lambda: abc_jax.train(
-        P, Batch(X, None, np.zeros((N, O))), eval_data=X, **TRAIN), ValueError,
-         "eval_data: the training batch has targets T and eval_data has none"),
-    case("eval_data-with-targets", train_with(eval_data=Batch(X, None, np.zeros((N, O)))),
-         ValueError,
-         "eval_data: eval_data has targets T and the training batch has none"),
-    case("train_many-member-axes-disagree",
-         lambda: abc_jax.train_many(STACKED, X, **(TRAIN | {"lr": np.array([0.1, 0.2, 0.3])})),
-         ValueError, "the leading (member) axes disagree: params has 2, lr has 3"),
-    case("train_many-stacked-jax-params",
-         lambda: abc_jax.train_many(STACKED_JAX, X, **(TRAIN | {"lr": np.array([0.1, 0.2])})),
-         ValueError, "the leading (member) axes disagree: params has 7, lr has 2"),
-]
 
 OTHER_RULES = [  # manual_vjp's residuals and g; shard_batch's own checks
     case("residuals-u-shape", lambda: abc_jax.manual_vjp(P, Residuals(
@@ -291,11 +199,6 @@ def test_bad_params_are_named(call, error, message):
 
 @pytest.mark.parametrize("call,error,message", NUMBER_RULES)
 def test_a_bad_number_argument_is_named(call, error, message):
-    raises_before_compiling(call, error, message)
-
-
-@pytest.mark.parametrize("call,error,message", TRAIN_RULES)
-def test_a_bad_training_argument_is_named(call, error, message):
     raises_before_compiling(call, error, message)
 
 
@@ -445,13 +348,6 @@ def test_without_the_switch_nothing_waits_and_a_nan_flows_through(monkeypatch):
     assert np.isnan(abc_jax.loss(P, with_value(x, 2, np.nan)))
     assert np.isnan(abc_jax.batch_loss(P, Batch(X, np.zeros(N))))  # 0 / 0
     assert not np.isfinite(abc_jax.batch_loss(*overflowing()))
-
-
-def test_training_always_checks_values():
-    assert not edge.values_checked()
-    with pytest.raises(ValueError, match=exactly(
-            "X must be finite: it holds 1 NaN/inf value(s), first X[2, 3] is nan") + "$"):
-        abc_jax.train(P, with_value(X, (2, 3), np.nan), **TRAIN)
 
 
 # --------------------------------------------------------------- 4. inside jit and vmap

@@ -1,0 +1,72 @@
+"""Params on disk (``abc_jax.files``): save_params and load_params round-trip every float
+dtype bit for bit, load_params reads a checkpoint (its best params where evaluation ran) and
+names what is wrong with a file; files are written whole."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import abc_jax
+from abc_jax import Batch, Params
+
+D, H, O = 4, 5, 3  # all different
+
+
+def teacher_problem(n_train=6, n_eval=40, noise=1.0):
+    rng = np.random.default_rng(0)
+    teacher = Params(*(rng.standard_normal(s) for s in [(H, D), (H, D), (O, H)]))
+    X = rng.standard_normal((n_train + n_eval, D))
+    T = np.asarray(abc_jax.predict(teacher, X)) + noise * rng.standard_normal((len(X), O))
+    student = abc_jax.init_params(jax.random.key(3), D, H, O, dtype=np.float64)
+    return student, Batch(X[:n_train], T=T[:n_train]), Batch(X[n_train:], T=T[n_train:])
+
+
+def run(params, train_set, epochs, **kw):
+    return abc_jax.train(params, train_set, lr=0.05, epochs=epochs, progress=False,
+                         epochs_per_chunk=10, eval_every=10, **kw)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64, jnp.bfloat16])
+def test_save_and_load_params_round_trip(tmp_path, dtype):
+    params = abc_jax.init_params(jax.random.key(1), D, H, O, dtype=dtype)
+    path = abc_jax.save_params(tmp_path / "params.npz", params)
+    back = abc_jax.load_params(path)
+    assert isinstance(back, Params)
+    for a, b in zip(back, params, strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_load_params_names_what_is_wrong(tmp_path):
+    np.savez(tmp_path / "two.npz", A=np.ones((2, 3)), B=np.ones((2, 3)))
+    with pytest.raises(ValueError, match="missing C"):
+        abc_jax.load_params(tmp_path / "two.npz")
+    np.savez(tmp_path / "bad.npz", A=np.ones((2, 3)), B=np.ones((2, 3)), C=np.ones((4, 5)))
+    with pytest.raises(ValueError, match="do not chain"):
+        abc_jax.load_params(tmp_path / "bad.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match=r"junk\.npz is not an array file \(\.npz\)"):
+        abc_jax.load_params(tmp_path / "junk.npz")
+    with pytest.raises(ValueError, match=r"a folder without params\.npz or a checkpoint"):
+        abc_jax.load_params(tmp_path)
+    with pytest.raises(TypeError, match="params must be Params"):
+        abc_jax.save_params(tmp_path / "x.npz", {"A": 1})
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_load_params_reads_a_checkpoint_its_best_params_where_evaluation_ran(tmp_path):
+    params, train_set, held = teacher_problem(n_train=6, noise=1.0)
+    r = run(params, train_set, 300, eval_data=held, patience=2, checkpoint_dir=tmp_path / "e")
+    chex_equal = np.testing.assert_array_equal
+    for a, b in zip(abc_jax.load_params(tmp_path / "e"), r.params, strict=True):
+        chex_equal(np.asarray(a), np.asarray(b))  # the best params, as train returned
+    plain = run(params, train_set, 30, checkpoint_dir=tmp_path / "p")
+    for a, b in zip(abc_jax.load_params(tmp_path / "p" / "checkpoint.npz"), plain.params,
+                    strict=True):
+        chex_equal(np.asarray(a), np.asarray(b))  # the last params
+    many = abc_jax.train_many(params, train_set, lr=[0.05, 0.1], epochs=3, progress=False,
+                              checkpoint_dir=tmp_path / "m")
+    assert many.losses.shape == (2, 3)
+    with pytest.raises(ValueError, match="a checkpoint of 2 members"):
+        abc_jax.load_params(tmp_path / "m")

@@ -260,10 +260,24 @@ def run(cfg: Config) -> dict[str, Any]:
             "rows": rows,
             "versions": {m: importlib.metadata.version(m) for m in ("torch", "opacus")
                          if "opacus" in cfg.methods},
-            "ratios": {f"K={K},N={N}": {"clipped/plain": ratio(rows, K, N, "clipped", "plain"),
-                                        "vmap/clipped": ratio(rows, K, N, "vmap", "clipped"),
-                                        "opacus/clipped": ratio(rows, K, N, "opacus", "clipped")}
-                       for K in cfg.ks for N in cfg.ns}}
+            "ratios": [{"K": K, "N": N} | {f"{a}/{b}": ratio(rows, K, N, a, b) for a, b in PAIRS}
+                       for K in cfg.ks for N in cfg.ns]}
+
+
+PAIRS = (("clipped", "plain"), ("vmap", "clipped"), ("opacus", "clipped"))  # the ratios
+
+
+def ranges(ratios: list[dict[str, Any]]) -> dict[str, dict[str, list[float] | None]]:
+    """Per K ("K64") and ratio, [lowest, highest] over the N where both methods ran (None: none)."""
+    out: dict[str, dict[str, list[float] | None]] = {}
+    for r in ratios:
+        for name, x in r.items():
+            if name in ("K", "N"):
+                continue
+            at = out.setdefault(f"K{r['K']}", {}).setdefault(name, None)
+            if x is not None:
+                out[f"K{r['K']}"][name] = [min(at[0], x), max(at[1], x)] if at else [x, x]
+    return out
 
 
 def report(res: dict[str, Any], out: Any, docs: Any = None) -> dict[str, Any]:
@@ -284,7 +298,8 @@ def report(res: dict[str, Any], out: Any, docs: Any = None) -> dict[str, Any]:
           + (f"{max(errs):.1e}" if errs else "- (vmap not run)"))
     return common.write_and_report(
         NAME, out, docs, [NAME], config=res["config"],
-        metrics={k: res[k] for k in ("environment", "rows", "ratios")},
+        metrics={k: res[k] for k in ("environment", "versions", "rows", "ratios")} | {
+            "ranges": ranges(res["ratios"])},
         tables={"timings": (CSV_FIELDS, [[r.get(f) for f in CSV_FIELDS] for r in rows]),
                 "ratios": (header, body)},
         figures={NAME: figure(rows, f"{NAME}: float32, {env['backend']}, "

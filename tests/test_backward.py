@@ -430,8 +430,8 @@ def test_reported_loss_stays_accurate_near_a_null_space_minimum():
 
 
 # chunk > N (one chunk): test_batch_grad_chunked
-@pytest.mark.parametrize("N,chunk", [(17, 5), (17, 1),
-                                     pytest.param(3, 2, marks=pytest.mark.integration)])
+@pytest.mark.parametrize("N,chunk", [(17, 5), *(pytest.param(n, c, marks=pytest.mark.integration)
+                                                for n, c in ((17, 1), (3, 2)))])
 def test_chunked_equals_unchunked(N, chunk):
     # D, H, O = 6, 5, 4: batch_grad takes the Gram form (2H < 3O), and
     # batch_value_and_grad the direct one, so both forms are chunked here.

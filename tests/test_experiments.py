@@ -168,6 +168,7 @@ def test_slopes_and_ratio_table_from_rows():
     assert header[-1] == "python_fd x (host cpu)" and table[0][2:4] == ["gpu H100", "default"]
 
 
+@pytest.mark.integration  # an experiment's timing run
 def test_time_gradients_applies_the_time_budget():
     rows = _common.time_gradients([2, 3], 4, ["batch_grad", "python_fd"], budget_s=1e-9, min_time=0)
     by = {(r["K"], r["method"]): r for r in rows}

@@ -89,7 +89,8 @@ def _print_tolerance(expected, digits):
     return 0.5 * 10.0**-decimals * (1 + 1e-9) + 1e-6 * m
 
 
-@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+@pytest.mark.parametrize("dtype", [jnp.float64, pytest.param(jnp.float32,
+                                                           marks=pytest.mark.integration)])
 @pytest.mark.parametrize("digits", [3, 6])
 def test_printed_numbers_are_forward_and_manual_vjp(dtype, digits):
     params, x = _problem(3, 2, 1, dtype)  # D, H, O distinct and <= 3: numbers are printed
@@ -267,6 +268,7 @@ def test_every_number_drawn_has_digits_decimals(shape, scale, digits):
         assert len(n.partition(".")[2]) == digits, (gid, n, texts[gid])
 
 
+@pytest.mark.integration  # two whole figures drawn
 @pytest.mark.parametrize("numbers", [False, True])
 def test_the_target_is_a_node_in_both_modes(numbers):
     """With t, node t shows t and gt = -gw (a heat map, or numbers), its edge to L its rule."""

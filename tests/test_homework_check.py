@@ -127,6 +127,7 @@ def test_findings_turn_with_the_numbers():
 # -- one update simulated ----------------------------------------------------------------
 
 
+@pytest.mark.integration  # an experiment's simulation
 def test_simulated_signature_on_a_fixed_seed():
     params, x = _run_end(seed=2)
     target = repro.reread_homework_check()["listing_step_ratio_median"]

@@ -37,6 +37,7 @@ def step_key(key, epoch, step):
     return jax.random.fold_in(jax.random.fold_in(key, epoch), step)
 
 
+@pytest.mark.integration  # two more private loops
 def test_no_noise_no_clip_every_row_is_train(key):
     params, batch = problem()
     X = batch._replace(weights=jnp.ones(N))  # the private step divides by q n, not sum(r)

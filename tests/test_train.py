@@ -342,6 +342,7 @@ def test_per_sample_training_equals_training_on_each_sample_alone():
     assert isinstance(averaged, Params) and averaged.A.shape == (H, D)
 
 
+@pytest.mark.integration  # a per-sample loop of its own
 def test_per_sample_training_with_targets_and_weights_learns_each_rows_target():
     params, X = make_problem()
     T = jnp.asarray(np.random.default_rng(5).standard_normal((N, O)))
@@ -669,6 +670,7 @@ def test_seeds_and_learning_rates_each_equal_their_own_train():
     assert len({float(v) for v in r.losses[:, -1]}) == M  # they really differ
 
 
+@pytest.mark.integration  # mini-batch loops of their own
 def test_shared_params_with_mini_batches_from_folded_keys():
     params, X, key = stacked_params(1), data(), jax.random.key(7)
     p0 = member(params, 0)
@@ -697,6 +699,7 @@ def test_per_member_data_weights_and_targets():
                                          epochs=10, **KW))
 
 
+@pytest.mark.integration  # M + 1 Adam loops to compile
 def test_optax_optimizer_and_per_member_learning_rate():
     params, X = stacked_params(), data()
     r = train_many(params, X, epochs=12, optimizer=optax.adam(0.01), **KW)

@@ -18,8 +18,10 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -327,6 +329,22 @@ def broadcast_bytes(data: bytes | None) -> bytes | None:
 INTERRUPTED = 130  # the exit code of a run ended by Ctrl-C (128 + SIGINT), as a shell's
 
 
+_SIGINT = threading.Event()  # set by run_job's Ctrl-C handler, cleared when the job ends
+
+
+def interrupted() -> bool:
+    """Whether Ctrl-C reached ``run_job`` since it started. The handler raises
+    ``KeyboardInterrupt`` at once, as Python's own does, but Python drops one raised inside a
+    garbage-collector callback (JAX runs one), so the training loop also asks this after
+    every chunk and raises it there."""
+    return _SIGINT.is_set()
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    _SIGINT.set()
+    raise KeyboardInterrupt
+
+
 def run_job(body: Callable[[], int], *, checkpoint_dir: Any = None,
             coordinator: str | None = None, num_processes: int | None = None,
             process_id: int | None = None, heartbeat_timeout: int = 10,
@@ -357,6 +375,8 @@ def run_job(body: Callable[[], int], *, checkpoint_dir: Any = None,
         except (ConnectionError, ValueError, TypeError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+    main = threading.current_thread() is threading.main_thread()  # signals go to it alone
+    previous = signal.signal(signal.SIGINT, _on_sigint) if main else None
     try:
         return body()
     except BaseException as e:
@@ -380,3 +400,7 @@ def run_job(body: Callable[[], int], *, checkpoint_dir: Any = None,
         print(f"error: {what}; run the same commands again to resume from the last checkpoint",
               file=sys.stderr, flush=True)
         os._exit(code)
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+        _SIGINT.clear()

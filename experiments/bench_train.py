@@ -143,7 +143,8 @@ def print_part(title: str, part: dict[str, Any], note: str) -> None:
 
 
 def plot(parts: dict[str, dict[str, Any]]) -> Any:
-    """Per part, a panel: epochs per second (log axis) of each method at each epoch count."""
+    """Per part, a panel: epochs per second of each method at each epoch count (a log axis
+    where they span more than a decade)."""
     fig, axes = common.figure(ncols=len(parts), width=4.6, height=3.6)
     methods = [*LOOPS.values(), PYTHON]  # the order within an epoch count, and the colours
     for ax, (title, part) in zip(np.atleast_1d(axes), parts.items(), strict=True):
@@ -155,9 +156,15 @@ def plot(parts: dict[str, dict[str, Any]]) -> Any:
             ax.annotate(f"{v:,.0f}" if v >= 100 else f"{v:.3g}", (v, yi), xytext=(0, 7),
                         textcoords="offset points", fontsize=7, ha="center")
         ax.set_yticks(y, [f"{r['method']}\n{r['epochs']} epochs" for r in rows], fontsize=7)
-        ax.set(xscale="log", xlabel="epochs per second (log)", ylim=(-0.7, len(rows) - 0.3),
+        values = [r["epochs_per_s"] for r in rows]
+        wide = max(values) > 10 * min(values)  # a log axis only where the values span decades
+        ax.set(xscale="log" if wide else "linear", ylim=(-0.7, len(rows) - 0.3),
+               xlabel="epochs per second" + (" (log)" if wide else ""),
                title=f"{title}: K = {part['K']}, N = {part['N']}, {part['dtype']}")
-        ax.margins(x=0.15)
+        if not wide:
+            ax.set_xlim(0, 1.2 * max(values))
+        else:
+            ax.margins(x=0.15)
     precision = next(iter(parts.values()))["precision"]
     fig.suptitle(f"Full-batch gradient descent on {common.device_label()} (precision "
                  f"{precision}; plain Python on the host CPU)", fontsize=10)

@@ -26,7 +26,7 @@ def test_multidevice_checks_pass_on_four_cpu_devices():
     env = dict(os.environ, JAX_NUM_CPU_DEVICES="4", JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0",
          str(HERE / "multidevice_checks.py")],
         env=env, capture_output=True, text=True, timeout=300, cwd=HERE.parent,
     )

@@ -4,12 +4,14 @@ user's run where the cadence says, the checkpoint writer also on Ctrl-C."""
 
 from __future__ import annotations
 
+import signal
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from abc_jax import init_params, train_many
+from abc_jax import init_params, parallel, train_many
 from abc_jax.checkpoint import checkpoint_epoch
 from abc_jax.engine import pipeline
 
@@ -95,3 +97,27 @@ def test_a_callback_returning_something_else_is_named():
     with pytest.raises(TypeError, match="a callback must return a dict of metrics or None"):
         train_many(params, X, lr=0.05, epochs=3, callbacks=[lambda e, p, m: 1.0],
                    progress=False)
+
+
+def test_a_ctrl_c_python_dropped_still_stops_the_run_at_the_next_chunk(tmp_path, capsys):
+    """Python drops a KeyboardInterrupt raised inside a garbage-collector callback (JAX runs
+    one); run_job's handler also records the Ctrl-C, and the loop raises it after the chunk."""
+    params, X, _ = setup()
+
+    def swallow(epoch, params, metrics):
+        if epoch == 4:
+            try:
+                signal.raise_signal(signal.SIGINT)
+            except KeyboardInterrupt:
+                pass  # what a garbage-collector callback does with it
+
+    def body():
+        train_many(params, X, lr=0.05, epochs=40, epochs_per_chunk=4, eval_every=4,
+                   callbacks=[swallow], checkpoint_dir=tmp_path, progress=False)
+        return 0
+
+    assert parallel.run_job(body, checkpoint_dir=tmp_path) == parallel.INTERRUPTED
+    assert checkpoint_epoch(tmp_path) == 8  # the end of the chunk after the Ctrl-C
+    assert capsys.readouterr().err == ("interrupted at epoch 8: run the same command again to "
+                                       "resume\n")
+    assert not parallel.interrupted()  # the job is over: the next one starts afresh

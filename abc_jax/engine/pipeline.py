@@ -278,6 +278,8 @@ def fit(run: Run, plan: Plan) -> Run:
                 n = min(config.epochs_per_chunk, stop - run.epoch)
                 run.losses.append(np.asarray(chunk)[:, :n])
                 run.epoch += n
+                if parallel.interrupted():  # a Ctrl-C that Python dropped (parallel.run_job)
+                    raise KeyboardInterrupt
                 evaluate(run, plan.at(CHUNK), record=False)
             if evaluations and (run.epoch % config.eval_every == 0 or run.epoch == plan.epochs):
                 evaluate(run, evaluations)

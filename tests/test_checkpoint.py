@@ -18,20 +18,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _reference import assert_results_equal, compilations
+from _reference import TRAIN_DIMS, TRAIN_LR, assert_results_equal, compilations, train_problem
 
 from abc_jax import init_params, train
 from abc_jax.checkpoint import checkpoint_epoch, checkpoint_path, fingerprint
 
-D, H, O, N = 4, 6, 3, 10  # all different (the shapes of test_train.py: its compilations)
-LR = 0.05
+D, H, O, N = TRAIN_DIMS  # all different: a transposed gradient cannot hide
+LR = TRAIN_LR
 TESTS = Path(__file__).parent
 
 
-def make_problem(dtype=jnp.float64, n=N):
-    params = init_params(jax.random.key(0), D, H, O, dtype=dtype)
-    X = jax.random.normal(jax.random.key(1), (n, D), dtype)
-    return params, X
+make_problem = train_problem  # shared with the other training tests' files
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _reference import ref_batch_loss
+from _reference import TRAIN_DIMS, TRAIN_LR, ref_batch_loss, train_problem
 
 import abc_jax
 from abc_jax import (
@@ -33,18 +33,15 @@ from abc_jax import (
 from abc_jax.checkpoint import checkpoint_epoch
 from abc_jax.engine import pipeline
 
-D, H, O, N = 4, 6, 3, 10  # all different: a transposed gradient cannot hide
+D, H, O, N = TRAIN_DIMS  # all different: a transposed gradient cannot hide
 M = 3  # members of train_many
-LR = 0.05
+LR = TRAIN_LR
 EVERY = 10  # eval_every (and epochs_per_chunk): the evaluation period
 KW = dict(progress=False, epochs_per_chunk=EVERY)  # several chunks per run
 TESTS = Path(__file__).parent
 
 
-def make_problem(dtype=jnp.float64, n=N):
-    params = init_params(jax.random.key(0), D, H, O, dtype=dtype)
-    X = jax.random.normal(jax.random.key(1), (n, D), dtype)
-    return params, X
+make_problem = train_problem  # shared with the other training tests' files
 
 
 def loss_at(params, X):

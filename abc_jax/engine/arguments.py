@@ -93,6 +93,20 @@ def member_lr(lr: Any, optimizer: Any, many: bool) -> tuple[Any, int | None]:
     return edge.check_finite_float(lr, "lr", positive=True), None
 
 
+def check_together(key: Any, batch_size: Any, privacy: Any, patience: Any,
+                   eval_data: Any) -> None:
+    """The arguments that need or exclude one another: a key exactly when something draws
+    from it (mini-batches or DP-SGD), patience only with held-out data."""
+    if batch_size is not None and key is None:
+        raise ValueError("key is required with batch_size: mini-batches are shuffled from it")
+    if key is not None and batch_size is None and privacy is None:
+        raise ValueError("key is used only with batch_size (to shuffle mini-batches) or privacy "
+                         "(to sample rows and draw noise); full-batch training has no "
+                         "randomness, so drop key or pass one of them")
+    if patience is not None and eval_data is None:
+        raise ValueError("patience needs eval_data: early stopping watches the held-out loss")
+
+
 def key_members(key: Any) -> int | None:
     """M for keys (M,) (typed) or (M, 2) (legacy uint32); None for one key or no key."""
     if not isinstance(key, jax.Array):

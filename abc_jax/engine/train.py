@@ -275,14 +275,7 @@ def train(params: Params, X: Any, *, lr: float | None = None, epochs: int,
     lr, _ = arguments.member_lr(lr, optimizer, many=False)
     keys = None if key is None else edge.check_key(key)[None]
     dp.check_members(privacy, key, many=False)
-    if batch_size is not None and key is None:
-        raise ValueError("key is required with batch_size: mini-batches are shuffled from it")
-    if key is not None and batch_size is None and privacy is None:
-        raise ValueError("key is used only with batch_size (to shuffle mini-batches) or privacy "
-                         "(to sample rows and draw noise); full-batch training has no "
-                         "randomness, so drop key or pass one of them")
-    if patience is not None and eval_data is None:
-        raise ValueError("patience needs eval_data: early stopping watches the held-out loss")
+    arguments.check_together(key, batch_size, privacy, patience, eval_data)
     user = [_one_member(cb) for cb in _callbacks(callbacks)]
     params = edge.params(edge.params_input(params))
     D, O, dtype = params.A.shape[1], params.C.shape[0], params.A.dtype
@@ -387,14 +380,7 @@ def train_many(params: Params, X: Any, *, lr: Any = None, epochs: int, optimizer
     if key is not None and arguments.key_members(key) is None:
         edge.check_key(key)
     private_sizes = dp.check_members(privacy, key, many=True)
-    if batch_size is not None and key is None:
-        raise ValueError("key is required with batch_size: mini-batches are shuffled from it")
-    if key is not None and batch_size is None and privacy is None:
-        raise ValueError("key is used only with batch_size (to shuffle mini-batches) or privacy "
-                         "(to sample rows and draw noise); full-batch training has no "
-                         "randomness, so drop key or pass one of them")
-    if patience is not None and eval_data is None:
-        raise ValueError("patience needs eval_data: early stopping watches the held-out loss")
+    arguments.check_together(key, batch_size, privacy, patience, eval_data)
     callbacks = _callbacks(callbacks)
     params, m_params = arguments.member_params(params)
     (D, O), dtype = (params.A.shape[-1], params.C.shape[-2]), params.A.dtype

@@ -66,6 +66,12 @@ SAMPLE_FNS = {
 }
 
 
+# jit and eager evaluate the same formulas; XLA may fuse (and so round) them differently.
+# Finite differences divide a loss difference by 2 eps (eps ~ 6e-6 in float64), which
+# magnifies a last-bit difference in L to ~1e-10 of the gradient.
+JIT_VS_EAGER = {"fd_grad": 1e-9}
+
+
 @pytest.mark.parametrize("name", list(BATCH_FNS))
 def test_jit_equals_eager_batch(name):
     fn = BATCH_FNS[name]
@@ -73,7 +79,7 @@ def test_jit_equals_eager_batch(name):
     eager = fn(params, X)
     jitted = jax.jit(fn)(params, X)
     chex.assert_tree_all_finite(eager)
-    assert max_rel_err(jitted, eager) <= 1e-14
+    assert max_rel_err(jitted, eager) <= JIT_VS_EAGER.get(name, 1e-14)
 
 
 @pytest.mark.parametrize("name", list(SAMPLE_FNS))
@@ -210,7 +216,7 @@ def test_batch_of_weights_under_jit_equals_eager_and_reference(name):
     fn = BATCH_FNS[name]
     params, X, w = _weighted(20, 17)
     eager = fn(params, Batch(X, w))
-    assert max_rel_err(jax.jit(fn)(params, Batch(X, w)), eager) <= 1e-14
+    assert max_rel_err(jax.jit(fn)(params, Batch(X, w)), eager) <= JIT_VS_EAGER.get(name, 1e-14)
     value, grad = ref_weighted_loss(params, X, w), jax.grad(ref_weighted_loss)(params, X, w)
     want = {"batch_loss": value, "batch_value_and_grad": (value, grad)}.get(name, grad)
     assert max_rel_err(eager, want) <= (1e-7 if name == "fd_grad" else 1e-12)

@@ -11,6 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import abc_jax
@@ -136,14 +137,20 @@ def test_padding_rows_would_change_the_mean():
     assert abs(float(unweighted - abc_jax.batch_loss(params, X))) > 1e-6
 
 
-@pytest.mark.parametrize("batch_size", [None, 16], ids=["full", "minibatch"])
-def test_train_on_a_sharded_batch_equals_one_device(batch_size):
-    params, X = _problem(103)
-    kw = dict(lr=0.05, epochs=4, progress=False, epochs_per_chunk=4, batch_size=batch_size,
-              key=batch_size and jax.random.key(3))
-    many = abc_jax.train(params, abc_jax.shard_batch(X), **kw)
+@pytest.mark.parametrize("kw", [
+    dict(lr=0.05), dict(grad="oracle", optimizer=optax.adam(0.02)),
+    dict(lr=0.05, batch_size=16, key=jax.random.key(3))], ids=["full", "oracle-adam", "minibatch"])
+def test_train_on_a_sharded_batch_equals_one_device_and_resumes_on_it(kw, tmp_path):
+    """10 rows on 4 devices: padded to 12 rows of weight 0; a run stopped at epoch 4 and
+    resumed from its checkpoint on the sharded batch ends where one device does."""
+    params, X = _problem(10)
+    kw = dict(kw, epochs=8, progress=False, epochs_per_chunk=4)
     one = abc_jax.train(params, X, **kw)
-    assert many.losses.shape == (4,)
+    abc_jax.train(params, abc_jax.shard_batch(X), **kw | dict(epochs=4), checkpoint_dir=tmp_path)
+    with np.load(tmp_path / "checkpoint.npz") as f:
+        assert int(f["epoch"]) == 4
+    many = abc_jax.train(params, abc_jax.shard_batch(X), **kw, checkpoint_dir=tmp_path)
+    assert many.losses.shape == (8,)
     _close(many.losses, one.losses)
     _close(many.params, one.params)
     assert many.params.A.sharding.is_fully_replicated

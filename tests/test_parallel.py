@@ -1,4 +1,5 @@
-"""Data parallel: shard_batch on 4 host CPU devices equals one device.
+"""Data parallel: shard_batch on 4 host CPU devices equals one device (training and resuming
+included).
 
 JAX fixes the device count when it starts, so the multi-device checks
 (tests/multidevice_checks.py) run in one subprocess with JAX_NUM_CPU_DEVICES=4;
@@ -95,39 +96,3 @@ def test_initialize_distributed_checks_its_arguments_first(address, message):
         parallel.initialize_distributed("127.0.0.1:1234", 0, 0)
     with pytest.raises(ValueError, match="heartbeat_timeout"):
         parallel.initialize_distributed("127.0.0.1:1234", 2, 1, heartbeat_timeout=0)
-
-
-SHARDED_SCRIPT = """
-import jax, jax.numpy as jnp, numpy as np, optax, tempfile
-jax.config.update("jax_enable_x64", True)
-from abc_jax import Batch, init_params, shard_batch, train
-assert jax.device_count() == 4
-params = init_params(jax.random.key(0), 4, 6, 3, dtype=jnp.float64)
-X = jax.random.normal(jax.random.key(1), (10, 4), jnp.float64)
-Xs = shard_batch(X)
-# 10 rows on 4 devices: padded to 12, the padding weighted 0
-assert isinstance(Xs, Batch) and Xs.X.shape == (12, 4)
-assert np.asarray(Xs.weights).tolist() == [1.0] * 10 + [0.0] * 2
-for kw in [{"lr": 0.05}, {"grad": "oracle", "optimizer": optax.adam(0.02)},
-           {"lr": 0.05, "batch_size": 4, "key": jax.random.key(2)}]:
-    one = train(params, X, epochs=40, progress=False, epochs_per_chunk=15, **kw)
-    with tempfile.TemporaryDirectory() as d:  # resumed on the sharded batch
-        train(params, Xs, epochs=20, progress=False, epochs_per_chunk=15,
-              checkpoint_dir=d, **kw)
-        many = train(params, Xs, epochs=40, progress=False, epochs_per_chunk=15,
-                     checkpoint_dir=d, **kw)
-    np.testing.assert_allclose(many.losses, one.losses, rtol=1e-12)
-    for a, b in zip(many.params, one.params):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
-print("sharded training matches")
-"""
-
-
-@pytest.mark.integration
-def test_training_on_a_padded_sharded_batch_matches_one_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "sharded training matches" in result.stdout

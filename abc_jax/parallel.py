@@ -15,6 +15,7 @@ alone) with its exit codes: Ctrl-C, a lost peer, a failed process.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -24,7 +25,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -343,6 +344,28 @@ def interrupted() -> bool:
 def _on_sigint(signum: int, frame: Any) -> None:
     _SIGINT.set()
     raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) while the block runs, then pass it to the handler it would
+    have reached (Python's raises ``KeyboardInterrupt``): what the block changes together
+    is never seen half-changed. Python runs signal handlers in the main thread only, so in
+    any other thread this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[Any] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            if callable(previous):
+                previous(signal.SIGINT, held[0])
+            elif previous == signal.SIG_DFL:
+                signal.raise_signal(signal.SIGINT)
 
 
 def run_job(body: Callable[[], int], *, checkpoint_dir: Any = None,

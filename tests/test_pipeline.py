@@ -121,3 +121,28 @@ def test_a_ctrl_c_python_dropped_still_stops_the_run_at_the_next_chunk(tmp_path,
     assert capsys.readouterr().err == ("interrupted at epoch 8: run the same command again to "
                                        "resume\n")
     assert not parallel.interrupted()  # the job is over: the next one starts afresh
+
+
+def test_a_ctrl_c_while_a_chunk_computes_lets_it_finish_and_be_recorded(tmp_path, monkeypatch):
+    """The chunk's state, losses and epoch change together: a Ctrl-C that arrives meanwhile
+    is held until they have, the checkpoint is that chunk's, and resuming equals a run that
+    was never interrupted."""
+    params, X, _ = setup()
+    run_chunk = pipeline.run_chunk
+
+    def interrupted_chunk(*args, **kwargs):
+        out = run_chunk(*args, **kwargs)
+        signal.raise_signal(signal.SIGINT)  # after the device's work, before the host's record
+        return out
+
+    kw = dict(lr=0.05, epochs=8, epochs_per_chunk=4, checkpoint_dir=tmp_path, progress=False)
+    monkeypatch.setattr(pipeline, "run_chunk", interrupted_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        train_many(params, X, **kw)
+    monkeypatch.undo()
+    assert checkpoint_epoch(tmp_path) == 4
+    resumed = train_many(params, X, **kw)
+    whole = train_many(params, X, **kw | dict(checkpoint_dir=None))
+    np.testing.assert_array_equal(resumed.losses, whole.losses)
+    for a, b in zip(resumed.params, whole.params, strict=True):
+        np.testing.assert_array_equal(a, b)

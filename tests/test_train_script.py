@@ -367,7 +367,7 @@ def test_sigint_to_the_process_is_one_line_and_exit_code_130(tmp_path):
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 130 and stdout == ""
+    assert proc.returncode == 130 and stdout == "", (proc.returncode, stdout, stderr)
     epoch = train_script.checkpoint_epoch(out / "checkpoint")
     assert epoch > 0 and stderr == (f"interrupted at epoch {epoch}: run the same command "
                                     "again to resume\n")

@@ -271,21 +271,25 @@ def fit(run: Run, plan: Plan) -> Run:
         while run.epoch < plan.epochs and not run.done().all():
             stop = config.boundary(run.epoch, plan.epochs)
             while run.epoch < stop and not run.done().all():
-                run.state, chunk = run_chunk(run.state, plan.batch, plan.keys,
+                # Ctrl-C waits for the chunk to end (it would anyway: the host blocks on
+                # its losses), so the state, its losses and its epoch change together.
+                with parallel.interrupts_held():
+                    state, chunk = run_chunk(run.state, plan.batch, plan.keys,
                                              np.int32(run.epoch), np.int32(stop),
                                              batch_axes=plan.axes, privacy=plan.privacy,
                                              **static)
-                n = min(config.epochs_per_chunk, stop - run.epoch)
-                run.losses.append(np.asarray(chunk)[:, :n])
-                run.epoch += n
+                    n = min(config.epochs_per_chunk, stop - run.epoch)
+                    run.losses.append(np.asarray(chunk)[:, :n])
+                    run.state, run.epoch = state, run.epoch + n
                 if parallel.interrupted():  # a Ctrl-C that Python dropped (parallel.run_job)
                     raise KeyboardInterrupt
                 evaluate(run, plan.at(CHUNK), record=False)
             if evaluations and (run.epoch % config.eval_every == 0 or run.epoch == plan.epochs):
                 evaluate(run, evaluations)
             if run.epoch % config.checkpoint_every == 0:
-                evaluate(run, plan.at(CHECKPOINT), record=False)
-                saved_at = run.epoch
+                with parallel.interrupts_held():  # a checkpoint is written whole, once
+                    evaluate(run, plan.at(CHECKPOINT), record=False)
+                    saved_at = run.epoch
     except KeyboardInterrupt:
         if run.epoch != saved_at:
             evaluate(run, plan.at(CHECKPOINT), record=False)

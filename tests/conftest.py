@@ -43,8 +43,9 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 
 # Hypothesis: every example at a new shape compiles, so the default run draws a few
-# examples (values vary, shapes come from small fixed sets); HYPOTHESIS_PROFILE=ci (the
-# integration run in .ci/run) draws many. No deadline: a first example compiles.
+# examples (values vary, shapes come from small fixed sets); HYPOTHESIS_PROFILE=ci draws
+# many, for a longer run by hand (the integration run's thorough property test sets its own
+# count). No deadline: a first example compiles.
 settings.register_profile("default", max_examples=6, deadline=None, database=None)
 settings.register_profile("ci", max_examples=60, deadline=None, database=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))

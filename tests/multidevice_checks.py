@@ -140,10 +140,11 @@ def test_padding_rows_would_change_the_mean():
 
 @pytest.mark.parametrize("kw", [
     dict(lr=0.05), dict(grad="oracle", optimizer=optax.adam(0.02)),
-    dict(lr=0.05, batch_size=16, key=jax.random.key(3))], ids=["full", "oracle-adam", "minibatch"])
+    dict(lr=0.05, batch_size=4, key=jax.random.key(3))], ids=["full", "oracle-adam", "minibatch"])
 def test_train_on_a_sharded_batch_equals_one_device_and_resumes_on_it(kw, tmp_path):
-    """10 rows on 4 devices: padded to 12 rows of weight 0; a run stopped at epoch 4 and
-    resumed from its checkpoint on the sharded batch ends where one device does."""
+    """10 rows on 4 devices, padded to 12 with 2 rows of weight 0 (mini-batches: 4, 4 and a
+    partial 2 of the real rows); a run stopped at epoch 4 and resumed from its checkpoint on
+    the sharded batch ends where one device does."""
     params, X = _problem(10)
     kw = dict(kw, epochs=8, progress=False, epochs_per_chunk=4)
     one = abc_jax.train(params, X, **kw)

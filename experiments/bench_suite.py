@@ -101,12 +101,18 @@ def ci_run(cfg: Config) -> list[dict[str, Any]]:
     if done.returncode != 0:
         raise RuntimeError(f".ci/run exited {done.returncode}:\n{done.stdout[-3000:]}"
                            f"{done.stderr[-2000:]}")
-    summaries = [line for line in done.stdout.splitlines()
+    return ci_rows(done.stdout, seconds)
+
+
+def ci_rows(output: str, seconds: float) -> list[dict[str, Any]]:
+    """The rows of a .ci/run that printed ``output`` and took ``seconds``: its two pytest
+    runs (the wall times it prints after each, pytest's counts) and the whole."""
+    summaries = [line for line in output.splitlines()
                  if re.search(r"\d+ passed", line) and " in " in line]
     times = [float(m.group(1)) for m in re.finditer(r"(?:test suite|integration tests): (\d+) s",
-                                                     done.stdout)]
+                                                     output)]
     if len(summaries) != 2 or len(times) != 2:
-        raise RuntimeError(f".ci/run printed no two runs' times:\n{done.stdout[-3000:]}")
+        raise RuntimeError(f".ci/run printed no two runs' times:\n{output[-3000:]}")
     zero = dict.fromkeys(("passed", "skipped", "failed"), 0)
     return [{"run": "CI, clean clone: default run", "seconds": times[0], **counts(summaries[0])},
             {"run": "CI, clean clone: integration run", "seconds": times[1],

@@ -244,6 +244,21 @@ def test_bench_clipping_tiny_in_process(tmp_path, capsys):
     assert {"timings.csv", "ratios.csv", "bench_clipping.png"} <= set(written)
 
 
+def test_bench_suite_reads_what_ci_prints():
+    from experiments import bench_suite
+
+    printed = ("All checks passed!\n....\n570 passed, 1 skipped in 90.90s (0:01:30)\n"
+               "test suite: 99 s (wall clock, README's test command)\n...\n"
+               "103 passed in 164.56s (0:02:44)\nintegration tests: 168 s (wall clock)\n")
+    rows = bench_suite.ci_rows(printed, 279.5)
+    assert [(r["run"], r["seconds"], r["passed"], r["skipped"]) for r in rows] == [
+        ("CI, clean clone: default run", 99.0, 570, 1),
+        ("CI, clean clone: integration run", 168.0, 103, 0),
+        ("CI, clean clone: all of .ci/run", 279.5, 0, 0)]
+    with pytest.raises(RuntimeError, match="no two runs"):
+        bench_suite.ci_rows(printed.split("103 passed")[0], 100.0)
+
+
 def test_bench_suite_reads_pytest_and_reports(tmp_path, capsys):
     from experiments import bench_suite
 

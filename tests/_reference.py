@@ -7,6 +7,7 @@ relative per parameter: max |got - ref| / max |ref|.
 """
 
 import contextlib
+import functools
 import os
 import re
 import traceback
@@ -25,6 +26,17 @@ from abc_jax import Params
 # uses these, so each function compiles at few shapes.
 SHAPES = [(5, 4, 3), (3, 7, 2)]
 F64_TOL, F32_TOL, FD_TOL = 1e-12, 1e-5, 1e-7
+
+# The public batch functions (params, X) the transformation tests run: test_api under jit,
+# vmap and weights; multidevice_checks on a sharded batch. Each adds its own.
+BATCH_FNS = {
+    "batch_loss": abc_jax.batch_loss,
+    "batch_grad": abc_jax.batch_grad,
+    "batch_grad_chunked": functools.partial(abc_jax.batch_grad, chunk_size=3),
+    "batch_value_and_grad": abc_jax.batch_value_and_grad,
+    "oracle_grad": abc_jax.oracle_grad,
+    "fd_grad": abc_jax.fd_grad,
+}
 
 
 def ref_sigmoid(y):

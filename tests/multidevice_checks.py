@@ -6,8 +6,8 @@ the end with rows of weight 0, and every batch function gives on it what it
 gives on the unpadded X, eagerly and under the caller's jit, vmap and grad.
 """
 
-import functools
 
+import _reference
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,15 +48,7 @@ def _mean_of_per_sample(params, X):
     return jax.tree.map(lambda g: jnp.sum(g, axis=0) / n, abc_jax.per_sample_grads(params, X))
 
 
-BATCH_FNS = {
-    "batch_loss": abc_jax.batch_loss,
-    "batch_grad": abc_jax.batch_grad,
-    "batch_grad_chunked": functools.partial(abc_jax.batch_grad, chunk_size=3),
-    "batch_value_and_grad": abc_jax.batch_value_and_grad,
-    "oracle_grad": abc_jax.oracle_grad,
-    "fd_grad": abc_jax.fd_grad,
-    "mean_of_per_sample_grads": _mean_of_per_sample,
-}
+BATCH_FNS = {**_reference.BATCH_FNS, "mean_of_per_sample_grads": _mean_of_per_sample}
 
 
 @pytest.mark.parametrize("n", SIZES)

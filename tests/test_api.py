@@ -47,13 +47,8 @@ def _vjp_at_x(params, x):
 
 
 BATCH_FNS = {
-    "batch_loss": abc_jax.batch_loss,
-    "batch_grad": abc_jax.batch_grad,
-    "batch_grad_chunked": functools.partial(abc_jax.batch_grad, chunk_size=3),
-    "batch_value_and_grad": abc_jax.batch_value_and_grad,
+    **_reference.BATCH_FNS,
     "per_sample_grads": abc_jax.per_sample_grads,
-    "oracle_grad": abc_jax.oracle_grad,
-    "fd_grad": abc_jax.fd_grad,
     "grad_batch_abc_loss": jax.grad(batch_abc_loss, argnums=(0, 1)),
 }
 SAMPLE_FNS = {

@@ -187,23 +187,9 @@ OTHER_RULES = [  # manual_vjp's residuals and g; shard_batch's own checks
 ]
 
 
-@pytest.mark.parametrize("call,error,message", DATA_RULES)
-def test_a_bad_batch_or_sample_is_named(call, error, message):
-    raises_before_compiling(call, error, message)
-
-
-@pytest.mark.parametrize("call,error,message", PARAMS_RULES)
-def test_bad_params_are_named(call, error, message):
-    raises_before_compiling(call, error, message)
-
-
-@pytest.mark.parametrize("call,error,message", NUMBER_RULES)
-def test_a_bad_number_argument_is_named(call, error, message):
-    raises_before_compiling(call, error, message)
-
-
-@pytest.mark.parametrize("call,error,message", OTHER_RULES)
-def test_bad_residuals_cotangent_or_sharded_batch_are_named(call, error, message):
+@pytest.mark.parametrize("call,error,message",
+                         DATA_RULES + PARAMS_RULES + NUMBER_RULES + OTHER_RULES)
+def test_bad_input_is_named(call, error, message):
     raises_before_compiling(call, error, message)
 
 

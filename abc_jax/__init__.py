@@ -14,7 +14,9 @@ The package, by responsibility:
 - ``edge``: what a user passes, checked once; values only on request
   (``value_checks()``).
 - ``api``: the public array functions, each the edge plus one ``jax.jit``.
-- ``engine``: the one training engine (``train_many``; ``train`` is one member).
+- ``engine``: the one training engine: a training method is a ``Step``
+  (``gradient_step``, ``minibatches``, ``private``), which one compiled loop runs for
+  M members (``train_many``; ``train`` is one member).
 - ``parallel`` (devices and processes), ``checkpoint``, ``files``, ``data``
   (results, params and data on disk) and ``graph`` (the picture) beside them.
 """
@@ -45,8 +47,8 @@ from abc_jax.core.model import Batch, Params, Residuals, sigmoid
 from abc_jax.core.update import gradient_descent
 from abc_jax.data import DataError, load_data
 from abc_jax.edge import value_checks
-from abc_jax.engine.config import TrainConfig
-from abc_jax.engine.privacy import DPSGD, PrivacyAccountingError
+from abc_jax.engine.privacy import DPSGD, PrivacyAccountingError, private
+from abc_jax.engine.steps import Step, gradient_step, minibatches
 from abc_jax.engine.train import (
     DivergenceError,
     TrainManyResult,
@@ -62,12 +64,14 @@ from abc_jax.parallel import data_mesh, initialize_distributed, shard_batch, sha
 
 __all__ = [
     "DPSGD", "Batch", "DataError", "DivergenceError", "Params", "PrivacyAccountingError",
-    "Residuals", "TrainConfig",
+    "Residuals", "Step",
     "TrainManyResult", "TrainResult", "abc_loss", "abc_loss_jvp", "batch_grad", "batch_jvp",
     "batch_loss", "batch_value_and_grad", "clipped_batch_grad", "cross_validate", "data_mesh",
-    "draw_graph", "fd_grad", "forward", "grad_errors", "gradient_descent", "init_params",
+    "draw_graph", "fd_grad", "forward", "grad_errors", "gradient_descent", "gradient_step",
+    "init_params",
     "initialize_distributed", "jvp_grad", "load_data", "load_params", "loss", "manual_grad",
-    "manual_jvp", "manual_vjp", "oracle_grad", "per_sample_grad_norms", "per_sample_grads",
-    "predict", "save_params", "shard_batch", "shard_local_batch", "sigmoid", "train",
+    "manual_jvp", "manual_vjp", "minibatches", "oracle_grad", "per_sample_grad_norms",
+    "per_sample_grads",
+    "predict", "private", "save_params", "shard_batch", "shard_local_batch", "sigmoid", "train",
     "train_many", "train_per_sample", "value_checks",
 ]

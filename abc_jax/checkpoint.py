@@ -2,13 +2,15 @@
 
 A checkpoint holds what lets ``train`` continue exactly where it stopped::
 
-    state_<i>    the leaves of (params, optimizer state) after ``epoch`` epochs
+    state_<i>    the leaves of the training loop's state after ``epoch`` epochs
     epoch        () int, epochs completed
-    losses       (epoch,) the loss of every epoch so far; (M, epoch) for M members
+    losses       (M, epoch) the loss of every epoch so far, for M members
     settings     the run's settings as a JSON string
     extra_<k>    further arrays of the run's history (held-out losses), if any
+    model_<F>    F = A, B, C (M, ...): the params the run offers a user (``model_params``)
+    diverged_at  (M,) int: each member's first non-finite epoch, -1 if none
 
-It is written whole (``files.write_npz``): a killed run leaves the previous
+It is written whole (``atomic.write_npz``): a killed run leaves the previous
 checkpoint or the new one. Loading compares the stored settings with the
 caller's and raises ``ValueError`` naming each difference. The data and the
 initial parameters enter the settings through ``fingerprint``, moments computed
@@ -29,11 +31,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from abc_jax import files, parallel
+from abc_jax import parallel
+from abc_jax.atomic import write_npz
 
-FORMAT = 3  # 3: moments as fingerprints, state as one pytree
+FORMAT = 4  # 4: the loop's state with evaluation, the model's params by name
 FILENAME = "checkpoint.npz"
 _RTOL = 1e-5  # fingerprints are sums: another device layout changes their rounding
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed: unreadable, or written for another run.
+
+    ``.path``: the file; ``.settings``: the names of the settings that differ (empty for
+    an unreadable file).
+    """
+
+    def __init__(self, message: str, path: Path, settings: list[str]):
+        super().__init__(message)
+        self.path, self.settings = path, settings
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (str(self), self.path, self.settings)
 
 
 def checkpoint_path(directory: str | os.PathLike[str]) -> Path:
@@ -61,13 +79,19 @@ def fingerprint(a: jax.Array, weights: jax.Array | None = None) -> list[float]:
 
 def save_checkpoint(directory: str | os.PathLike[str], *, state: Any, epoch: int,
                     losses: Any, settings: dict[str, Any],
-                    extra: dict[str, Any] | None = None) -> Path:
-    """Write the checkpoint of ``epoch`` completed epochs, atomically."""
+                    extra: dict[str, Any] | None = None, model: Any = None,
+                    diverged_at: Any = None) -> Path:
+    """Write the checkpoint of ``epoch`` completed epochs, atomically; ``model``: the params
+    (M, ...) that ``model_params`` gives back (the run's result so far)."""
     arrays = {f"state_{i}": np.asarray(a) for i, a in enumerate(jax.tree.leaves(state))}
+    if model is not None:
+        arrays |= {f"model_{f}": np.asarray(a) for f, a in zip("ABC", model, strict=True)}
+    if diverged_at is not None:
+        arrays["diverged_at"] = np.asarray(diverged_at, np.int64)
     arrays |= {f"extra_{k}": np.asarray(v) for k, v in (extra or {}).items()}
     arrays |= {"epoch": np.int64(epoch), "losses": np.asarray(losses),
                "settings": np.array(json.dumps(settings | {"format": FORMAT}))}
-    return files.write_npz(checkpoint_path(directory), **arrays)
+    return write_npz(checkpoint_path(directory), **arrays)
 
 
 def restore(directory: str | os.PathLike[str], *, like: Any, settings: dict[str, Any],
@@ -80,8 +104,9 @@ def restore(directory: str | os.PathLike[str], *, like: Any, settings: dict[str,
     Process 0 reads the file and sends it to the others: all resume or raise alike.
 
     Raises:
-      ValueError: the file is unreadable, or was written for another run
-        (the message names each difference), or ran more than this run's ``epochs``.
+      CheckpointError (a ValueError): the file is unreadable, or was written for another
+        run (the message and ``.settings`` name each difference).
+      ValueError: it ran more than this run's ``epochs``.
     """
     path = checkpoint_path(directory)
     raw = None
@@ -101,8 +126,9 @@ def restore(directory: str | os.PathLike[str], *, like: Any, settings: dict[str,
             leaves = [np.asarray(f[f"state_{i}"]) for i in range(count)]
             extra = {k[6:]: np.asarray(f[k]) for k in f.files if k.startswith("extra_")}
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"unreadable checkpoint {path} ({e or 'empty'}): delete it to start "
-                         "over, or write this run's checkpoints elsewhere") from None
+        raise CheckpointError(f"unreadable checkpoint {path} ({e or 'empty'}): delete it to "
+                              "start over, or write this run's checkpoints elsewhere", path,
+                              []) from None
     diffs = _differences(stored, json.loads(json.dumps(settings | {"format": FORMAT})))
     like_leaves = jax.tree.leaves(like)
     if [(a.shape, a.dtype) for a in leaves] != [(a.shape, a.dtype) for a in like_leaves]:
@@ -110,9 +136,10 @@ def restore(directory: str | os.PathLike[str], *, like: Any, settings: dict[str,
     if losses.ndim not in (1, 2) or losses.shape[-1] != epoch:
         diffs.append(f"losses: shape {losses.shape} does not match epoch = {epoch}")
     if diffs:
-        raise ValueError(f"checkpoint {path} was written for a different run and is not "
-                         f"loaded ({'; '.join(diffs)}): write this run's checkpoints elsewhere, "
-                         "or delete it to start over")
+        raise CheckpointError(f"checkpoint {path} was written for a different run and is not "
+                              f"loaded ({'; '.join(diffs)}): write this run's checkpoints "
+                              "elsewhere, or delete it to start over", path,
+                              [d.split(":")[0] for d in diffs])
     if epoch > epochs:
         raise ValueError(f"epochs = {epochs} is fewer than the {epoch} epochs the "
                          f"checkpoint in {directory} already ran")
@@ -133,6 +160,23 @@ def _differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
             what = "other values" if k.endswith("fingerprint") else f"{a} -> {b}"
             out.append(f"{k}: {what}")
     return out
+
+
+def model_params(arrays: dict[str, np.ndarray], path: Any) -> dict[str, np.ndarray]:
+    """A, B, C of one model from a checkpoint's ``arrays`` (as ``np.load`` gives them): the
+    params its run returns (the best held-out ones with patience, else the last finite).
+
+    Raises ValueError for a checkpoint of several members or of an older format.
+    """
+    settings = json.loads(str(arrays["settings"]))
+    if settings.get("format") != FORMAT or "model_A" not in arrays:
+        raise ValueError(f"{path} is a checkpoint of an older abc_jax (format "
+                         f"{settings.get('format')}, this one reads {FORMAT}): train again, or "
+                         "load its params.npz")
+    if settings.get("M", 1) != 1:
+        raise ValueError(f"{path} is a checkpoint of {settings['M']} members (train_many): "
+                         "load_params reads one model's params")
+    return {f: arrays[f"model_{f}"][0] for f in "ABC"}
 
 
 def checkpoint_epoch(directory: str | os.PathLike[str]) -> int:

@@ -341,10 +341,11 @@ def all_finite(tree: Any) -> jax.Array:
 
 
 def weights_ok(weights: Any) -> jax.Array:
-    """Row weights are finite, >= 0 and not all 0 (True for None: every row weighs 1)."""
+    """Row weights are finite, >= 0 and not all 0 (per member, for a leading member axis
+    (M, N)); True for None: every row weighs 1."""
     if weights is None:
         return jnp.bool_(True)
-    return jnp.all(jnp.isfinite(weights) & (weights >= 0)) & (jnp.sum(weights) > 0)
+    return jnp.all(jnp.isfinite(weights) & (weights >= 0)) & jnp.all(jnp.sum(weights, -1) > 0)
 
 
 @jax.jit
@@ -378,16 +379,21 @@ def check_values(out: Any, p: Params, inputs: Mapping[str, Any]) -> None:
 
 
 def explain_batch(data: Batch, name: str = "X") -> None:
-    """The ValueError for a batch with a NaN/inf entry or bad weights, if any."""
-    raise_if_nonfinite(data.X, name)
-    raise_if_nonfinite(data.T, "T")
+    """The ValueError for a batch with a NaN/inf entry or bad weights, if any (weights
+    (M, N): each member's)."""
+    field = {"X": name} | {f: f if name == "X" else f"{name}.{f}" for f in ("weights", "T")}
+    raise_if_nonfinite(data.X, field["X"])
+    raise_if_nonfinite(data.T, field["T"])
     r = data.weights
     if r is not None:
-        raise_if_nonfinite(r, "weights")
+        raise_if_nonfinite(r, field["weights"])
         if not bool(jnp.all(r >= 0)):
-            raise ValueError(f"weights must be >= 0, got min {float(jnp.min(r))}")
-        if not bool(jnp.sum(r) > 0):
-            raise ValueError("weights must not all be 0: the weighted mean needs sum(w) > 0")
+            raise ValueError(f"{field['weights']} must be >= 0, got min {float(jnp.min(r))}")
+        empty = np.flatnonzero(np.asarray(jnp.sum(r, -1)).reshape(-1) <= 0).tolist()
+        if empty:
+            where = f" for members {empty}" if r.ndim > 1 else ""
+            raise ValueError(f"{field['weights']} must not all be 0{where}: the weighted mean "
+                             "needs sum(w) > 0")
 
 
 @jax.jit

@@ -6,12 +6,10 @@ one (``os.replace`` is atomic on POSIX).
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,36 +17,12 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from abc_jax import edge
+from abc_jax import checkpoint, edge
+from abc_jax.atomic import atomic_write_bytes, write_npz
 from abc_jax.core.model import Params
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file and ``os.replace``.
-
-    The file gets the usual permissions (0o666 less the umask), not mkstemp's.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+__all__ = ["atomic_write_bytes", "load_params", "save_figure", "save_params", "write_csv",
+           "write_json", "write_npz", "write_results"]
 
 
 def _jsonable(obj: Any) -> Any:
@@ -61,12 +35,12 @@ def _jsonable(obj: Any) -> Any:
     if hasattr(obj, "tolist"):  # NumPy / JAX arrays and scalars
         return _jsonable(obj.tolist())
     if isinstance(obj, float) and not np.isfinite(obj):
-        return str(obj)  # JSON has no NaN/inf
+        return None  # JSON has no NaN/inf: null, as pandas and the json of most tools write
     return obj
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
-    """Write ``obj`` as indented JSON (arrays become lists, NaN/inf strings)."""
+    """Write ``obj`` as indented JSON (arrays become lists, NaN/inf null)."""
     text = json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n"
     return atomic_write_bytes(path, text.encode())
 
@@ -80,13 +54,6 @@ def write_csv(path: str | os.PathLike[str], header: Sequence[str],
     for row in rows:
         writer.writerow([_jsonable(v) for v in row])
     return atomic_write_bytes(path, buf.getvalue().encode())
-
-
-def write_npz(path: str | os.PathLike[str], **arrays: Any) -> Path:
-    """Write arrays to an uncompressed .npz."""
-    buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
-    return atomic_write_bytes(path, buf.getvalue())
 
 
 def save_figure(path: str | os.PathLike[str], fig: Any, *, dpi: int = 150) -> Path:
@@ -148,17 +115,6 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         raise ValueError(f"cannot read params from {path}: {e}") from None
 
 
-def _from_checkpoint(path: Path, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A, B, C of a training checkpoint: its best params where evaluation ran, else its last."""
-    settings = json.loads(str(arrays["settings"]))
-    leaves = [arrays[f"state_{i}"] for i in range(sum(k.startswith("state_") for k in arrays))]
-    if settings.get("M", 1) != 1:
-        raise ValueError(f"{path} is a checkpoint of {settings['M']} members (train_many): "
-                         "load_params reads one model's params")
-    chosen = leaves[-3:] if settings.get("evaluation") else leaves[:3]
-    return {k: a[0] if a.ndim == 3 else a for k, a in zip("ABC", chosen, strict=True)}
-
-
 def load_params(path: str | os.PathLike[str]) -> Params:
     """``Params(A (H, D), B (H, D), C (O, H))`` from what ``save_params`` or train.py wrote.
 
@@ -182,7 +138,7 @@ def load_params(path: str | os.PathLike[str]) -> Params:
         raise ValueError(f"cannot read params from {path}: no such file")
     arrays = _read_npz(path)
     if "settings" in arrays and "state_0" in arrays:
-        arrays = _from_checkpoint(path, arrays)
+        arrays = checkpoint.model_params(arrays, path)
     missing = [k for k in "ABC" if k not in arrays]
     if missing:
         raise ValueError(f"{path} must hold arrays A, B and C (an .npz of save_params), "

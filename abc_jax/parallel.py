@@ -8,24 +8,17 @@ and device count, and XLA inserts the all-reduce for the contractions over N.
 
 Several processes (one per host) run as one job on JAX's distributed runtime:
 ``initialize_distributed`` joins it, and ``shard_local_batch`` builds the global
-batch from each process's own rows, each process padding its share locally.
-``run_job`` runs a command-line program's body as one process of such a job (or
-alone) with its exit codes: Ctrl-C, a lost peer, a failed process.
+batch from each process's own rows, each process padding its share locally. How a
+command-line program runs as one process of a job (signals, exit codes) is the
+program's business: ``experiments.common.job``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
-import os
-import signal
 import socket
-import sys
-import threading
 import time
-import traceback
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -323,107 +316,3 @@ def broadcast_bytes(data: bytes | None) -> bytes | None:
         return None
     buf = np.frombuffer(data, np.uint8) if main else np.zeros(size, np.uint8)
     return np.asarray(multihost_utils.broadcast_one_to_all(buf), np.uint8).tobytes()
-
-
-
-
-INTERRUPTED = 130  # the exit code of a run ended by Ctrl-C (128 + SIGINT), as a shell's
-
-
-_SIGINT = threading.Event()  # set by run_job's Ctrl-C handler, cleared when the job ends
-
-
-def interrupted() -> bool:
-    """Whether Ctrl-C reached ``run_job`` since it started. The handler raises
-    ``KeyboardInterrupt`` at once, as Python's own does, but Python drops one raised inside a
-    garbage-collector callback (JAX runs one), so the training loop also asks this after
-    every chunk and raises it there."""
-    return _SIGINT.is_set()
-
-
-def _on_sigint(signum: int, frame: Any) -> None:
-    _SIGINT.set()
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def interrupts_held() -> Iterator[None]:
-    """Hold Ctrl-C (SIGINT) while the block runs, then pass it to the handler it would
-    have reached (Python's raises ``KeyboardInterrupt``): what the block changes together
-    is never seen half-changed. Python runs signal handlers in the main thread only, so in
-    any other thread this does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held: list[Any] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if held:
-            if callable(previous):
-                previous(signal.SIGINT, held[0])
-            elif previous == signal.SIG_DFL:
-                signal.raise_signal(signal.SIGINT)
-
-
-def run_job(body: Callable[[], int], *, checkpoint_dir: Any = None,
-            coordinator: str | None = None, num_processes: int | None = None,
-            process_id: int | None = None, heartbeat_timeout: int = 10,
-            init_timeout: int = 300) -> int:
-    """Run ``body()`` (which returns an exit code) as one process of a job, or alone, and
-    turn how it ends into an exit code and one line on stderr (what ``experiments.train`` does).
-
-    With ``coordinator`` (and ``num_processes``, ``process_id``) first join the job
-    (``initialize_distributed``); if that fails: ``error: ...`` and exit code 2.
-
-    Alone: Ctrl-C (``KeyboardInterrupt``) prints ``interrupted at epoch E: run the same
-    command again to resume``, E the epoch of the checkpoint in ``checkpoint_dir``
-    (``train`` writes it before letting Ctrl-C go on), and returns ``INTERRUPTED`` (130); any
-    other exception propagates.
-
-    One of several processes: any exception ends this process at once (``os._exit``) after one
-    line ``error: ...; run the same commands again to resume from the last checkpoint`` (130
-    for Ctrl-C; 1 for a lost peer, a ``JaxRuntimeError`` from a collective, or a failure here,
-    whose traceback is printed first). A normal exit would wait in JAX's exit barrier for the
-    others, which wait for it; instead its heartbeats stop and JAX ends the others within
-    ``heartbeat_timeout`` seconds.
-    """
-    if coordinator is not None:  # join the job of several processes
-        try:
-            initialize_distributed(coordinator, num_processes, process_id,
-                                   heartbeat_timeout=heartbeat_timeout,
-                                   initialization_timeout=init_timeout)
-        except (ConnectionError, ValueError, TypeError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    main = threading.current_thread() is threading.main_thread()  # signals go to it alone
-    previous = signal.signal(signal.SIGINT, _on_sigint) if main else None
-    try:
-        return body()
-    except BaseException as e:
-        if jax.process_count() == 1:
-            if not isinstance(e, KeyboardInterrupt):
-                raise
-            from abc_jax.checkpoint import checkpoint_epoch  # it imports this module
-
-            epoch = 0 if checkpoint_dir is None else checkpoint_epoch(checkpoint_dir)
-            print(f"interrupted at epoch {epoch}: run the same command again to resume",
-                  file=sys.stderr, flush=True)
-            return INTERRUPTED
-        if isinstance(e, KeyboardInterrupt):
-            code, what = INTERRUPTED, "interrupted"
-        elif isinstance(e, jax.errors.JaxRuntimeError):  # a collective failed: a peer died
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            code, what = 1, f"lost a peer process ({first[:200]})"
-        else:
-            traceback.print_exc()
-            code, what = 1, f"process {jax.process_index()} failed ({type(e).__name__})"
-        print(f"error: {what}; run the same commands again to resume from the last checkpoint",
-              file=sys.stderr, flush=True)
-        os._exit(code)
-    finally:
-        if main:
-            signal.signal(signal.SIGINT, previous)
-        _SIGINT.clear()

@@ -41,7 +41,6 @@ import dataclasses
 import functools
 import json
 import math
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -53,9 +52,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from abc_jax import Batch, DataError, DivergenceError, batch_loss, init_params, parallel, train
-from abc_jax.checkpoint import checkpoint_epoch, checkpoint_path
+from abc_jax.checkpoint import CheckpointError, checkpoint_epoch, checkpoint_path
 from abc_jax.files import save_params, write_results
 from experiments import common
+from experiments.common import job as job_module
 from experiments.common.cli import Failed
 from experiments.common.data import Data, columns, read_data
 
@@ -99,8 +99,8 @@ class Config:
         None, "hold out this fraction of the rows instead (a fixed split drawn from --seed)",
         metavar="F")
     patience: int | None = target_flag(
-        None, "stop after P held-out evaluations (one every --eval-every epochs) without a new "
-        "best; keep the best", metavar="P")
+        None, "stop after P held-out evaluations (one every --eval-every epochs: epochs by "
+        "default) without a new best; keep the best", metavar="P")
     epochs: int = train_flag(1000, "epochs")
     lr: float = train_flag(0.05, "learning rate")
     optimizer: str = train_flag("gd", "gd: the homework's p <- p - lr g; the others Optax's",
@@ -111,7 +111,7 @@ class Config:
     chunk_size: int | None = train_flag(None, "rows per gradient chunk (bounds memory)")
     dtype: str = train_flag("float32", "dtype", choices=("float32", "float64"))
     epochs_per_chunk: int = train_flag(100, "epochs per compiled call between returns to the host")
-    eval_every: int = train_flag(100, "epochs between held-out evaluations (and one at the end)")
+    eval_every: int = train_flag(1, "epochs between held-out evaluations (and one at the end)")
     checkpoint_every: int = train_flag(100, "epochs between checkpoints (and one at the end)")
     coordinator: str | None = process_flag(None, "address of process 0 (coordinator)",
                                            metavar="HOST:PORT")
@@ -174,11 +174,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def job(config: Config, body: Callable[[], int]) -> int:
-    """``body`` (run, report) alone or as one process of a job (``parallel.run_job``: joining
+    """``body`` (run, report) alone or as one process of a job (``common.job.run_job``: joining
     it, Ctrl-C, a lost peer); the exit code."""
     names = "coordinator num_processes process_id heartbeat_timeout init_timeout".split()
-    return parallel.run_job(body, checkpoint_dir=config.out / "checkpoint",
-                            **{k: getattr(config, k) for k in names})
+    return job_module.run_job(body, checkpoint_dir=config.out / "checkpoint",
+                              **{k: getattr(config, k) for k in names})
 
 
 def load(config: Config) -> Data:
@@ -221,12 +221,8 @@ def describe(config: Config, data: Data, params: Any) -> dict[str, Any]:
 
 
 def fit(config: Config, data: Data, params: Any, directory: Path) -> Any:
-    """abc_jax.train with the config's settings. With held-out data a callback records the
-    training loss of the params at each evaluation, beside their held-out loss, so the best
-    and the last evaluated params are each described by both."""
-    def train_loss(epoch: int, p: Any, metrics: dict[str, float]) -> dict[str, Any]:
-        return {"train_loss": batch_loss(p, data.batch)}
-
+    """abc_jax.train with the config's settings; a Ctrl-C that Python dropped is raised
+    after the chunk (``common.job.interrupt_check``)."""
     return jax.block_until_ready(train(
         params, data.batch, epochs=config.epochs, **common.rate_kwargs(config.optimizer, config.lr),
         grad=config.grad, batch_size=config.batch_size, chunk_size=config.chunk_size,
@@ -235,16 +231,15 @@ def fit(config: Config, data: Data, params: Any, directory: Path) -> Any:
         progress=config.progress and sys.stdout.isatty(),  # no bar in a log
         epochs_per_chunk=config.epochs_per_chunk, eval_every=config.eval_every,
         checkpoint_every=config.checkpoint_every, eval_data=data.eval_data,
-        patience=config.patience, callbacks=[train_loss] if data.eval_data is not None else []))
+        patience=config.patience, callbacks=[job_module.interrupt_check]))
 
 
 def refusal(config: Config, e: Exception) -> str:
     """The error for settings train refused; a checkpoint of another run in --out names the
     settings that differ and the two ways on."""
     message = str(e)
-    if "different run" in message or "unreadable checkpoint" in message:
-        keys = re.findall(r"(?:\(|; )(\w+): ", message)
-        what = f" (different {', '.join(keys)})" if keys else ""
+    if isinstance(e, CheckpointError):
+        what = f" (different {', '.join(e.settings)})" if e.settings else ""
         message = (f"{config.out} holds a run with other settings{what}: pass --out DIR to "
                    "train this one elsewhere, or --restart to start afresh, discarding the "
                    "old checkpoint")
@@ -297,7 +292,8 @@ def run(config: Config) -> dict[str, Any]:
                "initial_loss": float(losses[0]) if len(losses) else None,
                "epochs": config.epochs, "epochs_this_run": this["epochs_run"],
                "resumed_from_epoch": resumed_from,
-               **held_out_metrics(result, config.epochs, diverged is None),
+               **held_out_metrics(result, data.batch, config.epochs, diverged is None,
+                                 config.patience),
                "device": str(jax.devices()[0]), "device_count": jax.device_count(),
                "process_count": jax.process_count(), "platform": jax.default_backend(),
                "jax_version": jax.__version__, **history(config.out, this)}
@@ -305,19 +301,31 @@ def run(config: Config) -> dict[str, Any]:
             "params": None if diverged else result.params}
 
 
-def held_out_metrics(result: Any, epochs: int, finished: bool) -> dict[str, Any]:
+def held_out_metrics(result: Any, batch: Any, epochs: int, finished: bool,
+                     patience: int | None) -> dict[str, Any]:
     """The held-out losses with their epochs, ``best`` and ``last``: the epoch, training loss
     and held-out loss of the best and of the last (finite) evaluation, and whether patience
-    stopped the run; empty without held-out data."""
+    stopped the run; empty without held-out data. The training loss of the params at epoch e
+    is losses[e]; at the run's end that of the params it returns, where they are those."""
     if result.eval_losses is None:
         return {}
     held, at = np.asarray(result.eval_losses, np.float64), np.asarray(result.eval_epochs).tolist()
-    train_losses = (result.metrics or {}).get("train_loss", ())
-    if len(train_losses) != len(at):  # a checkpoint of an older train.py did not record it
-        train_losses = np.full(len(at), np.nan)
+    losses = np.asarray(result.losses, np.float64)
+    end = None  # the training loss of the returned params, if they are those at len(losses)
+    returned_last = finished and (patience is None or result.best_epoch == len(losses))
+
+    def train_loss(e: int) -> float | None:
+        nonlocal end
+        if e < len(losses):
+            return float(losses[e])
+        if not returned_last:
+            return None
+        if end is None:
+            end = float(batch_loss(result.params, batch))
+        return end
 
     def point(i: int) -> dict[str, Any]:
-        return {"epoch": at[i], "train_loss": float(train_losses[i]), "eval_loss": float(held[i])}
+        return {"epoch": at[i], "train_loss": train_loss(at[i]), "eval_loss": float(held[i])}
 
     finite = np.flatnonzero(np.isfinite(held))
     last = int(finite[-1]) if len(finite) else len(at) - 1

@@ -146,10 +146,18 @@ def exactly(message):
     return "^" + re.escape(message.removesuffix("$")) + ("$" if end else "")
 
 
+def names(*fragments):
+    """A ``match`` pattern: the message names each of ``fragments`` (the argument, the fix),
+    in order, whatever the words around them."""
+    return "(?s)" + ".*".join(re.escape(f) for f in fragments)
+
+
 def raises_before_compiling(call, error, message):
-    """``call()`` raises ``error`` from abc_jax's code, its message starting with ``message``,
-    having compiled nothing but input conversions."""
-    with compilations() as compiled, pytest.raises(error, match=exactly(message)) as info:
+    """``call()`` raises ``error`` from abc_jax's code, its message starting with ``message``
+    (a string) or naming each of its fragments (a tuple: ``names``), having compiled nothing
+    but input conversions."""
+    pattern = names(*message) if isinstance(message, tuple) else exactly(message)
+    with compilations() as compiled, pytest.raises(error, match=pattern) as info:
         call()
     assert set(compiled) <= CONVERSIONS, f"compiled {compiled} before raising {info.value!r}"
     innermost = traceback.extract_tb(info.value.__traceback__)[-1].filename

@@ -60,7 +60,7 @@ AXES = "the leading (member) axes disagree: "
         (dict(X=data(2)), ValueError, AXES + "X has 2, params has 3"),
         (dict(lr=[0.1, 0.2]), ValueError, AXES + "params has 3, lr has 2"),
         (dict(lr=[0.1, -0.2, 0.1]), ValueError, "lr must be finite and > 0"),
-        (dict(lr=np.ones((3, 1))), ValueError, "lr must be a number or an array"),
+        (dict(lr=np.ones((3, 1))), TypeError, "lr must be a number or an array"),
         (dict(key=jax.random.split(jax.random.key(0), 4), batch_size=2), ValueError,
          AXES + "params has 3, key has 4"),
         (dict(X=Batch(data(), jnp.ones((2, N)))), ValueError, AXES + "weights has 2, params has 3"),
@@ -72,8 +72,7 @@ AXES = "the leading (member) axes disagree: "
         (dict(X=data().at[3, 1].set(jnp.nan)), ValueError,
          "X must be finite: it holds 1 NaN/inf value(s), first X[3, 1] is nan"),
         (dict(X=Batch(data(), jnp.zeros((M, N)).at[:2].set(1.0))), ValueError,
-         "weights must not all be 0 for a member (the weighted mean needs sum(w) > 0): "
-         "members [2]"),
+         "weights must not all be 0 for members [2]"),
     ],
 )
 def test_bad_input_is_named(args, error, message):

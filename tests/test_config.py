@@ -1,8 +1,9 @@
-"""The training configuration (``engine.config.TrainConfig``, made by train and train_many):
-one case per rule, each a named ``ValueError``/``TypeError`` from abc_jax's own code whose
-message starts with the argument's name and what was expected, raised before anything
-compiles; training always checks values (NaN/inf), with or without ``value_checks()``."""
+"""The training arguments (``train``, ``train_many`` and the steps they build): one case per
+rule, each a ``ValueError``/``TypeError`` from abc_jax's own code that names the argument
+and the fix, raised before anything compiles; training always checks values (NaN/inf),
+with or without ``value_checks()``."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -59,22 +60,18 @@ TRAIN_RULES = [  # on train (train_many where it differs)
                              ("float", 3.0, TypeError, "epochs must be an int, got float"),
                              ("None", None, TypeError, "epochs must be an int, got NoneType")]],
     *[case(f"lr-{i}", train_with(lr=v), err, msg)
-      for i, v, err, msg in [("0", 0, ValueError, "lr must be a finite number > 0, got 0"),
-                             ("nan", np.nan, ValueError, "lr must be a finite number > 0, got nan"),
-                             ("str", "0.1", TypeError, "lr must be a real number, got str '0.1'"),
-                             ("bool", True, TypeError, "lr must be a real number, got bool True"),
-                             ("list", [0.1], TypeError, "lr must be a real number, got list [0.1]"),
-                             ("missing", None, TypeError, "lr is required without an optimizer "
-                                                          "(the rule p <- p - lr * g)")]],
+      for i, v, err, msg in [("0", 0, ValueError, ("lr", "finite and > 0", "got 0")),
+                             ("nan", np.nan, ValueError, ("lr", "finite and > 0", "got nan")),
+                             ("str", "0.1", TypeError, ("lr", "a number", "str '0.1'")),
+                             ("bool", True, TypeError, ("lr", "a number", "bool True")),
+                             ("list", [0.1], ValueError, ("one value", "train_many", "'lr': 1")),
+                             ("missing", None, TypeError, ("lr is required", "lr=0.1"))]],
     case("lr-with-optimizer", train_with(optimizer=optax.adam(1e-3)), TypeError,
-         "lr goes with the hand-rolled rule (optimizer=None); an optimizer carries its own "
-         "rate, e.g. optimizer=optax.adam(1e-3).$"),
+         ("lr goes with the hand-rolled rule", "optimizer=optax.adam(1e-3)",
+          "inject_hyperparams")),
     case("train_many-lr-with-optimizer",
          lambda: abc_jax.train_many(P, X, optimizer=optax.adam(1e-3), members=2, **TRAIN),
-         TypeError,
-         "lr goes with the hand-rolled rule (optimizer=None); an optimizer carries its own "
-         "rate, e.g. optimizer=optax.adam(1e-3). For one rate per member give "
-         "optax.inject_hyperparams(optax.adam)(learning_rate=rates) with rates an array (M,)."),
+         TypeError, ("lr goes with the hand-rolled rule", "learning_rate=rates")),
     *[case(f"{kw}-{i}", train_with(**{kw: v}), err, msg)
       for kw, i, v, err, msg in [
           ("epochs_per_chunk", "0", 0, ValueError, "epochs_per_chunk must be >= 1, got 0"),
@@ -84,22 +81,34 @@ TRAIN_RULES = [  # on train (train_many where it differs)
           ("batch_size", "0", 0, ValueError, "batch_size must be >= 1, got 0"),
           ("batch_size", "bool", True, TypeError, "batch_size must be an int, got bool"),
           ("optimizer", "str", "adam", TypeError,
-           "optimizer must be an optax.GradientTransformation (init and update), got str"),
+           ("optimizer must be an optax.GradientTransformation", "got str")),
           ("optimizer", "factory", optax.adam, TypeError,
-           "optimizer must be an optax.GradientTransformation (init and update), got function"),
+           ("optimizer must be an optax.GradientTransformation", "got function")),
           ("grad", "name", "autodiff", ValueError,
            "grad must be one of ('manual', 'oracle'), got 'autodiff'"),
           ("chunk_size", "0", 0, ValueError, "chunk_size must be >= 1, got 0"),
           ("precision", "int", 32, TypeError, f"precision must be None or one of {PRECISIONS}, "
                                               "got int"),
-          ("lr", "inf", np.inf, ValueError, "lr must be a finite number > 0, got inf")]],
+          ("lr", "inf", np.inf, ValueError, ("lr", "finite and > 0", "inf"))]],
     *[case(f"key-{i}", train_with(batch_size=2, key=k), TypeError, msg)
       for i, k, msg in [("int", 0, KEY_MSG + "int"),
                         ("numpy", np.zeros(2, np.uint32), KEY_MSG + "ndarray"),
                         ("floats", FLOATS, "key must be one jax.random key, e.g. "
                                            "jax.random.key(0), got dtype float64 and shape (3,)")]],
     case("key-missing", train_with(batch_size=2), ValueError,
-         "key is required with batch_size: mini-batches are shuffled from it"),
+         ("key is required", "mini-batches", "key=jax.random.key(0)")),
+    case("key-without-draws", train_with(key=jax.random.key(0)), ValueError,
+         ("key", "draws nothing", "drop key")),
+    case("step-and-its-knobs", train_with(step=abc_jax.gradient_step(lr=0.1)), ValueError,
+         ("step and lr contradict", "drop step")),
+    case("lbfgs-with-privacy", lambda: abc_jax.train(
+        P, X, optimizer=optax.lbfgs(), epochs=2, key=jax.random.key(0), progress=False,
+        privacy=abc_jax.DPSGD(clip_norm=1.0, noise_multiplier=1.0, sampling_rate=0.3)),
+         ValueError, ("privacy", "value_fn", "first-order optimizer")),
+    case("privacy-with-batch_size", lambda: abc_jax.train(
+        P, X, lr=0.1, epochs=2, key=jax.random.key(0), progress=False, batch_size=2,
+        privacy=abc_jax.DPSGD(clip_norm=1.0, noise_multiplier=1.0, sampling_rate=0.3)),
+         ValueError, ("batch_size", "Poisson samples", "drop batch_size")),
     case("patience-without-eval_data", train_with(patience=2), ValueError,
          "patience needs eval_data: early stopping watches the held-out loss"),
     case("eval_data-without-targets", lambda: abc_jax.train(

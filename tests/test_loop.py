@@ -1,6 +1,6 @@
-"""The compiled epoch loop (``engine.loop.run_chunk``): a chunk of epochs is one while_loop
-with a traced trip count, compiled once for every chunk, length and learning rate, doing
-exactly its epochs of work and stopping at the first non-finite loss."""
+"""The compiled epoch loop (``engine.loop.run_chunk``): a chunk of epochs of any step is one
+while_loop with a traced trip count, compiled once for every chunk, length and learning
+rate, doing exactly its epochs of work and stopping at the first non-finite loss."""
 
 from __future__ import annotations
 
@@ -48,14 +48,14 @@ def test_a_run_does_exactly_its_epochs_of_work():
               progress=False, epochs_per_chunk=100)
     assert len(calls) == info.value.epoch + 1  # the epochs up to and with the bad one
     # the epochs of a chunk are one while_loop with a traced trip count, not a scan
-    sgd = optax.sgd(LR)
-    static = dict(update=sgd.update, extra=False, grad="manual", length=100, batch_size=None,
-                  n_rows=0, chunk_size=None, precision="highest")
-    one = jax.tree.map(lambda a: a[None], (params, sgd.init(params), params))
-    state = loop.State(*one, jnp.zeros(1, bool), jnp.zeros(1, bool))
+    step = abc_jax.gradient_step(optax.sgd(LR))
+    P = jax.tree.map(lambda a: a[None], params)
+    state = loop.initial_state(P, jax.vmap(step.init)(P, jnp.arange(1)))
+    static = dict(epoch=step.epoch, axes=abc_jax.Batch(None, None, None), held_axes=None,
+                  length=100, rows=0, eval_every=1, patience=None, precision="highest")
     jaxpr = str(jax.make_jaxpr(lambda c, b, s, e: loop.run_chunk(
-        c, b, None, s, e, batch_axes=abc_jax.Batch(None), **static))(
-        state, abc_jax.Batch(X), jnp.int32(0), jnp.int32(10)))
+        c, b, None, None, s, e, e, jnp.zeros(1, bool), **static))(
+        state, abc_jax.Batch(jnp.asarray(X)), jnp.int32(0), jnp.int32(10)))
     assert "while[" in jaxpr and "scan[" not in jaxpr
 
 

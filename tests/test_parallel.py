@@ -7,10 +7,8 @@ this process checks what one device can show.
 """
 
 import os
-import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import jax
@@ -98,29 +96,3 @@ def test_initialize_distributed_checks_its_arguments_first(address, message):
         parallel.initialize_distributed("127.0.0.1:1234", 0, 0)
     with pytest.raises(ValueError, match="heartbeat_timeout"):
         parallel.initialize_distributed("127.0.0.1:1234", 2, 1, heartbeat_timeout=0)
-
-
-def test_interrupts_held_reach_their_handler_when_the_block_ends():
-    got = []
-
-    def handler(signum, frame):
-        got.append("handler")
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        with parallel.interrupts_held():
-            signal.raise_signal(signal.SIGINT)
-            got.append("block")
-        assert got == ["block", "handler"]
-        assert signal.getsignal(signal.SIGINT) is handler  # put back
-        got.clear()
-        with parallel.interrupts_held():
-            got.append("nothing held")
-        assert got == ["nothing held"]
-        thread = threading.Thread(target=lambda: got.append(
-            parallel.interrupts_held().__enter__() is None))  # off the main thread: nothing
-        thread.start()
-        thread.join()
-        assert got == ["nothing held", True]
-    finally:
-        signal.signal(signal.SIGINT, previous)

@@ -161,7 +161,7 @@ def test_private_mode_contradictions_are_named(key, monkeypatch):
     ok = DPSGD(clip_norm=1.0, noise_multiplier=1.0, sampling_rate=0.5)
     kw = dict(lr=0.1, epochs=1, **KW)
     for extra, error, match in [
-        (dict(privacy=ok), ValueError, "key is required with privacy"),
+        (dict(privacy=ok), ValueError, "key is required: the step draws Poisson samples"),
         (dict(privacy=ok, key=key, batch_size=4), ValueError, "batch_size"),
         (dict(privacy=ok, key=key, grad="oracle"), ValueError, "grad"),
         (dict(privacy="dp", key=key), TypeError, "DPSGD"),

@@ -220,7 +220,7 @@ def test_same_inputs_same_bits(batch_size):
 def test_a_key_without_randomness_to_draw_is_refused():
     params, X = make_problem()
     for fn in (train, train_many):
-        with pytest.raises(ValueError, match=r"key is used only with batch_size .* or privacy"):
+        with pytest.raises(ValueError, match=r"key: .*draws nothing.*drop key"):
             fn(params, X, lr=LR, epochs=2, key=jax.random.key(0), progress=False)
 
 
@@ -497,12 +497,13 @@ def test_callbacks_add_metrics_and_can_stop_the_run():
     r = abc_jax.train(params, fit, lr=0.05, epochs=100, eval_every=10, eval_data=held,
                       callbacks=[gradient_norm], **KW)
     np.testing.assert_array_equal(r.eval_epochs, [0, 10, 20])
-    assert r.losses.shape == (20,)  # stopped at the evaluation that asked
-    assert [e for e, _ in seen] == [0, 10, 20]
-    np.testing.assert_allclose([v for _, v in seen], r.eval_losses, rtol=1e-12)
+    assert r.losses.shape == (20,)  # stopped at the chunk's end that asked
+    assert [e for e, _ in seen] == [10, 20]  # the host acts at chunk ends
+    np.testing.assert_allclose([v for _, v in seen], r.eval_losses[1:], rtol=1e-12)
+    np.testing.assert_array_equal(r.metric_epochs, [10, 20])
     at_10 = abc_jax.train(params, fit, lr=0.05, epochs=10, **KW).params
     g = abc_jax.batch_grad(at_10, fit)
-    np.testing.assert_allclose(r.metrics["grad_norm"][1],
+    np.testing.assert_allclose(r.metrics["grad_norm"][0],
                                float(jnp.sqrt(sum(jnp.sum(a * a) for a in g))), rtol=1e-12)
 
 
@@ -518,25 +519,79 @@ def test_callbacks_of_train_many_act_per_member():
                            callbacks=[stop_the_first], **KW)
     assert np.asarray(r.stopped_at).tolist() == [10, -1, -1]
     assert np.isnan(np.asarray(r.losses[0, 10:])).all() and np.isfinite(r.losses[1:]).all()
-    assert r.metrics["C_norm"].shape == (3, 4)  # epochs 0, 10, 20, 30
-    with pytest.raises(TypeError, match="a callback must return a dict of metrics or None"):
+    assert r.metrics["C_norm"].shape == (3, 3)  # epochs 10, 20, 30
+    assert np.isnan(r.metrics["C_norm"][0, 1:]).all()  # none after its stop
+    with pytest.raises(TypeError, match="callbacks must return a dict of metrics or None"):
         abc_jax.train(params, fit, lr=0.01, epochs=2, callbacks=[lambda e, p, m: 1.0], **KW)
 
 
-def test_cross_validation_equals_one_train_call_per_fold():
+def cv_problem():
+    """13 rows, weights non-uniform with zero-weight rows in the middle (rows 3 and 7)."""
     params, X, T, w = weighted_problem(3, N=13)
+    w[3] = w[7] = 0.0
+    return params, X, T, w
+
+
+def test_cross_validation_equals_kfold_and_train_by_hand():
+    from sklearn.model_selection import KFold
+
+    params, X, T, w = cv_problem()
     data = Batch(X, jnp.asarray(w), T)
-    cv = abc_jax.cross_validate(params, data, folds=3, lr=0.05, epochs=25, eval_every=5, **KW)
-    assert cv["fold"].tolist().count(-1) == int((w == 0).sum())  # weight 0: in no fold
-    for k in range(3):
-        inside = jnp.asarray(np.where(cv["fold"] == k, w, 0.0))
-        alone = abc_jax.train(params, Batch(X, jnp.asarray(w) - inside, T), lr=0.05, epochs=25,
-                              eval_every=5, eval_data=Batch(X, inside, T), **KW)
-        np.testing.assert_allclose(cv["held_out_loss"][k], alone.eval_losses[-1], rtol=1e-12)
+    real = np.flatnonzero(w > 0)  # the reference: scikit-learn's folds of the weighted rows
+    folds = [(real[tr], real[te]) for tr, te in KFold(3).split(real)]
+    cv = abc_jax.cross_validate(params, data, folds=3, lr=0.05, epochs=25, **KW)
+    for k, (tr, te) in enumerate(folds):
+        w_tr, w_te = np.zeros_like(w), np.zeros_like(w)
+        w_tr[tr], w_te[te] = w[tr], w[te]
+        alone = abc_jax.train(params, Batch(X, jnp.asarray(w_tr), T), lr=0.05, epochs=25, **KW)
+        score = abc_jax.batch_loss(alone.params, Batch(X, jnp.asarray(w_te), T))
+        np.testing.assert_allclose(cv["held_out_loss"][k], score, rtol=1e-12)
         chex.assert_trees_all_close(member(cv["result"].params, k), alone.params, rtol=1e-12)
+        np.testing.assert_array_equal(cv["folds"][k][1], te)
     held = cv["held_out_loss"]
     assert cv["mean"] == pytest.approx(np.mean(held)) and cv["std"] == pytest.approx(
         np.std(held, ddof=1))
+    # a scikit-learn splitter and a list of index pairs are the same folds
+    same = abc_jax.cross_validate(params, data, folds=KFold(3), lr=0.05, epochs=25, **KW)
+    listed = abc_jax.cross_validate(params, data, folds=folds, lr=0.05, epochs=25, **KW)
+    np.testing.assert_array_equal(same["held_out_loss"], held)
+    np.testing.assert_array_equal(listed["held_out_loss"], held)
+
+
+def test_cross_validation_with_patience_never_sees_the_scored_fold():
+    params, X, T, w = cv_problem()
+    kw = dict(folds=3, lr=0.05, epochs=60, patience=2, validation_fraction=0.3, **KW)
+    cv = abc_jax.cross_validate(params, Batch(X, jnp.asarray(w), T), **kw)
+    te = cv["folds"][1][1]
+    changed = np.asarray(T).copy()
+    changed[te] += 10.0  # the scored rows of fold 1: other targets
+    other = abc_jax.cross_validate(params, Batch(X, jnp.asarray(w), jnp.asarray(changed)), **kw)
+    chex.assert_trees_all_equal(member(other["result"].params, 1),
+                                member(cv["result"].params, 1))  # trained without them
+    assert other["held_out_loss"][1] > cv["held_out_loss"][1]  # but scored on them
+    # patience watched an inner split of the training rows: the last 30% of them
+    tr = cv["folds"][0][0]
+    inner = tr[len(tr) - int(np.ceil(0.3 * len(tr))):]
+    w_tr, w_in = np.zeros_like(w), np.zeros_like(w)
+    w_tr[np.setdiff1d(tr, inner)], w_in[inner] = w[np.setdiff1d(tr, inner)], w[inner]
+    alone = abc_jax.train(params, Batch(X, jnp.asarray(w_tr), T), lr=0.05, epochs=60,
+                          eval_data=Batch(X, jnp.asarray(w_in), T), patience=2, **KW)
+    chex.assert_trees_all_close(member(cv["result"].params, 0), alone.params, rtol=1e-12)
+
+
+def test_cross_validation_never_scores_a_diverged_fold():
+    params, X, T, w = cv_problem()
+    data = Batch(X, jnp.asarray(w), T)
+    with pytest.raises(DivergenceError, match=r"folds \[0, 1, 2\] diverged") as info:
+        abc_jax.cross_validate(params, data, folds=3, lr=1e3, epochs=50, **KW)
+    assert info.value.members == [0, 1, 2] and all(e > 0 for e in info.value.epochs)
+    lrs = [0.05, 1e3, 0.05]  # one fold diverges: flagged, excluded from mean and std
+    cv = abc_jax.cross_validate(params, data, folds=3, lr=lrs, epochs=50,
+                                on_divergence="exclude", **KW)
+    assert cv["diverged"].tolist() == [False, True, False] and np.isnan(cv["held_out_loss"][1])
+    kept = cv["held_out_loss"][[0, 2]]
+    assert np.isfinite(kept).all() and cv["mean"] == pytest.approx(np.mean(kept))
+
 
 # --- held-out evaluation, early stopping -----------------------------------------------------
 

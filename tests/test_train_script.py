@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from abc_jax import parallel
 from experiments import train as train_script
+from experiments.common import job
 from experiments.common.data import hold_out
 
 pytestmark = pytest.mark.integration  # script runs: the integration run (.ci/run)
@@ -374,19 +374,19 @@ def test_sigint_to_the_process_is_one_line_and_exit_code_130(tmp_path):
 
 
 def test_run_job_exit_codes_in_process(tmp_path, capsys):
-    """parallel.run_job alone: the body's code; Ctrl-C -> 130 and one line naming the epoch of
+    """job.run_job alone: the body's code; Ctrl-C -> 130 and one line naming the epoch of
     the checkpoint to resume from; other errors propagate; a bad coordinator -> 2."""
-    assert parallel.run_job(lambda: 7) == 7
+    assert job.run_job(lambda: 7) == 7
 
     def interrupted():
         raise KeyboardInterrupt
 
-    assert parallel.run_job(interrupted, checkpoint_dir=tmp_path) == parallel.INTERRUPTED == 130
+    assert job.run_job(interrupted, checkpoint_dir=tmp_path) == job.INTERRUPTED == 130
     assert capsys.readouterr().err == ("interrupted at epoch 0: run the same command again to "
                                        "resume\n")
     with pytest.raises(ZeroDivisionError):
-        parallel.run_job(lambda: 1 // 0)
-    assert parallel.run_job(lambda: 0, coordinator="no-port", num_processes=2,
+        job.run_job(lambda: 1 // 0)
+    assert job.run_job(lambda: 0, coordinator="no-port", num_processes=2,
                             process_id=0) == 2
     assert capsys.readouterr().err.startswith("error: ")
 

@@ -1,12 +1,13 @@
-"""The training engine: one host pipeline around one compiled loop, for M members.
+"""The training engine: any training step, one compiled loop, M members.
 
-- ``config``: ``TrainConfig``, every knob, frozen and checked.
+- ``steps``: a training method is a ``Step`` (init, epoch), built by small
+  constructors: ``gradient_step``, ``minibatches``; ``privacy.private`` beside its
+  mathematics. A new method is one constructor.
 - ``arguments``: what each argument means per member (shared or a leading M axis),
-  checked once, values included.
-- ``privacy``: ``DPSGD``, private training (clipping, Poisson sampling, noise) and its
-  epsilon from ``dp-accounting``.
-- ``loop``: the compiled epochs (``lax.while_loop``), vmapped over members.
-- ``pipeline``: the host side: chunks, evaluations and callbacks, checkpoints.
-- ``train``: the public functions: ``train_many``; ``train`` (M = 1),
-  ``train_per_sample`` (a member per row), ``cross_validate`` (a member per fold).
+  "a number or one per member", the member count and the values, checked once.
+- ``loop``: the compiled epochs (``lax.while_loop``) of any step, vmapped over members,
+  with held-out evaluation and patience on the device.
+- ``pipeline``: the host side: chunks, the user's callbacks, checkpoints, the bar.
+- ``train``: the one front end and the public functions: ``train_many``; ``train``
+  (M = 1), ``train_per_sample`` (a member per row), ``cross_validate`` (a member per fold).
 """

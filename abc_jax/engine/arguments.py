@@ -68,41 +68,47 @@ def member_data(data: Any, D: int, O: int, dtype: Any,
     return batch, Batch(*(0 if n in sizes else None for n in names)), sizes
 
 
-def member_lr(lr: Any, optimizer: Any, many: bool) -> tuple[Any, int | None]:
-    """(lr as a float or an (M,) float64 array, M or None). The rate belongs to the
-    optimizer when there is one."""
-    if optimizer is not None:
-        if lr is not None:
-            per_member = (" For one rate per member give optax.inject_hyperparams(optax.adam)("
-                          "learning_rate=rates) with rates an array (M,)." if many else "")
-            raise TypeError("lr goes with the hand-rolled rule (optimizer=None); an optimizer "
-                            "carries its own rate, e.g. optimizer=optax.adam(1e-3)." + per_member)
-        return None, None
-    if lr is None:
-        raise TypeError("lr is required without an optimizer (the rule p <- p - lr * g)")
-    if many and (isinstance(lr, (list, tuple)) or np.ndim(lr) == 1):
-        a = np.asarray(lr)
-        if a.dtype.kind not in "iuf" or a.size == 0:
-            raise TypeError(f"lr must be a number or an array (M,) of numbers, got {a.dtype} "
-                            f"of shape {a.shape}")
-        if not np.all(np.isfinite(a) & (a > 0)):
-            raise ValueError(f"lr must be finite and > 0 for every member, got {a.tolist()}")
-        return a.astype(np.float64), a.shape[0]
-    if many and np.ndim(lr) > 1:
-        raise ValueError(f"lr must be a number or an array (M,), got shape {np.shape(lr)}")
-    return edge.check_finite_float(lr, "lr", positive=True), None
+def per_member(value: Any, name: str, minimum: float = 0.0, strict: bool = True) -> Any:
+    """A finite number (> or >= ``minimum``), shared by every member, or a 1-D sequence (M,)
+    of them, one per member: a float or a tuple of floats (the one place this is checked)."""
+    if isinstance(value, (str, bytes, bool, np.bool_)) or value is None:
+        raise TypeError(f"{name} must be a number or an array (M,) of numbers, got "
+                        f"{type(value).__name__} {value!r}")
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(f"{name} must be a concrete number or array, not a traced value: call "
+                        "training outside jax.jit/vmap/grad")
+    a = np.asarray(value)
+    if a.dtype.kind not in "iuf" or a.ndim > 1 or a.size == 0:
+        raise TypeError(f"{name} must be a number or an array (M,) of numbers, got "
+                        f"{a.dtype} of shape {a.shape}")
+    bad = ~np.isfinite(a) | ((a <= minimum) if strict else (a < minimum))
+    if bad.any():
+        want = f"> {minimum:g}" if strict else f">= {minimum:g}"
+        raise ValueError(f"{name} must be finite and {want}, got {a.tolist()}")
+    return float(a) if a.ndim == 0 else tuple(float(v) for v in a)
 
 
-def check_together(key: Any, batch_size: Any, privacy: Any, patience: Any,
-                   eval_data: Any) -> None:
-    """The arguments that need or exclude one another: a key exactly when something draws
-    from it (mini-batches or DP-SGD), patience only with held-out data."""
-    if batch_size is not None and key is None:
-        raise ValueError("key is required with batch_size: mini-batches are shuffled from it")
-    if key is not None and batch_size is None and privacy is None:
-        raise ValueError("key is used only with batch_size (to shuffle mini-batches) or privacy "
-                         "(to sample rows and draw noise); full-batch training has no "
-                         "randomness, so drop key or pass one of them")
+def sizes_of(values: dict[str, Any]) -> tuple[tuple[str, int], ...]:
+    """(name, M) for each value given one per member: a tuple (``per_member``) or an
+    array with one axis."""
+    return tuple((k, len(v) if isinstance(v, tuple) else int(np.shape(v)[0]))
+                 for k, v in values.items() if isinstance(v, tuple) or np.ndim(v) == 1)
+
+
+def jsonable(value: Any) -> Any:
+    """A per-member value as JSON: a number or a list."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def check_together(key: Any, draws: str | None, patience: Any, eval_data: Any) -> None:
+    """The arguments that need or exclude one another: a key exactly when the step draws
+    from it, patience only with held-out data."""
+    if draws is not None and key is None:
+        raise ValueError(f"key is required: the step draws {draws} from it (pass "
+                         "key=jax.random.key(0))")
+    if key is not None and draws is None:
+        raise ValueError("key: this training step draws nothing (full-batch training has no "
+                         "randomness); drop key, or pass batch_size or privacy")
     if patience is not None and eval_data is None:
         raise ValueError("patience needs eval_data: early stopping watches the held-out loss")
 
@@ -137,32 +143,10 @@ def count_members(sizes: dict[str, int], members: Any) -> int:
     return next(iter(sizes.values()))
 
 
-@jax.jit
-def _values_ok(params: Params, batch: Batch) -> jax.Array:
-    """Params, X and T finite; every member's weights finite, >= 0 and not all 0."""
-    r = batch.weights
-    ok = edge.all_finite((params, batch.X, batch.T))
-    if r is None:
-        return ok
-    return ok & jnp.all(jnp.isfinite(r) & (r >= 0)) & jnp.all(jnp.sum(r, axis=-1) > 0)
-
-
 def check_values(params: Params, batch: Batch, name: str = "X") -> None:
-    """ValueError naming the first NaN/inf entry or a member's bad weights, if any."""
-    if bool(_values_ok(params, batch)):
-        return
-    names = ("params.A", "params.B", "params.C", name,
-             *(f"{name}.{f}" if name != "X" else f for f in FIELDS[1:]))
-    for n, a in zip(names, (*params, *batch), strict=True):
-        edge.raise_if_nonfinite(a, n)
-    r = np.asarray(batch.weights)
-    if np.any(r < 0):
-        raise ValueError(f"weights must be >= 0, got min {r.min()}")
-    if r.ndim == 1:
-        raise ValueError("weights must not all be 0: the weighted mean needs sum(w) > 0")
-    empty = np.flatnonzero(r.sum(axis=-1) <= 0).tolist()
-    raise ValueError(f"weights must not all be 0 for a member (the weighted mean needs "
-                     f"sum(w) > 0): members {empty}")
+    """ValueError naming the first NaN/inf entry or a member's bad weights, if any
+    (``edge.check_values``: one device call when all is well)."""
+    edge.check_values((), params, {name: batch})
 
 
 @jax.jit

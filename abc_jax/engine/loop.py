@@ -1,25 +1,18 @@
-"""The compiled training loop: epochs in a ``lax.while_loop``, vmapped over members.
+"""The compiled training loop: any step's epochs in a ``lax.while_loop``, vmapped over members.
 
-One epoch on the full batch (``abc_jax.core.update`` has the rule)::
+``run_chunk`` runs epochs ``start`` .. ``stop`` - 1 (at most ``length``) of M members
+at once. Each iteration, for every member still running::
 
-    L_e, g_e       = batch_loss(p_e, X), d batch_loss / dp (p_e)
-    u_e, s_{e+1}   = optimizer.update(g_e, s_e, p_e)
-    p_{e+1}        = p_e + u_e
+    if e % eval_every == 0:    held-out loss of p_e (a forward pass), best params kept,
+                               patience counted; patience spent: the member stops
+    L_e, p_{e+1}, s_{e+1} = step.epoch(p_e, s_e, batch, fold_in(key, e), rows)
+    L_e not finite:            the member stops at p_e (``bad``; the update is dropped)
 
-With ``batch_size = b`` an epoch is a pass over a fresh permutation (key
-``fold_in(key, e)``) of the rows with a non-zero weight, cut into ceil(n / b)
-mini-batches, the last holding the n mod b rows left over; one update per
-mini-batch, and the epoch's loss is the weighted mean of its batch losses
-(each weighted by the sum of its rows' weights), each at the parameters
-before its own update. The permutation is over the real rows in their global
-order, so padding, devices and processes do not change which rows a batch holds.
-
-``run_chunk`` runs epochs ``start`` .. ``stop`` - 1 (at most ``length``) for M
-members at once: the state, keys and any per-member data carry a leading member
-axis. A member stops where its loss is not finite (``bad``: that update is not
-applied) or where the host stopped it (``stopped``: patience spent, a callback
-asked); under vmap the loop goes on while any member runs, and a stopped member
-keeps its carry.
+and at the chunk's end, if due there (at ``total``, the run's last params, always). The
+step (``engine.steps``) is the only thing that knows the training method; the loop
+knows no modes. The trip count is traced (E epochs do E epochs of work), the
+evaluation and the stop are decided on the device, and every knob that is data
+(learning rates, DP noise, keys) shares one compilation.
 """
 
 from __future__ import annotations
@@ -29,136 +22,144 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax import lax
 
-from abc_jax.core import backward, model
+from abc_jax.core import model
 from abc_jax.core.model import Batch, Params
-from abc_jax.engine import privacy as dp
 
 
 class State(NamedTuple):
-    """The loop's carry, for one member (a leading member axis on every leaf in a run)."""
+    """The loop's carry for one member (a leading member axis on every leaf in a run)."""
 
-    params: Params  # parameters before the next epoch
-    opt_state: Any
+    params: Params  # p_e, the parameters before the next epoch
+    opt_state: Any  # the step's state (optimizer, hyperparameters as data)
     last_good: Params  # parameters at the start of the last epoch with a finite loss
     bad: jax.Array  # () bool: an epoch's loss was not finite; the member has stopped
-    stopped: jax.Array  # () bool: stopped by the host (patience, a callback)
+    stopped: jax.Array  # () bool: stopped by patience or by the host (a callback)
+    best: Params  # parameters of the lowest held-out loss so far (p_0 before any)
+    best_loss: jax.Array  # () that loss, inf before any evaluation
+    best_epoch: jax.Array  # () int, its epoch
+    since: jax.Array  # () int, evaluations since it
 
 
-def _step(update: Any, extra: bool, grad: str, chunk_size: int | None, params: Params,
-          opt_state: Any, batch: Batch) -> tuple[jax.Array, Params, Any]:
-    """Loss and gradient on ``batch``, then p, s <- p + u, s' with (u, s') = update(g, s, p)."""
-    if grad == "manual":
-        loss, grads = backward.value_and_grad(params, batch, chunk_size)
-    else:
-        loss, grads = jax.value_and_grad(model.batch_loss)(params, batch)
-    if extra:  # optax.GradientTransformationExtraArgs: value, grad and value_fn (L-BFGS)
-        updates, opt_state = update(grads, opt_state, params, value=loss, grad=grads,
-                                    value_fn=lambda p: model.batch_loss(p, batch))
-    else:
-        updates, opt_state = update(grads, opt_state, params)
-    return loss, optax.apply_updates(params, updates), opt_state
+def initial_state(params: Params, opt_state: Any) -> State:
+    """The carry before epoch 0 (no leading axis: vmap it, or stack members' params)."""
+    false = jnp.zeros(params.A.shape[:-2], bool)
+    return State(params, opt_state, params, false, false, params,
+                 jnp.full(false.shape, jnp.inf, params.A.dtype),
+                 jnp.zeros(false.shape, jnp.int32), jnp.zeros(false.shape, jnp.int32))
 
 
-def _minibatch_epoch(step: Any, batch_size: int, n_rows: int, params: Params, opt_state: Any,
-                     batch: Batch, key: jax.Array) -> tuple[jax.Array, Params, Any]:
-    """One pass over a permutation of the n_rows rows of non-zero weight, b rows a step."""
-    r = batch.weights
-    rows = jnp.arange(batch.X.shape[0]) if r is None else jnp.nonzero(r > 0, size=n_rows)[0]
-    perm = rows[jax.random.permutation(key, n_rows)]  # (n_rows,) positions in X
-    n_full, rem = divmod(n_rows, batch_size)
+class Chunk(NamedTuple):
+    """What a chunk returns besides the state, for M members and ``length`` epochs."""
 
-    def one_batch(carry: Any, idx: jax.Array) -> tuple[Any, jax.Array]:
-        sub = jax.tree.map(lambda a: jnp.take(a, idx, axis=0), batch)  # X, weights, T rows
-        loss, p, s = step(*carry, sub)
-        weight = len(idx) if r is None else jnp.sum(sub.weights)
-        return (p, s), jnp.stack([loss * weight, weight])
-
-    carry, total = (params, opt_state), jnp.zeros(2, batch.X.dtype)
-    if n_full:
-        idx = perm[: n_full * batch_size].reshape(n_full, batch_size)
-        carry, sums = lax.scan(one_batch, carry, idx)
-        total = jnp.sum(sums, axis=0)
-    if rem:
-        carry, last = one_batch(carry, perm[n_full * batch_size:])
-        total = total + last
-    return total[0] / total[1], *carry
+    losses: jax.Array  # (M, length) L_e, NaN for epochs a member did not run
+    evals: jax.Array  # (M, length + 1) held-out loss at epoch start + j, NaN if none
+    evaluated: jax.Array  # (M, length + 1) bool: an evaluation was made there
+    reached: jax.Array  # (M,) int: the epoch each member's params are at
 
 
-def _chunk(state: State, batch: Batch, key: jax.Array | None, start: jax.Array,
-           stop: jax.Array, privacy: dp.PrivacyArrays | None, *, update: Any, extra: bool,
-           grad: str, length: int, batch_size: int | None, n_rows: int,
-           chunk_size: int | None, precision: str,
-           private_steps: int = 0) -> tuple[State, jax.Array]:
-    """One member's epochs start .. min(start + length, stop) - 1 in one ``lax.while_loop``.
+def _where(mask: jax.Array, new: Any, old: Any) -> Any:
+    """Leafwise ``new`` where ``mask`` (M,), else ``old``."""
+    def pick(a: jax.Array, b: jax.Array) -> jax.Array:
+        return jnp.where(mask.reshape(mask.shape + (1,) * (a.ndim - 1)), a, b)
 
-    The trip count is traced (E epochs do E epochs of work). Returns the state
-    and the (length,) losses, NaN for epochs not run. Traced at ``precision``,
-    so it reaches autodiff's products. ``private_steps`` > 0: each epoch is that many
-    DP-SGD steps (``engine.privacy``) with the member's knobs ``privacy`` (scalars).
+    return jax.tree.map(pick, new, old)
+
+
+def _evaluate(s: State, held: Batch, held_axes: Batch, e: jax.Array, patience: int | None,
+              skip: jax.Array) -> tuple[State, jax.Array, jax.Array]:
+    """Each running member's held-out loss at its params (one forward pass), the best kept,
+    patience counted: (state, losses (M,) NaN where none was made, made (M,)); members in
+    ``skip`` (M,) are not evaluated."""
+    live = ~s.bad & ~s.stopped & ~skip
+    L = jax.vmap(model.batch_loss, in_axes=(0, held_axes))(s.params, held)
+    better = live & (L < s.best_loss)
+    since = jnp.where(better, 0, s.since + live)
+    stopped = s.stopped if patience is None else s.stopped | (live & (since >= patience))
+    s = s._replace(best=_where(better, s.params, s.best),
+                   best_loss=jnp.where(better, L, s.best_loss),
+                   best_epoch=jnp.where(better, e, s.best_epoch).astype(s.best_epoch.dtype),
+                   since=since.astype(s.since.dtype), stopped=stopped)
+    return s, jnp.where(live, L, jnp.nan).astype(L.dtype), live
+
+
+def chunk(state: State, batch: Batch, held: Batch | None, keys: Any, start: jax.Array,
+          stop: jax.Array, total: jax.Array, seen: jax.Array, *, epoch: Any, axes: Batch,
+          held_axes: Batch | None, length: int, rows: int, eval_every: int,
+          patience: int | None) -> tuple[State, Chunk]:
+    """M members' epochs start .. min(start + length, stop) - 1 (module docstring).
+
+    state: every leaf with a leading member axis M; batch and held: each field shared
+    or per member as ``axes``/``held_axes`` say (``Batch`` of 0 or None); keys (M,) or
+    None; total: the run's epochs (the last held-out evaluation is at ``total``); seen (M,)
+    bool: members already evaluated at ``start`` (a run resumed or extended there).
     """
-    step = functools.partial(_step, update, extra, grad, chunk_size)
-
-    def epoch(s: State, e: jax.Array) -> tuple[State, jax.Array]:
-        if private_steps:
-            loss, params, opt_state = dp.private_epoch(
-                update, chunk_size, private_steps, s.params, s.opt_state, batch, privacy,
-                jax.random.fold_in(key, e))
-        elif batch_size is None:
-            loss, params, opt_state = step(s.params, s.opt_state, batch)
-        else:
-            loss, params, opt_state = _minibatch_epoch(
-                step, batch_size, n_rows, s.params, s.opt_state, batch, jax.random.fold_in(key, e))
-        ok = jnp.isfinite(loss)
-
-        def keep(new: Any, old: Any) -> Any:
-            return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-
-        return State(keep(params, s.params), keep(opt_state, s.opt_state),
-                     keep(s.params, s.last_good), ~ok, s.stopped), loss
-
-    def body(carry: tuple[jax.Array, State, jax.Array]) -> tuple[jax.Array, State, jax.Array]:
-        i, s, losses = carry
-        s, loss = epoch(s, start + i)
-        return i + 1, s, losses.at[i].set(loss.astype(losses.dtype))
-
-    def running(carry: tuple[jax.Array, State, jax.Array]) -> jax.Array:
-        i, s, _ = carry
-        return (i < count) & ~s.bad & ~s.stopped
-
+    M = state.bad.shape[0]
+    dtype = state.params.A.dtype
     count = jnp.clip(stop - start, 0, length)
-    losses = jnp.full((length,), jnp.nan, state.params.A.dtype)
+    step = jax.vmap(epoch, in_axes=(0, 0, axes, None if keys is None else 0, None))
+
+    def evaluate(s: State, e: jax.Array, evals: jax.Array, done: jax.Array,
+                 j: jax.Array) -> tuple[State, jax.Array, jax.Array]:
+        if held is None:
+            return s, evals, done
+
+        def measure(s: State) -> tuple[State, jax.Array, jax.Array]:
+            return _evaluate(s, held, held_axes, e, patience, seen & (e == start))
+
+        def skip(s: State) -> tuple[State, jax.Array, jax.Array]:
+            return s, jnp.full((M,), jnp.nan, dtype), jnp.zeros((M,), bool)
+
+        due = (e % eval_every == 0) | (e == total)
+        s, L, live = lax.cond(due, measure, skip, s)
+        return s, evals.at[:, j].set(L), done.at[:, j].set(live)
+
+    def body(carry: tuple[Any, ...]) -> tuple[Any, ...]:
+        i, s, losses, evals, done, applied = carry
+        e = start + i
+        s, evals, done = evaluate(s, e, evals, done, i)
+        run = ~s.bad & ~s.stopped
+        k = None if keys is None else jax.vmap(jax.random.fold_in, (0, None))(keys, e)
+        loss, params, opt_state = step(s.params, s.opt_state, batch, k, rows)
+        ok = run & jnp.isfinite(loss)
+        s = s._replace(params=_where(ok, params, s.params),
+                       opt_state=_where(ok, opt_state, s.opt_state),
+                       last_good=_where(ok, s.params, s.last_good),
+                       bad=s.bad | (run & ~jnp.isfinite(loss)))
+        losses = losses.at[:, i].set(jnp.where(run, loss, jnp.nan).astype(dtype))
+        return i + 1, s, losses, evals, done, applied + ok
+
+    def running(carry: tuple[Any, ...]) -> jax.Array:
+        i, s = carry[:2]
+        return (i < count) & jnp.any(~s.bad & ~s.stopped)
+
+    losses = jnp.full((M, length), jnp.nan, dtype)
+    evals = jnp.full((M, length + 1), jnp.nan, dtype)
+    done = jnp.zeros((M, length + 1), bool)
+    zero = jnp.zeros((), jnp.asarray(start).dtype)
+    applied = jnp.zeros((M,), jnp.int32)
+    i, state, losses, evals, done, applied = lax.while_loop(
+        running, body, (zero, state, losses, evals, done, applied))
+    # the params the chunk ends at, if due (so the host's callbacks see that evaluation; the
+    # next chunk, given ``seen``, does not repeat it)
+    state, evals, done = evaluate(state, start + i, evals, done, i)
+    return state, Chunk(losses, evals, done, (start + applied).astype(jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("epoch", "axes", "held_axes", "length", "rows",
+                                             "eval_every", "patience", "precision"))
+def run_chunk(state: State, batch: Batch, held: Batch | None, keys: Any, start: jax.Array,
+              stop: jax.Array, total: jax.Array, seen: jax.Array, *, precision: str,
+              **static: Any) -> tuple[State, Chunk]:
+    """``chunk``, compiled, traced at matmul ``precision`` (so it reaches autodiff's
+    products): one compilation per step and shapes, whatever the data and the epochs."""
     with jax.default_matmul_precision(precision):
-        _, state, losses = lax.while_loop(running, body,
-                                          (jnp.zeros((), start.dtype), state, losses))
-    return state, losses
+        return chunk(state, batch, held, keys, start, stop, total, seen, **static)
 
 
-@functools.partial(jax.jit, static_argnames=("update", "extra", "grad", "length", "batch_size",
-                                             "n_rows", "chunk_size", "precision", "batch_axes",
-                                             "private_steps"))
-def run_chunk(state: State, batch: Batch, keys: Any, start: jax.Array, stop: jax.Array, *,
-              batch_axes: Batch, privacy: dp.PrivacyArrays | None = None,
-              **static: Any) -> tuple[State, jax.Array]:
-    """``_chunk`` vmapped over M members: (state (M, ...), losses (M, length)).
-
-    ``batch_axes`` says which batch fields carry the member axis (a ``Batch`` of
-    0 for a field per member, None for one shared, e.g. ``Batch(None, 0, None)``:
-    one X, weights per member); ``keys`` (M,) or None; ``privacy`` the DP-SGD knobs,
-    each (M,) (data, not static), or None.
-    """
-    def one(s: State, b: Batch, k: Any, p: Any) -> tuple[State, jax.Array]:
-        return _chunk(s, b, k, start, stop, p, **static)
-
-    axes = (0, batch_axes, None if keys is None else 0, None if privacy is None else 0)
-    return jax.vmap(one, in_axes=axes)(state, batch, keys, privacy)
-
-
-@functools.partial(jax.jit, static_argnames=("batch_axes", "precision"))
-def member_losses(params: Params, batch: Batch, *, batch_axes: Batch,
-                  precision: str) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("axes", "precision"))
+def member_losses(params: Params, batch: Batch, *, axes: Batch, precision: str) -> jax.Array:
     """(M,) ``batch_loss`` of each member's params on its (or the shared) batch."""
     with jax.default_matmul_precision(precision):
-        return jax.vmap(model.batch_loss, in_axes=(0, batch_axes))(params, batch)
+        return jax.vmap(model.batch_loss, in_axes=(0, axes))(params, batch)

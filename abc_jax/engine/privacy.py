@@ -1,8 +1,8 @@
-"""DP-SGD in the engine: per-row clipping, Poisson sampling, Gaussian noise, accounting.
+"""DP-SGD as one training step: per-row clipping, Poisson sampling, Gaussian noise, accounting.
 
-``DPSGD(clip_norm=c, noise_multiplier=sigma, sampling_rate=q)`` makes ``train`` and
-``train_many`` private. Step s of epoch e, for a member with key k, rows x_i of
-weight r_i (N rows, n of them with r_i > 0)::
+``private(DPSGD(clip_norm=c, noise_multiplier=sigma, sampling_rate=q))`` is the step
+(``engine.steps.Step``); ``train(..., privacy=DPSGD(...))`` is its short form. Step s
+of epoch e, for a member with key k, rows x_i of weight r_i (N rows, n of them with r_i > 0)::
 
     k_s  = fold_in(fold_in(k, e), s)
     m_i  = bernoulli(fold_in(k_s, 0), q, (N,))[i]          Poisson sampling, 0/1
@@ -32,6 +32,7 @@ the divergence check read the data outside the mechanism.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Any, NamedTuple
 
@@ -44,6 +45,7 @@ from jax import lax
 from abc_jax import edge
 from abc_jax.core import backward, norms
 from abc_jax.core.model import Batch, Params
+from abc_jax.engine import arguments, steps
 
 SAMPLINGS = ("poisson",)
 INSTALL = 'pip install -e ".[privacy]"'
@@ -64,23 +66,6 @@ def accounting() -> Any:
             f"dp-accounting, which is not installed: {INSTALL} (or pip install "
             f"dp-accounting)") from err
     return dp_accounting
-
-
-def per_member(value: Any, name: str, minimum: float, strict: bool) -> Any:
-    """A finite number (> or >= ``minimum``) or a 1-D sequence (M,) of them, as a float or a
-    tuple of floats."""
-    if isinstance(value, (str, bytes, bool, np.bool_)) or value is None:
-        raise TypeError(f"{name} must be a number or an array (M,) of numbers, got "
-                        f"{type(value).__name__} {value!r}")
-    a = np.asarray(value)
-    if a.dtype.kind not in "iuf" or a.ndim > 1 or a.size == 0:
-        raise TypeError(f"{name} must be a number or an array (M,) of numbers, got "
-                        f"{a.dtype} of shape {a.shape}")
-    bad = ~np.isfinite(a) | ((a <= minimum) if strict else (a < minimum))
-    if bad.any():
-        want = f"> {minimum:g}" if strict else f">= {minimum:g}"
-        raise ValueError(f"{name} must be finite and {want}, got {a.tolist()}")
-    return float(a) if a.ndim == 0 else tuple(float(v) for v in a)
 
 
 class PrivacyArrays(NamedTuple):
@@ -122,6 +107,7 @@ class DPSGD:
                 raise ValueError(f"delta must be in (0, 1), got {d}")
             object.__setattr__(self, "delta", d)
         object.__setattr__(self, "sampling_rate", q)
+        per_member = arguments.per_member
         object.__setattr__(self, "clip_norm", per_member(self.clip_norm, "clip_norm", 0, True))
         object.__setattr__(self, "noise_multiplier",
                            per_member(self.noise_multiplier, "noise_multiplier", 0, False))
@@ -130,16 +116,6 @@ class DPSGD:
     def steps_per_epoch(self) -> int:
         """S = max(1, round(1 / q)): one expected pass over the rows."""
         return max(1, round(1 / self.sampling_rate))
-
-    def members(self) -> dict[str, int]:
-        """{field: M} for the knobs given per member."""
-        return {f"privacy.{f}": len(v) for f in ("clip_norm", "noise_multiplier")
-                if isinstance(v := getattr(self, f), tuple)}
-
-    def arrays(self, M: int, dtype: Any) -> PrivacyArrays:
-        """The knobs as (M,) arrays of ``dtype`` (a shared one broadcast)."""
-        return PrivacyArrays(*(jnp.broadcast_to(jnp.asarray(v, dtype), (M,)) for v in (
-            self.clip_norm, self.noise_multiplier, self.sampling_rate)))
 
     def settings(self) -> dict[str, Any]:
         """What identifies the private run, for its checkpoint."""
@@ -209,21 +185,29 @@ def masked_sums(params: Params, rows: MaskedRows, clip_norm: Any) -> tuple[jax.A
     return loss, norms.clipped_rows_sum(rw, clip_norm)
 
 
+
+
 def noise(key: jax.Array, params: Params) -> Params:
     """Standard normal entries shaped like params: leaf j from ``fold_in(key, j)``."""
     return Params(*(jax.random.normal(jax.random.fold_in(key, j), p.shape, p.dtype)
                     for j, p in enumerate(params)))
 
 
-def private_step(update: Any, chunk_size: int | None, params: Params, opt_state: Any,
-                 batch: Batch, priv: PrivacyArrays,
-                 key: jax.Array) -> tuple[jax.Array, Params, Any]:
+class PrivateState(NamedTuple):
+    """The state of the private step: the update rule's and the member's knobs (data)."""
+
+    inner: Any
+    knobs: PrivacyArrays  # each ()
+
+
+def private_update(update: Any, chunk_size: int | None, params: Params, state: PrivateState,
+                   batch: Batch, key: jax.Array) -> tuple[jax.Array, Params, PrivateState]:
     """One DP-SGD step with key k_s (module docstring): (full-batch loss at p, p', s').
 
-    batch: X (N, D), weights (N,) or None, T (N, O) or None; priv: scalars c, sigma, q.
+    batch: X (N, D), weights (N,) or None, T (N, O) or None; the knobs c, sigma, q scalars.
     """
     X, r = batch.X, batch.weights
-    N, dtype = X.shape[0], X.dtype
+    N, dtype, priv = X.shape[0], X.dtype, state.knobs
     n = jnp.asarray(N, dtype) if r is None else jnp.sum(r > 0).astype(dtype)
     weight = jnp.asarray(N, dtype) if r is None else jnp.sum(r)
     m = jax.random.bernoulli(jax.random.fold_in(key, 0), priv.sampling_rate, (N,)).astype(dtype)
@@ -232,43 +216,60 @@ def private_step(update: Any, chunk_size: int | None, params: Params, opt_state:
     scale, denom = priv.noise_multiplier * priv.clip_norm, priv.sampling_rate * n
     grads = jax.tree.map(lambda g, xi: (g + scale * xi) / denom, G,
                          noise(jax.random.fold_in(key, 1), params))
-    updates, opt_state = update(grads, opt_state, params)
-    return loss / weight, optax.apply_updates(params, updates), opt_state
+    updates, inner = update(grads, state.inner, params)
+    return loss / weight, optax.apply_updates(params, updates), state._replace(inner=inner)
 
 
-def private_epoch(update: Any, chunk_size: int | None, steps: int, params: Params,
-                  opt_state: Any, batch: Batch, priv: PrivacyArrays,
-                  key: jax.Array) -> tuple[jax.Array, Params, Any]:
-    """``steps`` DP-SGD steps (``lax.scan``), step s with ``fold_in(key, s)`` (key: the
-    epoch's, ``fold_in(k, e)``); the loss is the full batch's before the first step."""
-    def one(carry: Any, s: jax.Array) -> tuple[Any, jax.Array]:
-        loss, p, o = private_step(update, chunk_size, *carry, batch, priv,
-                                  jax.random.fold_in(key, s))
-        return (p, o), loss
+@functools.cache
+def private_epoch(update: Any, chunk_size: int | None, S: int) -> Any:
+    """The epoch of ``private``: S DP-SGD steps (``lax.scan``), step s with
+    ``fold_in(key, s)`` (key: the epoch's, ``fold_in(k, e)``); the loss is the full
+    batch's before the first step."""
+    def epoch(params: Params, state: PrivateState, batch: Batch, key: jax.Array,
+              rows: int) -> tuple[jax.Array, Params, PrivateState]:
+        del rows
 
-    (params, opt_state), losses = lax.scan(one, (params, opt_state), jnp.arange(steps))
-    return losses[0], params, opt_state
+        def one(carry: Any, s: jax.Array) -> tuple[Any, jax.Array]:
+            loss, p, o = private_update(update, chunk_size, *carry, batch,
+                                        jax.random.fold_in(key, s))
+            return (p, o), loss
+
+        (params, state), losses = lax.scan(one, (params, state), jnp.arange(S))
+        return losses[0], params, state
+
+    return epoch
 
 
-def check_members(privacy: DPSGD | None, key: Any, many: bool) -> dict[str, int]:
-    """{field: M} of per-member knobs; ``train`` (not ``many``) takes one value each. A
-    private run needs a key and ``dp-accounting``: named errors before any work."""
-    if privacy is None:
-        return {}
+def private(privacy: DPSGD, optimizer: Any = None, *, lr: Any = None,
+            chunk_size: int | None = None) -> steps.Step:
+    """DP-SGD (module docstring) as a training step: each epoch S = max(1, round(1 / q))
+    private updates ``(u, s') = optimizer.update(g~, s, p)`` (None: p <- p - lr g~, lr a
+    number or (M,)). The optimizer gets the noisy gradient alone: one that needs value or
+    value_fn (``optax.lbfgs()``) is refused. The result reports epsilon at delta, and q.
+    Needs ``dp-accounting`` (``pip install -e ".[privacy]"``) and a key.
+    """
     if not isinstance(privacy, DPSGD):
-        raise TypeError(f"privacy must be an abc_jax.DPSGD or None, got {type(privacy).__name__}")
-    if key is None:
-        raise ValueError("key is required with privacy: the sampling and the noise are drawn "
-                         "from it")
-    sizes = privacy.members()
-    if not many and any(v != 1 for v in sizes.values()):
-        raise ValueError(f"privacy: train takes one clip_norm and noise_multiplier (arrays (M,) "
-                         f"are for train_many), got {sizes}")
+        raise TypeError(f"privacy must be an abc_jax.DPSGD, got {type(privacy).__name__}")
+    if steps.needs_value(steps.check_optimizer(optimizer)):
+        raise ValueError("privacy: DP-SGD passes the optimizer the noisy gradient only, but "
+                         f"optimizer {type(optimizer).__name__} (e.g. optax.lbfgs()) needs the "
+                         "loss's value and value_fn too: use a first-order optimizer "
+                         "(optax.sgd, optax.adam) or drop privacy")
     accounting()  # no run without its epsilon
-    return sizes if many else {}
+    chunk_size = edge.check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    init_rule, update, sizes, settings = steps.rule(optimizer, lr)
+    knobs = {f: getattr(privacy, f) for f in ("clip_norm", "noise_multiplier", "sampling_rate")}
 
+    def init(params: Params, m: jax.Array) -> PrivateState:
+        dtype = params.A.dtype
+        return PrivateState(init_rule(params, m), PrivacyArrays(
+            *(steps.member(v, m).astype(dtype) for v in knobs.values())))
 
-def is_finite_count(losses: np.ndarray) -> np.ndarray:
-    """(M,) epochs with a finite loss in a (M, E) table: the epochs whose steps count."""
-    return np.sum(np.isfinite(losses), axis=1)
+    def report(epochs: np.ndarray, rows: np.ndarray) -> dict[str, Any]:
+        eps, delta = spent(privacy, epochs, rows)
+        return {"epsilon": eps, "delta": delta, "sampling_rate": privacy.sampling_rate}
 
+    sizes = sizes + arguments.sizes_of({f"privacy.{k}": v for k, v in knobs.items()})
+    return steps.Step(init, private_epoch(update, chunk_size, privacy.steps_per_epoch),
+                      members=sizes, draws="Poisson samples and noise",
+                      settings={**settings, "privacy": privacy.settings()}, report=report)

@@ -111,6 +111,10 @@ TRAIN_RULES = [  # on train (train_many where it differs)
          ValueError, ("batch_size", "Poisson samples", "drop batch_size")),
     case("patience-without-eval_data", train_with(patience=2), ValueError,
          "patience needs eval_data: early stopping watches the held-out loss"),
+    case("T-vector-with-O-3", lambda: abc_jax.train(P, Batch(X, None, np.zeros(N)), **TRAIN),
+         ValueError, ("T must have shape (N, O) = (6, 3)", "got (6,)")),  # O > 1: no broadcast
+    case("train_many-T-vector-with-O-3", lambda: abc_jax.train_many(
+        P, Batch(X, None, np.zeros((2, N))), **TRAIN), ValueError, ("T", "(6, 3)")),
     case("eval_data-without-targets", lambda: abc_jax.train(
         P, Batch(X, None, np.zeros((N, O))), eval_data=X, **TRAIN), ValueError,
          "eval_data: the training batch has targets T and eval_data has none"),

@@ -188,3 +188,27 @@ def test_chunked_rows_and_optax_route_through_the_same_step(key):
     other = abc_jax.train(params, batch, optimizer=optax.sgd(0.05), chunk_size=5, **kw)
     assert max_rel_err(other.params, plain.params) <= 1e-12
     np.testing.assert_allclose(other.losses, plain.losses, rtol=1e-12)
+
+
+def test_several_steps_an_epoch_each_with_its_own_key_and_q_accounted(key):
+    """q = 0.3: S = round(1 / q) = 3 steps an epoch, so a step that reused another's key or
+    an accountant given another q (1 / S = 0.33) would differ. The reference: each step
+    written out from the documented keys, per-sample gradients by vmap(grad)."""
+    params, batch = problem()
+    q, c, sigma, lr, epochs = 0.3, 0.5, 0.8, 0.05, 2
+    out = abc_jax.train(params, batch, lr=lr, epochs=epochs, key=key, **KW,
+                        privacy=DPSGD(clip_norm=c, noise_multiplier=sigma, sampling_rate=q))
+    n = N - 2
+    p, masks = params, []
+    for e in range(epochs):
+        for s in range(3):
+            k = step_key(key, e, s)
+            g, m, _ = ref_private_grad(p, batch, k, q, c)
+            masks.append(m)
+            xi = [jax.random.normal(jax.random.fold_in(jax.random.fold_in(k, 1), j), a.shape,
+                                    a.dtype) for j, a in enumerate(p)]
+            p = Params(*(a - lr * (ga + sigma * c * x / (q * n))
+                         for a, ga, x in zip(p, g, xi, strict=True)))
+    assert len({tuple(np.asarray(m).tolist()) for m in masks}) == len(masks)  # all differ
+    assert max_rel_err(out.params, p) <= 1e-12
+    assert out.sampling_rate == q and out.epsilon == direct_epsilon(sigma, q, epochs * 3, 1 / n)

@@ -6,7 +6,12 @@ callbacks), divergence named with the last finite epoch, mini-batches use every 
 
 from __future__ import annotations
 
+import inspect
+import json
+import os
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import _reference
@@ -816,3 +821,42 @@ def test_chunk_size_changes_nothing():
     np.testing.assert_allclose(a.losses, b.losses, rtol=1e-12)
 
 
+
+
+def users_run():
+    """A public function and a short train with held-out data and patience, in float32."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import abc_jax
+    p = abc_jax.init_params(jax.random.key(0), 3, 5, 2)
+    X = jax.random.normal(jax.random.key(1), (16, 3), jnp.float32)
+    T = jax.random.normal(jax.random.key(2), (16, 2), jnp.float32)
+    b, h = abc_jax.Batch(X[:12], T=T[:12]), abc_jax.Batch(X[12:], T=T[12:])
+    g = abc_jax.batch_grad(p, b)
+    r = abc_jax.train(p, b, lr=0.1, epochs=20, eval_data=h, patience=3, progress=False)
+    return {"g": [np.asarray(a).tolist() for a in g], "x64": jax.config.jax_enable_x64,
+            "losses": np.asarray(r.losses).tolist(), "dtype": str(r.losses.dtype),
+            "eval": np.asarray(r.eval_losses).tolist()}
+
+
+def test_the_users_setup_gives_the_suites_results():
+    """The suite compiles with test-only XLA flags and x64 on; a user's process has neither.
+    ``users_run`` there gives what it gives here (float32 both ways)."""
+    test_only = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true",
+                 "--xla_cpu_use_fusion_emitters=false")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}
+    env["XLA_FLAGS"] = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                                if f not in test_only)
+    code = (textwrap.dedent(inspect.getsource(users_run)) +
+            "import json\nprint(json.dumps(users_run()))\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=120, check=True, cwd=TESTS.parent).stdout
+    theirs, ours = json.loads(out.strip().splitlines()[-1]), users_run()
+    assert theirs["x64"] is False and ours["x64"] is True and theirs["dtype"] == "float32"
+    assert len(theirs["losses"]) == len(ours["losses"]) < 20  # patience stopped both alike
+    np.testing.assert_allclose(theirs["losses"], ours["losses"], rtol=1e-5)
+    np.testing.assert_allclose(theirs["eval"], ours["eval"], rtol=1e-5)
+    for a, b in zip(theirs["g"], ours["g"], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

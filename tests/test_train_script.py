@@ -231,8 +231,13 @@ def test_target_columns_held_out_fraction_patience_and_the_saved_params(tmp_path
     kept = float(abc_jax.batch_loss(saved, abc_jax.Batch(Xk, T=Tk)))
     assert m["best"] == {"epoch": m["best_epoch"], "eval_loss": m["best_eval_loss"],
                          "train_loss": pytest.approx(kept, rel=1e-12)}
-    assert m["last"] == {"epoch": m["eval_epochs"][-1], "eval_loss": m["eval_losses"][-1],
-                         "train_loss": m["last"]["train_loss"]} and m["status"] == "finished"
+    # the last evaluation whose params' training loss the run measured: patience stopped at
+    # the final one, before its epoch ran, so the one before it
+    losses = np.loadtxt(out / "losses.csv", delimiter=",", skiprows=1)[:, 1]
+    assert m["eval_epochs"][-1] == len(losses) and m["last"] == {
+        "epoch": m["eval_epochs"][-2], "eval_loss": m["eval_losses"][-2],
+        "train_loss": pytest.approx(losses[m["eval_epochs"][-2]], rel=1e-12)}
+    assert m["status"] == "finished"
     assert m["last"]["train_loss"] < m["best"]["train_loss"]  # it went on fitting the 21 rows
     lines = capsys.readouterr().out.splitlines()
     best = next(line for line in lines if line.startswith("best held-out"))

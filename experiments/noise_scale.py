@@ -127,8 +127,9 @@ def crossing(epochs: Sequence[float], losses: Sequence[float], target: float) ->
 
 
 def along_training(cfg: Config, task: dict[str, Any]) -> dict[str, Any]:
-    """Full-batch GD at ``lr``; at every evaluation (a ``train`` callback) the training loss and
-    B_simple. Returns the lists, in epochs order."""
+    """Full-batch GD at ``lr``; every ``gd_eval_every`` epochs (a ``train`` callback at each
+    chunk's end) and at the start, the training loss and B_simple. Returns the lists, in
+    epochs order."""
     batch = task["train"]
 
     def measure(epoch: int, params: abc_jax.Params, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -136,10 +137,11 @@ def along_training(cfg: Config, task: dict[str, Any]) -> dict[str, Any]:
         return {"train_loss": float(abc_jax.batch_loss(params, batch)),
                 **noise_scale(params, batch)}
 
+    first = measure(0, task["start"], {})  # the callbacks run at chunk ends: epoch 0 here
     res = abc_jax.train(task["start"], batch, lr=cfg.lr, epochs=cfg.gd_epochs,
-                        eval_every=cfg.gd_eval_every, callbacks=[measure], progress=False)
-    out = {k: np.asarray(v, np.float64).tolist() for k, v in res.metrics.items()}
-    return {"epochs": np.asarray(res.eval_epochs).tolist(), **out}
+                        epochs_per_chunk=cfg.gd_eval_every, callbacks=[measure], progress=False)
+    out = {k: [first[k], *np.asarray(v, np.float64).tolist()] for k, v in res.metrics.items()}
+    return {"epochs": [0, *np.asarray(res.metric_epochs).tolist()], **out}
 
 
 def steps_at(cfg: Config, task: dict[str, Any], b: int) -> dict[str, Any]:
@@ -156,7 +158,8 @@ def steps_at(cfg: Config, task: dict[str, Any], b: int) -> dict[str, Any]:
     res = abc_jax.train_many(task["start"], batch, lr=np.asarray(cfg.lrs), batch_size=b,
                              epochs=math.ceil(cfg.max_steps / per_epoch),
                              key=jax.random.key(cfg.seed + 1), eval_data=batch,
-                             eval_every=cfg.eval_every, callbacks=[stop], progress=False)
+                             eval_every=cfg.eval_every, epochs_per_chunk=cfg.eval_every,
+                             callbacks=[stop], progress=False)
     hits = [crossing(res.eval_epochs, res.eval_losses[m], target) for m in range(M)]
     best = min((h, m) for m, h in enumerate(hits) if h is not None) if any(
         h is not None for h in hits) else (None, None)

@@ -304,9 +304,10 @@ def run(config: Config) -> dict[str, Any]:
 def held_out_metrics(result: Any, batch: Any, epochs: int, finished: bool,
                      patience: int | None) -> dict[str, Any]:
     """The held-out losses with their epochs, ``best`` and ``last``: the epoch, training loss
-    and held-out loss of the best and of the last (finite) evaluation, and whether patience
-    stopped the run; empty without held-out data. The training loss of the params at epoch e
-    is losses[e]; at the run's end that of the params it returns, where they are those."""
+    and held-out loss of the best and of the last (finite) evaluation whose params' training
+    loss the run measured, and whether patience stopped the run; empty without held-out data.
+    The training loss of the params at epoch e is losses[e]; at the run's end that of the
+    params it returns, where they are those (patience's stop: the best, not the last)."""
     if result.eval_losses is None:
         return {}
     held, at = np.asarray(result.eval_losses, np.float64), np.asarray(result.eval_epochs).tolist()
@@ -328,7 +329,8 @@ def held_out_metrics(result: Any, batch: Any, epochs: int, finished: bool,
         return {"epoch": at[i], "train_loss": train_loss(at[i]), "eval_loss": float(held[i])}
 
     finite = np.flatnonzero(np.isfinite(held))
-    last = int(finite[-1]) if len(finite) else len(at) - 1
+    known = [i for i in finite if train_loss(at[i]) is not None]  # training loss measured
+    last = int(known[-1]) if known else len(at) - 1
     return {"eval_epochs": at, "eval_losses": held.tolist(), "best_epoch": result.best_epoch,
             "best_eval_loss": float(np.nanmin(held)) if len(finite) else None,
             "final_eval_loss": float(held[last]), "stopped_early": finished and

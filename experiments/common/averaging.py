@@ -57,9 +57,9 @@ def _copies_diverged(res: abc_jax.TrainManyResult, lr: float, marks: list[int]) 
 
 def one_run(method: str, p0: abc_jax.Params, Xtr: jax.Array, Xte: jax.Array, marks: list[int],
             lr: float, adam_lr: float) -> tuple[list[dict], Any, str | None, Any]:
-    """One run of ``method`` to the last of ``marks``, recorded as it goes: a callback at every
-    epoch (``eval_every=1``) adds a ``_row`` at each epoch of ``marks`` (the copies' average
-    for "average": ``train_many`` with copy i a member on row i, as ``train_per_sample``).
+    """One run of ``method`` to the last of ``marks``, recorded as it goes: a callback after
+    every epoch (chunks of one epoch) adds a ``_row`` at each epoch of ``marks`` (the copies'
+    average for "average": ``train_many`` with copy i a member on row i, as ``train_per_sample``).
     Returns (rows up to a divergence, the result, the divergence's message or None, the params
     at epoch 1 or None), what training afresh to every mark gave, in one run."""
     rows, first = [], {}
@@ -70,7 +70,7 @@ def one_run(method: str, p0: abc_jax.Params, Xtr: jax.Array, Xte: jax.Array, mar
             rows.append(_row(method, epoch, p, Xtr, Xte))
             first.setdefault("params", p)
 
-    run = dict(epochs=marks[-1], eval_every=1, callbacks=[record])
+    run = dict(epochs=marks[-1], epochs_per_chunk=1, callbacks=[record])
     if method == "average":
         res = train_many(p0, Xtr[:, None], lr=lr, progress=True, **run)
         error = _copies_diverged(res, lr, marks)

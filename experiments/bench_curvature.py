@@ -142,8 +142,8 @@ class Config:
     """The sizes and the timing settings; ``QUICK``: the --quick values."""
 
     sizes: str = common.flag("256x4096,64x4096", "KxN list (D = H = O = K)", type=_sizes)
-    repeats: int = common.flag(7, "interleaved timing rounds")
-    min_time: float = common.flag(0.5, "timed s per method and size")
+    repeats: int = common.flag(15, "interleaved timing rounds")
+    min_time: float = common.flag(2.0, "timed s per method and size")
     precisions: tuple[str, ...] | None = common.flag(
         None, "matmul precisions (default: highest, and default on a GPU)", choices=PRECISIONS)
     seed: int = common.flag(0, "random seed")

@@ -179,12 +179,18 @@ def abc_loss(params: Params, x: jax.Array, t: jax.Array | None = None) -> jax.Ar
 # --- a batch ----------------------------------------------------------------------
 
 
+def _on_rows_devices(tree: Any, X: Any) -> Any:
+    """``tree`` (params, tangents) replicated over the devices of X's rows where they are
+    sharded over several: arrays on one device would clash with them in jit."""
+    rows = X.X if type(X) is Batch else X
+    if type(getattr(rows, "sharding", None)) is NamedSharding:
+        return parallel.replicate_like(tree, rows)
+    return tree
+
+
 def _batch_args(params: Any, X: Any, precision: Any) -> tuple[Params, Any, str]:
     params, X = edge.params_input(params), edge.data_input(X)
-    rows = X.X if type(X) is Batch else X
-    if type(getattr(rows, "sharding", None)) is NamedSharding:  # rows over several devices:
-        params = parallel.replicate_like(params, rows)  # params on one would clash in jit
-    return params, X, edge.check_precision(precision)
+    return _on_rows_devices(params, X), X, edge.check_precision(precision)
 
 
 _batch_loss = _on_batch(model.batch_loss)
@@ -421,7 +427,7 @@ def batch_jvp(params: Params, X: Any, tangents: Params, *,
     Two scalars, for about twice the cost of a forward pass.
     """
     params, X, precision = _batch_args(params, X, precision)
-    dparams = edge.params_input(tangents, "tangents")
+    dparams = _on_rows_devices(edge.params_input(tangents, "tangents"), X)
     out = _batch_jvp(params, X, dparams, precision)
     return _done(out, params, {"X": X, "tangents": dparams})
 
@@ -447,7 +453,7 @@ _ggn_vp, _hvp = _on_tangents(curvature.ggn_vp), _on_tangents(curvature.hvp)
 def _curvature_product(compiled: Any, params: Any, X: Any, tangents: Any, chunk_size: Any,
                        precision: Any) -> Params:
     params, X, precision = _batch_args(params, X, precision)
-    dparams = edge.params_input(tangents, "tangents")
+    dparams = _on_rows_devices(edge.params_input(tangents, "tangents"), X)
     chunk_size = edge.check_positive_int(chunk_size, "chunk_size", allow_none=True)
     out = compiled(params, X, dparams, chunk_size, precision)
     return _done(out, params, {"X": X, "tangents": dparams})

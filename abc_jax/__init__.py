@@ -9,8 +9,9 @@ The package, by responsibility:
 - ``core``: the mathematics, pure JAX with no checks, devices or files:
   ``model`` (forward, loss), ``backward`` (the hand-derived VJP and its batch
   contraction), ``tangents`` (the hand-derived JVP), ``norms`` (per-sample
-  gradient norms, clipping), ``oracles`` (jax.grad, finite differences),
-  ``update`` (the hand-rolled rule as an Optax transformation).
+  gradient norms, clipping), ``curvature`` (Gauss-Newton- and Hessian-vector
+  products, the Gauss-Newton blocks), ``oracles`` (jax.grad, finite
+  differences), ``update`` (the hand-rolled rule as an Optax transformation).
 - ``edge``: what a user passes, checked once; values only on request
   (``value_checks()``).
 - ``api``: the public array functions, each the edge plus one ``jax.jit``.
@@ -31,7 +32,9 @@ from abc_jax.api import (
     clipped_batch_grad,
     fd_grad,
     forward,
+    ggn_vp,
     grad_errors,
+    hvp,
     init_params,
     jvp_grad,
     loss,
@@ -67,11 +70,10 @@ __all__ = [
     "Residuals", "Step",
     "TrainManyResult", "TrainResult", "abc_loss", "abc_loss_jvp", "batch_grad", "batch_jvp",
     "batch_loss", "batch_value_and_grad", "clipped_batch_grad", "cross_validate", "data_mesh",
-    "draw_graph", "fd_grad", "forward", "grad_errors", "gradient_descent", "gradient_step",
-    "init_params",
-    "initialize_distributed", "jvp_grad", "load_data", "load_params", "loss", "manual_grad",
-    "manual_jvp", "manual_vjp", "minibatches", "oracle_grad", "per_sample_grad_norms",
-    "per_sample_grads",
-    "predict", "private", "save_params", "shard_batch", "shard_local_batch", "sigmoid", "train",
-    "train_many", "train_per_sample", "value_checks",
+    "draw_graph", "fd_grad", "forward", "ggn_vp", "grad_errors", "gradient_descent",
+    "gradient_step", "hvp", "init_params", "initialize_distributed", "jvp_grad", "load_data",
+    "load_params", "loss", "manual_grad", "manual_jvp", "manual_vjp", "minibatches",
+    "oracle_grad", "per_sample_grad_norms", "per_sample_grads", "predict", "private",
+    "save_params", "shard_batch", "shard_local_batch", "sigmoid", "train", "train_many",
+    "train_per_sample", "value_checks",
 ]

@@ -25,7 +25,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from abc_jax import edge, parallel
-from abc_jax.core import backward, model, norms, oracles, tangents
+from abc_jax.core import backward, curvature, model, norms, oracles, tangents
 from abc_jax.core.model import Batch, Params, Residuals
 
 _precision = functools.partial(jax.jit, static_argnames=("precision",))
@@ -179,12 +179,18 @@ def abc_loss(params: Params, x: jax.Array, t: jax.Array | None = None) -> jax.Ar
 # --- a batch ----------------------------------------------------------------------
 
 
+def _on_rows_devices(tree: Any, X: Any) -> Any:
+    """``tree`` (params, tangents) replicated over the devices of X's rows where they are
+    sharded over several: arrays on one device would clash with them in jit."""
+    rows = X.X if type(X) is Batch else X
+    if type(getattr(rows, "sharding", None)) is NamedSharding:
+        return parallel.replicate_like(tree, rows)
+    return tree
+
+
 def _batch_args(params: Any, X: Any, precision: Any) -> tuple[Params, Any, str]:
     params, X = edge.params_input(params), edge.data_input(X)
-    rows = X.X if type(X) is Batch else X
-    if type(getattr(rows, "sharding", None)) is NamedSharding:  # rows over several devices:
-        params = parallel.replicate_like(params, rows)  # params on one would clash in jit
-    return params, X, edge.check_precision(precision)
+    return _on_rows_devices(params, X), X, edge.check_precision(precision)
 
 
 _batch_loss = _on_batch(model.batch_loss)
@@ -421,9 +427,74 @@ def batch_jvp(params: Params, X: Any, tangents: Params, *,
     Two scalars, for about twice the cost of a forward pass.
     """
     params, X, precision = _batch_args(params, X, precision)
-    dparams = edge.params_input(tangents, "tangents")
+    dparams = _on_rows_devices(edge.params_input(tangents, "tangents"), X)
     out = _batch_jvp(params, X, dparams, precision)
     return _done(out, params, {"X": X, "tangents": dparams})
+
+
+def _on_tangents(core: Any) -> Any:
+    """The compiled body of a public curvature product: the edge's shape checks of params,
+    the batch and the tangents, then ``core(params, batch, V, chunk_size)`` at the requested
+    matmul precision."""
+    def body(params: Params, X: Any, dparams: Params, chunk_size: int | None,
+             precision: str) -> Params:
+        params, batch = edge.params_and_batch(params, X)
+        dparams = _tangent_params(dparams, params)
+        with jax.default_matmul_precision(precision):
+            return core(params, batch, dparams, chunk_size)
+
+    body.__name__ = body.__qualname__ = core.__name__
+    return functools.partial(jax.jit, static_argnames=("chunk_size", "precision"))(body)
+
+
+_ggn_vp, _hvp = _on_tangents(curvature.ggn_vp), _on_tangents(curvature.hvp)
+
+
+def _curvature_product(compiled: Any, params: Any, X: Any, tangents: Any, chunk_size: Any,
+                       precision: Any) -> Params:
+    params, X, precision = _batch_args(params, X, precision)
+    dparams = _on_rows_devices(edge.params_input(tangents, "tangents"), X)
+    chunk_size = edge.check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    out = compiled(params, X, dparams, chunk_size, precision)
+    return _done(out, params, {"X": X, "tangents": dparams})
+
+
+def ggn_vp(params: Params, X: Any, tangents: Params, *, chunk_size: int | None = None,
+           precision: str | None = None) -> Params:
+    """G V: the Gauss-Newton matrix of ``batch_loss`` times the tangent V, by hand.
+
+    G = (2 / sum r) sum_i r_i J_i^T J_i with J_i = dw_i / d(A, B, C), the Jacobian of row i's
+    output: the Hessian of the loss with the network's own curvature dropped, positive
+    semi-definite, independent of the targets. Computed as forward mode's tangent rows
+    dw_i = J_i V followed by the backward pass's contraction over the batch with the
+    cotangent 2 r_i dw_i (the derivation: ``abc_jax.core.curvature``), as
+    ``jax.vjp(outputs, params)[1](2 r dW / sum r)`` with ``dW = jax.jvp(outputs, ...)``.
+
+    Args:
+      params: ``Params(A (H, D), B (H, D), C (O, H))``.
+      X: samples (N, D), or a ``Batch(X, weights, T)``.
+      tangents: V = ``Params(dA, dB, dC)`` of the params' shapes.
+      chunk_size: rows per chunk, summed in one compiled loop (None: the whole batch).
+      precision: matmul precision, None for abc_jax's default ``"highest"``.
+
+    Returns:
+      ``Params`` of the params' shapes.
+    """
+    return _curvature_product(_ggn_vp, params, X, tangents, chunk_size, precision)
+
+
+def hvp(params: Params, X: Any, tangents: Params, *, chunk_size: int | None = None,
+        precision: str | None = None) -> Params:
+    """H V: the Hessian of ``batch_loss`` w.r.t. (A, B, C) times the tangent V, by hand.
+
+    ``jax.jvp(jax.grad(batch_loss), (params,), (V,))``'s value: the derivative of the
+    gradient along V, each line of the backward pass differentiated by the product rule.
+    It is ``ggn_vp`` plus the terms that carry the residuals w_i - t_i (the sigmoid's second
+    derivative, dC^T gw, gw dz^T; ``abc_jax.core.curvature``), so it equals ``ggn_vp`` at a
+    zero-residual fit; it is not positive semi-definite in general. Arguments as in
+    ``ggn_vp``.
+    """
+    return _curvature_product(_hvp, params, X, tangents, chunk_size, precision)
 
 
 _jvp_grad = _on_batch(tangents.jvp_grad)

@@ -64,6 +64,15 @@ def ref_batch_loss(params, X, T=0.0, r=None):
     return jnp.mean(losses) if r is None else jnp.sum(r * losses) / jnp.sum(r)
 
 
+@jax.jit
+def ref_outputs(params, X):
+    """W (N, O), row i the output C (sigmoid(A x_i) + B x_i) of X[i], in plain jnp: the map whose
+    Jacobian rows J_i = dw_i / d(A, B, C) make the Gauss-Newton matrix."""
+    A, B, C = params
+    Z = ref_sigmoid(jnp.einsum("hd,nd->nh", A, X)) + jnp.einsum("hd,nd->nh", B, X)
+    return jnp.einsum("oh,nh->no", C, Z)
+
+
 def make_problem(seed, D, H, O, N, dtype=jnp.float64):
     """Params with entries ~ N(0, 1 / fan_in) and X ~ N(0, 1), so y = A x is O(1).
 

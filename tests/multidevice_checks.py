@@ -251,3 +251,16 @@ def test_train_many_splits_its_members_over_the_devices(tmp_path, per_member):
     assert resumed.losses.shape == (M, 40)
     with pytest.raises(ValueError, match="must split the M = 6 members evenly"):
         abc_jax.train_many(params, X, lr=np.ones(6), epochs=2, mesh=mesh, progress=False)
+
+
+@pytest.mark.parametrize("name", ["batch_jvp", "ggn_vp", "hvp"])
+def test_tangent_products_on_a_sharded_batch(name):
+    # tangents on one device (committed, as a user's device_put makes them) are replicated
+    # over the batch's devices like the params, eagerly; under the caller's jit, as given
+    fn = getattr(abc_jax, name)
+    params, X = _problem(10)
+    V = _problem(11)[0]
+    Xs = abc_jax.shard_batch(X)
+    want = fn(params, X, V)
+    _close(fn(params, Xs, jax.device_put(V, jax.devices()[0])), want)
+    _close(jax.jit(fn)(params, Xs, V), want)

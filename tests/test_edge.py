@@ -250,6 +250,8 @@ BATCH_ROUTES = {
     "fd_grad": lambda: abc_jax.fd_grad(P, BAD_X),
     "batch_jvp": lambda: abc_jax.batch_jvp(P, BAD_X, P),
     "jvp_grad": lambda: abc_jax.jvp_grad(P, BAD_X),
+    "ggn_vp": lambda: abc_jax.ggn_vp(P, BAD_X, P),
+    "hvp": lambda: abc_jax.hvp(P, BAD_X, P),
     "train": lambda: abc_jax.train(P, BAD_X, **TRAIN),
     "train_many": lambda: abc_jax.train_many(P, BAD_X, members=2, **TRAIN),
     "train_per_sample": lambda: abc_jax.train_per_sample(P, BAD_X, **TRAIN),

@@ -15,7 +15,7 @@ import jax
 import pytest
 
 import abc_jax
-from experiments import bench_step, common
+from experiments import bench_curvature, bench_step, common
 from experiments import common as _common
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
@@ -107,6 +107,32 @@ def test_bench_overhead_compares_like_with_like():
 
 
 # Every script: each module experiments/NAME.py but __init__; helpers live in experiments/common/.
+@pytest.mark.smoke
+@pytest.mark.integration
+def test_bench_curvature_quick(tmp_path, capsys):
+    out = tmp_path / "bc"
+    assert bench_curvature.main(["--quick", "--out", str(out), "--docs",
+                                 str(tmp_path / "docs")]) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    precisions = _common.precisions_to_time()
+    assert [(r["K"], r["N"], r["precision"]) for r in metrics["rows"]] == [
+        (16, 256, p) for p in precisions]
+    for row in metrics["rows"]:
+        assert row["device"] == _common.device_label()
+        assert all(row[f"{m}_s"] > 0 for m in bench_curvature.METHODS)
+        for ratio, (a, b) in bench_curvature.RATIOS.items():
+            assert row[ratio] == pytest.approx(row[f"{a}_s"] / row[f"{b}_s"])
+        # float32 at "highest": the hand products equal autodiff's to rounding
+        assert max(row[k] for k in row if k.startswith("diff_")) <= 1e-5
+    assert "ggn_vp takes" in printed and "x the time of jax.jvp + jax.vjp" in printed
+    assert printed.index("smoke run") < printed.index("ggn_vp ms")
+    for name in ("config.json", "bench_curvature.csv", "bench_curvature.png"):
+        assert (out / name).stat().st_size > 0
+    assert json.loads((out / "config.json").read_text())["quick"] is True
+    assert (tmp_path / "docs" / "bench_curvature.png").exists()
+
+
 SCRIPTS = sorted(p.stem for p in EXPERIMENTS.glob("*.py") if p.stem != "__init__")
 NOT_RANDOM = {"predict", "bench_suite"}  # no --seed: saved params applied to a file; the suite
 TOOLS = {"render_docs"}  # not an experiment: renders the docs from results (its own flags)

@@ -9,6 +9,8 @@ differentiated as it is.
 - ``backward``: the hand-derived VJP, its batch contraction, the custom VJP.
 - ``tangents``: the hand-derived JVP, its batch form, the custom JVP.
 - ``norms``: per-sample gradient norms and clipping from the same rows.
+- ``curvature``: Gauss-Newton- and Hessian-vector products, the Gauss-Newton blocks and
+  their block preconditioner.
 - ``oracles``: ``jax.grad`` and finite differences, the references.
 - ``update``: the hand-rolled update rule as an Optax transformation.
 """

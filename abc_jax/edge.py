@@ -256,25 +256,39 @@ def target(t: Any, O: int, dtype: Any, name: str = "t") -> jax.Array | None:
     return None if t is None else sample(t, O, dtype, name, ("one target", "O", "rows of C"))
 
 
-def batch(data: Any, D: int, O: int, dtype: Any, name: str = "X") -> Batch:
-    """X (N, D) or ``Batch(X, weights (N,), T (N, O))``, checked and cast, as a ``Batch``."""
-    X, weights, T = data if isinstance(data, Batch) else (data, None, None)
+def batch_shapes(X: Any, weights: Any, T: Any, name: str = "X", D: int | None = None,
+                 O: int | None = None, *, empty: bool = False) -> Any:
+    """The one check of a batch's shapes: X (N, D), N >= 1 (0 too with ``empty``: one
+    process's share of rows), weights (N,), T (N, O) (or (N,) for O = 1); D and O None:
+    any (rows not yet matched to params). Plain Python on ``.shape``, so it also runs on
+    tracers. Returns T, a 1-D one as (N, 1) where O = 1."""
     s = tuple(X.shape)
     if len(s) != 2:
-        raise ValueError(f"{name} must be a batch of shape (N, D) = (N, {D}), got shape {s}")
-    if s[0] == 0:
+        wanted = "(N, D)" if D is None else f"(N, D) = (N, {D})"
+        raise ValueError(f"{name} must be a batch of shape {wanted}, got shape {s}")
+    if s[0] == 0 and not empty:
         raise ValueError(f"{name} must hold at least one sample (N >= 1), got shape {s}")
-    if s[1] != D:
+    if D is not None and s[1] != D:
         raise ValueError(f"{name} must have D = {D} columns (columns of A), got shape {s}")
     if weights is not None and tuple(weights.shape) != (s[0],):
         raise ValueError(f"weights must have shape (N,) = ({s[0]},), one per row of "
                          f"{name}, got {tuple(weights.shape)}")
-    if T is not None and tuple(T.shape) != (s[0], O):
-        if O == 1 and tuple(T.shape) == (s[0],):
-            T = T[:, None]  # 1-D targets of length N: one output, O = 1
-        else:
-            raise ValueError(f"T must have shape (N, O) = ({s[0]}, {O}), one target of C's "
-                             f"O = {O} rows per row of {name}, got {tuple(T.shape)}")
+    if T is None:
+        return None
+    shape = tuple(T.shape)
+    if O == 1 and shape == (s[0],):
+        return T[:, None]  # 1-D targets of length N: one output, O = 1
+    if len(shape) != 2 or shape[0] != s[0] or (O is not None and shape[1] != O):
+        what = f"({s[0]}, {O}), one target of C's O = {O} rows" if O is not None else \
+            f"({s[0]}, O), one target"
+        raise ValueError(f"T must have shape (N, O) = {what} per row of {name}, got {shape}")
+    return T
+
+
+def batch(data: Any, D: int, O: int, dtype: Any, name: str = "X") -> Batch:
+    """X (N, D) or ``Batch(X, weights (N,), T (N, O))``, checked and cast, as a ``Batch``."""
+    X, weights, T = data if isinstance(data, Batch) else (data, None, None)
+    T = batch_shapes(X, weights, T, name, D, O)
     return Batch(cast(X, dtype, name), None if weights is None else cast(weights, dtype, "weights"),
                  None if T is None else cast(T, dtype, "T"))
 

@@ -38,20 +38,14 @@ def data_mesh(devices: Any = None) -> Mesh:
     return Mesh(devices.reshape(-1), (DATA_AXIS,), axis_types=(AxisType.Auto,))
 
 
-def _rows(X: Any, what: str) -> tuple[Any, Any, Any]:
-    """(X, weights, T) of an (N, D) array or a ``Batch``, checked to be a batch of real numbers."""
+def _rows(X: Any, empty: bool = False) -> tuple[Any, Any, Any]:
+    """(X, weights, T) of an (N, D) array or a ``Batch`` of real numbers, shapes checked by
+    ``edge.batch_shapes`` (N = 0 allowed with ``empty``)."""
     X, weights, T = edge.data_input(X) if isinstance(X, Batch) else (edge.array(X, "X"), None, None)
-    shape = np.shape(X)
     dtype = np.dtype(X.dtype) if hasattr(X, "dtype") else np.asarray(X).dtype
-    if len(shape) != 2:
-        raise ValueError(f"X must be {what} of shape (N, D), got shape {shape}")
-    if dtype.kind not in "fiu":
+    if len(np.shape(X)) == 2 and dtype.kind not in "fiu":
         raise TypeError(f"X must hold real numbers, got dtype {dtype}")
-    if weights is not None and np.shape(weights) != shape[:1]:
-        raise ValueError(f"weights must have shape (N,) = {shape[:1]}, got {np.shape(weights)}")
-    if T is not None and (np.ndim(T) != 2 or np.shape(T)[0] != shape[0]):
-        raise ValueError(f"T must have shape (N, O) = ({shape[0]}, O), got {np.shape(T)}")
-    return X, weights, T
+    return X, weights, edge.batch_shapes(X, weights, T, empty=empty)
 
 
 def _padded(X: Any, weights: Any, T: Any, rows: int) -> tuple[np.ndarray, np.ndarray, Any]:
@@ -73,9 +67,7 @@ def shard_batch(X: Any, mesh: Mesh | None = None) -> Batch:
     processes X is the whole batch, the same on each (else ``shard_local_batch``).
     """
     mesh = check_mesh(mesh)
-    X, weights, T = _rows(X, "a batch")
-    if np.shape(X)[0] == 0:
-        raise ValueError(f"X must hold at least one sample (N >= 1), got shape {np.shape(X)}")
+    X, weights, T = _rows(X)
     ndev = mesh.shape[DATA_AXIS]
     Xp, wp, Tp = _padded(X, weights, T, -(-np.shape(X)[0] // ndev) * ndev)
     rows, per_row = (NamedSharding(mesh, PartitionSpec(DATA_AXIS, *s)) for s in ((None,), ()))
@@ -148,7 +140,7 @@ def shard_local_batch(X: Any, mesh: Mesh | None = None) -> Batch:
     if jax.process_count() == 1:
         return shard_batch(X, mesh)
     try:
-        X, weights, T = _rows(X, "this process's rows")
+        X, weights, T = _rows(X, empty=True)
         problem = None
     except (TypeError, ValueError) as e:
         X, weights, T, problem = np.zeros((0, 1)), None, None, e

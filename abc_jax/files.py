@@ -21,6 +21,10 @@ import numpy as np
 
 from abc_jax import edge
 from abc_jax.core.model import Params
+from abc_jax.preprocessing import Preprocessing
+
+PREFIX = "preprocessing_"  # the Preprocessing's arrays in an .npz: preprocessing_x_mean, ...
+PREPROCESSING_FILE = "preprocessing.npz"  # a run folder's preprocessing beside its params
 
 
 def _umask() -> int:
@@ -120,17 +124,67 @@ def write_results(out_dir: str | os.PathLike[str], *, config: Any = None, metric
     return written
 
 
-def save_params(path: str | os.PathLike[str], params: Any) -> Path:
+def save_params(path: str | os.PathLike[str], params: Any, *,
+                preprocessing: Preprocessing | None = None) -> Path:
     """Write ``Params(A, B, C)`` to an .npz with arrays A, B, C (what train.py writes).
 
     A dtype NumPy cannot store (bfloat16) is written as float32, exactly, with its name
-    in an array ``dtype``, so ``load_params`` gives it back as it was.
+    in an array ``dtype``, so ``load_params`` gives it back as it was. ``preprocessing``:
+    the ``Preprocessing`` the params were trained with, stored in the same file (arrays
+    ``preprocessing_<field>``; ``load_preprocessing`` reads it back).
     """
     params = edge.params(edge.params_input(params))
     dtype = np.dtype(params.A.dtype)
     stored = {k: np.asarray(a, np.float32 if dtype.kind == "V" or dtype.name == "bfloat16"
                             else dtype) for k, a in zip("ABC", params, strict=True)}
-    return write_npz(path, **stored, dtype=np.array(dtype.name))
+    extra = {} if preprocessing is None else _preprocessing_arrays(preprocessing)
+    if preprocessing is not None and params.A.shape[1] != (
+            preprocessing.x_mean.shape[0] + preprocessing.constant.shape[0]):
+        raise ValueError(f"preprocessing gives {preprocessing.x_mean.shape[0]} + "
+                         f"{preprocessing.constant.shape[0]} input columns and the params take "
+                         f"D = {params.A.shape[1]}: save the preprocessing they were trained with")
+    return write_npz(path, **stored, dtype=np.array(dtype.name), **extra)
+
+
+def _preprocessing_arrays(prep: Any) -> dict[str, np.ndarray]:
+    if not isinstance(prep, Preprocessing):
+        raise TypeError("preprocessing must be an abc_jax.Preprocessing (fit_preprocessing) or "
+                        f"None, got {type(prep).__name__}")
+    return {f"{PREFIX}{f}": np.asarray(a) for f, a in zip(prep._fields, prep, strict=True)
+            if a is not None}
+
+
+def save_preprocessing(path: str | os.PathLike[str], preprocessing: Preprocessing) -> Path:
+    """Write a ``Preprocessing`` alone to an .npz (as ``save_params`` stores it beside A, B, C):
+    for a run that keeps it apart from its params (train.py's preprocessing.npz)."""
+    return write_npz(path, **_preprocessing_arrays(preprocessing))
+
+
+def load_preprocessing(path: str | os.PathLike[str]) -> Preprocessing | None:
+    """The ``Preprocessing`` stored with params (``save_params(..., preprocessing=)``) or alone
+    (``save_preprocessing``); None if the file holds none (params saved without it).
+
+    ``path``: an .npz, or a run folder: its params.npz if that holds one, else its
+    preprocessing.npz. Raises ValueError for an unreadable file or a partial record.
+    """
+    path = Path(path)
+    files = [path / "params.npz", path / PREPROCESSING_FILE] if path.is_dir() else [path]
+    for file in files:
+        if not file.is_file():
+            continue
+        arrays = {k[len(PREFIX):]: a for k, a in _read_npz(file).items() if k.startswith(PREFIX)}
+        if not arrays:
+            continue
+        fields = Preprocessing._fields
+        missing = [f for f in ("x_mean", "x_scale", "constant") if f not in arrays]
+        if missing or ("t_mean" in arrays) != ("t_scale" in arrays) or set(arrays) - set(fields):
+            raise ValueError(f"{file} holds a partial preprocessing record: arrays "
+                             f"{sorted(PREFIX + k for k in arrays)}; a whole one has "
+                             f"{[PREFIX + f for f in fields]} (t_mean, t_scale: both or neither)")
+        return Preprocessing(**{f: jnp.asarray(arrays[f]) for f in fields if f in arrays})
+    if path.is_dir() or path.is_file():
+        return None
+    raise ValueError(f"cannot read preprocessing from {path}: no such file or folder")
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:

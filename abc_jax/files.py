@@ -187,6 +187,20 @@ def load_preprocessing(path: str | os.PathLike[str]) -> Preprocessing | None:
     raise ValueError(f"cannot read preprocessing from {path}: no such file or folder")
 
 
+def run_status(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """How a train.py run ended, from its folder's metrics.json: ``{"status": "finished"}`` or
+    ``{"status": "diverged", "diverged_at_epoch": e}``; None if ``path`` is not a folder with
+    a readable metrics.json that records a status."""
+    file = Path(path) / "metrics.json"
+    try:
+        metrics = json.loads(file.read_text()) if Path(path).is_dir() else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("status"), str):
+        return None
+    return {k: metrics[k] for k in ("status", "diverged_at_epoch") if k in metrics}
+
+
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as f:
@@ -213,19 +227,32 @@ def _from_checkpoint(path: Path, arrays: dict[str, np.ndarray]) -> dict[str, np.
     return {k: a[0] if a.ndim == 3 else a for k, a in zip("ABC", chosen, strict=True)}
 
 
-def load_params(path: str | os.PathLike[str]) -> Params:
+def load_params(path: str | os.PathLike[str], *, allow_diverged: bool = False) -> Params:
     """``Params(A (H, D), B (H, D), C (O, H))`` from what ``save_params`` or train.py wrote.
 
     ``path``: an .npz of ``save_params`` (train.py's params.npz), a training checkpoint
     (``checkpoint.npz``: its best params where evaluation ran, else its last), or a run
-    folder holding params.npz or checkpoint/checkpoint.npz.
+    folder holding params.npz or checkpoint/checkpoint.npz. A run folder whose metrics.json
+    says the run diverged (``run_status``) is refused: it saved no trained params.
+    ``allow_diverged=True`` loads its checkpoint's params anyway (those of the last epoch
+    the loop ran, its best held-out ones where evaluation ran), if they are finite.
 
     Raises ValueError naming the file if it is missing, unreadable or not an array file,
-    lacks A, B or C, or holds shapes that do not chain; TypeError for a non-floating
-    dtype (or float64 without x64).
+    lacks A, B or C, or holds shapes that do not chain, or the run diverged; TypeError for
+    a non-floating dtype (or float64 without x64).
     """
     path = Path(path)
+    diverged = False
     if path.is_dir():
+        status = run_status(path) or {}
+        diverged = status.get("status") == "diverged"
+        if diverged and not allow_diverged:
+            raise ValueError(
+                f"{path} is a run that diverged (its loss was not finite at epoch "
+                f"{status.get('diverged_at_epoch', '?')}), so it saved no trained params: "
+                "train it again (a smaller learning rate; standardised data, see "
+                "fit_preprocessing), or pass allow_diverged=True to load its checkpoint's "
+                "last finite params anyway")
         found = [p for p in (path / "params.npz", path / "checkpoint" / "checkpoint.npz",
                              path / "checkpoint.npz") if p.is_file()]
         if not found:
@@ -243,4 +270,7 @@ def load_params(path: str | os.PathLike[str]) -> Params:
                          f"missing {', '.join(missing)}; it has {sorted(arrays)}")
     dtype = str(arrays["dtype"]) if "dtype" in arrays else None
     params = Params(*(jnp.asarray(arrays[k], dtype) for k in "ABC"))
+    if diverged and not all(np.isfinite(arrays[k]).all() for k in "ABC"):
+        raise ValueError(f"{path}: the diverged run's checkpoint holds non-finite params; "
+                         "there are no finite params to load: train it again")
     return edge.params(params, f"the params in {path}")

@@ -164,27 +164,28 @@ def load_preprocessing(path: str | os.PathLike[str]) -> Preprocessing | None:
     """The ``Preprocessing`` stored with params (``save_params(..., preprocessing=)``) or alone
     (``save_preprocessing``); None if the file holds none (params saved without it).
 
-    ``path``: an .npz, or a run folder: its params.npz if that holds one, else its
-    preprocessing.npz. Raises ValueError for an unreadable file or a partial record.
+    ``path``: an .npz, or a run folder: its params.npz where there is one (the params and
+    their preprocessing together), else its preprocessing.npz (a run that saved no params).
+    Raises ValueError for an unreadable file or a partial record.
     """
-    path = Path(path)
-    files = [path / "params.npz", path / PREPROCESSING_FILE] if path.is_dir() else [path]
-    for file in files:
+    path = file = Path(path)
+    if path.is_dir():
+        file = path / "params.npz"
+        file = file if file.is_file() else path / PREPROCESSING_FILE
         if not file.is_file():
-            continue
-        arrays = {k[len(PREFIX):]: a for k, a in _read_npz(file).items() if k.startswith(PREFIX)}
-        if not arrays:
-            continue
-        fields = Preprocessing._fields
-        missing = [f for f in ("x_mean", "x_scale", "constant") if f not in arrays]
-        if missing or ("t_mean" in arrays) != ("t_scale" in arrays) or set(arrays) - set(fields):
-            raise ValueError(f"{file} holds a partial preprocessing record: arrays "
-                             f"{sorted(PREFIX + k for k in arrays)}; a whole one has "
-                             f"{[PREFIX + f for f in fields]} (t_mean, t_scale: both or neither)")
-        return Preprocessing(**{f: jnp.asarray(arrays[f]) for f in fields if f in arrays})
-    if path.is_dir() or path.is_file():
+            return None
+    elif not path.is_file():
+        raise ValueError(f"cannot read preprocessing from {path}: no such file or folder")
+    arrays = {k[len(PREFIX):]: a for k, a in _read_npz(file).items() if k.startswith(PREFIX)}
+    if not arrays:
         return None
-    raise ValueError(f"cannot read preprocessing from {path}: no such file or folder")
+    fields = Preprocessing._fields
+    missing = [f for f in ("x_mean", "x_scale", "constant") if f not in arrays]
+    if missing or ("t_mean" in arrays) != ("t_scale" in arrays) or set(arrays) - set(fields):
+        raise ValueError(f"{file} holds a partial preprocessing record: arrays "
+                         f"{sorted(PREFIX + k for k in arrays)}; a whole one has "
+                         f"{[PREFIX + f for f in fields]} (t_mean, t_scale: both or neither)")
+    return Preprocessing(**{f: jnp.asarray(arrays[f]) for f in fields if f in arrays})
 
 
 def run_status(path: str | os.PathLike[str]) -> dict[str, Any] | None:

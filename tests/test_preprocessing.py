@@ -150,6 +150,11 @@ def test_stored_with_the_params_and_alone(tmp_path):
     abc_jax.save_preprocessing(run / "preprocessing.npz", prep._replace(t_mean=None,
                                                                          t_scale=None))
     assert abc_jax.load_preprocessing(run).t_mean is None
+    # where the folder has params.npz, it alone says: a stale preprocessing.npz beside is not read
+    abc_jax.save_params(run / "params.npz", params)
+    assert abc_jax.load_preprocessing(run) is None
+    (tmp_path / "empty").mkdir()
+    assert abc_jax.load_preprocessing(tmp_path / "empty") is None
     with pytest.raises(ValueError, match="params take D = 4"):
         abc_jax.save_params(tmp_path / "bad.npz", abc_jax.init_params(jax.random.key(0), D),
                             preprocessing=prep)

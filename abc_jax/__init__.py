@@ -19,7 +19,10 @@ The package, by responsibility:
   (``gradient_step``, ``minibatches``, ``private``), which one compiled loop runs for
   M members (``train_many``; ``train`` is one member).
 - ``parallel`` (devices and processes), ``checkpoint``, ``files``, ``data``
-  (results, params and data on disk) and ``graph`` (the picture) beside them.
+  (results, params and data on disk) and ``graph`` (the picture) beside them;
+  ``preprocessing`` (standardised data and a constant column, stored with the params).
+- ``sklearn``: ``ABCRegressor``, a scikit-learn estimator (``import abc_jax.sklearn``;
+  scikit-learn is an optional extra, not imported by ``import abc_jax``).
 """
 
 from abc_jax.api import (
@@ -61,19 +64,25 @@ from abc_jax.engine.train import (
     train_many,
     train_per_sample,
 )
-from abc_jax.files import load_params, save_params
+from abc_jax.files import load_params, load_preprocessing, save_params, save_preprocessing
 from abc_jax.graph import draw_graph
 from abc_jax.parallel import data_mesh, initialize_distributed, shard_batch, shard_local_batch
+from abc_jax.preprocessing import (
+    Preprocessing,
+    apply_preprocessing,
+    fit_preprocessing,
+    undo_preprocessing,
+)
 
 __all__ = [
-    "DPSGD", "Batch", "DataError", "DivergenceError", "Params", "PrivacyAccountingError",
-    "Residuals", "Step",
-    "TrainManyResult", "TrainResult", "abc_loss", "abc_loss_jvp", "batch_grad", "batch_jvp",
-    "batch_loss", "batch_value_and_grad", "clipped_batch_grad", "cross_validate", "data_mesh",
-    "draw_graph", "fd_grad", "forward", "ggn_vp", "grad_errors", "gradient_descent",
+    "DPSGD", "Batch", "DataError", "DivergenceError", "Params", "Preprocessing",
+    "PrivacyAccountingError", "Residuals", "Step", "TrainManyResult", "TrainResult",
+    "abc_loss", "abc_loss_jvp", "apply_preprocessing", "batch_grad", "batch_jvp", "batch_loss",
+    "batch_value_and_grad", "clipped_batch_grad", "cross_validate", "data_mesh", "draw_graph",
+    "fd_grad", "fit_preprocessing", "forward", "ggn_vp", "grad_errors", "gradient_descent",
     "gradient_step", "hvp", "init_params", "initialize_distributed", "jvp_grad", "load_data",
-    "load_params", "loss", "manual_grad", "manual_jvp", "manual_vjp", "minibatches",
-    "oracle_grad", "per_sample_grad_norms", "per_sample_grads", "predict", "private",
-    "save_params", "shard_batch", "shard_local_batch", "sigmoid", "train", "train_many",
-    "train_per_sample", "value_checks",
+    "load_params", "load_preprocessing", "loss", "manual_grad", "manual_jvp", "manual_vjp",
+    "minibatches", "oracle_grad", "per_sample_grad_norms", "per_sample_grads", "predict",
+    "private", "save_params", "save_preprocessing", "shard_batch", "shard_local_batch",
+    "sigmoid", "train", "train_many", "train_per_sample", "undo_preprocessing", "value_checks",
 ]

@@ -27,6 +27,7 @@ from jax.sharding import NamedSharding
 from abc_jax import edge, parallel
 from abc_jax.core import backward, curvature, model, norms, oracles, tangents
 from abc_jax.core.model import Batch, Params, Residuals
+from abc_jax.preprocessing import Preprocessing, apply_preprocessing, undo_preprocessing
 
 _precision = functools.partial(jax.jit, static_argnames=("precision",))
 
@@ -275,14 +276,18 @@ def _predict(params: Params, X: Any, chunk_size: int | None, precision: str) -> 
         return model.outputs(params, batch.X, chunk_size)
 
 
-def predict(params: Params, X: Any, *, chunk_size: int | None = None,
-            precision: str | None = None) -> jax.Array:
+def predict(params: Params, X: Any, *, preprocessing: Preprocessing | None = None,
+            chunk_size: int | None = None, precision: str | None = None) -> jax.Array:
     """The network's outputs W (n, O), W[i] = C (sigmoid(A X[i]) + B X[i]).
 
     X: (N, D), giving n = N rows; or a ``Batch``, giving its rows of non-zero
     weight only (n of them, in order): a batch from ``shard_batch`` gives its N
     real rows, not its padding. Which rows those are is read from the weights'
     values, so a ``Batch`` with weights needs an eager call (outside ``jit``).
+    ``preprocessing``: the ``Preprocessing`` the params were trained with
+    (``fit_preprocessing``): X is in the user's units, (N, D - k) for params of D
+    inputs (k = 1 with a constant column), and W comes back in the targets' units
+    (``undo_preprocessing(prep, C z')`` of the preprocessed rows); None: X as it is.
     ``chunk_size``: rows per step of a ``lax.map`` (memory O(chunk_size)), None
     for all at once; ``precision`` as in ``forward``.
     """
@@ -293,8 +298,27 @@ def predict(params: Params, X: Any, *, chunk_size: int | None = None,
         raise TypeError("predict on a Batch with weights returns its rows of non-zero weight, "
                         "a count known only from the weights' values: call it outside "
                         "jax.jit, or pass batch.X for every row")
+    if preprocessing is not None:
+        X = _preprocessed(params, X, preprocessing)
     W = _done(_predict(params, X, chunk_size, precision), params, {"X": X})
-    return W if weights is None else W[np.asarray(weights) > 0]
+    W = W if weights is None else W[np.asarray(weights) > 0]
+    return W if preprocessing is None else undo_preprocessing(preprocessing, W)
+
+
+def _preprocessed(params: Params, X: Any, prep: Any) -> Any:
+    """X (N, D - k) or its ``Batch`` through ``apply_preprocessing`` (targets left out: predict
+    does not read them), checked against the params' D inputs."""
+    if not isinstance(prep, Preprocessing):
+        raise TypeError("preprocessing must be an abc_jax.Preprocessing (fit_preprocessing, "
+                        f"load_preprocessing) or None, got {type(prep).__name__}")
+    D, d, k = params.A.shape[-1], prep.x_mean.shape[0], prep.constant.shape[0]
+    if D != d + k:
+        raise ValueError(f"preprocessing gives {d} + {k} columns (D = {d} scaled, {k} constant) "
+                         f"and the params take D = {D}: pass the preprocessing these params were "
+                         "trained with")
+    if isinstance(X, Batch):
+        return X._replace(X=apply_preprocessing(prep, X.X), T=None)
+    return apply_preprocessing(prep, X)
 
 
 # --- the references -----------------------------------------------------------------

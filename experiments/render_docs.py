@@ -9,7 +9,7 @@ versions and date). A value::
 
 is ``format(results["ratios"]["batch_grad"], ".2f")`` of docs/results/bench_step.json.
 The path is dotted keys and list indices; ``[a key]`` is a key with spaces or dots
-(``summary[ABC + constant].r2``), and ``[k=v,...]`` picks the first dict of a list whose
+(``summary[ABC without bias].r2``), and ``[k=v,...]`` picks the first dict of a list whose
 fields match (``rows[K=64,N=1024,method=clipped].median_s``). The format is a
 Python format spec after a colon (``:.3g``), or one of:
 

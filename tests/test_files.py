@@ -70,3 +70,30 @@ def test_load_params_reads_a_checkpoint_its_best_params_where_evaluation_ran(tmp
     assert many.losses.shape == (2, 3)
     with pytest.raises(ValueError, match="a checkpoint of 2 members"):
         abc_jax.load_params(tmp_path / "m")
+
+
+def test_load_params_refuses_a_diverged_run_folder_unless_asked(tmp_path):
+    """A run folder as train.py leaves a diverged run: metrics.json with status "diverged"
+    and its epoch, a checkpoint, no params.npz."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((16, D)) * [1.0, 1000.0, 1.0, 1.0]
+    params = abc_jax.init_params(jax.random.key(0), D, H, O, dtype=np.float32)
+    with pytest.raises(abc_jax.DivergenceError) as e:
+        abc_jax.train(params, Batch(X, T=rng.standard_normal((16, O))), lr=0.05, epochs=20,
+                      progress=False, checkpoint_dir=tmp_path / "checkpoint")
+    abc_jax.files.write_json(tmp_path / "metrics.json",
+                             {"status": "diverged", "diverged_at_epoch": e.value.epoch})
+    assert abc_jax.files.run_status(tmp_path) == {"status": "diverged",
+                                                  "diverged_at_epoch": e.value.epoch}
+    with pytest.raises(ValueError, match=f"not finite at epoch {e.value.epoch}.*allow_diverged"):
+        abc_jax.load_params(tmp_path)
+    back = abc_jax.load_params(tmp_path, allow_diverged=True)
+    want = abc_jax.load_params(tmp_path / "checkpoint" / "checkpoint.npz")
+    for a, b in zip(back, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert all(bool(jnp.isfinite(a).all()) for a in back)
+    # a finished run, and a folder without metrics.json, load as before
+    abc_jax.files.write_json(tmp_path / "metrics.json", {"status": "finished"})
+    assert abc_jax.files.run_status(tmp_path) == {"status": "finished"}
+    abc_jax.load_params(tmp_path)
+    assert abc_jax.files.run_status(tmp_path / "checkpoint") is None

@@ -34,33 +34,32 @@ def test_real_data_quick(tmp_path, capsys):
     assert (docs / "real_data.png").stat().st_size < 150_000
     assert json.loads((out / "config.json").read_text())["quick"] is True
     m = json.loads((out / "metrics.json").read_text())
-    assert m["split"] == {"fit": 274, "val": 68, "train": 342, "test": 100}
+    assert m["split"] == {"train": 342, "test": 100} and m["folds"] == 3
     assert set(m["summary"]) == set(real_data.MODELS)
     runs = m["runs"]
-    assert [r["model"] for r in runs].count("ABC + constant") == 2  # --quick: 2 seeds
+    assert [r["model"] for r in runs].count("ABC") == 2  # --quick: 2 seeds; Ridge: one run
+    assert [r["model"] for r in runs].count("Ridge") == 1
     for r in runs:
         assert r["mse"] > 0 and r["r2"] < 1
-        if r["model"].startswith("ABC"):
-            assert 0 <= r["best_epoch"] <= r["epochs_run"] <= 100
-    ridge = next(r for r in runs if r["model"] == "Ridge")
-    assert 0.3 < ridge["r2"] < 0.7 and ridge["alpha"] in real_data.ALPHAS  # the data are real
-    abc = [r for r in runs if r["model"] == "ABC + constant"]
-    assert abc[0]["n_params"] == 2 * 8 * 11 + 8  # A, B (H, D + 1), C (1, H)
-    assert m["summary"]["ABC"]["r2"]["mean"] == pytest.approx(
+    ridge, abc = m["summary"]["Ridge"], m["summary"]["ABC"]
+    assert 0.3 < ridge["r2"]["mean"] < 0.7 and ridge["best"]["alpha"] in (0.1, 10.0)
+    assert abc["best"]["hidden_dim"] in (4, 8) and len(abc["cv_r2_folds"]) == 3
+    assert abc["n_params"] == 2 * abc["best"]["hidden_dim"] * 11 + abc["best"]["hidden_dim"]
+    assert abc["cv_r2"]["mean"] == pytest.approx(np.mean(abc["cv_r2_folds"]))
+    assert abc["r2"]["mean"] == pytest.approx(
         np.mean([r["r2"] for r in runs if r["model"] == "ABC"]))
-    assert "test R^2" in printed and "ABC + constant" in printed
+    assert len(m["grids"]["ABC"]) == 2 and len(m["grids"]["MLP"]) == 2  # H (4, 8) x one lr
+    assert "test R^2" in printed and "ABC without bias" in printed
 
 
-def test_real_data_split_and_scaling_use_the_training_rows_only():
+def test_real_data_split_is_fixed_by_the_seed():
     pytest.importorskip("sklearn")
     real_data = importlib.import_module("experiments.real_data")
-    d = real_data.load(100, 0.2, seed=3)
-    assert sorted(np.r_[d["fit"], d["val"], d["test"]].tolist()) == list(range(442))
-    np.testing.assert_allclose(d["X"][d["train"]].mean(0), 0, atol=1e-12)
-    np.testing.assert_allclose(d["y"][d["train"]].std(), 1)
-    assert abs(d["y"][d["test"]].mean()) > 1e-6  # test rows: scaled, not refitted
-    again = real_data.load(100, 0.2, seed=3)
-    np.testing.assert_array_equal(again["test"], d["test"])
+    d = real_data.load(100, seed=3)
+    assert sorted(np.r_[d["train"], d["test"]].tolist()) == list(range(442))
+    assert len(d["test"]) == 100
+    np.testing.assert_array_equal(real_data.load(100, seed=3)["test"], d["test"])
+    assert not np.array_equal(real_data.load(100, seed=4)["test"], d["test"])
 
 
 @pytest.mark.integration

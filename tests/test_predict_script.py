@@ -108,3 +108,66 @@ def test_config_run_then_report_in_process(trained, tmp_path, capsys):
     assert predict_script.report(res, tmp_path / "w.csv") == tmp_path / "w.csv"
     _check_predictions(tmp_path / "w.csv", tmp / "run", X)
     assert capsys.readouterr().out.startswith("predicted 9 rows")
+
+
+@pytest.fixture(scope="module")
+def diverged(tmp_path_factory):
+    """A train.py run that diverges (a column x1000 at --lr 0.05, float32) and its data."""
+    tmp = tmp_path_factory.mktemp("diverged")
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((40, 3)) * [1.0, 1000.0, 1.0]
+    np.savetxt(tmp / "xy.csv", np.c_[X, X @ [1.0, 0.1, -2.0]], delimiter=",")
+    train_script = importlib.import_module("experiments.train")
+    assert train_script.main(["--data", str(tmp / "xy.csv"), "--target-cols", "-1", "--epochs",
+                              "30", "--lr", "0.05", "--out", str(tmp / "run"),
+                              "--no-progress"]) == 1
+    return tmp
+
+
+def test_a_diverged_run_is_refused_naming_its_epoch(diverged, capsys):
+    run = diverged / "run"
+    epoch = abc_jax.files.run_status(run)["diverged_at_epoch"]
+    args = ["--params", str(run), "--data", str(diverged / "xy.csv"), "--target-cols", "-1"]
+    assert predict_script.main(args) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"not finite at epoch {epoch}" in line and "--allow-diverged" in line
+    assert not (run / "preds.csv").exists()
+    # asked for anyway: the checkpoint's params, whose outputs overflow here: refused, unwritten
+    assert predict_script.main([*args, "--allow-diverged"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "are not finite" in line and "none were written" in line
+    assert not (run / "preds.csv").exists()
+
+
+def test_non_finite_predictions_are_never_written(tmp_path, capsys):
+    params = abc_jax.init_params(jax.random.key(0), 3, 4, 2)  # float32
+    params = params._replace(C=params.C * 1e30)
+    abc_jax.save_params(tmp_path / "p.npz", params)
+    np.save(tmp_path / "x.npy", np.r_[np.zeros((2, 3)), 1e10 * np.ones((1, 3))])
+    assert predict_script.main(["--params", str(tmp_path / "p.npz"), "--data",
+                                str(tmp_path / "x.npy")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "of 1 of 3 rows" in line and "first: row 3" in line
+    assert not (tmp_path / "preds.csv").exists()
+
+
+def test_preprocessed_params_predict_in_the_targets_units(tmp_path):
+    """A run folder as train.py --standardize writes it (params.npz with the preprocessing,
+    config.json with "standardize": true): predict.py reads the preprocessing back and its
+    predictions are the estimator's, in the targets' units."""
+    sklearn_module = pytest.importorskip("abc_jax.sklearn")
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((60, 3)) * [1.0, 1000.0, 0.1]
+    Y = np.c_[X @ [1.0, 0.002, 5.0] + 100.0, np.tanh(X[:, 0]) * 50.0]
+    est = sklearn_module.ABCRegressor(hidden_dim=4, epochs=200, random_state=0).fit(X, Y)
+    run = tmp_path / "run"
+    abc_jax.save_params(run / "params.npz", est.params_, preprocessing=est.preprocessing_)
+    abc_jax.files.write_json(run / "config.json", {"standardize": True, "bias": True})
+    np.savetxt(tmp_path / "x.csv", X, delimiter=",")
+    assert predict_script.main(["--params", str(run), "--data", str(tmp_path / "x.csv")]) == 0
+    np.testing.assert_allclose(_csv(run / "preds.csv")[1], est.predict(X), rtol=1e-12)
+    # the same folder without its preprocessing: refused (its units would be wrong)
+    abc_jax.save_params(run / "params.npz", est.params_)
+    assert predict_script.main(["--params", str(run), "--data", str(tmp_path / "x.csv"),
+                                "--out", str(tmp_path / "w.csv")]) == 2
+    assert not (tmp_path / "w.csv").exists()

@@ -212,3 +212,36 @@ def test_several_steps_an_epoch_each_with_its_own_key_and_q_accounted(key):
     assert len({tuple(np.asarray(m).tolist()) for m in masks}) == len(masks)  # all differ
     assert max_rel_err(out.params, p) <= 1e-12
     assert out.sampling_rate == q and out.epsilon == direct_epsilon(sigma, q, epochs * 3, 1 / n)
+
+
+def test_for_epsilon_is_the_smallest_noise_the_accountant_allows(key):
+    """At q = 0.3 (3 steps an epoch), 7 epochs, delta 1e-5: the accountant called directly
+    gives at most the target at sigma and more just below it; a run of those epochs reports
+    that epsilon."""
+    target, q, epochs, delta = 2.0, 0.3, 7, 1e-5
+    priv = DPSGD.for_epsilon(target, delta=delta, sampling_rate=q, epochs=epochs, clip_norm=1.5)
+    sigma = priv.noise_multiplier
+    assert (priv.clip_norm, priv.sampling_rate, priv.delta) == (1.5, q, delta)
+    assert direct_epsilon(sigma, q, epochs * 3, delta) <= target
+    assert direct_epsilon(sigma - 1e-4, q, epochs * 3, delta) > target
+    assert direct_epsilon(sigma, q, epochs * 3, delta) == pytest.approx(target, rel=1e-5)
+    params, batch = problem()
+    out = abc_jax.train(params, batch, lr=0.05, epochs=epochs, key=key, **KW, privacy=priv)
+    assert out.epsilon == direct_epsilon(sigma, q, epochs * 3, delta) and out.delta == delta
+    assert DPSGD.for_epsilon(np.inf, delta=delta, sampling_rate=q, epochs=epochs,
+                             clip_norm=1.5).noise_multiplier == 0.0
+
+
+def test_for_epsilon_summarises_dp_accountings_warnings_once(caplog):
+    """A large target puts sigma where dp-accounting leaves out low fractional orders next to
+    the best one: one RuntimeWarning, nothing logged; bad targets are named."""
+    with pytest.warns(RuntimeWarning, match="left out 7 RDP order") as record:
+        DPSGD.for_epsilon(100.0, delta=1e-5, sampling_rate=0.3, epochs=50, clip_norm=1.0)
+    assert len(record) == 1 and not [r for r in caplog.records if r.name == "absl"]
+    for bad, error in [(0.0, ValueError), (np.nan, ValueError), ("1", TypeError)]:
+        with pytest.raises(error, match="epsilon must be"):
+            DPSGD.for_epsilon(bad, delta=1e-5, sampling_rate=0.3, epochs=5, clip_norm=1.0)
+    with pytest.raises(ValueError, match="epochs must be >= 1"):
+        DPSGD.for_epsilon(1.0, delta=1e-5, sampling_rate=0.3, epochs=0, clip_norm=1.0)
+    with pytest.raises(ValueError, match="delta must be in"):
+        DPSGD.for_epsilon(1.0, delta=2.0, sampling_rate=0.3, epochs=5, clip_norm=1.0)

@@ -34,6 +34,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -121,6 +123,87 @@ class DPSGD:
         """What identifies the private run, for its checkpoint."""
         return {k: list(v) if isinstance(v, tuple) else v
                 for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def for_epsilon(cls, epsilon: float, *, delta: float, sampling_rate: float, epochs: int,
+                    clip_norm: Any) -> DPSGD:
+        """The DP-SGD whose noise multiplier spends ``epsilon`` at ``delta`` over ``epochs``.
+
+        sigma is the smallest noise multiplier (to 1e-6) whose epsilon, by the same RDP
+        accountant as the reported one, is at most ``epsilon`` for epochs x
+        ``steps_per_epoch`` Poisson-sampled steps at rate ``sampling_rate``
+        (``dp_accounting.calibrate_dp_mechanism``, Brent's method); epsilon inf: sigma 0.
+        ``delta`` is kept as the reported epsilon's. A run of fewer epochs (early stopping,
+        divergence) spends less. dp-accounting's warnings of the RDP orders it leaves out
+        are summarised in one warning, naming their count.
+
+        Raises ValueError for epsilon <= 0 or NaN, delta outside (0, 1), epochs < 1, or
+        the checks of ``DPSGD`` itself (sampling_rate, clip_norm).
+        """
+        if isinstance(epsilon, (bool, np.bool_)) or not isinstance(
+                epsilon, (int, float, np.integer, np.floating)):
+            raise TypeError(f"epsilon must be a number, got {type(epsilon).__name__} "
+                            f"{epsilon!r}")
+        if not float(epsilon) > 0:
+            raise ValueError(f"epsilon must be > 0 (inf: no noise), got {epsilon!r}")
+        if delta is None:
+            raise ValueError("delta is required: the epsilon targeted is at this delta (1 / n "
+                             "is a common choice, n the rows)")
+        epochs = edge.check_int(epochs, "epochs", minimum=1)
+        plan = cls(clip_norm=clip_norm, noise_multiplier=0.0, sampling_rate=sampling_rate,
+                   delta=delta)
+        if isinstance(plan.clip_norm, tuple):
+            raise ValueError(f"clip_norm: for_epsilon makes one DPSGD, give one number, got "
+                             f"{list(plan.clip_norm)}")
+        if math.isinf(epsilon):
+            return plan
+        steps = epochs * plan.steps_per_epoch
+        sigma = noise_for_epsilon(float(epsilon), plan.sampling_rate, steps, plan.delta)
+        return dataclasses.replace(plan, noise_multiplier=sigma)
+
+
+def noise_for_epsilon(epsilon: float, sampling_rate: float, steps: int, delta: float) -> float:
+    """The smallest sigma (to 1e-6) with ``epsilon(sigma, q, steps, delta) <= epsilon``, by
+    ``dp_accounting.calibrate_dp_mechanism`` with fresh ``RdpAccountant``s.
+
+    dp-accounting logs a warning for each fractional RDP order it fails to compute (many,
+    at the small sigmas the search tries) and leaves that order out; they are not shown.
+    Leaving out orders only loosens the bound, and only matters when the best order kept at
+    the sigma found is the next one above those left out (a left-out order might have given
+    a smaller epsilon): then one warning says so, with their count.
+    """
+    dp = accounting()
+
+    def mechanism(sigma: float) -> Any:
+        return dp.SelfComposedDpEvent(
+            dp.PoissonSampledDpEvent(sampling_rate, dp.GaussianDpEvent(sigma)), int(steps))
+
+    left_out: list[logging.LogRecord] = []
+
+    def hide(record: logging.LogRecord) -> bool:
+        left_out.append(record)
+        return False
+
+    log = logging.getLogger("absl")  # dp-accounting's logger
+    log.addFilter(hide)
+    try:
+        sigma = float(dp.calibrate_dp_mechanism(dp.rdp.RdpAccountant, mechanism, epsilon,
+                                                delta))
+        left_out.clear()  # the search's; now those of the sigma found
+        _, order = dp.rdp.RdpAccountant().compose(mechanism(sigma)).get_epsilon_and_optimal_order(
+            delta)
+    finally:
+        log.removeFilter(hide)
+    alphas = [float(r.args[-1]) for r in left_out if isinstance(r.args, tuple) and r.args]
+    kept = [o for o in dp.rdp.rdp_privacy_accountant.DEFAULT_RDP_ORDERS
+            if o > max(alphas, default=-np.inf)]
+    if left_out and (not alphas or not kept or order <= min(kept)):
+        warnings.warn(f"dp-accounting left out {len(left_out)} RDP order(s) it could not compute "
+                      f"at noise multiplier {sigma:.6g}, next to the best order kept ({order:g}):"
+                      " a left-out one might give a smaller epsilon, so this sigma may be "
+                      "noisier than the target needs (it is private at least as asked)",
+                      RuntimeWarning, stacklevel=3)
+    return sigma
 
 
 def epsilon(noise_multiplier: float, sampling_rate: float, steps: int, delta: float) -> float:

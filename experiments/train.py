@@ -51,7 +51,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from abc_jax import Batch, DataError, DivergenceError, batch_loss, init_params, parallel, train
+from abc_jax import (
+    Batch,
+    DataError,
+    DivergenceError,
+    apply_preprocessing,
+    batch_loss,
+    fit_preprocessing,
+    init_params,
+    parallel,
+    save_preprocessing,
+    train,
+)
 from abc_jax.checkpoint import CheckpointError, checkpoint_epoch, checkpoint_path
 from abc_jax.files import save_params, write_results
 from experiments import common
@@ -61,7 +72,7 @@ from experiments.common.data import Data, columns, read_data
 
 NAME = "train"
 SAVED = ("dtype seed epochs lr optimizer grad batch_size chunk_size epochs_per_chunk eval_every "
-         "checkpoint_every quick eval_fraction patience").split()  # into config.json
+         "checkpoint_every quick eval_fraction patience standardize bias").split()  # config.json
 POSITIVE = ("epochs_per_chunk eval_every checkpoint_every num_processes heartbeat_timeout "
             "init_timeout n in_dim hidden_dim out_dim batch_size chunk_size patience").split()
 # the flags of each group of --help
@@ -105,6 +116,11 @@ class Config:
     lr: float = train_flag(0.05, "learning rate")
     optimizer: str = train_flag("gd", "gd: the homework's p <- p - lr g; the others Optax's",
                                 choices=tuple(common.OPTIMIZERS))
+    standardize: bool = train_flag(
+        False, "standardise X and the targets with the training rows' mean and scale (stored "
+        "with the params; predict.py applies it and gives predictions in the targets' units)")
+    bias: bool = train_flag(False, "append a constant input column: a bias for A, B and the "
+                            "output, the graph's equations unchanged (stored as --standardize)")
     grad: str = train_flag("manual", "manual: the hand-derived gradient; oracle: jax.grad",
                            choices=("manual", "oracle"))
     batch_size: int | None = train_flag(None, "mini-batch size (default: full batch)")
@@ -154,6 +170,9 @@ class Config:
         check(self.eval_fraction is None or self.coordinator is None, "--eval-fraction splits "
               "one process's rows; with several processes give every process the same "
               "--eval-data")
+        check(not (self.standardize or self.bias) or self.coordinator is None,
+              "--standardize and --bias fit on the training rows of one process; with several "
+              "processes preprocess the data files beforehand")
         check(self.patience is None or self.eval_data is not None or
               self.eval_fraction is not None,
               "--patience needs held-out data: --eval-data or --eval-fraction")
@@ -250,9 +269,13 @@ def advice(config: Config, e: DivergenceError) -> str:
     """The error a diverged run ends with: where its outputs are, and a command that works as
     printed (a smaller --lr alone would be refused by the checkpoint of this run)."""
     lr = f"{config.lr / 10:g}"
+    scales = "" if e.column_scales is None or config.standardize else (
+        f" The columns of the data have scales from {e.column_scales[0]:.3g} to "
+        f"{e.column_scales[1]:.3g}: add --standardize first (with --restart), then lower --lr "
+        "if it still diverges.")
     return (f"training diverged: the loss is not finite at epoch {e.epoch} (--optimizer "
             f"{config.optimizer}, --lr {config.lr:g}); its losses, plot and metrics are in "
-            f"{config.out}/. Try a smaller learning rate: the same command with --lr {lr} "
+            f"{config.out}/.{scales} Try a smaller learning rate: the same command with --lr {lr} "
             f"--restart added (or with --lr {lr} --out NEW_DIR, keeping this run)")
 
 
@@ -264,7 +287,16 @@ def run(config: Config) -> dict[str, Any]:
     jax.config.update("jax_enable_x64", config.dtype == "float64" or jax.config.jax_enable_x64)
     data = load(config)
     O = config.out_dim if data.T is None else data.T.shape[1]
-    params = init_params(jax.random.fold_in(jax.random.key(config.seed), 1), data.X.shape[1],
+    prep = None
+    if config.standardize or config.bias:  # fitted on the training rows, stored with the params
+        prep = fit_preprocessing(data.batch, standardize=config.standardize, bias=config.bias)
+        data = data._replace(batch=apply_preprocessing(prep, data.batch),
+                             eval_data=None if data.eval_data is None else
+                             apply_preprocessing(prep, data.eval_data))
+        if parallel.is_main_process():  # a diverged run has no params.npz, but predict.py
+            save_preprocessing(config.out / "preprocessing.npz", prep)  # still reads it
+    D = data.X.shape[1] + (0 if prep is None else int(prep.constant.shape[0]))
+    params = init_params(jax.random.fold_in(jax.random.key(config.seed), 1), D,
                          config.hidden_dim, O, dtype=jnp.dtype(config.dtype))
     described = describe(config, data, params)
     ckpt = checkpoint_path(config.out / "checkpoint")
@@ -298,7 +330,7 @@ def run(config: Config) -> dict[str, Any]:
                "process_count": jax.process_count(), "platform": jax.default_backend(),
                "jax_version": jax.__version__, **history(config.out, this)}
     return {"config": described, "metrics": metrics, "losses": losses,
-            "params": None if diverged else result.params}
+            "params": None if diverged else result.params, "preprocessing": prep}
 
 
 def held_out_metrics(result: Any, batch: Any, epochs: int, finished: bool,
@@ -385,7 +417,7 @@ def report(res: dict[str, Any], out: Path, docs: Any = None) -> None:
         if params is None:  # diverged: no params (nor an older run's) for predict.py
             (out / "params.npz").unlink(missing_ok=True)
         else:
-            save_params(out / "params.npz", params)
+            save_params(out / "params.npz", params, preprocessing=res.get("preprocessing"))
     if params is None:
         raise Failed(metrics["error"])
     if not writes:

@@ -561,6 +561,11 @@ def test_cross_validation_equals_kfold_and_train_by_hand():
     listed = abc_jax.cross_validate(params, data, folds=folds, lr=0.05, epochs=25, **KW)
     np.testing.assert_array_equal(same["held_out_loss"], held)
     np.testing.assert_array_equal(listed["held_out_loss"], held)
+    # shuffled: KFold's own shuffle of the weighted rows, by its seed
+    mixed = abc_jax.cross_validate(params, data, folds=3, shuffle=4, lr=0.05, epochs=25, **KW)
+    for (_, te), (_, want) in zip(mixed["folds"], KFold(3, shuffle=True, random_state=4)
+                                  .split(real), strict=True):
+        np.testing.assert_array_equal(te, np.sort(real[want]))
 
 
 def test_cross_validation_with_patience_never_sees_the_scored_fold():

@@ -412,3 +412,43 @@ def test_config_run_then_report_in_process(tmp_path, capsys):
     assert f"results in {config.out}/" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--patience needs held-out data"):
         dataclasses.replace(config, patience=2)
+
+
+def _scaled_regression(tmp_path):
+    """scikit-learn's make_regression, N = 2000, D = 5, column 3 x1000, the target last."""
+    from sklearn.datasets import make_regression
+
+    X, y = make_regression(n_samples=2000, n_features=5, noise=5.0, random_state=0)
+    X[:, 2] *= 1000.0
+    path = tmp_path / "reg.csv"
+    np.savetxt(path, np.column_stack([X, y]), delimiter=",")
+    return path, X, y
+
+
+@pytest.mark.integration  # two trainings and a prediction on 2000 rows
+def test_standardize_trains_scaled_columns_and_predict_answers_in_their_units(tmp_path, capsys):
+    from sklearn.linear_model import Ridge
+    from sklearn.metrics import r2_score
+
+    from experiments import predict
+
+    path, X, y = _scaled_regression(tmp_path)
+    common = ["--data", str(path), "--target-cols", "-1", "--eval-fraction", "0.2",
+              "--optimizer", "adam", "--lr", "0.03", "--epochs", "600", "--dtype", "float64"]
+    raw = tmp_path / "raw"  # without --standardize: diverges, and the advice says why
+    assert train_script.main([*common, "--lr", "0.5", "--optimizer", "gd", "--out",
+                              str(raw)]) == 1
+    assert "--standardize" in capsys.readouterr().err
+    out = tmp_path / "std"
+    assert train_script.main([*common, "--standardize", "--bias", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["standardize"] and config["bias"] and config["D"] == 6  # the constant column
+    (Xk, yk), (Xh, yh) = hold_out(X, y, 0.2, 0)  # the split train.py made (--seed 0)
+    held = tmp_path / "held.csv"
+    np.savetxt(held, Xh, delimiter=",")
+    assert predict.main(["--params", str(out), "--data", str(held), "--out",
+                         str(tmp_path / "preds.csv")]) == 0
+    preds = np.loadtxt(tmp_path / "preds.csv", delimiter=",", skiprows=1)
+    ridge = r2_score(yh, Ridge().fit(Xk, yk).predict(Xh))
+    ours = r2_score(yh, preds)
+    assert ours >= 0.99 * ridge, (ours, ridge)  # in y's own units

@@ -76,19 +76,23 @@ class DivergenceError(RuntimeError):
     epoch with a finite loss and the losses before the first non-finite one; for
     ``train_per_sample`` and ``cross_validate``, every member's result. ``.epoch``: the
     first non-finite epoch; ``.lr``: the run's (None with an optimizer); ``.members`` and
-    ``.epochs``: the members (samples, folds) that diverged and their epochs.
+    ``.epochs``: the members (samples, folds) that diverged and their epochs;
+    ``.column_scales``: (min, max) of the inputs' column standard deviations where they
+    differ by more than 100x or lie far from 1 (standardise first), else None.
     """
 
     def __init__(self, message: str, result: Any, epoch: int, lr: Any,
-                 members: Sequence[int] = (0,), epochs: Sequence[int] | None = None):
+                 members: Sequence[int] = (0,), epochs: Sequence[int] | None = None,
+                 column_scales: tuple[float, float] | None = None):
         super().__init__(message)
         self.result, self.epoch, self.lr = result, epoch, lr
         self.members = list(members)
         self.epochs = [epoch] if epochs is None else list(epochs)
+        self.column_scales = column_scales
 
     def __reduce__(self) -> tuple[Any, ...]:  # picklable despite the extra arguments
         return type(self), (str(self), self.result, self.epoch, self.lr, self.members,
-                            self.epochs)
+                            self.epochs, self.column_scales)
 
 
 # --- the step of the short form --------------------------------------------------------
@@ -357,18 +361,20 @@ def _finite_at(params: Params, batch: Batch) -> jax.Array:
     return edge.all_finite(backward.value_and_grad(params, batch))
 
 
-def _spread(X: Any) -> str:
-    """Advice on the inputs' scales when they differ by more than 100x or are far from 1."""
-    try:
-        scale = np.asarray(jnp.std(jnp.asarray(X), axis=-2)).reshape(-1)
-    except (TypeError, ValueError):
-        return ""
+def column_scales(batch: Batch) -> tuple[float, float] | None:
+    """(min, max) of the standard deviations of X's columns over the rows of non-zero
+    weight, where they differ by more than 100x or the largest is outside [0.01, 100]; None
+    where the scales are unremarkable."""
+    if not getattr(batch.X, "is_fully_addressable", True):  # rows over processes: not here
+        return None
+    X = np.asarray(batch.X, np.float64)
+    if batch.weights is not None:
+        X = X[np.asarray(batch.weights) > 0]
+    scale = X.std(axis=0) if len(X) else np.zeros(0)
     scale = scale[np.isfinite(scale) & (scale > 0)]
     if not len(scale) or (scale.max() / scale.min() <= 100 and 0.01 <= scale.max() <= 100):
-        return ""
-    return (f". The columns of X have scales from {scale.min():.3g} to {scale.max():.3g}: "
-            "standardise them (zero mean, unit variance per column, fitted on the training "
-            "rows) before a smaller learning rate")
+        return None
+    return float(scale.min()), float(scale.max())
 
 
 def _raise_diverged(run: Run, lr: Any) -> None:
@@ -388,11 +394,16 @@ def _raise_diverged(run: Run, lr: Any) -> None:
     advice = ("lower the optimizer's own learning rate (e.g. optax.adam(1e-3) -> "
               "optax.adam(1e-4))" if custom else f"try a smaller learning rate, e.g. "
               f"lr={lr / 10:g}")
+    scales = column_scales(run.batch)
+    if scales is not None:
+        advice = (f"the columns of X have scales from {scales[0]:.3g} to {scales[1]:.3g}: "
+                  "standardise them first (fit_preprocessing(..., standardize=True) on the "
+                  f"training rows, then apply_preprocessing), or {advice}")
     raise DivergenceError(
         f"training diverged: the loss is {L[e]} at epoch {e}{'' if custom else f' (lr={lr:g})'};"
-        f" {advice}{_spread(run.batch.X)}. The error's .result holds {holds}",
+        f" {advice}. The error's .result holds {holds}",
         result._replace(params=jax.tree.map(lambda a: a[0], run.record.state.last_good),
-                        losses=result.losses[:e]), e, lr)
+                        losses=result.losses[:e]), e, lr, column_scales=scales)
 
 
 # --- the public functions ---------------------------------------------------------------
@@ -549,21 +560,28 @@ def train_per_sample(params: Params, X: Any, *, lr: float, epochs: int, progress
 # --- cross-validation ------------------------------------------------------------------------
 
 
-def _splits(folds: Any, rows: np.ndarray, batch: Batch) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(train positions, test positions) in X for each fold: an int k (scikit-learn's
-    ``KFold(k)`` of the rows of non-zero weight, in order), a splitter with ``split`` (applied
-    to those rows), or a sequence of (train, test) index arrays into X."""
+def _splits(folds: Any, rows: np.ndarray, batch: Batch,
+            shuffle: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train positions, test positions) in X for each fold, each sorted: an int k
+    (scikit-learn's ``KFold(k)`` of the rows of non-zero weight; with ``shuffle`` a seed,
+    ``KFold(k, shuffle=True, random_state=shuffle)``), a splitter with ``split`` (applied to
+    those rows), or a sequence of (train, test) index arrays into X."""
     if isinstance(folds, (int, np.integer)) and not isinstance(folds, bool):
         k = edge.check_int(folds, "folds", minimum=2)
         if len(rows) < k:
             raise ValueError(f"folds = {k} needs at least {k} rows of non-zero weight, got "
                              f"{len(rows)}")
-        parts = np.array_split(rows, k)
-        return [(np.setdiff1d(rows, part), part) for part in parts]
+        order = rows.copy()
+        if shuffle is not None:  # KFold's own shuffle: RandomState(seed).shuffle
+            np.random.RandomState(shuffle).shuffle(order)
+        return [(np.setdiff1d(rows, part), np.sort(part)) for part in np.array_split(order, k)]
+    if shuffle is not None:
+        raise ValueError("shuffle goes with folds=k; a splitter shuffles itself (KFold(k, "
+                         "shuffle=True, random_state=0)) and a list of folds is as given")
     if callable(getattr(folds, "split", None)):
         X = np.asarray(batch.X)[rows]
         y = None if batch.T is None else np.asarray(batch.T)[rows]
-        return [(rows[tr], rows[te]) for tr, te in folds.split(X, y)]
+        return [(np.sort(rows[tr]), np.sort(rows[te])) for tr, te in folds.split(X, y)]
     try:
         pairs = [(np.asarray(tr, np.int64), np.asarray(te, np.int64)) for tr, te in folds]
     except (TypeError, ValueError):
@@ -582,15 +600,16 @@ def _splits(folds: Any, rows: np.ndarray, batch: Batch) -> list[tuple[np.ndarray
     return pairs
 
 
-def cross_validate(params: Params, X: Any, *, folds: Any = 5, patience: int | None = None,
-                   validation_fraction: float = 0.1, on_divergence: str = "raise",
-                   **train_kw: Any) -> dict[str, Any]:
+def cross_validate(params: Params, X: Any, *, folds: Any = 5, shuffle: int | None = None,
+                   patience: int | None = None, validation_fraction: float = 0.1,
+                   on_divergence: str = "raise", **train_kw: Any) -> dict[str, Any]:
     """k-fold cross-validation in one compiled loop: fold i is a member of ``train_many``.
 
     folds: an int k (the rows of non-zero weight in k contiguous folds, in order, as
     scikit-learn's ``KFold(k)``), a scikit-learn splitter (``KFold(5, shuffle=True,
     random_state=0)``, applied to those rows), or a list of (train_idx, test_idx) row
-    indices of X. Member i trains on its training rows (row weights 0 elsewhere) and is
+    indices of X. shuffle: with folds=k, a seed: the folds of ``KFold(k, shuffle=True,
+    random_state=shuffle)``. Member i trains on its training rows (row weights 0 elsewhere) and is
     scored on its test rows by the loss of its trained params: exactly ``train`` with
     those weights, then ``batch_loss``. ``train_kw`` as in ``train_many`` (lr, epochs,
     optimizer, step, ...; not eval_data).
@@ -618,7 +637,9 @@ def cross_validate(params: Params, X: Any, *, folds: Any = 5, patience: int | No
     p = edge.params(edge.params_input(params))
     batch = edge.batch(edge.data_input(X), p.A.shape[1], p.C.shape[0], p.A.dtype)
     r = np.ones(batch.X.shape[0]) if batch.weights is None else np.asarray(batch.weights)
-    splits = _splits(folds, np.flatnonzero(r > 0), batch)
+    if shuffle is not None:
+        shuffle = edge.check_int(shuffle, "shuffle", minimum=0)
+    splits = _splits(folds, np.flatnonzero(r > 0), batch, shuffle)
     k, N = len(splits), len(r)
     train_w, test_w, inner_w = (np.zeros((k, N)) for _ in range(3))
     for i, (tr, te) in enumerate(splits):

@@ -59,11 +59,11 @@ from abc_jax.engine.train import (
     DivergenceError,
     TrainManyResult,
     TrainResult,
-    cross_validate,
     train,
     train_many,
     train_per_sample,
 )
+from abc_jax.engine.validation import cross_validate
 from abc_jax.files import load_params, load_preprocessing, save_params, save_preprocessing
 from abc_jax.graph import draw_graph
 from abc_jax.parallel import data_mesh, initialize_distributed, shard_batch, shard_local_batch

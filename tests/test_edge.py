@@ -2,7 +2,7 @@
 contracts, not every input x function (the training arguments: test_config.py).
 
 1. One case per rule of the edge (``abc_jax.edge``) and of the training engine's
-   argument checks (``engine.config``, ``engine.arguments``, ``engine.train``), each on
+   argument checks (``engine.arguments``, ``engine.train``, the steps), each on
    one representative public function: a ``ValueError``/``TypeError`` raised by
    abc_jax's own code, its message starting with the argument's name and saying
    what was expected, before anything compiles (at most the tiny conversions of

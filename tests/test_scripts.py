@@ -134,7 +134,8 @@ def test_bench_curvature_quick(tmp_path, capsys):
 
 
 SCRIPTS = sorted(p.stem for p in EXPERIMENTS.glob("*.py") if p.stem != "__init__")
-NOT_RANDOM = {"predict", "bench_suite"}  # no --seed: saved params applied to a file; the suite
+NOT_RANDOM = {"predict", "bench_suite", "line_count"}  # no --seed: saved params applied to a
+# file; lines counted; the suite
 TOOLS = {"render_docs"}  # not an experiment: renders the docs from results (its own flags)
 
 
@@ -299,3 +300,19 @@ def test_bench_suite_reads_pytest_and_reports(tmp_path, capsys):
     assert json.loads((tmp_path / "docs" / "results" / "bench_suite.json").read_text())[
         "tables"]["bench_suite"]["rows"][1][:2] == ["default, warm cache", 40.0]
     assert "default, empty cache" in capsys.readouterr().out
+
+
+def test_line_count_counts_code_not_docstrings_or_comments(tmp_path, capsys):
+    from experiments import line_count
+
+    source = ('"""A module docstring\n\nover lines."""\n\nimport os  # a comment\n\n\n'
+              'def f(x):\n    """Its docstring."""\n    # a comment line\n    return (x +\n'
+              '            1)\n\n\nclass C:\n    """Doc."""\n\n    y = "not a docstring"\n')
+    assert line_count.code_lines(source) == 6  # import, def, return (2 lines), class, y
+    assert line_count.main(["--out", str(tmp_path / "lc")]) == 0
+    metrics = json.loads((tmp_path / "lc" / "metrics.json").read_text())
+    after = metrics["after"]
+    assert after["total"] == sum(after["modules"].values()) == sum(after["roles"].values())
+    core = [n for m, n in after["modules"].items() if m.startswith("core/")]
+    assert after["roles"]["mathematics"] == sum(core)  # core/__init__.py has no code
+    assert "mathematics" in capsys.readouterr().out

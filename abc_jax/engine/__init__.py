@@ -9,5 +9,6 @@
   with held-out evaluation and patience on the device.
 - ``pipeline``: the host side: chunks, the user's callbacks, checkpoints, the bar.
 - ``train``: the one front end and the public functions: ``train_many``; ``train``
-  (M = 1), ``train_per_sample`` (a member per row), ``cross_validate`` (a member per fold).
+  (M = 1), ``train_per_sample`` (a member per row).
+- ``validation``: ``cross_validate``, a member per fold.
 """

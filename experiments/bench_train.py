@@ -10,7 +10,10 @@ device and matmul precision, all in one process:
     scaled linearly to the largest count). The three trajectories are checked to agree.
 (b) A large batch, K = 256, N = 65536, float32: train against the loop of jitted steps at 10
     epochs (and 1000 on a GPU; --large-epochs).
-The claim: train is as fast as the loop of jitted steps or faster, at few epochs and many."""
+(c) Held-out evaluation every epoch, at (a)'s scale and largest epoch count up to 100: train
+    with eval_data (N held-out rows, evaluated inside the compiled loop) against train without.
+The claim: train is as fast as the loop of jitted steps or faster, at few epochs and many, and
+evaluating every epoch costs well under twice a run without evaluation."""
 
 from __future__ import annotations
 
@@ -132,6 +135,27 @@ def bench_part(epochs: Sequence[int], n: int, k: int, lr: float, seed: int, prec
     return out | {"loop_over_train": loop_ratios(rows)}
 
 
+def bench_evaluation(n: int, k: int, lr: float, epochs: int, seed: int, precision: str, *,
+                     rounds: int, min_time: float) -> dict[str, Any]:
+    """train with held-out data evaluated every epoch (n rows; eval_every=1) against train
+    without, interleaved, float64: both times and their ratio."""
+    params, X = common.problem(jax.random.key(seed), n, k, dtype=jnp.float64)
+    held = jax.random.normal(jax.random.key(seed + 7), (n, k), jnp.float64)
+    kw = dict(lr=lr, epochs=epochs, progress=False, precision=precision)
+    times = common.time_interleaved(
+        {"without": lambda: train(params, X, **kw),
+         "every epoch": lambda: train(params, X, eval_data=held, eval_every=1, **kw)},
+        rounds=rounds, min_time=min_time)
+    evaluated = times["every epoch"].output
+    assert len(evaluated.eval_epochs) == epochs + 1  # epoch 0 .. epochs: each one evaluated
+    return {"K": k, "N": n, "N_eval": n, "epochs": epochs,
+            "without_s": times["without"].median_s,
+            "every_epoch_s": times["every epoch"].median_s,
+            "ratio": times["every epoch"].median_s / times["without"].median_s,
+            "measured": f"median of {times['without'].rounds} rounds x "
+                        f"{times['without'].calls_per_round}"}
+
+
 def print_part(title: str, part: dict[str, Any], note: str) -> None:
     print(f"\n{title}")
     common.print_table([*FIELDS[:4], "compile s", "run s", "epochs/s", "x train", "measured"],
@@ -181,9 +205,12 @@ def run(cfg: Config) -> dict[str, Any]:
                        jnp.float64, rounds=5, min_time=cfg.min_time, python_epochs=python_epochs)
     large = bench_part(large_epochs, cfg.large_n, cfg.large_k, 1e-3, cfg.seed,
                        cfg.precision, jnp.float32, rounds=3, min_time=0.0)
+    evaluation = bench_evaluation(cfg.n, cfg.k, cfg.lr, min(max(cfg.epochs), 100), cfg.seed,
+                                  cfg.precision, rounds=7, min_time=cfg.min_time)
     return {"config": dataclasses.asdict(cfg) | {"python_epochs": python_epochs,
                                                  "large_epochs": large_epochs},
-            "environment": env, "homework_scale": small, "large_batch": large}
+            "environment": env, "homework_scale": small, "large_batch": large,
+            "evaluation": evaluation}
 
 
 def report(res: dict[str, Any], out: Any, docs: Any = None) -> dict[str, Any]:
@@ -203,6 +230,11 @@ def report(res: dict[str, Any], out: Any, docs: Any = None) -> dict[str, Any]:
                f"train: {large['epochs_per_s']:.3g} epochs/s, "
                f"{large['epochs_per_s'] * large['flops_per_epoch'] / 1e9:.3g} GFLOP/s "
                "(14 N K^2 flops per epoch)")
+    ev = res["evaluation"]
+    print(f"\n(c) held-out evaluation every epoch: K = {ev['K']}, N = {ev['N']}, "
+          f"{ev['N_eval']} held-out rows, {ev['epochs']} epochs: {ev['every_epoch_s'] * 1e3:.3g} "
+          f"ms against {ev['without_s'] * 1e3:.3g} ms without, {ev['ratio']:.2f}x "
+          f"({ev['measured']})")
     rows = [[name, part["K"], part["N"], part["dtype"], *(r[f] for f in FIELDS)]
             for name, part in (("homework", small), ("large", large)) for r in part["rows"]]
     fig = plot({"(a) homework scale": small, "(b) large batch": large})

@@ -95,7 +95,11 @@ def test_bench_train_quick(tmp_path, capsys):
         else:
             assert row["device"] == _common.device_label() and row["precision"] == "highest"
     assert large["final_loss"] < large["initial_loss"]
+    ev = m["evaluation"]
+    assert ev["epochs"] == 100 and ev["ratio"] == pytest.approx(ev["every_epoch_s"] /
+                                                                ev["without_s"])
     assert "loop of jitted steps / train" in printed and "highest" in printed
+    assert "(c) held-out evaluation every epoch" in printed
     lines = (out / "bench_train.csv").read_text().splitlines()
     assert lines[0].startswith("part,K,N,dtype,method,device,precision") and len(lines) == 1 + 7
     assert (out / "bench_train.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # epochs/s

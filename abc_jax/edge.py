@@ -205,7 +205,7 @@ def optional_input(a: Any, name: str, what: str = "an array") -> Any:
 def params(p: Params, name: str = "params") -> Params:
     """``p`` checked (``check_params``), as JAX arrays."""
     check_params(p, name)
-    return Params(*(jnp.asarray(a) for a in p))
+    return Params(*(a if is_array(a) else jnp.asarray(a) for a in p))
 
 
 def check_params(p: Any, name: str = "params") -> None:

@@ -50,7 +50,7 @@ def test_a_run_does_exactly_its_epochs_of_work():
     # the epochs of a chunk are one while_loop with a traced trip count, not a scan
     step = abc_jax.gradient_step(optax.sgd(LR))
     P = jax.tree.map(lambda a: a[None], params)
-    state = loop.initial_state(P, jax.vmap(step.init)(P, jnp.arange(1)))
+    state = loop.initial_state(P, jax.vmap(step.init)(P, {}))  # optax.sgd: no hyperparameters
     static = dict(epoch=step.epoch, axes=abc_jax.Batch(None, None, None), held_axes=None,
                   length=100, rows=0, eval_every=1, patience=None, precision="highest")
     jaxpr = str(jax.make_jaxpr(lambda c, b, s, e: loop.run_chunk(

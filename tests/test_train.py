@@ -865,3 +865,19 @@ def test_the_users_setup_gives_the_suites_results():
     np.testing.assert_allclose(theirs["eval"], ours["eval"], rtol=1e-5)
     for a, b in zip(theirs["g"], ours["g"], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_per_member_optimizer_hyperparameters_declare_the_member_count():
+    """The API page's example as written: shared params, no members=, the rates (M,) of an
+    inject_hyperparams optimizer give M; member m is its own train with its rate. Rates
+    0.3 and 0.07 make every member's trajectory its own."""
+    params, X = _reference.make_problem(5, D, H, O, N)
+    rates = [0.3, 0.07, 0.01]
+    opt = optax.inject_hyperparams(optax.adam)(learning_rate=jnp.asarray(rates))
+    r = train_many(params, X, optimizer=opt, epochs=9, **KW)
+    assert r.losses.shape == (3, 9)
+    for m in (0, 1):
+        own = optax.inject_hyperparams(optax.adam)(learning_rate=rates[m])
+        assert_member_equals(r, m, train(params, X, epochs=9, optimizer=own, **KW))
+    with pytest.raises(ValueError, match=r"optimizer\.learning_rate has 3"):
+        train_many(params, X, lr=None, optimizer=opt, epochs=2, members=2, **KW)

@@ -17,6 +17,7 @@ which is what the checkpoint written on Ctrl-C holds.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -227,16 +228,22 @@ def resume(rec: Record, plan: Plan) -> Record:
 
 
 def progress_bar(progress: bool, total: int, initial: int, desc: str) -> Any:
-    """A tqdm bar on a terminal or in a notebook, in process 0; none in a redirected log."""
+    """A tqdm bar on a terminal or in a notebook, in process 0; none (None) in a redirected
+    log or with ``progress`` False."""
+    if not progress:
+        return contextlib.nullcontext()
     ipython = sys.modules.get("IPython")  # a notebook: IPython's kernel shell is running
     notebook = type(ipython and ipython.get_ipython()).__name__ == "ZMQInteractiveShell"
-    shown = progress and parallel.is_main_process() and (sys.stderr.isatty() or notebook)
-    return tqdm(total=total, initial=initial, desc=desc, unit="epoch", leave=False,
-                disable=not shown)
+    if not (parallel.is_main_process() and (sys.stderr.isatty() or notebook)):
+        return contextlib.nullcontext()
+    return tqdm(total=total, initial=initial, desc=desc, unit="epoch", leave=False)
 
 
-def show(bar: Any) -> Callable[[Record], None]:
-    """Moves the tqdm ``bar`` to the record's epoch, showing the lowest loss."""
+def show(bar: Any) -> Callable[[Record], None] | None:
+    """Moves the tqdm ``bar`` (None: no bar) to the record's epoch, showing the lowest loss."""
+    if bar is None:
+        return None
+
     def update(rec: Record) -> None:
         bar.update(rec.epoch - bar.n)
         last = rec.losses[:, -1] if rec.epoch else np.array([np.nan])

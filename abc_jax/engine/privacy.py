@@ -323,6 +323,17 @@ def private_epoch(update: Any, chunk_size: int | None, S: int) -> Any:
     return epoch
 
 
+@functools.cache
+def private_init(init_rule: Any) -> Any:
+    """The private step's init: the update rule's state and the member's knobs (data)."""
+    def init(params: Params, hyper: dict[str, jax.Array]) -> PrivateState:
+        dtype = params.A.dtype
+        return PrivateState(init_rule(params, hyper), PrivacyArrays(*(
+            jnp.asarray(hyper[f"privacy.{f}"], dtype) for f in PrivacyArrays._fields)))
+
+    return init
+
+
 def private(privacy: DPSGD, optimizer: Any = None, *, lr: Any = None,
             chunk_size: int | None = None) -> steps.Step:
     """DP-SGD (module docstring) as a training step: each epoch S = max(1, round(1 / q))
@@ -340,19 +351,15 @@ def private(privacy: DPSGD, optimizer: Any = None, *, lr: Any = None,
                          "(optax.sgd, optax.adam) or drop privacy")
     accounting()  # no run without its epsilon
     chunk_size = edge.check_positive_int(chunk_size, "chunk_size", allow_none=True)
-    init_rule, update, sizes, settings = steps.rule(optimizer, lr)
-    knobs = {f: getattr(privacy, f) for f in ("clip_norm", "noise_multiplier", "sampling_rate")}
-
-    def init(params: Params, m: jax.Array) -> PrivateState:
-        dtype = params.A.dtype
-        return PrivateState(init_rule(params, m), PrivacyArrays(
-            *(steps.member(v, m).astype(dtype) for v in knobs.values())))
+    init_rule, update, hyper, settings = steps.rule(optimizer, lr)
+    knobs = {f"privacy.{f}": getattr(privacy, f)
+             for f in ("clip_norm", "noise_multiplier", "sampling_rate")}
 
     def report(epochs: np.ndarray, rows: np.ndarray) -> dict[str, Any]:
         eps, delta = spent(privacy, epochs, rows)
         return {"epsilon": eps, "delta": delta, "sampling_rate": privacy.sampling_rate}
 
-    sizes = sizes + arguments.sizes_of({f"privacy.{k}": v for k, v in knobs.items()})
-    return steps.Step(init, private_epoch(update, chunk_size, privacy.steps_per_epoch),
-                      members=sizes, draws="Poisson samples and noise",
+    return steps.Step(private_init(init_rule),
+                      private_epoch(update, chunk_size, privacy.steps_per_epoch),
+                      hyper=hyper | knobs, draws="Poisson samples and noise",
                       settings={**settings, "privacy": privacy.settings()}, report=report)

@@ -3,16 +3,18 @@
 A method is a ``Step``, a NamedTuple of functions as Optax's
 ``GradientTransformation`` is::
 
-    state               = init(params, m)                    member m's own state
+    state               = init(params, hyper)                member m's own state
     loss, params, state = epoch(params, state, batch, key, rows)
 
 ``epoch`` runs one member's epoch: batch X (N, D), weights (N,) or None, T (N, O)
 or None; key the epoch's key (``fold_in(member's key, e)``, None if the method
 draws nothing); rows the static count of rows of non-zero weight (0 unless the
 method ``counts_rows``). The loss is ``batch_loss`` at the params before the
-epoch's first update. Hyperparameters are data in the state: a number is shared
-by every member, an array (M,) has one value per member (``init`` picks member
-m's), so one compilation serves every value. The compiled loop
+epoch's first update. Hyperparameters are data: ``Step.hyper`` holds each as a
+number, shared by every member, or an array (M,), one value per member (the member
+axis declared there, never read off a shape elsewhere); ``init`` gets member m's, as
+scalars, and puts them in the state, so one compilation serves every value. The
+compiled loop
 (``engine.loop``) runs any step and knows none of them; a new method is one
 constructor, here or beside its mathematics (``engine.privacy.private``).
 
@@ -31,6 +33,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
@@ -46,28 +49,27 @@ GRADS = ("manual", "oracle")
 class Step(NamedTuple):
     """A training method for one member (module docstring).
 
-    init: (params, m) -> state, m the member's index (a traced int).
+    init: (params, hyper) -> state, hyper one member's hyperparameters (name -> scalar).
     epoch: (params, state, batch, key, rows) -> (loss, params, state).
-    members: (name, M) of each hyperparameter given one per member.
+    hyper: name -> a number (every member's) or a tuple (M,) (one per member).
     draws: what ``epoch`` draws from its key (named in messages), None: it needs none.
     counts_rows: ``epoch`` needs ``rows``, the static count of non-zero-weight rows.
     settings: what identifies the method (JSON), for checkpoints.
     report: (epochs run (M,), rows (M,)) -> extra result fields (privacy's epsilon), or None.
     """
 
-    init: Callable[[Params, jax.Array], Any]
+    init: Callable[[Params, dict[str, jax.Array]], Any]
     epoch: Callable[..., tuple[jax.Array, Params, Any]]
-    members: tuple[tuple[str, int], ...] = ()
+    hyper: Mapping[str, Any] = {}  # never mutated: constructors build new dicts
     draws: str | None = None
     counts_rows: bool = False
     settings: Mapping[str, Any] = {}  # never mutated: constructors build new dicts
     report: Callable[[Any, Any], dict[str, Any]] | None = None
 
 
-def member(value: Any, m: jax.Array) -> jax.Array:
-    """Member m's value of a hyperparameter: ``value[m]`` for an array (M,), else ``value``."""
-    a = jnp.asarray(value)
-    return a[m] if a.ndim == 1 else a
+def members(step: Step) -> dict[str, int]:
+    """{name: M} of the step's hyperparameters given one per member."""
+    return dict(arguments.sizes_of(dict(step.hyper)))
 
 
 def check_optimizer(optimizer: Any, name: str = "optimizer") -> Any:
@@ -79,9 +81,30 @@ def check_optimizer(optimizer: Any, name: str = "optimizer") -> Any:
     return optimizer
 
 
-def rule(optimizer: Any, lr: Any) -> tuple[Callable[[Params, jax.Array], Any], Any,
-                                           tuple[tuple[str, int], ...], dict[str, Any]]:
-    """(init, update, members, settings) of the update rule: ``optimizer``, or the hand-rolled
+def init_gd(params: Params, hyper: dict[str, jax.Array]) -> GDState:
+    """The hand-rolled rule's state: its learning rate, in the params' dtype."""
+    return GDState(jnp.asarray(hyper["lr"], params.A.dtype))
+
+
+@functools.cache
+def optax_init(optimizer: Any) -> Callable[[Params, dict[str, jax.Array]], Any]:
+    """``optimizer.init``, with an ``optax.inject_hyperparams`` optimizer's hyperparameters
+    replaced by the member's (``hyper["optimizer.NAME"]``)."""
+    def init(params: Params, hyper: dict[str, jax.Array]) -> Any:
+        state = optimizer.init(params)
+        mine = {k[len("optimizer."):]: v for k, v in hyper.items() if k.startswith("optimizer.")}
+        if mine:
+            state = state._replace(hyperparams={
+                k: jnp.asarray(mine.get(k, v), jnp.asarray(v).dtype)
+                for k, v in state.hyperparams.items()})
+        return state
+
+    return init
+
+
+def rule(optimizer: Any, lr: Any) -> tuple[Callable[..., Any], Any, dict[str, Any],
+                                           dict[str, Any]]:
+    """(init, update, hyper, settings) of the update rule: ``optimizer``, or the hand-rolled
     p <- p - lr g (``gradient_descent``) with lr a number or (M,) as data.
 
     An ``optax.inject_hyperparams`` optimizer's hyperparameters are each a number or an
@@ -93,31 +116,19 @@ def rule(optimizer: Any, lr: Any) -> tuple[Callable[[Params, jax.Array], Any], A
             raise TypeError("lr is required without an optimizer (the rule p <- p - lr * g): "
                             "pass lr=0.1, or optimizer=optax.adam(1e-3)")
         lr = arguments.per_member(lr, "lr", 0.0, strict=True)
-        sizes = arguments.sizes_of({"lr": lr})
-
-        def init_gd(params: Params, m: jax.Array) -> GDState:
-            return GDState(member(lr, m).astype(params.A.dtype))
-
-        return init_gd, gd_update, sizes, {"optimizer": "gradient_descent",
-                                           "lr": arguments.jsonable(lr)}
+        return init_gd, gd_update, {"lr": lr}, {"optimizer": "gradient_descent",
+                                                "lr": arguments.jsonable(lr)}
     if lr is not None:
         raise TypeError("lr goes with the hand-rolled rule (optimizer=None); an optimizer "
                         "carries its own rate, e.g. optimizer=optax.adam(1e-3); one rate per "
                         "member: optax.inject_hyperparams(optax.adam)(learning_rate=rates), "
                         "rates an array (M,)")
-    probe = Params(*(jax.ShapeDtypeStruct((1, 1), jnp.float32) for _ in range(3)))
-    hyper = getattr(jax.eval_shape(optimizer.init, probe), "hyperparams", None)
-    hyper = hyper if isinstance(hyper, dict) else {}
-    sizes = arguments.sizes_of({f"optimizer.{k}": v for k, v in hyper.items()})
-
-    def init_opt(params: Params, m: jax.Array) -> Any:
-        state = optimizer.init(params)
-        if hyper:
-            state = state._replace(hyperparams={k: member(v, m)
-                                                for k, v in state.hyperparams.items()})
-        return state
-
-    return init_opt, optimizer.update, sizes, {"optimizer": "optax"}
+    probe = Params(*(jnp.zeros((1, 1)) for _ in range(3)))  # JAX's widest float: no rounding
+    hyper = getattr(optimizer.init(probe), "hyperparams", None)  # as given: numbers or (M,)
+    hyper = {f"optimizer.{k}": arguments.per_member(np.asarray(v), f"optimizer's {k}",
+                                                    -np.inf, strict=True)
+             for k, v in (hyper if isinstance(hyper, dict) else {}).items()}
+    return optax_init(optimizer), optimizer.update, hyper, {"optimizer": "optax"}
 
 
 def takes_extra(optimizer: Any) -> bool:
@@ -180,9 +191,9 @@ def gradient_step(optimizer: Any = None, *, lr: Any = None, grad: str = "manual"
     if not isinstance(grad, str) or grad not in GRADS:
         raise ValueError(f"grad must be one of {GRADS}, got {grad!r}")
     chunk_size = edge.check_positive_int(chunk_size, "chunk_size", allow_none=True)
-    init, update, sizes, settings = rule(optimizer, lr)
+    init, update, hyper, settings = rule(optimizer, lr)
     return Step(init, full_batch_epoch(update, takes_extra(optimizer), grad, chunk_size),
-                members=sizes, settings={**settings, "grad": grad})
+                hyper=hyper, settings={**settings, "grad": grad})
 
 
 # --- mini-batches -------------------------------------------------------------------

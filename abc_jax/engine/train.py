@@ -14,6 +14,7 @@ its constructors; ``lr``, ``optimizer``, ``grad``, ``batch_size``, ``chunk_size`
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,7 +27,7 @@ import numpy as np
 from abc_jax import checkpoint, edge, parallel
 from abc_jax.core import backward
 from abc_jax.core.model import Batch, Params
-from abc_jax.engine import arguments, pipeline
+from abc_jax.engine import arguments, pipeline, steps
 from abc_jax.engine import privacy as dp
 from abc_jax.engine.loop import State, initial_state
 from abc_jax.engine.steps import Step, gradient_step, minibatches
@@ -198,14 +199,27 @@ def _settings(params: Params, batch: Batch, held: Any, state: State, step: Step,
     }
 
 
-def _result_params(state: State, patience: int | None) -> Params:
-    """Each member's params as the result gives them: the best held-out ones with
-    patience, else the last with a finite loss."""
-    if patience is not None:
-        return state.best
-    bad = state.bad
-    return jax.tree.map(lambda g, p: jnp.where(bad.reshape(-1, 1, 1), g, p),
-                        state.last_good, state.params)
+@functools.partial(jax.jit, static_argnames=("best", "one"))
+def result_params(state: State, *, best: bool, one: bool = False) -> Params:
+    """Each member's params as the result gives them (member 0's alone for ``one``): the best
+    held-out ones with patience (``best``), else the last with a finite loss."""
+    if best:
+        out = state.best
+    else:
+        bad = state.bad
+        out = jax.tree.map(lambda g, p: jnp.where(bad.reshape(-1, 1, 1), g, p),
+                           state.last_good, state.params)
+    return jax.tree.map(lambda a: a[0], out) if one else out
+
+
+@functools.partial(jax.jit, static_argnames=("init", "M"))
+def start_state(params: Params, hyper: dict[str, Any], *, init: Any, M: int) -> State:
+    """The loop's carry before epoch 0 for M members (one compiled call): params (M, ...)
+    stacked or broadcast, each member's step state from its hyperparameters (a number
+    broadcast, an array (M,) one each)."""
+    P = Params(*(jnp.broadcast_to(a, (M, *a.shape[-2:])) for a in params))
+    H = {k: jnp.broadcast_to(v, (M,)) for k, v in hyper.items()}
+    return initial_state(P, jax.vmap(init)(P, H))
 
 
 def fit(params: Any, X: Any, *, step: Step, epochs: int, key: Any, members: Any,
@@ -262,13 +276,13 @@ def fit(params: Any, X: Any, *, step: Step, epochs: int, key: Any, members: Any,
                              "held-out loss would score other outputs than training does: give "
                              "both targets (Batch(X, T=T)) or neither")
     if one:
-        per_member = dict(step.members)
+        per_member = steps.members(step)
         if per_member:
             raise ValueError(f"train takes one value of each hyperparameter (arrays (M,) are "
                              f"for train_many), got {per_member}")
         M = 1
     else:
-        M = arguments.count_members(sizes | dict(step.members), members)
+        M = arguments.count_members(sizes | steps.members(step), members)
         mesh = arguments.check_mesh(mesh, M)
         if jax.process_count() > 1:
             raise ValueError("train_many runs in one process: call it in each with its own "
@@ -279,8 +293,8 @@ def fit(params: Any, X: Any, *, step: Step, epochs: int, key: Any, members: Any,
     rows = arguments.rows_per_member(batch) if step.counts_rows else 0
     keys = None if key is None else key[None] if one else arguments.member_keys(key, M)
 
-    P = Params(*(jnp.broadcast_to(a, (M, *a.shape[-2:])) for a in params))
-    state = pipeline.strong(initial_state(P, jax.vmap(step.init)(P, jnp.arange(M))))
+    state = start_state(params, {k: np.asarray(v) for k, v in step.hyper.items()},
+                        init=step.init, M=M)
     settings = None
     if checkpoint_dir is not None or jax.process_count() > 1:  # before any collective
         settings = _settings(params, batch, held, state, step, keys, rows, schedule)
@@ -293,7 +307,7 @@ def fit(params: Any, X: Any, *, step: Step, epochs: int, key: Any, members: Any,
         arguments.on_devices(mesh, held, held_axes), held_axes,
         parallel.replicate_like(arguments.on_devices(mesh, keys), batch.X), step.epoch, rows,
         schedule, callbacks, checkpoint_dir, settings,
-        lambda s: _result_params(s, schedule.patience))
+        lambda s: result_params(s, best=schedule.patience is not None))
     rec = pipeline.resume(pipeline.Record.start(state), plan)
     rec = rec._replace(state=arguments.on_devices(mesh, rec.state))
     with pipeline.progress_bar(progress, schedule.epochs, rec.epoch, desc) as bar:
@@ -325,7 +339,7 @@ def many_result(run: Run, epochs: int) -> TrainManyResult:
     L = np.pad(rec.losses, ((0, 0), (0, epochs - rec.losses.shape[1])),
                constant_values=np.nan)
     out = TrainManyResult(
-        _result_params(rec.state, run.patience), jnp.asarray(L, dtype),
+        result_params(rec.state, best=run.patience is not None), jnp.asarray(L, dtype),
         jnp.asarray(rec.state.bad), jnp.asarray(rec.diverged_at()),
         stopped_at=jnp.asarray(rec.stopped_at()), metrics=rec.metrics or None,
         metric_epochs=rec.metric_epochs if len(rec.metric_epochs) else None,
@@ -341,9 +355,9 @@ def one_result(run: Run) -> TrainResult:
     """Member 0 as ``train``'s result: its losses up to where it stopped (and the
     non-finite one where it diverged), its evaluations."""
     rec, dtype = run.record, run.dtype
-    bad = bool(rec.state.bad[0])
+    bad = bool(np.asarray(rec.state.bad)[0])
     losses = jnp.asarray(rec.losses[0, :rec.reached[0] + bad], dtype)
-    params = jax.tree.map(lambda a: a[0], _result_params(rec.state, run.patience))
+    params = result_params(rec.state, best=run.patience is not None, one=True)
     metrics = {k: v[0] for k, v in rec.metrics.items()} or None
     result = TrainResult(params, losses, metrics=metrics,
                          metric_epochs=rec.metric_epochs if len(rec.metric_epochs) else None,
@@ -352,7 +366,8 @@ def one_result(run: Run) -> TrainResult:
         return result
     made = np.flatnonzero(rec.evaluated[0])
     return result._replace(eval_losses=jnp.asarray(rec.evals[0, made], dtype),
-                           eval_epochs=jnp.asarray(made), best_epoch=int(rec.state.best_epoch[0]))
+                           eval_epochs=jnp.asarray(made),
+                           best_epoch=int(np.asarray(rec.state.best_epoch)[0]))
 
 
 @jax.jit
@@ -456,7 +471,7 @@ def train(params: Params, X: Any, *, lr: float | None = None, epochs: int,
               precision=precision, mesh=None, eval_data=eval_data, patience=patience,
               eval_every=eval_every, checkpoint_every=checkpoint_every, callbacks=callbacks,
               one=True, desc="train")
-    if bool(run.record.state.bad[0]):
+    if bool(np.asarray(run.record.state.bad)[0]):
         _raise_diverged(run, None if lr is None else float(lr))
     return one_result(run)
 

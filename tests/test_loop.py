@@ -54,7 +54,7 @@ def test_a_run_does_exactly_its_epochs_of_work():
     static = dict(epoch=step.epoch, axes=abc_jax.Batch(None, None, None), held_axes=None,
                   length=100, rows=0, eval_every=1, patience=None, precision="highest")
     jaxpr = str(jax.make_jaxpr(lambda c, b, s, e: loop.run_chunk(
-        c, b, None, None, s, e, e, jnp.zeros(1, bool), **static))(
+        c, b, None, None, s, e, e, jnp.zeros(1, bool), -1, **static))(
         state, abc_jax.Batch(jnp.asarray(X)), jnp.int32(0), jnp.int32(10)))
     assert "while[" in jaxpr and "scan[" not in jaxpr
 

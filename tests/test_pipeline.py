@@ -117,8 +117,8 @@ def test_divergence_inside_a_chunk_is_recorded_and_stops_the_run():
     first = [int(np.argmax(~np.isfinite(row))) for row in L]
     assert np.asarray(r.diverged).all() and np.asarray(r.diverged_at).tolist() == first
     assert all(0 < e < 60 for e in first)
-    # once every member has diverged no chunk runs: the last is the one it happened in
-    assert chunks[-1] == min(60, (max(first) // 7 + 1) * 7)
+    # once every member has diverged the chunk ends and no other runs
+    assert chunks[-1] == max(first) + 1 < 60
 
 
 def test_a_callback_returning_something_else_is_named():
@@ -152,3 +152,31 @@ def test_a_ctrl_c_python_dropped_still_stops_the_job_after_the_chunk(tmp_path, c
     assert capsys.readouterr().err == ("interrupted at epoch 4: run the same command again to "
                                        "resume\n")
     assert not job.interrupted()  # the job is over: the next one starts afresh
+
+
+def test_stopped_members_stop_costing(monkeypatch):
+    """Once most members have diverged, the chunk ends and the next ones run the running
+    members alone, in a power-of-two bucket; each member is still what it is alone."""
+    ps = [init_params(jax.random.key(s), D, H, O, dtype=jnp.float64) for s in range(8)]
+    params = jax.tree.map(lambda *a: jnp.stack(a), *ps)
+    X = jax.random.normal(jax.random.key(1), (N, D), jnp.float64)
+    lrs = [0.05, 2e3, 3e3, 0.02, 4e3, 5e3, 6e3, 7e3]  # six diverge within a few epochs
+    sizes = []
+    run_chunk = pipeline.run_chunk
+
+    def counting(state, *args, **kw):
+        sizes.append(state.bad.shape[0])
+        return run_chunk(state, *args, **kw)
+
+    monkeypatch.setattr(pipeline, "run_chunk", counting)
+    r = train_many(params, X, lr=lrs, epochs=60, epochs_per_chunk=30, progress=False)
+    monkeypatch.undo()
+    assert np.asarray(r.diverged).sum() == 6 and sizes[0] == 8 and sizes[-1] == 2
+    whole = train_many(params, X, lr=lrs, epochs=60, epochs_per_chunk=60, progress=False)
+    for m in (0, 3):  # the survivors, run in a bucket of 2, equal the all-member run
+        alone = train_many(jax.tree.map(lambda a, m=m: a[m], params), X, lr=lrs[m], epochs=60,
+                           members=1, epochs_per_chunk=60, progress=False)
+        np.testing.assert_allclose(r.losses[m], alone.losses[0], rtol=1e-12)
+        for a, b in zip(r.params, alone.params, strict=True):
+            np.testing.assert_allclose(a[m], b[0], rtol=1e-12)
+    np.testing.assert_array_equal(r.diverged_at, whole.diverged_at)

@@ -57,6 +57,7 @@ class Chunk(NamedTuple):
     evals: jax.Array  # (M, length + 1) held-out loss at epoch start + j, NaN if none
     evaluated: jax.Array  # (M, length + 1) bool: an evaluation was made there
     reached: jax.Array  # (M,) int: the epoch each member's params are at
+    ran: jax.Array  # () int: the epochs the chunk ran (fewer than asked when ``floor`` hit)
 
 
 def _where(mask: jax.Array, new: Any, old: Any) -> Any:
@@ -85,7 +86,8 @@ def _evaluate(s: State, held: Batch, held_axes: Batch, e: jax.Array, patience: i
 
 
 def chunk(state: State, batch: Batch, held: Batch | None, keys: Any, start: jax.Array,
-          stop: jax.Array, total: jax.Array, seen: jax.Array, *, epoch: Any, axes: Batch,
+          stop: jax.Array, total: jax.Array, seen: jax.Array, floor: jax.Array, *,
+          epoch: Any, axes: Batch,
           held_axes: Batch | None, length: int, rows: int, eval_every: int,
           patience: int | None) -> tuple[State, Chunk]:
     """M members' epochs start .. min(start + length, stop) - 1 (module docstring).
@@ -93,7 +95,9 @@ def chunk(state: State, batch: Batch, held: Batch | None, keys: Any, start: jax.
     state: every leaf with a leading member axis M; batch and held: each field shared
     or per member as ``axes``/``held_axes`` say (``Batch`` of 0 or None); keys (M,) or
     None; total: the run's epochs (the last held-out evaluation is at ``total``); seen (M,)
-    bool: members already evaluated at ``start`` (a run resumed or extended there).
+    bool: members already evaluated at ``start`` (a run resumed or extended there); floor:
+    the chunk ends early once no more than this many members run (the host then runs the
+    rest on fewer members; -1: never).
     """
     M = state.bad.shape[0]
     dtype = state.params.A.dtype
@@ -132,7 +136,7 @@ def chunk(state: State, batch: Batch, held: Batch | None, keys: Any, start: jax.
 
     def running(carry: tuple[Any, ...]) -> jax.Array:
         i, s = carry[:2]
-        return (i < count) & jnp.any(~s.bad & ~s.stopped)
+        return (i < count) & (jnp.sum(~s.bad & ~s.stopped) > jnp.maximum(floor, 0))
 
     losses = jnp.full((M, length), jnp.nan, dtype)
     evals = jnp.full((M, length + 1), jnp.nan, dtype)
@@ -144,18 +148,18 @@ def chunk(state: State, batch: Batch, held: Batch | None, keys: Any, start: jax.
     # the params the chunk ends at, if due (so the host's callbacks see that evaluation; the
     # next chunk, given ``seen``, does not repeat it)
     state, evals, done = evaluate(state, start + i, evals, done, i)
-    return state, Chunk(losses, evals, done, (start + applied).astype(jnp.int32))
+    return state, Chunk(losses, evals, done, (start + applied).astype(jnp.int32), i)
 
 
 @functools.partial(jax.jit, static_argnames=("epoch", "axes", "held_axes", "length", "rows",
                                              "eval_every", "patience", "precision"))
 def run_chunk(state: State, batch: Batch, held: Batch | None, keys: Any, start: jax.Array,
-              stop: jax.Array, total: jax.Array, seen: jax.Array, *, precision: str,
-              **static: Any) -> tuple[State, Chunk]:
+              stop: jax.Array, total: jax.Array, seen: jax.Array, floor: jax.Array, *,
+              precision: str, **static: Any) -> tuple[State, Chunk]:
     """``chunk``, compiled, traced at matmul ``precision`` (so it reaches autodiff's
     products): one compilation per step and shapes, whatever the data and the epochs."""
     with jax.default_matmul_precision(precision):
-        return chunk(state, batch, held, keys, start, stop, total, seen, **static)
+        return chunk(state, batch, held, keys, start, stop, total, seen, floor, **static)
 
 
 @functools.partial(jax.jit, static_argnames=("axes", "precision"))

@@ -18,6 +18,7 @@ which is what the checkpoint written on Ctrl-C holds.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -179,6 +180,80 @@ def save(rec: Record, plan: Plan) -> None:
                                    diverged_at=rec.diverged_at())
 
 
+def bucket(n: int, M: int) -> int:
+    """Members a chunk runs for ``n`` running ones: the next power of two, at most M (a run
+    compiles at most log2(M) + 1 sizes)."""
+    return min(M, 1 << max(n - 1, 0).bit_length())
+
+
+@functools.partial(jax.jit, static_argnames=("axes",))
+def take(tree: Any, idx: jax.Array, axes: Any = 0) -> Any:
+    """The members ``idx`` (B,) of ``tree``: leaves with a member axis (``axes`` 0; a
+    ``Batch`` of 0/None per field) indexed, shared ones as they are."""
+    if tree is None:
+        return None
+    if isinstance(tree, Batch):
+        return Batch(*(None if a is None else a if ax is None else a[idx]
+                       for a, ax in zip(tree, axes, strict=True)))
+    return jax.tree.map(lambda a: a[idx], tree)
+
+
+@jax.jit
+def put(full: State, part: State, idx: jax.Array) -> State:
+    """``full`` with members ``idx`` (B,) replaced by ``part``'s rows; an index out of range
+    (padding) writes nothing."""
+    return jax.tree.map(lambda a, b: a.at[idx].set(b, mode="drop"), full, part)
+
+
+def compactable(rec: Record) -> bool:
+    """Whether chunks may run on the running members alone: several members, on one device
+    (members split over a mesh keep their places)."""
+    bad = rec.state.bad
+    return bad.shape[0] > 1 and len(getattr(getattr(bad, "sharding", None), "device_set",
+                                            ())) <= 1
+
+
+def run(rec: Record, plan: Plan, stop: int) -> Record:
+    """One chunk from ``rec.epoch`` towards ``stop``: on every member, or, once some have
+    stopped, on the running ones gathered into a power-of-two bucket (padded with a stopped
+    member, whose rows are dropped); the chunk ends early when no more than half its bucket
+    still runs, so stopped members soon stop costing. Each member computes as it would
+    alone: the results are those of every member in one batch."""
+    s, M = plan.schedule, rec.reached.shape[0]
+    done = rec.done()
+    live = np.flatnonzero(~done)
+    B = bucket(len(live), M) if compactable(rec) else M
+    static = dict(epoch=plan.epoch, axes=plan.axes, held_axes=plan.held_axes,
+                  length=s.epochs_per_chunk, rows=plan.rows, eval_every=s.eval_every,
+                  patience=s.patience, precision=s.precision)
+    times = (np.int32(rec.epoch), np.int32(stop), np.int32(s.epochs))
+    if B == M:
+        floor = np.int32(M // 2 if compactable(rec) else -1)
+        state, out = run_chunk(rec.state, plan.batch, plan.held, plan.keys, *times,
+                               rec.evaluated[:, -1], floor, **static)
+        return advance(rec, state, out, int(out.ran))
+    idx = np.concatenate([live, np.full(B - len(live), np.flatnonzero(done)[0])])
+    keys = None if plan.keys is None else take(plan.keys, idx)
+    part, out = run_chunk(take(rec.state, idx), take(plan.batch, idx, plan.axes),
+                          take(plan.held, idx, plan.held_axes), keys, *times,
+                          rec.evaluated[idx, -1], np.int32(B // 2), **static)
+    n = int(out.ran)
+    rows = np.where(np.arange(B) < len(live), idx, M)  # padding: out of range, dropped
+    state = put(rec.state, part, rows)
+    L = s.epochs_per_chunk
+
+    def spread(a: Any, fill: Any, width: int) -> np.ndarray:  # (B, width) -> (M, width)
+        full = np.full((M, width), fill, np.asarray(a).dtype)
+        full[live] = np.asarray(a)[:len(live)]
+        return full
+
+    reached = np.asarray(rec.reached).copy()
+    reached[live] = np.asarray(out.reached)[:len(live)]
+    return advance(rec, state, Chunk(spread(out.losses, np.nan, L),
+                                     spread(out.evals, np.nan, L + 1),
+                                     spread(out.evaluated, False, L + 1), reached, n), n)
+
+
 def fit(rec: Record, plan: Plan, progress: Any = None) -> Record:
     """Train until ``schedule.epochs`` or until every member has stopped.
 
@@ -189,15 +264,7 @@ def fit(rec: Record, plan: Plan, progress: Any = None) -> Record:
     saved_at = rec.epoch
     try:
         while rec.epoch < s.epochs and not rec.done().all():
-            stop = boundary(rec.epoch, s)
-            state, out = run_chunk(rec.state, plan.batch, plan.held, plan.keys,
-                                   np.int32(rec.epoch), np.int32(stop), np.int32(s.epochs),
-                                   rec.evaluated[:, -1], epoch=plan.epoch, axes=plan.axes,
-                                   held_axes=plan.held_axes,
-                                   length=s.epochs_per_chunk, rows=plan.rows,
-                                   eval_every=s.eval_every, patience=s.patience,
-                                   precision=s.precision)
-            rec = advance(rec, state, out, stop - rec.epoch)
+            rec = run(rec, plan, boundary(rec.epoch, s))
             if progress is not None:
                 progress(rec)
             rec = call_back(rec, plan.callbacks)

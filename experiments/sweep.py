@@ -7,8 +7,11 @@ best held-out loss, not by their training loss. Written: a heat map of the final
 loss over lr x seed, the loss curves per lr with a band over the seeds (median, min-max),
 diverged members marked, and the ranking (ranking.csv). Timed (interleaved rounds, every
 call waited for): train_many on the grid against a Python loop of train calls on the same
-grid; and the benchmark of --bench-members members at K = --bench-k, N = --bench-n,
---bench-epochs epochs (float32) against as many train calls, printed as a ratio.
+grid; the benchmark of --bench-members members at K = --bench-k, N = --bench-n,
+--bench-epochs epochs (float32) against as many train calls, printed as a ratio; and the
+same for --diverging-members members at K = --diverging-k whose lrs reach
+--diverging-lr-max, so that most diverge within a few epochs (stopped members stop costing:
+the loop runs the others alone).
 
     python -m experiments.sweep --lrs 16 --seeds 8 --k 16 --n 1024
 """
@@ -53,6 +56,11 @@ class Config:
     bench_k: int = common.flag(3, "benchmark K")
     bench_n: int = common.flag(256, "benchmark N")
     bench_epochs: int = common.flag(500, "benchmark epochs")
+    diverging_members: int = common.flag(
+        128, "members of the second benchmark, lr log-spaced 0.01 .. --diverging-lr-max, most "
+        "of them diverging within a few epochs (0: skip)")
+    diverging_k: int = common.flag(16, "the second benchmark's K")
+    diverging_lr_max: float = common.flag(30.0, "the second benchmark's largest lr")
     seed: int = common.flag(0, "random seed")
     quick: bool = False
 
@@ -65,7 +73,8 @@ class Config:
 
 
 QUICK = Config(k=3, n=16, epochs=20, lrs=3, seeds=2, rounds=1, n_eval=16, eval_every=5,
-               bench_members=4, bench_n=16, bench_epochs=20, quick=True)
+               bench_members=4, bench_n=16, bench_epochs=20, diverging_members=8,
+               diverging_k=3, quick=True)
 
 
 def problem(k: int, n: int, seeds: int, dtype: Any, data_seed: int,
@@ -121,7 +130,10 @@ def timed(params: Any, X: Any, lrs: np.ndarray, epochs: int, rounds: int) -> dic
     ok = [m for m, r in enumerate(alone) if len(r.losses) == epochs and not many.diverged[m]]
     diff = max((abs(float(many.losses[m, -1]) / float(alone[m].losses[-1]) - 1) for m in ok),
                default=float("nan"))
+    at = np.asarray(many.diverged_at)
     return {"members": len(lrs), "epochs": epochs, "train_many_s": t["train_many"].median_s,
+            "diverged": int((at >= 0).sum()), "median_diverged_at": float(np.median(at[at >= 0]))
+            if (at >= 0).any() else None,
             "train_loop_s": t["train_loop"].median_s, "rounds": t["train_many"].rounds,
             "ratio": t["train_loop"].median_s / t["train_many"].median_s,
             "train_many_compile_s": t["train_many"].compile_s, "max_rel_diff_final_loss": diff}
@@ -184,6 +196,11 @@ def run(cfg: Config) -> dict[str, Any]:
         bp, bX = problem(cfg.bench_k, cfg.bench_n, cfg.bench_members, jnp.float32, cfg.seed)
         timings["bench"] = timed(bp, bX, np.full(cfg.bench_members, 0.05), cfg.bench_epochs,
                                  cfg.rounds)
+    if cfg.diverging_members:  # one seed, the lrs from stable to diverging at once
+        dp, dX = problem(cfg.diverging_k, cfg.bench_n, 1, jnp.float32, cfg.seed)
+        dlrs = np.geomspace(0.01, cfg.diverging_lr_max, cfg.diverging_members)
+        dp = jax.tree.map(lambda a: jnp.repeat(a, cfg.diverging_members, axis=0), dp)
+        timings["diverging"] = timed(dp, dX, dlrs, cfg.bench_epochs, cfg.rounds)
     final = np.where(at < 0, L[:, -1], np.nan).reshape(cfg.lrs, cfg.seeds)
     desc = (f"{cfg.lrs} lrs x {cfg.seeds} seeds = {len(member_lr)} members, K = {cfg.k}, "
             f"N = {cfg.n}, {cfg.epochs} epochs, {env['dtype']}")
@@ -204,7 +221,7 @@ def held_out_grid(res: Any, n_lr: int) -> np.ndarray:
 RANKING = ["rank", "lr", "seed", "best_eval_loss", "best_epoch", "final_train_loss"]
 
 
-FIELDS = ["members", "epochs", "train_many_s", "train_loop_s", "ratio", "rounds",
+FIELDS = ["members", "epochs", "diverged", "train_many_s", "train_loop_s", "ratio", "rounds",
           "max_rel_diff_final_loss"]
 
 

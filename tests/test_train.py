@@ -867,7 +867,7 @@ def test_the_users_setup_gives_the_suites_results():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_per_member_optimizer_hyperparameters_declare_the_member_count():
+def test_per_member_optimizer_hyperparameters_declare_the_member_count(tmp_path):
     """The API page's example as written: shared params, no members=, the rates (M,) of an
     inject_hyperparams optimizer give M; member m is its own train with its rate. Rates
     0.3 and 0.07 make every member's trajectory its own."""
@@ -881,3 +881,8 @@ def test_per_member_optimizer_hyperparameters_declare_the_member_count():
         assert_member_equals(r, m, train(params, X, epochs=9, optimizer=own, **KW))
     with pytest.raises(ValueError, match=r"optimizer\.learning_rate has 3"):
         train_many(params, X, lr=None, optimizer=opt, epochs=2, members=2, **KW)
+    # the rates are the run's: a checkpoint of other rates is refused, naming them
+    train_many(params, X, optimizer=opt, epochs=2, checkpoint_dir=tmp_path, **KW)
+    other = optax.inject_hyperparams(optax.adam)(learning_rate=jnp.asarray([0.3, 0.07, 0.02]))
+    with pytest.raises(ValueError, match="different run.*hyper"):
+        train_many(params, X, optimizer=other, epochs=4, checkpoint_dir=tmp_path, **KW)

@@ -187,7 +187,9 @@ def _settings(params: Params, batch: Batch, held: Any, state: State, step: Step,
     return {
         "M": int(state.bad.shape[0]), "N": rows, "D": params.A.shape[-1],
         "H": params.A.shape[-2], "O": params.C.shape[-2], "dtype": str(params.A.dtype),
-        **dict(step.settings), "key": None if keys is None else np.asarray(keys).tolist(),
+        **dict(step.settings), "hyper": {k: arguments.jsonable(v) for k, v in step.hyper.items()
+                                          if k != "lr"},  # lr: in the rule's settings
+        "key": None if keys is None else np.asarray(keys).tolist(),
         "opt_state": str(jax.tree.structure(state.opt_state)),
         "data_shapes": [None if a is None else list(a.shape) for a in batch],
         "data_fingerprint": prints(batch),

@@ -375,9 +375,20 @@ def check_values(out: Any, p: Params, inputs: Mapping[str, Any]) -> None:
     ``inputs``: the data arguments by name (arrays, ``Batch``, NamedTuples of
     arrays such as tangents, or None), in the order their errors are looked for.
     """
+    values_pending(out, p, inputs)()
+
+
+def values_pending(out: Any, p: Params, inputs: Mapping[str, Any]) -> Any:
+    """``check_values`` in two halves: the device's check is dispatched now (JAX runs it
+    asynchronously) and the returned function, called when the host reads results anyway,
+    waits for it and raises the named error if any."""
     named = {k: v for k, v in inputs.items() if v is not None}
-    if bool(_values_flag((p, *named.values()), out)):
-        return
+    flag = _values_flag((p, *named.values()), out)
+    return lambda: None if bool(flag) else _explain(out, p, named)
+
+
+def _explain(out: Any, p: Params, named: Mapping[str, Any]) -> None:
+    """The error behind a failed ``_values_flag``: the first bad input, else an overflow."""
     for f, a in zip(FIELDS, p, strict=True):
         raise_if_nonfinite(a, f"params.{f}")
     for name, a in named.items():

@@ -149,6 +149,12 @@ def check_values(params: Params, batch: Batch, name: str = "X") -> None:
     edge.check_values((), params, {name: batch})
 
 
+def values_pending(params: Params, batch: Batch, held: Batch | None) -> Any:
+    """The same check of the training and the held-out data, dispatched now; the returned
+    function raises its error when called (where the host reads the first losses)."""
+    return edge.values_pending((), params, {"X": batch, "eval_data": held})
+
+
 @jax.jit
 def _rows(weights: jax.Array) -> jax.Array:
     return jnp.sum(weights > 0, axis=-1)

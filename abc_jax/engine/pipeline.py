@@ -64,6 +64,8 @@ class Plan(NamedTuple):
     checkpoint_dir: str | os.PathLike[str] | None = None
     settings: dict[str, Any] | None = None
     model: Callable[[State], Params] | None = None  # the params a checkpoint offers to load
+    check: Callable[[], None] | None = None  # the inputs' value check, raised before the
+    # host acts on the first chunk (its result is read with the chunk's)
 
 
 class Record(NamedTuple):
@@ -231,12 +233,14 @@ def run(rec: Record, plan: Plan, stop: int) -> Record:
         floor = np.int32(M // 2 if compactable(rec) else -1)
         state, out = run_chunk(rec.state, plan.batch, plan.held, plan.keys, *times,
                                rec.evaluated[:, -1], floor, **static)
+        out = jax.device_get(out)  # one transfer of the chunk's results
         return advance(rec, state, out, int(out.ran))
     idx = np.concatenate([live, np.full(B - len(live), np.flatnonzero(done)[0])])
     keys = None if plan.keys is None else take(plan.keys, idx)
     part, out = run_chunk(take(rec.state, idx), take(plan.batch, idx, plan.axes),
                           take(plan.held, idx, plan.held_axes), keys, *times,
                           rec.evaluated[idx, -1], np.int32(B // 2), **static)
+    out = jax.device_get(out)
     n = int(out.ran)
     rows = np.where(np.arange(B) < len(live), idx, M)  # padding: out of range, dropped
     state = put(rec.state, part, rows)
@@ -260,11 +264,13 @@ def fit(rec: Record, plan: Plan, progress: Any = None) -> Record:
     On Ctrl-C the checkpoint of the last whole record is written before the
     KeyboardInterrupt goes on, so the same call resumes from there.
     """
-    s = plan.schedule
+    s, check = plan.schedule, plan.check or (lambda: None)
     saved_at = rec.epoch
     try:
         while rec.epoch < s.epochs and not rec.done().all():
             rec = run(rec, plan, boundary(rec.epoch, s))
+            check()  # bad inputs: their named error, before any callback or checkpoint
+            check = lambda: None  # noqa: E731  (checked once)
             if progress is not None:
                 progress(rec)
             rec = call_back(rec, plan.callbacks)
@@ -275,6 +281,7 @@ def fit(rec: Record, plan: Plan, progress: Any = None) -> Record:
         if rec.epoch != saved_at:
             save(rec, plan)
         raise
+    check()
     if rec.epoch != saved_at or rec.epoch == 0:
         save(rec, plan)
     return rec

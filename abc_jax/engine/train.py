@@ -289,9 +289,7 @@ def fit(params: Any, X: Any, *, step: Step, epochs: int, key: Any, members: Any,
         if jax.process_count() > 1:
             raise ValueError("train_many runs in one process: call it in each with its own "
                              "members (rows over processes: train)")
-    arguments.check_values(params, batch)
-    if held is not None:
-        arguments.check_values(params, held, "eval_data")
+    check = arguments.values_pending(params, batch, held)  # raised when the losses are read
     rows = arguments.rows_per_member(batch) if step.counts_rows else 0
     keys = None if key is None else key[None] if one else arguments.member_keys(key, M)
 
@@ -309,7 +307,7 @@ def fit(params: Any, X: Any, *, step: Step, epochs: int, key: Any, members: Any,
         arguments.on_devices(mesh, held, held_axes), held_axes,
         parallel.replicate_like(arguments.on_devices(mesh, keys), batch.X), step.epoch, rows,
         schedule, callbacks, checkpoint_dir, settings,
-        lambda s: result_params(s, best=schedule.patience is not None))
+        lambda s: result_params(s, best=schedule.patience is not None), check)
     rec = pipeline.resume(pipeline.Record.start(state), plan)
     rec = rec._replace(state=arguments.on_devices(mesh, rec.state))
     with pipeline.progress_bar(progress, schedule.epochs, rec.epoch, desc) as bar:

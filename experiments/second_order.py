@@ -302,6 +302,15 @@ def first_hit(losses: np.ndarray, target: float) -> int | None:
     return int(hit[0]) if hit.size else None
 
 
+def sampled(curve: np.ndarray, hit: int | None, points: int = 80) -> dict[str, list]:
+    """The curve at about ``points`` log-spaced epochs, and at 0, the hit and the last (what
+    the results file keeps: the figure is on log axes)."""
+    E = len(curve) - 1
+    keep = {0, E, *np.unique(np.geomspace(1, max(E, 1), points).round().astype(int)).tolist()}
+    epochs = sorted(keep | ({hit} if hit is not None else set()))
+    return {"epochs": epochs, "heldout": [float(curve[e]) for e in epochs]}
+
+
 def pick(grid: dict[str, Any], target: float) -> tuple[int, np.ndarray]:
     """The grid member with the fewest epochs to the target, else the lowest final loss."""
     def key(i: int) -> tuple[float, float]:
@@ -385,10 +394,9 @@ def run_task(task: dict[str, Any], cfg: Config, notes: list[str]) -> dict[str, A
     return {"name": task["name"], "K": task["K"], "N": task["N"], "P": P,
             "floor": task["floor"], "reference": target / cfg.target, "target": target,
             "rows": rows, "skipped": skipped,
-            "curves": {m: {"heldout": p["curve"].tolist(),
-                           "seconds_per_epoch": (r["seconds"] / r["timed_epochs"]
-                                                 if r["timed_epochs"] else None)}
-                       for (m, p), r in zip(paths.items(), rows, strict=True)},
+            "curves": {m: sampled(p["curve"], p["hit"]) | {
+                "seconds_per_epoch": r["seconds"] / r["timed_epochs"] if r["timed_epochs"]
+                else None} for (m, p), r in zip(paths.items(), rows, strict=True)},
             "grid": {m: paths[m]["grid"] for m in grids},
             "gap": next((p["gap"] for p in paths.values() if "gap" in p), None)}
 
@@ -409,7 +417,7 @@ def claims(tasks: Sequence[dict[str, Any]], K: int = 16) -> dict[str, Any] | Non
     lm, optx = rows.get("lm", {}), rows.get("optimistix", {})
     return {"K": K, "lm_epochs": lm.get("epochs_to_target"), "lm_s": lm.get("seconds_to_target"),
             "adam_epochs": rows["adam"]["epochs_to_target"],
-            "adam_budget": len(task["curves"]["adam"]["heldout"]) - 1,
+            "adam_budget": task["curves"]["adam"]["epochs"][-1],
             "fastest_first_order": fastest and fastest["method"],
             "fastest_first_order_s": fastest and fastest["seconds_to_target"],
             "optimistix_run": bool(optx), "optimistix_epochs": optx.get("epochs_to_target"),
@@ -486,23 +494,22 @@ def gap_table(res: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     return ["task", "epoch", "gn_gap"], list(dict.fromkeys(map(tuple, rows)))
 
 
-def plot(res: dict[str, Any]) -> Any:
-    """Per task: held-out loss / reference against epochs and against seconds, and the
-    Gauss-Newton gap along the LM path."""
+def plot(res: dict[str, Any]) -> dict[str, Any]:
+    """Per task, held-out loss / reference against epochs and against seconds; and the
+    Gauss-Newton gap along each task's LM path."""
     import matplotlib.pyplot as plt
 
     tasks = res["tasks"]
-    fig, axes = plt.subplots(3, len(tasks), figsize=(4.2 * len(tasks), 10.5),
+    fig, axes = plt.subplots(2, len(tasks), figsize=(3.4 * len(tasks), 6.2),
                              layout="constrained", squeeze=False)
     for j, t in enumerate(tasks):
         ref = t["reference"]
         for m, c in t["curves"].items():
-            y = np.asarray(c["heldout"]) / ref
-            e = np.arange(len(y))
+            y, e = np.asarray(c["heldout"]) / ref, np.asarray(c["epochs"])
             axes[0, j].plot(e[1:], y[1:], label=LABELS[m], **STYLE[m])
             if c["seconds_per_epoch"]:
                 axes[1, j].plot(e[1:] * c["seconds_per_epoch"], y[1:], **STYLE[m])
-        for ax in axes[:2, j]:
+        for ax in axes[:, j]:
             ax.axhline(res["config"]["target"], color="k", ls="--", lw=0.8)
             ax.set(xscale="log", yscale="log")
         what = "noise floor" if t["floor"] else "best held-out loss"
@@ -510,20 +517,23 @@ def plot(res: dict[str, Any]) -> Any:
                        ylabel=f"held-out loss / {what}")
         axes[1, j].set(xlabel="seconds (epochs x measured s per epoch)",
                        ylabel=f"held-out loss / {what}")
-        if t["gap"]:
-            g = t["gap"]
-            axes[2, j].semilogy(g["epochs"], g["ratio"], "o-", color="C3", ms=3)
-        axes[2, j].set(xlabel="LM epoch", ylabel="||Hv - Gv|| / ||Gv||",
-                       title="the Hessian's extra term along LM's path")
-    axes[0, 0].legend(fontsize=7)
+    axes[0, 0].legend(fontsize=6)
     fig.suptitle(f"Levenberg-Marquardt by hand against first-order methods and autodiff LM "
-                 f"(dashed: the target, {res['config']['target']:g}x)", fontsize=11)
-    return fig
+                 f"(dashed: the target, {res['config']['target']:g}x)", fontsize=10)
+    gap, ax = common.figure(width=5.5, height=3.6)
+    for t in tasks:
+        if t["gap"]:
+            ax.semilogy(t["gap"]["epochs"], t["gap"]["ratio"], "o-", ms=3, label=t["name"])
+    ax.set(xlabel="LM epoch (its path: direct solve, or CG + preconditioner at K = 64)",
+           ylabel="||Hv - Gv|| / ||Gv||, mean over v",
+           title="The Hessian's extra term along Levenberg-Marquardt's path")
+    ax.legend(fontsize=8)
+    return {NAME: fig, f"{NAME}_gap": gap}
 
 
 def report(res: dict[str, Any], out: Any, docs: Any = None) -> dict[str, Any]:
     """Print the table, the Gauss-Newton gap and the conclusion; write config.json,
-    metrics.json, second_order.csv, gn_gap.csv and second_order.png."""
+    metrics.json, second_order.csv, gn_gap.csv, second_order.png and second_order_gap.png."""
     env = res["environment"]
     print(f"{NAME}: float64 on {env['device_label']} ({env['cpu_count']} CPUs), load "
           f"{env['load_average_1min']:.2f} -> {env['load_average_1min_end']:.2f}, "
@@ -541,7 +551,7 @@ def report(res: dict[str, Any], out: Any, docs: Any = None) -> dict[str, Any]:
     common.print_table(*gaps, floatfmt=".3g")
     print(f"\n{res['conclusion']}")
     return common.write_and_report(
-        NAME, out, docs, [NAME], config=res["config"], figures={NAME: plot(res)},
+        NAME, out, docs, [NAME, f"{NAME}_gap"], config=res["config"], figures=plot(res),
         metrics={k: v for k, v in res.items() if k != "config"},
         tables={NAME: main_table, "gn_gap": gaps})
 

@@ -142,6 +142,29 @@ def test_conjugate_gradients_equal_the_direct_solve(precondition):
     assert l1 == l2
 
 
+@pytest.mark.parametrize("kw, tol", [({}, 1e-12), ({"solver": "cg", "precondition": True},
+                                                  1e-10)])
+def test_chunked_rows_give_the_same_step(kw, tol):
+    """chunk_size 4 over 9 rows (two chunks and a remainder of 1, a zero-weight row in each
+    of the first two) for the gradient, G or the products, the preconditioner and the loss;
+    CG's iterations carry the sums' rounding on (1e-10)."""
+    params, batch = problem(0, gain=3.0)
+    whole, chunked = levenberg_marquardt(0.1, **kw), levenberg_marquardt(0.1, chunk_size=4, **kw)
+    state = whole.init(params, 0)
+    (l1, p1, s1), (l2, p2, s2) = (one_epoch(s, params, state, batch) for s in (whole, chunked))
+    assert_rel_close(p2, p1, tol)
+    np.testing.assert_allclose([l2, s2.damping], [l1, s1.damping], rtol=tol)
+
+
+def test_float32_runs_in_float32():
+    params, batch = problem(0, gain=3.0)
+    params, batch = jax.tree.map(lambda a: a.astype(jnp.float32), (params, batch))
+    out = abc_jax.train(params, batch, step=levenberg_marquardt(0.1, solver="cg"), epochs=3,
+                        **KW)
+    assert all(p.dtype == jnp.float32 for p in out.params) and out.losses.dtype == jnp.float32
+    assert out.losses[-1] < out.losses[0]
+
+
 def test_few_preconditioned_iterations_beat_plain_ones():
     """The block preconditioner is exact for B and C: after 3 iterations its step is closer
     to the direct one than plain CG's (measured against the NumPy solve)."""

@@ -28,7 +28,7 @@ path alone. Held-out loss against seconds: epochs x the measured seconds per epo
 the LM path: the Hessian's extra term against the Gauss-Newton term, ||H v - G v|| / ||G v||
 for random v (``hvp``, ``ggn_vp``).
 
-The default run takes about 2.5 minutes on 2 CPU cores (most of it compiling some 20
+The default run takes about 3 minutes on 2 CPU cores (much of it compiling some 20
 programs per task); --optimistix-max-p 1000 adds optimistix at K = 16 (its Jacobian is
 (65536, 768), about 5 s a step), as the committed results do:
 

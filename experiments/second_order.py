@@ -30,7 +30,7 @@ for random v (``hvp``, ``ggn_vp``).
 
 The default run takes about 3 minutes on 2 CPU cores (much of it compiling some 20
 programs per task); --optimistix-max-p 1000 adds optimistix at K = 16 (its Jacobian is
-(65536, 768), about 5 s a step), as the committed results do:
+(65536, 768), about 7 s a step here), as the committed results do:
 
     python -m experiments.second_order --optimistix-max-p 1000 --docs docs
 """

@@ -16,8 +16,8 @@ The package, by responsibility:
   (``value_checks()``).
 - ``api``: the public array functions, each the edge plus one ``jax.jit``.
 - ``engine``: the one training engine: a training method is a ``Step``
-  (``gradient_step``, ``minibatches``, ``private``), which one compiled loop runs for
-  M members (``train_many``; ``train`` is one member).
+  (``gradient_step``, ``minibatches``, ``private``, ``levenberg_marquardt``), which one
+  compiled loop runs for M members (``train_many``; ``train`` is one member).
 - ``parallel`` (devices and processes), ``checkpoint``, ``files``, ``data``
   (results, params and data on disk) and ``graph`` (the picture) beside them;
   ``preprocessing`` (standardised data and a constant column, stored with the params).
@@ -54,6 +54,7 @@ from abc_jax.core.update import gradient_descent
 from abc_jax.data import DataError, load_data
 from abc_jax.edge import value_checks
 from abc_jax.engine.privacy import DPSGD, PrivacyAccountingError, private
+from abc_jax.engine.second_order import levenberg_marquardt
 from abc_jax.engine.steps import Step, gradient_step, minibatches
 from abc_jax.engine.train import (
     DivergenceError,
@@ -80,9 +81,10 @@ __all__ = [
     "abc_loss", "abc_loss_jvp", "apply_preprocessing", "batch_grad", "batch_jvp", "batch_loss",
     "batch_value_and_grad", "clipped_batch_grad", "cross_validate", "data_mesh", "draw_graph",
     "fd_grad", "fit_preprocessing", "forward", "ggn_vp", "grad_errors", "gradient_descent",
-    "gradient_step", "hvp", "init_params", "initialize_distributed", "jvp_grad", "load_data",
-    "load_params", "load_preprocessing", "loss", "manual_grad", "manual_jvp", "manual_vjp",
-    "minibatches", "oracle_grad", "per_sample_grad_norms", "per_sample_grads", "predict",
-    "private", "save_params", "save_preprocessing", "shard_batch", "shard_local_batch",
-    "sigmoid", "train", "train_many", "train_per_sample", "undo_preprocessing", "value_checks",
+    "gradient_step", "hvp", "init_params", "initialize_distributed", "jvp_grad",
+    "levenberg_marquardt", "load_data", "load_params", "load_preprocessing", "loss",
+    "manual_grad", "manual_jvp", "manual_vjp", "minibatches", "oracle_grad",
+    "per_sample_grad_norms", "per_sample_grads", "predict", "private", "save_params",
+    "save_preprocessing", "shard_batch", "shard_local_batch", "sigmoid", "train", "train_many",
+    "train_per_sample", "undo_preprocessing", "value_checks",
 ]

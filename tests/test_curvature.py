@@ -10,7 +10,9 @@ D, H, O all different, weights with zero rows in the middle, targets, O > 1.
 import functools
 import re
 
+import chex
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -173,6 +175,21 @@ def test_the_gauss_newton_blocks_are_the_explicit_jtj():
     # with one row of non-zero weight the sum has one term: K-FAC is exact
     one = batch._replace(weights=jnp.zeros(7).at[4].set(1.5))
     assert float(curvature.kfac_error(params, one)) <= 1e-14
+
+
+@pytest.mark.parametrize("chunk_size", [None, CHUNK])
+def test_the_whole_gauss_newton_matrix_is_the_explicit_jtj(chunk_size):
+    """Every block, the off-diagonal ones too, in ``ravel_pytree``'s order."""
+    params, batch = weighted_batch(0, D, H, O, N)
+    J = jax.jacfwd(ref_outputs)(params, batch.X)
+    J = np.concatenate([np.asarray(j).reshape(N, O, -1) for j in J], axis=2)  # (N, O, P)
+    r = np.asarray(batch.weights)
+    ref = 2 * np.einsum("n,nop,noq->pq", r, J, J) / r.sum()
+    assert_rel_close(curvature.ggn_matrix(params, batch, chunk_size), ref, 1e-12)
+    V = tangent_like(params, 1)
+    flat = curvature.flatten(V)
+    np.testing.assert_array_equal(flat, jax.flatten_util.ravel_pytree(V)[0])
+    chex.assert_trees_all_equal(curvature.unflatten(flat, params), V)
 
 
 @pytest.mark.parametrize("damping", [1.0, 0.05])

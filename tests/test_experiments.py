@@ -43,12 +43,14 @@ def _run_quick(name, tmp_path, capsys):
         assert f.stat().st_size > 0
         if f.suffix == ".png":
             assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    (copy,) = (p for p in docs.iterdir() if p.is_file())  # the key figure, small enough
+    copies = [p for p in docs.iterdir() if p.is_file()]  # the key figures, small enough
     # and the numbers the docs are rendered from: the run's metrics.json as docs/results/NAME.json
     rendered = json.loads((docs / "results" / f"{name}.json").read_text())
     assert rendered.pop("tables") and rendered == json.loads((out / "metrics.json").read_text())
-    assert copy.suffix == ".png" and (out / copy.name).exists()
-    assert copy.stat().st_size < 150_000
+    assert copies
+    for copy in copies:
+        assert copy.suffix == ".png" and (out / copy.name).exists()
+        assert copy.stat().st_size < 150_000
     config = json.loads((out / "config.json").read_text())
     assert config["quick"] is True
     return json.loads((out / "metrics.json").read_text()), printed
@@ -302,3 +304,50 @@ def test_format_table_aligns_columns():
     lines = text.splitlines()
     assert len({len(line) for line in lines}) == 1
     assert lines[2].endswith("0.50") and lines[3].endswith("-")
+
+
+@pytest.mark.integration
+def test_second_order_quick(tmp_path, capsys):
+    from experiments import second_order as so
+
+    m, printed = _run_quick("second_order", tmp_path, capsys)
+    assert [t["name"] for t in m["tasks"]] == ["teacher K=4", "teacher K=16"]
+    for t in m["tasks"]:
+        methods = {r["method"] for r in t["rows"]}
+        assert {"gd", "adam", "lbfgs", "lm", "lm_cg", "lm_pcg"} <= methods <= set(so.LABELS)
+        assert ("scipy" in methods) == (t["P"] <= 500)
+        for r in t["rows"]:  # the first epoch at or below the target, read off its curve
+            curve = t["curves"][r["method"]]
+            e, c = np.asarray(curve["epochs"]), np.asarray(curve["heldout"], dtype=float)
+            hit = r["epochs_to_target"]
+            assert (c <= t["target"]).any() == (hit is not None), r
+            if hit is not None:
+                assert c[e == hit] <= t["target"] < c[e < hit].min(initial=np.inf)
+                assert r["seconds_to_target"] == r["seconds"] > 0
+            assert r["seconds"] > 0 and r["timed_epochs"] >= 1
+        gap = t["gap"]  # the Hessian's extra term shrinks as LM fits the targets
+        assert gap["epochs"][0] == 0 and 0 < gap["ratio"][-1] < gap["ratio"][0]
+    assert m["conclusion"] in printed
+
+
+def test_second_order_claims_are_read_from_the_rows():
+    from experiments import second_order as so
+
+    def row(method, hit, seconds, timed=None):
+        return {"method": method, "epochs_to_target": hit, "timed_epochs": timed or hit,
+                "seconds": seconds, "seconds_to_target": None if hit is None else seconds}
+
+    rows = [row("gd", None, 2.0, 500), row("adam", 400, 1.0), row("lbfgs", 90, 0.5),
+            row("lm", 10, 0.1), row("optimistix", 12, 30.0)]
+    task = {"K": 16, "rows": rows, "curves": {"adam": {"epochs": [0, 1, 10, 100, 1000]}}}
+    c = so.claims([task])
+    assert (c["lm_epochs"], c["adam_epochs"], c["fastest_first_order"],
+            c["fastest_first_order_s"], c["optimistix_s"]) == (10, 400, "lbfgs", 0.5, 30.0)
+    assert so.conclusion(c) == (
+        "at K = 16, LM by hand (direct) reached the target in 10 epochs and 0.1 s; Adam's "
+        "best in 400 epochs (LM / Adam = 0.025); the fastest first-order method (L-BFGS "
+        "(optax)) in 0.5 s (5x); optimistix's LM in 12 steps and 30 s (300x).")
+    rows[1], rows[4] = row("adam", None, 1.0, 500), row("optimistix", None, 9.0, 3)
+    c = so.claims([task])
+    assert "Adam's best not within 1000 epochs (LM / Adam < 0.01)" in so.conclusion(c)
+    assert "optimistix's LM not within 3 steps (9 s, 90x)" in so.conclusion(c)

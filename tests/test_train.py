@@ -884,5 +884,5 @@ def test_per_member_optimizer_hyperparameters_declare_the_member_count(tmp_path)
     # the rates are the run's: a checkpoint of other rates is refused, naming them
     train_many(params, X, optimizer=opt, epochs=2, checkpoint_dir=tmp_path, **KW)
     other = optax.inject_hyperparams(optax.adam)(learning_rate=jnp.asarray([0.3, 0.07, 0.02]))
-    with pytest.raises(ValueError, match="different run.*hyper"):
+    with pytest.raises(ValueError, match=r"different run.*hyper"):
         train_many(params, X, optimizer=other, epochs=4, checkpoint_dir=tmp_path, **KW)

@@ -74,6 +74,21 @@ approximation takes the mean of each factor apart (the weights 2 r_i / rho sum t
 exact when s_i is the same for every row of non-zero weight (one row, say), and sharing
 XX with G_BB. ``kfac_error`` measures how far it is from G_AA.
 
+**The whole of G** (``ggn_matrix``, for a direct solve where P is small). Summing the
+products of the columns above over o, with w_i = 2 r_i / rho, Phi (HD, N) the columns
+s_i ⊗ x_i, W = diag(w), and the blocks indexed [hd, ke] (A, B) and [hd, oh'] (C)::
+
+    G_AA[hd, ke]  = M_hk (Phi W Phi^T)[hd, ke]     sum_i w_i M_hk s_ih s_ik x_id x_ie
+    G_AB[hd, ke]  = M_hk (Phi W X)[hd, e]          sum_i w_i M_hk s_ih x_id x_ie
+    G_BB[hd, ke]  = M_hk (X^T W X)[d, e]           = M ⊗ XX
+    G_AC[hd, oh'] = C_oh (Phi W Z^T)[hd, h']       sum_i w_i C_oh s_ih x_id z_ih'
+    G_BC[hd, oh'] = C_oh (X^T W Z^T)[d, h']        sum_i w_i C_oh x_id z_ih'
+    G_CC[oh, o'h'] = delta_oo' (Z W Z^T)[h, h']    = I_O ⊗ ZZ
+
+and the lower blocks their transposes: five Gram matrices of the rows (Phi W Phi^T costs
+N (HD)^2 multiply-adds, the others N K^3 or less at D = H = O = K), never an (O, P) J_i
+(explicit J^T R J would cost N O P^2, and P products ``ggn_vp`` 10 N K^2 P).
+
 **The damped inverse** of a Kronecker product through the eigendecompositions of its
 factors, P = Q_P diag(p) Q_P^T and Q = Q_Q diag(q) Q_Q^T: P ⊗ Q + lam I = (Q_P ⊗ Q_Q)
 (diag(p) ⊗ diag(q) + lam I) (Q_P ⊗ Q_Q)^T, so::
@@ -241,6 +256,57 @@ def ggn_blocks(params: Params, batch: Batch) -> Params:
     G_AA = jnp.kron(f.M, jnp.ones((D, D), A.dtype)) * (weighted(Phi, r) @ Phi.T)
     return Params(A=2 * G_AA / total_weight(batch), B=jnp.kron(f.M, f.XX),
                   C=jnp.kron(jnp.eye(O, dtype=C.dtype), f.ZZ))
+
+
+def flatten(params: Params) -> jax.Array:
+    """(P,) the params as one vector, A, B, C each row-major (``ravel_pytree``'s order)."""
+    return jnp.concatenate([p.ravel() for p in params])
+
+
+def unflatten(v: jax.Array, like: Params) -> Params:
+    """``Params`` of ``like``'s shapes from a vector (P,) in ``flatten``'s order."""
+    sizes = [p.size for p in like]
+    parts = jnp.split(v, [sizes[0], sizes[0] + sizes[1]])
+    return Params(*(a.reshape(p.shape) for a, p in zip(parts, like, strict=True)))
+
+
+def gram_sums(params: Params, batch: Batch) -> tuple[jax.Array, ...]:
+    """(Phi R Phi^T, Phi R X, Phi R Z^T, X^T R X, X^T R Z^T, Z R Z^T, rho) over the rows of
+    ``batch``: the Gram matrices the blocks of G are made of (module docstring)."""
+    A, B, _ = params
+    X, r, _ = batch
+    (H, D), N = A.shape, X.shape[0]
+    U = sigmoid(A @ X.T)  # (H, N)  u_i
+    Z, S = U + B @ X.T, U * (1 - U)  # (H, N)  z_i, s_i
+    Phi = (S[:, None, :] * X.T[None, :, :]).reshape(H * D, N)  # (HD, N)  s_i ⊗ x_i
+    Phr = weighted(Phi, r)  # (HD, N)  r_i (s_i ⊗ x_i)
+    Xr = X if r is None else X * r[:, None]  # (N, D)  r_i x_i
+    return (Phr @ Phi.T, Phr @ X, Phr @ Z.T, Xr.T @ X, Xr.T @ Z.T, weighted(Z, r) @ Z.T,
+            total_weight(batch))
+
+
+def ggn_matrix(params: Params, batch: Batch, chunk_size: int | None = None) -> jax.Array:
+    """G = (2 / rho) sum_i r_i J_i^T J_i as a dense (P, P) matrix, in ``flatten``'s order.
+
+    Assembled from its blocks (module docstring, "The whole of G"), the Gram matrices summed
+    ``chunk_size`` rows at a time (None: all at once). O(P^2) memory: for small models
+    (P = 2HD + OH up to a few thousand), where a direct solve with it is cheap.
+    """
+    (H, D), O = params.A.shape, params.C.shape[0]
+    M, Ct = params.C.T @ params.C, params.C.T  # (H, H), (H, O)
+    PP, PX, PZ, XX, XZ, ZZ, rho = chunked_sum(lambda b: gram_sums(params, b), batch,
+                                              chunk_size)
+    w = 2 / rho
+    HD, OH = H * D, O * H
+    AA = M[:, None, :, None] * (w * PP).reshape(H, D, H, D)
+    AB = M[:, None, :, None] * (w * PX).reshape(H, D, 1, D)
+    BB = M[:, None, :, None] * (w * XX)[None, :, None, :]
+    AC = Ct[:, None, :, None] * (w * PZ).reshape(H, D, 1, H)
+    BC = Ct[:, None, :, None] * (w * XZ)[None, :, None, :]
+    CC = jnp.eye(O, dtype=M.dtype)[:, None, :, None] * (w * ZZ)[None, :, None, :]
+    AA, AB, BB = (a.reshape(HD, HD) for a in (AA, AB, BB))
+    AC, BC, CC = AC.reshape(HD, OH), BC.reshape(HD, OH), CC.reshape(OH, OH)
+    return jnp.block([[AA, AB, AC], [AB.T, BB, BC], [AC.T, BC.T, CC]])
 
 
 def kfac_block(f: Factors) -> jax.Array:

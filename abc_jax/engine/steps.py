@@ -23,6 +23,7 @@ The methods::
     gradient_step(optimizer, lr=, grad=)  one update on the whole batch
     minibatches(step, batch_size)         a shuffled pass, one ``step`` per mini-batch
     engine.privacy.private(DPSGD(...))    DP-SGD: S = round(1 / q) private updates
+    engine.second_order.levenberg_marquardt()   one damped Gauss-Newton step, its damping adapted
 """
 
 from __future__ import annotations

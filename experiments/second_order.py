@@ -176,14 +176,14 @@ def grid_paths(task: dict[str, Any], name: str, lrs: Sequence[float]) -> dict[st
 def step_runner(task: dict[str, Any], step: abc_jax.Step) -> Callable[[int], Any]:
     """run(e): the step's first e epochs from the task's start in one compiled loop (the
     trip count traced: one compilation for every e), as ``train`` runs them without its
-    host work (checks, fingerprints, chunks: about 5 ms a call, measured apart)."""
+    host work (checks, the result, the chunks' returns), which ``via train()`` adds back."""
     @jax.jit
     def run(params: abc_jax.Params, batch: abc_jax.Batch, epochs: jax.Array) -> Any:
         def body(_: Any, carry: Any) -> Any:
             return step.epoch(*carry, batch, None, 0)[1:]
 
         with jax.default_matmul_precision("highest"):
-            state = step.init(params, jnp.asarray(0))
+            state = step.init(params, {k: jnp.asarray(v) for k, v in step.hyper.items()})
             return jax.lax.fori_loop(0, epochs, body, (params, state))[0]
 
     return lambda e: run(task["start"], task["train"], e)

@@ -118,7 +118,7 @@ def _load_worker():
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("mode", ["train", "many"])
+@pytest.mark.parametrize("mode", ["train", "many", "private"])
 def test_a_run_killed_midway_resumes_to_the_same_params(tmp_path, mode):
     # kill -9: only the checkpoint survives; train_many's held-out history, best params
     # and patience counters resume with it
@@ -142,12 +142,13 @@ def test_a_run_killed_midway_resumes_to_the_same_params(tmp_path, mode):
     killed_at = checkpoint_epoch(tmp_path)
     assert 0 < killed_at < worker.EPOCHS, killed_at  # really interrupted midway
     print(f"killed after epoch {killed_at} of {worker.EPOCHS}")
-    resumed = worker.run(str(tmp_path), many=mode == "many")
-    uninterrupted = worker.run(None, many=mode == "many")
+    resumed = worker.run(str(tmp_path), many=mode == "many", private=mode == "private")
+    uninterrupted = worker.run(None, many=mode == "many", private=mode == "private")
     assert_results_equal(resumed, uninterrupted)
-    if mode == "many":
-        for field in ("eval_losses", "eval_epochs", "best_epoch", "stopped_at"):
-            np.testing.assert_array_equal(getattr(resumed, field), getattr(uninterrupted, field))
+    fields = {"many": ("eval_losses", "eval_epochs", "best_epoch", "stopped_at"),
+              "private": ("eval_losses", "eval_epochs", "best_epoch", "epsilon")}.get(mode, ())
+    for field in fields:
+        np.testing.assert_array_equal(getattr(resumed, field), getattr(uninterrupted, field))
 
 
 def test_fingerprint_sees_the_rows_not_their_layout():

@@ -1,6 +1,8 @@
 """Params on disk (``abc_jax.files``): save_params and load_params round-trip every float
-dtype bit for bit, load_params reads a checkpoint (its best params where evaluation ran) and
+dtype bit for bit, load_params reads a checkpoint (the params its run returns) and
 names what is wrong with a file; files are written whole."""
+
+import json
 
 import jax
 import jax.numpy as jnp
@@ -97,3 +99,10 @@ def test_load_params_refuses_a_diverged_run_folder_unless_asked(tmp_path):
     assert abc_jax.files.run_status(tmp_path) == {"status": "finished"}
     abc_jax.load_params(tmp_path)
     assert abc_jax.files.run_status(tmp_path / "checkpoint") is None
+
+
+def test_json_holds_null_for_nan_and_inf(tmp_path):
+    path = abc_jax.files.write_json(tmp_path / "m.json", {"a": float("nan"), "b": [1.0, np.inf],
+                                                          "c": np.float32(np.nan)})
+    assert json.loads(path.read_text()) == {"a": None, "b": [1.0, None], "c": None}
+    assert "NaN" not in path.read_text() and '"nan"' not in path.read_text()

@@ -886,3 +886,31 @@ def test_per_member_optimizer_hyperparameters_declare_the_member_count(tmp_path)
     other = optax.inject_hyperparams(optax.adam)(learning_rate=jnp.asarray([0.3, 0.07, 0.02]))
     with pytest.raises(ValueError, match=r"different run.*hyper"):
         train_many(params, X, optimizer=other, epochs=4, checkpoint_dir=tmp_path, **KW)
+
+
+def test_patience_with_the_defaults_stops_an_overfitting_run():
+    """``train(..., epochs=100, eval_data=..., patience=5)`` as people write it: the held-out
+    loss is measured every epoch by default, so 12 noisy rows overfit and patience stops the
+    run early, five evaluations (epochs) after its best, returning the best params."""
+    params, fit, held = teacher_problem(n_train=12, n_eval=40, noise=0.5)
+    r = train(params, fit, optimizer=optax.adam(0.05), epochs=100, eval_data=held, patience=5,
+              progress=False)
+    assert len(r.losses) < 100 and len(r.losses) == r.best_epoch + 5
+    np.testing.assert_array_equal(r.eval_epochs, np.arange(len(r.losses) + 1))
+    np.testing.assert_allclose(abc_jax.batch_loss(r.params, held), np.min(r.eval_losses),
+                               rtol=1e-12)
+
+
+def test_a_diverged_run_records_no_evaluation_it_did_not_make():
+    params, fit, held = held_out_problem()
+    with pytest.raises(DivergenceError) as info:
+        train(params, fit, lr=50.0, epochs=300, eval_data=held, eval_every=100, **KW)
+    r = info.value.result
+    assert 0 < info.value.epoch < 100
+    np.testing.assert_array_equal(r.eval_epochs, [0])  # not 100, 200 or the end
+    assert np.isfinite(np.asarray(r.eval_losses)).all()
+    many = train_many(params, fit, lr=[50.0, 0.01], epochs=300, eval_data=held,
+                      eval_every=100, **KW)
+    np.testing.assert_array_equal(many.eval_epochs, [0, 100, 200, 300])
+    assert np.isnan(np.asarray(many.eval_losses[0, 1:])).all()  # the diverged member: none
+    assert np.isfinite(np.asarray(many.eval_losses[1])).all()

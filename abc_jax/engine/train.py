@@ -224,6 +224,40 @@ def start_state(params: Params, hyper: dict[str, Any], *, init: Any, M: int) -> 
     return initial_state(P, jax.vmap(init)(P, H))
 
 
+def _data(params: Any, X: Any, eval_data: Any, one: bool) -> tuple[Any, ...]:
+    """(params, batch, its member axes, held-out batch, its axes, {argument: M}) checked
+    against each other: ``one`` member (every argument shared; rows may be sharded), or each
+    argument shared or with a leading member axis."""
+    sizes: dict[str, int] = {}
+    if one:
+        params = edge.params(edge.params_input(params))
+        D, O, dtype = params.A.shape[1], params.C.shape[0], params.A.dtype
+        batch = edge.batch(edge.data_input(X), D, O, dtype)
+        axes = Batch(None, None, None)
+    else:
+        params, m_params = arguments.member_params(params)
+        D, O, dtype = params.A.shape[-1], params.C.shape[-2], params.A.dtype
+        batch, axes, sizes = arguments.member_data(X, D, O, dtype)
+        arguments.not_sharded(batch)
+        sizes |= {} if m_params is None else {"params": m_params}
+    held, held_axes = None, None
+    if eval_data is not None:
+        if one:
+            held = edge.batch(edge.data_input(eval_data, "eval_data"), D, O, dtype, "eval_data")
+            held, held_axes = parallel.replicate_like(held, batch.X), Batch(None, None, None)
+        else:
+            held, held_axes, held_sizes = arguments.member_data(eval_data, D, O, dtype,
+                                                                "eval_data")
+            sizes |= held_sizes
+        if (held.T is None) != (batch.T is None):
+            has, lacks = ("the training batch", "eval_data") if held.T is None else \
+                ("eval_data", "the training batch")
+            raise ValueError(f"eval_data: {has} has targets T and {lacks} has none, so the "
+                             "held-out loss would score other outputs than training does: give "
+                             "both targets (Batch(X, T=T)) or neither")
+    return params, batch, axes, held, held_axes, sizes
+
+
 def fit(params: Any, X: Any, *, step: Step, epochs: int, key: Any, members: Any,
         progress: bool, checkpoint_dir: Any, epochs_per_chunk: int, precision: Any,
         mesh: Any, eval_data: Any, patience: Any, eval_every: int, checkpoint_every: int,
@@ -250,33 +284,8 @@ def fit(params: Any, X: Any, *, step: Step, epochs: int, key: Any, members: Any,
     arguments.check_together(key, step.draws, patience, eval_data)
     callbacks = _callbacks(callbacks, one)
     checkpoint_dir = _checkpoint_dir(checkpoint_dir)
-    if one:
-        params, sizes = edge.params(edge.params_input(params)), {}
-        D, O, dtype = params.A.shape[1], params.C.shape[0], params.A.dtype
-        batch = edge.batch(edge.data_input(X), D, O, dtype)
-        axes = Batch(None, None, None)
-    else:
-        params, m_params = arguments.member_params(params)
-        D, O, dtype = params.A.shape[-1], params.C.shape[-2], params.A.dtype
-        batch, axes, sizes = arguments.member_data(X, D, O, dtype)
-        arguments.not_sharded(batch)
-        sizes |= {} if m_params is None else {"params": m_params}
-        sizes |= {} if stacked_keys is None else {"key": stacked_keys}
-    held, held_axes = None, None
-    if eval_data is not None:
-        if one:
-            held = edge.batch(edge.data_input(eval_data, "eval_data"), D, O, dtype, "eval_data")
-            held, held_axes = parallel.replicate_like(held, batch.X), Batch(None, None, None)
-        else:
-            held, held_axes, held_sizes = arguments.member_data(eval_data, D, O, dtype,
-                                                                "eval_data")
-            sizes |= held_sizes
-        if (held.T is None) != (batch.T is None):
-            has, lacks = ("the training batch", "eval_data") if held.T is None else \
-                ("eval_data", "the training batch")
-            raise ValueError(f"eval_data: {has} has targets T and {lacks} has none, so the "
-                             "held-out loss would score other outputs than training does: give "
-                             "both targets (Batch(X, T=T)) or neither")
+    params, batch, axes, held, held_axes, sizes = _data(params, X, eval_data, one)
+    sizes |= {} if stacked_keys is None or one else {"key": stacked_keys}
     if one:
         per_member = steps.members(step)
         if per_member:
@@ -312,7 +321,7 @@ def fit(params: Any, X: Any, *, step: Step, epochs: int, key: Any, members: Any,
     rec = rec._replace(state=arguments.on_devices(mesh, rec.state))
     with pipeline.progress_bar(progress, schedule.epochs, rec.epoch, desc) as bar:
         rec = pipeline.fit(rec, plan, pipeline.show(bar))
-    return Run(rec, step, params, batch, held is not None, schedule.patience, dtype)
+    return Run(rec, step, params, batch, held is not None, schedule.patience, params.A.dtype)
 
 
 def _report(run: Run, one: bool) -> dict[str, Any]:

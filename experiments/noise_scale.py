@@ -4,7 +4,7 @@ On a teacher task (targets t = f_T(x) + e from a fixed random teacher network of
 student's shape, e ~ Normal(0, s^2 I_O), x ~ Normal(0, I), N training rows; the noise floor
 of the mean loss is O s^2):
 
-1. Full-batch gradient descent at --lr, and at every evaluation (a ``train`` callback) the
+1. Full-batch gradient descent at --lr, and every few epochs (a ``train`` callback) the
    simple noise scale of McCandlish et al. (2018), from the exact per-sample norms::
 
        tr(Sigma) = N / (N - 1) (mean_i ||g_i||^2 - ||G||^2),   B_simple = tr(Sigma) / ||G||^2

@@ -393,9 +393,13 @@ def history(out: Path, this: dict[str, Any]) -> dict[str, Any]:
 def plot_losses(config: dict[str, Any], losses: np.ndarray, metrics: dict[str, Any]) -> Any:
     """The training loss per epoch and, if there is one, the held-out loss at its epochs."""
     fig, ax = common.figure(width=6, height=4)
-    ax.plot(losses, label="training (mean over its rows)")
+    def shown(values: Any) -> np.ndarray:  # a diverging curve drawn up to 1e30, where a log
+        return np.minimum(np.asarray(values, np.float64), 1e30)  # axis still places its ticks
+
+    ax.plot(shown(losses), label="training (mean over its rows)")
     if "eval_epochs" in metrics:
-        ax.plot(metrics["eval_epochs"], metrics["eval_losses"], "o-", ms=3, label="held-out")
+        held = [np.nan if v is None else v for v in metrics["eval_losses"]]
+        ax.plot(metrics["eval_epochs"], shown(held), "o-", ms=3, label="held-out")
         ax.axvline(metrics["best_epoch"], color="gray", ls=":", lw=1, label="best held-out")
         ax.legend(fontsize=8)
     ax.set(yscale="log", xlabel="epoch", ylabel="batch loss (mean over samples)",

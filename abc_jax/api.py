@@ -214,7 +214,7 @@ def _batch_grad(params: Params, X: Any, chunk_size: int | None, precision: str) 
         return backward.batch_grad(params, batch, chunk_size)
 
 
-def batch_grad(params: Params, X: Any, *, chunk_size: int | None = None,
+def batch_grad(params: Params, X: Any, *, chunk_size: int | str | None = "auto",
                precision: str | None = None) -> Params:
     """Gradient of ``batch_loss`` by the manual derivation.
 
@@ -223,7 +223,10 @@ def batch_grad(params: Params, X: Any, *, chunk_size: int | None = None,
       X: samples (N, D), or a ``Batch(X, weights, T)`` (e.g. from ``shard_batch``).
       chunk_size: accumulate over chunks of this many rows in one compiled loop,
         so memory does not grow with N (same result to rounding); None: the
-        whole batch at once (everywhere in abc_jax).
+        whole batch at once; "auto" (the default of every batch function and of
+        training): cache-sized chunks on a CPU where they hold at least 1024 rows and N
+        at least four of them, else the whole batch (``core.backward.rows_per_chunk``,
+        measured by bench_step).
       precision: matmul precision, None for abc_jax's default ``"highest"``
         (exact float32 on every device); ``"default"`` lets a GPU use TF32.
 
@@ -232,7 +235,7 @@ def batch_grad(params: Params, X: Any, *, chunk_size: int | None = None,
       over N per parameter (gC in the Gram form where that is cheaper).
     """
     params, X, precision = _batch_args(params, X, precision)
-    chunk_size = edge.check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    chunk_size = edge.check_chunk_size(chunk_size)
     return _done(_batch_grad(params, X, chunk_size, precision), params, {"X": X})
 
 
@@ -244,14 +247,14 @@ def _batch_value_and_grad(params: Params, X: Any, chunk_size: int | None,
         return backward.value_and_grad(params, batch, chunk_size)
 
 
-def batch_value_and_grad(params: Params, X: Any, *, chunk_size: int | None = None,
+def batch_value_and_grad(params: Params, X: Any, *, chunk_size: int | str | None = "auto",
                          precision: str | None = None) -> tuple[jax.Array, Params]:
     """``(loss (), Params of gradients)``: ``batch_loss`` and ``batch_grad`` in one pass.
 
     The direct form of the manual derivation; arguments as in ``batch_grad``.
     """
     params, X, precision = _batch_args(params, X, precision)
-    chunk_size = edge.check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    chunk_size = edge.check_chunk_size(chunk_size)
     out = _batch_value_and_grad(params, X, chunk_size, precision)
     return _done(out, params, {"X": X})
 
@@ -273,11 +276,11 @@ def per_sample_grads(params: Params, X: Any, *, precision: str | None = None) ->
 def _predict(params: Params, X: Any, chunk_size: int | None, precision: str) -> jax.Array:
     params, batch = edge.params_and_batch(params, X)
     with jax.default_matmul_precision(precision):
-        return model.outputs(params, batch.X, chunk_size)
+        return model.outputs(params, batch.X, backward.rows_per_chunk(chunk_size, params, batch))
 
 
 def predict(params: Params, X: Any, *, preprocessing: Preprocessing | None = None,
-            chunk_size: int | None = None, precision: str | None = None) -> jax.Array:
+            chunk_size: int | str | None = "auto", precision: str | None = None) -> jax.Array:
     """The network's outputs W (n, O), W[i] = C (sigmoid(A X[i]) + B X[i]).
 
     X: (N, D), giving n = N rows; or a ``Batch``, giving its rows of non-zero
@@ -292,7 +295,7 @@ def predict(params: Params, X: Any, *, preprocessing: Preprocessing | None = Non
     for all at once; ``precision`` as in ``forward``.
     """
     params, X, precision = _batch_args(params, X, precision)
-    chunk_size = edge.check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    chunk_size = edge.check_chunk_size(chunk_size)
     weights = X.weights if isinstance(X, Batch) else None
     if weights is not None and edge.is_traced(weights):
         raise TypeError("predict on a Batch with weights returns its rows of non-zero weight, "
@@ -478,12 +481,12 @@ def _curvature_product(compiled: Any, params: Any, X: Any, tangents: Any, chunk_
                        precision: Any) -> Params:
     params, X, precision = _batch_args(params, X, precision)
     dparams = _on_rows_devices(edge.params_input(tangents, "tangents"), X)
-    chunk_size = edge.check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    chunk_size = edge.check_chunk_size(chunk_size)
     out = compiled(params, X, dparams, chunk_size, precision)
     return _done(out, params, {"X": X, "tangents": dparams})
 
 
-def ggn_vp(params: Params, X: Any, tangents: Params, *, chunk_size: int | None = None,
+def ggn_vp(params: Params, X: Any, tangents: Params, *, chunk_size: int | str | None = "auto",
            precision: str | None = None) -> Params:
     """G V: the Gauss-Newton matrix of ``batch_loss`` times the tangent V, by hand.
 
@@ -507,7 +510,7 @@ def ggn_vp(params: Params, X: Any, tangents: Params, *, chunk_size: int | None =
     return _curvature_product(_ggn_vp, params, X, tangents, chunk_size, precision)
 
 
-def hvp(params: Params, X: Any, tangents: Params, *, chunk_size: int | None = None,
+def hvp(params: Params, X: Any, tangents: Params, *, chunk_size: int | str | None = "auto",
         precision: str | None = None) -> Params:
     """H V: the Hessian of ``batch_loss`` w.r.t. (A, B, C) times the tangent V, by hand.
 
@@ -564,7 +567,7 @@ def _per_sample_grad_norms(params: Params, X: Any, chunk_size: int | None,
         return norms.per_sample_grad_norms(params, batch, chunk_size)
 
 
-def per_sample_grad_norms(params: Params, X: Any, *, chunk_size: int | None = None,
+def per_sample_grad_norms(params: Params, X: Any, *, chunk_size: int | str | None = "auto",
                           precision: str | None = None) -> jax.Array:
     """(N, 3): row i's Frobenius norms ||r_i dL_i/dA||, ||r_i dL_i/dB||, ||r_i dL_i/dC||.
 
@@ -574,7 +577,7 @@ def per_sample_grad_norms(params: Params, X: Any, *, chunk_size: int | None = No
     X (N, D) or a ``Batch`` (weights and targets included); arguments as in ``batch_grad``.
     """
     params, X, precision = _batch_args(params, X, precision)
-    chunk_size = edge.check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    chunk_size = edge.check_chunk_size(chunk_size)
     out = _per_sample_grad_norms(params, X, chunk_size, precision)
     return _done(out, params, {"X": X})
 
@@ -589,7 +592,8 @@ def _clipped_batch_grad(params: Params, X: Any, clip_norm: jax.Array, chunk_size
 
 
 def clipped_batch_grad(params: Params, X: Any, clip_norm: float, *,
-                       chunk_size: int | None = None, precision: str | None = None) -> Params:
+                       chunk_size: int | str | None = "auto",
+                       precision: str | None = None) -> Params:
     """(1 / sum r) sum_i min(1, c / ||g_i||) g_i, g_i = r_i dL_i/d(A, B, C): DP-SGD's clipping.
 
     One pass: the clip factors come from ``per_sample_grad_norms``' rows and scale them
@@ -602,6 +606,6 @@ def clipped_batch_grad(params: Params, X: Any, clip_norm: float, *,
     if not edge.is_traced(clip_norm):
         clip = np.inf if clip_norm == np.inf else edge.check_finite_float(
             clip_norm, "clip_norm", positive=True)
-    chunk_size = edge.check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    chunk_size = edge.check_chunk_size(chunk_size)
     out = _clipped_batch_grad(params, X, jnp.asarray(clip), chunk_size, precision)
     return _done(out, params, {"X": X})

@@ -80,6 +80,17 @@ def check_positive_int(value: Any, name: str, *, allow_none: bool = False) -> An
     return check_int(value, name, minimum=1, allow_none=allow_none)
 
 
+def check_chunk_size(value: Any) -> Any:
+    """``chunk_size``: "auto" (rows per chunk from the shapes and the backend:
+    ``core.backward.rows_per_chunk``), None (the whole batch) or an int >= 1."""
+    if isinstance(value, str):
+        if value != "auto":
+            raise TypeError(f"chunk_size must be 'auto', None (the whole batch) or an int >= 1, "
+                            f"got str {value!r}")
+        return value
+    return check_positive_int(value, "chunk_size", allow_none=True)
+
+
 def check_finite_float(value: Any, name: str, *, positive: bool = False) -> float:
     """A real number (Python, NumPy or a 0-d array; not a bool or a string), finite."""
     if isinstance(value, (jax.Array, np.ndarray)) and value.shape == () and not is_traced(value):

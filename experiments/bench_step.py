@@ -9,7 +9,10 @@ One process, float32, D = H = O = K, all on JAX's device:
    batch_value_and_grad against the same loop of a bare ``jax.jit(jax.grad(...))`` of a
    plain-jnp loss, waited for at the end and after every call; target <= 1.3x.
 3. Memory of the chunked gradient against the whole batch at once: XLA's compiled memory
-   analysis (``temp_size_in_bytes``, scratch only), and times. --memory-n 0 skips it."""
+   analysis (``temp_size_in_bytes``, scratch only), and times. --memory-n 0 skips it.
+4. The default chunking, chunk_size="auto" (``core.backward.rows_per_chunk``), against the
+   whole batch and every fixed size of --grid-chunks, per (K, N) of --grid: interleaved
+   medians. The rule the default follows was read off this table."""
 
 from __future__ import annotations
 
@@ -114,6 +117,26 @@ def bench_memory(N: int, K: int, chunk: int, seed: int) -> dict[str, Any]:
             "max_rel_diff": max(e["rel"] for e in errs.values())}
 
 
+def bench_chunking(K: int, N: int, chunks: Sequence[int], *, rounds: int, min_time: float,
+                   seed: int) -> dict[str, Any]:
+    """batch_grad at chunk_size "auto", None (the whole batch) and each fixed size below N,
+    interleaved: the times, auto's rows, and auto's time over the whole batch's and over the
+    best fixed size's."""
+    params, X = common.problem(jax.random.key(seed), N, K)
+    sizes = {"auto": "auto", "whole": None, **{str(c): c for c in chunks if c < N}}
+    t = common.time_interleaved({k: lambda c=c: abc_jax.batch_grad(params, X, chunk_size=c)
+                                 for k, c in sizes.items()}, rounds=rounds, min_time=min_time)
+    fixed = {k: v.median_s for k, v in t.items() if k not in ("auto", "whole")}
+    best = min(fixed, key=fixed.get) if fixed else None
+    rows = abc_jax.core.backward.rows_per_chunk("auto", params, abc_jax.Batch(X))
+    auto, whole = t["auto"].median_s, t["whole"].median_s
+    return {"device": common.device_label(), "K": K, "N": N, "auto_rows": rows,
+            "auto_s": auto, "whole_s": whole, "best_fixed": None if best is None else int(best),
+            "best_fixed_s": None if best is None else fixed[best],
+            "auto_over_whole": auto / whole,
+            "auto_over_best": None if best is None else auto / min(fixed[best], whole)}
+
+
 def _parse_sizes(text: str) -> list[tuple[int, int]]:
     sizes = [s.lower().split("x") for s in text.split(",") if s]
     if not sizes or not all(len(s) == 2 and all(v.isdigit() and int(v) for v in s) for s in sizes):
@@ -138,6 +161,12 @@ class Config:
     memory_n: int = common.flag(1_000_000, "N for the chunked-memory measurement (0 skips it)")
     memory_k: int = common.flag(256, "K for the memory measurement")
     chunk_size: int = common.flag(65536, "rows per chunk there")
+    grid: str = common.flag("16x1024,16x8192,16x65536,64x1024,64x8192,64x65536,256x1024,"
+                            "256x8192,256x65536,1024x1024,1024x8192",
+                            "KxN list for the chunking table (4.; empty skips it)",
+                            type=lambda t: t and _sizes(t))
+    grid_chunks: tuple[int, ...] = common.flag((1024, 2048, 4096, 8192),
+                                               "fixed chunk sizes the chunking table tries")
     precisions: tuple[str, ...] | None = common.flag(
         None, "matmul precisions (default: highest, and default on a GPU)", choices=PRECISIONS)
     seed: int = common.flag(0, "random seed")
@@ -150,7 +179,8 @@ class Config:
 
 
 QUICK = Config(sizes="16x256", repeats=3, min_time=0.01, memory_n=8192, memory_k=16,
-               chunk_size=1024, overhead_calls=200, quick=True)
+               chunk_size=1024, overhead_calls=200, grid="16x2048", grid_chunks=(512,),
+               quick=True)
 
 
 TABLE = [("batch_grad ms", "batch_grad_s", 1e3), ("jax.grad ms", "jax_grad_s", 1e3),
@@ -160,6 +190,8 @@ TABLE = [("batch_grad ms", "batch_grad_s", 1e3), ("jax.grad ms", "jax_grad_s", 1
 RATIOS = {"jax_grad_s": ("jax.grad (jit)", "o"), "naive_vmap_s": ("vmap outer products", "s"),
           "matmul_s": ("7 x (N,K)@(K,K) matmul (faster layout)", "D")}  # key: (label, marker)
 OVERHEAD = "device K N calls waited function public_us bare_us ratio".split()
+CHUNKING = ("K N auto_rows auto_s whole_s best_fixed best_fixed_s auto_over_whole "
+            "auto_over_best").split()
 
 
 def table_rows(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
@@ -224,6 +256,12 @@ def run(cfg: Config) -> dict[str, Any]:
            "sizes": rows, "overhead": overhead}
     if cfg.memory_n:
         res["memory"] = bench_memory(cfg.memory_n, cfg.memory_k, cfg.chunk_size, cfg.seed)
+    if cfg.grid:
+        grid = [bench_chunking(K, N, cfg.grid_chunks, rounds=3, min_time=cfg.min_time,
+                               seed=cfg.seed)
+                for K, N in common.progress(_parse_sizes(cfg.grid), desc="chunking")]
+        res["chunking"] = grid
+        res["chunking_worst_auto_over_whole"] = max(r["auto_over_whole"] for r in grid)
     return res
 
 
@@ -250,11 +288,22 @@ def report(res: dict[str, Any], out: Any, docs: Any = None) -> dict[str, Any]:
               f"{m['chunked_temp_bytes'] / 1e6:.3g} MB, unchunked "
               f"{m['unchunked_temp_bytes'] / 1e6:.3g} MB; time chunked/unchunked "
               f"{m['time_ratio']:.2f}; max rel diff {m['max_rel_diff']:.1e}")
+    tables = {}
+    if grid := res.get("chunking"):
+        chunking = (CHUNKING, [[r[k] for k in CHUNKING] for r in grid])
+        print("\nchunk_size='auto' against the whole batch and the best fixed size "
+              "(batch_grad, float32, median of interleaved rounds; auto_rows None: the whole "
+              "batch)")
+        common.print_table(*chunking, floatfmt=".3g")
+        print(f"auto is at most {res['chunking_worst_auto_over_whole']:.3f}x the whole batch's "
+              "time over this grid")
+        tables["chunking"] = chunking
     columns = list(dict.fromkeys(k for r in rows for k in r))
     return common.write_and_report(
         NAME, out, docs, [NAME], config=cfg,
         metrics={k: v for k, v in res.items() if k != "config"}, figures={NAME: plot(rows)},
-        tables={NAME: (columns, [[r.get(k) for k in columns] for r in rows]), "overhead": over})
+        tables={NAME: (columns, [[r.get(k) for k in columns] for r in rows]), "overhead": over,
+                **tables})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -547,3 +547,34 @@ def test_zero_targets_are_the_homework_loss():
             assert_rel_close(f(params, zero), f(params, X), 1e-15)
 
 
+
+
+def test_auto_chunks_are_cache_sized_on_a_cpu_and_the_whole_batch_elsewhere(monkeypatch):
+    """chunk_size="auto": rows = 12 MiB / (itemsize (D + 3H + 2O)) on a CPU; the whole batch
+    where N holds fewer than four such chunks, where they hold fewer than 1024 rows, or on
+    another backend; an int or None as given."""
+    rows_per_chunk = backward.rows_per_chunk
+
+    def shapes(K, N, dtype=jnp.float32):
+        p = abc_jax.Params(*(jax.ShapeDtypeStruct(s, dtype) for s in [(K, K)] * 3))
+        return p, Batch(jax.ShapeDtypeStruct((N, K), dtype))
+
+    assert rows_per_chunk("auto", *shapes(256, 65536)) == 12 * 2**20 // (6 * 256 * 4)  # 2048
+    assert rows_per_chunk("auto", *shapes(64, 65536)) == 8192
+    assert rows_per_chunk("auto", *shapes(256, 8000)) is None  # 4 x 2048 > 8000
+    assert rows_per_chunk("auto", *shapes(1024, 65536)) is None  # 512 rows: too few
+    assert rows_per_chunk("auto", *shapes(3, 2**20, jnp.float64)) == 12 * 2**20 // (18 * 8)
+    assert rows_per_chunk(7, *shapes(3, 10)) == 7 and rows_per_chunk(None, *shapes(3, 10)) is None
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert rows_per_chunk("auto", *shapes(256, 65536)) is None
+
+
+def test_auto_chunking_is_the_chunked_sum(monkeypatch):
+    """Where "auto" chunks (here made to, with a tiny cache), batch_grad is bit for bit the
+    explicit chunk size and the whole batch's to rounding."""
+    monkeypatch.setattr(backward, "CACHE_BYTES", 1024 * 22 * 8)  # D + 3H + 2O = 22: 1024 rows
+    params, X = make_problem(3, 3, 5, 2, N=4200)
+    grad = jax.jit(backward.batch_grad, static_argnames="chunk_size")
+    auto, chunked = (grad(params, Batch(X), chunk_size=c) for c in ("auto", 1024))
+    chex.assert_trees_all_equal(auto, chunked)
+    assert_rel_close(auto, backward.batch_grad(params, Batch(X), None), 1e-12)

@@ -137,7 +137,7 @@ NUMBER_RULES = [  # precision, chunk_size and eps of the array functions; init_p
                              ("-2", -2, ValueError, "chunk_size must be >= 1, got -2"),
                              ("float", 2.5, TypeError, "chunk_size must be an int, got float"),
                              ("bool", True, TypeError, "chunk_size must be an int, got bool"),
-                             ("str", "4", TypeError, "chunk_size must be an int, got str")]],
+                             ("str", "4", TypeError, ("chunk_size", "'auto'", "got str '4'"))]],
     *[case(f"eps-{i}", lambda v=v: abc_jax.fd_grad(P, X, v), err, msg)
       for i, v, err, msg in [
           ("0", 0.0, ValueError, "eps must be a finite number > 0, got 0.0"),

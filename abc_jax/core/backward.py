@@ -139,6 +139,31 @@ def value_and_grad_sum(params: Params, batch: Batch,
     return total, Params(GY @ X, GZ @ X, gC), weight
 
 
+CACHE_BYTES = 12 * 2**20  # the working set per chunk that ran fastest on a CPU (bench_step)
+MIN_CHUNKS = 4  # fewer chunks than this: the whole batch at once
+MIN_ROWS = 1024  # smaller chunks than this: the whole batch at once
+
+
+def rows_per_chunk(chunk_size: Any, params: Params, batch: Batch) -> int | None:
+    """The rows per chunk that ``chunk_size`` asks for: an int as it is, None for the whole
+    batch, and "auto" the measured rule (static shapes, so it runs while tracing)::
+
+        CPU:   rows = CACHE_BYTES / (itemsize (D + 3H + 2O))   the activations of a chunk
+               (x, u, z and their cotangents, w - t and gw) fit in a cache of ~12 MiB;
+               the whole batch where that gives fewer than MIN_CHUNKS chunks, or chunks
+               of fewer than MIN_ROWS rows (rows so wide that the products are large anyway)
+        else:  the whole batch (a GPU runs it at once)
+    """
+    if chunk_size != "auto":
+        return chunk_size
+    if jax.default_backend() != "cpu":
+        return None
+    (H, D), O = params.A.shape[-2:], params.C.shape[-2]
+    width = (D + 3 * H + 2 * O) * jnp.dtype(batch.X.dtype).itemsize
+    rows = CACHE_BYTES // width
+    return None if rows < MIN_ROWS or MIN_CHUNKS * rows > batch.X.shape[0] else int(rows)
+
+
 def chunked_sum(fn: Any, batch: Batch, chunk_size: int | None) -> Any:
     """sum over chunks of rows of ``fn(batch_chunk)``, in one compiled loop.
 
@@ -168,7 +193,7 @@ def value_and_grad(params: Params, batch: Batch, chunk_size: int | None = None,
                    gram: bool = False) -> tuple[jax.Array, Params]:
     """(batch_loss, its gradient) by the manual rule: weighted sums, then one division."""
     total, gsum, weight = chunked_sum(lambda b: value_and_grad_sum(params, b, gram), batch,
-                                      chunk_size)
+                                      rows_per_chunk(chunk_size, params, batch))
     return total / weight, jax.tree.map(lambda g: g / weight, gsum)
 
 

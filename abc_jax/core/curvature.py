@@ -109,7 +109,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from abc_jax.core.backward import chunked_sum
+from abc_jax.core.backward import chunked_sum, rows_per_chunk
 from abc_jax.core.model import Batch, Params, sigmoid
 
 
@@ -172,7 +172,8 @@ def ggn_vp(params: Params, batch: Batch, V: Params, chunk_size: int | None = Non
         cotangent gw_i = 2 r_i dw_i (module docstring). About a forward pass, a tangent
         pass and a backward pass of the batch: 10 N K^2 multiply-adds at D = H = O = K.
     """
-    gsum, weight = chunked_sum(lambda b: ggn_vp_sum(params, b, V), batch, chunk_size)
+    gsum, weight = chunked_sum(lambda b: ggn_vp_sum(params, b, V), batch,
+                               rows_per_chunk(chunk_size, params, batch))
     return jax.tree.map(lambda g: g / weight, gsum)
 
 
@@ -202,7 +203,8 @@ def hvp(params: Params, batch: Batch, V: Params, chunk_size: int | None = None) 
     gw dz^T. Equal to ``ggn_vp`` where every residual is 0. About 14 N K^2 multiply-adds at
     D = H = O = K.
     """
-    hsum, weight = chunked_sum(lambda b: hvp_sum(params, b, V), batch, chunk_size)
+    hsum, weight = chunked_sum(lambda b: hvp_sum(params, b, V), batch,
+                               rows_per_chunk(chunk_size, params, batch))
     return jax.tree.map(lambda h: h / weight, hsum)
 
 
@@ -234,7 +236,8 @@ def kronecker_factors(params: Params, batch: Batch, chunk_size: int | None = Non
     G_BB = M ⊗ XX and G_CC = I_O ⊗ ZZ exactly; (M ∘ SS) ⊗ XX is K-FAC's G_AA. Three
     Gram matrices of the rows, ``chunk_size`` rows at a time (None: all at once).
     """
-    XX, ZZ, SS, rho = chunked_sum(lambda b: factor_sums(params, b), batch, chunk_size)
+    XX, ZZ, SS, rho = chunked_sum(lambda b: factor_sums(params, b), batch,
+                                  rows_per_chunk(chunk_size, params, batch))
     return Factors(M=params.C.T @ params.C, XX=2 * XX / rho, ZZ=2 * ZZ / rho, SS=SS / rho)
 
 
@@ -295,7 +298,7 @@ def ggn_matrix(params: Params, batch: Batch, chunk_size: int | None = None) -> j
     (H, D), O = params.A.shape, params.C.shape[0]
     M, Ct = params.C.T @ params.C, params.C.T  # (H, H), (H, O)
     PP, PX, PZ, XX, XZ, ZZ, rho = chunked_sum(lambda b: gram_sums(params, b), batch,
-                                              chunk_size)
+                                              rows_per_chunk(chunk_size, params, batch))
     w = 2 / rho
     HD, OH = H * D, O * H
     AA = M[:, None, :, None] * (w * PP).reshape(H, D, H, D)

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from abc_jax.core.backward import Rows, chunked_sum, rows
+from abc_jax.core.backward import Rows, chunked_sum, rows, rows_per_chunk
 from abc_jax.core.model import Batch, Params
 
 
@@ -109,7 +109,8 @@ def per_sample_grad_norms(params: Params, batch: Batch,
         (N, 3), columns A, B, C. Memory O(N (D + H + O)) (O(chunk_size (D + H + O))
         besides the output with ``chunk_size``).
     """
-    return chunked_rows(lambda b: row_norms(rows(params, b)), batch, chunk_size)
+    return chunked_rows(lambda b: row_norms(rows(params, b)), batch,
+                        rows_per_chunk(chunk_size, params, batch))
 
 
 def clip_factors(norms: jax.Array, clip_norm: Any) -> jax.Array:
@@ -170,5 +171,5 @@ def clipped_batch_grad(params: Params, batch: Batch, clip_norm: Any,
         per-sample matrix: memory O(N (D + H + O)) (O(chunk_size (D + H + O)) chunked).
     """
     gsum, weight = chunked_sum(lambda b: clipped_grad_sum(params, b, clip_norm), batch,
-                               chunk_size)
+                               rows_per_chunk(chunk_size, params, batch))
     return jax.tree.map(lambda g: g / weight, gsum)

@@ -295,7 +295,8 @@ def private_update(update: Any, chunk_size: int | None, params: Params, state: P
     weight = jnp.asarray(N, dtype) if r is None else jnp.sum(r)
     m = jax.random.bernoulli(jax.random.fold_in(key, 0), priv.sampling_rate, (N,)).astype(dtype)
     loss, G = backward.chunked_sum(lambda b: masked_sums(params, b, priv.clip_norm),
-                                   MaskedRows(X, r, batch.T, m), chunk_size)
+                                   MaskedRows(X, r, batch.T, m),
+                                   backward.rows_per_chunk(chunk_size, params, batch))
     scale, denom = priv.noise_multiplier * priv.clip_norm, priv.sampling_rate * n
     grads = jax.tree.map(lambda g, xi: (g + scale * xi) / denom, G,
                          noise(jax.random.fold_in(key, 1), params))
@@ -335,7 +336,7 @@ def private_init(init_rule: Any) -> Any:
 
 
 def private(privacy: DPSGD, optimizer: Any = None, *, lr: Any = None,
-            chunk_size: int | None = None) -> steps.Step:
+            chunk_size: int | str | None = "auto") -> steps.Step:
     """DP-SGD (module docstring) as a training step: each epoch S = max(1, round(1 / q))
     private updates ``(u, s') = optimizer.update(g~, s, p)`` (None: p <- p - lr g~, lr a
     number or (M,)). The optimizer gets the noisy gradient alone: one that needs value or
@@ -350,7 +351,7 @@ def private(privacy: DPSGD, optimizer: Any = None, *, lr: Any = None,
                          "loss's value and value_fn too: use a first-order optimizer "
                          "(optax.sgd, optax.adam) or drop privacy")
     accounting()  # no run without its epsilon
-    chunk_size = edge.check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    chunk_size = edge.check_chunk_size(chunk_size)
     init_rule, update, hyper, settings = steps.rule(optimizer, lr)
     knobs = {f"privacy.{f}": getattr(privacy, f)
              for f in ("clip_norm", "noise_multiplier", "sampling_rate")}

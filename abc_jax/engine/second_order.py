@@ -90,7 +90,8 @@ def loss_sum(params: Params, batch: Batch) -> tuple[jax.Array, jax.Array]:
 
 def batch_loss(params: Params, batch: Batch, chunk_size: int | None) -> jax.Array:
     """``model.batch_loss``, ``chunk_size`` rows at a time (None: all at once)."""
-    total, weight = backward.chunked_sum(lambda b: loss_sum(params, b), batch, chunk_size)
+    total, weight = backward.chunked_sum(lambda b: loss_sum(params, b), batch,
+                                         backward.rows_per_chunk(chunk_size, params, batch))
     return total / weight
 
 
@@ -193,7 +194,8 @@ def lm_init(params: Params, hyper: dict[str, jax.Array]) -> LMState:
 
 def levenberg_marquardt(damping: Any = 1e-3, *, solver: str = "direct",
                         cg_iters: int | None = None, cg_tol: float | None = None,
-                        precondition: bool = False, chunk_size: int | None = None) -> steps.Step:
+                        precondition: bool = False,
+                        chunk_size: int | str | None = "auto") -> steps.Step:
     """Levenberg-Marquardt (module docstring): each epoch one damped Gauss-Newton step
     (G + lam I) d = -g, accepted or rejected by the ratio rho of the actual to the predicted
     reduction of the loss, lam adapted by Nielsen's rule.
@@ -226,7 +228,7 @@ def levenberg_marquardt(damping: Any = 1e-3, *, solver: str = "direct",
     if tol < 0:
         raise ValueError(f"cg_tol must be >= 0 (a relative residual; 0: run all cg_iters "
                          f"iterations), got {cg_tol!r}")
-    chunk_size = edge.check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    chunk_size = edge.check_chunk_size(chunk_size)
     damping = arguments.per_member(damping, "damping", 0.0, strict=True)
     settings = {"optimizer": "levenberg_marquardt", "damping": arguments.jsonable(damping),
                 "solver": solver}

@@ -180,7 +180,7 @@ def full_batch_epoch(update: Any, extra: bool, grad: str,
 
 
 def gradient_step(optimizer: Any = None, *, lr: Any = None, grad: str = "manual",
-                  chunk_size: int | None = None) -> Step:
+                  chunk_size: int | str | None = "auto") -> Step:
     """One update per epoch on the whole batch: u, s' = optimizer.update(g, s, p); p += u.
 
     optimizer: an ``optax.GradientTransformation`` (``GradientTransformationExtraArgs``
@@ -191,7 +191,7 @@ def gradient_step(optimizer: Any = None, *, lr: Any = None, grad: str = "manual"
     """
     if not isinstance(grad, str) or grad not in GRADS:
         raise ValueError(f"grad must be one of {GRADS}, got {grad!r}")
-    chunk_size = edge.check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    chunk_size = edge.check_chunk_size(chunk_size)
     init, update, hyper, settings = rule(optimizer, lr)
     return Step(init, full_batch_epoch(update, takes_extra(optimizer), grad, chunk_size),
                 hyper=hyper, settings={**settings, "grad": grad})

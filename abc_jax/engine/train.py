@@ -100,7 +100,7 @@ class DivergenceError(RuntimeError):
 
 def make_step(step: Step | None = None, *, optimizer: Any = None, lr: Any = None,
               grad: str = "manual", batch_size: int | None = None,
-              chunk_size: int | None = None, privacy: dp.DPSGD | None = None) -> Step:
+              chunk_size: int | str | None = "auto", privacy: dp.DPSGD | None = None) -> Step:
     """``step``, or the step the short form's arguments describe::
 
         gradient_step(optimizer, lr=lr, grad=grad, chunk_size=chunk_size)
@@ -112,8 +112,9 @@ def make_step(step: Step | None = None, *, optimizer: Any = None, lr: Any = None
             raise TypeError(f"step must be an abc_jax Step (gradient_step(...), "
                             f"minibatches(...), private(...)), got {type(step).__name__}")
         given = [n for n, v in (("optimizer", optimizer), ("lr", lr), ("batch_size", batch_size),
-                                ("chunk_size", chunk_size), ("privacy", privacy))
-                 if v is not None] + (["grad"] if grad != "manual" else [])
+                                ("privacy", privacy)) if v is not None]
+        given += ["grad"] if grad != "manual" else []
+        given += ["chunk_size"] if chunk_size != "auto" else []
         if given:
             raise ValueError(f"step and {', '.join(given)} contradict: the step carries its "
                              "method; build it with them (e.g. minibatches(gradient_step("
@@ -434,7 +435,8 @@ def _raise_diverged(run: Run, lr: Any) -> None:
 
 def train(params: Params, X: Any, *, lr: float | None = None, epochs: int,
           optimizer: Any = None, grad: str = "manual", batch_size: int | None = None,
-          key: jax.Array | None = None, chunk_size: int | None = None, progress: bool = True,
+          key: jax.Array | None = None, chunk_size: int | str | None = "auto",
+          progress: bool = True,
           checkpoint_dir: str | os.PathLike[str] | None = None,
           epochs_per_chunk: int = EVERY, precision: str | None = None,
           eval_data: Any = None, patience: int | None = None, eval_every: int = 1,
@@ -450,7 +452,8 @@ def train(params: Params, X: Any, *, lr: float | None = None, epochs: int,
     (an ``optax.GradientTransformation``; ``GradientTransformationExtraArgs`` such as
     ``optax.lbfgs()`` also get value, grad and value_fn), grad ("manual" or "oracle"),
     batch_size (shuffled mini-batches, needs ``key``), chunk_size (rows per step of the
-    gradient's contraction), privacy (``DPSGD(...)``: DP-SGD from ``key``, its cost in
+    gradient's contraction; "auto": from the shapes and the backend, as ``batch_grad``;
+    None: all rows at once), privacy (``DPSGD(...)``: DP-SGD from ``key``, its cost in
     ``result.epsilon``, ``.delta``, ``.sampling_rate``). epochs >= 0.
     eval_data: held-out X (N', D) or ``Batch`` (with targets exactly when X has them): its
     loss at epoch 0, every ``eval_every`` epochs and at the end, computed in the compiled
@@ -487,7 +490,7 @@ def train(params: Params, X: Any, *, lr: float | None = None, epochs: int,
 
 def train_many(params: Params, X: Any, *, lr: Any = None, epochs: int, optimizer: Any = None,
                grad: str = "manual", batch_size: int | None = None, key: Any = None,
-               members: int | None = None, chunk_size: int | None = None,
+               members: int | None = None, chunk_size: int | str | None = "auto",
                progress: bool = True, checkpoint_dir: str | os.PathLike[str] | None = None,
                epochs_per_chunk: int = EVERY, precision: str | None = None,
                mesh: Any = None, eval_data: Any = None, patience: int | None = None,

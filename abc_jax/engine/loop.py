@@ -58,6 +58,8 @@ class Chunk(NamedTuple):
     evaluated: jax.Array  # (M, length + 1) bool: an evaluation was made there
     reached: jax.Array  # (M,) int: the epoch each member's params are at
     ran: jax.Array  # () int: the epochs the chunk ran (fewer than asked when ``floor`` hit)
+    bad: jax.Array  # (M,) bool: state.bad at the chunk's end, read with the losses
+    stopped: jax.Array  # (M,) bool: state.stopped at the chunk's end
 
 
 def _where(mask: jax.Array, new: Any, old: Any) -> Any:
@@ -148,7 +150,8 @@ def chunk(state: State, batch: Batch, held: Batch | None, keys: Any, start: jax.
     # the params the chunk ends at, if due (so the host's callbacks see that evaluation; the
     # next chunk, given ``seen``, does not repeat it)
     state, evals, done = evaluate(state, start + i, evals, done, i)
-    return state, Chunk(losses, evals, done, (start + applied).astype(jnp.int32), i)
+    return state, Chunk(losses, evals, done, (start + applied).astype(jnp.int32), i, state.bad,
+                        state.stopped)
 
 
 @functools.partial(jax.jit, static_argnames=("epoch", "axes", "held_axes", "length", "rows",

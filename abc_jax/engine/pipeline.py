@@ -79,25 +79,27 @@ class Record(NamedTuple):
     reached: np.ndarray  # (M,) the epoch each member's params are at
     metrics: dict[str, np.ndarray]  # the callbacks' metrics, each (M, k)
     metric_epochs: np.ndarray  # (k,) the epochs the callbacks were called at
+    bad: np.ndarray  # (M,) bool: the host's copy of state.bad (read with each chunk's losses)
+    stopped: np.ndarray  # (M,) bool: the host's copy of state.stopped
 
     @classmethod
     def start(cls, state: State) -> Record:
         M = state.bad.shape[0]
         return cls(state, 0, np.zeros((M, 0)), np.full((M, 1), np.nan), np.zeros((M, 1), bool),
-                   np.zeros(M, np.int64), {}, np.zeros(0, np.int64))
+                   np.zeros(M, np.int64), {}, np.zeros(0, np.int64), np.asarray(state.bad),
+                   np.asarray(state.stopped))
 
     def done(self) -> np.ndarray:
         """(M,) bool: members that run no more (diverged or stopped)."""
-        return np.asarray(self.state.bad) | np.asarray(self.state.stopped)
+        return self.bad | self.stopped
 
     def diverged_at(self) -> np.ndarray:
         """(M,) the first epoch with a non-finite loss, -1 if none."""
-        return np.where(np.asarray(self.state.bad), self.reached, -1)
+        return np.where(self.bad, self.reached, -1)
 
     def stopped_at(self) -> np.ndarray:
         """(M,) the epoch patience or a callback stopped a member at, -1 if none."""
-        s = np.asarray(self.state.stopped) & ~np.asarray(self.state.bad)
-        return np.where(s, self.reached, -1)
+        return np.where(self.stopped & ~self.bad, self.reached, -1)
 
     def history(self) -> dict[str, np.ndarray]:
         """The host's arrays, for a checkpoint."""
@@ -111,7 +113,7 @@ class Record(NamedTuple):
         return cls(state, epoch, losses, history["evals"], history["evaluated"].astype(bool),
                    history["reached"], {k[7:]: v for k, v in history.items()
                                         if k.startswith("metric_") and k != "metric_epochs"},
-                   history["metric_epochs"])
+                   history["metric_epochs"], np.asarray(state.bad), np.asarray(state.stopped))
 
 
 def advance(rec: Record, state: State, out: Chunk, n: int) -> Record:
@@ -124,7 +126,8 @@ def advance(rec: Record, state: State, out: Chunk, n: int) -> Record:
         evals=np.concatenate([rec.evals[:, :-1], first[:, None], evals[:, 1:n + 1]], axis=1),
         evaluated=np.concatenate([rec.evaluated[:, :-1], (done[:, 0] | rec.evaluated[:, -1])
                                   [:, None], done[:, 1:n + 1]], axis=1),
-        reached=np.where(rec.done(), rec.reached, np.asarray(out.reached, np.int64)))
+        reached=np.where(rec.done(), rec.reached, np.asarray(out.reached, np.int64)),
+        bad=np.asarray(out.bad), stopped=np.asarray(out.stopped))
 
 
 def last_evaluation(rec: Record) -> np.ndarray:
@@ -159,10 +162,11 @@ def call_back(rec: Record, callbacks: Sequence[Callback]) -> Record:
              for name, v in added.items()}
     table |= {name: np.pad(v, ((0, 0), (0, 1)), constant_values=np.nan)
               for name, v in rec.metrics.items() if name not in added}
-    state = rec.state
+    state, stopped = rec.state, rec.stopped
     if (stop & ~done).any():
+        stopped = stopped | (stop & ~done)
         state = state._replace(stopped=state.stopped | jnp.asarray(stop & ~done))
-    return rec._replace(state=state, metrics=table,
+    return rec._replace(state=state, stopped=stopped, metrics=table,
                         metric_epochs=np.append(rec.metric_epochs, rec.epoch))
 
 
@@ -251,11 +255,16 @@ def run(rec: Record, plan: Plan, stop: int) -> Record:
         full[live] = np.asarray(a)[:len(live)]
         return full
 
-    reached = np.asarray(rec.reached).copy()
-    reached[live] = np.asarray(out.reached)[:len(live)]
+    def keep(a: Any, old: np.ndarray) -> np.ndarray:  # (B,) -> (M,), the others as they were
+        full = old.copy()
+        full[live] = np.asarray(a)[:len(live)]
+        return full
+
     return advance(rec, state, Chunk(spread(out.losses, np.nan, L),
                                      spread(out.evals, np.nan, L + 1),
-                                     spread(out.evaluated, False, L + 1), reached, n), n)
+                                     spread(out.evaluated, False, L + 1),
+                                     keep(out.reached, rec.reached), n,
+                                     keep(out.bad, rec.bad), keep(out.stopped, rec.stopped)), n)
 
 
 def fit(rec: Record, plan: Plan, progress: Any = None) -> Record:

@@ -350,7 +350,7 @@ def many_result(run: Run, epochs: int) -> TrainManyResult:
                constant_values=np.nan)
     out = TrainManyResult(
         result_params(rec.state, best=run.patience is not None), jnp.asarray(L, dtype),
-        jnp.asarray(rec.state.bad), jnp.asarray(rec.diverged_at()),
+        jnp.asarray(rec.bad), jnp.asarray(rec.diverged_at()),
         stopped_at=jnp.asarray(rec.stopped_at()), metrics=rec.metrics or None,
         metric_epochs=rec.metric_epochs if len(rec.metric_epochs) else None,
         **_report(run, one=False))
@@ -365,7 +365,7 @@ def one_result(run: Run) -> TrainResult:
     """Member 0 as ``train``'s result: its losses up to where it stopped (and the
     non-finite one where it diverged), its evaluations."""
     rec, dtype = run.record, run.dtype
-    bad = bool(np.asarray(rec.state.bad)[0])
+    bad = bool(rec.bad[0])
     losses = jnp.asarray(rec.losses[0, :rec.reached[0] + bad], dtype)
     params = result_params(rec.state, best=run.patience is not None, one=True)
     metrics = {k: v[0] for k, v in rec.metrics.items()} or None
@@ -483,7 +483,7 @@ def train(params: Params, X: Any, *, lr: float | None = None, epochs: int,
               precision=precision, mesh=None, eval_data=eval_data, patience=patience,
               eval_every=eval_every, checkpoint_every=checkpoint_every, callbacks=callbacks,
               one=True, desc="train")
-    if bool(np.asarray(run.record.state.bad)[0]):
+    if bool(run.record.bad[0]):
         _raise_diverged(run, None if lr is None else float(lr))
     return one_result(run)
 

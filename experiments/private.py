@@ -42,6 +42,7 @@ import optax  # noqa: E402
 
 import abc_jax  # noqa: E402
 from experiments import common  # noqa: E402
+from experiments.common.data import diabetes_split  # noqa: E402
 
 NAME = "private"
 MISSING = ('experiments.private: the diabetes task needs scikit-learn: pip install -e ".[data]" '
@@ -174,19 +175,12 @@ def teacher_task(cfg: Config) -> dict[str, Any]:
 
 def diabetes_task(cfg: Config) -> dict[str, Any]:
     """The diabetes data split once from ``seed``; X, y standardised with the training rows'
-    statistics; the student's start (H = ``hidden``, O = 1)."""
-    from sklearn.datasets import load_diabetes
-
-    X, y = load_diabetes(return_X_y=True)
-    perm = np.random.default_rng(cfg.seed).permutation(len(X))
-    test, train = perm[:cfg.diabetes_test], perm[cfg.diabetes_test:]
-    mx, sx, my, sy = X[train].mean(0), X[train].std(0), y[train].mean(), y[train].std()
-    X, y = (X - mx) / sx, (y - my) / sy
-    start = abc_jax.init_params(jax.random.key(cfg.seed), X.shape[1], cfg.hidden, 1,
+    statistics (``common.data.diabetes_split``); the student's start (H = ``hidden``, O = 1)."""
+    train, test = diabetes_split(cfg.seed, cfg.diabetes_test)
+    start = abc_jax.init_params(jax.random.key(cfg.seed), train.X.shape[1], cfg.hidden, 1,
                                 dtype=jnp.float64)
-    return {"train": abc_jax.Batch(jnp.asarray(X[train]), T=jnp.asarray(y[train, None])),
-            "test": abc_jax.Batch(jnp.asarray(X[test]), T=jnp.asarray(y[test, None])),
-            "start": start, "batch": cfg.diabetes_batch, "epochs": cfg.diabetes_epochs}
+    return {"train": train, "test": test, "start": start, "batch": cfg.diabetes_batch,
+            "epochs": cfg.diabetes_epochs}
 
 
 def utility(task: str, params: abc_jax.Params, data: dict[str, Any]) -> float:

@@ -58,6 +58,7 @@ import optax  # noqa: E402
 import abc_jax  # noqa: E402
 from experiments import common  # noqa: E402
 from experiments.common import teacher  # noqa: E402
+from experiments.common.data import diabetes_split  # noqa: E402
 
 NAME = "second_order"
 LABELS = {"gd": "gradient descent", "adam": "Adam", "lbfgs": "L-BFGS (optax)",
@@ -136,24 +137,14 @@ def teacher_task(cfg: Config, K: int, n: int, epochs: int, lm_epochs: int) -> di
 
 def diabetes_task(cfg: Config) -> dict[str, Any]:
     """The diabetes data split once from ``seed``; X, y standardised with the training rows'
-    statistics; the student's start (H = ``diabetes_hidden``, O = 1)."""
-    from sklearn.datasets import load_diabetes
-
-    X, y = load_diabetes(return_X_y=True)
-    perm = np.random.default_rng(cfg.seed).permutation(len(X))
-    test, train = perm[:cfg.diabetes_test], perm[cfg.diabetes_test:]
-    mx, sx, my, sy = X[train].mean(0), X[train].std(0), y[train].mean(), y[train].std()
-    X, y = (X - mx) / sx, (y - my) / sy
-    H, D = cfg.diabetes_hidden, X.shape[1]
-
-    def batch(rows: np.ndarray) -> abc_jax.Batch:
-        return abc_jax.Batch(jnp.asarray(X[rows]), T=jnp.asarray(y[rows, None]))
-
-    return {"name": "diabetes", "K": None, "N": len(train), "P": 2 * H * D + H,
+    statistics (``common.data.diabetes_split``); the student's start (H =
+    ``diabetes_hidden``, O = 1)."""
+    train, test = diabetes_split(cfg.seed, cfg.diabetes_test)
+    H, D = cfg.diabetes_hidden, train.X.shape[1]
+    return {"name": "diabetes", "K": None, "N": train.X.shape[0], "P": 2 * H * D + H,
             "epochs": cfg.diabetes_epochs[0], "lm_epochs": cfg.diabetes_epochs[1],
-            "floor": None, "train": batch(train),
-            "test": batch(test), "start": abc_jax.init_params(jax.random.key(cfg.seed), D, H,
-                                                              1, dtype=jnp.float64)}
+            "floor": None, "train": train, "test": test,
+            "start": abc_jax.init_params(jax.random.key(cfg.seed), D, H, 1, dtype=jnp.float64)}
 
 
 # --- the paths: held-out loss after every epoch ---------------------------------------------

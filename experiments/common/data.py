@@ -12,9 +12,10 @@ import argparse
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import jax.numpy as jnp
 import numpy as np
 
-from abc_jax import DataError, load_data
+from abc_jax import Batch, DataError, load_data
 
 
 class Data(NamedTuple):
@@ -109,3 +110,20 @@ def read_data(args: argparse.Namespace) -> tuple[tuple[np.ndarray, ...], tuple |
                             + ("" if O is None else f" and O = {O} of targets") + ", got "
                             + " and ".join(str(a.shape[1]) for a in held if a is not None))
     return (X, T), held
+
+
+def diabetes_split(seed: int, n_test: int) -> tuple[Any, Any]:
+    """scikit-learn's diabetes data split once from ``seed`` (``n_test`` rows held out), X and
+    y standardised with the training rows' statistics: (train, test) ``Batch``es in float64,
+    targets (n, 1)."""
+    from sklearn.datasets import load_diabetes  # an optional extra: imported where used
+
+    X, y = load_diabetes(return_X_y=True)
+    perm = np.random.default_rng(seed).permutation(len(X))
+    test, train = perm[:n_test], perm[n_test:]
+    mx, sx, my, sy = X[train].mean(0), X[train].std(0), y[train].mean(), y[train].std()
+    X, y = (X - mx) / sx, (y - my) / sy
+    return tuple(Batch(jnp.asarray(X[rows], jnp.float64), T=jnp.asarray(y[rows, None],
+                                                                          jnp.float64))
+                 for rows in (train, test))
+

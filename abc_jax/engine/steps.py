@@ -124,12 +124,18 @@ def rule(optimizer: Any, lr: Any) -> tuple[Callable[..., Any], Any, dict[str, An
                         "carries its own rate, e.g. optimizer=optax.adam(1e-3); one rate per "
                         "member: optax.inject_hyperparams(optax.adam)(learning_rate=rates), "
                         "rates an array (M,)")
+    return optax_init(optimizer), optimizer.update, optax_hyper(optimizer), {"optimizer": "optax"}
+
+
+@functools.cache
+def optax_hyper(optimizer: Any) -> dict[str, Any]:
+    """An ``optax.inject_hyperparams`` optimizer's hyperparameters as given (numbers or
+    (M,)), named "optimizer.NAME"; {} for others. Read once per optimizer from its state."""
     probe = Params(*(jnp.zeros((1, 1)) for _ in range(3)))  # JAX's widest float: no rounding
-    hyper = getattr(optimizer.init(probe), "hyperparams", None)  # as given: numbers or (M,)
-    hyper = {f"optimizer.{k}": arguments.per_member(np.asarray(v), f"optimizer's {k}",
-                                                    -np.inf, strict=True)
-             for k, v in (hyper if isinstance(hyper, dict) else {}).items()}
-    return optax_init(optimizer), optimizer.update, hyper, {"optimizer": "optax"}
+    hyper = getattr(optimizer.init(probe), "hyperparams", None)
+    return {f"optimizer.{k}": arguments.per_member(np.asarray(v), f"optimizer's {k}",
+                                                   -np.inf, strict=True)
+            for k, v in (hyper if isinstance(hyper, dict) else {}).items()}
 
 
 def takes_extra(optimizer: Any) -> bool:

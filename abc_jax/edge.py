@@ -393,9 +393,21 @@ def values_pending(out: Any, p: Params, inputs: Mapping[str, Any]) -> Any:
     """``check_values`` in two halves: the device's check is dispatched now (JAX runs it
     asynchronously) and the returned function, called when the host reads results anyway,
     waits for it and raises the named error if any."""
-    named = {k: v for k, v in inputs.items() if v is not None}
-    flag = _values_flag((p, *named.values()), out)
-    return lambda: None if bool(flag) else _explain(out, p, named)
+    flag = values_flag(out, p, inputs)
+    return lambda: None if bool(flag) else explain_values(out, p, inputs)
+
+
+def values_flag(out: Any, p: Params, inputs: Mapping[str, Any]) -> jax.Array:
+    """() bool: ``check_values``'s test, without its error: every input and ``out`` finite,
+    every weight >= 0 with a positive sum. Traceable, so a compiled program can compute it
+    alongside its work; ``explain_values`` gives the error where it is False."""
+    return _values_flag((p, *(v for v in inputs.values() if v is not None)), out)
+
+
+def explain_values(out: Any, p: Params, inputs: Mapping[str, Any]) -> None:
+    """Raise the error behind a False ``values_flag``: the first bad input, else an
+    overflow."""
+    _explain(out, p, {k: v for k, v in inputs.items() if v is not None})
 
 
 def _explain(out: Any, p: Params, named: Mapping[str, Any]) -> None:

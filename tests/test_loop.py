@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from _reference import TRAIN_DIMS, TRAIN_LR, compilations, train_problem
@@ -74,3 +75,46 @@ def test_one_compilation_serves_every_chunk():
         for lr in (0.0123, 0.02, 0.1):
             train(params, X, lr=lr, epochs=45, progress=False, epochs_per_chunk=20)
     assert "jit(run_chunk)" not in seen
+
+
+def test_a_run_the_host_does_not_act_in_is_one_program(monkeypatch):
+    """A run of one chunk without callbacks or a checkpoint is one compiled call (the state
+    built, the epochs, the held-out evaluations, patience, the result params and the inputs'
+    check inside) and returns what the chunked host loop returns (to 1e-12: another
+    program, compiled on its own, may round a last bit otherwise)."""
+    from abc_jax.engine import pipeline
+
+    params, X = make_problem()
+    T = jnp.sin(X[:, :O] * 1.7)
+    held = abc_jax.Batch(X[:6] * 0.8 + 0.3, T=-T[:6])  # worse as training fits T
+    calls = []
+    whole = pipeline.run_whole
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return whole(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "run_whole", counted)
+    batch = abc_jax.Batch(X, T=T)
+    for kw in (dict(lr=LR, epochs=23), dict(lr=0.1, epochs=40, eval_data=held, patience=2,
+                                              eval_every=3)):
+        with compilations() as seen:
+            one = train(params, batch, progress=False, **kw)
+        assert len(calls) == 1 and not {"run_chunk", "start_state", "final"} & {
+            s.split("(")[-1].rstrip(")") for s in seen}
+        chunked = train(params, batch, progress=False, epochs_per_chunk=4, **kw)
+        assert len(calls) == 1  # many chunks: the host's loop
+        calls.clear()
+        for a, b in zip(one, chunked, strict=True):
+            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+                np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-12)
+    assert one.eval_epochs[-1] < 40  # patience stopped it, in the one program too
+    errors = []
+    for every in (100, 4):  # a divergence: the same error and result
+        with pytest.raises(DivergenceError) as info:
+            train(params, batch, lr=40.0, epochs=30, progress=False, epochs_per_chunk=every)
+        errors.append(info.value)
+    assert len(calls) == 1 and errors[0].epoch == errors[1].epoch > 0
+    for x, y in zip(jax.tree.leaves(errors[0].result), jax.tree.leaves(errors[1].result),
+                    strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-12)

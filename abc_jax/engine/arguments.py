@@ -155,6 +155,16 @@ def values_pending(params: Params, batch: Batch, held: Batch | None) -> Any:
     return edge.values_pending((), params, {"X": batch, "eval_data": held})
 
 
+def values_ok(params: Params, batch: Batch, held: Batch | None) -> jax.Array:
+    """() bool: ``values_pending``'s test, traceable (a run's one program computes it)."""
+    return edge.values_flag((), params, {"X": batch, "eval_data": held})
+
+
+def explain_values(params: Params, batch: Batch, held: Batch | None) -> None:
+    """The error behind a False ``values_ok``."""
+    edge.explain_values((), params, {"X": batch, "eval_data": held})
+
+
 @jax.jit
 def _rows(weights: jax.Array) -> jax.Array:
     return jnp.sum(weights > 0, axis=-1)

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from abc_jax.core import model
@@ -42,12 +43,46 @@ class State(NamedTuple):
     since: jax.Array  # () int, evaluations since it
 
 
+_EVALUATION = ("best", "best_loss", "best_epoch", "since")  # the fields evaluation changes
+
+
 def initial_state(params: Params, opt_state: Any) -> State:
     """The carry before epoch 0 (no leading axis: vmap it, or stack members' params)."""
     false = jnp.zeros(params.A.shape[:-2], bool)
     return State(params, opt_state, params, false, false, params,
                  jnp.full(false.shape, jnp.inf, params.A.dtype),
                  jnp.zeros(false.shape, jnp.int32), jnp.zeros(false.shape, jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("init", "M"))
+def start_state(params: Params, hyper: dict[str, Any], *, init: Any, M: int) -> State:
+    """The carry before epoch 0 for M members: params (M, ...) stacked or broadcast, each
+    member's step state ``init(params, hyper)`` from its hyperparameters (a number
+    broadcast, an array (M,) one each)."""
+    P = Params(*(jnp.broadcast_to(a, (M, *a.shape[-2:])) for a in params))
+    H = {k: jnp.broadcast_to(v, (M,)) for k, v in hyper.items()}
+    return initial_state(P, jax.vmap(init)(P, H))
+
+
+class Final(NamedTuple):
+    """What a result reads off the state at a run's end (M members)."""
+
+    params: Params  # (M, ...) each member's result params, or (...) member 0's (``one``)
+    best_epoch: jax.Array  # (M,) the epoch of each member's lowest held-out loss
+
+
+@functools.partial(jax.jit, static_argnames=("best", "one"))
+def final(state: State, *, best: bool, one: bool = False) -> Final:
+    """Each member's result params: the best held-out ones with patience (``best``), else
+    the last with a finite loss; ``one`` (``train``'s member 0, alone): the last finite
+    ones once it diverged, the params its ``DivergenceError`` holds."""
+    if best:
+        out = state.best
+    else:
+        out = _where(state.bad, state.last_good, state.params)
+    if one:
+        out = jax.tree.map(lambda a: a[0], _where(state.bad, state.last_good, out))
+    return Final(out, state.best_epoch)
 
 
 class Chunk(NamedTuple):
@@ -60,6 +95,36 @@ class Chunk(NamedTuple):
     ran: jax.Array  # () int: the epochs the chunk ran (fewer than asked when ``floor`` hit)
     bad: jax.Array  # (M,) bool: state.bad at the chunk's end, read with the losses
     stopped: jax.Array  # (M,) bool: state.stopped at the chunk's end
+
+
+class Packed(NamedTuple):
+    """A ``Chunk`` in two arrays, which the host reads in two transfers instead of seven
+    (with length L): values (M, 2L + 1) = [losses | evals]; counts (M, L + 6) int32 =
+    [evaluated | reached | bad | stopped | ran | ok], ok a flag the program adds (True in
+    a chunk, the inputs' values check in a whole run)."""
+
+    values: jax.Array
+    counts: jax.Array
+
+
+def pack(out: Chunk, ok: Any = True) -> Packed:
+    """``out`` and the () bool ``ok`` as a ``Packed``."""
+    M = out.losses.shape[0]
+    column = [out.reached, out.bad, out.stopped, jnp.broadcast_to(out.ran, (M,)),
+              jnp.broadcast_to(ok, (M,))]
+    return Packed(jnp.concatenate([out.losses, out.evals], axis=1),
+                  jnp.concatenate([out.evaluated.astype(jnp.int32),
+                                   *(c.astype(jnp.int32)[:, None] for c in column)], axis=1))
+
+
+def unpack(packed: Packed) -> tuple[Chunk, bool]:
+    """The host's ``Chunk`` (numpy) and ``ok`` from ``packed``, read in two transfers."""
+    values, counts = (np.asarray(a) for a in packed)  # faster than jax.device_get here
+    L = values.shape[1] // 2
+    reached, bad, stopped, ran, ok = counts[:, L + 1:].T
+    return Chunk(values[:, :L], values[:, L:], counts[:, :L + 1].astype(bool),
+                 reached.astype(np.int64), int(ran[0]), bad.astype(bool),
+                 stopped.astype(bool)), bool(ok[0])
 
 
 def _where(mask: jax.Array, new: Any, old: Any) -> Any:
@@ -145,8 +210,15 @@ def chunk(state: State, batch: Batch, held: Batch | None, keys: Any, start: jax.
     done = jnp.zeros((M, length + 1), bool)
     zero = jnp.zeros((), jnp.asarray(start).dtype)
     applied = jnp.zeros((M,), jnp.int32)
-    i, state, losses, evals, done, applied = lax.while_loop(
-        running, body, (zero, state, losses, evals, done, applied))
+    # the loop carries only what it changes: without held-out data, not the evaluation's
+    # fields (each element of a while loop's carry costs a copy and a buffer per chunk)
+    fixed = {} if held is not None else {f: getattr(state, f) for f in _EVALUATION}
+    carry = (zero, state._replace(**dict.fromkeys(fixed)), losses,
+             *((evals, done) if held is not None else (None, None)), applied)
+    i, state, losses, moved_evals, moved_done, applied = lax.while_loop(running, body, carry)
+    state = state._replace(**fixed)
+    if held is not None:
+        evals, done = moved_evals, moved_done
     # the params the chunk ends at, if due (so the host's callbacks see that evaluation; the
     # next chunk, given ``seen``, does not repeat it)
     state, evals, done = evaluate(state, start + i, evals, done, i)
@@ -158,11 +230,13 @@ def chunk(state: State, batch: Batch, held: Batch | None, keys: Any, start: jax.
                                              "eval_every", "patience", "precision"))
 def run_chunk(state: State, batch: Batch, held: Batch | None, keys: Any, start: jax.Array,
               stop: jax.Array, total: jax.Array, seen: jax.Array, floor: jax.Array, *,
-              precision: str, **static: Any) -> tuple[State, Chunk]:
+              precision: str, **static: Any) -> tuple[State, Packed]:
     """``chunk``, compiled, traced at matmul ``precision`` (so it reaches autodiff's
-    products): one compilation per step and shapes, whatever the data and the epochs."""
+    products): one compilation per step and shapes, whatever the data and the epochs. The
+    chunk's results come packed (``unpack`` reads them)."""
     with jax.default_matmul_precision(precision):
-        return chunk(state, batch, held, keys, start, stop, total, seen, floor, **static)
+        state, out = chunk(state, batch, held, keys, start, stop, total, seen, floor, **static)
+    return state, pack(out)
 
 
 @functools.partial(jax.jit, static_argnames=("axes", "precision"))
@@ -170,3 +244,21 @@ def member_losses(params: Params, batch: Batch, *, axes: Batch, precision: str) 
     """(M,) ``batch_loss`` of each member's params on its (or the shared) batch."""
     with jax.default_matmul_precision(precision):
         return jax.vmap(model.batch_loss, in_axes=(0, axes))(params, batch)
+
+
+@functools.partial(jax.jit, static_argnames=("init", "M", "best", "one", "check", "epoch",
+                                             "axes", "held_axes", "length", "rows",
+                                             "eval_every", "patience", "precision"))
+def run_whole(params: Params, hyper: dict[str, Any], batch: Batch, held: Batch | None,
+              keys: Any, total: jax.Array, *, init: Any, M: int, best: bool, one: bool,
+              check: Any, precision: str, **static: Any) -> tuple[Packed, Final]:
+    """A whole run of ``total`` <= ``length`` epochs as one program: ``start_state``, the
+    chunk from epoch 0 (never ending early) and ``final``; the packed chunk's ``ok`` is
+    ``check(params, batch, held)``, the inputs' () bool values flag. The state stays on
+    the device: a run the host does not act on before its end costs one call."""
+    with jax.default_matmul_precision(precision):
+        state = start_state(params, hyper, init=init, M=M)
+        zero = jnp.zeros((), jnp.int32)
+        state, out = chunk(state, batch, held, keys, zero, total, total, jnp.zeros(M, bool),
+                           jnp.int32(-1), **static)
+    return pack(out, check(params, batch, held)), final(state, best=best, one=one)

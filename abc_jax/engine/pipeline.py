@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from abc_jax import checkpoint, parallel
 from abc_jax.core.model import Batch, Params
-from abc_jax.engine.loop import Chunk, State, run_chunk
+from abc_jax.engine.loop import Chunk, Final, State, run_chunk, run_whole, unpack
 
 Callback = Callable[[int, Params, dict[str, Any]], "dict[str, Any] | None"]
 STOP = "stop"  # the key of a callback's result that asks members to stop
@@ -83,11 +83,11 @@ class Record(NamedTuple):
     stopped: np.ndarray  # (M,) bool: the host's copy of state.stopped
 
     @classmethod
-    def start(cls, state: State) -> Record:
-        M = state.bad.shape[0]
+    def start(cls, state: State | None, M: int) -> Record:
+        """Before epoch 0 (``state`` None: it is built in the run's one program)."""
         return cls(state, 0, np.zeros((M, 0)), np.full((M, 1), np.nan), np.zeros((M, 1), bool),
-                   np.zeros(M, np.int64), {}, np.zeros(0, np.int64), np.asarray(state.bad),
-                   np.asarray(state.stopped))
+                   np.zeros(M, np.int64), {}, np.zeros(0, np.int64), np.zeros(M, bool),
+                   np.zeros(M, bool))
 
     def done(self) -> np.ndarray:
         """(M,) bool: members that run no more (diverged or stopped)."""
@@ -237,15 +237,15 @@ def run(rec: Record, plan: Plan, stop: int) -> Record:
         floor = np.int32(M // 2 if compactable(rec) else -1)
         state, out = run_chunk(rec.state, plan.batch, plan.held, plan.keys, *times,
                                rec.evaluated[:, -1], floor, **static)
-        out = jax.device_get(out)  # one transfer of the chunk's results
-        return advance(rec, state, out, int(out.ran))
+        out = unpack(out)[0]
+        return advance(rec, state, out, out.ran)
     idx = np.concatenate([live, np.full(B - len(live), np.flatnonzero(done)[0])])
     keys = None if plan.keys is None else take(plan.keys, idx)
     part, out = run_chunk(take(rec.state, idx), take(plan.batch, idx, plan.axes),
                           take(plan.held, idx, plan.held_axes), keys, *times,
                           rec.evaluated[idx, -1], np.int32(B // 2), **static)
-    out = jax.device_get(out)
-    n = int(out.ran)
+    out = unpack(out)[0]
+    n = out.ran
     rows = np.where(np.arange(B) < len(live), idx, M)  # padding: out of range, dropped
     state = put(rec.state, part, rows)
     L = s.epochs_per_chunk
@@ -294,6 +294,32 @@ def fit(rec: Record, plan: Plan, progress: Any = None) -> Record:
     if rec.epoch != saved_at or rec.epoch == 0:
         save(rec, plan)
     return rec
+
+
+def one_program(plan: Plan, M: int) -> bool:
+    """Whether the whole run can be one compiled program (``fit_whole``): one chunk's
+    epochs, nothing for the host to do before the end (no callbacks, no checkpoint), one
+    process and device, and one member (members are compacted between chunks)."""
+    X = plan.batch.X
+    return (M == 1 and plan.schedule.epochs <= plan.schedule.epochs_per_chunk
+            and not plan.callbacks and plan.checkpoint_dir is None
+            and jax.process_count() == 1
+            and len(getattr(getattr(X, "sharding", None), "device_set", ())) <= 1)
+
+
+def fit_whole(plan: Plan, params: Params, hyper: dict[str, Any], init: Any, M: int,
+              one: bool, check: Callable[..., jax.Array]) -> tuple[Record, Final, bool]:
+    """The run as one compiled call (``loop.run_whole``) and one read of its results:
+    (the record, without the state, which stays on the device; the result params; whether
+    ``check(params, batch, held)``, the inputs' values flag, held)."""
+    s = plan.schedule
+    packed, fin = run_whole(
+        params, hyper, plan.batch, plan.held, plan.keys, np.int32(s.epochs), init=init, M=M,
+        best=s.patience is not None, one=one, check=check, epoch=plan.epoch, axes=plan.axes,
+        held_axes=plan.held_axes, length=s.epochs_per_chunk, rows=plan.rows,
+        eval_every=s.eval_every, patience=s.patience, precision=s.precision)
+    out, ok = unpack(packed)
+    return advance(Record.start(None, M), None, out, out.ran), fin, ok
 
 
 def resume(rec: Record, plan: Plan) -> Record:

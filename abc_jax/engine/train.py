@@ -14,7 +14,6 @@ its constructors; ``lr``, ``optimizer``, ``grad``, ``batch_size``, ``chunk_size`
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,22 +26,23 @@ import numpy as np
 from abc_jax import checkpoint, edge, parallel
 from abc_jax.core import backward
 from abc_jax.core.model import Batch, Params
-from abc_jax.engine import arguments, pipeline, steps
+from abc_jax.engine import arguments, loop, pipeline, steps
 from abc_jax.engine import privacy as dp
-from abc_jax.engine.loop import State, initial_state
+from abc_jax.engine.loop import State
 from abc_jax.engine.steps import Step, gradient_step, minibatches
 
 EVERY = 100  # the default epochs per chunk and between checkpoints
 
 
 class TrainResult(NamedTuple):
-    """What ``train`` returns."""
+    """What ``train`` returns: the params on the device, the histories (losses,
+    evaluations, epochs) as NumPy arrays, where the host read them during the run."""
 
     params: Params  # A (H, D), B (H, D), C (O, H); train_per_sample: leading N axis
-    losses: jax.Array  # (E,) losses[e] before update e (E < epochs after an early stop);
-    # train_per_sample: (N, epochs)
-    eval_losses: jax.Array | None = None  # (k,) held-out loss at eval_epochs; no eval_data: None
-    eval_epochs: jax.Array | None = None  # (k,) int, epochs done when each was measured
+    losses: np.ndarray  # (E,) losses[e] before update e (E < epochs after an early stop);
+    # train_per_sample: (N, epochs); in the params' dtype
+    eval_losses: np.ndarray | None = None  # (k,) held-out loss at eval_epochs; no eval_data: None
+    eval_epochs: np.ndarray | None = None  # (k,) int, epochs done when each was measured
     best_epoch: int | None = None  # the eval epoch of the lowest held-out loss
     metrics: dict[str, np.ndarray] | None = None  # callbacks' metrics, each (c,) at metric_epochs
     epsilon: float | None = None  # privacy=DPSGD(...): epsilon spent at delta; else None
@@ -52,16 +52,17 @@ class TrainResult(NamedTuple):
 
 
 class TrainManyResult(NamedTuple):
-    """What ``train_many`` returns; M members, E epochs, k evaluations, c callback calls."""
+    """What ``train_many`` returns; M members, E epochs, k evaluations, c callback calls.
+    The params on the device, the rest as NumPy arrays (as ``TrainResult``)."""
 
     params: Params  # A (M, H, D), ...: each member's last (finite) params, its best with patience
-    losses: jax.Array  # (M, E): losses[m, e] before update e; NaN once a member stopped
-    diverged: jax.Array  # (M,) bool
-    diverged_at: jax.Array  # (M,) int: the first epoch with a non-finite loss, -1 if none
-    eval_losses: jax.Array | None = None  # (M, k) held-out losses, NaN where none was made
-    eval_epochs: jax.Array | None = None  # (k,)
-    best_epoch: jax.Array | None = None  # (M,) the eval epoch of each member's lowest
-    stopped_at: jax.Array | None = None  # (M,) the epoch patience or a callback stopped it, -1
+    losses: np.ndarray  # (M, E): losses[m, e] before update e; NaN once a member stopped
+    diverged: np.ndarray  # (M,) bool
+    diverged_at: np.ndarray  # (M,) int: the first epoch with a non-finite loss, -1 if none
+    eval_losses: np.ndarray | None = None  # (M, k) held-out losses, NaN where none was made
+    eval_epochs: np.ndarray | None = None  # (k,)
+    best_epoch: np.ndarray | None = None  # (M,) the eval epoch of each member's lowest
+    stopped_at: np.ndarray | None = None  # (M,) the epoch patience or a callback stopped it, -1
     metrics: dict[str, np.ndarray] | None = None  # callbacks' metrics, each (M, c)
     epsilon: np.ndarray | None = None  # (M,) privacy=DPSGD(...): epsilon spent at delta
     delta: np.ndarray | None = None  # (M,) the delta of epsilon (given, else 1 / n)
@@ -137,6 +138,7 @@ class Run(NamedTuple):
     """A finished (or stopped) run, what the result builders read."""
 
     record: pipeline.Record
+    final: loop.Final  # the result params and best epochs, read off the state at the end
     step: Step
     params: Params  # the initial params (one member's, or stacked)
     batch: Batch
@@ -200,29 +202,6 @@ def _settings(params: Params, batch: Batch, held: Any, state: State, step: Step,
             "every": schedule.eval_every, "patience": schedule.patience,
             "fingerprint": prints(held)},
     }
-
-
-@functools.partial(jax.jit, static_argnames=("best", "one"))
-def result_params(state: State, *, best: bool, one: bool = False) -> Params:
-    """Each member's params as the result gives them (member 0's alone for ``one``): the best
-    held-out ones with patience (``best``), else the last with a finite loss."""
-    if best:
-        out = state.best
-    else:
-        bad = state.bad
-        out = jax.tree.map(lambda g, p: jnp.where(bad.reshape(-1, 1, 1), g, p),
-                           state.last_good, state.params)
-    return jax.tree.map(lambda a: a[0], out) if one else out
-
-
-@functools.partial(jax.jit, static_argnames=("init", "M"))
-def start_state(params: Params, hyper: dict[str, Any], *, init: Any, M: int) -> State:
-    """The loop's carry before epoch 0 for M members (one compiled call): params (M, ...)
-    stacked or broadcast, each member's step state from its hyperparameters (a number
-    broadcast, an array (M,) one each)."""
-    P = Params(*(jnp.broadcast_to(a, (M, *a.shape[-2:])) for a in params))
-    H = {k: jnp.broadcast_to(v, (M,)) for k, v in hyper.items()}
-    return initial_state(P, jax.vmap(init)(P, H))
 
 
 def _data(params: Any, X: Any, eval_data: Any, one: bool) -> tuple[Any, ...]:
@@ -299,30 +278,41 @@ def fit(params: Any, X: Any, *, step: Step, epochs: int, key: Any, members: Any,
         if jax.process_count() > 1:
             raise ValueError("train_many runs in one process: call it in each with its own "
                              "members (rows over processes: train)")
-    check = arguments.values_pending(params, batch, held)  # raised when the losses are read
     rows = arguments.rows_per_member(batch) if step.counts_rows else 0
     keys = None if key is None else key[None] if one else arguments.member_keys(key, M)
+    hyper = {k: np.asarray(v) for k, v in step.hyper.items()}
+    best = schedule.patience is not None
+    plan = pipeline.Plan(
+        arguments.on_devices(mesh, batch, axes), axes,
+        arguments.on_devices(mesh, held, held_axes), held_axes,
+        parallel.replicate_like(arguments.on_devices(mesh, keys), batch.X), step.epoch, rows,
+        schedule, callbacks, checkpoint_dir, None,
+        lambda s: loop.final(s, best=best).params)
+    if mesh is None and pipeline.one_program(plan, M):  # nothing for the host till the end
+        rec, final, ok = pipeline.fit_whole(plan, params, hyper, step.init, M, one,
+                                            arguments.values_ok)
+        if not ok:
+            arguments.explain_values(params, batch, held)
+        return Run(rec, final, step, params, batch, held is not None, schedule.patience,
+                   params.A.dtype)
 
-    state = start_state(params, {k: np.asarray(v) for k, v in step.hyper.items()},
-                        init=step.init, M=M)
-    settings = None
+    check = arguments.values_pending(params, batch, held)  # raised when the losses are read
+    state = loop.start_state(params, hyper, init=step.init, M=M)
     if checkpoint_dir is not None or jax.process_count() > 1:  # before any collective
         settings = _settings(params, batch, held, state, step, keys, rows, schedule)
         parallel.check_same_on_all_processes(
             settings | {"epochs": schedule.epochs, "checkpoint": checkpoint_dir is not None},
             desc)
+        plan = plan._replace(settings=settings)
     state = arguments.on_devices(mesh, parallel.replicate_like(state, batch.X))
-    plan = pipeline.Plan(
-        arguments.on_devices(mesh, batch, axes), axes,
-        arguments.on_devices(mesh, held, held_axes), held_axes,
-        parallel.replicate_like(arguments.on_devices(mesh, keys), batch.X), step.epoch, rows,
-        schedule, callbacks, checkpoint_dir, settings,
-        lambda s: result_params(s, best=schedule.patience is not None), check)
-    rec = pipeline.resume(pipeline.Record.start(state), plan)
+    plan = plan._replace(check=check)
+    rec = pipeline.resume(pipeline.Record.start(state, M), plan)
     rec = rec._replace(state=arguments.on_devices(mesh, rec.state))
     with pipeline.progress_bar(progress, schedule.epochs, rec.epoch, desc) as bar:
         rec = pipeline.fit(rec, plan, pipeline.show(bar))
-    return Run(rec, step, params, batch, held is not None, schedule.patience, params.A.dtype)
+    final = loop.final(rec.state, best=best, one=one)
+    return Run(rec, final, step, params, batch, held is not None, schedule.patience,
+               params.A.dtype)
 
 
 def _report(run: Run, one: bool) -> dict[str, Any]:
@@ -349,16 +339,15 @@ def many_result(run: Run, epochs: int) -> TrainManyResult:
     L = np.pad(rec.losses, ((0, 0), (0, epochs - rec.losses.shape[1])),
                constant_values=np.nan)
     out = TrainManyResult(
-        result_params(rec.state, best=run.patience is not None), jnp.asarray(L, dtype),
-        jnp.asarray(rec.bad), jnp.asarray(rec.diverged_at()),
-        stopped_at=jnp.asarray(rec.stopped_at()), metrics=rec.metrics or None,
+        run.final.params, L.astype(dtype), rec.bad.copy(), rec.diverged_at(),
+        stopped_at=rec.stopped_at(), metrics=rec.metrics or None,
         metric_epochs=rec.metric_epochs if len(rec.metric_epochs) else None,
         **_report(run, one=False))
     if not run.held:
         return out
     at, held = _evaluations(rec)
-    return out._replace(eval_losses=jnp.asarray(held, dtype), eval_epochs=jnp.asarray(at),
-                        best_epoch=jnp.asarray(rec.state.best_epoch))
+    return out._replace(eval_losses=held.astype(dtype), eval_epochs=at,
+                        best_epoch=np.asarray(run.final.best_epoch))
 
 
 def one_result(run: Run) -> TrainResult:
@@ -366,8 +355,8 @@ def one_result(run: Run) -> TrainResult:
     non-finite one where it diverged), its evaluations."""
     rec, dtype = run.record, run.dtype
     bad = bool(rec.bad[0])
-    losses = jnp.asarray(rec.losses[0, :rec.reached[0] + bad], dtype)
-    params = result_params(rec.state, best=run.patience is not None, one=True)
+    losses = rec.losses[0, :rec.reached[0] + bad].astype(dtype)
+    params = run.final.params
     metrics = {k: v[0] for k, v in rec.metrics.items()} or None
     result = TrainResult(params, losses, metrics=metrics,
                          metric_epochs=rec.metric_epochs if len(rec.metric_epochs) else None,
@@ -375,9 +364,8 @@ def one_result(run: Run) -> TrainResult:
     if not run.held:
         return result
     made = np.flatnonzero(rec.evaluated[0])
-    return result._replace(eval_losses=jnp.asarray(rec.evals[0, made], dtype),
-                           eval_epochs=jnp.asarray(made),
-                           best_epoch=int(np.asarray(rec.state.best_epoch)[0]))
+    return result._replace(eval_losses=rec.evals[0, made].astype(dtype), eval_epochs=made,
+                           best_epoch=int(np.asarray(run.final.best_epoch)[0]))
 
 
 @jax.jit
@@ -426,8 +414,7 @@ def _raise_diverged(run: Run, lr: Any) -> None:
     raise DivergenceError(
         f"training diverged: the loss is {L[e]} at epoch {e}{'' if custom else f' (lr={lr:g})'};"
         f" {advice}. The error's .result holds {holds}",
-        result._replace(params=jax.tree.map(lambda a: a[0], run.record.state.last_good),
-                        losses=result.losses[:e]), e, lr, column_scales=scales)
+        result._replace(losses=result.losses[:e]), e, lr, column_scales=scales)
 
 
 # --- the public functions ---------------------------------------------------------------

@@ -156,7 +156,7 @@ def test_a_ctrl_c_python_dropped_still_stops_the_job_after_the_chunk(tmp_path, c
 
 def test_stopped_members_stop_costing(monkeypatch):
     """Once most members have diverged, the chunk ends and the next ones run the running
-    members alone, in a power-of-two bucket; each member is still what it is alone."""
+    members alone, in a smaller bucket; each member is still what it is alone."""
     ps = [init_params(jax.random.key(s), D, H, O, dtype=jnp.float64) for s in range(8)]
     params = jax.tree.map(lambda *a: jnp.stack(a), *ps)
     X = jax.random.normal(jax.random.key(1), (N, D), jnp.float64)

@@ -187,9 +187,12 @@ def save(rec: Record, plan: Plan) -> None:
 
 
 def bucket(n: int, M: int) -> int:
-    """Members a chunk runs for ``n`` running ones: the next power of two, at most M (a run
-    compiles at most log2(M) + 1 sizes)."""
-    return min(M, 1 << max(n - 1, 0).bit_length())
+    """Members a chunk runs for ``n`` running ones, at most M: n rounded up to a multiple of
+    2^(b - 3), b = n.bit_length(), i.e. to one of four sizes per doubling (..., 32, 40, 48,
+    56, 64, 80, ...): at most a quarter of a bucket is padding, and a run compiles at most
+    four sizes per halving of its members."""
+    grain = 1 << max(n.bit_length() - 3, 0)
+    return min(M, -(-n // grain) * grain)
 
 
 @functools.partial(jax.jit, static_argnames=("axes",))
@@ -221,7 +224,7 @@ def compactable(rec: Record) -> bool:
 
 def run(rec: Record, plan: Plan, stop: int) -> Record:
     """One chunk from ``rec.epoch`` towards ``stop``: on every member, or, once some have
-    stopped, on the running ones gathered into a power-of-two bucket (padded with a stopped
+    stopped, on the running ones gathered into a bucket (``bucket``; padded with a stopped
     member, whose rows are dropped); the chunk ends early when no more than half its bucket
     still runs, so stopped members soon stop costing. Each member computes as it would
     alone: the results are those of every member in one batch."""

@@ -131,7 +131,8 @@ def timed(params: Any, X: Any, lrs: np.ndarray, epochs: int, rounds: int) -> dic
     diff = max((abs(float(many.losses[m, -1]) / float(alone[m].losses[-1]) - 1) for m in ok),
                default=float("nan"))
     at = np.asarray(many.diverged_at)
-    return {"members": len(lrs), "epochs": epochs, "train_many_s": t["train_many"].median_s,
+    return {"members": len(lrs), "K": params.A.shape[-1], "epochs": epochs,
+            "train_many_s": t["train_many"].median_s,
             "diverged": int((at >= 0).sum()), "median_diverged_at": float(np.median(at[at >= 0]))
             if (at >= 0).any() else None,
             "train_loop_s": t["train_loop"].median_s, "rounds": t["train_many"].rounds,

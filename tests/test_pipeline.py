@@ -180,3 +180,44 @@ def test_stopped_members_stop_costing(monkeypatch):
         for a, b in zip(r.params, alone.params, strict=True):
             np.testing.assert_allclose(a[m], b[0], rtol=1e-12)
     np.testing.assert_array_equal(r.diverged_at, whole.diverged_at)
+
+
+def test_buckets_pad_at_most_a_quarter_in_four_sizes_per_doubling():
+    M = 300
+    sizes = {n: pipeline.bucket(n, M) for n in range(1, M + 1)}
+    assert all(n <= b <= M and 4 * (b - n) < b for n, b in sizes.items())
+    for k in range(9):  # the sizes from 2^k up to 2^(k+1)
+        assert len({b for b in sizes.values() if 2 ** k <= b < 2 ** (k + 1)}) <= 4
+
+
+def test_a_padded_bucket_leaves_the_stopped_member_it_borrows_as_it_was(monkeypatch):
+    """Nine survivors of 16 run in a bucket of 10, one of it a diverged member as padding:
+    the survivors equal their own runs, the diverged members their all-member run."""
+    ps = [init_params(jax.random.key(s), D, H, O, dtype=jnp.float64) for s in range(16)]
+    params = jax.tree.map(lambda *a: jnp.stack(a), *ps)
+    X = jax.random.normal(jax.random.key(1), (N, D), jnp.float64)
+    lrs = 0.03 + 0.01 * np.arange(16)
+    lrs[[1, 4, 5, 8, 11, 12, 14]] = 3e3  # these 7 diverge in the first chunk
+    sizes = []
+    run_chunk = pipeline.run_chunk
+
+    def counting(state, *args, **kw):
+        sizes.append(state.bad.shape[0])
+        return run_chunk(state, *args, **kw)
+
+    monkeypatch.setattr(pipeline, "run_chunk", counting)
+    r = train_many(params, X, lr=lrs, epochs=40, epochs_per_chunk=20, progress=False)
+    monkeypatch.undo()
+    assert np.asarray(r.diverged).sum() == 7 and sizes[0] == 16 and sizes[-1] == 10
+    every = train_many(params, X, lr=lrs, epochs=40, epochs_per_chunk=40, progress=False)
+    np.testing.assert_array_equal(r.diverged_at, every.diverged_at)
+    for m in np.flatnonzero(np.asarray(r.diverged)):
+        np.testing.assert_array_equal(r.losses[m], every.losses[m])
+        for a, b in zip(r.params, every.params, strict=True):
+            np.testing.assert_array_equal(a[m], b[m])
+    for m in np.flatnonzero(~np.asarray(r.diverged))[[0, 4, 8]]:
+        alone = train_many(jax.tree.map(lambda a, m=m: a[m], params), X, lr=lrs[m], epochs=40,
+                           members=1, progress=False)
+        np.testing.assert_allclose(r.losses[m], alone.losses[0], rtol=1e-12)
+        for a, b in zip(r.params, alone.params, strict=True):
+            np.testing.assert_allclose(a[m], b[0], rtol=1e-12)

@@ -118,3 +118,27 @@ def test_a_run_the_host_does_not_act_in_is_one_program(monkeypatch):
     for x, y in zip(jax.tree.leaves(errors[0].result), jax.tree.leaves(errors[1].result),
                     strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-12)
+
+
+def test_members_start_in_one_program_and_go_on_compacted(monkeypatch):
+    """train_many's first chunk is the one program too; once no more than half its members
+    run it ends, and the survivors go on alone in the host's loop: every member as in a
+    run of many short chunks."""
+    from abc_jax.engine import pipeline
+
+    params, X = make_problem()
+    lrs = [0.05, 3e3, 4e3, 0.02, 5e3, 6e3, 7e3, 0.04]  # five diverge within a few epochs
+    calls, sizes = [], []
+    whole, run_chunk = pipeline.run_whole, pipeline.run_chunk
+    monkeypatch.setattr(pipeline, "run_whole", lambda *a, **k: calls.append(1) or whole(*a, **k))
+    monkeypatch.setattr(pipeline, "run_chunk", lambda s, *a, **k: sizes.append(
+        s.bad.shape[0]) or run_chunk(s, *a, **k))
+    r = abc_jax.train_many(params, X, lr=lrs, epochs=50, progress=False)
+    assert calls == [1] and sizes and set(sizes) == {3}  # the 3 survivors, alone
+    monkeypatch.undo()
+    short = abc_jax.train_many(params, X, lr=lrs, epochs=50, progress=False, epochs_per_chunk=6)
+    np.testing.assert_array_equal(r.diverged_at, short.diverged_at)
+    assert np.asarray(r.diverged).sum() == 5
+    np.testing.assert_allclose(r.losses, short.losses, rtol=1e-12)
+    for a, b in zip(r.params, short.params, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12)

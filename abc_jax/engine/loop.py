@@ -246,19 +246,22 @@ def member_losses(params: Params, batch: Batch, *, axes: Batch, precision: str) 
         return jax.vmap(model.batch_loss, in_axes=(0, axes))(params, batch)
 
 
-@functools.partial(jax.jit, static_argnames=("init", "M", "best", "one", "check", "epoch",
-                                             "axes", "held_axes", "length", "rows",
+@functools.partial(jax.jit, static_argnames=("init", "M", "best", "one", "keep", "check",
+                                             "epoch", "axes", "held_axes", "length", "rows",
                                              "eval_every", "patience", "precision"))
 def run_whole(params: Params, hyper: dict[str, Any], batch: Batch, held: Batch | None,
-              keys: Any, total: jax.Array, *, init: Any, M: int, best: bool, one: bool,
-              check: Any, precision: str, **static: Any) -> tuple[Packed, Final]:
-    """A whole run of ``total`` <= ``length`` epochs as one program: ``start_state``, the
-    chunk from epoch 0 (never ending early) and ``final``; the packed chunk's ``ok`` is
-    ``check(params, batch, held)``, the inputs' () bool values flag. The state stays on
-    the device: a run the host does not act on before its end costs one call."""
+              keys: Any, total: jax.Array, floor: jax.Array, *, init: Any, M: int, best: bool,
+              one: bool, keep: bool, check: Any, precision: str,
+              **static: Any) -> tuple[Packed, Final, State | None]:
+    """A run of ``total`` <= ``length`` epochs as one program: ``start_state``, the chunk
+    from epoch 0 and ``final``; the packed chunk's ``ok`` is ``check(params, batch,
+    held)``, the inputs' () bool values flag. ``keep``: the state too, for a run that may
+    go on where the chunk ended early (``floor``); else it stays on the device, and a run
+    the host does not act on before its end costs one call."""
     with jax.default_matmul_precision(precision):
         state = start_state(params, hyper, init=init, M=M)
         zero = jnp.zeros((), jnp.int32)
         state, out = chunk(state, batch, held, keys, zero, total, total, jnp.zeros(M, bool),
-                           jnp.int32(-1), **static)
-    return pack(out, check(params, batch, held)), final(state, best=best, one=one)
+                           floor, **static)
+    return (pack(out, check(params, batch, held)), final(state, best=best, one=one),
+            state if keep else None)

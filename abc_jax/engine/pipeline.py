@@ -279,7 +279,7 @@ def fit(rec: Record, plan: Plan, progress: Any = None) -> Record:
     s, check = plan.schedule, plan.check or (lambda: None)
     saved_at = rec.epoch
     try:
-        while rec.epoch < s.epochs and not rec.done().all():
+        while not finished(rec, s):
             rec = run(rec, plan, boundary(rec.epoch, s))
             check()  # bad inputs: their named error, before any callback or checkpoint
             check = lambda: None  # noqa: E731  (checked once)
@@ -299,30 +299,39 @@ def fit(rec: Record, plan: Plan, progress: Any = None) -> Record:
     return rec
 
 
-def one_program(plan: Plan, M: int) -> bool:
-    """Whether the whole run can be one compiled program (``fit_whole``): one chunk's
-    epochs, nothing for the host to do before the end (no callbacks, no checkpoint), one
-    process and device, and one member (members are compacted between chunks)."""
+def one_program(plan: Plan) -> bool:
+    """Whether the run starts as one compiled program (``fit_whole``): one chunk's epochs,
+    nothing for the host to do before the end (no callbacks, no checkpoint), one process
+    and one device."""
     X = plan.batch.X
-    return (M == 1 and plan.schedule.epochs <= plan.schedule.epochs_per_chunk
+    return (plan.schedule.epochs <= plan.schedule.epochs_per_chunk
             and not plan.callbacks and plan.checkpoint_dir is None
             and jax.process_count() == 1
             and len(getattr(getattr(X, "sharding", None), "device_set", ())) <= 1)
 
 
 def fit_whole(plan: Plan, params: Params, hyper: dict[str, Any], init: Any, M: int,
-              one: bool, check: Callable[..., jax.Array]) -> tuple[Record, Final, bool]:
+              one: bool, check: Callable[..., jax.Array]) -> tuple[Record, Final | None, bool]:
     """The run as one compiled call (``loop.run_whole``) and one read of its results:
-    (the record, without the state, which stays on the device; the result params; whether
-    ``check(params, batch, held)``, the inputs' values flag, held)."""
+    (the record; the result params, None where the run goes on; whether ``check(params,
+    batch, held)``, the inputs' values flag, held). One member: the whole run, its state
+    left on the device. Several: the chunk ends early once no more than half of them run,
+    and the record (with the state) goes on in ``fit``, the running members compacted."""
     s = plan.schedule
-    packed, fin = run_whole(
-        params, hyper, plan.batch, plan.held, plan.keys, np.int32(s.epochs), init=init, M=M,
-        best=s.patience is not None, one=one, check=check, epoch=plan.epoch, axes=plan.axes,
+    packed, fin, state = run_whole(
+        params, hyper, plan.batch, plan.held, plan.keys, np.int32(s.epochs),
+        np.int32(M // 2 if M > 1 else -1), init=init, M=M, best=s.patience is not None,
+        one=one, keep=M > 1, check=check, epoch=plan.epoch, axes=plan.axes,
         held_axes=plan.held_axes, length=s.epochs_per_chunk, rows=plan.rows,
         eval_every=s.eval_every, patience=s.patience, precision=s.precision)
     out, ok = unpack(packed)
-    return advance(Record.start(None, M), None, out, out.ran), fin, ok
+    rec = advance(Record.start(state, M), state, out, out.ran)
+    return rec, fin if finished(rec, s) else None, ok
+
+
+def finished(rec: Record, s: Schedule) -> bool:
+    """Whether the run is over: every epoch done, or every member stopped."""
+    return rec.epoch >= s.epochs or bool(rec.done().all())
 
 
 def resume(rec: Record, plan: Plan) -> Record:

@@ -288,29 +288,29 @@ def fit(params: Any, X: Any, *, step: Step, epochs: int, key: Any, members: Any,
         parallel.replicate_like(arguments.on_devices(mesh, keys), batch.X), step.epoch, rows,
         schedule, callbacks, checkpoint_dir, None,
         lambda s: loop.final(s, best=best).params)
-    if mesh is None and pipeline.one_program(plan, M):  # nothing for the host till the end
+    final = None
+    if mesh is None and pipeline.one_program(plan):  # nothing for the host till the end
         rec, final, ok = pipeline.fit_whole(plan, params, hyper, step.init, M, one,
                                             arguments.values_ok)
         if not ok:
             arguments.explain_values(params, batch, held)
-        return Run(rec, final, step, params, batch, held is not None, schedule.patience,
-                   params.A.dtype)
-
-    check = arguments.values_pending(params, batch, held)  # raised when the losses are read
-    state = loop.start_state(params, hyper, init=step.init, M=M)
-    if checkpoint_dir is not None or jax.process_count() > 1:  # before any collective
-        settings = _settings(params, batch, held, state, step, keys, rows, schedule)
-        parallel.check_same_on_all_processes(
-            settings | {"epochs": schedule.epochs, "checkpoint": checkpoint_dir is not None},
-            desc)
-        plan = plan._replace(settings=settings)
-    state = arguments.on_devices(mesh, parallel.replicate_like(state, batch.X))
-    plan = plan._replace(check=check)
-    rec = pipeline.resume(pipeline.Record.start(state, M), plan)
-    rec = rec._replace(state=arguments.on_devices(mesh, rec.state))
-    with pipeline.progress_bar(progress, schedule.epochs, rec.epoch, desc) as bar:
-        rec = pipeline.fit(rec, plan, pipeline.show(bar))
-    final = loop.final(rec.state, best=best, one=one)
+    else:
+        check = arguments.values_pending(params, batch, held)  # raised with the 1st losses
+        state = loop.start_state(params, hyper, init=step.init, M=M)
+        if checkpoint_dir is not None or jax.process_count() > 1:  # before any collective
+            settings = _settings(params, batch, held, state, step, keys, rows, schedule)
+            parallel.check_same_on_all_processes(
+                settings | {"epochs": schedule.epochs, "checkpoint": checkpoint_dir is not None},
+                desc)
+            plan = plan._replace(settings=settings)
+        state = arguments.on_devices(mesh, parallel.replicate_like(state, batch.X))
+        plan = plan._replace(check=check)
+        rec = pipeline.resume(pipeline.Record.start(state, M), plan)
+        rec = rec._replace(state=arguments.on_devices(mesh, rec.state))
+    if final is None:
+        with pipeline.progress_bar(progress, schedule.epochs, rec.epoch, desc) as bar:
+            rec = pipeline.fit(rec, plan, pipeline.show(bar))
+        final = loop.final(rec.state, best=best, one=one)
     return Run(rec, final, step, params, batch, held is not None, schedule.patience,
                params.A.dtype)
 

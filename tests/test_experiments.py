@@ -87,7 +87,13 @@ def test_bench_train_quick(tmp_path, capsys):
     printed = capsys.readouterr().out
     m = json.loads((out / "metrics.json").read_text())
     small, large = m["homework_scale"], m["large_batch"]
-    assert set(small["loop_over_train"]) == {"10", "100"} and set(large["loop_over_train"]) == {"3"}
+    assert set(small["loop_over_train"]) == {"1", "10", "100"}
+    assert set(large["loop_over_train"]) == {"3"}
+    run_s = {(r["epochs"], r["method"].split()[0]): r["run_s"] for r in small["rows"]}
+    for e, cost in small["call_cost"].items():  # train's time over the loop's, and the excess
+        train_s, loop_s = run_s[(int(e), "train")], run_s[(int(e), "Python")]
+        assert cost["train_over_loop"] == pytest.approx(train_s / loop_s)
+        assert cost["extra_ms"] == pytest.approx(1e3 * (train_s - loop_s))
     diffs = small["max_rel_loss_difference"]  # float64: the three loops agree to rounding
     assert max(diffs.values()) < 1e-10
     for row in small["rows"] + large["rows"]:
@@ -101,9 +107,10 @@ def test_bench_train_quick(tmp_path, capsys):
     assert ev["epochs"] == 100 and ev["ratio"] == pytest.approx(ev["every_epoch_s"] /
                                                                 ev["without_s"])
     assert "loop of jitted steps / train" in printed and "highest" in printed
+    assert "the cost of a call: 1 epoch: train" in printed
     assert "(c) held-out evaluation every epoch" in printed
     lines = (out / "bench_train.csv").read_text().splitlines()
-    assert lines[0].startswith("part,K,N,dtype,method,device,precision") and len(lines) == 1 + 7
+    assert lines[0].startswith("part,K,N,dtype,method,device,precision") and len(lines) == 1 + 9
     assert (out / "bench_train.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # epochs/s
 
 

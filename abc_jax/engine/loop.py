@@ -13,6 +13,11 @@ step (``engine.steps``) is the only thing that knows the training method; the lo
 knows no modes. The trip count is traced (E epochs do E epochs of work), the
 evaluation and the stop are decided on the device, and every knob that is data
 (learning rates, DP noise, keys) shares one compilation.
+
+A chunk's results come back ``pack``ed in two arrays, so the host reads them in two
+transfers. ``run_whole`` is a run's first chunk with what surrounds it (the state built
+from the params, the inputs' values check, the result params) in the same program: a
+short run the host does not act in costs one call.
 """
 
 from __future__ import annotations

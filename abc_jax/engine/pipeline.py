@@ -6,6 +6,9 @@ Data flows one way::
       -> compiled chunk (engine.loop.run_chunk): epochs, held-out evaluation, patience
       -> a new Record -> the user's callbacks -> a checkpoint -> ... -> the result
 
+A run the host does not act in before its end (one chunk's epochs, no callbacks, no
+checkpoint) starts as one compiled program instead (``fit_whole``, ``loop.run_whole``).
+
 The host acts only between chunks, at most ``epochs_per_chunk`` epochs apart and at
 every ``checkpoint_every`` epochs: the user's callbacks ``(epoch, params, metrics) ->
 dict | None`` (metrics: each member's last training loss "loss" and last held-out

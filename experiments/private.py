@@ -14,9 +14,9 @@ q = batch / N, per-row clipping at --clip-norm, Gaussian noise of multiplier sig
 
 delta = 1 / N (N: training rows). For each target epsilon the noise multiplier sigma is
 calibrated with dp-accounting's RDP accountant for the planned steps (epochs x round(1 / q)
-Poisson-sampled Gaussian steps): the sigma whose epsilon at delta equals the target, found by
-a safeguarded secant search on log epsilon against log sigma. The epsilon reported is the
-one train_many accounted for the steps it ran. The non-private member (epsilon = inf) runs
+Poisson-sampled Gaussian steps): ``DPSGD.for_epsilon``, the smallest sigma whose epsilon at
+delta is at most the target. The epsilon reported is the one train_many accounted for the
+steps it ran. The non-private member (epsilon = inf) runs
 the same sampled steps with sigma = 0 and no clipping.
 
     python -m experiments.private --repeats 3
@@ -25,7 +25,6 @@ the same sampled steps with sigma = 0 and no clipping.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import sys
 import time
@@ -90,63 +89,13 @@ QUICK = Config(epsilons=(1.0, 8.0, math.inf), repeats=1, n_train=1024, n_test=51
 # --- accounting ------------------------------------------------------------------------
 
 
-def dp_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
-    """epsilon at ``delta`` of ``steps`` Poisson-subsampled (rate q) Gaussian steps of noise
-    multiplier ``sigma``, by dp-accounting's RDP accountant (sigma = 0: inf)."""
-    import dp_accounting
-    from dp_accounting import rdp
-
-    if sigma == 0:
-        return math.inf
-    log = logging.getLogger("absl")  # it warns of each fractional order it leaves out
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        acc = rdp.RdpAccountant()
-        acc.compose(dp_accounting.PoissonSampledDpEvent(
-            q, dp_accounting.GaussianDpEvent(sigma)), int(steps))
-        return float(acc.get_epsilon(delta))
-    finally:
-        log.setLevel(level)
-
-
-def calibrate(target: float, q: float, steps: int, delta: float, guess: float = 2.0,
-              rtol: float = 1e-3) -> float:
-    """The noise multiplier whose ``dp_epsilon`` is ``target`` to a relative ``rtol``: secant
-    steps on log epsilon against log sigma (nearly a line: a few accountant calls, each up to
-    0.25 s), from ``guess``, each step at most a factor e^2. inf: 0 (no noise)."""
-    if math.isinf(target):
-        return 0.0
-
-    def g(s: float) -> float:
-        """log epsilon(e^s) - log target: decreasing in s."""
-        return math.log(dp_epsilon(math.exp(s), q, steps, delta) / target)
-
-    s0 = math.log(guess)
-    g0 = g(s0)
-    s1 = s0 + float(np.clip(g0, -2, 2))  # slope about -1
-    for _ in range(40):
-        g1 = g(s1)
-        if abs(g1) < rtol:
-            return math.exp(s1)
-        slope = (g1 - g0) / (s1 - s0) if s1 != s0 else -1.0
-        step = -g1 / slope if slope < 0 else g1  # a wrong-signed slope: a plain step
-        s0, g0, s1 = s1, g1, s1 + float(np.clip(step, -2, 2))
-    raise RuntimeError(f"no noise multiplier found for epsilon {target} (q {q}, {steps} steps)")
-
-
-def noise_multipliers(epsilons: Sequence[float], q: float, steps: int,
-                      delta: float) -> dict[float, float]:
-    """{target epsilon: calibrated sigma}, the smallest epsilon first, each search started
-    from the last sigma scaled by (epsilon ratio)^-0.55."""
-    sigmas: dict[float, float] = {}
-    guess, last = 2.0, None
-    for e in sorted(epsilons):
-        if last is not None and math.isfinite(e):
-            guess = sigmas[last] * (last / e) ** 0.55
-        sigmas[e] = calibrate(e, q, steps, delta, guess)
-        last = e
-    return sigmas
+def noise_multipliers(epsilons: Sequence[float], q: float, epochs: int, delta: float,
+                      clip_norm: float) -> dict[float, float]:
+    """{target epsilon: sigma}: ``DPSGD.for_epsilon``'s, the smallest noise multiplier whose
+    epsilon at ``delta`` over ``epochs`` x round(1 / q) steps is at most the target (inf: 0)."""
+    return {e: abc_jax.DPSGD.for_epsilon(e, delta=delta, sampling_rate=q, epochs=epochs,
+                                         clip_norm=clip_norm).noise_multiplier
+            for e in epsilons}
 
 
 # --- the tasks -------------------------------------------------------------------------
@@ -197,7 +146,7 @@ def train_task(task: str, data: dict[str, Any], cfg: Config) -> dict[str, Any]:
     N = data["train"].X.shape[0]
     q, delta = data["batch"] / N, 1.0 / N
     steps = data["epochs"] * max(1, round(1 / q))
-    sigmas = noise_multipliers(cfg.epsilons, q, steps, delta)
+    sigmas = noise_multipliers(cfg.epsilons, q, data["epochs"], delta, cfg.clip_norm)
     members = [(e, r) for e in cfg.epsilons for r in range(cfg.repeats)]
     sigma = np.array([sigmas[e] for e, _ in members])
     clip = np.where(sigma > 0, cfg.clip_norm, NO_CLIP)

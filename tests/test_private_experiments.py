@@ -49,21 +49,14 @@ def test_private_quick(tmp_path, capsys):
             want = direct_epsilon(r["noise_multiplier"], t["sampling_rate"], t["steps"],
                                   t["delta"])
             assert r["epsilon"] == pytest.approx(want, rel=1e-9), (task, r)
-            assert r["epsilon"] == pytest.approx(r["target_epsilon"], rel=2e-3)  # calibrated
+            assert r["epsilon"] == pytest.approx(r["target_epsilon"], rel=1e-4)  # calibrated
+            assert r["epsilon"] <= r["target_epsilon"] * (1 + 1e-9)  # never above it
             assert r["delta"] == pytest.approx(1 / t["N"])
         ranked = sorted(t["rows"], key=lambda r: r["utility"], reverse=task == "diabetes")
         best, ref = ranked[0]["utility"], next(r["utility"] for r in t["rows"]
                                                if r["noise_multiplier"] == 0)
         # the non-private member is the best or close to it (loss: lowest; R^2: highest)
         assert (ref <= 1.1 * best) if task == "teacher" else (ref >= best - 0.1), (task, t)
-
-
-def test_calibrate_hits_the_target():
-    pytest.importorskip("dp_accounting")
-    q, steps, delta = 0.05, 200, 1e-4
-    sigma = private.calibrate(2.0, q, steps, delta)
-    assert direct_epsilon(sigma, q, steps, delta) == pytest.approx(2.0, rel=1e-3)
-    assert private.calibrate(math.inf, q, steps, delta) == 0.0
 
 
 @pytest.mark.integration

@@ -181,6 +181,17 @@ def assert_results_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def assert_resumes_bit_for_bit(run, tmp_path, epochs, first):
+    """``run(epochs, checkpoint_dir)`` stopped after ``first`` epochs and called again resumes
+    to the run straight through: every field of the result equal, leaf for leaf."""
+    whole = run(epochs, None)
+    run(first, tmp_path)
+    resumed = run(epochs, tmp_path)
+    for a, b in zip(resumed, whole, strict=True):
+        if a is not None:
+            chex.assert_trees_all_equal(a, b)
+
+
 def assert_results_close(a, b, rtol, atol=0.0):
     np.testing.assert_allclose(a.losses, b.losses, rtol=rtol, atol=atol)
     chex.assert_trees_all_close(a.params, b.params, rtol=rtol, atol=atol)

@@ -48,9 +48,6 @@ class State(NamedTuple):
     since: jax.Array  # () int, evaluations since it
 
 
-_EVALUATION = ("best", "best_loss", "best_epoch", "since")  # the fields evaluation changes
-
-
 def initial_state(params: Params, opt_state: Any) -> State:
     """The carry before epoch 0 (no leading axis: vmap it, or stack members' params)."""
     false = jnp.zeros(params.A.shape[:-2], bool)
@@ -81,12 +78,11 @@ def final(state: State, *, best: bool, one: bool = False) -> Final:
     """Each member's result params: the best held-out ones with patience (``best``), else
     the last with a finite loss; ``one`` (``train``'s member 0, alone): the last finite
     ones once it diverged, the params its ``DivergenceError`` holds."""
-    if best:
-        out = state.best
-    else:
-        out = _where(state.bad, state.last_good, state.params)
+    out = state.best if best else state.params
+    if one or not best:  # a diverged member's last finite params
+        out = _where(state.bad, state.last_good, out)
     if one:
-        out = jax.tree.map(lambda a: a[0], _where(state.bad, state.last_good, out))
+        out = jax.tree.map(lambda a: a[0], out)
     return Final(out, state.best_epoch)
 
 
@@ -215,15 +211,8 @@ def chunk(state: State, batch: Batch, held: Batch | None, keys: Any, start: jax.
     done = jnp.zeros((M, length + 1), bool)
     zero = jnp.zeros((), jnp.asarray(start).dtype)
     applied = jnp.zeros((M,), jnp.int32)
-    # the loop carries only what it changes: without held-out data, not the evaluation's
-    # fields (each element of a while loop's carry costs a copy and a buffer per chunk)
-    fixed = {} if held is not None else {f: getattr(state, f) for f in _EVALUATION}
-    carry = (zero, state._replace(**dict.fromkeys(fixed)), losses,
-             *((evals, done) if held is not None else (None, None)), applied)
-    i, state, losses, moved_evals, moved_done, applied = lax.while_loop(running, body, carry)
-    state = state._replace(**fixed)
-    if held is not None:
-        evals, done = moved_evals, moved_done
+    i, state, losses, evals, done, applied = lax.while_loop(
+        running, body, (zero, state, losses, evals, done, applied))
     # the params the chunk ends at, if due (so the host's callbacks see that evaluation; the
     # next chunk, given ``seen``, does not repeat it)
     state, evals, done = evaluate(state, start + i, evals, done, i)
